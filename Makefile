@@ -1,0 +1,57 @@
+# medclear — every target does its own set-up (Debian packages, .venv, pinned install,
+# generated protobuf code) and is quick when that is already done.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+GENERATED := medclear/v1/.generated
+PROTOS := $(wildcard proto/medclear/v1/*.proto)
+
+.PHONY: setup demo test test-unit lint typecheck proto lock clean help
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: $(INSTALLED) $(GENERATED)  ## apt packages, .venv, pinned install, generated code
+
+.system-packages.stamp: scripts/setup-system.sh
+	scripts/setup-system.sh
+	@touch $@
+
+$(INSTALLED): pyproject.toml requirements.lock .system-packages.stamp
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip==26.3
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	@touch $@
+
+$(GENERATED): $(INSTALLED) $(PROTOS) scripts/gen_protos.py
+	$(BIN)/python scripts/gen_protos.py
+
+proto: $(INSTALLED)  ## regenerate the Python code from proto/ (never edited by hand)
+	$(BIN)/python scripts/gen_protos.py
+
+demo: setup  ## the main job: the whole stack with simulated POS traffic
+	$(BIN)/medclear demo
+
+test: setup  ## the whole test suite (unit + integration on real servers)
+	$(BIN)/pytest
+
+test-unit: setup  ## pure-core tests only
+	$(BIN)/pytest tests/unit
+
+lint: setup  ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup  ## mypy, strict
+	$(BIN)/mypy
+
+lock: $(INSTALLED)  ## rewrite requirements.lock from the installed venv
+	{ echo '# Exact versions of every package medclear installs (direct and transitive), used as pip -c.'; \
+	  echo '# Regenerate: make lock'; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sort -f; } > requirements.lock
+
+clean:  ## remove the venv and generated code (keeps .medclear state)
+	rm -rf $(VENV) medclear/v1 .system-packages.stamp

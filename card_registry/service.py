@@ -1,0 +1,265 @@
+"""The card registry gRPC service for service windows and the 12333 hotline.
+
+Each operation becomes one command on the person's aggregate and waits for the worker's
+decision, so a loss report is acknowledged only after the aggregate has it: every swipe
+decided after that acknowledgement is declined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeAlias
+
+import grpc
+import structlog
+
+from clearing import model, validate
+from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
+from clearing.model import Command, Reply
+from medclear.bus import BusUnavailable, CommandBus
+from medclear.rpc import (
+    Clock,
+    create_server,
+    message,
+    pb_enum,
+    result_pb,
+    state_of,
+    system_clock_ms,
+)
+from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from monitoring import metrics
+
+log = structlog.get_logger(process="registry")
+
+Ctx: TypeAlias = grpc.aio.ServicerContext
+
+
+class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
+    def __init__(self, bus: CommandBus, deadline_ms: int, clock: Clock = system_clock_ms):
+        self.bus = bus
+        self.deadline_s = deadline_ms / 1000
+        self.clock = clock
+
+    async def _run(
+        self,
+        method: str,
+        window: common_pb2.WindowContext,
+        ssn: str,
+        card_no: str,
+        make: Callable[[str, int, str], Command],
+    ) -> registry_pb2.RegistryReply:
+        """Resolve the person, build the command, wait for the decision, translate it."""
+        started = time.perf_counter()
+        request_id = window.request_id
+        reply = Reply(request_id, ResultCode.MALFORMED_REQUEST)
+        if validate.is_id(request_id) and (ssn or card_no):
+            if not ssn:
+                ssn = await self.bus.resolve_ssn(card_no) or ""
+                reply = Reply(request_id, ResultCode.CARD_UNKNOWN)
+            if ssn:
+                reply = await self._ask(make(request_id, self.clock(), ssn))
+        metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
+        metrics.GATEWAY_RESULTS.labels(method, reply.result.name).inc()
+        card = None
+        if reply.card_no:
+            card = common_pb2.CardInfo(
+                card_no=reply.card_no,
+                state=pb_enum(reply.card_state),
+            )
+        return registry_pb2.RegistryReply(
+            result=result_pb(reply.result),
+            message=message(reply.result),
+            request_id=request_id,
+            replayed=reply.replayed,
+            state=state_of(ssn, reply),
+            card=card,
+            balance_fen=reply.balance_fen,
+        )
+
+    async def _ask(self, command: Command) -> Reply:
+        try:
+            reply = await self.bus.request(command, self.deadline_s)
+        except BusUnavailable as exc:
+            log.warning("bus unavailable", error=str(exc))
+            return Reply(command.request_id, ResultCode.UNAVAILABLE)
+        return reply if reply is not None else Reply(command.request_id, ResultCode.TIMEOUT)
+
+    def _card_op(
+        self, method: str, op: str
+    ) -> Callable[[registry_pb2.CardRequest, Ctx], Awaitable[registry_pb2.RegistryReply]]:
+        async def handler(
+            request: registry_pb2.CardRequest, context: Ctx
+        ) -> registry_pb2.RegistryReply:
+            return await self._run(
+                method,
+                request.window,
+                request.ssn,
+                request.card_no,
+                lambda rid, at, ssn: model.CardCommand(
+                    rid, at, ssn, request.card_no, op, request.reason
+                ),
+            )
+
+        return handler
+
+    async def RegisterPerson(
+        self, request: registry_pb2.RegisterPersonRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._run(
+            "RegisterPerson",
+            request.window,
+            request.ssn,
+            "",
+            lambda rid, at, ssn: model.RegisterPerson(
+                rid,
+                at,
+                ssn,
+                request.name,
+                InsuranceCategory(request.category),
+                request.phone,
+                request.region,
+            ),
+        )
+
+    async def IssueCard(
+        self, request: registry_pb2.IssueCardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._run(
+            "IssueCard",
+            request.window,
+            request.ssn,
+            "",
+            lambda rid, at, ssn: model.IssueCard(
+                rid, at, ssn, request.card_no, CardKind(request.kind)
+            ),
+        )
+
+    async def ActivateCard(
+        self, request: registry_pb2.CardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._card_op("ActivateCard", "activate")(request, context)
+
+    async def ReportPreLoss(
+        self, request: registry_pb2.CardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._card_op("ReportPreLoss", "report_pre_loss")(request, context)
+
+    async def ConfirmLoss(
+        self, request: registry_pb2.CardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._card_op("ConfirmLoss", "confirm_loss")(request, context)
+
+    async def ReleaseLoss(
+        self, request: registry_pb2.CardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._card_op("ReleaseLoss", "release")(request, context)
+
+    async def Freeze(
+        self, request: registry_pb2.CardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._card_op("Freeze", "freeze")(request, context)
+
+    async def Unfreeze(
+        self, request: registry_pb2.CardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._card_op("Unfreeze", "unfreeze")(request, context)
+
+    async def Unlock(
+        self, request: registry_pb2.CardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._card_op("Unlock", "unlock")(request, context)
+
+    async def ChangePin(
+        self, request: registry_pb2.ChangePinRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        # The PIN blocks go to the HSM once it exists (HSM issue); the aggregate records
+        # that the initial PIN was changed.
+        return await self._run(
+            "ChangePin",
+            request.window,
+            request.ssn,
+            request.card_no,
+            lambda rid, at, ssn: model.CardCommand(rid, at, ssn, request.card_no, "change_pin"),
+        )
+
+    async def CreditAccount(
+        self, request: registry_pb2.CreditRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._run(
+            "CreditAccount",
+            request.window,
+            request.ssn,
+            "",
+            lambda rid, at, ssn: model.CreditAccount(
+                rid, at, ssn, request.amount_fen, request.source_id
+            ),
+        )
+
+    # Replacement, change, cancellation, per-card limits and GetPerson are the
+    # clearing-core issue's; they answer UNIMPLEMENTED until then, never a made-up result.
+    async def _unimplemented(self, context: Ctx, method: str) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: not yet implemented")
+
+    async def ApplyReplacement(
+        self, request: registry_pb2.CardRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        await self._unimplemented(context, "ApplyReplacement")
+        raise AssertionError("unreachable")
+
+    async def IssueReplacement(
+        self, request: registry_pb2.IssueReplacementRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        await self._unimplemented(context, "IssueReplacement")
+        raise AssertionError("unreachable")
+
+    async def ChangeCard(
+        self, request: registry_pb2.IssueReplacementRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        await self._unimplemented(context, "ChangeCard")
+        raise AssertionError("unreachable")
+
+    async def Cancel(
+        self, request: registry_pb2.CancelRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        await self._unimplemented(context, "Cancel")
+        raise AssertionError("unreachable")
+
+    async def SetPharmacyDailyLimit(
+        self, request: registry_pb2.SetLimitRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        await self._unimplemented(context, "SetPharmacyDailyLimit")
+        raise AssertionError("unreachable")
+
+    async def GetPerson(
+        self, request: registry_pb2.GetPersonRequest, context: Ctx
+    ) -> registry_pb2.PersonView:
+        await self._unimplemented(context, "GetPerson")
+        raise AssertionError("unreachable")
+
+
+async def serve(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
+    bus = CommandBus(bootstrap, instance_id)
+    await bus.start()
+    registry = CardRegistry(bus, deadline_ms)
+    server, bound, _health = await create_server(
+        f"{host}:{port}",
+        lambda s: registry_pb2_grpc.add_CardRegistryServiceServicer_to_server(registry, s),
+        [registry_pb2.DESCRIPTOR.services_by_name["CardRegistryService"].full_name],
+    )
+    metrics.READY.set(1)
+    log.info("registry serving", port=bound, reply_topic=bus.reply_topic)
+    try:
+        await server.wait_for_termination()
+    finally:
+        metrics.READY.set(0)
+        await server.stop(grace=2)
+        await bus.stop()
+
+
+def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
+    asyncio.run(serve(bootstrap, host, port, deadline_ms, instance_id))
+
+
+__all__ = ["CardRegistry", "CardState", "run", "serve"]

@@ -1,0 +1,89 @@
+"""Commands, events, replies and person state to bytes and back (JSON, type-tagged).
+
+The records are the frozen dataclasses of clearing.model; this module walks their type
+hints once per class, so adding a field needs no codec change. Unknown fields are
+ignored and missing ones take their default: old changelogs stay readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from enum import IntEnum
+from typing import Any
+
+from clearing import model
+
+RECORD_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (
+        model.RegisterPerson, model.IssueCard, model.CardCommand, model.CreditAccount,
+        model.Authorize, model.BalanceInquiry,
+        model.PersonRegistered, model.CardIssued, model.CardStateChanged, model.PinChanged,
+        model.AccountCredited, model.SwipeApproved, model.SwipeDeclined,
+        model.Reply, model.Person, model.Card, model.SwipeRecord,
+    )
+}  # fmt: skip
+
+
+class CodecError(ValueError):
+    """Bytes that are not a record of this version of medclear."""
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, IntEnum):
+        return int(value)
+    return value
+
+
+def _from_plain(hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _from_plain(args[0], value)
+    if origin is tuple:
+        (item, _ellipsis) = typing.get_args(hint)
+        return tuple(_from_plain(item, v) for v in value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value)
+    if isinstance(hint, type) and issubclass(hint, IntEnum):
+        return hint(value)
+    return value
+
+
+def _build(cls: type[Any], data: dict[str, Any]) -> Any:
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: _from_plain(hints[k], v) for k, v in data.items() if k in known}
+    return cls(**kwargs)
+
+
+def encode(record: Any) -> bytes:
+    body = _to_plain(record)
+    body["@"] = type(record).__name__
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode(raw: bytes) -> Any:
+    try:
+        data = json.loads(raw)
+        cls = RECORD_TYPES[data.pop("@")]
+        return _build(cls, data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CodecError(f"undecodable record: {exc}") from exc

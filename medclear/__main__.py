@@ -1,0 +1,3 @@
+from medclear.cli import app
+
+app()

@@ -1,0 +1,196 @@
+"""The gRPC side of the command path: send a command to its person's partition and wait
+for the worker's reply.
+
+Reply mechanism (see docs/ARCHITECTURE.md): each gateway/registry process owns a
+one-partition reply topic `medclear.replies.<instance>`. A command record carries the
+reply topic and a fresh correlation id in its headers; the worker sends the reply there
+with the same correlation id; a single consumer task resolves the waiting future. No
+consumer group, no faust `ask()`: measured faster and it does not stall under load.
+
+The same process follows `medclear.card-index` (card number → social security number)
+so that requests which only carry a card number reach the right partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from clearing import codec
+from clearing.model import Command, Reply
+from clearing.worker import HEADER_CORRELATION, HEADER_REPLY_TO
+from medclear import topics
+from monitoring import metrics
+
+log = structlog.get_logger()
+
+INDEX_SYNC_TIMEOUT_S = 2.0  # how long a card-index miss waits for the index to catch up
+PENDING_MAX = 10_000  # requests in flight per process; beyond it requests are refused
+
+
+class BusUnavailable(RuntimeError):
+    """The broker cannot take the command now."""
+
+
+async def ensure_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, replication_factor=1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        await admin.close()
+
+
+class CommandBus:
+    def __init__(self, bootstrap: str, instance_id: str) -> None:
+        self.bootstrap = bootstrap
+        self.reply_topic = topics.reply_topic(instance_id)
+        self._pending: dict[bytes, asyncio.Future[Reply]] = {}
+        self._card_index: dict[str, str] = {}
+        self._index_tps: list[TopicPartition] = []
+        self._producer: AIOKafkaProducer | None = None
+        self._replies: AIOKafkaConsumer | None = None
+        self._index: AIOKafkaConsumer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await ensure_topic(self.bootstrap, self.reply_topic, 1)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, enable_idempotence=False
+        )
+        await self._producer.start()
+        self._replies = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=5,
+        )
+        await self._replies.start()
+        reply_tp = TopicPartition(self.reply_topic, 0)
+        self._replies.assign([reply_tp])
+        await self._replies.seek_to_end(reply_tp)
+        self._index = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+        )
+        await self._index.start()
+        await self._index.topics()  # refreshes metadata
+        parts = self._index.partitions_for_topic(topics.CARD_INDEX.name) or {0}
+        self._index_tps = [TopicPartition(topics.CARD_INDEX.name, p) for p in sorted(parts)]
+        self._index.assign(self._index_tps)
+        await self._index.seek_to_beginning(*self._index_tps)
+        self._tasks = [
+            asyncio.create_task(self._reply_loop(), name="replies"),
+            asyncio.create_task(self._index_loop(), name="card-index"),
+        ]
+        await self.sync_index(timeout_s=60.0)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for client in (self._producer, self._replies, self._index):
+            if client is not None:
+                await client.stop()
+        for fut in self._pending.values():
+            fut.cancel()
+
+    # ------------------------------------------------------------------ commands
+    async def request(self, command: Command, timeout_s: float) -> Reply | None:
+        """Send a command and wait for its reply; None when the deadline passed first
+        (the outcome is then unknown to the caller: the command may still be decided)."""
+        if self._producer is None:
+            raise BusUnavailable("bus not started")
+        if len(self._pending) >= PENDING_MAX:
+            raise BusUnavailable("too many requests in flight")
+        correlation = uuid.uuid4().hex.encode()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = future
+        try:
+            await self._producer.send_and_wait(
+                topics.COMMANDS.name,
+                key=command.ssn.encode(),
+                value=codec.encode(command),
+                headers=[
+                    (HEADER_REPLY_TO, self.reply_topic.encode()),
+                    (HEADER_CORRELATION, correlation),
+                ],
+            )
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return None
+        except Exception as exc:  # the broker refused or is gone
+            raise BusUnavailable(str(exc)) from exc
+        finally:
+            self._pending.pop(correlation, None)
+
+    async def _reply_loop(self) -> None:
+        assert self._replies is not None
+        while True:
+            batches = await self._replies.getmany(timeout_ms=100)
+            for records in batches.values():
+                for record in records:
+                    self._resolve(record)
+
+    def _resolve(self, record: Any) -> None:
+        correlation = next((v for k, v in record.headers or () if k == HEADER_CORRELATION), None)
+        future = self._pending.get(correlation) if correlation else None
+        if future is None or future.done():
+            return  # a reply for a request that timed out, or of an earlier process
+        try:
+            future.set_result(codec.decode(record.value))
+        except codec.CodecError as exc:
+            metrics.UNDECODABLE.labels(self.reply_topic).inc()
+            future.set_exception(exc)
+
+    # ------------------------------------------------------------------ card index
+    def ssn_of_card(self, card_no: str) -> str | None:
+        return self._card_index.get(card_no)
+
+    async def resolve_ssn(self, card_no: str) -> str | None:
+        """The person a card belongs to; on a miss, first let the index catch up."""
+        ssn = self._card_index.get(card_no)
+        if ssn is None:
+            await self.sync_index(INDEX_SYNC_TIMEOUT_S)
+            ssn = self._card_index.get(card_no)
+        return ssn
+
+    async def sync_index(self, timeout_s: float) -> None:
+        """Wait until the index holds everything on the broker now (bounded wait)."""
+        assert self._index is not None
+        ends = await self._index.end_offsets(self._index_tps)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            positions = [await self._position(tp) for tp in ends]
+            if all(pos >= end for pos, end in zip(positions, ends.values(), strict=True)):
+                return
+            await asyncio.sleep(0.005)
+        log.warning("card index did not catch up", timeout_s=timeout_s)
+
+    async def _position(self, tp: TopicPartition) -> int:
+        assert self._index is not None
+        return int(await self._index.position(tp))
+
+    async def _index_loop(self) -> None:
+        assert self._index is not None
+        while True:
+            batches = await self._index.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    if record.key and record.value:
+                        self._card_index[record.key.decode()] = record.value.decode()

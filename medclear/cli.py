@@ -1,0 +1,405 @@
+"""`medclear`: run the local stack, swipe a card, seed a city, run the demo.
+
+Every command explains itself with --help. Commands that talk to the stack find it
+through the state directory written by `medclear up` (or MEDCLEAR_* settings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clearing.codes import ResultCode
+from medclear.money import format_yuan, parse_yuan
+from medclear.settings import Settings, get_settings
+
+app = typer.Typer(
+    help="medclear — real-time clearing of medical-insurance personal accounts on social "
+    "security cards. Start with `medclear up`, then `medclear seed` and `medclear pos swipe`.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+serve_app = typer.Typer(
+    help="Run one medclear process in the foreground (used by `up`).", no_args_is_help=True
+)
+pos_app = typer.Typer(
+    help="Act as a POS terminal at a designated institution.", no_args_is_help=True
+)
+bench_app = typer.Typer(
+    help="Measure the running stack (prints figures, asserts nothing).", no_args_is_help=True
+)
+app.add_typer(serve_app, name="serve")
+app.add_typer(pos_app, name="pos")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------------------- stack
+
+
+@app.command()
+def up() -> None:
+    """Start the whole local stack on 127.0.0.1 and wait until every part is ready.
+
+    Starts the Kafka-protocol broker (noida-db; MEDCLEAR_BROKER=tansu for tansu), creates
+    the topics, starts ClickHouse, the clearing worker(s), the POS gateway, the card
+    registry and Prometheus, then prints where each runs. State lives in .medclear/
+    (MEDCLEAR_STATE_DIR). With MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL set,
+    those external servers are used and not started.
+    """
+    from medclear import stack
+
+    try:
+        stack.up(get_settings(), console)
+    except stack.StackError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@app.command()
+def status() -> None:
+    """Show every component of the local stack, its address and whether it is healthy."""
+    from medclear import stack
+
+    rows = stack.status(get_settings())
+    if not rows:
+        raise _fail("no stack recorded in the state directory; run `medclear up`")
+    console.print(stack.status_table(rows))
+    if not all(r.healthy for r in rows):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def down(
+    wipe: Annotated[bool, typer.Option(help="also delete all data (topics, tables, logs)")] = False,
+) -> None:
+    """Stop everything `medclear up` started (by recorded PID). Data is kept unless --wipe."""
+    from medclear import stack
+
+    stack.down(get_settings(), console, wipe=wipe)
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def _bootstrap(settings: Settings) -> str:
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    from medclear import stack
+
+    return stack.load_endpoints(settings).kafka_bootstrap
+
+
+@serve_app.command("worker")
+def serve_worker(
+    index: Annotated[int, typer.Option(help="worker number, for logs and metrics")] = 0,
+    metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
+) -> None:
+    """A clearing worker: consumes commands, decides them, emits events and replies."""
+    from clearing import worker
+    from medclear import log
+    from medclear.policy import load_policy
+
+    log.configure(f"worker-{index}")
+    settings = get_settings()
+    worker.run(settings, load_policy(settings), _bootstrap(settings), index, metrics_port)
+
+
+@serve_app.command("gateway")
+def serve_gateway(
+    port: Annotated[int, typer.Option(help="gRPC port of the POS service")] = 0,
+    metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
+    instance: Annotated[str, typer.Option(help="names this gateway's reply topic")] = "gw-0",
+) -> None:
+    """The POS gateway: gRPC PosService in front of the command topic."""
+    from medclear import gateway, log
+    from monitoring import metrics
+
+    log.configure("gateway")
+    settings = get_settings()
+    metrics.serve(metrics_port, settings.host)
+    gateway.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
+
+
+@serve_app.command("registry")
+def serve_registry(
+    port: Annotated[int, typer.Option(help="gRPC port of the card registry service")] = 0,
+    metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
+    instance: Annotated[str, typer.Option(help="names this registry's reply topic")] = "reg-0",
+) -> None:
+    """The card registry: gRPC service for service windows and the 12333 hotline."""
+    from card_registry import service
+    from medclear import log
+    from monitoring import metrics
+
+    log.configure("registry")
+    settings = get_settings()
+    metrics.serve(metrics_port, settings.host)
+    service.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
+
+
+# ---------------------------------------------------------------------------- pos
+
+
+def _endpoint(name: str) -> str:
+    from medclear import stack
+
+    try:
+        endpoints = stack.load_endpoints(get_settings())
+    except stack.StackError as exc:
+        raise _fail(str(exc)) from exc
+    return str(getattr(endpoints, name))
+
+
+@pos_app.command("swipe")
+def pos_swipe(
+    card: Annotated[str, typer.Option(help="card number (EF05 tag 07), 9 characters")],
+    amount: Annotated[str, typer.Option(help="amount in yuan, e.g. 12.50")],
+    institution: Annotated[str, typer.Option(help="designated institution id")],
+    terminal: Annotated[str, typer.Option(help="terminal id")],
+    trace: Annotated[int, typer.Option(help="trace number; 0: from the clock")] = 0,
+    ssn: Annotated[str, typer.Option(help="social security number (else the card index)")] = "",
+    partial: Annotated[bool, typer.Option(help="pay what the account holds, rest cash")] = False,
+    gateway: Annotated[str, typer.Option(help="host:port; default: the local stack")] = "",
+) -> None:
+    """Send one Authorize (a swipe) to the POS gateway and print the decision.
+
+    The same terminal and trace number sent again is answered with the original reply
+    (marked replayed), never debited twice.
+    """
+    from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc
+
+    try:
+        amount_fen = parse_yuan(amount)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    address = gateway or _endpoint("gateway")
+    trace_number = trace or time.time_ns() // 1_000_000
+    request = pos_pb2.AuthorizeRequest(
+        terminal=common_pb2.TerminalContext(
+            terminal_id=terminal, institution_id=institution, trace_number=trace_number
+        ),
+        card_no=card,
+        ssn=ssn,
+        amount_fen=amount_fen,
+        allow_partial=partial,
+    )
+
+    async def call() -> pos_pb2.AuthorizeReply:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply: pos_pb2.AuthorizeReply = await pos_pb2_grpc.PosServiceStub(channel).Authorize(
+                request, timeout=10
+            )
+            return reply
+
+    started = time.perf_counter()
+    try:
+        reply = asyncio.run(call())
+    except grpc.RpcError as exc:
+        raise _fail(f"gateway {address}: {exc.code().name} {exc.details()}") from exc
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    code = ResultCode(reply.result)
+    table = Table.grid(padding=(0, 2))
+    table.add_row("result", f"[bold]{code.name}[/] ({int(code)}) {reply.message}")
+    table.add_row(
+        "request", reply.request_id + (" [yellow](replayed)[/]" if reply.replayed else "")
+    )
+    table.add_row("amount", format_yuan(reply.amount_fen))
+    table.add_row("paid from account", format_yuan(reply.paid_from_account_fen))
+    table.add_row("paid in cash", format_yuan(reply.paid_in_cash_fen))
+    if code.approved or code == ResultCode.INSUFFICIENT_BALANCE:
+        table.add_row("balance after", format_yuan(reply.balance_after_fen))
+    if reply.pharmacy_swipes_per_day:
+        table.add_row(
+            "pharmacy swipes today",
+            f"{reply.pharmacy_swipes_today} of {reply.pharmacy_swipes_per_day}",
+        )
+    table.add_row("state version", f"{reply.state.person_key} v{reply.state.version}")
+    table.add_row("decided at", reply.decided_at or "-")
+    table.add_row("round trip", f"{elapsed_ms:.1f} ms")
+    style = "green" if code.approved else "red"
+    console.print(Panel(table, title=f"swipe {card}", border_style=style, expand=False))
+    if not code.approved:
+        raise typer.Exit(code=2)
+
+
+# ---------------------------------------------------------------------------- seed, demo
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
+
+
+def _seed(persons: int, seed: int, concurrency: int) -> float:
+    from medclear import city, traffic
+
+    residents = city.residents(persons, seed)
+    registry = _endpoint("registry")
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("seeding persons", total=len(residents), info="")
+        asyncio.run(traffic.seed(registry, residents, concurrency, lambda: progress.advance(task)))
+    return time.perf_counter() - started
+
+
+@app.command("seed")
+def seed_cmd(
+    persons: Annotated[int, typer.Option(min=1, max=10_000_000, help="how many persons")] = 1000,
+    seed: Annotated[int, typer.Option(help="city seed; the same seed gives the same city")] = 2026,
+    concurrency: Annotated[int, typer.Option(min=1, max=512, help="requests in flight")] = 32,
+) -> None:
+    """Create a synthetic city through the card registry: persons, cards, opening balances.
+
+    Everything goes through commands (register, issue, activate, change the initial
+    PIN, credit), so it is decided and logged like any window operation. Seeding the
+    same city twice changes nothing.
+    """
+    from medclear.traffic import SeedError
+
+    try:
+        elapsed = _seed(persons, seed, concurrency)
+    except SeedError as exc:
+        raise _fail(str(exc)) from exc
+    except grpc.RpcError as exc:
+        raise _fail(f"registry: {exc.code().name} {exc.details()}") from exc
+    console.print(
+        f"seeded {persons:,} persons in {elapsed:.1f} s "
+        f"({persons / elapsed:,.0f} persons/s, {5 * persons / elapsed:,.0f} commands/s)"
+    )
+
+
+def _swipe_run(persons: int, seed: int, count: int, concurrency: int, label: str) -> object:
+    from medclear import city, traffic
+    from medclear.policy import load_institutions
+
+    residents = city.residents(persons, seed)
+    institutions = [i for i in load_institutions(get_settings().institutions_file).values()]
+    plan = traffic.plan_swipes(residents, institutions, count, seed, time.time_ns() // 1000)
+    stats = traffic.LatencyStats()
+    gateway = _endpoint("gateway")
+    with _progress() as progress:
+        task = progress.add_task(label, total=count, info="")
+
+        def done() -> None:
+            approved = stats.results.get("OK", 0) + stats.results.get("PARTIALLY_APPROVED", 0)
+            progress.update(
+                task,
+                advance=1,
+                info=(
+                    f"{stats.rate_per_s:,.0f}/s  p99 {stats.percentile(0.99):.1f} ms  "
+                    f"approved {approved}  declined {stats.count - approved}"
+                ),
+            )
+
+        asyncio.run(traffic.run_swipes(gateway, plan, concurrency, stats, done))
+    return stats
+
+
+def _stats_table(title: str, stats: object) -> Table:
+    from medclear.traffic import LatencyStats
+
+    assert isinstance(stats, LatencyStats)
+    table = Table(title=title)
+    for column in ("swipes", "rate /s", "p50 ms", "p95 ms", "p99 ms", "max ms"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{stats.count:,}",
+        f"{stats.rate_per_s:,.0f}",
+        f"{stats.percentile(0.50):.2f}",
+        f"{stats.percentile(0.95):.2f}",
+        f"{stats.percentile(0.99):.2f}",
+        f"{max(stats.latencies_ms, default=0):.2f}",
+    )
+    return table
+
+
+def _results_table(stats: object) -> Table:
+    from medclear.traffic import LatencyStats
+
+    assert isinstance(stats, LatencyStats)
+    table = Table(title="decisions by result code")
+    table.add_column("result")
+    table.add_column("code", justify="right")
+    table.add_column("swipes", justify="right")
+    for name, n in sorted(stats.results.items(), key=lambda kv: ResultCode[kv[0]]):
+        table.add_row(name, str(int(ResultCode[name])), f"{n:,}")
+    return table
+
+
+@bench_app.command("swipes")
+def bench_swipes(
+    count: Annotated[int, typer.Option(min=1, max=1_000_000, help="swipes to send")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="in flight; 1: sequential")] = 1,
+    persons: Annotated[int, typer.Option(help="the seeded city's size (see `seed`)")] = 1000,
+    seed: Annotated[int, typer.Option(help="the seeded city's seed")] = 2026,
+) -> None:
+    """Swipe seeded cards through the running stack; print p50/p95/p99/max and rate.
+
+    Run `medclear seed` with the same --persons/--seed first. Declines (daily pharmacy
+    limit, balance, green/red cards) are real decisions and count like approvals.
+    """
+    stats = _swipe_run(persons, seed, count, concurrency, "swiping")
+    console.print(_stats_table(f"{count:,} swipes, {concurrency} in flight", stats))
+    console.print(_results_table(stats))
+
+
+@app.command()
+def demo(
+    persons: Annotated[int, typer.Option(min=1, help="persons to seed")] = 1000,
+    swipes: Annotated[int, typer.Option(min=1, help="swipes to simulate")] = 400,
+    concurrency: Annotated[int, typer.Option(min=1, max=512, help="swipes in flight")] = 8,
+    keep: Annotated[bool, typer.Option(help="leave the stack running afterwards")] = False,
+) -> None:
+    """The main job: start the stack, seed a city, run simulated POS traffic, summarise.
+
+    Stops the stack at the end unless --keep (data stays in .medclear/ either way;
+    `medclear down --wipe` removes it).
+    """
+    from medclear import stack
+
+    settings = get_settings()
+    started = time.perf_counter()
+    try:
+        stack.up(settings, console)
+    except stack.StackError as exc:
+        raise _fail(str(exc)) from exc
+    ready_s = time.perf_counter() - started
+    try:
+        seed_s = _seed(persons, 2026, 32)
+        stats = _swipe_run(persons, 2026, swipes, concurrency, "POS traffic")
+        console.print(_stats_table("simulated POS traffic", stats))
+        console.print(_results_table(stats))
+        console.print(
+            f"stack ready in {ready_s:.1f} s; seeded {persons:,} persons in {seed_s:.1f} s"
+        )
+    finally:
+        if keep:
+            endpoints = stack.load_endpoints(settings)
+            console.print(
+                f"stack left running: gateway {endpoints.gateway}, registry "
+                f"{endpoints.registry}, Prometheus {endpoints.prometheus}. "
+                "Stop it with `medclear down`."
+            )
+        else:
+            stack.down(settings, console)

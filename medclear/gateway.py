@@ -1,0 +1,170 @@
+"""The POS gateway: gRPC PosService → commands on the person's partition → reply.
+
+Adapter only: it checks what it needs to route a request (card number, social security
+number), stamps the ingress time, and translates the core's Reply into the proto reply.
+Every decision is the clearing worker's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import structlog
+
+from clearing import model, validate
+from clearing.codes import ResultCode
+from clearing.model import PinOutcome, Reply
+from medclear.bus import BusUnavailable, CommandBus
+from medclear.rpc import (
+    Clock,
+    create_server,
+    message,
+    result_pb,
+    shanghai_iso,
+    state_of,
+    system_clock_ms,
+)
+from medclear.v1 import pos_pb2, pos_pb2_grpc
+from monitoring import metrics
+
+log = structlog.get_logger(process="gateway")
+
+
+def request_id_of(terminal_id: str, trace_number: int) -> str:
+    return f"{terminal_id}:{trace_number}"
+
+
+class PosGateway(pos_pb2_grpc.PosServiceServicer):
+    def __init__(self, bus: CommandBus, deadline_ms: int, clock: Clock = system_clock_ms):
+        self.bus = bus
+        self.deadline_s = deadline_ms / 1000
+        self.clock = clock
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        budget = self.deadline_s if remaining is None else min(self.deadline_s, remaining - 0.05)
+        return max(0.01, budget)
+
+    async def _route(self, card_no: str, ssn: str) -> tuple[ResultCode, str]:
+        if not validate.is_card_no(card_no) or (ssn and not validate.is_ssn(ssn)):
+            return ResultCode.MALFORMED_REQUEST, ""
+        if not ssn:
+            found = await self.bus.resolve_ssn(card_no)
+            if found is None:
+                return ResultCode.CARD_UNKNOWN, ""
+            ssn = found
+        return ResultCode.OK, ssn
+
+    async def Authorize(
+        self, request: pos_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.AuthorizeReply:
+        started = time.perf_counter()
+        t = request.terminal
+        request_id = request_id_of(t.terminal_id, t.trace_number)
+        reply = Reply(request_id, ResultCode.MALFORMED_REQUEST, amount_fen=request.amount_fen)
+        ssn = ""
+        if validate.is_id(t.terminal_id) and t.trace_number > 0:
+            code, ssn = await self._route(request.card_no, request.ssn)
+            reply = Reply(request_id, code, amount_fen=request.amount_fen)
+            if code == ResultCode.OK:
+                command = model.Authorize(
+                    request_id=request_id,
+                    at_ms=self.clock(),
+                    ssn=ssn,
+                    card_no=request.card_no,
+                    institution_id=t.institution_id,
+                    amount_fen=request.amount_fen,
+                    allow_partial=request.allow_partial,
+                    pin=PinOutcome.NOT_VERIFIED,
+                )
+                reply = await self._ask(command, context)
+        metrics.GATEWAY_SECONDS.labels("Authorize").observe(time.perf_counter() - started)
+        metrics.GATEWAY_RESULTS.labels("Authorize", reply.result.name).inc()
+        return pos_pb2.AuthorizeReply(
+            result=result_pb(reply.result),
+            message=message(reply.result),
+            request_id=request_id,
+            amount_fen=request.amount_fen,
+            paid_from_account_fen=reply.paid_from_account_fen,
+            paid_in_cash_fen=reply.paid_in_cash_fen,
+            balance_after_fen=reply.balance_fen,
+            pin_tries_remaining=reply.pin_tries_remaining,
+            pharmacy_swipes_today=reply.pharmacy_swipes_today,
+            pharmacy_swipes_per_day=reply.pharmacy_swipes_per_day,
+            replayed=reply.replayed,
+            state=state_of(ssn, reply),
+            decided_at=shanghai_iso(reply.at_ms) if reply.at_ms else "",
+        )
+
+    async def BalanceInquiry(
+        self, request: pos_pb2.BalanceInquiryRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.BalanceInquiryReply:
+        t = request.terminal
+        request_id = request_id_of(t.terminal_id, t.trace_number)
+        code, ssn = await self._route(request.card_no, request.ssn)
+        reply = Reply(request_id, code)
+        if code == ResultCode.OK:
+            command = model.BalanceInquiry(
+                request_id, self.clock(), ssn, request.card_no, t.institution_id
+            )
+            reply = await self._ask(command, context)
+        metrics.GATEWAY_RESULTS.labels("BalanceInquiry", reply.result.name).inc()
+        return pos_pb2.BalanceInquiryReply(
+            result=result_pb(reply.result),
+            message=message(reply.result),
+            request_id=request_id,
+            balance_fen=reply.balance_fen if reply.result == ResultCode.OK else 0,
+            pin_tries_remaining=reply.pin_tries_remaining,
+            state=state_of(ssn, reply),
+        )
+
+    async def _ask(
+        self, command: model.Authorize | model.BalanceInquiry, context: grpc.aio.ServicerContext
+    ) -> Reply:
+        try:
+            reply = await self.bus.request(command, self._timeout(context))
+        except BusUnavailable as exc:
+            log.warning("bus unavailable", error=str(exc))
+            return Reply(command.request_id, ResultCode.UNAVAILABLE)
+        if reply is None:
+            return Reply(command.request_id, ResultCode.TIMEOUT)
+        return reply
+
+    # Reverse and Refund are decided by the clearing-core issue; until then they answer
+    # UNIMPLEMENTED rather than a made-up result.
+    async def Reverse(
+        self, request: pos_pb2.ReverseRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.ReverseReply:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Reverse: not yet implemented")
+        raise AssertionError("unreachable")
+
+    async def Refund(
+        self, request: pos_pb2.RefundRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.RefundReply:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Refund: not yet implemented")
+        raise AssertionError("unreachable")
+
+
+async def serve(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
+    bus = CommandBus(bootstrap, instance_id)
+    await bus.start()
+    gateway = PosGateway(bus, deadline_ms)
+    server, bound, _health = await create_server(
+        f"{host}:{port}",
+        lambda s: pos_pb2_grpc.add_PosServiceServicer_to_server(gateway, s),
+        [pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name],
+    )
+    metrics.READY.set(1)
+    log.info("gateway serving", port=bound, reply_topic=bus.reply_topic)
+    try:
+        await server.wait_for_termination()
+    finally:
+        metrics.READY.set(0)
+        await server.stop(grace=2)
+        await bus.stop()
+
+
+def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
+    asyncio.run(serve(bootstrap, host, port, deadline_ms, instance_id))

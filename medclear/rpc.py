@@ -1,0 +1,72 @@
+"""gRPC plumbing shared by medclear's servers and clients: server with health checking and
+reflection, translation of core replies into proto messages, the ingress clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from typing import Any, cast
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clearing.codes import ResultCode, message_of
+from clearing.model import Reply
+from clearing.validate import mask_ssn
+from medclear.v1 import common_pb2
+
+Clock = Callable[[], int]  # epoch milliseconds
+
+
+def system_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def shanghai_iso(at_ms: int) -> str:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    tz = timezone(timedelta(hours=8), "Asia/Shanghai")
+    return (
+        datetime.fromtimestamp(at_ms / 1000, UTC).astimezone(tz).isoformat(timespec="milliseconds")
+    )
+
+
+async def create_server(
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Bind (port 0 picks a free one), register servicers, health and reflection."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    await server.start()
+    for name in (*service_names, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+def state_of(ssn: str, reply: Reply) -> common_pb2.StateVersion:
+    return common_pb2.StateVersion(person_key=mask_ssn(ssn) if ssn else "", version=reply.version)
+
+
+def message(code: ResultCode) -> str:
+    return message_of(code)
+
+
+def result_pb(code: ResultCode) -> common_pb2.ResultCode.ValueType:
+    """The proto enum value of a core result code (same numbers, checked by a test)."""
+    return cast(common_pb2.ResultCode.ValueType, int(code))
+
+
+def pb_enum(value: IntEnum) -> Any:
+    """A core enum as the proto enum field value (the numbers are the same by design)."""
+    return int(value)

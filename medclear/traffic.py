@@ -1,0 +1,208 @@
+"""Simulated POS and service-window traffic over real gRPC: seeding, swipes, latency stats.
+
+Seeding goes through the card registry as commands (register, issue, activate, change
+the initial PIN, credit the opening balance), never by writing state. Request ids are
+derived from the resident, so seeding twice changes nothing: the repeats are answered
+with the original replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from clearing.codes import CardKind, InsuranceCategory, ResultCode
+from clearing.model import Institution
+from medclear.city import Resident
+from medclear.rpc import pb_enum
+from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+RPC_TIMEOUT_S = 10.0
+SEED_WINDOW = "window-seed"
+
+
+class SeedError(RuntimeError):
+    """A seeding step was refused; the message names the resident and the result."""
+
+
+@dataclass
+class LatencyStats:
+    latencies_ms: list[float] = field(default_factory=list)
+    results: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.perf_counter)
+    ended: float = 0.0
+
+    def add(self, latency_ms: float, result: str) -> None:
+        self.latencies_ms.append(latency_ms)
+        self.results[result] += 1
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def count(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.ended or time.perf_counter()) - self.started
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.count / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def _window(request_id: str) -> common_pb2.WindowContext:
+    return common_pb2.WindowContext(
+        window_id=SEED_WINDOW, operator_id="seed", request_id=request_id
+    )
+
+
+async def seed_resident(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident) -> None:
+    steps: list[tuple[str, object, str]] = [
+        (
+            "RegisterPerson",
+            registry_pb2.RegisterPersonRequest(
+                window=_window(f"seed-{r.ssn}-register"),
+                ssn=r.ssn,
+                name=r.name,
+                category=pb_enum(r.category),
+                phone=r.phone,
+                region="310101",
+            ),
+            "register",
+        ),
+        (
+            "IssueCard",
+            registry_pb2.IssueCardRequest(
+                window=_window(f"seed-{r.ssn}-issue"),
+                ssn=r.ssn,
+                card_no=r.card_no,
+                kind=pb_enum(CardKind.SOCIAL_SECURITY),
+            ),
+            "issue",
+        ),
+        (
+            "ActivateCard",
+            registry_pb2.CardRequest(
+                window=_window(f"seed-{r.ssn}-activate"), ssn=r.ssn, card_no=r.card_no
+            ),
+            "activate",
+        ),
+        (
+            "ChangePin",
+            registry_pb2.ChangePinRequest(
+                window=_window(f"seed-{r.ssn}-pin"), ssn=r.ssn, card_no=r.card_no
+            ),
+            "pin",
+        ),
+    ]
+    if r.category == InsuranceCategory.EMPLOYEE:
+        steps.append(
+            (
+                "CreditAccount",
+                registry_pb2.CreditRequest(
+                    window=_window(f"seed-{r.ssn}-credit"),
+                    ssn=r.ssn,
+                    amount_fen=r.opening_balance_fen,
+                    source_id=f"opening-{r.ssn}",
+                ),
+                "credit",
+            )
+        )
+    for method, request, step in steps:
+        reply = await getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
+        if reply.result != ResultCode.OK:
+            raise SeedError(f"{step} of {r.card_no}: {ResultCode(reply.result).name}")
+
+
+async def seed(
+    registry: str, residents: Sequence[Resident], concurrency: int, on_done: Callable[[], None]
+) -> None:
+    async with grpc.aio.insecure_channel(registry) as channel:
+        stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        queue: asyncio.Queue[Resident] = asyncio.Queue()
+        for r in residents:
+            queue.put_nowait(r)
+
+        async def worker() -> None:
+            while not queue.empty():
+                r = queue.get_nowait()
+                await seed_resident(stub, r)
+                on_done()
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+
+
+@dataclass(frozen=True)
+class Swipe:
+    card_no: str
+    institution: Institution
+    terminal_id: str
+    trace_number: int
+    amount_fen: int
+
+
+def plan_swipes(
+    residents: Sequence[Resident],
+    institutions: Sequence[Institution],
+    count: int,
+    seed: int,
+    trace_base: int,
+) -> list[Swipe]:
+    """A reproducible day of swipes: random residents at random institutions."""
+    rng = random.Random(seed)
+    plan: list[Swipe] = []
+    for i in range(count):
+        r = rng.choice(residents)
+        inst = rng.choice(institutions)
+        amount = rng.choice((rng.randint(5_00, 80_00), rng.randint(20_00, 600_00)))
+        plan.append(Swipe(r.card_no, inst, f"T{inst.institution_id}", trace_base + i, amount))
+    return plan
+
+
+def authorize_request(s: Swipe) -> pos_pb2.AuthorizeRequest:
+    return pos_pb2.AuthorizeRequest(
+        terminal=common_pb2.TerminalContext(
+            terminal_id=s.terminal_id,
+            institution_id=s.institution.institution_id,
+            trace_number=s.trace_number,
+            institution_type=pb_enum(s.institution.type),
+        ),
+        card_no=s.card_no,
+        amount_fen=s.amount_fen,
+    )
+
+
+async def run_swipes(
+    gateway: str,
+    plan: Sequence[Swipe],
+    concurrency: int,
+    stats: LatencyStats,
+    on_done: Callable[[], None],
+) -> None:
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = pos_pb2_grpc.PosServiceStub(channel)
+        queue: asyncio.Queue[Swipe] = asyncio.Queue()
+        for s in plan:
+            queue.put_nowait(s)
+
+        async def worker() -> None:
+            while not queue.empty():
+                s = queue.get_nowait()
+                started = time.perf_counter()
+                reply = await stub.Authorize(authorize_request(s), timeout=RPC_TIMEOUT_S)
+                stats.add((time.perf_counter() - started) * 1000, ResultCode(reply.result).name)
+                on_done()
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    stats.ended = time.perf_counter()

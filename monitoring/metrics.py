@@ -1,0 +1,42 @@
+"""The Prometheus metrics medclear's processes export, defined once.
+
+Names follow Prometheus conventions: a `medclear_` prefix, units last, `_total` on
+counters. Each process calls `serve(port)` to expose /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+READY = Gauge("medclear_ready", "1 once this process can serve (partitions assigned, caught up)")
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+DECISIONS = Counter(
+    "medclear_decisions_total",
+    "Commands decided by the clearing worker, by command kind and result code",
+    ["command", "result"],
+)
+DECIDE_SECONDS = Histogram(
+    "medclear_worker_decide_seconds",
+    "Worker time from taking a command to handing its reply to the producer",
+    buckets=LATENCY_BUCKETS_S,
+)
+GATEWAY_SECONDS = Histogram(
+    "medclear_gateway_request_seconds",
+    "gRPC request time at the POS gateway / registry, end to end, by method",
+    ["method"],
+    buckets=LATENCY_BUCKETS_S,
+)
+GATEWAY_RESULTS = Counter(
+    "medclear_gateway_results_total",
+    "Replies given at the gRPC boundary, by method and result code",
+    ["method", "result"],
+)
+UNDECODABLE = Counter(
+    "medclear_undecodable_records_total", "Kafka records that could not be decoded", ["topic"]
+)
+
+
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    start_http_server(port, addr=host)

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clearing import codec, core
+from clearing.validate import is_ssn, mask_card, mask_ssn, ssn_check_char
+from medclear.money import format_yuan, parse_yuan
+from tests.unit.conftest import POLICY, make_person, swipe
+
+
+def test_person_and_every_event_round_trip() -> None:
+    person = make_person()
+    new, decision = core.handle(person, swipe(), POLICY)
+    for record in (person, new, decision.reply, *decision.events, swipe()):
+        assert codec.decode(codec.encode(record)) == record
+
+
+def test_garbage_is_a_codec_error() -> None:
+    for raw in (b"", b"{}", b'{"@":"Nope"}', b"\xff\xfe", b'{"@":"Person","ssn":1}'):
+        with pytest.raises(codec.CodecError):
+            codec.decode(raw)
+
+
+@pytest.mark.parametrize(
+    ("text", "fen"), [("12.50", 1250), ("0.01", 1), ("7", 700), ("1234.5", 123450)]
+)
+def test_parse_yuan(text: str, fen: int) -> None:
+    assert parse_yuan(text) == fen
+
+
+@pytest.mark.parametrize("text", ["1.001", "-1", "abc", "NaN", "inf", ""])
+def test_parse_yuan_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_yuan(text)
+
+
+@given(st.integers(min_value=0, max_value=10**12))
+def test_format_then_parse_is_identity(fen: int) -> None:
+    assert parse_yuan(format_yuan(fen)) == fen
+
+
+def test_ssn_check_and_masks() -> None:
+    assert ssn_check_char("11010519491231002") == "X"
+    assert is_ssn("11010519491231002X") and not is_ssn("110105194912310021")
+    assert mask_ssn("11010519491231002X") == "110105********002X"
+    assert mask_card("S26000123") == "*****0123"
