@@ -46,9 +46,14 @@ def _header(headers: Any, name: str) -> bytes | None:
     return None
 
 
-def create_app(settings: Settings, policy: Policy, bootstrap: str) -> faust.App:
+def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 0) -> faust.App:
     app = faust.App(
         APP_ID,
+        # Static group membership: a restarted worker takes its partitions back at once.
+        # noida-db never evicts a member killed with -9, so a dynamic member would wait
+        # forever (see docs/ARCHITECTURE.md, broker notes).
+        consumer_group_instance_id=f"worker-{index}",
+        datadir=str(settings.state_dir.resolve() / "data" / f"worker-{index}"),
         broker=f"kafka://{bootstrap}",
         store="memory://",
         topic_partitions=settings.command_partitions,
@@ -152,7 +157,7 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str) -> faust.App:
 def run(settings: Settings, policy: Policy, bootstrap: str, index: int, metrics_port: int) -> None:
     """Run one worker in the foreground until SIGTERM."""
     metrics.serve(metrics_port, settings.host)
-    app = create_app(settings, policy, bootstrap)
+    app = create_app(settings, policy, bootstrap, index)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     log.info(
         "worker starting", index=index, bootstrap=bootstrap, partitions=settings.command_partitions

@@ -1,0 +1,273 @@
+"""One swipe end to end on the real stack: `medclear up` in a temporary state directory
+(real broker, ClickHouse, Prometheus, clearing worker, gateway, registry as processes),
+window operations and swipes over gRPC, then `medclear down --wipe`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from rich.console import Console
+
+from clearing.codes import CardKind, InsuranceCategory, ResultCode
+from medclear import stack
+from medclear.city import make_ssn
+from medclear.settings import Settings
+from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.kafka,
+    pytest.mark.clickhouse,
+    pytest.mark.timeout(300),
+]
+
+PHARMACY = "310101P00001"
+HOSPITAL = "310101H00001"
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    state_dir = tmp_path_factory.mktemp("stack") / ".medclear"
+    yield Settings(state_dir=state_dir, command_partitions=3, event_partitions=3)
+
+
+@pytest.fixture(scope="module")
+def endpoints(settings: Settings) -> Iterator[stack.Endpoints]:
+    console = Console(stderr=True)
+    os.environ["MEDCLEAR_STATE_DIR"] = str(settings.state_dir)  # for the CLI subprocesses
+    try:
+        yield stack.up(settings, console)
+    finally:
+        stack.down(settings, console, wipe=True)
+        os.environ.pop("MEDCLEAR_STATE_DIR", None)
+
+
+@pytest.fixture(scope="module")
+def registry(endpoints: stack.Endpoints) -> Iterator[registry_pb2_grpc.CardRegistryServiceStub]:
+    with grpc.insecure_channel(endpoints.registry) as channel:
+        yield registry_pb2_grpc.CardRegistryServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def pos(endpoints: stack.Endpoints) -> Iterator[pos_pb2_grpc.PosServiceStub]:
+    with grpc.insecure_channel(endpoints.gateway) as channel:
+        yield pos_pb2_grpc.PosServiceStub(channel)
+
+
+_counter = iter(range(1, 1_000_000))
+
+
+def window(tag: str) -> common_pb2.WindowContext:
+    return common_pb2.WindowContext(
+        window_id="W1", operator_id="op1", request_id=f"it-{tag}-{next(_counter)}-{time.time_ns()}"
+    )
+
+
+def enrol(
+    registry: registry_pb2_grpc.CardRegistryServiceStub,
+    index: int,
+    balance_fen: int,
+    category: InsuranceCategory = InsuranceCategory.EMPLOYEE,
+) -> tuple[str, str]:
+    import random
+
+    ssn = make_ssn(random.Random(index), 900_000 + index)
+    card = f"IT{index:07d}"
+    steps = [
+        registry.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                window=window("reg"),
+                ssn=ssn,
+                name="测试",
+                category=int(category),  # type: ignore[arg-type]
+                phone="13900000000",
+            )
+        ),
+        registry.IssueCard(
+            registry_pb2.IssueCardRequest(
+                window=window("issue"), ssn=ssn, card_no=card, kind=int(CardKind.SOCIAL_SECURITY)
+            )
+        ),  # type: ignore[arg-type]
+        registry.ActivateCard(registry_pb2.CardRequest(window=window("act"), card_no=card)),
+        registry.ChangePin(registry_pb2.ChangePinRequest(window=window("pin"), card_no=card)),
+    ]
+    if balance_fen:
+        steps.append(
+            registry.CreditAccount(
+                registry_pb2.CreditRequest(
+                    window=window("credit"),
+                    ssn=ssn,
+                    amount_fen=balance_fen,
+                    source_id=f"src-{index}",
+                )
+            )
+        )
+    assert [ResultCode(r.result) for r in steps] == [ResultCode.OK] * len(steps)
+    return ssn, card
+
+
+def authorize(
+    pos: pos_pb2_grpc.PosServiceStub,
+    card: str,
+    amount_fen: int,
+    trace: int,
+    institution: str = PHARMACY,
+    terminal: str = "T-IT-1",
+    **kw: object,
+) -> pos_pb2.AuthorizeReply:
+    request = pos_pb2.AuthorizeRequest(
+        terminal=common_pb2.TerminalContext(
+            terminal_id=terminal, institution_id=institution, trace_number=trace
+        ),
+        card_no=card,
+        amount_fen=amount_fen,
+        **kw,
+    )  # type: ignore[arg-type]
+    reply: pos_pb2.AuthorizeReply = pos.Authorize(request, timeout=10)
+    return reply
+
+
+def test_both_grpc_servers_expose_health_and_reflection(endpoints: stack.Endpoints) -> None:
+    for address, service in (
+        (endpoints.gateway, "medclear.v1.PosService"),
+        (endpoints.registry, "medclear.v1.CardRegistryService"),
+    ):
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+            names = {s.name for r in responses for s in r.list_services_response.service}
+            assert service in names and "grpc.health.v1.Health" in names
+
+
+def test_swipe_debits_once_and_a_repeat_is_answered_with_the_original(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, pos: pos_pb2_grpc.PosServiceStub
+) -> None:
+    _ssn, card = enrol(registry, 1, 100_00)
+    first = authorize(pos, card, 12_50, trace=1)
+    assert ResultCode(first.result) == ResultCode.OK, first.message
+    assert (first.paid_from_account_fen, first.balance_after_fen) == (12_50, 87_50)
+    assert first.state.version > 0 and first.state.person_key.endswith(_ssn[-4:])
+    repeat = authorize(pos, card, 12_50, trace=1)
+    assert repeat.replayed and repeat.balance_after_fen == 87_50
+    assert repeat.state.version == first.state.version
+    second = authorize(pos, card, 7_50, trace=2, institution=HOSPITAL)
+    assert ResultCode(second.result) == ResultCode.OK
+    assert second.balance_after_fen == 80_00
+
+
+def test_declines_change_nothing(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, pos: pos_pb2_grpc.PosServiceStub
+) -> None:
+    _ssn, card = enrol(registry, 2, 10_00)
+    assert ResultCode(authorize(pos, card, 20_00, trace=1).result) == (
+        ResultCode.INSUFFICIENT_BALANCE
+    )
+    assert ResultCode(authorize(pos, "ZZ0000000", 1_00, trace=2).result) == (
+        ResultCode.CARD_UNKNOWN
+    )
+    assert ResultCode(authorize(pos, card, 0, trace=3).result) == ResultCode.MALFORMED_REQUEST
+    assert ResultCode(authorize(pos, "bad", 1_00, trace=4).result) == (ResultCode.MALFORMED_REQUEST)
+    assert (
+        ResultCode(authorize(pos, card, 1_00, trace=5, institution="310101P99999").result)
+        == ResultCode.INSTITUTION_NOT_DESIGNATED
+    )
+    ok = authorize(pos, card, 10_00, trace=6, institution=HOSPITAL)
+    assert ResultCode(ok.result) == ResultCode.OK and ok.balance_after_fen == 0
+
+
+def test_a_pre_loss_report_blocks_the_next_swipe_and_a_release_restores_it(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, pos: pos_pb2_grpc.PosServiceStub
+) -> None:
+    _ssn, card = enrol(registry, 3, 50_00)
+    report = registry.ReportPreLoss(registry_pb2.CardRequest(window=window("loss"), card_no=card))
+    assert ResultCode(report.result) == ResultCode.OK
+    assert report.card.state == common_pb2.PRE_LOST
+    assert ResultCode(authorize(pos, card, 1_00, trace=1).result) == ResultCode.CARD_PRE_LOST
+    release = registry.ReleaseLoss(registry_pb2.CardRequest(window=window("rel"), card_no=card))
+    assert ResultCode(release.result) == ResultCode.OK
+    assert ResultCode(authorize(pos, card, 1_00, trace=2).result) == ResultCode.OK
+
+
+def test_green_card_is_refused_at_a_pharmacy(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, pos: pos_pb2_grpc.PosServiceStub
+) -> None:
+    _ssn, card = enrol(registry, 4, 0, InsuranceCategory.RESIDENT)
+    assert ResultCode(authorize(pos, card, 1_00, trace=1).result) == (ResultCode.COLOUR_NOT_ALLOWED)
+
+
+def test_pos_swipe_command_prints_the_decision(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, settings: Settings
+) -> None:
+    _ssn, card = enrol(registry, 5, 30_00)
+    argv = [
+        sys.executable,
+        "-m",
+        "medclear",
+        "pos",
+        "swipe",
+        "--card",
+        card,
+        "--amount",
+        "12.50",
+        "--institution",
+        PHARMACY,
+        "--terminal",
+        "T-CLI",
+        "--trace",
+        "42",
+    ]
+    env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir), "COLUMNS": "120"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "OK (1)" in done.stdout and "17.50" in done.stdout
+    bad = subprocess.run(
+        [a if a != "12.50" else "12.505" for a in argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 1 and "two decimals" in bad.stderr
+
+
+def test_state_survives_kill_minus_9_of_the_worker(
+    registry: registry_pb2_grpc.CardRegistryServiceStub,
+    pos: pos_pb2_grpc.PosServiceStub,
+    settings: Settings,
+) -> None:
+    _ssn, card = enrol(registry, 6, 100_00)
+    assert authorize(pos, card, 40_00, trace=1).balance_after_fen == 60_00
+    rows = {r.name: r for r in stack.status(settings)}
+    os.kill(rows["worker-0"].pid, signal.SIGKILL)
+    stack.restart_component(settings, "worker-0")  # waits until it is ready again
+    # the repeat of trace 1 is still remembered (replayed, not debited again) ...
+    again = authorize(pos, card, 40_00, trace=1)
+    assert again.replayed and again.balance_after_fen == 60_00
+    # ... and the balance carried over
+    after = authorize(pos, card, 10_00, trace=2, institution=HOSPITAL)
+    assert ResultCode(after.result) == ResultCode.OK and after.balance_after_fen == 50_00
+
+
+def test_status_reports_every_component_healthy(
+    settings: Settings, endpoints: stack.Endpoints
+) -> None:
+    rows = stack.status(settings)
+    names = {r.name for r in rows}
+    assert {"broker", "clickhouse", "worker-0", "gateway", "registry", "prometheus"} <= names
+    assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows if not r.healthy]
