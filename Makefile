@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 GENERATED := medclear/v1/.generated
 PROTOS := $(wildcard proto/medclear/v1/*.proto)
 
-.PHONY: setup demo test test-unit lint typecheck proto lock clean help
+.PHONY: setup demo test test-unit lint typecheck proto lock clean help bench
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -55,3 +55,6 @@ lock: $(INSTALLED)  ## rewrite requirements.lock from the installed venv
 
 clean:  ## remove the venv and generated code (keeps .medclear state)
 	rm -rf $(VENV) medclear/v1 .system-packages.stamp
+
+bench: setup  ## foundation benchmark: up → ready time, seeding, swipes sequential and 8 in flight
+	$(BIN)/medclear bench run --persons 1000 --swipes 1000 --concurrency 1,8

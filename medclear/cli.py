@@ -20,6 +20,7 @@ from rich.table import Table
 from clearing.codes import ResultCode
 from medclear.money import format_yuan, parse_yuan
 from medclear.settings import Settings, get_settings
+from medclear.traffic import LatencyStats
 
 app = typer.Typer(
     help="medclear — real-time clearing of medical-insurance personal accounts on social "
@@ -96,6 +97,17 @@ def down(
 # ---------------------------------------------------------------------------- serve
 
 
+def _prepare_process(name: str) -> Settings:
+    """Logging and Kafka client set-up shared by every long-running medclear process."""
+    from medclear import kafka_compat, log
+
+    log.configure(name)
+    settings = get_settings()
+    kafka_compat.quiet_client_loggers()
+    kafka_compat.install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms)
+    return settings
+
+
 def _bootstrap(settings: Settings) -> str:
     if settings.kafka_bootstrap:
         return settings.kafka_bootstrap
@@ -111,11 +123,9 @@ def serve_worker(
 ) -> None:
     """A clearing worker: consumes commands, decides them, emits events and replies."""
     from clearing import worker
-    from medclear import log
     from medclear.policy import load_policy
 
-    log.configure(f"worker-{index}")
-    settings = get_settings()
+    settings = _prepare_process(f"worker-{index}")
     worker.run(settings, load_policy(settings), _bootstrap(settings), index, metrics_port)
 
 
@@ -126,11 +136,10 @@ def serve_gateway(
     instance: Annotated[str, typer.Option(help="names this gateway's reply topic")] = "gw-0",
 ) -> None:
     """The POS gateway: gRPC PosService in front of the command topic."""
-    from medclear import gateway, log
+    from medclear import gateway
     from monitoring import metrics
 
-    log.configure("gateway")
-    settings = get_settings()
+    settings = _prepare_process("gateway")
     metrics.serve(metrics_port, settings.host)
     gateway.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
 
@@ -143,11 +152,9 @@ def serve_registry(
 ) -> None:
     """The card registry: gRPC service for service windows and the 12333 hotline."""
     from card_registry import service
-    from medclear import log
     from monitoring import metrics
 
-    log.configure("registry")
-    settings = get_settings()
+    settings = _prepare_process("registry")
     metrics.serve(metrics_port, settings.host)
     service.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
 
@@ -289,14 +296,14 @@ def seed_cmd(
     )
 
 
-def _swipe_run(persons: int, seed: int, count: int, concurrency: int, label: str) -> object:
+def _swipe_run(persons: int, seed: int, count: int, concurrency: int, label: str) -> LatencyStats:
     from medclear import city, traffic
     from medclear.policy import load_institutions
 
     residents = city.residents(persons, seed)
     institutions = [i for i in load_institutions(get_settings().institutions_file).values()]
     plan = traffic.plan_swipes(residents, institutions, count, seed, time.time_ns() // 1000)
-    stats = traffic.LatencyStats()
+    stats = LatencyStats()
     gateway = _endpoint("gateway")
     with _progress() as progress:
         task = progress.add_task(label, total=count, info="")
@@ -316,10 +323,7 @@ def _swipe_run(persons: int, seed: int, count: int, concurrency: int, label: str
     return stats
 
 
-def _stats_table(title: str, stats: object) -> Table:
-    from medclear.traffic import LatencyStats
-
-    assert isinstance(stats, LatencyStats)
+def _stats_table(title: str, stats: LatencyStats) -> Table:
     table = Table(title=title)
     for column in ("swipes", "rate /s", "p50 ms", "p95 ms", "p99 ms", "max ms"):
         table.add_column(column, justify="right")
@@ -334,10 +338,7 @@ def _stats_table(title: str, stats: object) -> Table:
     return table
 
 
-def _results_table(stats: object) -> Table:
-    from medclear.traffic import LatencyStats
-
-    assert isinstance(stats, LatencyStats)
+def _results_table(stats: LatencyStats) -> Table:
     table = Table(title="decisions by result code")
     table.add_column("result")
     table.add_column("code", justify="right")
@@ -362,6 +363,49 @@ def bench_swipes(
     stats = _swipe_run(persons, seed, count, concurrency, "swiping")
     console.print(_stats_table(f"{count:,} swipes, {concurrency} in flight", stats))
     console.print(_results_table(stats))
+
+
+@bench_app.command("run")
+def bench_run(
+    persons: Annotated[int, typer.Option(min=1, help="persons to seed")] = 1000,
+    swipes: Annotated[int, typer.Option(min=1, help="swipes per measurement")] = 1000,
+    concurrency: Annotated[str, typer.Option(help="comma-separated in-flight levels")] = "1,8",
+) -> None:
+    """The foundation benchmark: time `up` to ready, seed, then swipes at each concurrency
+    level (1 = sequential); stop the stack and wipe its data, so every run starts empty
+    (the embedded broker rewrites its whole data file twice a second: old data skews the
+    figures). Prints one table; asserts nothing."""
+    from medclear import stack
+
+    settings = get_settings()
+    started = time.perf_counter()
+    try:
+        stack.up(settings, console)
+    except stack.StackError as exc:
+        raise _fail(str(exc)) from exc
+    ready_s = time.perf_counter() - started
+    table = Table(title=f"medclear bench run: {persons:,} persons, {swipes:,} swipes per row")
+    for column in ("in flight", "rate /s", "p50 ms", "p95 ms", "p99 ms", "max ms"):
+        table.add_column(column, justify="right")
+    try:
+        seed_s = _seed(persons, 2026, 32)
+        for level in (int(x) for x in concurrency.split(",")):
+            stats = _swipe_run(persons, 2026, swipes, level, f"{level} in flight")
+            table.add_row(
+                str(level),
+                f"{stats.rate_per_s:,.0f}",
+                f"{stats.percentile(0.5):.2f}",
+                f"{stats.percentile(0.95):.2f}",
+                f"{stats.percentile(0.99):.2f}",
+                f"{max(stats.latencies_ms, default=0):.2f}",
+            )
+    finally:
+        stack.down(settings, console, wipe=True)  # the next run starts from the same place
+    console.print(table)
+    console.print(
+        f"up ready in {ready_s:.1f} s; seeding {persons:,} persons took {seed_s:.1f} s "
+        f"({persons / seed_s:,.0f} persons/s)"
+    )
 
 
 @app.command()

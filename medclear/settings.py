@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     registry_port: int = Field(0, ge=0, le=65535)
     prometheus_port: int = Field(0, ge=0, le=65535)
 
+    kafka_idle_fetch_backoff_ms: float = Field(
+        2.0, ge=0, le=100, description="client-side wait after an empty fetch (noida-db)"
+    )
+
     decision_deadline_ms: int = Field(3_000, ge=10, le=60_000)
     startup_timeout_s: float = Field(60.0, gt=0, le=600)
 

@@ -22,6 +22,18 @@ DECIDE_SECONDS = Histogram(
     "Worker time from taking a command to handing its reply to the producer",
     buckets=LATENCY_BUCKETS_S,
 )
+WORKER_STEP_SECONDS = Histogram(
+    "medclear_worker_step_seconds",
+    "Worker time per step of one command: decide (decode, core, encode), events (until the "
+    "broker has them), state (table write), reply (handing it to the producer)",
+    ["step"],
+    buckets=LATENCY_BUCKETS_S,
+)
+INGRESS_LAG_SECONDS = Histogram(
+    "medclear_worker_ingress_lag_seconds",
+    "From the ingress stamp of a command (gateway clock) to the worker taking it",
+    buckets=LATENCY_BUCKETS_S,
+)
 GATEWAY_SECONDS = Histogram(
     "medclear_gateway_request_seconds",
     "gRPC request time at the POS gateway / registry, end to end, by method",

@@ -1,0 +1,62 @@
+"""Client-side remedies for the Kafka-protocol broker this machine can run.
+
+noida-db 0.2.3 answers an empty fetch at once instead of holding it for fetch.max.wait.ms,
+so every idle consumer re-fetches in a tight loop: measured 1,400-1,700 fetch requests/s
+and about half a core per idle consumer, with `fetch_max_wait_ms` and `fetch_min_bytes`
+both ignored (tests/integration/test_broker_conformance.py shows it). medclear's
+processes hold several consumers each, so on 2 cores the busy polling starved the
+clearing path.
+
+`install_idle_fetch_backoff` makes aiokafka's fetcher (which faust uses too) wait a
+little after a fetch that brought no records: a bounded, client-side long poll. With a
+broker that honours fetch.max.wait.ms (Apache Kafka) the back-off only follows fetches
+that already waited, so it is harmless there; set MEDCLEAR_KAFKA_IDLE_FETCH_BACKOFF_MS=0
+to switch it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka.consumer import fetcher
+
+IDLE_FETCH_BACKOFF_MS_MAX = 100.0
+_original = fetcher.Fetcher._proc_fetch_request
+_installed_ms = 0.0
+
+
+def install_idle_fetch_backoff(backoff_ms: float) -> None:
+    """Wait `backoff_ms` after each fetch that returned no records (process-wide)."""
+    global _installed_ms
+    if not 0 <= backoff_ms <= IDLE_FETCH_BACKOFF_MS_MAX:
+        raise ValueError(f"idle fetch back-off must be 0..{IDLE_FETCH_BACKOFF_MS_MAX} ms")
+    _installed_ms = backoff_ms
+    if backoff_ms == 0:
+        fetcher.Fetcher._proc_fetch_request = _original
+        return
+    delay_s = backoff_ms / 1000
+
+    async def proc_fetch_request(self: Any, assignment: Any, node_id: Any, request: Any) -> Any:
+        got_records = await _original(self, assignment, node_id, request)
+        if not got_records:
+            try:
+                await asyncio.sleep(delay_s)
+            except asyncio.CancelledError:
+                # As aiokafka's own method does: cancellation means the consumer is closing
+                # or the partition was unassigned; its caller expects a result, not the error.
+                return False
+        return got_records
+
+    fetcher.Fetcher._proc_fetch_request = proc_fetch_request
+
+
+def installed_backoff_ms() -> float:
+    return _installed_ms
+
+
+def quiet_client_loggers() -> None:
+    """aiokafka's debug records cost 8% of a worker's time when a framework enables them."""
+    for name in ("aiokafka", "kafka"):
+        logging.getLogger(name).setLevel(logging.WARNING)
