@@ -21,8 +21,6 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 
 from clearing import codec
 from clearing.model import Command, Reply
@@ -40,17 +38,6 @@ class BusUnavailable(RuntimeError):
     """The broker cannot take the command now."""
 
 
-async def ensure_topic(bootstrap: str, name: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, replication_factor=1)])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        await admin.close()
-
-
 class CommandBus:
     def __init__(self, bootstrap: str, instance_id: str) -> None:
         self.bootstrap = bootstrap
@@ -65,7 +52,7 @@ class CommandBus:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        await ensure_topic(self.bootstrap, self.reply_topic, 1)
+        await topics.ensure_topics(self.bootstrap, {self.reply_topic: 1})
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, enable_idempotence=False
         )

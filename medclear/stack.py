@@ -602,53 +602,15 @@ def _broker_env() -> dict[str, str]:
     return env
 
 
-async def _create_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(name=name, num_partitions=count, replication_factor=1)
-            for name, count in partitions.items()
-            if name not in existing
-        ]
-        if missing:
-            response = await admin.create_topics(missing)
-            for entry in response.topic_errors:
-                name, code = entry[0], entry[1]
-                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator)
-                    message = entry[2] if len(entry) > 2 else ""
-                    raise StackError(f"creating topic {name} failed: error {code} {message}")
-        deadline = time.monotonic() + 10.0
-        while True:
-            found: dict[str, int] = {}
-            for topic in await admin.describe_topics(list(partitions)):
-                if topic["error_code"] == 0:
-                    found[topic["topic"]] = len(topic["partitions"])
-            for name, count in partitions.items():
-                if name in found and found[name] != count:
-                    raise StackError(
-                        f"topic {name} exists with {found[name]} partitions, "
-                        f"expected {count} (delete it or change the setting)"
-                    )
-            if all(name in found for name in partitions):
-                return
-            if time.monotonic() >= deadline:
-                absent = sorted(set(partitions) - set(found))
-                raise StackError(f"topics not visible after creation: {absent}")
-            await asyncio.sleep(0.1)
-    finally:
-        await admin.close()
-
-
 def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
     """Create each topic with its partition count (replication 1); idempotent.
 
     An existing topic with the same count is fine; with another count it is an error.
     """
-    _run(_create_topics(bootstrap, partitions))
+    try:
+        _run(topics.ensure_topics(bootstrap, partitions))
+    except topics.TopicError as exc:
+        raise StackError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from medclear.settings import Settings
 
@@ -43,3 +48,48 @@ def partitions(settings: Settings) -> dict[str, int]:
         EVENTS.name: settings.event_partitions,
         CARD_INDEX.name: 1,
     }
+
+
+class TopicError(RuntimeError):
+    """A topic could not be created as asked, or exists with another partition count."""
+
+
+async def ensure_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
+    """Create each missing topic with its partition count (replication 1) and wait until
+    all are visible. Idempotent; an existing topic with another count is a TopicError."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name=name, num_partitions=count, replication_factor=1)
+            for name, count in partitions.items()
+            if name not in existing
+        ]
+        if missing:
+            response = await admin.create_topics(missing)
+            for entry in response.topic_errors:
+                name, code = entry[0], entry[1]
+                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator)
+                    message = entry[2] if len(entry) > 2 else ""
+                    raise TopicError(f"creating topic {name} failed: error {code} {message}")
+        deadline = time.monotonic() + 10.0
+        while True:
+            found: dict[str, int] = {}
+            for topic in await admin.describe_topics(list(partitions)):
+                if topic["error_code"] == 0:
+                    found[topic["topic"]] = len(topic["partitions"])
+            for name, count in partitions.items():
+                if name in found and found[name] != count:
+                    raise TopicError(
+                        f"topic {name} exists with {found[name]} partitions, "
+                        f"expected {count} (delete it or change the setting)"
+                    )
+            if all(name in found for name in partitions):
+                return
+            if time.monotonic() >= deadline:
+                absent = sorted(set(partitions) - set(found))
+                raise TopicError(f"topics not visible after creation: {absent}")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()

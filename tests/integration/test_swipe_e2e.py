@@ -271,3 +271,32 @@ def test_status_reports_every_component_healthy(
     names = {r.name for r in rows}
     assert {"broker", "clickhouse", "worker-0", "gateway", "registry", "prometheus"} <= names
     assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows if not r.healthy]
+
+
+def test_up_with_external_servers_starts_only_medclears_own_processes(
+    kafka_bootstrap: str, clickhouse_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL: the servers are used, not started."""
+    external = Settings(
+        state_dir=tmp_path_factory.mktemp("external") / ".medclear",
+        kafka_bootstrap=kafka_bootstrap,
+        clickhouse_url=clickhouse_url,
+        command_partitions=2,
+        event_partitions=2,
+    )
+    console = Console(stderr=True)
+    try:
+        endpoints = stack.up(external, console)
+        assert endpoints.kafka_bootstrap == kafka_bootstrap
+        names = {r.name for r in stack.status(external)}
+        assert "worker-0" in names and "gateway" in names
+        started = {r.name for r in stack.status(external) if r.pid}
+        assert not {"broker", "clickhouse"} & started
+        with grpc.insecure_channel(endpoints.registry) as channel:
+            registry = registry_pb2_grpc.CardRegistryServiceStub(channel)
+            _ssn, card = enrol(registry, 7, 20_00)
+        with grpc.insecure_channel(endpoints.gateway) as channel:
+            reply = authorize(pos_pb2_grpc.PosServiceStub(channel), card, 5_00, trace=1)
+        assert ResultCode(reply.result) == ResultCode.OK and reply.balance_after_fen == 15_00
+    finally:
+        stack.down(external, console, wipe=True)
