@@ -16,15 +16,15 @@ import grpc
 import structlog
 
 from clearing import model, validate
-from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
+from clearing.codes import CardKind, InsuranceCategory, ResultCode
 from clearing.model import Command, Reply
 from medclear.bus import BusUnavailable, CommandBus
 from medclear.rpc import (
     Clock,
-    create_server,
     message,
     pb_enum,
     result_pb,
+    serve_commands,
     state_of,
     system_clock_ms,
 )
@@ -239,27 +239,17 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         raise AssertionError("unreachable")
 
 
-async def serve(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
-    bus = CommandBus(bootstrap, instance_id)
-    await bus.start()
-    registry = CardRegistry(bus, deadline_ms)
-    server, bound, _health = await create_server(
-        f"{host}:{port}",
-        lambda s: registry_pb2_grpc.add_CardRegistryServiceServicer_to_server(registry, s),
-        [registry_pb2.DESCRIPTOR.services_by_name["CardRegistryService"].full_name],
-    )
-    metrics.READY.set(1)
-    log.info("registry serving", port=bound, reply_topic=bus.reply_topic)
-    try:
-        await server.wait_for_termination()
-    finally:
-        metrics.READY.set(0)
-        await server.stop(grace=2)
-        await bus.stop()
-
-
 def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
-    asyncio.run(serve(bootstrap, host, port, deadline_ms, instance_id))
-
-
-__all__ = ["CardRegistry", "CardState", "run", "serve"]
+    """Serve CardRegistryService on host:port until terminated."""
+    asyncio.run(
+        serve_commands(
+            "registry",
+            bootstrap,
+            instance_id,
+            f"{host}:{port}",
+            registry_pb2.DESCRIPTOR.services_by_name["CardRegistryService"].full_name,
+            lambda bus, server: registry_pb2_grpc.add_CardRegistryServiceServicer_to_server(
+                CardRegistry(bus, deadline_ms), server
+            ),
+        )
+    )

@@ -197,9 +197,8 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
     return app
 
 
-def run(settings: Settings, policy: Policy, bootstrap: str, index: int, metrics_port: int) -> None:
+def run(settings: Settings, policy: Policy, bootstrap: str, index: int) -> None:
     """Run one worker in the foreground until SIGTERM."""
-    metrics.serve(metrics_port, settings.host)
     app = create_app(settings, policy, bootstrap, index)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     log.info(

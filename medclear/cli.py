@@ -97,14 +97,17 @@ def down(
 # ---------------------------------------------------------------------------- serve
 
 
-def _prepare_process(name: str) -> Settings:
-    """Logging and Kafka client set-up shared by every long-running medclear process."""
+def _prepare_process(name: str, metrics_port: int) -> Settings:
+    """Set-up shared by every long-running medclear process: logging, Kafka client
+    remedies, and /metrics on `metrics_port` (0: a free port)."""
     from medclear import kafka_compat, log
+    from monitoring import metrics
 
     log.configure(name)
     settings = get_settings()
     kafka_compat.quiet_client_loggers()
     kafka_compat.install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms)
+    metrics.serve(metrics_port, settings.host)
     return settings
 
 
@@ -125,8 +128,8 @@ def serve_worker(
     from clearing import worker
     from medclear.policy import load_policy
 
-    settings = _prepare_process(f"worker-{index}")
-    worker.run(settings, load_policy(settings), _bootstrap(settings), index, metrics_port)
+    settings = _prepare_process(f"worker-{index}", metrics_port)
+    worker.run(settings, load_policy(settings), _bootstrap(settings), index)
 
 
 @serve_app.command("gateway")
@@ -137,10 +140,8 @@ def serve_gateway(
 ) -> None:
     """The POS gateway: gRPC PosService in front of the command topic."""
     from medclear import gateway
-    from monitoring import metrics
 
-    settings = _prepare_process("gateway")
-    metrics.serve(metrics_port, settings.host)
+    settings = _prepare_process("gateway", metrics_port)
     gateway.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
 
 
@@ -152,10 +153,8 @@ def serve_registry(
 ) -> None:
     """The card registry: gRPC service for service windows and the 12333 hotline."""
     from card_registry import service
-    from monitoring import metrics
 
-    settings = _prepare_process("registry")
-    metrics.serve(metrics_port, settings.host)
+    settings = _prepare_process("registry", metrics_port)
     service.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
 
 

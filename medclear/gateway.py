@@ -19,9 +19,9 @@ from clearing.model import PinOutcome, Reply
 from medclear.bus import BusUnavailable, CommandBus
 from medclear.rpc import (
     Clock,
-    create_server,
     message,
     result_pb,
+    serve_commands,
     shanghai_iso,
     state_of,
     system_clock_ms,
@@ -147,24 +147,17 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         raise AssertionError("unreachable")
 
 
-async def serve(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
-    bus = CommandBus(bootstrap, instance_id)
-    await bus.start()
-    gateway = PosGateway(bus, deadline_ms)
-    server, bound, _health = await create_server(
-        f"{host}:{port}",
-        lambda s: pos_pb2_grpc.add_PosServiceServicer_to_server(gateway, s),
-        [pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name],
-    )
-    metrics.READY.set(1)
-    log.info("gateway serving", port=bound, reply_topic=bus.reply_topic)
-    try:
-        await server.wait_for_termination()
-    finally:
-        metrics.READY.set(0)
-        await server.stop(grace=2)
-        await bus.stop()
-
-
 def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
-    asyncio.run(serve(bootstrap, host, port, deadline_ms, instance_id))
+    """Serve PosService on host:port until terminated."""
+    asyncio.run(
+        serve_commands(
+            "gateway",
+            bootstrap,
+            instance_id,
+            f"{host}:{port}",
+            pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name,
+            lambda bus, server: pos_pb2_grpc.add_PosServiceServicer_to_server(
+                PosGateway(bus, deadline_ms), server
+            ),
+        )
+    )

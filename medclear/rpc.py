@@ -9,13 +9,16 @@ from enum import IntEnum
 from typing import Any, cast
 
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clearing.codes import ResultCode, message_of
 from clearing.model import Reply
 from clearing.validate import mask_ssn
+from medclear.bus import CommandBus
 from medclear.v1 import common_pb2
+from monitoring import metrics
 
 Clock = Callable[[], int]  # epoch milliseconds
 
@@ -31,6 +34,34 @@ def shanghai_iso(at_ms: int) -> str:
     return (
         datetime.fromtimestamp(at_ms / 1000, UTC).astimezone(tz).isoformat(timespec="milliseconds")
     )
+
+
+async def serve_commands(
+    process: str,
+    bootstrap: str,
+    instance_id: str,
+    address: str,
+    service_name: str,
+    register: Callable[[CommandBus, grpc.aio.Server], None],
+) -> None:
+    """Run a gRPC server whose servicer talks to the command bus, until terminated:
+    start the bus, serve with health and reflection, mark the process ready; on the way
+    out, not ready first, then stop the server (2 s grace) and the bus."""
+    bus = CommandBus(bootstrap, instance_id)
+    await bus.start()
+    server, bound, _health = await create_server(
+        address, lambda s: register(bus, s), [service_name]
+    )
+    metrics.READY.set(1)
+    structlog.get_logger(process=process).info(
+        f"{process} serving", port=bound, reply_topic=bus.reply_topic
+    )
+    try:
+        await server.wait_for_termination()
+    finally:
+        metrics.READY.set(0)
+        await server.stop(grace=2)
+        await bus.stop()
 
 
 async def create_server(

@@ -12,8 +12,9 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -24,6 +25,7 @@ from medclear.rpc import pb_enum
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 RPC_TIMEOUT_S = 10.0
+T = TypeVar("T")
 SEED_WINDOW = "window-seed"
 
 
@@ -125,22 +127,30 @@ async def seed_resident(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resi
             raise SeedError(f"{step} of {r.card_no}: {ResultCode(reply.result).name}")
 
 
+async def in_flight(
+    items: Sequence[T], concurrency: int, handle: Callable[[T], Awaitable[None]]
+) -> None:
+    """Handle every item, at most `concurrency` at a time (1: strictly in order)."""
+    pending = iter(items)
+
+    async def lane() -> None:
+        for item in pending:  # lanes share one iterator: each item is taken once
+            await handle(item)
+
+    await asyncio.gather(*(lane() for _ in range(max(1, concurrency))))
+
+
 async def seed(
     registry: str, residents: Sequence[Resident], concurrency: int, on_done: Callable[[], None]
 ) -> None:
     async with grpc.aio.insecure_channel(registry) as channel:
         stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
-        queue: asyncio.Queue[Resident] = asyncio.Queue()
-        for r in residents:
-            queue.put_nowait(r)
 
-        async def worker() -> None:
-            while not queue.empty():
-                r = queue.get_nowait()
-                await seed_resident(stub, r)
-                on_done()
+        async def one(r: Resident) -> None:
+            await seed_resident(stub, r)
+            on_done()
 
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        await in_flight(residents, concurrency, one)
 
 
 @dataclass(frozen=True)
@@ -192,17 +202,12 @@ async def run_swipes(
 ) -> None:
     async with grpc.aio.insecure_channel(gateway) as channel:
         stub = pos_pb2_grpc.PosServiceStub(channel)
-        queue: asyncio.Queue[Swipe] = asyncio.Queue()
-        for s in plan:
-            queue.put_nowait(s)
 
-        async def worker() -> None:
-            while not queue.empty():
-                s = queue.get_nowait()
-                started = time.perf_counter()
-                reply = await stub.Authorize(authorize_request(s), timeout=RPC_TIMEOUT_S)
-                stats.add((time.perf_counter() - started) * 1000, ResultCode(reply.result).name)
-                on_done()
+        async def one(s: Swipe) -> None:
+            started = time.perf_counter()
+            reply = await stub.Authorize(authorize_request(s), timeout=RPC_TIMEOUT_S)
+            stats.add((time.perf_counter() - started) * 1000, ResultCode(reply.result).name)
+            on_done()
 
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        await in_flight(plan, concurrency, one)
     stats.ended = time.perf_counter()
