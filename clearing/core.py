@@ -116,6 +116,13 @@ def _refuse(
     return Decision((), _reply(person, request_id, result, at_ms, 0, **fields))
 
 
+def _accept(person: Person | None, command: Command, event: Event, **fields: object) -> Decision:
+    """A command that succeeds with one event."""
+    return Decision(
+        (event,), _reply(person, command.request_id, ResultCode.OK, command.at_ms, 1, **fields)
+    )
+
+
 # ---------------------------------------------------------------------------- decide
 
 
@@ -157,7 +164,7 @@ def _decide_register(person: Person | None, c: RegisterPerson) -> Decision:
     event = PersonRegistered(
         _event_id(c.request_id, 0), c.at_ms, c.ssn, c.name, c.category, c.phone, c.region
     )
-    return Decision((event,), _reply(None, c.request_id, ResultCode.OK, c.at_ms, 1))
+    return _accept(None, c, event)
 
 
 def _decide_issue(person: Person | None, c: IssueCard) -> Decision:
@@ -175,12 +182,7 @@ def _decide_issue(person: Person | None, c: IssueCard) -> Decision:
     state = CardState.ACTIVE if c.kind == CardKind.TEMPORARY else CardState.ISSUED
     colour = COLOUR_OF_CATEGORY[person.category]
     event = CardIssued(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no, c.kind, colour, state)
-    return Decision(
-        (event,),
-        _reply(
-            person, c.request_id, ResultCode.OK, c.at_ms, 1, card_no=c.card_no, card_state=state
-        ),
-    )
+    return _accept(person, c, event, card_no=c.card_no, card_state=state)
 
 
 def _decide_card(person: Person | None, c: CardCommand) -> Decision:
@@ -202,18 +204,7 @@ def _decide_card(person: Person | None, c: CardCommand) -> Decision:
                 card_state=card.state,
             )
         event: Event = PinChanged(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no)
-        return Decision(
-            (event,),
-            _reply(
-                person,
-                c.request_id,
-                ResultCode.OK,
-                c.at_ms,
-                1,
-                card_no=card.card_no,
-                card_state=card.state,
-            ),
-        )
+        return _accept(person, c, event, card_no=card.card_no, card_state=card.state)
     allowed_from, to_state = CARD_TRANSITIONS[c.op]
     if card.state not in allowed_from:
         code = CARD_REFUSALS.get((c.op, card.state), ResultCode.TRANSITION_NOT_ALLOWED)
@@ -223,18 +214,7 @@ def _decide_card(person: Person | None, c: CardCommand) -> Decision:
     event = CardStateChanged(
         _event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no, c.op, card.state, to_state, c.reason
     )
-    return Decision(
-        (event,),
-        _reply(
-            person,
-            c.request_id,
-            ResultCode.OK,
-            c.at_ms,
-            1,
-            card_no=card.card_no,
-            card_state=to_state,
-        ),
-    )
+    return _accept(person, c, event, card_no=card.card_no, card_state=to_state)
 
 
 def _decide_credit(person: Person | None, c: CreditAccount) -> Decision:
@@ -252,18 +232,7 @@ def _decide_credit(person: Person | None, c: CreditAccount) -> Decision:
     event = AccountCredited(
         _event_id(c.request_id, 0), c.at_ms, c.ssn, c.amount_fen, c.source_id, balance
     )
-    return Decision(
-        (event,),
-        _reply(
-            person,
-            c.request_id,
-            ResultCode.OK,
-            c.at_ms,
-            1,
-            amount_fen=c.amount_fen,
-            balance_fen=balance,
-        ),
-    )
+    return _accept(person, c, event, amount_fen=c.amount_fen, balance_fen=balance)
 
 
 def pharmacy_swipes_on(person: Person, card_no: str, day: int) -> int:
