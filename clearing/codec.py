@@ -20,9 +20,13 @@ RECORD_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
     for cls in (
         model.RegisterPerson, model.IssueCard, model.CardCommand, model.CreditAccount,
-        model.Authorize, model.BalanceInquiry,
+        model.Authorize, model.BalanceInquiry, model.Reverse, model.Refund,
+        model.ExpirePreLoss, model.ReplaceCard, model.SetPharmacyLimit, model.SetPhone,
+        model.CancelPerson, model.QueryPerson,
         model.PersonRegistered, model.CardIssued, model.CardStateChanged, model.PinChanged,
-        model.AccountCredited, model.SwipeApproved, model.SwipeDeclined,
+        model.AccountCredited, model.SwipeApproved, model.SwipeDeclined, model.SwipeReversed,
+        model.ReversalUnmatched, model.Refunded, model.PharmacyLimitSet, model.PhoneSet,
+        model.PersonCancelled,
         model.Reply, model.Person, model.Card, model.SwipeRecord,
     )
 }  # fmt: skip

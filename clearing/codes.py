@@ -99,6 +99,7 @@ class CardState(IntEnum):
     REPLACED = 7
     CANCELLED = 8
     EXPIRED = 9
+    SUPERSEDED = 10
 
 
 class InstitutionType(IntEnum):
@@ -124,6 +125,7 @@ DECLINE_OF_CARD_STATE = {
     CardState.REPLACED: ResultCode.CARD_LOST,
     CardState.CANCELLED: ResultCode.CARD_CANCELLED,
     CardState.EXPIRED: ResultCode.CARD_EXPIRED,
+    CardState.SUPERSEDED: ResultCode.CARD_SUPERSEDED,
 }
 
 MESSAGES: dict[ResultCode, str] = {

@@ -2,7 +2,13 @@
 
 Pure: no I/O, no clock, no randomness; time comes from the command. The stream worker,
 the unit tests and the simulator all run these same functions. `handle` is the one
-entry point adapters call: decide, apply every event, remember the reply.
+entry point adapters call: decide, apply every event, check invariants, remember the
+reply.
+
+Authorization precedence (each with its own result code, lowest number wins):
+malformed → repeat of a request id (the original reply) → institution unknown / not
+designated → card unknown → card not valid → colour → initial PIN → wrong PIN → daily
+pharmacy limit → balance → approved.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from clearing import validate
+from clearing.calendar import pre_loss_deadline_ms, shanghai_day
 from clearing.codes import (
     COLOUR_OF_CATEGORY,
     DECLINE_OF_CARD_STATE,
@@ -23,17 +30,19 @@ from clearing.limits import (
     BALANCE_FEN_MAX,
     CARDS_PER_PERSON_MAX,
     CREDIT_SOURCES_REMEMBERED_MAX,
-    DAY_MS,
+    PHARMACY_SWIPES_PER_DAY_MAX,
     PIN_TRIES_MAX,
     REQUEST_ID_MEMORY_MS,
     REQUEST_IDS_REMEMBERED_MAX,
-    SHANGHAI_UTC_OFFSET_MS,
     SWIPES_REMEMBERED_MAX,
+    TEMPORARY_CARD_VALIDITY_MS,
 )
 from clearing.model import (
+    READ_ONLY_COMMANDS,
     AccountCredited,
     Authorize,
     BalanceInquiry,
+    CancelPerson,
     Card,
     CardCommand,
     CardIssued,
@@ -42,51 +51,77 @@ from clearing.model import (
     CreditAccount,
     Decision,
     Event,
+    ExpirePreLoss,
     IssueCard,
     Person,
+    PersonCancelled,
     PersonRegistered,
+    PharmacyLimitSet,
+    PhoneSet,
     PinChanged,
     PinOutcome,
     Policy,
+    QueryPerson,
+    Refund,
+    Refunded,
     RegisterPerson,
+    ReplaceCard,
     Reply,
+    ReversalUnmatched,
+    Reverse,
+    SetPharmacyLimit,
+    SetPhone,
     SwipeApproved,
     SwipeDeclined,
     SwipeRecord,
+    SwipeReversed,
 )
+
+__all__ = ["apply", "decide", "effective_state", "handle", "shanghai_day"]
 
 
 class InvariantError(AssertionError):
     """A broken invariant of the core: a programmer error, never a user's."""
 
 
-def shanghai_day(at_ms: int) -> int:
-    """The Asia/Shanghai calendar day of an instant, as days since 1970-01-01."""
-    return (at_ms + SHANGHAI_UTC_OFFSET_MS) // DAY_MS
+# ---------------------------------------------------------------------------- the card
+# state machine of the service window: op -> (states it may start from, state it ends in).
+# A refused step answers with CARD_REFUSALS' code for it, else TRANSITION_NOT_ALLOWED.
+# report_pre_loss and release keep what the card was (active / locked / frozen) so that
+# a release or a lapse restores exactly that.
 
-
-# Card operations of the service window: op -> (states it may start from, state it ends in).
-# Refusals that have their own code are in CARD_REFUSALS.
+LIVE_STATES = frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED, CardState.FROZEN})
 CARD_TRANSITIONS: dict[str, tuple[frozenset[CardState], CardState]] = {
     "activate": (frozenset({CardState.ISSUED}), CardState.ACTIVE),
-    "report_pre_loss": (
-        frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED}),
-        CardState.PRE_LOST,
-    ),
-    "confirm_loss": (
-        frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED, CardState.PRE_LOST}),
-        CardState.LOST,
-    ),
-    "release": (frozenset({CardState.PRE_LOST}), CardState.ACTIVE),
-    "freeze": (frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED}), CardState.FROZEN),
+    "report_pre_loss": (LIVE_STATES, CardState.PRE_LOST),
+    "confirm_loss": (LIVE_STATES | {CardState.PRE_LOST}, CardState.LOST),
+    "release": (frozenset({CardState.PRE_LOST}), CardState.ACTIVE),  # → state before
+    "apply_replacement": (frozenset({CardState.PRE_LOST, CardState.LOST}), CardState.REPLACED),
+    "freeze": (frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED}),
+               CardState.FROZEN),
     "unfreeze": (frozenset({CardState.FROZEN}), CardState.ACTIVE),
     "unlock": (frozenset({CardState.LOCKED}), CardState.ACTIVE),
-}
+}  # fmt: skip
 CARD_REFUSALS: dict[tuple[str, CardState], ResultCode] = {
     ("release", CardState.LOST): ResultCode.RELEASE_AFTER_FORMAL_LOSS,
     ("release", CardState.REPLACED): ResultCode.RELEASE_AFTER_REPLACEMENT,
+    ("release", CardState.CANCELLED): ResultCode.RELEASE_AFTER_REPLACEMENT,
 }
 PIN_CHANGE_STATES = frozenset({CardState.ISSUED, CardState.ACTIVE})
+# A social security card "is valid" (no temporary card may be issued) in these states.
+SOCIAL_VALID_STATES = LIVE_STATES | {CardState.PRE_LOST}
+# Cards that another card replaces with 换卡 (damaged / data changed).
+CHANGEABLE_STATES = LIVE_STATES
+
+
+def effective_state(card: Card, at_ms: int) -> CardState:
+    """The state a card is in at `at_ms`: a lapsed pre-loss is the state it restores, an
+    expired temporary card is EXPIRED, before any timer has recorded either."""
+    if card.state == CardState.PRE_LOST and at_ms >= card.pre_loss_deadline_ms > 0:
+        return card.state_before_pre_loss
+    if card.expires_at_ms and at_ms >= card.expires_at_ms and card.state in LIVE_STATES:
+        return CardState.EXPIRED
+    return card.state
 
 
 def _event_id(request_id: str, index: int) -> str:
@@ -112,15 +147,40 @@ def _reply(
 def _refuse(
     person: Person | None, request_id: str, result: ResultCode, at_ms: int, **fields: object
 ) -> Decision:
-    """A refusal that changes nothing and makes no event."""
+    """An answer that changes nothing and makes no event."""
     return Decision((), _reply(person, request_id, result, at_ms, 0, **fields))
 
 
-def _accept(person: Person | None, command: Command, event: Event, **fields: object) -> Decision:
-    """A command that succeeds with one event."""
-    return Decision(
-        (event,), _reply(person, command.request_id, ResultCode.OK, command.at_ms, 1, **fields)
+def _events(
+    person: Person | None,
+    command: Command,
+    events: list[Event],
+    result: ResultCode = ResultCode.OK,
+    /,
+    **fields: object,
+) -> Decision:
+    """A decision with events (counted into the reply's version)."""
+    counted = (
+        len(events)
+        if person is not None or (events and isinstance(events[0], PersonRegistered))
+        else 0
     )
+    return Decision(tuple(events), _reply(person, command.request_id, result, command.at_ms,
+                                          counted, **fields))  # fmt: skip
+
+
+def _state_change(
+    person: Person,
+    c: Command,
+    card: Card,
+    index: int,
+    op: str,
+    new_state: CardState,
+    reason: str = "",
+    deadline_ms: int = 0,
+) -> Event:
+    return CardStateChanged(_event_id(c.request_id, index), c.at_ms, c.ssn, card.card_no, op,
+                            card.state, new_state, reason, deadline_ms)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- decide
@@ -131,23 +191,42 @@ def decide(person: Person | None, command: Command, policy: Policy) -> Decision:
         return _refuse(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
     if not validate.is_ssn(command.ssn):
         return _refuse(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
-    if person is not None and not isinstance(command, BalanceInquiry):
+    if person is not None and not isinstance(command, READ_ONLY_COMMANDS):
         original = person.reply_to(command.request_id)
         if original is not None:
             return Decision((), replace(original, replayed=True))
     match command:
         case Authorize():
             return _decide_authorize(person, command, policy)
+        case Reverse():
+            return _decide_reverse(person, command)
+        case Refund():
+            return _decide_refund(person, command)
         case BalanceInquiry():
             return _decide_balance(person, command, policy)
+        case QueryPerson():
+            if person is None:
+                return _refuse(None, command.request_id, ResultCode.PERSON_UNKNOWN, command.at_ms)
+            return _refuse(person, command.request_id, ResultCode.OK, command.at_ms,
+                           snapshot=person)  # fmt: skip
         case RegisterPerson():
             return _decide_register(person, command)
         case IssueCard():
             return _decide_issue(person, command)
         case CardCommand():
-            return _decide_card(person, command)
+            return _decide_card(person, command, policy)
+        case ExpirePreLoss():
+            return _decide_expiry(person, command)
+        case ReplaceCard():
+            return _decide_replace(person, command)
         case CreditAccount():
             return _decide_credit(person, command)
+        case SetPharmacyLimit():
+            return _decide_limit(person, command)
+        case SetPhone():
+            return _decide_phone(person, command)
+        case CancelPerson():
+            return _decide_cancel(person, command)
     raise InvariantError(f"unknown command {type(command).__name__}")
 
 
@@ -164,7 +243,42 @@ def _decide_register(person: Person | None, c: RegisterPerson) -> Decision:
     event = PersonRegistered(
         _event_id(c.request_id, 0), c.at_ms, c.ssn, c.name, c.category, c.phone, c.region
     )
-    return _accept(None, c, event)
+    return _events(None, c, [event])
+
+
+def _live_person(person: Person | None, c: Command) -> Decision | None:
+    """The refusal for a window operation on an unknown or cancelled person, if any."""
+    if person is None:
+        return _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+    if person.cancelled:
+        return _refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
+    return None
+
+
+def _new_card_events(
+    person: Person, c: Command, card_no: str, kind: CardKind, index: int, replaces: str = ""
+) -> list[Event]:
+    """CardIssued, and for a social card the voiding of every valid temporary card."""
+    state = CardState.ACTIVE if kind == CardKind.TEMPORARY else CardState.ISSUED
+    expires = c.at_ms + TEMPORARY_CARD_VALIDITY_MS if kind == CardKind.TEMPORARY else 0
+    events: list[Event] = [CardIssued(
+        _event_id(c.request_id, index), c.at_ms, c.ssn, card_no, kind,
+        COLOUR_OF_CATEGORY[person.category], state, expires, replaces)]  # fmt: skip
+    if kind == CardKind.SOCIAL_SECURITY:
+        for card in person.cards:
+            if card.kind == CardKind.TEMPORARY and card.state in SOCIAL_VALID_STATES:
+                events.append(
+                    _state_change(
+                        person,
+                        c,
+                        card,
+                        index + len(events),
+                        "supersede",
+                        CardState.SUPERSEDED,
+                        "social card issued",
+                    )
+                )
+    return events
 
 
 def _decide_issue(person: Person | None, c: IssueCard) -> Decision:
@@ -173,19 +287,29 @@ def _decide_issue(person: Person | None, c: IssueCard) -> Decision:
         CardKind.TEMPORARY,
     ):
         return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    if person is None:
-        return _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+    refusal = _live_person(person, c)
+    if refusal is not None or person is None:
+        return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
     if person.card(c.card_no) is not None or len(person.cards) >= CARDS_PER_PERSON_MAX:
         return _refuse(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
-    # Issuance rules beyond "the person exists and the number is new" (one valid card at
-    # a time, temporary vs social) belong to the clearing-core issue.
-    state = CardState.ACTIVE if c.kind == CardKind.TEMPORARY else CardState.ISSUED
-    colour = COLOUR_OF_CATEGORY[person.category]
-    event = CardIssued(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no, c.kind, colour, state)
-    return _accept(person, c, event, card_no=c.card_no, card_state=state)
+    social_valid = any(card.kind == CardKind.SOCIAL_SECURITY and card.state in
+                       SOCIAL_VALID_STATES for card in person.cards)  # fmt: skip
+    if social_valid:  # one valid card at a time; the social security card wins
+        code = (ResultCode.TEMPORARY_CARD_WHILE_SOCIAL_VALID if c.kind == CardKind.TEMPORARY
+                else ResultCode.TRANSITION_NOT_ALLOWED)  # fmt: skip
+        return _refuse(person, c.request_id, code, c.at_ms)
+    if c.kind == CardKind.TEMPORARY and any(
+        card.kind == CardKind.TEMPORARY and effective_state(card, c.at_ms) in LIVE_STATES
+        for card in person.cards
+    ):
+        return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms)
+    events = _new_card_events(person, c, c.card_no, c.kind, 0)
+    first = events[0]
+    assert isinstance(first, CardIssued)
+    return _events(person, c, events, card_no=c.card_no, card_state=first.state)
 
 
-def _decide_card(person: Person | None, c: CardCommand) -> Decision:
+def _decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decision:
     if not validate.is_card_no(c.card_no) or len(c.reason) > 200:
         return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if c.op != "change_pin" and c.op not in CARD_TRANSITIONS:
@@ -193,35 +317,98 @@ def _decide_card(person: Person | None, c: CardCommand) -> Decision:
     card = person.card(c.card_no) if person else None
     if person is None or card is None:
         return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
+    if person.cancelled:
+        return _refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
+    state = effective_state(card, c.at_ms)
+    fields: dict[str, object] = {"card_no": card.card_no, "card_state": state}
     if c.op == "change_pin":
-        if card.state not in PIN_CHANGE_STATES:
-            return _refuse(
-                person,
-                c.request_id,
-                ResultCode.TRANSITION_NOT_ALLOWED,
-                c.at_ms,
-                card_no=card.card_no,
-                card_state=card.state,
-            )
-        event: Event = PinChanged(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no)
-        return _accept(person, c, event, card_no=card.card_no, card_state=card.state)
+        if state not in PIN_CHANGE_STATES:
+            return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
+                           **fields)  # fmt: skip
+        pin_event = PinChanged(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no)
+        return _events(person, c, [pin_event], **fields)
     allowed_from, to_state = CARD_TRANSITIONS[c.op]
-    if card.state not in allowed_from:
-        code = CARD_REFUSALS.get((c.op, card.state), ResultCode.TRANSITION_NOT_ALLOWED)
-        return _refuse(
-            person, c.request_id, code, c.at_ms, card_no=card.card_no, card_state=card.state
-        )
-    event = CardStateChanged(
-        _event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no, c.op, card.state, to_state, c.reason
-    )
-    return _accept(person, c, event, card_no=card.card_no, card_state=to_state)
+    if state not in allowed_from:
+        code = CARD_REFUSALS.get((c.op, state), ResultCode.TRANSITION_NOT_ALLOWED)
+        return _refuse(person, c.request_id, code, c.at_ms, **fields)
+    deadline = 0
+    if c.op == "report_pre_loss":
+        deadline = pre_loss_deadline_ms(c.at_ms, policy.pre_loss_lifetime(person.region))
+    elif c.op == "release":
+        to_state = card.state_before_pre_loss
+    if card.state == CardState.PRE_LOST and state != CardState.PRE_LOST:
+        # the pre-loss has lapsed (no timer recorded it yet): a formal loss or another
+        # report starts from the restored state, which the event records as its origin
+        card = replace(card, state=state)
+    events: list[Event] = [_state_change(person, c, card, 0, c.op, to_state, c.reason,
+                                         deadline)]  # fmt: skip
+    if c.op == "activate":  # activating a new card unfreezes the account (old cards go)
+        for other in person.cards:
+            if other.card_no != card.card_no and other.state == CardState.FROZEN:
+                events.append(
+                    _state_change(
+                        person,
+                        c,
+                        other,
+                        len(events),
+                        "cancel",
+                        CardState.CANCELLED,
+                        "new card activated",
+                    )
+                )
+    fields["card_state"] = to_state
+    return _events(person, c, events, **fields)
+
+
+def _decide_expiry(person: Person | None, c: ExpirePreLoss) -> Decision:
+    """A pre-loss lapses only if the card is still in that same pre-loss (same deadline)
+    and its deadline has passed; after a formal loss, a release or a new report the
+    expiry changes nothing and is answered OK without events."""
+    if not validate.is_card_no(c.card_no) or c.deadline_ms <= 0:
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    card = person.card(c.card_no) if person else None
+    if person is None or card is None:
+        return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
+    if (card.state != CardState.PRE_LOST or card.pre_loss_deadline_ms != c.deadline_ms
+            or c.at_ms < c.deadline_ms):  # fmt: skip
+        return _refuse(person, c.request_id, ResultCode.OK, c.at_ms, card_no=card.card_no,
+                       card_state=card.state)  # fmt: skip
+    event = _state_change(person, c, card, 0, "pre_loss_lapsed", card.state_before_pre_loss,
+                          "pre-loss lapsed")  # fmt: skip
+    return _events(person, c, [event], card_no=card.card_no,
+                   card_state=card.state_before_pre_loss)  # fmt: skip
+
+
+def _decide_replace(person: Person | None, c: ReplaceCard) -> Decision:
+    if (not validate.is_card_no(c.old_card_no) or not validate.is_card_no(c.new_card_no)
+            or c.mode not in ("replacement", "change")):  # fmt: skip
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    old = person.card(c.old_card_no) if person else None
+    if person is None or old is None:
+        return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
+    if person.cancelled:
+        return _refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
+    if person.card(c.new_card_no) is not None or len(person.cards) >= CARDS_PER_PERSON_MAX:
+        return _refuse(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
+    state = effective_state(old, c.at_ms)
+    allowed = {CardState.REPLACED} if c.mode == "replacement" else CHANGEABLE_STATES
+    if state not in allowed or old.kind != CardKind.SOCIAL_SECURITY:
+        return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
+                       card_no=old.card_no, card_state=state)  # fmt: skip
+    events: list[Event] = [_state_change(person, c, old, 0, "cancel", CardState.CANCELLED,
+                                         f"replaced by {c.new_card_no}")]  # fmt: skip
+    issued = _new_card_events(replace(person, cards=()), c, c.new_card_no,
+                              CardKind.SOCIAL_SECURITY, 1, replaces=old.card_no)  # fmt: skip
+    return _events(person, c, events + issued, card_no=c.new_card_no,
+                   card_state=CardState.ISSUED)  # fmt: skip
 
 
 def _decide_credit(person: Person | None, c: CreditAccount) -> Decision:
     if not validate.is_amount_fen(c.amount_fen) or not validate.is_id(c.source_id):
         return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    if person is None:
-        return _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+    refusal = _live_person(person, c)
+    if refusal is not None or person is None:
+        return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
     if COLOUR_OF_CATEGORY[person.category] != CardColour.BLUE:
         return _refuse(person, c.request_id, ResultCode.COLOUR_NOT_ALLOWED, c.at_ms)
     if c.source_id in person.credit_sources:  # the allocation line was already applied
@@ -232,7 +419,51 @@ def _decide_credit(person: Person | None, c: CreditAccount) -> Decision:
     event = AccountCredited(
         _event_id(c.request_id, 0), c.at_ms, c.ssn, c.amount_fen, c.source_id, balance
     )
-    return _accept(person, c, event, amount_fen=c.amount_fen, balance_fen=balance)
+    return _events(person, c, [event], amount_fen=c.amount_fen, balance_fen=balance)
+
+
+def _decide_limit(person: Person | None, c: SetPharmacyLimit) -> Decision:
+    if not validate.is_card_no(c.card_no) or not 0 <= c.swipes_per_day <= (
+        PHARMACY_SWIPES_PER_DAY_MAX
+    ):
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    card = person.card(c.card_no) if person else None
+    if person is None or card is None:
+        return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
+    event = PharmacyLimitSet(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no,
+                             c.swipes_per_day)  # fmt: skip
+    return _events(person, c, [event], card_no=c.card_no, card_state=card.state,
+                   pharmacy_swipes_per_day=c.swipes_per_day)  # fmt: skip
+
+
+def _decide_phone(person: Person | None, c: SetPhone) -> Decision:
+    if not validate.is_phone(c.phone):
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    refusal = _live_person(person, c)
+    if refusal is not None or person is None:
+        return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+    return _events(person, c, [PhoneSet(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.phone)])
+
+
+def _decide_cancel(person: Person | None, c: CancelPerson) -> Decision:
+    if not c.reason or len(c.reason) > 200:
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    refusal = _live_person(person, c)
+    if refusal is not None or person is None:
+        return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+    events: list[Event] = [
+        _state_change(person, c, card, i, "cancel", CardState.CANCELLED, c.reason)
+        for i, card in enumerate(
+            card for card in person.cards
+            if card.state not in (CardState.CANCELLED, CardState.SUPERSEDED)
+        )
+    ]  # fmt: skip
+    events.append(PersonCancelled(_event_id(c.request_id, len(events)), c.at_ms, c.ssn,
+                                  c.reason))  # fmt: skip
+    return _events(person, c, events)
+
+
+# ---------------------------------------------------------------------------- the POS
 
 
 def pharmacy_swipes_on(person: Person, card_no: str, day: int) -> int:
@@ -267,46 +498,14 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
         pin_wrong: bool = False,
         lock: bool = False,
     ) -> Decision:
-        events: list[Event] = [
-            SwipeDeclined(
-                _event_id(c.request_id, 0),
-                c.at_ms,
-                c.ssn,
-                c.request_id,
-                c.card_no,
-                c.institution_id,
-                c.amount_fen,
-                code,
-                pin_wrong,
-            )
-        ]
-        if lock and card is not None:
-            events.append(
-                CardStateChanged(
-                    _event_id(c.request_id, 1),
-                    c.at_ms,
-                    c.ssn,
-                    c.card_no,
-                    "lock",
-                    card.state,
-                    CardState.LOCKED,
-                    "PIN tries exceeded",
-                )
-            )
-        counted = len(events) if person is not None else 0
-        return Decision(
-            tuple(events),
-            _reply(
-                person,
-                c.request_id,
-                code,
-                c.at_ms,
-                counted,
-                amount_fen=c.amount_fen,
-                card_no=c.card_no,
-                **(fields or {}),
-            ),
-        )
+        events: list[Event] = [SwipeDeclined(
+            _event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id, c.card_no,
+            c.institution_id, c.amount_fen, code, pin_wrong)]  # fmt: skip
+        if lock and card is not None and person is not None:
+            events.append(_state_change(person, c, card, 1, "lock", CardState.LOCKED,
+                                        "PIN tries exceeded"))  # fmt: skip
+        return _events(person, c, events, code, amount_fen=c.amount_fen, card_no=c.card_no,
+                       **(fields or {}))  # fmt: skip
 
     if institution is None:
         return decline(ResultCode.INSTITUTION_UNKNOWN)
@@ -314,33 +513,29 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
         return decline(ResultCode.INSTITUTION_NOT_DESIGNATED)
     if person is None or card is None:
         return decline(ResultCode.CARD_UNKNOWN)
-    if card.state != CardState.ACTIVE:
-        return decline(DECLINE_OF_CARD_STATE[card.state], {"card_state": card.state})
+    state = CardState.CANCELLED if person.cancelled else effective_state(card, c.at_ms)
+    if state != CardState.ACTIVE:
+        return decline(DECLINE_OF_CARD_STATE[state], {"card_state": state})
     if card.colour != CardColour.BLUE:  # green and red cards have no personal account
-        return decline(ResultCode.COLOUR_NOT_ALLOWED, {"card_state": card.state})
+        return decline(ResultCode.COLOUR_NOT_ALLOWED, {"card_state": state})
     if card.initial_pin:
-        return decline(ResultCode.INITIAL_PIN_NOT_CHANGED, {"card_state": card.state})
+        return decline(ResultCode.INITIAL_PIN_NOT_CHANGED, {"card_state": state})
     if c.pin == PinOutcome.WRONG or (
         c.pin == PinOutcome.NOT_VERIFIED and policy.pin_verification_required
     ):
         remaining = max(0, PIN_TRIES_MAX - card.pin_failures - 1)
         if remaining == 0:
-            return decline(
-                ResultCode.PIN_TRIES_EXCEEDED,
-                {"card_state": CardState.LOCKED, "pin_tries_remaining": 0},
-                pin_wrong=True,
-                lock=True,
-            )
-        return decline(
-            ResultCode.PIN_WRONG,
-            {"card_state": card.state, "pin_tries_remaining": remaining},
-            pin_wrong=True,
-        )
+            return decline(ResultCode.PIN_TRIES_EXCEEDED,
+                           {"card_state": CardState.LOCKED, "pin_tries_remaining": 0},
+                           pin_wrong=True, lock=True)  # fmt: skip
+        return decline(ResultCode.PIN_WRONG,
+                       {"card_state": state, "pin_tries_remaining": remaining},
+                       pin_wrong=True)  # fmt: skip
     day = shanghai_day(c.at_ms)
     today = pharmacy_swipes_on(person, c.card_no, day)
     at_pharmacy = institution.type == InstitutionType.PHARMACY
     limit_fields: dict[str, object] = {
-        "card_state": card.state,
+        "card_state": state,
         "pin_tries_remaining": PIN_TRIES_MAX,
         "pharmacy_swipes_today": today,
         "pharmacy_swipes_per_day": card.pharmacy_swipes_per_day,
@@ -355,39 +550,83 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
         paid, result = person.balance_fen, ResultCode.PARTIALLY_APPROVED
     balance_after = person.balance_fen - paid
     event = SwipeApproved(
-        _event_id(c.request_id, 0),
-        c.at_ms,
-        c.ssn,
-        c.request_id,
-        c.card_no,
-        c.institution_id,
-        institution.type,
-        c.amount_fen,
-        paid,
-        c.amount_fen - paid,
-        balance_after,
-        day,
-    )
+        _event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
+        institution.type, c.amount_fen, paid, c.amount_fen - paid, balance_after, day,
+    )  # fmt: skip
     limit_fields["pharmacy_swipes_today"] = today + (1 if at_pharmacy else 0)
-    return Decision(
-        (event,),
-        _reply(
-            person,
-            c.request_id,
-            result,
-            c.at_ms,
-            1,
-            amount_fen=c.amount_fen,
-            paid_from_account_fen=paid,
-            paid_in_cash_fen=c.amount_fen - paid,
-            balance_fen=balance_after,
-            card_no=c.card_no,
-            **limit_fields,
-        ),
+    return _events(person, c, [event], result, amount_fen=c.amount_fen,
+                   paid_from_account_fen=paid, paid_in_cash_fen=c.amount_fen - paid,
+                   balance_fen=balance_after, card_no=c.card_no, **limit_fields)  # fmt: skip
+
+
+def _decide_reverse(person: Person | None, c: Reverse) -> Decision:
+    """Idempotent by its own request id; a reversal of an unknown or declined swipe is
+    answered (ORIGINAL_NOT_FOUND / ORIGINAL_DECLINED), not an error. It returns what the
+    swipe paid from the account and has not been refunded; the swipe stops counting
+    towards the daily pharmacy limit."""
+    if (not validate.is_id(c.original_request_id) or not validate.is_card_no(c.card_no)
+            or c.amount_fen < 0):  # fmt: skip
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    if person is None:
+        return _refuse(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
+    record = person.swipe(c.original_request_id)
+    if record is None:
+        original = person.reply_to(c.original_request_id)
+        if original is not None and original.result == ResultCode.ALREADY_REVERSED:
+            return _refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
+        if original is not None and not original.result.approved:
+            return _refuse(person, c.request_id, ResultCode.ORIGINAL_DECLINED, c.at_ms,
+                           card_no=c.card_no)  # fmt: skip
+        # Never seen: remember it, so the original arriving late is refused, not approved.
+        unmatched = ReversalUnmatched(_event_id(c.request_id, 0), c.at_ms, c.ssn,
+                                      c.request_id, c.original_request_id, c.card_no)  # fmt: skip
+        return _events(person, c, [unmatched], ResultCode.ORIGINAL_NOT_FOUND, card_no=c.card_no)
+    if record.card_no != c.card_no or (c.amount_fen and c.amount_fen != record.amount_fen):
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    if record.reversed:
+        return _refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms,
+                       card_no=c.card_no)  # fmt: skip
+    returned = record.paid_from_account_fen - record.refunded_fen
+    balance = person.balance_fen + returned
+    event = SwipeReversed(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id,
+                          c.original_request_id, c.card_no, record.institution_id, returned,
+                          balance, record.day)  # fmt: skip
+    return _events(person, c, [event], amount_fen=returned, balance_fen=balance,
+                   card_no=c.card_no)  # fmt: skip
+
+
+def _decide_refund(person: Person | None, c: Refund) -> Decision:
+    if (not validate.is_id(c.original_request_id) or not validate.is_card_no(c.card_no)
+            or not validate.is_amount_fen(c.amount_fen)):  # fmt: skip
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    record = person.swipe(c.original_request_id) if person else None
+    if person is None or record is None:
+        return _refuse(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
+    if record.card_no != c.card_no:
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    if record.reversed:
+        return _refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
+    refundable = record.paid_from_account_fen - record.refunded_fen
+    if c.amount_fen > refundable:
+        return _refuse(person, c.request_id, ResultCode.REFUND_EXCEEDS_PAID, c.at_ms,
+                       amount_fen=refundable)  # fmt: skip
+    balance = person.balance_fen + c.amount_fen
+    event = Refunded(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id,
+                     c.original_request_id, c.card_no, record.institution_id, c.amount_fen,
+                     balance)  # fmt: skip
+    return _events(
+        person,
+        c,
+        [event],
+        amount_fen=c.amount_fen,
+        balance_fen=balance,
+        paid_from_account_fen=refundable - c.amount_fen,
+        card_no=c.card_no,
     )
 
 
 def _decide_balance(person: Person | None, c: BalanceInquiry, policy: Policy) -> Decision:
+    """Allowed at any designated institution type; counts no swipe, changes nothing."""
     if not validate.is_card_no(c.card_no) or not validate.is_id(c.institution_id):
         return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     institution = policy.institutions.get(c.institution_id)
@@ -398,24 +637,12 @@ def _decide_balance(person: Person | None, c: BalanceInquiry, policy: Policy) ->
     card = person.card(c.card_no) if person else None
     if person is None or card is None:
         return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    if card.state != CardState.ACTIVE:
-        return _refuse(
-            person,
-            c.request_id,
-            DECLINE_OF_CARD_STATE[card.state],
-            c.at_ms,
-            card_no=card.card_no,
-            card_state=card.state,
-        )
-    return _refuse(
-        person,
-        c.request_id,
-        ResultCode.OK,
-        c.at_ms,
-        card_no=card.card_no,
-        card_state=card.state,
-        pin_tries_remaining=card.pin_tries_remaining,
-    )
+    state = CardState.CANCELLED if person.cancelled else effective_state(card, c.at_ms)
+    if state != CardState.ACTIVE:
+        return _refuse(person, c.request_id, DECLINE_OF_CARD_STATE[state], c.at_ms,
+                       card_no=card.card_no, card_state=state)  # fmt: skip
+    return _refuse(person, c.request_id, ResultCode.OK, c.at_ms, card_no=card.card_no,
+                   card_state=state, pin_tries_remaining=card.pin_tries_remaining)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- apply
@@ -429,20 +656,22 @@ def _with_card(person: Person, card_no: str, **changes: object) -> Person:
     return replace(person, cards=cards)
 
 
+def _with_swipe(person: Person, request_id: str, **changes: object) -> Person:
+    swipes = tuple(
+        replace(s, **changes) if s.request_id == request_id else s  # type: ignore[arg-type]
+        for s in person.swipes
+    )
+    return replace(person, swipes=swipes)
+
+
 def apply(person: Person | None, event: Event) -> Person | None:
     """The one way state changes. Every event applied to a person bumps its version."""
     if isinstance(event, PersonRegistered):
         if person is not None:
             raise InvariantError("PersonRegistered for an existing person")
-        return Person(
-            ssn=event.ssn,
-            name=event.name,
-            category=event.category,
-            phone=event.phone,
-            region=event.region,
-            created_at_ms=event.at_ms,
-            version=1,
-        )
+        return Person(ssn=event.ssn, name=event.name, category=event.category,
+                      phone=event.phone, region=event.region, created_at_ms=event.at_ms,
+                      version=1)  # fmt: skip
     if person is None:
         if isinstance(event, SwipeDeclined):  # a swipe of an unknown card: logged, no state
             return None
@@ -452,10 +681,16 @@ def apply(person: Person | None, event: Event) -> Person | None:
     person = replace(person, version=person.version + 1)
     match event:
         case CardIssued():
-            card = Card(event.card_no, event.kind, event.colour, event.state, event.at_ms)
+            card = Card(event.card_no, event.kind, event.colour, event.state, event.at_ms,
+                        expires_at_ms=event.expires_at_ms)  # fmt: skip
             return replace(person, cards=(*person.cards, card))
         case CardStateChanged():
             changes: dict[str, object] = {"state": event.new_state}
+            if event.op == "report_pre_loss":
+                changes.update(pre_loss_deadline_ms=event.deadline_ms,
+                               state_before_pre_loss=event.old_state)  # fmt: skip
+            elif event.old_state == CardState.PRE_LOST:
+                changes.update(pre_loss_deadline_ms=0)
             if event.op == "unlock":
                 changes.update(initial_pin=True, pin_failures=0)
             return _with_card(person, event.card_no, **changes)
@@ -469,15 +704,9 @@ def apply(person: Person | None, event: Event) -> Person | None:
                 person.balance_fen - event.paid_from_account_fen != event.balance_after_fen
             ):
                 raise InvariantError("swipe would break the balance")
-            record = SwipeRecord(
-                event.request_id,
-                event.card_no,
-                event.institution_id,
-                event.institution_type,
-                event.paid_from_account_fen,
-                event.day,
-                event.at_ms,
-            )
+            record = SwipeRecord(event.request_id, event.card_no, event.institution_id,
+                                 event.institution_type, event.paid_from_account_fen,
+                                 event.day, event.at_ms, amount_fen=event.amount_fen)  # fmt: skip
             swipes = (*person.swipes, record)[-SWIPES_REMEMBERED_MAX:]
             person = replace(person, balance_fen=event.balance_after_fen, swipes=swipes)
             return _with_card(person, event.card_no, pin_failures=0)
@@ -487,6 +716,27 @@ def apply(person: Person | None, event: Event) -> Person | None:
                 failures = declined_card.pin_failures + 1
                 return _with_card(person, event.card_no, pin_failures=failures)
             return person
+        case SwipeReversed():
+            person = _with_swipe(person, event.original_request_id, reversed=True)
+            return replace(person, balance_fen=event.balance_after_fen)
+        case ReversalUnmatched():
+            tombstone = Reply(event.original_request_id, ResultCode.ALREADY_REVERSED,
+                              version=person.version, at_ms=event.at_ms,
+                              card_no=event.card_no)  # fmt: skip
+            return remember(person, tombstone)
+        case Refunded():
+            refunded = person.swipe(event.original_request_id)
+            if refunded is None:
+                raise InvariantError("refund of a swipe the person does not have")
+            person = _with_swipe(person, event.original_request_id,
+                                 refunded_fen=refunded.refunded_fen + event.amount_fen)  # fmt: skip
+            return replace(person, balance_fen=event.balance_after_fen)
+        case PharmacyLimitSet():
+            return _with_card(person, event.card_no, pharmacy_swipes_per_day=event.swipes_per_day)
+        case PhoneSet():
+            return replace(person, phone=event.phone)
+        case PersonCancelled():
+            return replace(person, cancelled=True)
     raise InvariantError(f"unknown event {type(event).__name__}")
 
 

@@ -14,6 +14,7 @@ REQUEST_ID_MEMORY_MS = 7 * 24 * 3600 * 1000  # ... and for at most this long
 SWIPES_REMEMBERED_MAX = 256  # approved swipes kept per person for reversal and refund
 CREDIT_SOURCES_REMEMBERED_MAX = 64  # allocation source ids kept per person
 CARDS_PER_PERSON_MAX = 16
+TEMPORARY_CARD_VALIDITY_MS = 365 * 24 * 3600 * 1000  # a temporary card is valid one year
 
 NAME_CHARS_MAX = 30  # EF06 tag 09
 CARD_NO_CHARS = 9  # EF05 tag 07

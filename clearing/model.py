@@ -32,6 +32,9 @@ class Card:
     initial_pin: bool = True  # must be changed at a window before paying
     pin_failures: int = 0  # consecutive wrong PINs
     pharmacy_swipes_per_day: int = PHARMACY_SWIPES_PER_DAY_DEFAULT
+    expires_at_ms: int = 0  # temporary cards: one year after issue; 0: no expiry
+    pre_loss_deadline_ms: int = 0  # while PRE_LOST: when the pre-loss lapses
+    state_before_pre_loss: CardState = CardState.ACTIVE  # what a release or lapse restores
 
     @property
     def pin_tries_remaining(self) -> int:
@@ -51,6 +54,7 @@ class SwipeRecord:
     at_ms: int
     reversed: bool = False
     refunded_fen: int = 0
+    amount_fen: int = 0  # what the terminal asked (account + cash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,7 @@ class Reply:
     card_state: CardState = CardState.CARD_STATE_UNSPECIFIED
     replayed: bool = False
     at_ms: int = 0
+    snapshot: Person | None = None  # QueryPerson only; never remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,13 @@ class Person:
     swipes: tuple[SwipeRecord, ...] = ()  # newest last, bounded
     replies: tuple[Reply, ...] = ()  # newest last, bounded
     credit_sources: tuple[str, ...] = ()  # newest last, bounded
+    cancelled: bool = False  # death / deregistration: terminal
+
+    def swipe(self, request_id: str) -> SwipeRecord | None:
+        for record in reversed(self.swipes):
+            if record.request_id == request_id:
+                return record
+        return None
 
     def card(self, card_no: str) -> Card | None:
         for card in self.cards:
@@ -112,14 +124,35 @@ class Institution:
     designated: bool = True
 
 
+class LifetimeUnit:
+    HOURS = "hours"
+    DAYS = "days"  # calendar days
+    WORKING_DAYS = "working_days"  # China's official calendar, adjusted workdays included
+
+
+@dataclass(frozen=True, slots=True)
+class PreLossLifetime:
+    """How long a pre-loss report holds before it lapses, in one region."""
+
+    amount: int
+    unit: str  # a LifetimeUnit value
+
+
+DEFAULT_PRE_LOSS_LIFETIME = PreLossLifetime(3, LifetimeUnit.WORKING_DAYS)
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Settings of the domain that differ between cities: data, not code."""
 
     institutions: dict[str, Institution] = field(default_factory=dict)
+    pre_loss_lifetimes: dict[str, PreLossLifetime] = field(default_factory=dict)  # by region
     # Until the HSM issue lands the gateway cannot verify PINs; swipes then carry
     # PinOutcome.NOT_VERIFIED and this flag says whether that is accepted.
     pin_verification_required: bool = False
+
+    def pre_loss_lifetime(self, region: str) -> PreLossLifetime:
+        return self.pre_loss_lifetimes.get(region, DEFAULT_PRE_LOSS_LIFETIME)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -193,7 +226,102 @@ class BalanceInquiry:
     institution_id: str
 
 
-Command = RegisterPerson | IssueCard | CardCommand | CreditAccount | Authorize | BalanceInquiry
+@dataclass(frozen=True, slots=True)
+class Reverse:
+    """Undo a swipe (冲正) by its request id; answered whatever the original's fate."""
+
+    request_id: str
+    at_ms: int
+    ssn: str
+    original_request_id: str
+    card_no: str
+    amount_fen: int = 0  # 0: not checked; else must equal the original amount
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """Return money for a completed swipe (退费), at most what it paid from the account."""
+
+    request_id: str
+    at_ms: int
+    ssn: str
+    original_request_id: str
+    card_no: str
+    amount_fen: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpirePreLoss:
+    """Sent by the pre-loss timer job when a deadline passes; decided like any command."""
+
+    request_id: str
+    at_ms: int
+    ssn: str
+    card_no: str
+    deadline_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceCard:
+    """补卡 (mode "replacement", after ApplyReplacement) or 换卡 (mode "change")."""
+
+    request_id: str
+    at_ms: int
+    ssn: str
+    old_card_no: str
+    new_card_no: str
+    mode: str = "replacement"
+
+
+@dataclass(frozen=True, slots=True)
+class SetPharmacyLimit:
+    request_id: str
+    at_ms: int
+    ssn: str
+    card_no: str
+    swipes_per_day: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetPhone:
+    request_id: str
+    at_ms: int
+    ssn: str
+    phone: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelPerson:
+    request_id: str
+    at_ms: int
+    ssn: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPerson:
+    request_id: str
+    at_ms: int
+    ssn: str
+
+
+Command = (
+    RegisterPerson
+    | IssueCard
+    | CardCommand
+    | CreditAccount
+    | Authorize
+    | BalanceInquiry
+    | Reverse
+    | Refund
+    | ExpirePreLoss
+    | ReplaceCard
+    | SetPharmacyLimit
+    | SetPhone
+    | CancelPerson
+    | QueryPerson
+)
+READ_ONLY_COMMANDS = (BalanceInquiry, QueryPerson)
 
 # ---------------------------------------------------------------------------- events
 
@@ -218,6 +346,8 @@ class CardIssued:
     kind: CardKind
     colour: CardColour
     state: CardState
+    expires_at_ms: int = 0
+    replaces_card_no: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +360,7 @@ class CardStateChanged:
     old_state: CardState
     new_state: CardState
     reason: str = ""
+    deadline_ms: int = 0  # report_pre_loss: when it lapses
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +410,71 @@ class SwipeDeclined:
     pin_wrong: bool = False  # counts a PIN failure on the card
 
 
+@dataclass(frozen=True, slots=True)
+class SwipeReversed:
+    event_id: str
+    at_ms: int
+    ssn: str
+    request_id: str
+    original_request_id: str
+    card_no: str
+    institution_id: str
+    amount_fen: int  # returned to the account
+    balance_after_fen: int
+    original_day: int  # the Shanghai day of the original swipe (settlement)
+
+
+@dataclass(frozen=True, slots=True)
+class ReversalUnmatched:
+    """A reversal of a swipe this person never had approved: answered, and remembered so a
+    late original with that request id is refused rather than approved."""
+
+    event_id: str
+    at_ms: int
+    ssn: str
+    request_id: str
+    original_request_id: str
+    card_no: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refunded:
+    event_id: str
+    at_ms: int
+    ssn: str
+    request_id: str
+    original_request_id: str
+    card_no: str
+    institution_id: str
+    amount_fen: int
+    balance_after_fen: int
+
+
+@dataclass(frozen=True, slots=True)
+class PharmacyLimitSet:
+    event_id: str
+    at_ms: int
+    ssn: str
+    card_no: str
+    swipes_per_day: int
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneSet:
+    event_id: str
+    at_ms: int
+    ssn: str
+    phone: str
+
+
+@dataclass(frozen=True, slots=True)
+class PersonCancelled:
+    event_id: str
+    at_ms: int
+    ssn: str
+    reason: str
+
+
 Event = (
     PersonRegistered
     | CardIssued
@@ -287,6 +483,12 @@ Event = (
     | AccountCredited
     | SwipeApproved
     | SwipeDeclined
+    | SwipeReversed
+    | ReversalUnmatched
+    | Refunded
+    | PharmacyLimitSet
+    | PhoneSet
+    | PersonCancelled
 )
 
 
