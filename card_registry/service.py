@@ -16,8 +16,9 @@ import grpc
 import structlog
 
 from clearing import model, validate
-from clearing.codes import CardKind, InsuranceCategory, ResultCode
+from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.model import Command, Reply
+from clearing.validate import mask_phone
 from medclear.bus import BusUnavailable, CommandBus
 from medclear.rpc import (
     Clock,
@@ -25,6 +26,7 @@ from medclear.rpc import (
     pb_enum,
     result_pb,
     serve_commands,
+    shanghai_iso,
     state_of,
     system_clock_ms,
 )
@@ -34,6 +36,7 @@ from monitoring import metrics
 log = structlog.get_logger(process="registry")
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
+RECENT_TRANSACTIONS_MAX = 20  # shown by GetPerson, newest first
 
 
 class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
@@ -197,46 +200,128 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             ),
         )
 
-    # Replacement, change, cancellation, per-card limits and GetPerson are the
-    # clearing-core issue's; they answer UNIMPLEMENTED until then, never a made-up result.
-    async def _unimplemented(self, context: Ctx, method: str) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: not yet implemented")
-
     async def ApplyReplacement(
         self, request: registry_pb2.CardRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
-        await self._unimplemented(context, "ApplyReplacement")
-        raise AssertionError("unreachable")
+        return await self._card_op("ApplyReplacement", "apply_replacement")(request, context)
 
     async def IssueReplacement(
         self, request: registry_pb2.IssueReplacementRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
-        await self._unimplemented(context, "IssueReplacement")
-        raise AssertionError("unreachable")
+        return await self._replace("IssueReplacement", request, "replacement")
 
     async def ChangeCard(
         self, request: registry_pb2.IssueReplacementRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
-        await self._unimplemented(context, "ChangeCard")
-        raise AssertionError("unreachable")
+        return await self._replace("ChangeCard", request, "change")
+
+    async def _replace(
+        self, method: str, request: registry_pb2.IssueReplacementRequest, mode: str
+    ) -> registry_pb2.RegistryReply:
+        return await self._run(
+            method,
+            request.window,
+            request.ssn,
+            request.old_card_no,
+            lambda rid, at, ssn: model.ReplaceCard(
+                rid, at, ssn, request.old_card_no, request.new_card_no, mode
+            ),
+        )
 
     async def Cancel(
         self, request: registry_pb2.CancelRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
-        await self._unimplemented(context, "Cancel")
-        raise AssertionError("unreachable")
+        return await self._run(
+            "Cancel",
+            request.window,
+            request.ssn,
+            "",
+            lambda rid, at, ssn: model.CancelPerson(rid, at, ssn, request.reason),
+        )
 
     async def SetPharmacyDailyLimit(
         self, request: registry_pb2.SetLimitRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
-        await self._unimplemented(context, "SetPharmacyDailyLimit")
-        raise AssertionError("unreachable")
+        return await self._run(
+            "SetPharmacyDailyLimit",
+            request.window,
+            request.ssn,
+            request.card_no,
+            lambda rid, at, ssn: model.SetPharmacyLimit(
+                rid, at, ssn, request.card_no, request.pharmacy_swipes_per_day
+            ),
+        )
+
+    async def SetPhone(
+        self, request: registry_pb2.SetPhoneRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        return await self._run(
+            "SetPhone",
+            request.window,
+            request.ssn,
+            "",
+            lambda rid, at, ssn: model.SetPhone(rid, at, ssn, request.phone),
+        )
 
     async def GetPerson(
         self, request: registry_pb2.GetPersonRequest, context: Ctx
     ) -> registry_pb2.PersonView:
-        await self._unimplemented(context, "GetPerson")
-        raise AssertionError("unreachable")
+        """Cards and recent transactions, read through the person's own worker (so the
+        view is ordered with every operation on that person)."""
+        ssn = request.ssn
+        if not ssn and request.card_no:
+            ssn = await self.bus.resolve_ssn(request.card_no) or ""
+        if not ssn or not validate.is_ssn(ssn):
+            code = ResultCode.CARD_UNKNOWN if request.card_no else ResultCode.MALFORMED_REQUEST
+            return registry_pb2.PersonView(result=result_pb(code))
+        request_id = request.window.request_id or f"query-{self.clock()}"
+        reply = await self._ask(model.QueryPerson(request_id, self.clock(), ssn))
+        person = reply.snapshot
+        if person is None:
+            return registry_pb2.PersonView(result=result_pb(reply.result))
+        return person_view(person, reply)
+
+
+def person_view(person: model.Person, reply: Reply) -> registry_pb2.PersonView:
+    transactions = [
+        registry_pb2.Transaction(
+            request_id=s.request_id,
+            card_no=s.card_no,
+            institution_id=s.institution_id,
+            paid_from_account_fen=s.paid_from_account_fen,
+            refunded_fen=s.refunded_fen,
+            reversed=s.reversed,
+            at=shanghai_iso(s.at_ms),
+        )
+        for s in reversed(person.swipes[-RECENT_TRANSACTIONS_MAX:])
+    ]
+    cards = [
+        common_pb2.CardInfo(
+            card_no=c.card_no,
+            kind=pb_enum(c.kind),
+            colour=pb_enum(c.colour),
+            state=pb_enum(c.state),
+            initial_pin=c.initial_pin,
+            pin_tries_remaining=c.pin_tries_remaining,
+            pharmacy_swipes_per_day=c.pharmacy_swipes_per_day,
+            pre_loss_deadline=shanghai_iso(c.pre_loss_deadline_ms)
+            if c.state == CardState.PRE_LOST
+            else "",
+        )
+        for c in person.cards
+    ]
+    return registry_pb2.PersonView(
+        result=result_pb(reply.result),
+        state=state_of(person.ssn, reply),
+        name=person.name,
+        category=pb_enum(person.category),
+        balance_fen=person.balance_fen,
+        cards=cards,
+        phone=mask_phone(person.phone),
+        region=person.region,
+        cancelled=person.cancelled,
+        transactions=transactions,
+    )
 
 
 def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:

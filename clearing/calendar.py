@@ -47,6 +47,8 @@ def pre_loss_deadline_ms(reported_at_ms: int, lifetime: PreLossLifetime) -> int:
     """
     if lifetime.amount <= 0:
         raise ValueError("a pre-loss lifetime is positive")
+    if lifetime.unit == LifetimeUnit.SECONDS:
+        return reported_at_ms + lifetime.amount * 1000
     if lifetime.unit == LifetimeUnit.HOURS:
         return reported_at_ms + lifetime.amount * HOUR_MS
     if lifetime.unit == LifetimeUnit.DAYS:

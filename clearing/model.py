@@ -125,6 +125,7 @@ class Institution:
 
 
 class LifetimeUnit:
+    SECONDS = "seconds"  # fault drills and tests; no region uses it
     HOURS = "hours"
     DAYS = "days"  # calendar days
     WORKING_DAYS = "working_days"  # China's official calendar, adjusted workdays included

@@ -57,3 +57,8 @@ def mask_ssn(ssn: str) -> str:
 def mask_card(card_no: str) -> str:
     """Keeps the last 4: *****5678."""
     return "*" * max(0, len(card_no) - 4) + card_no[-4:]
+
+
+def mask_phone(phone: str) -> str:
+    """Keeps the first 3 and last 4: 138****5678."""
+    return phone[:3] + "****" + phone[-4:] if len(phone) == 11 else "*" * len(phone)

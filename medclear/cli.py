@@ -158,6 +158,17 @@ def serve_registry(
     service.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
 
 
+@serve_app.command("pre-loss-timer")
+def serve_pre_loss_timer(
+    metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
+) -> None:
+    """The pre-loss timer job: sends an expiry command when a pre-loss deadline passes."""
+    from stream_jobs import pre_loss_timer
+
+    settings = _prepare_process("pre-loss-timer", metrics_port)
+    pre_loss_timer.run(settings, _bootstrap(settings))
+
+
 # ---------------------------------------------------------------------------- pos
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -26,7 +27,7 @@ from medclear.rpc import (
     state_of,
     system_clock_ms,
 )
-from medclear.v1 import pos_pb2, pos_pb2_grpc
+from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc
 from monitoring import metrics
 
 log = structlog.get_logger(process="gateway")
@@ -120,9 +121,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
             state=state_of(ssn, reply),
         )
 
-    async def _ask(
-        self, command: model.Authorize | model.BalanceInquiry, context: grpc.aio.ServicerContext
-    ) -> Reply:
+    async def _ask(self, command: model.Command, context: grpc.aio.ServicerContext) -> Reply:
         try:
             reply = await self.bus.request(command, self._timeout(context))
         except BusUnavailable as exc:
@@ -132,19 +131,90 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
             return Reply(command.request_id, ResultCode.TIMEOUT)
         return reply
 
-    # Reverse and Refund are decided by the clearing-core issue; until then they answer
-    # UNIMPLEMENTED rather than a made-up result.
     async def Reverse(
         self, request: pos_pb2.ReverseRequest, context: grpc.aio.ServicerContext
     ) -> pos_pb2.ReverseReply:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Reverse: not yet implemented")
-        raise AssertionError("unreachable")
+        """冲正 of this terminal's swipe `original_trace_number`; retried by the terminal
+        with the same trace number until it gets an answer."""
+        t = request.terminal
+        request_id = request_id_of(t.terminal_id, t.trace_number)
+        original = request_id_of(t.terminal_id, request.original_trace_number)
+        reply, ssn = await self._command(
+            "Reverse",
+            t,
+            request.card_no,
+            request.ssn,
+            request.original_trace_number > 0,
+            context,
+            lambda ssn: model.Reverse(
+                request_id, self.clock(), ssn, original, request.card_no, request.amount_fen
+            ),
+        )
+        return pos_pb2.ReverseReply(
+            result=result_pb(reply.result),
+            message=message(reply.result),
+            request_id=request_id,
+            reversed_amount_fen=reply.amount_fen if reply.result == ResultCode.OK else 0,
+            balance_after_fen=reply.balance_fen,
+            replayed=reply.replayed,
+            state=state_of(ssn, reply),
+        )
 
     async def Refund(
         self, request: pos_pb2.RefundRequest, context: grpc.aio.ServicerContext
     ) -> pos_pb2.RefundReply:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Refund: not yet implemented")
-        raise AssertionError("unreachable")
+        """退费 of a completed swipe (of this terminal unless original_terminal_id says)."""
+        t = request.terminal
+        request_id = request_id_of(t.terminal_id, t.trace_number)
+        original = request_id_of(
+            request.original_terminal_id or t.terminal_id, request.original_trace_number
+        )
+        reply, ssn = await self._command(
+            "Refund",
+            t,
+            request.card_no,
+            request.ssn,
+            request.original_trace_number > 0,
+            context,
+            lambda ssn: model.Refund(
+                request_id, self.clock(), ssn, original, request.card_no, request.amount_fen
+            ),
+        )
+        approved = reply.result == ResultCode.OK
+        return pos_pb2.RefundReply(
+            result=result_pb(reply.result),
+            message=message(reply.result),
+            request_id=request_id,
+            refunded_amount_fen=reply.amount_fen if approved else 0,
+            refundable_left_fen=reply.paid_from_account_fen if approved else reply.amount_fen,
+            balance_after_fen=reply.balance_fen,
+            replayed=reply.replayed,
+            state=state_of(ssn, reply),
+        )
+
+    async def _command(
+        self,
+        method: str,
+        t: common_pb2.TerminalContext,
+        card_no: str,
+        ssn: str,
+        well_formed: bool,
+        context: grpc.aio.ServicerContext,
+        make: Callable[[str], model.Reverse | model.Refund],
+    ) -> tuple[Reply, str]:
+        """Route by card or social security number, ask the worker; the reply and the
+        social security number it was routed by ("" when it was not)."""
+        started = time.perf_counter()
+        request_id = request_id_of(t.terminal_id, t.trace_number)
+        reply, routed = Reply(request_id, ResultCode.MALFORMED_REQUEST), ""
+        if validate.is_id(t.terminal_id) and t.trace_number > 0 and well_formed:
+            code, routed = await self._route(card_no, ssn)
+            reply = Reply(request_id, code)
+            if code == ResultCode.OK:
+                reply = await self._ask(make(routed), context)
+        metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
+        metrics.GATEWAY_RESULTS.labels(method, reply.result.name).inc()
+        return reply, routed
 
 
 def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     startup_timeout_s: float = Field(60.0, gt=0, le=600)
 
     institutions_file: Path | None = Field(None, description="CSV of designated institutions")
+    pre_loss_policy_file: Path | None = Field(None, description="CSV: region → pre-loss lifetime")
+    pre_loss_timer_interval_s: float = Field(5.0, gt=0, le=3600, description="timer job tick")
 
     @property
     def embedded_kafka(self) -> bool:

@@ -1224,10 +1224,11 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             _wait_component(comp, timeout, console)
         gateway_port = settings.gateway_port or free_port()
         registry_port = settings.registry_port or free_port()
-        with console.status("starting gateway and registry …"):
+        with console.status("starting gateway, registry and stream jobs …"):
             gateway = serve("gateway", "gateway", None, gateway_port)
             registry = serve("registry", "registry", None, registry_port)
-        for comp in (gateway, registry):
+            timer = serve("pre-loss-timer", "pre-loss-timer", None, None)
+        for comp in (gateway, registry, timer):
             _wait_component(comp, timeout, console)
         state.save()
 
@@ -1292,7 +1293,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
     return endpoints
 
 
-MEDCLEAR_ROLES = ("worker", "gateway", "registry")
+MEDCLEAR_ROLES = ("worker", "gateway", "registry", "pre-loss-timer")
 
 
 def restart_component(

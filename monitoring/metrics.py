@@ -45,6 +45,12 @@ GATEWAY_RESULTS = Counter(
     "Replies given at the gRPC boundary, by method and result code",
     ["method", "result"],
 )
+PRE_LOSS_EXPIRIES = Counter(
+    "medclear_pre_loss_expiries_sent_total", "Expiry commands sent by the pre-loss timer"
+)
+PRE_LOSSES_PENDING = Gauge(
+    "medclear_pre_losses_pending", "Pre-loss reports the timer job is waiting on"
+)
 UNDECODABLE = Counter(
     "medclear_undecodable_records_total", "Kafka records that could not be decoded", ["topic"]
 )

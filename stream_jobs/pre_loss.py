@@ -1,0 +1,49 @@
+"""Which pre-losses are pending and when to send their expiry: pure, no I/O, no clock.
+
+The timer job feeds it every CardStateChanged event and asks it, on each tick, which
+expiry commands are due. The core decides each expiry (an expiry arriving after a formal
+loss, a release or a newer report changes nothing), so a command sent twice, or late,
+is harmless; its request id is derived from card and deadline, so a repeat is a replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clearing.codes import CardState
+from clearing.model import CardStateChanged, ExpirePreLoss
+
+RESEND_AFTER_MS = 60_000  # an expiry not yet seen applied is sent again after this
+DUE_PER_TICK_MAX = 1_000  # expiry commands sent per tick at most
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    ssn: str
+    card_no: str
+    deadline_ms: int
+
+
+def track(event: CardStateChanged) -> Pending | None:
+    """The pending pre-loss after this event: a new one, or None if the card left it."""
+    if event.new_state == CardState.PRE_LOST and event.deadline_ms > 0:
+        return Pending(event.ssn, event.card_no, event.deadline_ms)
+    return None
+
+
+def expiry_request_id(pending: Pending) -> str:
+    return f"expiry:{pending.card_no}:{pending.deadline_ms}"
+
+
+def due(pending: list[Pending], sent_at_ms: dict[str, int], now_ms: int) -> list[ExpirePreLoss]:
+    """Expiry commands for deadlines that have passed and were not sent in the last
+    RESEND_AFTER_MS, oldest deadline first, at most DUE_PER_TICK_MAX."""
+    commands: list[ExpirePreLoss] = []
+    for p in sorted(pending, key=lambda p: p.deadline_ms):
+        if p.deadline_ms > now_ms or len(commands) >= DUE_PER_TICK_MAX:
+            break
+        request_id = expiry_request_id(p)
+        if now_ms - sent_at_ms.get(request_id, -RESEND_AFTER_MS) < RESEND_AFTER_MS:
+            continue
+        commands.append(ExpirePreLoss(request_id, now_ms, p.ssn, p.card_no, p.deadline_ms))
+    return commands

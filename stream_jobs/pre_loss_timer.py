@@ -1,0 +1,93 @@
+"""The pre-loss timer job: a faust app reading `medclear.events`.
+
+It keeps the pending pre-losses in a table (card number → ssn and deadline, with a
+changelog) and, every `pre_loss_timer_interval_s`, sends an ExpirePreLoss command for
+each deadline that has passed to `medclear.commands` (keyed by the person, like every
+command). Logic in stream_jobs.pre_loss; this module only translates.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import faust
+import structlog
+
+from clearing import codec
+from clearing.model import CardStateChanged
+from medclear import topics
+from medclear.settings import Settings
+from monitoring import metrics
+from stream_jobs.pre_loss import Pending, due, track
+
+log = structlog.get_logger(process="pre-loss-timer")
+APP_ID = "medclear-pre-loss-timer"
+
+
+def create_app(settings: Settings, bootstrap: str) -> faust.App:
+    datadir = settings.state_dir.resolve() / "data" / "pre-loss-timer"
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        APP_ID,
+        consumer_group_instance_id="pre-loss-timer-0",  # see clearing/worker.py
+        datadir=str(datadir),
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        topic_partitions=settings.event_partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+    )
+    events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
+                       partitions=settings.event_partitions, internal=False)  # fmt: skip
+    commands = app.topic(topics.COMMANDS.name, key_type=bytes, value_type=bytes,
+                         internal=False)  # fmt: skip
+    pending = app.Table("pre-losses", default=None, partitions=settings.event_partitions,
+                        key_type=bytes, value_type=bytes)  # fmt: skip
+    sent_at_ms: dict[str, int] = {}
+
+    @app.agent(events)
+    async def follow(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        async for raw in stream:
+            try:
+                event = codec.decode(raw)
+            except codec.CodecError:
+                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
+                yield None
+                continue
+            if isinstance(event, CardStateChanged):
+                key = event.card_no.encode()
+                now = track(event)
+                if now is None:
+                    if pending.get(key) is not None:
+                        del pending[key]
+                else:
+                    pending[key] = json.dumps([now.ssn, now.card_no, now.deadline_ms]).encode()
+            yield None
+
+    @app.timer(settings.pre_loss_timer_interval_s)  # type: ignore[untyped-decorator]
+    async def tick() -> None:
+        entries = [Pending(*json.loads(v)) for v in pending.values() if v is not None]
+        now_ms = time.time_ns() // 1_000_000
+        for command in due(entries, sent_at_ms, now_ms):
+            await commands.send(key=command.ssn.encode(), value=codec.encode(command))
+            sent_at_ms[command.request_id] = now_ms
+            metrics.PRE_LOSS_EXPIRIES.inc()
+        metrics.PRE_LOSSES_PENDING.set(len(entries))
+
+    @app.timer(0.5)  # type: ignore[untyped-decorator]
+    async def readiness() -> None:
+        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+        metrics.READY.set(1 if recovered and not app.rebalancing else 0)
+
+    return app
+
+
+def run(settings: Settings, bootstrap: str) -> None:
+    app = create_app(settings, bootstrap)
+    log.info("pre-loss timer starting", interval_s=settings.pre_loss_timer_interval_s)
+    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
