@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import typer
@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clearing.codes import ResultCode
+from medclear.cli_card import card_app
 from medclear.money import format_yuan, parse_yuan
 from medclear.settings import Settings, get_settings
 from medclear.traffic import LatencyStats
@@ -40,6 +41,7 @@ bench_app = typer.Typer(
 app.add_typer(serve_app, name="serve")
 app.add_typer(pos_app, name="pos")
 app.add_typer(bench_app, name="bench")
+app.add_typer(card_app, name="card")
 
 console = Console()
 err = Console(stderr=True)
@@ -182,6 +184,141 @@ def _endpoint(name: str) -> str:
     return str(getattr(endpoints, name))
 
 
+def _pos_call(address: str, method: str, request: Any) -> Any:
+    """One unary call to the POS gateway; a transport failure is a clear error."""
+    from medclear.v1 import pos_pb2_grpc
+
+    async def call() -> Any:
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await getattr(pos_pb2_grpc.PosServiceStub(channel), method)(request, timeout=10)
+
+    try:
+        return asyncio.run(call())
+    except grpc.RpcError as exc:
+        raise _fail(f"gateway {address}: {exc.code().name} {exc.details()}") from exc
+
+
+def _pos_result(what: str, reply: Any, detail: str) -> None:
+    code = ResultCode(reply.result)
+    style = "green" if code == ResultCode.OK else "red"
+    replayed = " (replayed)" if reply.replayed else ""
+    console.print(
+        f"[{style}]{what}: {code.name} ({int(code)})[/] {reply.message}  {detail}"
+        f"  request {reply.request_id}{replayed}"
+    )
+    if code != ResultCode.OK:
+        raise typer.Exit(code=2)
+
+
+TerminalOpt = Annotated[str, typer.Option(help="terminal id")]
+InstitutionOpt = Annotated[str, typer.Option(help="designated institution id")]
+GatewayOpt = Annotated[str, typer.Option(help="host:port; default: the local stack")]
+
+
+@pos_app.command("reverse")
+def pos_reverse(
+    card: Annotated[str, typer.Option(help="card number")],
+    original_trace: Annotated[int, typer.Option(help="trace number of the swipe to undo")],
+    institution: InstitutionOpt,
+    terminal: TerminalOpt,
+    trace: Annotated[int, typer.Option(help="this reversal's trace; 0: from the clock")] = 0,
+    gateway: GatewayOpt = "",
+) -> None:
+    """Reverse (冲正) a swipe of this terminal that could not be completed. Send it again
+    with the same --trace until answered: it is applied once."""
+    from medclear.v1 import common_pb2, pos_pb2
+
+    reply = _pos_call(
+        gateway or _endpoint("gateway"),
+        "Reverse",
+        pos_pb2.ReverseRequest(
+            terminal=common_pb2.TerminalContext(
+                terminal_id=terminal,
+                institution_id=institution,
+                trace_number=trace or time.time_ns() // 1_000_000,
+            ),
+            original_trace_number=original_trace,
+            card_no=card,
+        ),
+    )
+    _pos_result(
+        "reverse",
+        reply,
+        f"returned {format_yuan(reply.reversed_amount_fen)}, "
+        f"balance {format_yuan(reply.balance_after_fen)}",
+    )
+
+
+@pos_app.command("refund")
+def pos_refund(
+    card: Annotated[str, typer.Option(help="card number")],
+    original_trace: Annotated[int, typer.Option(help="trace number of the paid swipe")],
+    amount: Annotated[str, typer.Option(help="yuan to return to the account")],
+    institution: InstitutionOpt,
+    terminal: TerminalOpt,
+    original_terminal: Annotated[str, typer.Option(help="if another terminal took it")] = "",
+    trace: Annotated[int, typer.Option(help="this refund's trace; 0: from the clock")] = 0,
+    gateway: GatewayOpt = "",
+) -> None:
+    """Refund (退费) part or all of a completed swipe to the personal account."""
+    from medclear.v1 import common_pb2, pos_pb2
+
+    try:
+        amount_fen = parse_yuan(amount)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    reply = _pos_call(
+        gateway or _endpoint("gateway"),
+        "Refund",
+        pos_pb2.RefundRequest(
+            terminal=common_pb2.TerminalContext(
+                terminal_id=terminal,
+                institution_id=institution,
+                trace_number=trace or time.time_ns() // 1_000_000,
+            ),
+            original_trace_number=original_trace,
+            original_terminal_id=original_terminal,
+            card_no=card,
+            amount_fen=amount_fen,
+        ),
+    )
+    _pos_result(
+        "refund",
+        reply,
+        f"refunded {format_yuan(reply.refunded_amount_fen)}, "
+        f"refundable left {format_yuan(reply.refundable_left_fen)}, "
+        f"balance {format_yuan(reply.balance_after_fen)}",
+    )
+
+
+@pos_app.command("balance")
+def pos_balance(
+    card: Annotated[str, typer.Option(help="card number")],
+    institution: InstitutionOpt,
+    terminal: TerminalOpt,
+    gateway: GatewayOpt = "",
+) -> None:
+    """Balance enquiry at a hospital or pharmacy terminal; counts no swipe."""
+    from medclear.v1 import common_pb2, pos_pb2
+
+    reply = _pos_call(
+        gateway or _endpoint("gateway"),
+        "BalanceInquiry",
+        pos_pb2.BalanceInquiryRequest(
+            terminal=common_pb2.TerminalContext(
+                terminal_id=terminal,
+                institution_id=institution,
+                trace_number=time.time_ns() // 1_000_000,
+            ),
+            card_no=card,
+        ),
+    )
+    code = ResultCode(reply.result)
+    if code != ResultCode.OK:
+        raise _fail(f"{code.name} ({int(code)}) {reply.message}")
+    console.print(f"balance of {card}: [bold]{format_yuan(reply.balance_fen)}[/]")
+
+
 @pos_app.command("swipe")
 def pos_swipe(
     card: Annotated[str, typer.Option(help="card number (EF05 tag 07), 9 characters")],
@@ -198,7 +335,7 @@ def pos_swipe(
     The same terminal and trace number sent again is answered with the original reply
     (marked replayed), never debited twice.
     """
-    from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc
+    from medclear.v1 import common_pb2, pos_pb2
 
     try:
         amount_fen = parse_yuan(amount)
@@ -216,18 +353,8 @@ def pos_swipe(
         allow_partial=partial,
     )
 
-    async def call() -> pos_pb2.AuthorizeReply:
-        async with grpc.aio.insecure_channel(address) as channel:
-            reply: pos_pb2.AuthorizeReply = await pos_pb2_grpc.PosServiceStub(channel).Authorize(
-                request, timeout=10
-            )
-            return reply
-
     started = time.perf_counter()
-    try:
-        reply = asyncio.run(call())
-    except grpc.RpcError as exc:
-        raise _fail(f"gateway {address}: {exc.code().name} {exc.details()}") from exc
+    reply: pos_pb2.AuthorizeReply = _pos_call(address, "Authorize", request)
     elapsed_ms = (time.perf_counter() - started) * 1000
     code = ResultCode(reply.result)
     table = Table.grid(padding=(0, 2))
