@@ -38,6 +38,7 @@ from clearing.model import (
     SwipeApproved,
     SwipeReversed,
 )
+from clearing.simulator import may_pay
 from tests.unit.conftest import CARD, HOSPITAL, PHARMACY, POLICY, SSN, T0_MS, make_person
 
 MACHINE_POLICY = Policy(
@@ -76,9 +77,8 @@ class PersonMachine(RuleBasedStateMachine):
                 case SwipeApproved():
                     card = before.card(event.card_no)
                     assert card is not None
-                    state = core.effective_state(card, event.at_ms)
-                    assert state == CardState.ACTIVE and not before.cancelled, (
-                        f"approved on a card in {state.name}"
+                    assert may_pay(before, event.card_no, event.at_ms), (
+                        f"approved on a card in {card.state.name}"
                     )
                     if event.institution_type == InstitutionType.PHARMACY:
                         today = core.pharmacy_swipes_on(new, event.card_no, event.day)
