@@ -364,11 +364,12 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
             "worker-1",
             "gateway",
             "registry",
+            "pre-loss-timer",
             "prometheus",
         ]
         assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows]
         record = json.loads((state_dir / "stack.json").read_text())
-        assert record["complete"] and len(record["components"]) == 7
+        assert record["complete"] and len(record["components"]) == 8
         for comp in record["components"]:
             assert comp["process"]["pid"] and comp["process"]["argv"]
             assert Path(comp["process"]["log"]).parent == state_dir.resolve() / "logs"
@@ -396,7 +397,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         assert "already running" in console.export_text()
         assert [r.pid for r in stack.status(settings)] == [r.pid for r in rows]
         table = stack.status_table(stack.status(settings))
-        assert table.row_count == 7
+        assert table.row_count == 8
 
         # a worker killed with -9 shows as down; restart_component brings it back
         worker_pid = rows[2].pid

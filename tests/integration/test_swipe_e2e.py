@@ -37,7 +37,15 @@ HOSPITAL = "310101H00001"
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     state_dir = tmp_path_factory.mktemp("stack") / ".medclear"
-    yield Settings(state_dir=state_dir, command_partitions=3, event_partitions=3)
+    policy = state_dir.parent / "pre_loss_policy.csv"
+    policy.write_text("region,amount,unit,note\ndrill,2,seconds,pre-loss lapses in 2 s\n")
+    yield Settings(
+        state_dir=state_dir,
+        command_partitions=3,
+        event_partitions=3,
+        pre_loss_policy_file=policy,
+        pre_loss_timer_interval_s=0.5,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +85,7 @@ def enrol(
     index: int,
     balance_fen: int,
     category: InsuranceCategory = InsuranceCategory.EMPLOYEE,
+    region: str = "310101",
 ) -> tuple[str, str]:
     import random
 
@@ -90,6 +99,7 @@ def enrol(
                 name="测试",
                 category=int(category),  # type: ignore[arg-type]
                 phone="13900000000",
+                region=region,
             )
         ),
         registry.IssueCard(
@@ -269,7 +279,15 @@ def test_status_reports_every_component_healthy(
 ) -> None:
     rows = stack.status(settings)
     names = {r.name for r in rows}
-    assert {"broker", "clickhouse", "worker-0", "gateway", "registry", "prometheus"} <= names
+    assert {
+        "broker",
+        "clickhouse",
+        "worker-0",
+        "gateway",
+        "registry",
+        "pre-loss-timer",
+        "prometheus",
+    } <= names
     assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows if not r.healthy]
 
 
@@ -300,3 +318,176 @@ def test_up_with_external_servers_starts_only_medclears_own_processes(
         assert ResultCode(reply.result) == ResultCode.OK and reply.balance_after_fen == 15_00
     finally:
         stack.down(external, console, wipe=True)
+
+
+def registry_stub(endpoints: stack.Endpoints) -> registry_pb2_grpc.CardRegistryServiceStub:
+    return registry_pb2_grpc.CardRegistryServiceStub(grpc.insecure_channel(endpoints.registry))
+
+
+def test_a_pre_loss_lapses_through_the_timer_job(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, pos: pos_pb2_grpc.PosServiceStub
+) -> None:
+    """DOMAIN: a pre-loss not made formal lapses automatically (policy: 2 s in 'drill')."""
+    _ssn, card = enrol(registry, 20, 10_00, region="drill")
+    report = registry.ReportPreLoss(registry_pb2.CardRequest(window=window("loss"), card_no=card))
+    assert ResultCode(report.result) == ResultCode.OK
+    deadline = time.monotonic() + 30
+    state = common_pb2.PRE_LOST
+    while state == common_pb2.PRE_LOST and time.monotonic() < deadline:
+        time.sleep(0.5)
+        view = registry.GetPerson(registry_pb2.GetPersonRequest(card_no=card))
+        state = view.cards[0].state
+    assert state == common_pb2.ACTIVE, "the timer job did not expire the pre-loss"
+    assert ResultCode(authorize(pos, card, 1_00, trace=1).result) == ResultCode.OK
+
+
+def test_no_swipe_is_approved_after_the_loss_report_is_decided(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, endpoints: stack.Endpoints
+) -> None:
+    """50 concurrent swipes of one card from 50 terminals race a loss report: every
+    approval was decided before the report (lower state version), every swipe decided
+    after it is declined, and every swipe sent after the acknowledgement is declined."""
+    import asyncio
+
+    ssn, card = enrol(registry, 21, 50_000_00)
+
+    async def race() -> tuple[
+        list[pos_pb2.AuthorizeReply], registry_pb2.RegistryReply, list[pos_pb2.AuthorizeReply]
+    ]:
+        async with (
+            grpc.aio.insecure_channel(endpoints.gateway) as pos_channel,
+            grpc.aio.insecure_channel(endpoints.registry) as reg_channel,
+        ):
+            pos_stub = pos_pb2_grpc.PosServiceStub(pos_channel)
+            reg_stub = registry_pb2_grpc.CardRegistryServiceStub(reg_channel)
+
+            async def swipe(terminal: int, trace: int) -> pos_pb2.AuthorizeReply:
+                await asyncio.sleep(terminal * 0.002)
+                reply: pos_pb2.AuthorizeReply = await pos_stub.Authorize(
+                    pos_pb2.AuthorizeRequest(
+                        terminal=common_pb2.TerminalContext(
+                            terminal_id=f"RACE{terminal}",
+                            institution_id=HOSPITAL,
+                            trace_number=trace,
+                        ),
+                        card_no=card,
+                        ssn=ssn,
+                        amount_fen=1_00,
+                    ),
+                    timeout=20,
+                )
+                return reply
+
+            async def report() -> registry_pb2.RegistryReply:
+                await asyncio.sleep(0.05)
+                reply: registry_pb2.RegistryReply = await reg_stub.ReportPreLoss(
+                    registry_pb2.CardRequest(window=window("race"), card_no=card), timeout=20
+                )
+                return reply
+
+            *swipes, reported = await asyncio.gather(*(swipe(t, 1) for t in range(50)), report())
+            later = await asyncio.gather(*(swipe(t, 2) for t in range(10)))
+            return list(swipes), reported, list(later)  # type: ignore[arg-type]
+
+    swipes, reported, later = asyncio.run(race())
+    assert ResultCode(reported.result) == ResultCode.OK
+    report_version = reported.state.version
+    approved = [r for r in swipes if ResultCode(r.result) == ResultCode.OK]
+    declined = [r for r in swipes if ResultCode(r.result) != ResultCode.OK]
+    assert approved and declined, "the race did not straddle the report; tune the delays"
+    assert all(r.state.version < report_version for r in approved)
+    assert all(ResultCode(r.result) == ResultCode.CARD_PRE_LOST for r in declined)
+    assert all(r.state.version > report_version for r in declined)
+    assert all(ResultCode(r.result) == ResultCode.CARD_PRE_LOST for r in later)
+
+
+def test_kill_9_while_swipes_flow_loses_no_approval_and_debits_none_twice(
+    registry: registry_pb2_grpc.CardRegistryServiceStub,
+    endpoints: stack.Endpoints,
+    settings: Settings,
+) -> None:
+    """Terminals keep swiping while the clearing worker is killed with -9 and restarted;
+    a terminal repeats a request that got no definite answer (same trace number). At the
+    end, per person: balance = opening − Σ approved, and the person's records hold
+    exactly the approved swipes, each once."""
+    import asyncio
+    import threading
+
+    people = [enrol(registry, 30 + i, 500_00) for i in range(4)]
+    plan = [(i % 4, i) for i in range(48)]  # (person, trace); 12 hospital swipes each
+    undecided = {ResultCode.TIMEOUT, ResultCode.UNAVAILABLE}
+
+    def killer() -> None:
+        time.sleep(0.6)
+        rows = {r.name: r for r in stack.status(settings)}
+        killed_at.append(time.monotonic())
+        os.kill(rows["worker-0"].pid, signal.SIGKILL)
+        stack.restart_component(settings, "worker-0")
+
+    retries = 0
+    killed_at: list[float] = []
+    slowest_s = 0.0
+    window_s: list[float] = []
+
+    async def flow() -> dict[int, pos_pb2.AuthorizeReply]:
+        window_s.append(time.monotonic())
+        answers: dict[int, pos_pb2.AuthorizeReply] = {}
+        async with grpc.aio.insecure_channel(endpoints.gateway) as channel:
+            stub = pos_pb2_grpc.PosServiceStub(channel)
+            lanes = asyncio.Semaphore(4)
+
+            async def one(person: int, trace: int) -> None:
+                nonlocal retries, slowest_s
+                ssn, card = people[person]
+                request = pos_pb2.AuthorizeRequest(
+                    terminal=common_pb2.TerminalContext(
+                        terminal_id=f"CRASH{person}",
+                        institution_id=HOSPITAL,
+                        trace_number=trace + 1,
+                    ),
+                    card_no=card,
+                    ssn=ssn,
+                    amount_fen=3_00 + trace,
+                )
+                async with lanes:
+                    await asyncio.sleep(0.1)  # a counter's pace: the flow spans the crash
+                    for _attempt in range(60):  # bounded: about a minute at most
+                        started = time.monotonic()
+                        try:
+                            reply = await stub.Authorize(request, timeout=5)
+                            slowest_s = max(slowest_s, time.monotonic() - started)
+                        except grpc.aio.AioRpcError:
+                            retries += 1
+                            await asyncio.sleep(0.5)
+                            continue
+                        if ResultCode(reply.result) not in undecided:
+                            answers[trace] = reply
+                            return
+                        retries += 1
+                        await asyncio.sleep(0.5)
+                    raise AssertionError(f"swipe {trace} never got a definite answer")
+
+            await asyncio.gather(*(one(p, t) for p, t in plan))
+        window_s.append(time.monotonic())
+        return answers
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    answers = asyncio.run(flow())
+    thread.join()
+    # the crash fell inside the flow, and swipes were held up by it (answered after the
+    # restart within the gateway deadline, or retried by the terminal)
+    assert window_s[0] < killed_at[0] < window_s[1], "the crash missed the flow"
+    assert retries > 0 or slowest_s > 1.0, "no swipe was in flight during the crash"
+    for person, (_ssn, card) in enumerate(people):
+        mine = [answers[t] for p, t in plan if p == person]
+        approved = {
+            r.request_id: r.paid_from_account_fen
+            for r in mine
+            if ResultCode(r.result) == ResultCode.OK
+        }
+        assert len(approved) == len(mine), [ResultCode(r.result).name for r in mine]
+        view = registry.GetPerson(registry_pb2.GetPersonRequest(card_no=card))
+        recorded = [t.request_id for t in view.transactions]
+        assert sorted(recorded) == sorted(approved), "records differ from client approvals"
+        assert view.balance_fen == 500_00 - sum(approved.values())
