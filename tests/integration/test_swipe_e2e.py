@@ -491,3 +491,30 @@ def test_kill_9_while_swipes_flow_loses_no_approval_and_debits_none_twice(
         recorded = [t.request_id for t in view.transactions]
         assert sorted(recorded) == sorted(approved), "records differ from client approvals"
         assert view.balance_fen == 500_00 - sum(approved.values())
+
+
+def test_card_commands_drive_the_window_operations(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, settings: Settings
+) -> None:
+    """`medclear card ...` reaches the registry: report a loss, confirm it, see it refused
+    to release (exit 2 with the code), and show the person."""
+    _ssn, card = enrol(registry, 40, 12_34)
+    env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir), "COLUMNS": "160"}
+
+    def medclear(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "medclear", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+
+    done = medclear("card", "report-loss", "--card", card)
+    assert done.returncode == 0 and "PRE_LOST" in done.stdout, done.stdout + done.stderr
+    assert medclear("card", "confirm-loss", "--card", card).returncode == 0
+    refused = medclear("card", "release", "--card", card)
+    assert refused.returncode == 2 and "RELEASE_AFTER_FORMAL_LOSS (71)" in refused.stdout
+    shown = medclear("card", "show", "--card", card)
+    assert shown.returncode == 0 and "LOST" in shown.stdout and "12.34" in shown.stdout
