@@ -31,6 +31,7 @@ from clearing import codec, core
 from clearing.codes import ResultCode
 from clearing.model import CardIssued, Person, Policy, Reply
 from medclear import topics
+from medclear.faust_app import make_app
 from medclear.settings import Settings
 from monitoring import metrics
 
@@ -73,23 +74,12 @@ class Outbox:
 
 
 def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 0) -> faust.App:
-    datadir = settings.state_dir.resolve() / "data" / f"worker-{index}"
-    datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = make_app(
         APP_ID,
-        # Static group membership: a restarted worker takes its partitions back at once.
-        # noida-db never evicts a member killed with -9, so a dynamic member would wait
-        # forever (see docs/ARCHITECTURE.md, broker notes).
-        consumer_group_instance_id=f"worker-{index}",
-        datadir=str(datadir),
-        broker=f"kafka://{bootstrap}",
-        store="memory://",
-        topic_partitions=settings.command_partitions,
-        key_serializer="raw",
-        value_serializer="raw",
-        web_enabled=False,
-        producer_acks=-1,
-        consumer_auto_offset_reset="earliest",
+        f"worker-{index}",
+        settings,
+        bootstrap,
+        settings.command_partitions,
         broker_commit_every=100,
         broker_commit_interval=0.5,
         stream_wait_empty=False,

@@ -210,6 +210,17 @@ def _pos_result(what: str, reply: Any, detail: str) -> None:
         raise typer.Exit(code=2)
 
 
+def _terminal(terminal: str, institution: str, trace: int) -> Any:
+    """The TerminalContext of a POS request; trace 0 takes one from the clock."""
+    from medclear.v1 import common_pb2
+
+    return common_pb2.TerminalContext(
+        terminal_id=terminal,
+        institution_id=institution,
+        trace_number=trace or time.time_ns() // 1_000_000,
+    )
+
+
 TerminalOpt = Annotated[str, typer.Option(help="terminal id")]
 InstitutionOpt = Annotated[str, typer.Option(help="designated institution id")]
 GatewayOpt = Annotated[str, typer.Option(help="host:port; default: the local stack")]
@@ -226,17 +237,13 @@ def pos_reverse(
 ) -> None:
     """Reverse (冲正) a swipe of this terminal that could not be completed. Send it again
     with the same --trace until answered: it is applied once."""
-    from medclear.v1 import common_pb2, pos_pb2
+    from medclear.v1 import pos_pb2
 
     reply = _pos_call(
         gateway or _endpoint("gateway"),
         "Reverse",
         pos_pb2.ReverseRequest(
-            terminal=common_pb2.TerminalContext(
-                terminal_id=terminal,
-                institution_id=institution,
-                trace_number=trace or time.time_ns() // 1_000_000,
-            ),
+            terminal=_terminal(terminal, institution, trace),
             original_trace_number=original_trace,
             card_no=card,
         ),
@@ -261,7 +268,7 @@ def pos_refund(
     gateway: GatewayOpt = "",
 ) -> None:
     """Refund (退费) part or all of a completed swipe to the personal account."""
-    from medclear.v1 import common_pb2, pos_pb2
+    from medclear.v1 import pos_pb2
 
     try:
         amount_fen = parse_yuan(amount)
@@ -271,11 +278,7 @@ def pos_refund(
         gateway or _endpoint("gateway"),
         "Refund",
         pos_pb2.RefundRequest(
-            terminal=common_pb2.TerminalContext(
-                terminal_id=terminal,
-                institution_id=institution,
-                trace_number=trace or time.time_ns() // 1_000_000,
-            ),
+            terminal=_terminal(terminal, institution, trace),
             original_trace_number=original_trace,
             original_terminal_id=original_terminal,
             card_no=card,
@@ -299,17 +302,13 @@ def pos_balance(
     gateway: GatewayOpt = "",
 ) -> None:
     """Balance enquiry at a hospital or pharmacy terminal; counts no swipe."""
-    from medclear.v1 import common_pb2, pos_pb2
+    from medclear.v1 import pos_pb2
 
     reply = _pos_call(
         gateway or _endpoint("gateway"),
         "BalanceInquiry",
         pos_pb2.BalanceInquiryRequest(
-            terminal=common_pb2.TerminalContext(
-                terminal_id=terminal,
-                institution_id=institution,
-                trace_number=time.time_ns() // 1_000_000,
-            ),
+            terminal=_terminal(terminal, institution, 0),
             card_no=card,
         ),
     )
@@ -335,18 +334,15 @@ def pos_swipe(
     The same terminal and trace number sent again is answered with the original reply
     (marked replayed), never debited twice.
     """
-    from medclear.v1 import common_pb2, pos_pb2
+    from medclear.v1 import pos_pb2
 
     try:
         amount_fen = parse_yuan(amount)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     address = gateway or _endpoint("gateway")
-    trace_number = trace or time.time_ns() // 1_000_000
     request = pos_pb2.AuthorizeRequest(
-        terminal=common_pb2.TerminalContext(
-            terminal_id=terminal, institution_id=institution, trace_number=trace_number
-        ),
+        terminal=_terminal(terminal, institution, trace),
         card_no=card,
         ssn=ssn,
         amount_fen=amount_fen,

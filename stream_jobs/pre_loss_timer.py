@@ -18,6 +18,7 @@ import structlog
 from clearing import codec
 from clearing.model import CardStateChanged
 from medclear import topics
+from medclear.faust_app import make_app
 from medclear.settings import Settings
 from monitoring import metrics
 from stream_jobs.pre_loss import Pending, due, track
@@ -27,21 +28,7 @@ APP_ID = "medclear-pre-loss-timer"
 
 
 def create_app(settings: Settings, bootstrap: str) -> faust.App:
-    datadir = settings.state_dir.resolve() / "data" / "pre-loss-timer"
-    datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        APP_ID,
-        consumer_group_instance_id="pre-loss-timer-0",  # see clearing/worker.py
-        datadir=str(datadir),
-        broker=f"kafka://{bootstrap}",
-        store="memory://",
-        topic_partitions=settings.event_partitions,
-        key_serializer="raw",
-        value_serializer="raw",
-        web_enabled=False,
-        producer_acks=-1,
-        consumer_auto_offset_reset="earliest",
-    )
+    app = make_app(APP_ID, "pre-loss-timer-0", settings, bootstrap, settings.event_partitions)
     events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
                        partitions=settings.event_partitions, internal=False)  # fmt: skip
     commands = app.topic(topics.COMMANDS.name, key_type=bytes, value_type=bytes,
