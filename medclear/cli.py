@@ -19,6 +19,7 @@ from rich.table import Table
 
 from clearing.codes import ResultCode
 from medclear.cli_card import card_app
+from medclear.cli_hsm import hsm_app
 from medclear.money import format_yuan, parse_yuan
 from medclear.settings import Settings, get_settings
 from medclear.traffic import LatencyStats
@@ -42,6 +43,7 @@ app.add_typer(serve_app, name="serve")
 app.add_typer(pos_app, name="pos")
 app.add_typer(bench_app, name="bench")
 app.add_typer(card_app, name="card")
+app.add_typer(hsm_app, name="hsm")
 
 console = Console()
 err = Console(stderr=True)
@@ -158,6 +160,30 @@ def serve_registry(
 
     settings = _prepare_process("registry", metrics_port)
     service.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
+
+
+@serve_app.command("hsm")
+def serve_hsm(
+    port: Annotated[int, typer.Option(help="gRPC port of the HSM service")] = 0,
+    metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
+) -> None:
+    """The HSM simulator: key store under the LMK, PIN / MAC / cryptogram operations."""
+    from hsm_sim import service
+    from hsm_sim.keystore import KeyStore, KeyStoreError, load_lmk
+    from medclear.rpc import system_clock_ms
+    from medclear.settings import key_store_file, lmk_file
+
+    settings = _prepare_process("hsm", metrics_port)
+    try:
+        lmk = (
+            load_lmk(hex_value=settings.hsm_lmk)
+            if settings.hsm_lmk
+            else load_lmk(path=lmk_file(settings))
+        )
+        store = KeyStore(key_store_file(settings), lmk, system_clock_ms)
+    except (KeyStoreError, OSError) as exc:
+        raise _fail(f"hsm: {exc}") from exc
+    service.run(store, f"{settings.host}:{port}")
 
 
 @serve_app.command("pre-loss-timer")

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
         2.0, ge=0, le=100, description="client-side wait after an empty fetch (noida-db)"
     )
 
+    hsm_port: int = Field(0, ge=0, le=65535)
+    hsm_lmk: str = Field("", description="the HSM's local master key, hex (else the file)")
+    hsm_lmk_file: Path | None = Field(None, description="default: <state_dir>/hsm/lmk.hex")
+
     decision_deadline_ms: int = Field(3_000, ge=10, le=60_000)
     startup_timeout_s: float = Field(60.0, gt=0, le=600)
 
@@ -62,3 +66,11 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def lmk_file(settings: Settings) -> Path:
+    return settings.hsm_lmk_file or settings.state_dir / "hsm" / "lmk.hex"
+
+
+def key_store_file(settings: Settings) -> Path:
+    return settings.state_dir / "data" / "hsm" / "keys.json"

@@ -109,6 +109,7 @@ class Endpoints:
     gateway: str  # "127.0.0.1:PORT"
     registry: str  # "127.0.0.1:PORT"
     prometheus: str  # "http://127.0.0.1:PORT"
+    hsm: str = ""  # "127.0.0.1:PORT"
 
 
 @dataclass(frozen=True)
@@ -1218,6 +1219,15 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
                 )
             )
 
+        hsm_port = settings.hsm_port or free_port()
+        lmk_path = settings.hsm_lmk_file or state_dir / "hsm" / "lmk.hex"
+        if not settings.hsm_lmk and not lmk_path.exists():
+            from hsm_sim.keystore import new_lmk_file
+
+            new_lmk_file(lmk_path)  # the embedded stack's own LMK, owner-readable only
+        with console.status("starting the HSM …"):
+            hsm = serve("hsm", "hsm", None, hsm_port)
+        _wait_component(hsm, timeout, console)
         with console.status(f"starting {settings.workers} worker(s) …"):
             workers = [serve(f"worker-{i}", "worker", i, None) for i in range(settings.workers)]
         for comp in workers:
@@ -1262,6 +1272,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             gateway=f"{HOST}:{gateway_port}",
             registry=f"{HOST}:{registry_port}",
             prometheus=prom_url,
+            hsm=f"{HOST}:{hsm_port}",
         )
         state.endpoints = endpoints
         state.complete = True
@@ -1293,7 +1304,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
     return endpoints
 
 
-MEDCLEAR_ROLES = ("worker", "gateway", "registry", "pre-loss-timer")
+MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", "pre-loss-timer")
 
 
 def restart_component(

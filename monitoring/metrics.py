@@ -45,6 +45,15 @@ GATEWAY_RESULTS = Counter(
     "Replies given at the gRPC boundary, by method and result code",
     ["method", "result"],
 )
+HSM_SECONDS = Histogram(
+    "medclear_hsm_operation_seconds",
+    "Time inside the HSM per operation (PIN verify, MAC verify, ...)",
+    ["operation"],
+    buckets=LATENCY_BUCKETS_S,
+)
+HSM_RESULTS = Counter(
+    "medclear_hsm_results_total", "HSM operations by result code", ["operation", "result"]
+)
 PRE_LOSS_EXPIRIES = Counter(
     "medclear_pre_loss_expiries_sent_total", "Expiry commands sent by the pre-loss timer"
 )

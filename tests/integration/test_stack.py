@@ -360,6 +360,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         assert [r.name for r in rows] == [
             "broker",
             "clickhouse",
+            "hsm",
             "worker-0",
             "worker-1",
             "gateway",
@@ -369,7 +370,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         ]
         assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows]
         record = json.loads((state_dir / "stack.json").read_text())
-        assert record["complete"] and len(record["components"]) == 8
+        assert record["complete"] and len(record["components"]) == 9
         for comp in record["components"]:
             assert comp["process"]["pid"] and comp["process"]["argv"]
             assert Path(comp["process"]["log"]).parent == state_dir.resolve() / "logs"
@@ -397,14 +398,15 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         assert "already running" in console.export_text()
         assert [r.pid for r in stack.status(settings)] == [r.pid for r in rows]
         table = stack.status_table(stack.status(settings))
-        assert table.row_count == 8
+        assert table.row_count == 9
 
         # a worker killed with -9 shows as down; restart_component brings it back
-        worker_pid = rows[2].pid
+        worker = next(i for i, r in enumerate(rows) if r.name == "worker-0")
+        worker_pid = rows[worker].pid
         assert worker_pid is not None
         os.kill(worker_pid, signal.SIGKILL)
         assert gone(worker_pid)
-        assert stack.status(settings)[2].detail == "process not running"
+        assert stack.status(settings)[worker].detail == "process not running"
         back = stack.restart_component(settings, "worker-0", console)
         assert back.healthy and back.pid not in (None, worker_pid)
         # the broker restarts on its port and data (topics are still there)

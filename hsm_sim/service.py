@@ -1,0 +1,262 @@
+"""The HSM as a gRPC service: thin translation between HsmService and hsm_sim.crypto /
+hsm_sim.keystore. Clear PINs and clear keys exist only inside this process, only for
+the duration of one call; nothing here logs, returns or raises them.
+
+Results: a check that fails is a result code (PIN_WRONG, MAC_INVALID, PIN_BLOCK_INVALID,
+CRYPTOGRAM_INVALID); a request the HSM cannot serve is a gRPC status (NOT_FOUND for an
+unknown key, INVALID_ARGUMENT for a key of the wrong type or a malformed field).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from typing import TypeAlias
+
+import grpc
+import structlog
+
+from clearing.codes import ResultCode
+from hsm_sim import crypto
+from hsm_sim.crypto import CryptoError, KeyAlgorithm, PinBlockError, PinBlockFormat
+from hsm_sim.keystore import KeyInfo, KeyNotFound, KeyStore, KeyStoreError, KeyType
+from medclear.rpc import create_server, pb_enum, result_pb, shanghai_iso
+from medclear.v1 import hsm_pb2, hsm_pb2_grpc
+from monitoring import metrics
+
+log = structlog.get_logger(process="hsm")
+Ctx: TypeAlias = grpc.aio.ServicerContext
+DATA_BYTES_MAX = 64 * 1024  # MAC / digest input per call
+
+
+def key_info_pb(info: KeyInfo) -> hsm_pb2.KeyInfo:
+    return hsm_pb2.KeyInfo(key_id=info.key_id, version=info.version, type=pb_enum(info.type),
+                           algorithm=pb_enum(info.algorithm), kcv=info.kcv,
+                           created_at=shanghai_iso(info.created_at_ms))  # fmt: skip
+
+
+class Hsm(hsm_pb2_grpc.HsmServiceServicer):
+    def __init__(self, store: KeyStore, rng: Callable[[int], bytes] = secrets.token_bytes):
+        self.store = store
+        self.rng = rng
+
+    async def _key(
+        self, context: Ctx, ref: hsm_pb2.KeyRef, key_type: KeyType
+    ) -> tuple[KeyAlgorithm, bytes]:
+        try:
+            info, key = self.store.key(ref.key_id, ref.version, key_type)
+        except KeyNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise AssertionError("unreachable") from exc
+        except KeyStoreError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+        return info.algorithm, key
+
+    @staticmethod
+    def _observe(operation: str, started: float, result: ResultCode) -> None:
+        metrics.HSM_SECONDS.labels(operation).observe(time.perf_counter() - started)
+        metrics.HSM_RESULTS.labels(operation, result.name).inc()
+
+    async def TranslatePin(
+        self,
+        request: hsm_pb2.TranslatePinRequest,
+        context: Ctx,
+    ) -> hsm_pb2.TranslatePinReply:
+        started = time.perf_counter()
+        src_alg, src = await self._key(context, request.source_key, KeyType.TERMINAL_PIN_KEY)
+        dst_alg, dst = await self._key(context, request.target_key, KeyType.ZONE_PIN_KEY)
+        try:
+            block = crypto.translate_pin_block(
+                request.pin_block,
+                request.pan,
+                PinBlockFormat(request.source_format),
+                src_alg,
+                src,
+                PinBlockFormat(request.target_format),
+                dst_alg,
+                dst,
+                self.rng,
+            )
+        except (CryptoError, ValueError):
+            self._observe("TranslatePin", started, ResultCode.PIN_BLOCK_INVALID)
+            return hsm_pb2.TranslatePinReply(result=result_pb(ResultCode.PIN_BLOCK_INVALID))
+        self._observe("TranslatePin", started, ResultCode.OK)
+        return hsm_pb2.TranslatePinReply(result=result_pb(ResultCode.OK), pin_block=block)
+
+    async def _clear_pin(
+        self, context: Ctx, ref: hsm_pb2.KeyRef, block: bytes, fmt: int, pan: str
+    ) -> str | ResultCode:
+        alg, key = await self._key(context, ref, KeyType.TERMINAL_PIN_KEY)
+        try:
+            return crypto.decrypt_pin_block(PinBlockFormat(fmt), block, pan, alg, key)
+        except (PinBlockError, CryptoError, ValueError):
+            return ResultCode.PIN_BLOCK_INVALID
+
+    async def VerifyPin(
+        self,
+        request: hsm_pb2.VerifyPinRequest,
+        context: Ctx,
+    ) -> hsm_pb2.HsmReply:
+        started = time.perf_counter()
+        pin = await self._clear_pin(context, request.pin_key, request.pin_block,
+                                    request.format, request.pan)  # fmt: skip
+        result = pin if isinstance(pin, ResultCode) else ResultCode.OK
+        if not isinstance(pin, ResultCode):
+            alg, pvk = await self._key(context, request.verification_key,
+                                       KeyType.PIN_VERIFICATION_KEY)  # fmt: skip
+            if not crypto.verify_pin(alg, pvk, request.pan, pin,
+                                     request.pin_verification_value):  # fmt: skip
+                result = ResultCode.PIN_WRONG
+        self._observe("VerifyPin", started, result)
+        return hsm_pb2.HsmReply(result=result_pb(result))
+
+    async def SetPin(
+        self,
+        request: hsm_pb2.SetPinRequest,
+        context: Ctx,
+    ) -> hsm_pb2.SetPinReply:
+        started = time.perf_counter()
+        pin = await self._clear_pin(context, request.pin_key, request.pin_block,
+                                    request.format, request.pan)  # fmt: skip
+        if isinstance(pin, ResultCode):
+            self._observe("SetPin", started, pin)
+            return hsm_pb2.SetPinReply(result=result_pb(pin))
+        alg, pvk = await self._key(context, request.verification_key,
+                                   KeyType.PIN_VERIFICATION_KEY)  # fmt: skip
+        pvv = crypto.pin_verification_value(alg, pvk, request.pan, pin)
+        self._observe("SetPin", started, ResultCode.OK)
+        return hsm_pb2.SetPinReply(result=result_pb(ResultCode.OK), pin_verification_value=pvv)
+
+    async def _mac_data(self, context: Ctx, data: bytes) -> None:
+        if len(data) > DATA_BYTES_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"data longer than {DATA_BYTES_MAX} bytes")  # fmt: skip
+
+    async def GenerateMac(
+        self,
+        request: hsm_pb2.MacRequest,
+        context: Ctx,
+    ) -> hsm_pb2.MacReply:
+        started = time.perf_counter()
+        await self._mac_data(context, request.data)
+        alg, key = await self._key(context, request.key, KeyType.TERMINAL_MAC_KEY)
+        mac = crypto.generate_mac(alg, key, request.data)
+        self._observe("GenerateMac", started, ResultCode.OK)
+        return hsm_pb2.MacReply(result=result_pb(ResultCode.OK), mac=mac)
+
+    async def VerifyMac(
+        self,
+        request: hsm_pb2.MacRequest,
+        context: Ctx,
+    ) -> hsm_pb2.HsmReply:
+        started = time.perf_counter()
+        await self._mac_data(context, request.data)
+        alg, key = await self._key(context, request.key, KeyType.TERMINAL_MAC_KEY)
+        ok = crypto.verify_mac(alg, key, request.data, request.mac)
+        result = ResultCode.OK if ok else ResultCode.MAC_INVALID
+        self._observe("VerifyMac", started, result)
+        return hsm_pb2.HsmReply(result=result_pb(result))
+
+    async def VerifyCardCryptogram(
+        self,
+        request: hsm_pb2.CryptogramRequest,
+        context: Ctx,
+    ) -> hsm_pb2.HsmReply:
+        started = time.perf_counter()
+        alg, master = await self._key(context, request.master_key, KeyType.CARD_MASTER_KEY)
+        try:
+            card_key = crypto.derive_card_key(alg, master, request.card_no)
+            expected = crypto.card_cryptogram(alg, card_key, request.challenge,
+                                              request.amount_fen, request.terminal_id,
+                                              request.counter)  # fmt: skip
+            ok = secrets.compare_digest(expected, request.cryptogram)
+        except (CryptoError, ValueError):
+            ok = False
+        result = ResultCode.OK if ok else ResultCode.CRYPTOGRAM_INVALID
+        self._observe("VerifyCardCryptogram", started, result)
+        return hsm_pb2.HsmReply(result=result_pb(result))
+
+    async def Digest(
+        self,
+        request: hsm_pb2.DigestRequest,
+        context: Ctx,
+    ) -> hsm_pb2.DigestReply:
+        await self._mac_data(context, request.data)
+        return hsm_pb2.DigestReply(digest=crypto.sm3(request.data))
+
+    async def GenerateKey(
+        self,
+        request: hsm_pb2.GenerateKeyRequest,
+        context: Ctx,
+    ) -> hsm_pb2.KeyInfo:
+        try:
+            info = self.store.generate(request.key_id, KeyType(request.type),
+                                       KeyAlgorithm(request.algorithm))  # fmt: skip
+        except (KeyStoreError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+        log.info("key generated", key_id=info.key_id, version=info.version, kcv=info.kcv)
+        return key_info_pb(info)
+
+    async def ExportKey(
+        self, request: hsm_pb2.ExportKeyRequest, context: Ctx
+    ) -> hsm_pb2.ExportKeyReply:
+        try:
+            info, wrapped = self.store.export(
+                request.key.key_id, request.key.version, request.kek.key_id
+            )
+        except KeyNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise AssertionError("unreachable") from exc
+        except KeyStoreError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+        log.info("key exported", key_id=info.key_id, kek=request.kek.key_id, kcv=info.kcv)
+        return hsm_pb2.ExportKeyReply(wrapped=wrapped, kcv=info.kcv, key=key_info_pb(info))
+
+    async def ImportKey(self, request: hsm_pb2.ImportKeyRequest, context: Ctx) -> hsm_pb2.KeyInfo:
+        try:
+            info = self.store.import_wrapped(
+                request.key_id,
+                KeyType(request.type),
+                KeyAlgorithm(request.algorithm),
+                request.kek.key_id,
+                request.wrapped,
+                request.kcv,
+            )
+        except KeyNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise AssertionError("unreachable") from exc
+        except (KeyStoreError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+        log.info("key imported", key_id=info.key_id, version=info.version, kcv=info.kcv)
+        return key_info_pb(info)
+
+    async def ListKeys(
+        self,
+        request: hsm_pb2.ListKeysRequest,
+        context: Ctx,
+    ) -> hsm_pb2.ListKeysReply:
+        return hsm_pb2.ListKeysReply(keys=[key_info_pb(i) for i in self.store.list_keys()])
+
+
+async def serve(store: KeyStore, address: str) -> None:
+    hsm = Hsm(store)
+    server, bound, _health = await create_server(
+        address, lambda s: hsm_pb2_grpc.add_HsmServiceServicer_to_server(hsm, s),
+        [hsm_pb2.DESCRIPTOR.services_by_name["HsmService"].full_name])  # fmt: skip
+    metrics.READY.set(1)
+    log.info("hsm serving", port=bound, keys=len(store.list_keys()))
+    try:
+        await server.wait_for_termination()
+    finally:
+        metrics.READY.set(0)
+        await server.stop(grace=2)
+
+
+def run(store: KeyStore, address: str) -> None:
+    asyncio.run(serve(store, address))
