@@ -272,6 +272,25 @@ class KeyStore:
             raise KeyStoreError("the imported key's check value does not match")
         return self.add(key_id, key_type, algorithm, key)
 
+    def form_kek(
+        self,
+        key_id: str,
+        algorithm: KeyAlgorithm,
+        components: list[bytes],
+        component_kcvs: list[str],
+    ) -> KeyInfo:
+        """A key-encryption key from 2 or 3 clear components (XOR), each checked by its
+        KCV: what custodians enter at a key ceremony."""
+        if not 2 <= len(components) <= 3 or len(component_kcvs) != len(components):
+            raise KeyStoreError("a key is formed from 2 or 3 components, each with its KCV")
+        for i, (part, check) in enumerate(zip(components, component_kcvs, strict=True), 1):
+            if not key_length_ok(algorithm, part) or kcv(algorithm, part) != check.upper():
+                raise KeyStoreError(f"component {i} does not match its check value")
+        key = bytes(len(components[0]))
+        for part in components:
+            key = bytes(a ^ b for a, b in zip(key, part, strict=True))
+        return self.add(key_id, KeyType.KEY_ENCRYPTION_KEY, algorithm, key)
+
     def list_keys(self) -> list[KeyInfo]:
         return sorted((e.info for e in self._entries.values()),
                       key=lambda i: (i.key_id, i.version))  # fmt: skip

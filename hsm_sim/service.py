@@ -236,6 +236,25 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         log.info("key imported", key_id=info.key_id, version=info.version, kcv=info.kcv)
         return key_info_pb(info)
 
+    async def FormKey(self, request: hsm_pb2.FormKeyRequest, context: Ctx) -> hsm_pb2.KeyInfo:
+        try:
+            info = self.store.form_kek(
+                request.key_id,
+                KeyAlgorithm(request.algorithm),
+                list(request.components),
+                list(request.component_kcvs),
+            )
+        except (KeyStoreError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+        log.info(
+            "key formed from components",
+            key_id=info.key_id,
+            kcv=info.kcv,
+            components=len(request.components),
+        )
+        return key_info_pb(info)
+
     async def ListKeys(
         self,
         request: hsm_pb2.ListKeysRequest,

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clearing.codes import ResultCode
 from hsm_sim.crypto import KeyAlgorithm
 from hsm_sim.keystore import KeyType
 from medclear.rpc import pb_enum
@@ -141,4 +142,127 @@ def provision_terminal(
         table.add_row(
             label, key_id, str(exported.key.version), exported.wrapped.hex().upper(), exported.kcv
         )
+    console.print(table)
+
+
+async def _bench(address: str, count: int, concurrency: int) -> dict[str, Any]:
+    import secrets
+    import time
+
+    from hsm_sim import crypto
+    from hsm_sim.crypto import PinBlockFormat
+    from hsm_sim.keystore import unwrap_key
+    from medclear.traffic import LatencyStats, in_flight
+
+    ref = hsm_pb2.KeyRef
+    aes = KeyAlgorithm.AES_128
+    async with grpc.aio.insecure_channel(address) as channel:
+        hsm = hsm_pb2_grpc.HsmServiceStub(channel)
+        tag = secrets.token_hex(3)
+        # the key ceremony: the bench holds the KEK components, the HSM forms the KEK
+        parts = [secrets.token_bytes(32) for _ in range(2)]
+        await hsm.FormKey(
+            hsm_pb2.FormKeyRequest(
+                key_id=f"bench-kek-{tag}",
+                algorithm=pb_enum(KeyAlgorithm.AES_256),
+                components=parts,
+                component_kcvs=[crypto.kcv(KeyAlgorithm.AES_256, p) for p in parts],
+            )
+        )
+        kek = bytes(a ^ b for a, b in zip(*parts, strict=True))
+        clear: dict[str, bytes] = {}
+        for name, key_type in (
+            ("tpk", KeyType.TERMINAL_PIN_KEY),
+            ("tak", KeyType.TERMINAL_MAC_KEY),
+            ("pvk", KeyType.PIN_VERIFICATION_KEY),
+        ):
+            await hsm.GenerateKey(
+                hsm_pb2.GenerateKeyRequest(
+                    key_id=f"bench-{name}-{tag}", type=pb_enum(key_type), algorithm=pb_enum(aes)
+                )
+            )
+            if name != "pvk":  # the terminal loads its TPK and TAK from under its KEK
+                out = await hsm.ExportKey(
+                    hsm_pb2.ExportKeyRequest(
+                        key=ref(key_id=f"bench-{name}-{tag}"), kek=ref(key_id=f"bench-kek-{tag}")
+                    )
+                )
+                clear[name] = unwrap_key(KeyAlgorithm.AES_256, kek, out.wrapped)
+        pan, pin = "S26000001", "271828"
+
+        def block() -> bytes:
+            return crypto.encrypt_pin_block(
+                PinBlockFormat.ISO_4, pin, pan, aes, clear["tpk"], secrets.token_bytes
+            )
+
+        pvv = (
+            await hsm.SetPin(
+                hsm_pb2.SetPinRequest(
+                    pin_key=ref(key_id=f"bench-tpk-{tag}"),
+                    verification_key=ref(key_id=f"bench-pvk-{tag}"),
+                    pin_block=block(),
+                    format=pb_enum(PinBlockFormat.ISO_4),
+                    pan=pan,
+                )
+            )
+        ).pin_verification_value
+        pin_requests = [
+            hsm_pb2.VerifyPinRequest(
+                pin_key=ref(key_id=f"bench-tpk-{tag}"),
+                verification_key=ref(key_id=f"bench-pvk-{tag}"),
+                pin_block=block(),
+                format=pb_enum(PinBlockFormat.ISO_4),
+                pan=pan,
+                pin_verification_value=pvv,
+            )
+            for _ in range(count)
+        ]
+        data = b"AUTH|T1|310101P00001|42|S26000001|1250"
+        mac = crypto.generate_mac(aes, clear["tak"], data)
+        mac_request = hsm_pb2.MacRequest(key=ref(key_id=f"bench-tak-{tag}"), data=data, mac=mac)
+        results: dict[str, Any] = {}
+        for label, method, requests in (
+            ("VerifyPin", hsm.VerifyPin, pin_requests),
+            ("VerifyMac", hsm.VerifyMac, [mac_request] * count),
+        ):
+            stats = LatencyStats()
+
+            async def one(request: Any, method: Any = method, stats: LatencyStats = stats) -> None:
+                started = time.perf_counter()
+                reply = await method(request, timeout=10)
+                stats.add((time.perf_counter() - started) * 1000, ResultCode(reply.result).name)
+
+            await in_flight(requests, concurrency, one)
+            stats.ended = time.perf_counter()
+            results[label] = stats
+        return results
+
+
+@hsm_app.command("bench")
+def bench(
+    count: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="operations of each kind")
+    ] = 3000,
+    concurrency: Annotated[str, typer.Option(help="comma-separated calls in flight")] = "1,16",
+) -> None:
+    """PIN verifications/s and MAC verifications/s of the running HSM over gRPC, with
+    p50/p99 per call, at each concurrency. Forms its own keys (bench-*); asserts nothing."""
+    from medclear import stack
+    from medclear.settings import get_settings
+
+    address = stack.load_endpoints(get_settings()).hsm
+    table = Table(title=f"HSM over gRPC ({address}), {count:,} calls per row")
+    for column in ("operation", "in flight", "ops/s", "p50 ms", "p99 ms", "results"):
+        table.add_column(column, justify="right")
+    for level in (int(x) for x in concurrency.split(",")):
+        for label, stats in asyncio.run(_bench(address, count, level)).items():
+            results = ", ".join(f"{k}: {v}" for k, v in stats.results.items())
+            table.add_row(
+                label,
+                str(level),
+                f"{stats.rate_per_s:,.0f}",
+                f"{stats.percentile(0.5):.2f}",
+                f"{stats.percentile(0.99):.2f}",
+                results,
+            )
     console.print(table)

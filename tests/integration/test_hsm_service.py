@@ -188,3 +188,32 @@ def test_keys_are_listed_without_material_and_wrong_keys_are_refused(
         )
     )
     assert exported.kcv == rotated.kcv and exported.wrapped
+
+
+def test_a_kek_is_formed_from_checked_components(
+    stub: hsm_pb2_grpc.HsmServiceStub, store: KeyStore
+) -> None:
+    parts = [secrets.token_bytes(16) for _ in range(3)]
+    checks = [crypto.kcv(KeyAlgorithm.SM4, p) for p in parts]
+    info = stub.FormKey(
+        hsm_pb2.FormKeyRequest(
+            key_id="kek-ceremony",
+            algorithm=pb_enum(KeyAlgorithm.SM4),
+            components=parts,
+            component_kcvs=checks,
+        )
+    )
+    formed = bytes(a ^ b ^ c for a, b, c in zip(*parts, strict=True))
+    assert info.kcv == crypto.kcv(KeyAlgorithm.SM4, formed)
+    assert store.key("kek-ceremony", key_type=KeyType.KEY_ENCRYPTION_KEY)[1] == formed
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.FormKey(
+            hsm_pb2.FormKeyRequest(
+                key_id="kek-bad",
+                algorithm=pb_enum(KeyAlgorithm.SM4),
+                components=parts[:2],
+                component_kcvs=[checks[0], "000000"],
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "component 2" in (refused.value.details() or "")
