@@ -30,7 +30,8 @@ from medclear.rpc import (
     state_of,
     system_clock_ms,
 )
-from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from medclear.terminals import PIN_BLOCK_FORMAT, PVK_ID, ensure_pvk, tpk_id
+from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, registry_pb2, registry_pb2_grpc
 from monitoring import metrics
 
 log = structlog.get_logger(process="registry")
@@ -40,10 +41,21 @@ RECENT_TRANSACTIONS_MAX = 20  # shown by GetPerson, newest first
 
 
 class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
-    def __init__(self, bus: CommandBus, deadline_ms: int, clock: Clock = system_clock_ms):
+    def __init__(
+        self,
+        bus: CommandBus,
+        deadline_ms: int,
+        clock: Clock = system_clock_ms,
+        hsm_address: str = "",
+    ):
         self.bus = bus
         self.deadline_s = deadline_ms / 1000
         self.clock = clock
+        # With an HSM, a new PIN arrives as a PIN block under the window's PIN key and the
+        # HSM turns it into the card's verification value; without one (terminal security
+        # off) the aggregate only records that the initial PIN was changed.
+        self.hsm = (hsm_pb2_grpc.HsmServiceStub(grpc.aio.insecure_channel(hsm_address))
+                    if hsm_address else None)  # fmt: skip
 
     async def _run(
         self,
@@ -177,14 +189,43 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     async def ChangePin(
         self, request: registry_pb2.ChangePinRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
-        # The PIN blocks go to the HSM once it exists (HSM issue); the aggregate records
-        # that the initial PIN was changed.
+        pvv = ""
+        if self.hsm is not None:
+            try:
+                reply = await self.hsm.SetPin(
+                    hsm_pb2.SetPinRequest(
+                        pin_key=hsm_pb2.KeyRef(key_id=tpk_id(request.window.window_id)),
+                        verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
+                        pin_block=request.new_pin_block,
+                        format=pb_enum(PIN_BLOCK_FORMAT),
+                        pan=request.card_no,
+                    ),
+                    timeout=5,
+                )
+            except grpc.aio.AioRpcError as exc:
+                code = (ResultCode.TERMINAL_UNKNOWN if exc.code() == grpc.StatusCode.NOT_FOUND
+                        else ResultCode.UNAVAILABLE)  # fmt: skip
+                return registry_pb2.RegistryReply(
+                    result=result_pb(code),
+                    message=message(code),
+                    request_id=request.window.request_id,
+                )
+            if ResultCode(reply.result) != ResultCode.OK:
+                code = ResultCode(reply.result)
+                return registry_pb2.RegistryReply(
+                    result=result_pb(code),
+                    message=message(code),
+                    request_id=request.window.request_id,
+                )
+            pvv = reply.pin_verification_value.hex()
         return await self._run(
             "ChangePin",
             request.window,
             request.ssn,
             request.card_no,
-            lambda rid, at, ssn: model.CardCommand(rid, at, ssn, request.card_no, "change_pin"),
+            lambda rid, at, ssn: model.CardCommand(
+                rid, at, ssn, request.card_no, "change_pin", pvv=pvv
+            ),
         )
 
     async def CreditAccount(
@@ -324,8 +365,13 @@ def person_view(person: model.Person, reply: Reply) -> registry_pb2.PersonView:
     )
 
 
-def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
-    """Serve CardRegistryService on host:port until terminated."""
+def run(
+    bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str, hsm_address: str = ""
+) -> None:
+    """Serve CardRegistryService on host:port until terminated (PINs set through the HSM
+    when an HSM address is given)."""
+    if hsm_address:
+        asyncio.run(ensure_pvk(hsm_address))
     asyncio.run(
         serve_commands(
             "registry",
@@ -334,7 +380,7 @@ def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str
             f"{host}:{port}",
             registry_pb2.DESCRIPTOR.services_by_name["CardRegistryService"].full_name,
             lambda bus, server: registry_pb2_grpc.add_CardRegistryServiceServicer_to_server(
-                CardRegistry(bus, deadline_ms), server
+                CardRegistry(bus, deadline_ms, hsm_address=hsm_address), server
             ),
         )
     )

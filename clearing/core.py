@@ -325,7 +325,7 @@ def _decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decis
         if state not in PIN_CHANGE_STATES:
             return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
                            **fields)  # fmt: skip
-        pin_event = PinChanged(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no)
+        pin_event = PinChanged(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no, c.pvv)
         return _events(person, c, [pin_event], **fields)
     allowed_from, to_state = CARD_TRANSITIONS[c.op]
     if state not in allowed_from:
@@ -483,7 +483,13 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
         not validate.is_card_no(c.card_no)
         or not validate.is_id(c.institution_id)
         or not validate.is_amount_fen(c.amount_fen)
-        or c.pin not in (PinOutcome.NOT_VERIFIED, PinOutcome.CORRECT, PinOutcome.WRONG)
+        or c.pin
+        not in (
+            PinOutcome.NOT_VERIFIED,
+            PinOutcome.CORRECT,
+            PinOutcome.WRONG,
+            PinOutcome.INVALID_BLOCK,
+        )
     ):
         return _refuse(
             person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms, amount_fen=c.amount_fen
@@ -520,6 +526,9 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
         return decline(ResultCode.COLOUR_NOT_ALLOWED, {"card_state": state})
     if card.initial_pin:
         return decline(ResultCode.INITIAL_PIN_NOT_CHANGED, {"card_state": state})
+    if c.pin == PinOutcome.INVALID_BLOCK:
+        return decline(ResultCode.PIN_BLOCK_INVALID, {"card_state": state,
+                       "pin_tries_remaining": card.pin_tries_remaining})  # fmt: skip
     if c.pin == PinOutcome.WRONG or (
         c.pin == PinOutcome.NOT_VERIFIED and policy.pin_verification_required
     ):
@@ -691,11 +700,13 @@ def apply(person: Person | None, event: Event) -> Person | None:
                                state_before_pre_loss=event.old_state)  # fmt: skip
             elif event.old_state == CardState.PRE_LOST:
                 changes.update(pre_loss_deadline_ms=0)
-            if event.op == "unlock":
-                changes.update(initial_pin=True, pin_failures=0)
+            if event.op == "unlock":  # back to the initial PIN, to be changed at a window
+                changes.update(initial_pin=True, pin_failures=0, pvv="")
             return _with_card(person, event.card_no, **changes)
         case PinChanged():
-            return _with_card(person, event.card_no, initial_pin=False, pin_failures=0)
+            return _with_card(
+                person, event.card_no, initial_pin=False, pin_failures=0, pvv=event.pvv
+            )
         case AccountCredited():
             sources = (*person.credit_sources, event.source_id)[-CREDIT_SOURCES_REMEMBERED_MAX:]
             return replace(person, balance_fen=event.balance_after_fen, credit_sources=sources)

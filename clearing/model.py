@@ -32,6 +32,7 @@ class Card:
     initial_pin: bool = True  # must be changed at a window before paying
     pin_failures: int = 0  # consecutive wrong PINs
     pharmacy_swipes_per_day: int = PHARMACY_SWIPES_PER_DAY_DEFAULT
+    pvv: str = ""  # PIN verification value (hex) from the HSM; "" until a PIN is set there
     expires_at_ms: int = 0  # temporary cards: one year after issue; 0: no expiry
     pre_loss_deadline_ms: int = 0  # while PRE_LOST: when the pre-loss lapses
     state_before_pre_loss: CardState = CardState.ACTIVE  # what a release or lapse restores
@@ -189,6 +190,7 @@ class CardCommand:
     card_no: str
     op: str
     reason: str = ""
+    pvv: str = ""  # change_pin: the new PIN's verification value from the HSM
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +203,10 @@ class CreditAccount:
 
 
 class PinOutcome:
-    NOT_VERIFIED = 0  # no HSM on the path yet (see Policy.pin_verification_required)
+    NOT_VERIFIED = 0  # no PIN check on the path (see Policy.pin_verification_required)
     CORRECT = 1
     WRONG = 2
+    INVALID_BLOCK = 3  # the PIN block is malformed: refused, no try counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +219,8 @@ class Authorize:
     amount_fen: int
     allow_partial: bool = False
     pin: int = PinOutcome.NOT_VERIFIED
+    terminal_id: str = ""  # whose PIN key encrypted pin_block
+    pin_block: str = ""  # hex, ISO 9564 under the terminal's PIN key; checked via the HSM
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +375,7 @@ class PinChanged:
     at_ms: int
     ssn: str
     card_no: str
+    pvv: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import faust
+import grpc
 import structlog
 from aiokafka import AIOKafkaProducer
 
 from clearing import codec, core
 from clearing.codes import ResultCode
-from clearing.model import CardIssued, Person, Policy, Reply
+from clearing.model import Authorize, Card, CardIssued, Person, PinOutcome, Policy, Reply
 from medclear import topics
 from medclear.faust_app import make_app
 from medclear.settings import Settings
@@ -73,6 +75,48 @@ class Outbox:
             self._producer = None
 
 
+class PinChecker:
+    """Asks the HSM whether a swipe's PIN block matches the card's verification value.
+    Only the encrypted block and the PVV cross; the answer is a PinOutcome."""
+
+    def __init__(self, hsm_address: str) -> None:
+        self._address = hsm_address
+        self._stub: Any = None
+
+    async def outcome(self, command: Authorize, card: Card) -> int:
+        from medclear.rpc import pb_enum
+        from medclear.terminals import PIN_BLOCK_FORMAT, PVK_ID, tpk_id
+        from medclear.v1 import hsm_pb2, hsm_pb2_grpc
+
+        if not card.pvv:
+            return PinOutcome.NOT_VERIFIED  # no PIN was ever set through the HSM
+        if self._stub is None:
+            self._stub = hsm_pb2_grpc.HsmServiceStub(grpc.aio.insecure_channel(self._address))
+        try:
+            block = bytes.fromhex(command.pin_block)
+        except ValueError:
+            return PinOutcome.INVALID_BLOCK
+        try:
+            reply = await self._stub.VerifyPin(
+                hsm_pb2.VerifyPinRequest(
+                    pin_key=hsm_pb2.KeyRef(key_id=tpk_id(command.terminal_id)),
+                    verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
+                    pin_block=block,
+                    format=pb_enum(PIN_BLOCK_FORMAT),
+                    pan=command.card_no,
+                    pin_verification_value=bytes.fromhex(card.pvv),
+                ),
+                timeout=2,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return PinOutcome.INVALID_BLOCK  # no PIN key for that terminal
+            raise  # the HSM is down: the command is not decided; faust redelivers it
+        return {ResultCode.OK: PinOutcome.CORRECT, ResultCode.PIN_WRONG: PinOutcome.WRONG}.get(
+            ResultCode(reply.result), PinOutcome.INVALID_BLOCK
+        )
+
+
 def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 0) -> faust.App:
     app = make_app(
         APP_ID,
@@ -100,6 +144,7 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
         value_type=bytes,
     )
     outbox = Outbox(bootstrap)
+    pins = PinChecker(settings.hsm_address) if settings.terminal_security else None
 
     async def send_reply(headers: Any, key: bytes, reply: Reply) -> None:
         reply_to = _header(headers, HEADER_REPLY_TO)
@@ -140,6 +185,17 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
             t0 = time.perf_counter()
             stored = persons.get(key)
             person: Person | None = codec.decode(stored) if stored is not None else None
+            card = person.card(command.card_no) if person and isinstance(command, Authorize) \
+                else None  # fmt: skip
+            if (pins is not None and card is not None and person is not None
+                    and isinstance(command, Authorize)
+                    and person.reply_to(command.request_id) is None):  # fmt: skip
+                outcome = (
+                    await pins.outcome(command, card)
+                    if command.pin_block
+                    else (PinOutcome.INVALID_BLOCK)
+                )
+                command = replace(command, pin=outcome)
             new_person, decision = core.handle(person, command, policy)
             t1 = time.perf_counter()
             if decision.events:

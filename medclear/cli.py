@@ -146,7 +146,10 @@ def serve_gateway(
     from medclear import gateway
 
     settings = _prepare_process("gateway", metrics_port)
-    gateway.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
+    hsm = settings.hsm_address if settings.terminal_security else ""
+    gateway.run(
+        _bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance, hsm
+    )
 
 
 @serve_app.command("registry")
@@ -159,7 +162,10 @@ def serve_registry(
     from card_registry import service
 
     settings = _prepare_process("registry", metrics_port)
-    service.run(_bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance)
+    hsm = settings.hsm_address if settings.terminal_security else ""
+    service.run(
+        _bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance, hsm
+    )
 
 
 @serve_app.command("hsm")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import structlog
@@ -27,7 +28,8 @@ from medclear.rpc import (
     state_of,
     system_clock_ms,
 )
-from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc
+from medclear.terminals import mac_input, tak_id
+from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, pos_pb2, pos_pb2_grpc
 from monitoring import metrics
 
 log = structlog.get_logger(process="gateway")
@@ -37,11 +39,47 @@ def request_id_of(terminal_id: str, trace_number: int) -> str:
     return f"{terminal_id}:{trace_number}"
 
 
+class MacChecker:
+    """Verifies a POS request's MAC through the HSM under the terminal's MAC key."""
+
+    def __init__(self, hsm_address: str) -> None:
+        self._stub = hsm_pb2_grpc.HsmServiceStub(grpc.aio.insecure_channel(hsm_address))
+
+    async def check(self, terminal_id: str, request: Any) -> ResultCode:
+        try:
+            reply = await self._stub.VerifyMac(
+                hsm_pb2.MacRequest(
+                    key=hsm_pb2.KeyRef(key_id=tak_id(terminal_id)),
+                    data=mac_input(request),
+                    mac=request.mac,
+                ),
+                timeout=2,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return ResultCode.TERMINAL_UNKNOWN  # no MAC key: not a provisioned terminal
+            return ResultCode.UNAVAILABLE
+        return ResultCode(reply.result)
+
+
 class PosGateway(pos_pb2_grpc.PosServiceServicer):
-    def __init__(self, bus: CommandBus, deadline_ms: int, clock: Clock = system_clock_ms):
+    def __init__(
+        self,
+        bus: CommandBus,
+        deadline_ms: int,
+        clock: Clock = system_clock_ms,
+        macs: MacChecker | None = None,
+    ):
         self.bus = bus
         self.deadline_s = deadline_ms / 1000
         self.clock = clock
+        self.macs = macs  # None: terminal security off (no HSM on the path)
+
+    async def _admit(self, terminal_id: str, request: Any) -> ResultCode:
+        """The terminal's MAC, before anything reaches a person's aggregate."""
+        if self.macs is None:
+            return ResultCode.OK
+        return await self.macs.check(terminal_id, request)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -66,7 +104,11 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         request_id = request_id_of(t.terminal_id, t.trace_number)
         reply = Reply(request_id, ResultCode.MALFORMED_REQUEST, amount_fen=request.amount_fen)
         ssn = ""
+        admitted = ResultCode.MALFORMED_REQUEST
         if validate.is_id(t.terminal_id) and t.trace_number > 0:
+            admitted = await self._admit(t.terminal_id, request)
+            reply = Reply(request_id, admitted, amount_fen=request.amount_fen)
+        if admitted == ResultCode.OK:
             code, ssn = await self._route(request.card_no, request.ssn)
             reply = Reply(request_id, code, amount_fen=request.amount_fen)
             if code == ResultCode.OK:
@@ -79,6 +121,8 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
                     amount_fen=request.amount_fen,
                     allow_partial=request.allow_partial,
                     pin=PinOutcome.NOT_VERIFIED,
+                    terminal_id=t.terminal_id,
+                    pin_block=request.pin_block.hex(),
                 )
                 reply = await self._ask(command, context)
         metrics.GATEWAY_SECONDS.labels("Authorize").observe(time.perf_counter() - started)
@@ -104,7 +148,9 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
     ) -> pos_pb2.BalanceInquiryReply:
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
-        code, ssn = await self._route(request.card_no, request.ssn)
+        code, ssn = await self._admit(t.terminal_id, request), ""
+        if code == ResultCode.OK:
+            code, ssn = await self._route(request.card_no, request.ssn)
         reply = Reply(request_id, code)
         if code == ResultCode.OK:
             command = model.BalanceInquiry(
@@ -140,6 +186,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         request_id = request_id_of(t.terminal_id, t.trace_number)
         original = request_id_of(t.terminal_id, request.original_trace_number)
         reply, ssn = await self._command(
+            request,
             "Reverse",
             t,
             request.card_no,
@@ -170,6 +217,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
             request.original_terminal_id or t.terminal_id, request.original_trace_number
         )
         reply, ssn = await self._command(
+            request,
             "Refund",
             t,
             request.card_no,
@@ -194,6 +242,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
 
     async def _command(
         self,
+        request: Any,
         method: str,
         t: common_pb2.TerminalContext,
         card_no: str,
@@ -208,17 +257,23 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         request_id = request_id_of(t.terminal_id, t.trace_number)
         reply, routed = Reply(request_id, ResultCode.MALFORMED_REQUEST), ""
         if validate.is_id(t.terminal_id) and t.trace_number > 0 and well_formed:
-            code, routed = await self._route(card_no, ssn)
-            reply = Reply(request_id, code)
-            if code == ResultCode.OK:
-                reply = await self._ask(make(routed), context)
+            admitted = await self._admit(t.terminal_id, request)
+            reply = Reply(request_id, admitted)
+            if admitted == ResultCode.OK:
+                code, routed = await self._route(card_no, ssn)
+                reply = Reply(request_id, code)
+                if code == ResultCode.OK:
+                    reply = await self._ask(make(routed), context)
         metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
         metrics.GATEWAY_RESULTS.labels(method, reply.result.name).inc()
         return reply, routed
 
 
-def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str) -> None:
-    """Serve PosService on host:port until terminated."""
+def run(
+    bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str, hsm_address: str = ""
+) -> None:
+    """Serve PosService on host:port until terminated; with an HSM address every request's
+    MAC is verified through it (terminal security)."""
     asyncio.run(
         serve_commands(
             "gateway",
@@ -227,7 +282,8 @@ def run(bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str
             f"{host}:{port}",
             pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name,
             lambda bus, server: pos_pb2_grpc.add_PosServiceServicer_to_server(
-                PosGateway(bus, deadline_ms), server
+                PosGateway(bus, deadline_ms, macs=MacChecker(hsm_address) if hsm_address else None),
+                server,
             ),
         )
     )

@@ -65,4 +65,5 @@ def load_policy(settings: Settings) -> Policy:
     return Policy(
         institutions=load_institutions(settings.institutions_file),
         pre_loss_lifetimes=load_pre_loss_lifetimes(settings.pre_loss_policy_file),
+        pin_verification_required=settings.terminal_security,
     )

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     )
 
     hsm_port: int = Field(0, ge=0, le=65535)
+    hsm_address: str = Field("", description="host:port of the HSM (set by `up`)")
+    terminal_security: bool = Field(
+        False, description="MAC and PIN of every POS request checked through the HSM"
+    )
     hsm_lmk: str = Field("", description="the HSM's local master key, hex (else the file)")
     hsm_lmk_file: Path | None = Field(None, description="default: <state_dir>/hsm/lmk.hex")
 

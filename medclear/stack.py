@@ -1225,6 +1225,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             from hsm_sim.keystore import new_lmk_file
 
             new_lmk_file(lmk_path)  # the embedded stack's own LMK, owner-readable only
+        env["MEDCLEAR_HSM_ADDRESS"] = f"{HOST}:{hsm_port}"  # for the processes after it
         with console.status("starting the HSM …"):
             hsm = serve("hsm", "hsm", None, hsm_port)
         _wait_component(hsm, timeout, console)
@@ -1326,12 +1327,14 @@ def restart_component(
             raise StackError(f"{name} is an external server; medclear does not run it", name)
         old.stop(STOP_TIMEOUT_S)
         if comp.kind in MEDCLEAR_ROLES:
-            env: dict[str, str] | None = _child_env(
+            child_env = _child_env(
                 settings,
                 state_dir,
                 state.endpoints.kafka_bootstrap,
                 state.endpoints.clickhouse_url,
             )
+            child_env["MEDCLEAR_HSM_ADDRESS"] = state.endpoints.hsm
+            env: dict[str, str] | None = child_env
         elif comp.kind.startswith("kafka:"):
             env = _broker_env()
         else:

@@ -1,0 +1,146 @@
+"""Simulated terminals' secure storage and the POS side of terminal security.
+
+A real terminal holds its PIN key (TPK) and MAC key (TAK) in a secure element, loaded
+from under a key-encryption key at provisioning. The simulated fleet (CLI, tests,
+traffic) keeps them in one keyring file readable by its owner only. Provisioning: a
+fleet KEK is formed in the HSM at a key ceremony from components this module holds;
+each terminal's TPK and TAK are generated in the HSM, exported under that KEK and
+unwrapped here. Clear PINs exist here only long enough to build a PIN block.
+
+The MAC covers the request's deterministic protobuf serialization with the `mac` field
+empty: every field the terminal sent, nothing left out by a hand-written list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from hsm_sim import crypto
+from hsm_sim.crypto import KeyAlgorithm, PinBlockFormat
+from hsm_sim.keystore import KeyType, unwrap_key
+from medclear.rpc import pb_enum
+from medclear.v1 import hsm_pb2, hsm_pb2_grpc
+
+TERMINAL_KEY_ALGORITHM = KeyAlgorithm.AES_128
+PIN_BLOCK_FORMAT = PinBlockFormat.ISO_4
+FLEET_KEK = "kek-fleet"
+PVK_ID = "pvk-cards"  # verifies every card's PIN
+
+
+def tpk_id(terminal_id: str) -> str:
+    return f"tpk-{terminal_id}"
+
+
+def tak_id(terminal_id: str) -> str:
+    return f"tak-{terminal_id}"
+
+
+def mac_input(request: Any) -> bytes:
+    """What the MAC covers: the request without its MAC, deterministically serialized."""
+    unsigned = type(request)()
+    unsigned.CopyFrom(request)
+    unsigned.mac = b""
+    data: bytes = unsigned.SerializeToString(deterministic=True)
+    return data
+
+
+class Keyring:
+    """Clear terminal keys of the simulated fleet, in one owner-only JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: dict[str, dict[str, str]] = (
+            json.loads(path.read_text()) if path.exists() else {})  # fmt: skip
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.keys, f)
+
+    def has(self, terminal_id: str) -> bool:
+        return terminal_id in self.keys
+
+    def sign(self, terminal_id: str, request: Any) -> Any:
+        """Set the request's MAC under the terminal's TAK; returns the request."""
+        tak = bytes.fromhex(self.keys[terminal_id]["tak"])
+        request.mac = crypto.generate_mac(TERMINAL_KEY_ALGORITHM, tak, mac_input(request))
+        return request
+
+    def pin_block(self, terminal_id: str, pin: str, card_no: str) -> bytes:
+        tpk = bytes.fromhex(self.keys[terminal_id]["tpk"])
+        return crypto.encrypt_pin_block(PIN_BLOCK_FORMAT, pin, card_no, TERMINAL_KEY_ALGORITHM,
+                                        tpk, secrets.token_bytes)  # fmt: skip
+
+    async def provision(self, hsm_address: str, terminal_ids: list[str]) -> list[str]:
+        """Give each new terminal a TPK and a TAK (in the HSM and here); returns the new."""
+        new = [t for t in terminal_ids if t not in self.keys]
+        if not new:
+            return []
+        async with grpc.aio.insecure_channel(hsm_address) as channel:
+            hsm = hsm_pb2_grpc.HsmServiceStub(channel)
+            kek = await self._fleet_kek(hsm)
+            for terminal in new:
+                entry: dict[str, str] = {}
+                for name, key_id, key_type in (
+                    ("tpk", tpk_id(terminal), KeyType.TERMINAL_PIN_KEY),
+                    ("tak", tak_id(terminal), KeyType.TERMINAL_MAC_KEY),
+                ):
+                    await hsm.GenerateKey(
+                        hsm_pb2.GenerateKeyRequest(
+                            key_id=key_id,
+                            type=pb_enum(key_type),
+                            algorithm=pb_enum(TERMINAL_KEY_ALGORITHM),
+                        ),
+                        timeout=10,
+                    )
+                    out = await hsm.ExportKey(
+                        hsm_pb2.ExportKeyRequest(
+                            key=hsm_pb2.KeyRef(key_id=key_id), kek=hsm_pb2.KeyRef(key_id=FLEET_KEK)
+                        ),
+                        timeout=10,
+                    )
+                    entry[name] = unwrap_key(KeyAlgorithm.AES_256, kek, out.wrapped).hex()
+                self.keys[terminal] = entry
+        self._save()
+        return new
+
+    async def _fleet_kek(self, hsm: Any) -> bytes:
+        if "@kek" in self.keys:
+            return bytes.fromhex(self.keys["@kek"]["clear"])
+        parts = [secrets.token_bytes(32) for _ in range(2)]
+        await hsm.FormKey(
+            hsm_pb2.FormKeyRequest(
+                key_id=FLEET_KEK,
+                algorithm=pb_enum(KeyAlgorithm.AES_256),
+                components=parts,
+                component_kcvs=[crypto.kcv(KeyAlgorithm.AES_256, p) for p in parts],
+            ),
+            timeout=10,
+        )
+        kek = bytes(a ^ b for a, b in zip(*parts, strict=True))
+        self.keys["@kek"] = {"clear": kek.hex()}
+        self._save()
+        return kek
+
+
+async def ensure_pvk(hsm_address: str) -> None:
+    """The card PIN verification key exists (made once, at the first start)."""
+    async with grpc.aio.insecure_channel(hsm_address) as channel:
+        hsm = hsm_pb2_grpc.HsmServiceStub(channel)
+        keys = await hsm.ListKeys(hsm_pb2.ListKeysRequest(), timeout=10)
+        if not any(k.key_id == PVK_ID for k in keys.keys):
+            await hsm.GenerateKey(
+                hsm_pb2.GenerateKeyRequest(
+                    key_id=PVK_ID,
+                    type=pb_enum(KeyType.PIN_VERIFICATION_KEY),
+                    algorithm=pb_enum(KeyAlgorithm.AES_128),
+                ),
+                timeout=10,
+            )

@@ -1,0 +1,196 @@
+"""Terminal security on the real swipe path (`terminal_security` on): every POS request's
+MAC is verified through the HSM before it can reach an aggregate; the PIN block is
+verified through the HSM against the card's verification value set at a window."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from rich.console import Console
+
+from clearing.codes import CardKind, InsuranceCategory, ResultCode
+from medclear import stack
+from medclear.city import make_ssn
+from medclear.settings import Settings
+from medclear.terminals import Keyring
+from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+pytestmark = [pytest.mark.stack, pytest.mark.kafka, pytest.mark.timeout(240)]
+PHARMACY, HOSPITAL = "310101P00001", "310101H00001"
+PIN, WRONG = "135790", "246801"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack.Endpoints, Keyring]]:
+    state_dir = tmp_path_factory.mktemp("secured") / ".medclear"
+    settings = Settings(
+        state_dir=state_dir, command_partitions=2, event_partitions=2, terminal_security=True
+    )
+    console = Console(stderr=True)
+    try:
+        endpoints = stack.up(settings, console)
+        keyring = Keyring(state_dir / "terminals" / "keyring.json")
+        asyncio.run(keyring.provision(endpoints.hsm, ["POS1", "POS2", "WIN1"]))
+        yield endpoints, keyring
+    finally:
+        stack.down(settings, console, wipe=True)
+
+
+def window(tag: str) -> common_pb2.WindowContext:
+    return common_pb2.WindowContext(
+        window_id="WIN1", operator_id="op", request_id=f"sec-{tag}-{time.time_ns()}"
+    )
+
+
+@pytest.fixture(scope="module")
+def card(secured: tuple[stack.Endpoints, Keyring]) -> str:
+    endpoints, keyring = secured
+    ssn, card_no = make_ssn(random.Random(5), 777), "SEC000001"
+    with grpc.insecure_channel(endpoints.registry) as channel:
+        reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        replies = [
+            reg.RegisterPerson(
+                registry_pb2.RegisterPersonRequest(
+                    window=window("r"),
+                    ssn=ssn,
+                    name="安全",
+                    phone="13700000000",
+                    category=int(InsuranceCategory.EMPLOYEE),
+                )
+            ),  # type: ignore[arg-type]
+            reg.IssueCard(
+                registry_pb2.IssueCardRequest(
+                    window=window("i"), ssn=ssn, card_no=card_no, kind=int(CardKind.SOCIAL_SECURITY)
+                )
+            ),  # type: ignore[arg-type]
+            reg.ActivateCard(registry_pb2.CardRequest(window=window("a"), card_no=card_no)),
+            reg.ChangePin(
+                registry_pb2.ChangePinRequest(
+                    window=window("p"),
+                    card_no=card_no,
+                    new_pin_block=keyring.pin_block("WIN1", PIN, card_no),
+                )
+            ),
+            reg.CreditAccount(
+                registry_pb2.CreditRequest(
+                    window=window("c"), ssn=ssn, amount_fen=100_00, source_id="sec"
+                )
+            ),
+        ]
+    assert [ResultCode(r.result) for r in replies] == [ResultCode.OK] * 5
+    return card_no
+
+
+_traces = iter(range(1, 10_000))
+
+
+def swipe(
+    secured: tuple[stack.Endpoints, Keyring],
+    card: str,
+    pin: str | None,
+    *,
+    terminal: str = "POS1",
+    amount_fen: int = 1_00,
+    trace: int | None = None,
+    tamper: bool = False,
+    sign_as: str | None = None,
+) -> pos_pb2.AuthorizeReply:
+    endpoints, keyring = secured
+    request = pos_pb2.AuthorizeRequest(
+        terminal=common_pb2.TerminalContext(
+            terminal_id=terminal, institution_id=HOSPITAL, trace_number=trace or next(_traces)
+        ),
+        card_no=card,
+        amount_fen=amount_fen,
+        pin_block=keyring.pin_block(sign_as or terminal, pin, card) if pin else b"",
+    )
+    keyring.sign(sign_as or terminal, request)
+    if tamper:
+        request.amount_fen += 1  # changed after the MAC: what a man in the middle would do
+    with grpc.insecure_channel(endpoints.gateway) as channel:
+        reply: pos_pb2.AuthorizeReply = pos_pb2_grpc.PosServiceStub(channel).Authorize(
+            request, timeout=15
+        )
+    return reply
+
+
+def person_version(secured: tuple[stack.Endpoints, Keyring], card: str) -> tuple[int, int]:
+    with grpc.insecure_channel(secured[0].registry) as channel:
+        view = registry_pb2_grpc.CardRegistryServiceStub(channel).GetPerson(
+            registry_pb2.GetPersonRequest(card_no=card)
+        )
+    return view.state.version, view.balance_fen
+
+
+def test_the_right_pin_pays_and_a_wrong_one_counts_a_try(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    ok = swipe(secured, card, PIN)
+    assert ResultCode(ok.result) == ResultCode.OK, ok.message
+    wrong = swipe(secured, card, WRONG)
+    assert ResultCode(wrong.result) == ResultCode.PIN_WRONG and wrong.pin_tries_remaining == 2
+    again = swipe(secured, card, PIN, terminal="POS2")
+    assert ResultCode(again.result) == ResultCode.OK  # a right PIN resets the count
+    missing = swipe(secured, card, None)
+    assert ResultCode(missing.result) == ResultCode.PIN_BLOCK_INVALID
+
+
+def test_a_bad_mac_never_reaches_the_aggregate(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    before = person_version(secured, card)
+    tampered = swipe(secured, card, PIN, tamper=True)
+    assert ResultCode(tampered.result) == ResultCode.MAC_INVALID
+    wrong_key = swipe(secured, card, PIN, terminal="POS1", sign_as="POS2")
+    assert ResultCode(wrong_key.result) == ResultCode.MAC_INVALID
+    stranger = swipe(secured, card, PIN, terminal="POS9", sign_as="POS1")
+    assert ResultCode(stranger.result) == ResultCode.TERMINAL_UNKNOWN
+    assert person_version(secured, card) == before  # no event, no debit, no try counted
+
+
+def test_a_replayed_request_gets_the_original_reply(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    first = swipe(secured, card, PIN, trace=9000, amount_fen=2_00)
+    replay = swipe(secured, card, PIN, trace=9000, amount_fen=2_00)
+    assert ResultCode(first.result) == ResultCode.OK and replay.replayed
+    assert replay.balance_after_fen == first.balance_after_fen
+
+
+def test_three_wrong_pins_lock_the_card(secured: tuple[stack.Endpoints, Keyring]) -> None:
+    endpoints, keyring = secured
+    ssn, card_no = make_ssn(random.Random(6), 778), "SEC000002"
+    with grpc.insecure_channel(endpoints.registry) as channel:
+        reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        reg.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                window=window("r2"),
+                ssn=ssn,
+                name="锁定",
+                phone="13700000001",
+                category=int(InsuranceCategory.EMPLOYEE),
+            )
+        )  # type: ignore[arg-type]
+        reg.IssueCard(
+            registry_pb2.IssueCardRequest(window=window("i2"), ssn=ssn, card_no=card_no, kind=1)
+        )  # type: ignore[arg-type]
+        reg.ActivateCard(registry_pb2.CardRequest(window=window("a2"), card_no=card_no))
+        reg.ChangePin(
+            registry_pb2.ChangePinRequest(
+                window=window("p2"),
+                card_no=card_no,
+                new_pin_block=keyring.pin_block("WIN1", PIN, card_no),
+            )
+        )
+    codes = [ResultCode(swipe(secured, card_no, WRONG).result) for _ in range(4)]
+    assert codes == [
+        ResultCode.PIN_WRONG,
+        ResultCode.PIN_WRONG,
+        ResultCode.PIN_TRIES_EXCEEDED,
+        ResultCode.CARD_LOCKED,
+    ]
