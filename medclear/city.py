@@ -32,6 +32,7 @@ class Resident:
     phone: str
     card_no: str
     opening_balance_fen: int
+    pin: str = "000000"  # what the cardholder types; only ever sent as a PIN block
 
 
 def make_ssn(rng: random.Random, index: int) -> str:
@@ -65,5 +66,6 @@ def residents(count: int, seed: int = 2026) -> list[Resident]:
         phone = f"1{rng.choice('3456789')}{rng.randint(0, 999_999_999):09d}"
         card_no = f"S{seed % 100:02d}{index:06d}"
         balance = rng.randint(50_00, 5_000_00) if category == InsuranceCategory.EMPLOYEE else 0
-        result.append(Resident(ssn, name, category, phone, card_no, balance))
+        pin = f"{rng.randrange(10**6):06d}"
+        result.append(Resident(ssn, name, category, phone, card_no, balance, pin))
     return result

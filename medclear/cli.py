@@ -21,7 +21,8 @@ from clearing.codes import ResultCode
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
 from medclear.money import format_yuan, parse_yuan
-from medclear.settings import Settings, get_settings
+from medclear.settings import Settings, get_settings, keyring_file
+from medclear.terminals import Keyring
 from medclear.traffic import LatencyStats
 
 app = typer.Typer(
@@ -230,6 +231,23 @@ def _pos_call(address: str, method: str, request: Any) -> Any:
         raise _fail(f"gateway {address}: {exc.code().name} {exc.details()}") from exc
 
 
+def _secure(request: Any, terminal: str, pin: str | None = None) -> Any:
+    """With terminal security on: the PIN as a PIN block under the terminal's PIN key
+    (asked for, hidden, when not given) and the MAC under its MAC key. The terminal is
+    provisioned through the HSM the first time it is used."""
+    settings = get_settings()
+    keyring = _keyring(settings, [terminal])
+    if keyring is None:
+        return request
+    if pin is not None:
+        typed = pin or typer.prompt("PIN", hide_input=True)
+        try:
+            request.pin_block = keyring.pin_block(terminal, typed, request.card_no)
+        except ValueError as exc:  # a PIN of the wrong length or not digits
+            raise _fail(f"PIN: {exc}") from exc
+    return keyring.sign(terminal, request)
+
+
 def _pos_result(what: str, reply: Any, detail: str) -> None:
     code = ResultCode(reply.result)
     style = "green" if code == ResultCode.OK else "red"
@@ -274,10 +292,13 @@ def pos_reverse(
     reply = _pos_call(
         gateway or _endpoint("gateway"),
         "Reverse",
-        pos_pb2.ReverseRequest(
-            terminal=_terminal(terminal, institution, trace),
-            original_trace_number=original_trace,
-            card_no=card,
+        _secure(
+            pos_pb2.ReverseRequest(
+                terminal=_terminal(terminal, institution, trace),
+                original_trace_number=original_trace,
+                card_no=card,
+            ),
+            terminal,
         ),
     )
     _pos_result(
@@ -309,12 +330,15 @@ def pos_refund(
     reply = _pos_call(
         gateway or _endpoint("gateway"),
         "Refund",
-        pos_pb2.RefundRequest(
-            terminal=_terminal(terminal, institution, trace),
-            original_trace_number=original_trace,
-            original_terminal_id=original_terminal,
-            card_no=card,
-            amount_fen=amount_fen,
+        _secure(
+            pos_pb2.RefundRequest(
+                terminal=_terminal(terminal, institution, trace),
+                original_trace_number=original_trace,
+                original_terminal_id=original_terminal,
+                card_no=card,
+                amount_fen=amount_fen,
+            ),
+            terminal,
         ),
     )
     _pos_result(
@@ -339,9 +363,12 @@ def pos_balance(
     reply = _pos_call(
         gateway or _endpoint("gateway"),
         "BalanceInquiry",
-        pos_pb2.BalanceInquiryRequest(
-            terminal=_terminal(terminal, institution, 0),
-            card_no=card,
+        _secure(
+            pos_pb2.BalanceInquiryRequest(
+                terminal=_terminal(terminal, institution, 0),
+                card_no=card,
+            ),
+            terminal,
         ),
     )
     code = ResultCode(reply.result)
@@ -359,6 +386,13 @@ def pos_swipe(
     trace: Annotated[int, typer.Option(help="trace number; 0: from the clock")] = 0,
     ssn: Annotated[str, typer.Option(help="social security number (else the card index)")] = "",
     partial: Annotated[bool, typer.Option(help="pay what the account holds, rest cash")] = False,
+    pin: Annotated[
+        str,
+        typer.Option(
+            help="the cardholder's PIN; asked for (hidden) if "
+            "terminal security is on and it is not given"
+        ),
+    ] = "",
     gateway: Annotated[str, typer.Option(help="host:port; default: the local stack")] = "",
 ) -> None:
     """Send one Authorize (a swipe) to the POS gateway and print the decision.
@@ -380,7 +414,7 @@ def pos_swipe(
         amount_fen=amount_fen,
         allow_partial=partial,
     )
-
+    request = _secure(request, terminal, pin)
     started = time.perf_counter()
     reply: pos_pb2.AuthorizeReply = _pos_call(address, "Authorize", request)
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -423,15 +457,33 @@ def _progress() -> Progress:
     )
 
 
-def _seed(persons: int, seed: int, concurrency: int) -> float:
+def _keyring(settings: Settings, terminals: list[str]) -> Keyring | None:
+    """The simulated terminals' keys, provisioned through the HSM on first use; None when
+    the running stack has terminal security off."""
+    from medclear import stack
+    from medclear.terminals import Keyring
+
+    endpoints = stack.load_endpoints(settings)
+    if not endpoints.terminal_security:  # what the running stack does, not this process
+        return None
+    keyring = Keyring(keyring_file(settings))
+    asyncio.run(keyring.provision(endpoints.hsm, terminals))
+    return keyring
+
+
+def _seed(persons: int, seed: int, concurrency: int, settings: Settings | None = None) -> float:
     from medclear import city, traffic
 
+    settings = settings or get_settings()
     residents = city.residents(persons, seed)
     registry = _endpoint("registry")
+    keyring = _keyring(settings, [traffic.SEED_WINDOW])
     started = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task("seeding persons", total=len(residents), info="")
-        asyncio.run(traffic.seed(registry, residents, concurrency, lambda: progress.advance(task)))
+        asyncio.run(
+            traffic.seed(registry, residents, concurrency, lambda: progress.advance(task), keyring)
+        )
     return time.perf_counter() - started
 
 
@@ -461,13 +513,22 @@ def seed_cmd(
     )
 
 
-def _swipe_run(persons: int, seed: int, count: int, concurrency: int, label: str) -> LatencyStats:
+def _swipe_run(
+    persons: int,
+    seed: int,
+    count: int,
+    concurrency: int,
+    label: str,
+    settings: Settings | None = None,
+) -> LatencyStats:
     from medclear import city, traffic
     from medclear.policy import load_institutions
 
+    settings = settings or get_settings()
     residents = city.residents(persons, seed)
-    institutions = [i for i in load_institutions(get_settings().institutions_file).values()]
+    institutions = [i for i in load_institutions(settings.institutions_file).values()]
     plan = traffic.plan_swipes(residents, institutions, count, seed, time.time_ns() // 1000)
+    keyring = _keyring(settings, traffic.terminal_ids(plan))
     stats = LatencyStats()
     gateway = _endpoint("gateway")
     with _progress() as progress:
@@ -484,7 +545,7 @@ def _swipe_run(persons: int, seed: int, count: int, concurrency: int, label: str
                 ),
             )
 
-        asyncio.run(traffic.run_swipes(gateway, plan, concurrency, stats, done))
+        asyncio.run(traffic.run_swipes(gateway, plan, concurrency, stats, done, keyring))
     return stats
 
 
@@ -584,42 +645,70 @@ def bench_run(
     persons: Annotated[int, typer.Option(min=1, help="persons to seed")] = 1000,
     swipes: Annotated[int, typer.Option(min=1, help="swipes per measurement")] = 1000,
     concurrency: Annotated[str, typer.Option(help="comma-separated in-flight levels")] = "1,8",
+    security: Annotated[
+        str,
+        typer.Option(
+            help="terminal security: off, on, or both (the "
+            "HSM's added latency, measured in one run)"
+        ),
+    ] = "both",
 ) -> None:
-    """The foundation benchmark: time `up` to ready, seed, then swipes at each concurrency
-    level (1 = sequential); stop the stack and wipe its data, so every run starts empty
-    (the embedded broker rewrites its whole data file twice a second: old data skews the
-    figures). Prints one table; asserts nothing."""
+    """The swipe benchmark: for each terminal-security setting, start the stack (timed to
+    ready), seed, swipe at each concurrency level (1 = sequential), then stop the stack and
+    wipe it, so every measurement starts empty (the embedded broker rewrites its whole
+    data file twice a second: old data skews figures). Prints one table; asserts nothing."""
     from medclear import stack
 
-    settings = get_settings()
-    started = time.perf_counter()
-    try:
-        stack.up(settings, console)
-    except stack.StackError as exc:
-        raise _fail(str(exc)) from exc
-    ready_s = time.perf_counter() - started
+    modes = {"off": [False], "on": [True], "both": [False, True]}.get(security)
+    if modes is None:
+        raise _fail("--security is off, on or both")
     table = Table(title=f"medclear bench run: {persons:,} persons, {swipes:,} swipes per row")
-    for column in ("in flight", "rate /s", "p50 ms", "p95 ms", "p99 ms", "max ms"):
+    for column in (
+        "terminal security",
+        "in flight",
+        "rate /s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+    ):
         table.add_column(column, justify="right")
-    try:
-        seed_s = _seed(persons, 2026, 32)
-        for level in (int(x) for x in concurrency.split(",")):
-            stats = _swipe_run(persons, 2026, swipes, level, f"{level} in flight")
-            table.add_row(
-                str(level),
-                f"{stats.rate_per_s:,.0f}",
-                f"{stats.percentile(0.5):.2f}",
-                f"{stats.percentile(0.95):.2f}",
-                f"{stats.percentile(0.99):.2f}",
-                f"{max(stats.latencies_ms, default=0):.2f}",
-            )
-    finally:
-        stack.down(settings, console, wipe=True)  # the next run starts from the same place
+    sequential: dict[bool, LatencyStats] = {}
+    notes: list[str] = []
+    for secure in modes:
+        settings = get_settings().model_copy(update={"terminal_security": secure})
+        started = time.perf_counter()
+        try:
+            stack.up(settings, console)
+        except stack.StackError as exc:
+            raise _fail(str(exc)) from exc
+        ready_s = time.perf_counter() - started
+        try:
+            seed_s = _seed(persons, 2026, 32, settings)
+            for level in (int(x) for x in concurrency.split(",")):
+                stats = _swipe_run(persons, 2026, swipes, level, f"{level} in flight", settings)
+                if level == 1:
+                    sequential[secure] = stats
+                table.add_row("on (MAC + PIN via HSM)" if secure else "off", str(level),
+                              f"{stats.rate_per_s:,.0f}", f"{stats.percentile(0.5):.2f}",
+                              f"{stats.percentile(0.95):.2f}", f"{stats.percentile(0.99):.2f}",
+                              f"{max(stats.latencies_ms, default=0):.2f}")  # fmt: skip
+        finally:
+            stack.down(settings, console, wipe=True)
+        notes.append(
+            f"security {'on' if secure else 'off'}: up ready in {ready_s:.1f} s, "
+            f"seeding {persons:,} persons {seed_s:.1f} s"
+        )
     console.print(table)
-    console.print(
-        f"up ready in {ready_s:.1f} s; seeding {persons:,} persons took {seed_s:.1f} s "
-        f"({persons / seed_s:,.0f} persons/s)"
-    )
+    for note in notes:
+        console.print(note)
+    if len(sequential) == 2:
+        added_p50 = sequential[True].percentile(0.5) - sequential[False].percentile(0.5)
+        added_p99 = sequential[True].percentile(0.99) - sequential[False].percentile(0.99)
+        console.print(
+            f"HSM checks add to a sequential swipe: p50 {added_p50:+.2f} ms, "
+            f"p99 {added_p99:+.2f} ms"
+        )
 
 
 @app.command()

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     hsm_port: int = Field(0, ge=0, le=65535)
     hsm_address: str = Field("", description="host:port of the HSM (set by `up`)")
     terminal_security: bool = Field(
-        False, description="MAC and PIN of every POS request checked through the HSM"
+        True, description="MAC and PIN of every POS request checked through the HSM"
     )
     hsm_lmk: str = Field("", description="the HSM's local master key, hex (else the file)")
     hsm_lmk_file: Path | None = Field(None, description="default: <state_dir>/hsm/lmk.hex")
@@ -78,3 +78,8 @@ def lmk_file(settings: Settings) -> Path:
 
 def key_store_file(settings: Settings) -> Path:
     return settings.state_dir / "data" / "hsm" / "keys.json"
+
+
+def keyring_file(settings: Settings) -> Path:
+    """The simulated terminals' keys (owner-readable only)."""
+    return settings.state_dir / "terminals" / "keyring.json"

@@ -110,6 +110,7 @@ class Endpoints:
     registry: str  # "127.0.0.1:PORT"
     prometheus: str  # "http://127.0.0.1:PORT"
     hsm: str = ""  # "127.0.0.1:PORT"
+    terminal_security: bool = False  # POS requests must carry a MAC and a PIN block
 
 
 @dataclass(frozen=True)
@@ -1274,6 +1275,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             registry=f"{HOST}:{registry_port}",
             prometheus=prom_url,
             hsm=f"{HOST}:{hsm_port}",
+            terminal_security=settings.terminal_security,
         )
         state.endpoints = endpoints
         state.complete = True

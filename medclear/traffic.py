@@ -22,9 +22,11 @@ from clearing.codes import CardKind, InsuranceCategory, ResultCode
 from clearing.model import Institution
 from medclear.city import Resident
 from medclear.rpc import pb_enum
+from medclear.terminals import Keyring
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 RPC_TIMEOUT_S = 10.0
+WRONG_PIN_RATE = 0.02  # swipes whose PIN is mistyped
 T = TypeVar("T")
 SEED_WINDOW = "window-seed"
 
@@ -69,7 +71,11 @@ def _window(request_id: str) -> common_pb2.WindowContext:
     )
 
 
-async def seed_resident(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident) -> None:
+async def seed_resident(
+    stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident, keyring: Keyring | None = None
+) -> None:
+    """Register, issue, activate, set the PIN (a PIN block under the seeding window's PIN
+    key when terminal security is on), credit the opening balance."""
     steps: list[tuple[str, object, str]] = [
         (
             "RegisterPerson",
@@ -103,7 +109,10 @@ async def seed_resident(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resi
         (
             "ChangePin",
             registry_pb2.ChangePinRequest(
-                window=_window(f"seed-{r.ssn}-pin"), ssn=r.ssn, card_no=r.card_no
+                window=_window(f"seed-{r.ssn}-pin"),
+                ssn=r.ssn,
+                card_no=r.card_no,
+                new_pin_block=keyring.pin_block(SEED_WINDOW, r.pin, r.card_no) if keyring else b"",
             ),
             "pin",
         ),
@@ -141,13 +150,17 @@ async def in_flight(
 
 
 async def seed(
-    registry: str, residents: Sequence[Resident], concurrency: int, on_done: Callable[[], None]
+    registry: str,
+    residents: Sequence[Resident],
+    concurrency: int,
+    on_done: Callable[[], None],
+    keyring: Keyring | None = None,
 ) -> None:
     async with grpc.aio.insecure_channel(registry) as channel:
         stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
 
         async def one(r: Resident) -> None:
-            await seed_resident(stub, r)
+            await seed_resident(stub, r, keyring)
             on_done()
 
         await in_flight(residents, concurrency, one)
@@ -160,6 +173,7 @@ class Swipe:
     terminal_id: str
     trace_number: int
     amount_fen: int
+    pin: str = ""  # what is typed on the PIN pad (sometimes wrong)
 
 
 def plan_swipes(
@@ -176,12 +190,14 @@ def plan_swipes(
         r = rng.choice(residents)
         inst = rng.choice(institutions)
         amount = rng.choice((rng.randint(5_00, 80_00), rng.randint(20_00, 600_00)))
-        plan.append(Swipe(r.card_no, inst, f"T{inst.institution_id}", trace_base + i, amount))
+        pin = r.pin if rng.random() >= WRONG_PIN_RATE else f"{(int(r.pin) + 1) % 10**6:06d}"
+        plan.append(Swipe(r.card_no, inst, f"T{inst.institution_id}", trace_base + i, amount, pin))
     return plan
 
 
-def authorize_request(s: Swipe) -> pos_pb2.AuthorizeRequest:
-    return pos_pb2.AuthorizeRequest(
+def authorize_request(s: Swipe, keyring: Keyring | None = None) -> pos_pb2.AuthorizeRequest:
+    """The terminal's request; with a keyring it carries a PIN block and is MACed."""
+    request = pos_pb2.AuthorizeRequest(
         terminal=common_pb2.TerminalContext(
             terminal_id=s.terminal_id,
             institution_id=s.institution.institution_id,
@@ -191,6 +207,10 @@ def authorize_request(s: Swipe) -> pos_pb2.AuthorizeRequest:
         card_no=s.card_no,
         amount_fen=s.amount_fen,
     )
+    if keyring is not None:
+        request.pin_block = keyring.pin_block(s.terminal_id, s.pin, s.card_no)
+        keyring.sign(s.terminal_id, request)
+    return request
 
 
 async def run_swipes(
@@ -199,15 +219,21 @@ async def run_swipes(
     concurrency: int,
     stats: LatencyStats,
     on_done: Callable[[], None],
+    keyring: Keyring | None = None,
 ) -> None:
     async with grpc.aio.insecure_channel(gateway) as channel:
         stub = pos_pb2_grpc.PosServiceStub(channel)
 
         async def one(s: Swipe) -> None:
             started = time.perf_counter()
-            reply = await stub.Authorize(authorize_request(s), timeout=RPC_TIMEOUT_S)
+            reply = await stub.Authorize(authorize_request(s, keyring), timeout=RPC_TIMEOUT_S)
             stats.add((time.perf_counter() - started) * 1000, ResultCode(reply.result).name)
             on_done()
 
         await in_flight(plan, concurrency, one)
     stats.ended = time.perf_counter()
+
+
+def terminal_ids(plan: Sequence[Swipe]) -> list[str]:
+    """Every terminal a plan swipes at, plus the seeding window: what to provision."""
+    return sorted({s.terminal_id for s in plan} | {SEED_WINDOW})

@@ -39,7 +39,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     state_dir = tmp_path_factory.mktemp("stack") / ".medclear"
     policy = state_dir.parent / "pre_loss_policy.csv"
     policy.write_text("region,amount,unit,note\ndrill,2,seconds,pre-loss lapses in 2 s\n")
+    # the open path (no terminal security): test_terminal_security.py covers the secured one
     yield Settings(
+        terminal_security=False,
         state_dir=state_dir,
         command_partitions=3,
         event_partitions=3,
@@ -296,6 +298,7 @@ def test_up_with_external_servers_starts_only_medclears_own_processes(
 ) -> None:
     """MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL: the servers are used, not started."""
     external = Settings(
+        terminal_security=False,
         state_dir=tmp_path_factory.mktemp("external") / ".medclear",
         kafka_bootstrap=kafka_bootstrap,
         clickhouse_url=clickhouse_url,

@@ -8,6 +8,7 @@ import asyncio
 import random
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -194,3 +195,22 @@ def test_three_wrong_pins_lock_the_card(secured: tuple[stack.Endpoints, Keyring]
         ResultCode.PIN_TRIES_EXCEEDED,
         ResultCode.CARD_LOCKED,
     ]
+
+
+def test_no_log_holds_a_clear_pin_or_a_full_card_number(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    """Every process log of this stack (HSM, workers, gateway, registry, broker, ...)
+    after the swipes above: neither the PINs typed nor the full card numbers appear.
+    (Events still carry card numbers: the open part of the HSM issue.)"""
+    swipe(secured, card, WRONG)  # make sure a wrong PIN went through this run as well
+    logs = sorted((secured_state_dir(secured) / "logs").glob("*.log"))
+    assert len(logs) >= 6
+    for log in logs:
+        text = log.read_text(errors="replace")
+        for secret in (PIN, WRONG, card, "SEC000002"):
+            assert secret not in text, f"{secret!r} appears in {log.name}"
+
+
+def secured_state_dir(secured: tuple[stack.Endpoints, Keyring]) -> Path:
+    return secured[1].path.parent.parent  # <state_dir>/terminals/keyring.json
