@@ -19,6 +19,7 @@ through aiokafka 0.3 ms (docs/PERFORMANCE.md). The changelog stays faust's.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -75,6 +76,10 @@ class Outbox:
             self._producer = None
 
 
+HSM_RETRY_BACKOFF_MIN_S = 0.1
+HSM_RETRY_BACKOFF_MAX_S = 5.0
+
+
 class PinChecker:
     """Asks the HSM whether a swipe's PIN block matches the card's verification value.
     Only the encrypted block and the PVV cross; the answer is a PinOutcome."""
@@ -96,22 +101,26 @@ class PinChecker:
             block = bytes.fromhex(command.pin_block)
         except ValueError:
             return PinOutcome.INVALID_BLOCK
-        try:
-            reply = await self._stub.VerifyPin(
-                hsm_pb2.VerifyPinRequest(
-                    pin_key=hsm_pb2.KeyRef(key_id=tpk_id(command.terminal_id)),
-                    verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
-                    pin_block=block,
-                    format=pb_enum(PIN_BLOCK_FORMAT),
-                    pan=command.card_no,
-                    pin_verification_value=bytes.fromhex(card.pvv),
-                ),
-                timeout=2,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                return PinOutcome.INVALID_BLOCK  # no PIN key for that terminal
-            raise  # the HSM is down: the command is not decided; faust redelivers it
+        request = hsm_pb2.VerifyPinRequest(
+            pin_key=hsm_pb2.KeyRef(key_id=tpk_id(command.terminal_id)),
+            verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
+            pin_block=block,
+            format=pb_enum(PIN_BLOCK_FORMAT),
+            pan=command.card_no,
+            pin_verification_value=bytes.fromhex(card.pvv),
+        )
+        backoff_s = HSM_RETRY_BACKOFF_MIN_S
+        while True:  # no decision without the PIN check: this partition waits for the HSM
+            try:
+                reply = await self._stub.VerifyPin(request, timeout=2)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    return PinOutcome.INVALID_BLOCK  # no PIN key for that terminal
+                metrics.HSM_UNAVAILABLE.inc()
+                log.warning("hsm unavailable; waiting", code=exc.code().name, retry_in_s=backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, HSM_RETRY_BACKOFF_MAX_S)
         return {ResultCode.OK: PinOutcome.CORRECT, ResultCode.PIN_WRONG: PinOutcome.WRONG}.get(
             ResultCode(reply.result), PinOutcome.INVALID_BLOCK
         )

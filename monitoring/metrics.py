@@ -54,6 +54,10 @@ HSM_SECONDS = Histogram(
 HSM_RESULTS = Counter(
     "medclear_hsm_results_total", "HSM operations by result code", ["operation", "result"]
 )
+HSM_UNAVAILABLE = Counter(
+    "medclear_worker_hsm_unavailable_total",
+    "PIN checks the worker had to retry because the HSM did not answer",
+)
 PRE_LOSS_EXPIRIES = Counter(
     "medclear_pre_loss_expiries_sent_total", "Expiry commands sent by the pre-loss timer"
 )

@@ -214,3 +214,26 @@ def test_no_log_holds_a_clear_pin_or_a_full_card_number(
 
 def secured_state_dir(secured: tuple[stack.Endpoints, Keyring]) -> Path:
     return secured[1].path.parent.parent  # <state_dir>/terminals/keyring.json
+
+
+def test_with_the_hsm_frozen_nothing_is_decided_and_then_it_resumes(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    """SIGSTOP the HSM: a swipe is refused UNAVAILABLE (the MAC cannot be checked) and the
+    person's state does not move; SIGCONT: the next swipe is decided normally."""
+    import os
+    import signal
+
+    settings = Settings(state_dir=secured_state_dir(secured))
+    hsm_pid = next(r.pid for r in stack.status(settings) if r.name == "hsm")
+    assert hsm_pid is not None
+    before = person_version(secured, card)
+    os.kill(hsm_pid, signal.SIGSTOP)
+    try:
+        frozen = swipe(secured, card, PIN)
+        assert ResultCode(frozen.result) == ResultCode.UNAVAILABLE
+    finally:
+        os.kill(hsm_pid, signal.SIGCONT)
+    assert person_version(secured, card) == before
+    resumed = swipe(secured, card, PIN)
+    assert ResultCode(resumed.result) == ResultCode.OK
