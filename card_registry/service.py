@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeAlias
 
 import grpc
@@ -20,8 +21,10 @@ from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.model import Command, Reply
 from clearing.validate import mask_phone
 from medclear.bus import BusUnavailable, CommandBus
+from medclear.pki import Role
 from medclear.rpc import (
     Clock,
+    aio_channel,
     message,
     pb_enum,
     result_pb,
@@ -30,7 +33,7 @@ from medclear.rpc import (
     state_of,
     system_clock_ms,
 )
-from medclear.terminals import PIN_BLOCK_FORMAT, PVK_ID, ensure_pvk, tpk_id
+from medclear.terminals import PIN_BLOCK_FORMAT, PVK_ID, tpk_id
 from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, registry_pb2, registry_pb2_grpc
 from monitoring import metrics
 
@@ -47,6 +50,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         deadline_ms: int,
         clock: Clock = system_clock_ms,
         hsm_address: str = "",
+        pki_dir: Path | None = None,
     ):
         self.bus = bus
         self.deadline_s = deadline_ms / 1000
@@ -54,7 +58,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         # With an HSM, a new PIN arrives as a PIN block under the window's PIN key and the
         # HSM turns it into the card's verification value; without one (terminal security
         # off) the aggregate only records that the initial PIN was changed.
-        self.hsm = (hsm_pb2_grpc.HsmServiceStub(grpc.aio.insecure_channel(hsm_address))
+        self.hsm = (hsm_pb2_grpc.HsmServiceStub(aio_channel(hsm_address, Role.SERVICE, pki_dir))
                     if hsm_address else None)  # fmt: skip
 
     async def _run(
@@ -366,12 +370,16 @@ def person_view(person: model.Person, reply: Reply) -> registry_pb2.PersonView:
 
 
 def run(
-    bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str, hsm_address: str = ""
+    bootstrap: str,
+    host: str,
+    port: int,
+    deadline_ms: int,
+    instance_id: str,
+    hsm_address: str = "",
+    pki_dir: Path | None = None,
 ) -> None:
     """Serve CardRegistryService on host:port until terminated (PINs set through the HSM
-    when an HSM address is given)."""
-    if hsm_address:
-        asyncio.run(ensure_pvk(hsm_address))
+    when an HSM address is given; mutual TLS and roles with a PKI)."""
     asyncio.run(
         serve_commands(
             "registry",
@@ -380,7 +388,8 @@ def run(
             f"{host}:{port}",
             registry_pb2.DESCRIPTOR.services_by_name["CardRegistryService"].full_name,
             lambda bus, server: registry_pb2_grpc.add_CardRegistryServiceServicer_to_server(
-                CardRegistry(bus, deadline_ms, hsm_address=hsm_address), server
+                CardRegistry(bus, deadline_ms, hsm_address=hsm_address, pki_dir=pki_dir), server
             ),
+            pki_dir,
         )
     )

@@ -23,6 +23,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -35,7 +36,7 @@ from clearing.codes import ResultCode
 from clearing.model import Authorize, Card, CardIssued, Person, PinOutcome, Policy, Reply
 from medclear import topics
 from medclear.faust_app import make_app
-from medclear.settings import Settings
+from medclear.settings import Settings, pki_dir
 from monitoring import metrics
 
 log = structlog.get_logger(process="worker")
@@ -84,19 +85,22 @@ class PinChecker:
     """Asks the HSM whether a swipe's PIN block matches the card's verification value.
     Only the encrypted block and the PVV cross; the answer is a PinOutcome."""
 
-    def __init__(self, hsm_address: str) -> None:
+    def __init__(self, hsm_address: str, pki_dir: Path | None) -> None:
         self._address = hsm_address
+        self._pki_dir = pki_dir
         self._stub: Any = None
 
     async def outcome(self, command: Authorize, card: Card) -> int:
-        from medclear.rpc import pb_enum
+        from medclear.pki import Role
+        from medclear.rpc import aio_channel, pb_enum
         from medclear.terminals import PIN_BLOCK_FORMAT, PVK_ID, tpk_id
         from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 
         if not card.pvv:
             return PinOutcome.NOT_VERIFIED  # no PIN was ever set through the HSM
         if self._stub is None:
-            self._stub = hsm_pb2_grpc.HsmServiceStub(grpc.aio.insecure_channel(self._address))
+            channel = aio_channel(self._address, Role.SERVICE, self._pki_dir)
+            self._stub = hsm_pb2_grpc.HsmServiceStub(channel)
         try:
             block = bytes.fromhex(command.pin_block)
         except ValueError:
@@ -153,7 +157,8 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
         value_type=bytes,
     )
     outbox = Outbox(bootstrap)
-    pins = PinChecker(settings.hsm_address) if settings.terminal_security else None
+    pins = (PinChecker(settings.hsm_address, pki_dir(settings)) if settings.terminal_security
+            else None)  # fmt: skip
 
     async def send_reply(headers: Any, key: bytes, reply: Reply) -> None:
         reply_to = _header(headers, HEADER_REPLY_TO)

@@ -13,6 +13,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeAlias
 
 import grpc
@@ -263,11 +264,11 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         return hsm_pb2.ListKeysReply(keys=[key_info_pb(i) for i in self.store.list_keys()])
 
 
-async def serve(store: KeyStore, address: str) -> None:
+async def serve(store: KeyStore, address: str, pki_dir: Path | None = None) -> None:
     hsm = Hsm(store)
     server, bound, _health = await create_server(
         address, lambda s: hsm_pb2_grpc.add_HsmServiceServicer_to_server(hsm, s),
-        [hsm_pb2.DESCRIPTOR.services_by_name["HsmService"].full_name])  # fmt: skip
+        [hsm_pb2.DESCRIPTOR.services_by_name["HsmService"].full_name], pki_dir)  # fmt: skip
     metrics.READY.set(1)
     log.info("hsm serving", port=bound, keys=len(store.list_keys()))
     try:
@@ -277,5 +278,5 @@ async def serve(store: KeyStore, address: str) -> None:
         await server.stop(grace=2)
 
 
-def run(store: KeyStore, address: str) -> None:
-    asyncio.run(serve(store, address))
+def run(store: KeyStore, address: str, pki_dir: Path | None = None) -> None:
+    asyncio.run(serve(store, address, pki_dir))

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -21,7 +23,9 @@ from clearing.codes import ResultCode
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
 from medclear.money import format_yuan, parse_yuan
-from medclear.settings import Settings, get_settings, keyring_file
+from medclear.pki import Role
+from medclear.rpc import aio_channel
+from medclear.settings import Settings, get_settings, keyring_file, pki_dir
 from medclear.terminals import Keyring
 from medclear.traffic import LatencyStats
 
@@ -51,7 +55,7 @@ err = Console(stderr=True)
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code=1)
 
 
@@ -149,7 +153,13 @@ def serve_gateway(
     settings = _prepare_process("gateway", metrics_port)
     hsm = settings.hsm_address if settings.terminal_security else ""
     gateway.run(
-        _bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance, hsm
+        _bootstrap(settings),
+        settings.host,
+        port,
+        settings.decision_deadline_ms,
+        instance,
+        hsm,
+        pki_dir(settings),
     )
 
 
@@ -165,7 +175,13 @@ def serve_registry(
     settings = _prepare_process("registry", metrics_port)
     hsm = settings.hsm_address if settings.terminal_security else ""
     service.run(
-        _bootstrap(settings), settings.host, port, settings.decision_deadline_ms, instance, hsm
+        _bootstrap(settings),
+        settings.host,
+        port,
+        settings.decision_deadline_ms,
+        instance,
+        hsm,
+        pki_dir(settings),
     )
 
 
@@ -190,7 +206,7 @@ def serve_hsm(
         store = KeyStore(key_store_file(settings), lmk, system_clock_ms)
     except (KeyStoreError, OSError) as exc:
         raise _fail(f"hsm: {exc}") from exc
-    service.run(store, f"{settings.host}:{port}")
+    service.run(store, f"{settings.host}:{port}", pki_dir(settings))
 
 
 @serve_app.command("pre-loss-timer")
@@ -222,7 +238,7 @@ def _pos_call(address: str, method: str, request: Any) -> Any:
     from medclear.v1 import pos_pb2_grpc
 
     async def call() -> Any:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with aio_channel(address, Role.TERMINAL, _pki(get_settings())) as channel:
             return await getattr(pos_pb2_grpc.PosServiceStub(channel), method)(request, timeout=10)
 
     try:
@@ -467,8 +483,15 @@ def _keyring(settings: Settings, terminals: list[str]) -> Keyring | None:
     if not endpoints.terminal_security:  # what the running stack does, not this process
         return None
     keyring = Keyring(keyring_file(settings))
-    asyncio.run(keyring.provision(endpoints.hsm, terminals))
+    asyncio.run(keyring.provision(endpoints.hsm, terminals, _pki(settings)))
     return keyring
+
+
+def _pki(settings: Settings) -> Path | None:
+    """Certificates for talking to the running stack (None when it runs without TLS)."""
+    from medclear import stack
+
+    return stack.client_pki_dir(settings)
 
 
 def _seed(persons: int, seed: int, concurrency: int, settings: Settings | None = None) -> float:
@@ -482,7 +505,14 @@ def _seed(persons: int, seed: int, concurrency: int, settings: Settings | None =
     with _progress() as progress:
         task = progress.add_task("seeding persons", total=len(residents), info="")
         asyncio.run(
-            traffic.seed(registry, residents, concurrency, lambda: progress.advance(task), keyring)
+            traffic.seed(
+                registry,
+                residents,
+                concurrency,
+                lambda: progress.advance(task),
+                keyring,
+                _pki(settings),
+            )
         )
     return time.perf_counter() - started
 
@@ -545,7 +575,9 @@ def _swipe_run(
                 ),
             )
 
-        asyncio.run(traffic.run_swipes(gateway, plan, concurrency, stats, done, keyring))
+        asyncio.run(
+            traffic.run_swipes(gateway, plan, concurrency, stats, done, keyring, _pki(settings))
+        )
     return stats
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import grpc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
@@ -38,7 +39,7 @@ def _registry_address() -> str:
     try:
         return stack.load_endpoints(get_settings()).registry
     except stack.StackError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from exc
 
 
@@ -49,15 +50,22 @@ def _window(window: str, request_id: str) -> common_pb2.WindowContext:
 
 
 def _call(method: str, request: Any) -> Any:
+    from medclear import stack
+    from medclear.pki import Role
+    from medclear.rpc import aio_channel
+    from medclear.settings import get_settings
+
+    address, pki = _registry_address(), stack.client_pki_dir(get_settings())
+
     async def call() -> Any:
-        async with grpc.aio.insecure_channel(_registry_address()) as channel:
+        async with aio_channel(address, Role.WINDOW, pki) as channel:
             stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
             return await getattr(stub, method)(request, timeout=10)
 
     try:
         return asyncio.run(call())
     except grpc.RpcError as exc:
-        err.print(f"[bold red]error:[/] registry: {exc.code().name} {exc.details()}")
+        err.print(f"[bold red]error:[/] registry: {exc.code().name} {escape(exc.details() or '')}")
         raise typer.Exit(1) from exc
 
 

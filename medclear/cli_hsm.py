@@ -8,17 +8,20 @@ key-encryption key (KEK) with their check values, as a key ceremony would hand t
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from clearing.codes import ResultCode
 from hsm_sim.crypto import KeyAlgorithm
 from hsm_sim.keystore import KeyType
-from medclear.rpc import pb_enum
+from medclear.pki import Role
+from medclear.rpc import aio_channel, pb_enum
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 
 hsm_app = typer.Typer(
@@ -38,18 +41,19 @@ def _call(method: str, request: Any) -> Any:
 
     try:
         address = stack.load_endpoints(get_settings()).hsm
+        pki = stack.client_pki_dir(get_settings())
     except stack.StackError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from exc
 
     async def call() -> Any:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with aio_channel(address, Role.OPERATOR, pki) as channel:
             return await getattr(hsm_pb2_grpc.HsmServiceStub(channel), method)(request, timeout=10)
 
     try:
         return asyncio.run(call())
     except grpc.RpcError as exc:
-        err.print(f"[bold red]error:[/] hsm: {exc.code().name} {exc.details()}")
+        err.print(f"[bold red]error:[/] hsm: {exc.code().name} {escape(exc.details() or '')}")
         raise typer.Exit(1) from exc
 
 
@@ -145,7 +149,7 @@ def provision_terminal(
     console.print(table)
 
 
-async def _bench(address: str, count: int, concurrency: int) -> dict[str, Any]:
+async def _bench(address: str, count: int, concurrency: int, pki: Path | None) -> dict[str, Any]:
     import secrets
     import time
 
@@ -156,8 +160,10 @@ async def _bench(address: str, count: int, concurrency: int) -> dict[str, Any]:
 
     ref = hsm_pb2.KeyRef
     aes = KeyAlgorithm.AES_128
-    async with grpc.aio.insecure_channel(address) as channel:
-        hsm = hsm_pb2_grpc.HsmServiceStub(channel)
+    async with aio_channel(address, Role.OPERATOR, pki) as channel, \
+            aio_channel(address, Role.SERVICE, pki) as service_channel:  # fmt: skip
+        hsm = hsm_pb2_grpc.HsmServiceStub(channel)  # key administration: the operator
+        checker = hsm_pb2_grpc.HsmServiceStub(service_channel)  # checks: medclear's services
         tag = secrets.token_hex(3)
         # the key ceremony: the bench holds the KEK components, the HSM forms the KEK
         parts = [secrets.token_bytes(32) for _ in range(2)]
@@ -196,7 +202,7 @@ async def _bench(address: str, count: int, concurrency: int) -> dict[str, Any]:
             )
 
         pvv = (
-            await hsm.SetPin(
+            await checker.SetPin(
                 hsm_pb2.SetPinRequest(
                     pin_key=ref(key_id=f"bench-tpk-{tag}"),
                     verification_key=ref(key_id=f"bench-pvk-{tag}"),
@@ -222,8 +228,8 @@ async def _bench(address: str, count: int, concurrency: int) -> dict[str, Any]:
         mac_request = hsm_pb2.MacRequest(key=ref(key_id=f"bench-tak-{tag}"), data=data, mac=mac)
         results: dict[str, Any] = {}
         for label, method, requests in (
-            ("VerifyPin", hsm.VerifyPin, pin_requests),
-            ("VerifyMac", hsm.VerifyMac, [mac_request] * count),
+            ("VerifyPin", checker.VerifyPin, pin_requests),
+            ("VerifyMac", checker.VerifyMac, [mac_request] * count),
         ):
             stats = LatencyStats()
 
@@ -251,11 +257,12 @@ def bench(
     from medclear.settings import get_settings
 
     address = stack.load_endpoints(get_settings()).hsm
+    pki = stack.client_pki_dir(get_settings())
     table = Table(title=f"HSM over gRPC ({address}), {count:,} calls per row")
     for column in ("operation", "in flight", "ops/s", "p50 ms", "p99 ms", "results"):
         table.add_column(column, justify="right")
     for level in (int(x) for x in concurrency.split(",")):
-        for label, stats in asyncio.run(_bench(address, count, level)).items():
+        for label, stats in asyncio.run(_bench(address, count, level, pki)).items():
             results = ", ".join(f"{k}: {v}" for k, v in stats.results.items())
             table.add_row(
                 label,

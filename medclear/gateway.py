@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,8 +20,10 @@ from clearing import model, validate
 from clearing.codes import ResultCode
 from clearing.model import PinOutcome, Reply
 from medclear.bus import BusUnavailable, CommandBus
+from medclear.pki import Role
 from medclear.rpc import (
     Clock,
+    aio_channel,
     message,
     result_pb,
     serve_commands,
@@ -42,8 +45,8 @@ def request_id_of(terminal_id: str, trace_number: int) -> str:
 class MacChecker:
     """Verifies a POS request's MAC through the HSM under the terminal's MAC key."""
 
-    def __init__(self, hsm_address: str) -> None:
-        self._stub = hsm_pb2_grpc.HsmServiceStub(grpc.aio.insecure_channel(hsm_address))
+    def __init__(self, hsm_address: str, pki_dir: Path | None) -> None:
+        self._stub = hsm_pb2_grpc.HsmServiceStub(aio_channel(hsm_address, Role.SERVICE, pki_dir))
 
     async def check(self, terminal_id: str, request: Any) -> ResultCode:
         try:
@@ -270,10 +273,21 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
 
 
 def run(
-    bootstrap: str, host: str, port: int, deadline_ms: int, instance_id: str, hsm_address: str = ""
+    bootstrap: str,
+    host: str,
+    port: int,
+    deadline_ms: int,
+    instance_id: str,
+    hsm_address: str = "",
+    pki_dir: Path | None = None,
 ) -> None:
     """Serve PosService on host:port until terminated; with an HSM address every request's
-    MAC is verified through it (terminal security)."""
+    MAC is verified through it (terminal security); with a PKI, mutual TLS and roles."""
+
+    def gateway(bus: CommandBus) -> PosGateway:  # inside the server's event loop
+        macs = MacChecker(hsm_address, pki_dir) if hsm_address else None
+        return PosGateway(bus, deadline_ms, macs=macs)
+
     asyncio.run(
         serve_commands(
             "gateway",
@@ -281,9 +295,7 @@ def run(
             instance_id,
             f"{host}:{port}",
             pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name,
-            lambda bus, server: pos_pb2_grpc.add_PosServiceServicer_to_server(
-                PosGateway(bus, deadline_ms, macs=MacChecker(hsm_address) if hsm_address else None),
-                server,
-            ),
+            lambda bus, server: pos_pb2_grpc.add_PosServiceServicer_to_server(gateway(bus), server),
+            pki_dir,
         )
     )

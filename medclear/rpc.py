@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -17,10 +18,24 @@ from clearing.codes import ResultCode, message_of
 from clearing.model import Reply
 from clearing.validate import mask_ssn
 from medclear.bus import CommandBus
+from medclear.pki import Role, channel_credentials
 from medclear.v1 import common_pb2
 from monitoring import metrics
 
 Clock = Callable[[], int]  # epoch milliseconds
+
+
+def aio_channel(address: str, role: Role, pki_dir: Path | None) -> grpc.aio.Channel:
+    """A channel to a medclear server as `role` (mutual TLS when there is a PKI)."""
+    if pki_dir is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, channel_credentials(pki_dir, role))
+
+
+def sync_channel(address: str, role: Role, pki_dir: Path | None) -> grpc.Channel:
+    if pki_dir is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, channel_credentials(pki_dir, role))
 
 
 def system_clock_ms() -> int:
@@ -43,6 +58,7 @@ async def serve_commands(
     address: str,
     service_name: str,
     register: Callable[[CommandBus, grpc.aio.Server], None],
+    pki_dir: Path | None = None,
 ) -> None:
     """Run a gRPC server whose servicer talks to the command bus, until terminated:
     start the bus, serve with health and reflection, mark the process ready; on the way
@@ -50,7 +66,7 @@ async def serve_commands(
     bus = CommandBus(bootstrap, instance_id)
     await bus.start()
     server, bound, _health = await create_server(
-        address, lambda s: register(bus, s), [service_name]
+        address, lambda s: register(bus, s), [service_name], pki_dir
     )
     metrics.READY.set(1)
     structlog.get_logger(process=process).info(
@@ -68,15 +84,21 @@ async def create_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
+    pki_dir: Path | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Bind (port 0 picks a free one), register servicers, health and reflection."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    """Bind (port 0 picks a free one), register servicers, health and reflection. With a
+    PKI directory: mutual TLS, and every method checked against the caller's role."""
+    from medclear import pki
+
+    interceptors = [pki.RoleInterceptor()] if pki_dir else []
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = (server.add_secure_port(address, pki.server_credentials(pki_dir)) if pki_dir
+            else server.add_insecure_port(address))  # fmt: skip
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()

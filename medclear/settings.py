@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     hsm_port: int = Field(0, ge=0, le=65535)
     hsm_address: str = Field("", description="host:port of the HSM (set by `up`)")
+    tls: bool = Field(True, description="mutual TLS with role certificates on every gRPC server")
     terminal_security: bool = Field(
         True, description="MAC and PIN of every POS request checked through the HSM"
     )
@@ -83,3 +84,8 @@ def key_store_file(settings: Settings) -> Path:
 def keyring_file(settings: Settings) -> Path:
     """The simulated terminals' keys (owner-readable only)."""
     return settings.state_dir / "terminals" / "keyring.json"
+
+
+def pki_dir(settings: Settings) -> Path | None:
+    """Where the local CA and role certificates live; None when TLS is off."""
+    return settings.state_dir.resolve() / "pki" if settings.tls else None

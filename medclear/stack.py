@@ -111,6 +111,7 @@ class Endpoints:
     prometheus: str  # "http://127.0.0.1:PORT"
     hsm: str = ""  # "127.0.0.1:PORT"
     terminal_security: bool = False  # POS requests must carry a MAC and a PIN block
+    tls: bool = False  # mutual TLS with role certificates (<state_dir>/pki)
 
 
 @dataclass(frozen=True)
@@ -992,6 +993,11 @@ def status(settings: Settings) -> list[ComponentStatus]:
     return [_component_status(c) for c in state.components]
 
 
+def client_pki_dir(settings: Settings) -> Path | None:
+    """The certificates a client of the running stack uses; None if it runs without TLS."""
+    return _state_dir(settings).resolve() / "pki" if load_endpoints(settings).tls else None
+
+
 def load_endpoints(settings: Settings) -> Endpoints:
     state = _State.load(_state_dir(settings) / STATE_FILE)
     if state is None or state.endpoints is None or not state.complete:
@@ -1227,9 +1233,21 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
 
             new_lmk_file(lmk_path)  # the embedded stack's own LMK, owner-readable only
         env["MEDCLEAR_HSM_ADDRESS"] = f"{HOST}:{hsm_port}"  # for the processes after it
+        if settings.tls:
+            from medclear.pki import ensure_pki
+
+            ensure_pki(state_dir.resolve() / "pki")
         with console.status("starting the HSM …"):
             hsm = serve("hsm", "hsm", None, hsm_port)
         _wait_component(hsm, timeout, console)
+        if settings.terminal_security:  # the operator makes the card PIN verification key
+            from medclear.terminals import ensure_pvk
+
+            _run(
+                ensure_pvk(
+                    f"{HOST}:{hsm_port}", state_dir.resolve() / "pki" if settings.tls else None
+                )
+            )
         with console.status(f"starting {settings.workers} worker(s) …"):
             workers = [serve(f"worker-{i}", "worker", i, None) for i in range(settings.workers)]
         for comp in workers:
@@ -1276,6 +1294,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             prometheus=prom_url,
             hsm=f"{HOST}:{hsm_port}",
             terminal_security=settings.terminal_security,
+            tls=settings.tls,
         )
         state.endpoints = endpoints
         state.complete = True

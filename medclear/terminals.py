@@ -19,12 +19,11 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from hsm_sim import crypto
 from hsm_sim.crypto import KeyAlgorithm, PinBlockFormat
 from hsm_sim.keystore import KeyType, unwrap_key
-from medclear.rpc import pb_enum
+from medclear.pki import Role
+from medclear.rpc import aio_channel, pb_enum
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 
 TERMINAL_KEY_ALGORITHM = KeyAlgorithm.AES_128
@@ -78,12 +77,14 @@ class Keyring:
         return crypto.encrypt_pin_block(PIN_BLOCK_FORMAT, pin, card_no, TERMINAL_KEY_ALGORITHM,
                                         tpk, secrets.token_bytes)  # fmt: skip
 
-    async def provision(self, hsm_address: str, terminal_ids: list[str]) -> list[str]:
+    async def provision(
+        self, hsm_address: str, terminal_ids: list[str], pki_dir: Path | None = None
+    ) -> list[str]:
         """Give each new terminal a TPK and a TAK (in the HSM and here); returns the new."""
         new = [t for t in terminal_ids if t not in self.keys]
         if not new:
             return []
-        async with grpc.aio.insecure_channel(hsm_address) as channel:
+        async with aio_channel(hsm_address, Role.OPERATOR, pki_dir) as channel:
             hsm = hsm_pb2_grpc.HsmServiceStub(channel)
             kek = await self._fleet_kek(hsm)
             for terminal in new:
@@ -130,9 +131,9 @@ class Keyring:
         return kek
 
 
-async def ensure_pvk(hsm_address: str) -> None:
-    """The card PIN verification key exists (made once, at the first start)."""
-    async with grpc.aio.insecure_channel(hsm_address) as channel:
+async def ensure_pvk(hsm_address: str, pki_dir: Path | None = None) -> None:
+    """The card PIN verification key exists (made once, by `up`, as the operator)."""
+    async with aio_channel(hsm_address, Role.OPERATOR, pki_dir) as channel:
         hsm = hsm_pb2_grpc.HsmServiceStub(channel)
         keys = await hsm.ListKeys(hsm_pb2.ListKeysRequest(), timeout=10)
         if not any(k.key_id == PVK_ID for k in keys.keys):

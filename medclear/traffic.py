@@ -14,14 +14,14 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
-
-import grpc
 
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
 from clearing.model import Institution
 from medclear.city import Resident
-from medclear.rpc import pb_enum
+from medclear.pki import Role
+from medclear.rpc import aio_channel, pb_enum
 from medclear.terminals import Keyring
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 
@@ -155,8 +155,9 @@ async def seed(
     concurrency: int,
     on_done: Callable[[], None],
     keyring: Keyring | None = None,
+    pki_dir: Path | None = None,
 ) -> None:
-    async with grpc.aio.insecure_channel(registry) as channel:
+    async with aio_channel(registry, Role.WINDOW, pki_dir) as channel:
         stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
 
         async def one(r: Resident) -> None:
@@ -220,8 +221,9 @@ async def run_swipes(
     stats: LatencyStats,
     on_done: Callable[[], None],
     keyring: Keyring | None = None,
+    pki_dir: Path | None = None,
 ) -> None:
-    async with grpc.aio.insecure_channel(gateway) as channel:
+    async with aio_channel(gateway, Role.TERMINAL, pki_dir) as channel:
         stub = pos_pb2_grpc.PosServiceStub(channel)
 
         async def one(s: Swipe) -> None:

@@ -76,6 +76,7 @@ def settings_for(state_dir: Path, **kw: Any) -> Settings:
         kafka_bootstrap="",
         clickhouse_url="",
         startup_timeout_s=30,
+        terminal_security=False,  # the fake processes speak no gRPC (no HSM to ask)
         **kw,
     )
 

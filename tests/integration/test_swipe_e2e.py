@@ -42,6 +42,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     # the open path (no terminal security): test_terminal_security.py covers the secured one
     yield Settings(
         terminal_security=False,
+        tls=False,
         state_dir=state_dir,
         command_partitions=3,
         event_partitions=3,
@@ -299,6 +300,7 @@ def test_up_with_external_servers_starts_only_medclears_own_processes(
     """MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL: the servers are used, not started."""
     external = Settings(
         terminal_security=False,
+        tls=False,
         state_dir=tmp_path_factory.mktemp("external") / ".medclear",
         kafka_bootstrap=kafka_bootstrap,
         clickhouse_url=clickhouse_url,

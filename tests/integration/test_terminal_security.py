@@ -17,6 +17,8 @@ from rich.console import Console
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
 from medclear import stack
 from medclear.city import make_ssn
+from medclear.pki import Role
+from medclear.rpc import sync_channel
 from medclear.settings import Settings
 from medclear.terminals import Keyring
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -36,10 +38,20 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack.En
     try:
         endpoints = stack.up(settings, console)
         keyring = Keyring(state_dir / "terminals" / "keyring.json")
-        asyncio.run(keyring.provision(endpoints.hsm, ["POS1", "POS2", "WIN1"]))
+        PKI[:] = [state_dir.resolve() / "pki"]
+        asyncio.run(
+            keyring.provision(endpoints.hsm, ["POS1", "POS2", "WIN1"], state_dir.resolve() / "pki")
+        )
         yield endpoints, keyring
     finally:
         stack.down(settings, console, wipe=True)
+
+
+PKI: list[Path] = []  # set by the stack fixture
+
+
+def channel_to(address: str, role: Role) -> grpc.Channel:
+    return sync_channel(address, role, PKI[0])
 
 
 def window(tag: str) -> common_pb2.WindowContext:
@@ -52,7 +64,7 @@ def window(tag: str) -> common_pb2.WindowContext:
 def card(secured: tuple[stack.Endpoints, Keyring]) -> str:
     endpoints, keyring = secured
     ssn, card_no = make_ssn(random.Random(5), 777), "SEC000001"
-    with grpc.insecure_channel(endpoints.registry) as channel:
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
         reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
         replies = [
             reg.RegisterPerson(
@@ -113,7 +125,7 @@ def swipe(
     keyring.sign(sign_as or terminal, request)
     if tamper:
         request.amount_fen += 1  # changed after the MAC: what a man in the middle would do
-    with grpc.insecure_channel(endpoints.gateway) as channel:
+    with channel_to(endpoints.gateway, Role.TERMINAL) as channel:
         reply: pos_pb2.AuthorizeReply = pos_pb2_grpc.PosServiceStub(channel).Authorize(
             request, timeout=15
         )
@@ -121,7 +133,7 @@ def swipe(
 
 
 def person_version(secured: tuple[stack.Endpoints, Keyring], card: str) -> tuple[int, int]:
-    with grpc.insecure_channel(secured[0].registry) as channel:
+    with channel_to(secured[0].registry, Role.WINDOW) as channel:
         view = registry_pb2_grpc.CardRegistryServiceStub(channel).GetPerson(
             registry_pb2.GetPersonRequest(card_no=card)
         )
@@ -166,7 +178,7 @@ def test_a_replayed_request_gets_the_original_reply(
 def test_three_wrong_pins_lock_the_card(secured: tuple[stack.Endpoints, Keyring]) -> None:
     endpoints, keyring = secured
     ssn, card_no = make_ssn(random.Random(6), 778), "SEC000002"
-    with grpc.insecure_channel(endpoints.registry) as channel:
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
         reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
         reg.RegisterPerson(
             registry_pb2.RegisterPersonRequest(
@@ -237,3 +249,45 @@ def test_with_the_hsm_frozen_nothing_is_decided_and_then_it_resumes(
     assert person_version(secured, card) == before
     resumed = swipe(secured, card, PIN)
     assert ResultCode(resumed.result) == ResultCode.OK
+
+
+def test_roles_are_checked_at_every_grpc_boundary(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    """A terminal cannot call window operations or HSM administration; a window cannot
+    swipe; a client without a certificate of this CA does not get in at all."""
+    from medclear.v1 import hsm_pb2, hsm_pb2_grpc
+
+    endpoints, keyring = secured
+    request = pos_pb2.AuthorizeRequest(
+        terminal=common_pb2.TerminalContext(
+            terminal_id="POS1", institution_id=HOSPITAL, trace_number=next(_traces)
+        ),
+        card_no=card,
+        amount_fen=1_00,
+        pin_block=keyring.pin_block("POS1", PIN, card),
+    )
+    keyring.sign("POS1", request)
+    attempts = [
+        (endpoints.registry, Role.TERMINAL, lambda ch: registry_pb2_grpc.CardRegistryServiceStub(
+            ch).ReportPreLoss(registry_pb2.CardRequest(window=window("evil"), card_no=card),
+                              timeout=10)),
+        (endpoints.hsm, Role.TERMINAL, lambda ch: hsm_pb2_grpc.HsmServiceStub(ch).ListKeys(
+            hsm_pb2.ListKeysRequest(), timeout=10)),
+        (endpoints.gateway, Role.WINDOW, lambda ch: pos_pb2_grpc.PosServiceStub(ch).Authorize(
+            request, timeout=10)),
+    ]  # fmt: skip
+    refused: list[grpc.RpcError] = []
+    for address, role, call in attempts:
+        with channel_to(address, role) as channel, pytest.raises(grpc.RpcError) as exc:
+            call(channel)
+        refused.append(exc.value)
+    for error in refused:
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert "may not call" in (error.details() or "")  # type: ignore[attr-defined]
+    assert "terminal may not call /medclear.v1.CardRegistryService/ReportPreLoss" in (
+        refused[0].details() or ""
+    )  # type: ignore[attr-defined]
+    with grpc.insecure_channel(endpoints.gateway) as channel, pytest.raises(grpc.RpcError) as exc:
+        pos_pb2_grpc.PosServiceStub(channel).Authorize(pos_pb2.AuthorizeRequest(), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # no certificate: no entry
