@@ -328,18 +328,20 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
 
 
 def person_view(person: model.Person, reply: Reply) -> registry_pb2.PersonView:
-    transactions = [
-        registry_pb2.Transaction(
-            request_id=s.request_id,
-            card_no=s.card_no,
-            institution_id=s.institution_id,
-            paid_from_account_fen=s.paid_from_account_fen,
-            refunded_fen=s.refunded_fen,
-            reversed=s.reversed,
-            at=shanghai_iso(s.at_ms),
-        )
-        for s in reversed(person.swipes[-RECENT_TRANSACTIONS_MAX:])
-    ]
+    records = [
+        (s.at_ms, registry_pb2.Transaction(
+            request_id=s.request_id, card_no=s.card_no, institution_id=s.institution_id,
+            paid_from_account_fen=s.paid_from_account_fen, refunded_fen=s.refunded_fen,
+            reversed=s.reversed, at=shanghai_iso(s.at_ms), kind="consumption"))
+        for s in person.swipes
+    ] + [
+        (c.at_ms, registry_pb2.Transaction(
+            request_id=c.source_id, credited_fen=c.amount_fen, at=shanghai_iso(c.at_ms),
+            kind="allocation"))
+        for c in person.credits
+    ]  # fmt: skip
+    records.sort(key=lambda r: r[0], reverse=True)  # newest first
+    transactions = [t for _at, t in records[:RECENT_TRANSACTIONS_MAX]]
     cards = [
         common_pb2.CardInfo(
             card_no=c.card_no,

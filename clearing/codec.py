@@ -27,7 +27,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         model.AccountCredited, model.SwipeApproved, model.SwipeDeclined, model.SwipeReversed,
         model.ReversalUnmatched, model.Refunded, model.PharmacyLimitSet, model.PhoneSet,
         model.PersonCancelled,
-        model.Reply, model.Person, model.Card, model.SwipeRecord,
+        model.Reply, model.Person, model.Card, model.SwipeRecord, model.CreditRecord,
     )
 }  # fmt: skip
 

@@ -49,6 +49,7 @@ from clearing.model import (
     CardStateChanged,
     Command,
     CreditAccount,
+    CreditRecord,
     Decision,
     Event,
     ExpirePreLoss,
@@ -411,7 +412,7 @@ def _decide_credit(person: Person | None, c: CreditAccount) -> Decision:
         return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
     if COLOUR_OF_CATEGORY[person.category] != CardColour.BLUE:
         return _refuse(person, c.request_id, ResultCode.COLOUR_NOT_ALLOWED, c.at_ms)
-    if c.source_id in person.credit_sources:  # the allocation line was already applied
+    if any(r.source_id == c.source_id for r in person.credits):  # already applied
         return _refuse(person, c.request_id, ResultCode.OK, c.at_ms)
     balance = person.balance_fen + c.amount_fen
     if balance > BALANCE_FEN_MAX:
@@ -708,8 +709,9 @@ def apply(person: Person | None, event: Event) -> Person | None:
                 person, event.card_no, initial_pin=False, pin_failures=0, pvv=event.pvv
             )
         case AccountCredited():
-            sources = (*person.credit_sources, event.source_id)[-CREDIT_SOURCES_REMEMBERED_MAX:]
-            return replace(person, balance_fen=event.balance_after_fen, credit_sources=sources)
+            credit = CreditRecord(event.source_id, event.amount_fen, event.at_ms)
+            credits = (*person.credits, credit)[-CREDIT_SOURCES_REMEMBERED_MAX:]
+            return replace(person, balance_fen=event.balance_after_fen, credits=credits)
         case SwipeApproved():
             if event.balance_after_fen < 0 or (
                 person.balance_fen - event.paid_from_account_fen != event.balance_after_fen

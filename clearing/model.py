@@ -59,6 +59,15 @@ class SwipeRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditRecord:
+    """An allocation into the account: kept for the records and for idempotency."""
+
+    source_id: str
+    amount_fen: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """What the requester is told. Kept per request id, so a repeat gets the same."""
 
@@ -92,7 +101,7 @@ class Person:
     cards: tuple[Card, ...] = ()
     swipes: tuple[SwipeRecord, ...] = ()  # newest last, bounded
     replies: tuple[Reply, ...] = ()  # newest last, bounded
-    credit_sources: tuple[str, ...] = ()  # newest last, bounded
+    credits: tuple[CreditRecord, ...] = ()  # allocations (拨付), newest last, bounded
     cancelled: bool = False  # death / deregistration: terminal
 
     def swipe(self, request_id: str) -> SwipeRecord | None:

@@ -325,15 +325,27 @@ def show(
         )
     console.print(cards)
     txs = Table(title="recent transactions (newest first)")
-    for column in ("time", "request", "card", "institution", "paid", "refunded", "reversed"):
+    for column in (
+        "time",
+        "kind",
+        "request / source",
+        "card",
+        "institution",
+        "paid",
+        "credited",
+        "refunded",
+        "reversed",
+    ):
         txs.add_column(column)
     for t in view.transactions:
         txs.add_row(
             t.at,
+            t.kind,
             t.request_id,
             t.card_no,
             t.institution_id,
             format_yuan(t.paid_from_account_fen),
+            format_yuan(t.credited_fen),
             format_yuan(t.refunded_fen),
             "yes" if t.reversed else "",
         )

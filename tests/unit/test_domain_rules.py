@@ -426,6 +426,14 @@ def test_rule_lookup_returns_cards_and_records_and_changes_nothing(person: Perso
     assert same is spent and decision.reply.snapshot is spent
 
 
+def test_rule_records_cover_allocations_and_consumption(person: Person) -> None:
+    credited, _ = run(person, CreditAccount(rid(), T0_MS + 1, SSN, 88_00, "2026-11/alloc/9"))
+    spent, _ = run(credited, swipe(5_00, at_ms=T0_MS + 2))
+    assert spent is not None
+    assert [(r.source_id, r.amount_fen) for r in spent.credits][-1] == ("2026-11/alloc/9", 88_00)
+    assert [s.paid_from_account_fen for s in spent.swipes] == [5_00]
+
+
 def test_rule_institution_unknown_swipe_is_refused_before_anything_else() -> None:
     policy = Policy(
         institutions={
