@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import NoReturn, TypeAlias
 
 import grpc
 import structlog
@@ -38,6 +38,18 @@ def key_info_pb(info: KeyInfo) -> hsm_pb2.KeyInfo:
                            created_at=shanghai_iso(info.created_at_ms))  # fmt: skip
 
 
+async def _refuse(context: Ctx, exc: Exception) -> NoReturn:
+    """A request the HSM cannot serve: NOT_FOUND for an unknown key, INVALID_ARGUMENT for
+    the rest (a key of the wrong type, a malformed field). Never carries key material."""
+    code = (
+        grpc.StatusCode.NOT_FOUND
+        if isinstance(exc, KeyNotFound)
+        else (grpc.StatusCode.INVALID_ARGUMENT)
+    )
+    await context.abort(code, str(exc))
+    raise AssertionError("unreachable") from exc
+
+
 class Hsm(hsm_pb2_grpc.HsmServiceServicer):
     def __init__(self, store: KeyStore, rng: Callable[[int], bytes] = secrets.token_bytes):
         self.store = store
@@ -48,12 +60,8 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
     ) -> tuple[KeyAlgorithm, bytes]:
         try:
             info, key = self.store.key(ref.key_id, ref.version, key_type)
-        except KeyNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            raise AssertionError("unreachable") from exc
-        except KeyStoreError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("unreachable") from exc
+        except (KeyStoreError, ValueError) as exc:
+            await _refuse(context, exc)
         return info.algorithm, key
 
     @staticmethod
@@ -170,10 +178,9 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         alg, master = await self._key(context, request.master_key, KeyType.CARD_MASTER_KEY)
         try:
             card_key = crypto.derive_card_key(alg, master, request.card_no)
-            expected = crypto.card_cryptogram(alg, card_key, request.challenge,
-                                              request.amount_fen, request.terminal_id,
-                                              request.counter)  # fmt: skip
-            ok = secrets.compare_digest(expected, request.cryptogram)
+            ok = crypto.verify_card_cryptogram(alg, card_key, request.challenge,
+                                               request.amount_fen, request.terminal_id,
+                                               request.counter, request.cryptogram)  # fmt: skip
         except (CryptoError, ValueError):
             ok = False
         result = ResultCode.OK if ok else ResultCode.CRYPTOGRAM_INVALID
@@ -197,8 +204,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
             info = self.store.generate(request.key_id, KeyType(request.type),
                                        KeyAlgorithm(request.algorithm))  # fmt: skip
         except (KeyStoreError, ValueError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("unreachable") from exc
+            await _refuse(context, exc)
         log.info("key generated", key_id=info.key_id, version=info.version, kcv=info.kcv)
         return key_info_pb(info)
 
@@ -209,12 +215,8 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
             info, wrapped = self.store.export(
                 request.key.key_id, request.key.version, request.kek.key_id
             )
-        except KeyNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            raise AssertionError("unreachable") from exc
-        except KeyStoreError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("unreachable") from exc
+        except (KeyStoreError, ValueError) as exc:
+            await _refuse(context, exc)
         log.info("key exported", key_id=info.key_id, kek=request.kek.key_id, kcv=info.kcv)
         return hsm_pb2.ExportKeyReply(wrapped=wrapped, kcv=info.kcv, key=key_info_pb(info))
 
@@ -228,12 +230,8 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                 request.wrapped,
                 request.kcv,
             )
-        except KeyNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            raise AssertionError("unreachable") from exc
         except (KeyStoreError, ValueError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("unreachable") from exc
+            await _refuse(context, exc)
         log.info("key imported", key_id=info.key_id, version=info.version, kcv=info.kcv)
         return key_info_pb(info)
 
@@ -246,8 +244,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                 list(request.component_kcvs),
             )
         except (KeyStoreError, ValueError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("unreachable") from exc
+            await _refuse(context, exc)
         log.info(
             "key formed from components",
             key_id=info.key_id,
