@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -141,6 +142,24 @@ def serve_worker(
     worker.run(settings, load_policy(settings), _bootstrap(settings), index)
 
 
+def _serve_command_server(
+    name: str, run: Callable[..., None], port: int, metrics_port: int, instance: str
+) -> None:
+    """A gRPC server in front of the command topic (gateway, registry): its settings, the
+    HSM when terminal security is on, mutual TLS when there is a PKI."""
+    settings = _prepare_process(name, metrics_port)
+    hsm = settings.hsm_address if settings.terminal_security else ""
+    run(
+        _bootstrap(settings),
+        settings.host,
+        port,
+        settings.decision_deadline_ms,
+        instance,
+        hsm,
+        pki_dir(settings),
+    )
+
+
 @serve_app.command("gateway")
 def serve_gateway(
     port: Annotated[int, typer.Option(help="gRPC port of the POS service")] = 0,
@@ -150,17 +169,7 @@ def serve_gateway(
     """The POS gateway: gRPC PosService in front of the command topic."""
     from medclear import gateway
 
-    settings = _prepare_process("gateway", metrics_port)
-    hsm = settings.hsm_address if settings.terminal_security else ""
-    gateway.run(
-        _bootstrap(settings),
-        settings.host,
-        port,
-        settings.decision_deadline_ms,
-        instance,
-        hsm,
-        pki_dir(settings),
-    )
+    _serve_command_server("gateway", gateway.run, port, metrics_port, instance)
 
 
 @serve_app.command("registry")
@@ -172,17 +181,7 @@ def serve_registry(
     """The card registry: gRPC service for service windows and the 12333 hotline."""
     from card_registry import service
 
-    settings = _prepare_process("registry", metrics_port)
-    hsm = settings.hsm_address if settings.terminal_security else ""
-    service.run(
-        _bootstrap(settings),
-        settings.host,
-        port,
-        settings.decision_deadline_ms,
-        instance,
-        hsm,
-        pki_dir(settings),
-    )
+    _serve_command_server("registry", service.run, port, metrics_port, instance)
 
 
 @serve_app.command("hsm")
