@@ -124,27 +124,30 @@ def provision_terminal(
 ) -> None:
     """Make the terminal's PIN key (TPK) and MAC key (TAK) and print each wrapped under
     its KEK with its KCV, for loading into the terminal."""
+    from medclear import stack
+    from medclear.settings import get_settings
+    from medclear.terminals import provision_terminal_keys
+
+    settings = get_settings()
+    address, pki = stack.load_endpoints(settings).hsm, stack.client_pki_dir(settings)
+
+    async def provision() -> dict[str, Any]:
+        async with aio_channel(address, Role.OPERATOR, pki) as channel:
+            return await provision_terminal_keys(
+                hsm_pb2_grpc.HsmServiceStub(channel), terminal, kek, KeyAlgorithm[algorithm.upper()]
+            )
+
+    try:
+        exported = asyncio.run(provision())
+    except grpc.RpcError as exc:
+        err.print(f"[bold red]error:[/] hsm: {exc.code().name} {escape(exc.details() or '')}")
+        raise typer.Exit(1) from exc
     table = Table(title=f"terminal {terminal}: keys under KEK {kek}")
     for column in ("key", "id", "version", "wrapped under KEK (hex)", "KCV"):
         table.add_column(column)
-    for label, key_type in (("TPK", KeyType.TERMINAL_PIN_KEY), ("TAK", KeyType.TERMINAL_MAC_KEY)):
-        key_id = f"{label.lower()}-{terminal}"
-        _call(
-            "GenerateKey",
-            hsm_pb2.GenerateKeyRequest(
-                key_id=key_id,
-                type=pb_enum(key_type),
-                algorithm=pb_enum(KeyAlgorithm[algorithm.upper()]),
-            ),
-        )
-        exported = _call(
-            "ExportKey",
-            hsm_pb2.ExportKeyRequest(
-                key=hsm_pb2.KeyRef(key_id=key_id), kek=hsm_pb2.KeyRef(key_id=kek)
-            ),
-        )
+    for name, out in exported.items():
         table.add_row(
-            label, key_id, str(exported.key.version), exported.wrapped.hex().upper(), exported.kcv
+            name.upper(), out.key.key_id, str(out.key.version), out.wrapped.hex().upper(), out.kcv
         )
     console.print(table)
 

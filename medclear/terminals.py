@@ -88,26 +88,10 @@ class Keyring:
             hsm = hsm_pb2_grpc.HsmServiceStub(channel)
             kek = await self._fleet_kek(hsm)
             for terminal in new:
-                entry: dict[str, str] = {}
-                for name, key_id, key_type in (
-                    ("tpk", tpk_id(terminal), KeyType.TERMINAL_PIN_KEY),
-                    ("tak", tak_id(terminal), KeyType.TERMINAL_MAC_KEY),
-                ):
-                    await hsm.GenerateKey(
-                        hsm_pb2.GenerateKeyRequest(
-                            key_id=key_id,
-                            type=pb_enum(key_type),
-                            algorithm=pb_enum(TERMINAL_KEY_ALGORITHM),
-                        ),
-                        timeout=10,
-                    )
-                    out = await hsm.ExportKey(
-                        hsm_pb2.ExportKeyRequest(
-                            key=hsm_pb2.KeyRef(key_id=key_id), kek=hsm_pb2.KeyRef(key_id=FLEET_KEK)
-                        ),
-                        timeout=10,
-                    )
-                    entry[name] = unwrap_key(KeyAlgorithm.AES_256, kek, out.wrapped).hex()
+                exported = await provision_terminal_keys(hsm, terminal, FLEET_KEK,
+                                                         TERMINAL_KEY_ALGORITHM)  # fmt: skip
+                entry = {name: unwrap_key(KeyAlgorithm.AES_256, kek, out.wrapped).hex()
+                         for name, out in exported.items()}  # fmt: skip
                 self.keys[terminal] = entry
         self._save()
         return new
@@ -129,6 +113,31 @@ class Keyring:
         self.keys["@kek"] = {"clear": kek.hex()}
         self._save()
         return kek
+
+
+async def provision_terminal_keys(
+    hsm: Any, terminal_id: str, kek_id: str, algorithm: KeyAlgorithm
+) -> dict[str, Any]:
+    """Generate the terminal's PIN key and MAC key in the HSM and export each under the
+    KEK `kek_id`: {"tpk": ExportKeyReply, "tak": ExportKeyReply} (wrapped key and KCV)."""
+    exported: dict[str, Any] = {}
+    for name, key_id, key_type in (
+        ("tpk", tpk_id(terminal_id), KeyType.TERMINAL_PIN_KEY),
+        ("tak", tak_id(terminal_id), KeyType.TERMINAL_MAC_KEY),
+    ):
+        await hsm.GenerateKey(
+            hsm_pb2.GenerateKeyRequest(
+                key_id=key_id, type=pb_enum(key_type), algorithm=pb_enum(algorithm)
+            ),
+            timeout=10,
+        )
+        exported[name] = await hsm.ExportKey(
+            hsm_pb2.ExportKeyRequest(
+                key=hsm_pb2.KeyRef(key_id=key_id), kek=hsm_pb2.KeyRef(key_id=kek_id)
+            ),
+            timeout=10,
+        )
+    return exported
 
 
 async def ensure_pvk(hsm_address: str, pki_dir: Path | None = None) -> None:
