@@ -361,13 +361,26 @@ def _decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decis
     return _events(person, c, events, **fields)
 
 
+def _pre_lost_card(person: Person, c: ExpirePreLoss) -> Card | None:
+    """The card an expiry names: by number, or (from the timer, which sees only published
+    events and so only a card token) the card whose pre-loss has exactly that deadline."""
+    if c.card_no:
+        return person.card(c.card_no)
+    for card in person.cards:
+        if card.state == CardState.PRE_LOST and card.pre_loss_deadline_ms == c.deadline_ms:
+            return card
+    return None
+
+
 def _decide_expiry(person: Person | None, c: ExpirePreLoss) -> Decision:
     """A pre-loss lapses only if the card is still in that same pre-loss (same deadline)
     and its deadline has passed; after a formal loss, a release or a new report the
     expiry changes nothing and is answered OK without events."""
-    if not validate.is_card_no(c.card_no) or c.deadline_ms <= 0:
+    if (c.card_no and not validate.is_card_no(c.card_no)) or c.deadline_ms <= 0:
         return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    card = person.card(c.card_no) if person else None
+    card = _pre_lost_card(person, c) if person else None
+    if person is not None and card is None and not c.card_no:
+        return _refuse(person, c.request_id, ResultCode.OK, c.at_ms)  # nothing left to lapse
     if person is None or card is None:
         return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
     if (card.state != CardState.PRE_LOST or card.pre_loss_deadline_ms != c.deadline_ms
@@ -396,8 +409,9 @@ def _decide_replace(person: Person | None, c: ReplaceCard) -> Decision:
     if state not in allowed or old.kind != CardKind.SOCIAL_SECURITY:
         return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
                        card_no=old.card_no, card_state=state)  # fmt: skip
+    reason = f"replaced by {validate.mask_card(c.new_card_no)}"
     events: list[Event] = [_state_change(person, c, old, 0, "cancel", CardState.CANCELLED,
-                                         f"replaced by {c.new_card_no}")]  # fmt: skip
+                                         reason)]  # fmt: skip
     issued = _new_card_events(replace(person, cards=()), c, c.new_card_no,
                               CardKind.SOCIAL_SECURITY, 1, replaces=old.card_no)  # fmt: skip
     return _events(person, c, events + issued, card_no=c.new_card_no,

@@ -272,8 +272,9 @@ class ExpirePreLoss:
     request_id: str
     at_ms: int
     ssn: str
-    card_no: str
+    card_no: str  # "" when the timer only knows the card's token: matched by deadline
     deadline_ms: int
+    card_ref: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +364,9 @@ class CardIssued:
     state: CardState
     expires_at_ms: int = 0
     replaces_card_no: str = ""
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
+    replaces_card_ref: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +380,8 @@ class CardStateChanged:
     new_state: CardState
     reason: str = ""
     deadline_ms: int = 0  # report_pre_loss: when it lapses
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +391,8 @@ class PinChanged:
     ssn: str
     card_no: str
     pvv: str = ""
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +419,8 @@ class SwipeApproved:
     paid_in_cash_fen: int
     balance_after_fen: int
     day: int
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +434,8 @@ class SwipeDeclined:
     amount_fen: int
     result: ResultCode
     pin_wrong: bool = False  # counts a PIN failure on the card
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +450,8 @@ class SwipeReversed:
     amount_fen: int  # returned to the account
     balance_after_fen: int
     original_day: int  # the Shanghai day of the original swipe (settlement)
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +465,8 @@ class ReversalUnmatched:
     request_id: str
     original_request_id: str
     card_no: str
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,6 +480,8 @@ class Refunded:
     institution_id: str
     amount_fen: int
     balance_after_fen: int
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +491,8 @@ class PharmacyLimitSet:
     ssn: str
     card_no: str
     swipes_per_day: int
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,9 +34,11 @@ from aiokafka import AIOKafkaProducer
 from clearing import codec, core
 from clearing.codes import ResultCode
 from clearing.model import Authorize, Card, CardIssued, Person, PinOutcome, Policy, Reply
+from clearing.redact import published
 from medclear import topics
 from medclear.faust_app import make_app
 from medclear.settings import Settings, pki_dir
+from medclear.tokens import load_card_tokens
 from monitoring import metrics
 
 log = structlog.get_logger(process="worker")
@@ -157,6 +159,7 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
         value_type=bytes,
     )
     outbox = Outbox(bootstrap)
+    tokens = load_card_tokens(settings)  # no full card number leaves this process
     pins = (PinChecker(settings.hsm_address, pki_dir(settings)) if settings.terminal_security
             else None)  # fmt: skip
 
@@ -215,12 +218,16 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
             if decision.events:
                 producer = await outbox.producer()
                 pending = [
-                    await producer.send(topics.EVENTS.name, key=key, value=codec.encode(e))
+                    await producer.send(
+                        topics.EVENTS.name, key=key, value=codec.encode(published(e, tokens))
+                    )
                     for e in decision.events
                 ]
                 pending += [
                     await producer.send(
-                        topics.CARD_INDEX.name, key=e.card_no.encode(), value=e.ssn.encode()
+                        topics.CARD_INDEX.name,
+                        key=tokens.card_ref(e.card_no).encode(),
+                        value=e.ssn.encode(),
                     )
                     for e in decision.events
                     if isinstance(e, CardIssued)

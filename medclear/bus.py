@@ -7,8 +7,9 @@ reply topic and a fresh correlation id in its headers; the worker sends the repl
 with the same correlation id; a single consumer task resolves the waiting future. No
 consumer group, no faust `ask()`: measured faster and it does not stall under load.
 
-The same process follows `medclear.card-index` (card number → social security number)
-so that requests which only carry a card number reach the right partition.
+The same process follows `medclear.card-index` (card token → social security number; the
+topic never holds a card number, see clearing/redact.py) so that requests which only carry
+a card number reach the right partition.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from clearing import codec
 from clearing.model import Command, Reply
+from clearing.redact import CardTokens
 from clearing.worker import HEADER_CORRELATION, HEADER_REPLY_TO
 from medclear import topics
 from monitoring import metrics
@@ -39,11 +41,12 @@ class BusUnavailable(RuntimeError):
 
 
 class CommandBus:
-    def __init__(self, bootstrap: str, instance_id: str) -> None:
+    def __init__(self, bootstrap: str, instance_id: str, tokens: CardTokens) -> None:
         self.bootstrap = bootstrap
+        self.tokens = tokens
         self.reply_topic = topics.reply_topic(instance_id)
         self._pending: dict[bytes, asyncio.Future[Reply]] = {}
-        self._card_index: dict[str, str] = {}
+        self._card_index: dict[str, str] = {}  # card token → ssn
         self._index_tps: list[TopicPartition] = []
         self._producer: AIOKafkaProducer | None = None
         self._replies: AIOKafkaConsumer | None = None
@@ -146,15 +149,13 @@ class CommandBus:
             future.set_exception(exc)
 
     # ------------------------------------------------------------------ card index
-    def ssn_of_card(self, card_no: str) -> str | None:
-        return self._card_index.get(card_no)
-
     async def resolve_ssn(self, card_no: str) -> str | None:
         """The person a card belongs to; on a miss, first let the index catch up."""
-        ssn = self._card_index.get(card_no)
+        ref = self.tokens.card_ref(card_no)
+        ssn = self._card_index.get(ref)
         if ssn is None:
             await self.sync_index(INDEX_SYNC_TIMEOUT_S)
-            ssn = self._card_index.get(card_no)
+            ssn = self._card_index.get(ref)
         return ssn
 
     async def sync_index(self, timeout_s: float) -> None:

@@ -63,7 +63,10 @@ async def serve_commands(
     """Run a gRPC server whose servicer talks to the command bus, until terminated:
     start the bus, serve with health and reflection, mark the process ready; on the way
     out, not ready first, then stop the server (2 s grace) and the bus."""
-    bus = CommandBus(bootstrap, instance_id)
+    from medclear.settings import get_settings
+    from medclear.tokens import load_card_tokens
+
+    bus = CommandBus(bootstrap, instance_id, load_card_tokens(get_settings()))
     await bus.start()
     server, bound, _health = await create_server(
         address, lambda s: register(bus, s), [service_name], pki_dir

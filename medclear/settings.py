@@ -49,7 +49,13 @@ class Settings(BaseSettings):
     terminal_security: bool = Field(
         True, description="MAC and PIN of every POS request checked through the HSM"
     )
+    card_cryptogram_required: bool = Field(
+        False, description="with terminal security: refuse swipes without a chip cryptogram"
+    )
     hsm_lmk: str = Field("", description="the HSM's local master key, hex (else the file)")
+    card_token_key: str = Field(
+        "", description="hex key of the card tokens in published events (else a file)"
+    )
     hsm_lmk_file: Path | None = Field(None, description="default: <state_dir>/hsm/lmk.hex")
 
     decision_deadline_ms: int = Field(3_000, ge=10, le=60_000)

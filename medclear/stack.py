@@ -1232,6 +1232,10 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             from hsm_sim.keystore import new_lmk_file
 
             new_lmk_file(lmk_path)  # the embedded stack's own LMK, owner-readable only
+        from medclear.tokens import card_token_key_file, ensure_card_token_key
+
+        if not settings.card_token_key:
+            ensure_card_token_key(card_token_key_file(settings))
         env["MEDCLEAR_HSM_ADDRESS"] = f"{HOST}:{hsm_port}"  # for the processes after it
         if settings.tls:
             from medclear.pki import ensure_pki

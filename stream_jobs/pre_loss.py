@@ -4,6 +4,8 @@ The timer job feeds it every CardStateChanged event and asks it, on each tick, w
 expiry commands are due. The core decides each expiry (an expiry arriving after a formal
 loss, a release or a newer report changes nothing), so a command sent twice, or late,
 is harmless; its request id is derived from card and deadline, so a repeat is a replay.
+The events name the card by its token, so the expiry does too; the core finds the card
+by its pre-loss deadline.
 """
 
 from __future__ import annotations
@@ -20,19 +22,19 @@ DUE_PER_TICK_MAX = 1_000  # expiry commands sent per tick at most
 @dataclass(frozen=True, slots=True)
 class Pending:
     ssn: str
-    card_no: str
+    card_ref: str  # published events name cards by token only
     deadline_ms: int
 
 
 def track(event: CardStateChanged) -> Pending | None:
     """The pending pre-loss after this event: a new one, or None if the card left it."""
     if event.new_state == CardState.PRE_LOST and event.deadline_ms > 0:
-        return Pending(event.ssn, event.card_no, event.deadline_ms)
+        return Pending(event.ssn, event.card_ref, event.deadline_ms)
     return None
 
 
 def expiry_request_id(pending: Pending) -> str:
-    return f"expiry:{pending.card_no}:{pending.deadline_ms}"
+    return f"expiry:{pending.card_ref}:{pending.deadline_ms}"
 
 
 def due(pending: list[Pending], sent_at_ms: dict[str, int], now_ms: int) -> list[ExpirePreLoss]:
@@ -45,5 +47,7 @@ def due(pending: list[Pending], sent_at_ms: dict[str, int], now_ms: int) -> list
         request_id = expiry_request_id(p)
         if now_ms - sent_at_ms.get(request_id, -RESEND_AFTER_MS) < RESEND_AFTER_MS:
             continue
-        commands.append(ExpirePreLoss(request_id, now_ms, p.ssn, p.card_no, p.deadline_ms))
+        commands.append(
+            ExpirePreLoss(request_id, now_ms, p.ssn, "", p.deadline_ms, card_ref=p.card_ref)
+        )
     return commands

@@ -47,13 +47,13 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
                 yield None
                 continue
             if isinstance(event, CardStateChanged):
-                key = event.card_no.encode()
+                key = event.card_ref.encode()
                 now = track(event)
                 if now is None:
                     if pending.get(key) is not None:
                         del pending[key]
                 else:
-                    pending[key] = json.dumps([now.ssn, now.card_no, now.deadline_ms]).encode()
+                    pending[key] = json.dumps([now.ssn, now.card_ref, now.deadline_ms]).encode()
             yield None
 
     @app.timer(settings.pre_loss_timer_interval_s)  # type: ignore[untyped-decorator]

@@ -18,7 +18,7 @@ from clearing.codes import CardKind, InsuranceCategory, ResultCode
 from medclear import stack
 from medclear.city import make_ssn
 from medclear.pki import Role
-from medclear.rpc import sync_channel
+from medclear.rpc import result_pb, sync_channel
 from medclear.settings import Settings
 from medclear.terminals import Keyring
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -209,19 +209,100 @@ def test_three_wrong_pins_lock_the_card(secured: tuple[stack.Endpoints, Keyring]
     ]
 
 
-def test_no_log_holds_a_clear_pin_or_a_full_card_number(
+def test_no_log_or_event_holds_a_clear_pin_or_a_full_card_number(
     secured: tuple[stack.Endpoints, Keyring], card: str
 ) -> None:
-    """Every process log of this stack (HSM, workers, gateway, registry, broker, ...)
-    after the swipes above: neither the PINs typed nor the full card numbers appear.
-    (Events still carry card numbers: the open part of the HSM issue.)"""
+    """After the swipes above, a wrong PIN, and a second person's card lost and replaced
+    (so card-issued, state-change, replacement and pre-loss timer records exist): no
+    process log (HSM, workers, gateway, registry, timer, broker, ClickHouse, Prometheus)
+    and no record of any topic holds a typed PIN, and no log and no published record
+    holds a full card number. The exceptions are the topics that must carry the number
+    to decide: the commands (the PIN is checked against the PAN), the persons table's
+    changelog (the aggregate) and the reply topics (window staff act on card numbers);
+    those hold no PIN either."""
+    endpoints = secured[0]
     swipe(secured, card, WRONG)  # make sure a wrong PIN went through this run as well
+    lost, replacement = "SEC000003", "SEC000004"
+    ssn = make_ssn(random.Random(7), 779)
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
+        reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        replies = [
+            reg.RegisterPerson(
+                registry_pb2.RegisterPersonRequest(
+                    window=window("r2"), ssn=ssn, name="挂失", phone="13700000001",
+                    category=int(InsuranceCategory.EMPLOYEE),
+                )
+            ),  # type: ignore[arg-type]
+            reg.IssueCard(
+                registry_pb2.IssueCardRequest(
+                    window=window("i2"), ssn=ssn, card_no=lost,
+                    kind=int(CardKind.SOCIAL_SECURITY),
+                )
+            ),  # type: ignore[arg-type]
+            reg.ActivateCard(registry_pb2.CardRequest(window=window("a2"), card_no=lost)),
+            reg.ReportPreLoss(registry_pb2.CardRequest(window=window("p2"), card_no=lost)),
+            reg.ConfirmLoss(registry_pb2.CardRequest(window=window("l2"), card_no=lost)),
+            reg.ApplyReplacement(registry_pb2.CardRequest(window=window("x2"), card_no=lost)),
+            reg.IssueReplacement(
+                registry_pb2.IssueReplacementRequest(
+                    window=window("n2"), ssn=ssn, old_card_no=lost, new_card_no=replacement
+                )
+            ),
+        ]  # fmt: skip
+    assert [ResultCode(r.result) for r in replies] == [ResultCode.OK] * 7
+    assert swipe(secured, replacement, None).result != result_pb(ResultCode.OK)
+
+    pins = (PIN, WRONG)
+    cards = (card, "SEC000002", lost, replacement)
     logs = sorted((secured_state_dir(secured) / "logs").glob("*.log"))
     assert len(logs) >= 6
     for log in logs:
         text = log.read_text(errors="replace")
-        for secret in (PIN, WRONG, card, "SEC000002"):
+        for secret in pins + cards:
             assert secret not in text, f"{secret!r} appears in {log.name}"
+
+    records = asyncio.run(all_records(endpoints.kafka_bootstrap))
+    must_carry_numbers = ("medclear.commands", "medclear.replies.", "-persons-changelog")
+    seen = {topic for topic, _ in records}
+    assert {"medclear.events", "medclear.card-index", "medclear.commands"} <= seen, seen
+    published = 0
+    for topic, raw in records:
+        for secret in pins:
+            assert secret.encode() not in raw, f"a clear PIN in {topic}"
+        if not any(marker in topic for marker in must_carry_numbers):
+            published += 1
+            for secret in cards:
+                assert secret.encode() not in raw, f"{secret} in {topic}: {raw[:300]!r}"
+    assert published > 20  # the events of this run were really read
+
+
+async def all_records(bootstrap: str) -> list[tuple[str, bytes]]:
+    """Every record (key, value and headers) of every topic on the broker, read once."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(t, p) for t in await consumer.topics()
+                 for p in consumer.partitions_for_topic(t) or ()]  # fmt: skip
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        out: list[tuple[str, bytes]] = []
+        deadline = time.monotonic() + 30
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        while time.monotonic() < deadline and await behind():
+            for tp, batch in (await consumer.getmany(timeout_ms=500)).items():
+                for r in batch:
+                    blob = (r.key or b"") + b"|" + (r.value or b"")
+                    blob += b"".join(v or b"" for _, v in r.headers or ())
+                    out.append((tp.topic, blob))
+        return out
+    finally:
+        await consumer.stop()
 
 
 def secured_state_dir(secured: tuple[stack.Endpoints, Keyring]) -> Path:
