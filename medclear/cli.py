@@ -29,6 +29,7 @@ from medclear.rpc import aio_channel
 from medclear.settings import Settings, get_settings, keyring_file, pki_dir
 from medclear.terminals import Keyring
 from medclear.traffic import LatencyStats
+from stream_jobs import jobs
 
 app = typer.Typer(
     help="medclear — real-time clearing of medical-insurance personal accounts on social "
@@ -208,15 +209,19 @@ def serve_hsm(
     service.run(store, f"{settings.host}:{port}", pki_dir(settings))
 
 
-@serve_app.command("pre-loss-timer")
-def serve_pre_loss_timer(
-    metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
-) -> None:
-    """The pre-loss timer job: sends an expiry command when a pre-loss deadline passes."""
-    from stream_jobs import pre_loss_timer
+def _job_command(name: str) -> None:
+    def serve_job(
+        metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
+    ) -> None:
+        settings = _prepare_process(name, metrics_port)
+        jobs.runner(name)(settings, _bootstrap(settings))
 
-    settings = _prepare_process("pre-loss-timer", metrics_port)
-    pre_loss_timer.run(settings, _bootstrap(settings))
+    serve_job.__doc__ = f"The {name} stream job: {jobs.JOB_HELP.get(name, 'see stream_jobs/')}."
+    serve_app.command(name)(serve_job)
+
+
+for _job in jobs.JOBS:  # one `medclear serve <job>` per entry of stream_jobs/jobs.py
+    _job_command(_job)
 
 
 # ---------------------------------------------------------------------------- pos

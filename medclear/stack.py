@@ -53,6 +53,7 @@ from rich.table import Table
 
 from medclear import topics
 from medclear.settings import BrokerKind, Settings
+from stream_jobs.jobs import JOBS
 
 __all__ = [
     "ComponentStatus",
@@ -1261,8 +1262,8 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
         with console.status("starting gateway, registry and stream jobs …"):
             gateway = serve("gateway", "gateway", None, gateway_port)
             registry = serve("registry", "registry", None, registry_port)
-            timer = serve("pre-loss-timer", "pre-loss-timer", None, None)
-        for comp in (gateway, registry, timer):
+            stream = [serve(name, name, None, None) for name in JOBS]
+        for comp in (gateway, registry, *stream):
             _wait_component(comp, timeout, console)
         state.save()
 
@@ -1330,7 +1331,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
     return endpoints
 
 
-MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", "pre-loss-timer")
+MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", *JOBS)
 
 
 def restart_component(

@@ -1,0 +1,25 @@
+"""The stream jobs `medclear up` starts: name → "module:function".
+
+Each function is `run(settings, bootstrap)` and blocks (a faust worker). For every entry
+`medclear serve <name>` exists and `medclear up` starts it after the gateway and registry,
+then waits for its READY gauge. Adding a job is one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+JOBS: dict[str, str] = {
+    "pre-loss-timer": "stream_jobs.pre_loss_timer:run",
+}
+
+JOB_HELP: dict[str, str] = {
+    "pre-loss-timer": "sends an expiry command when a pre-loss deadline passes",
+}
+
+
+def runner(name: str) -> Callable[..., Any]:
+    module, _, function = JOBS[name].partition(":")
+    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
