@@ -11,10 +11,10 @@ import dataclasses
 import json
 import types
 import typing
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any
 
-from clearing import model
+from clearing import abnormal, model
 
 RECORD_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -28,6 +28,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         model.ReversalUnmatched, model.Refunded, model.PharmacyLimitSet, model.PhoneSet,
         model.PersonCancelled,
         model.Reply, model.Person, model.Card, model.SwipeRecord, model.CreditRecord,
+        abnormal.Alert,
     )
 }  # fmt: skip
 
@@ -66,7 +67,7 @@ def _from_plain(hint: Any, value: Any) -> Any:
         return tuple(_from_plain(item, v) for v in value)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value)
-    if isinstance(hint, type) and issubclass(hint, IntEnum):
+    if isinstance(hint, type) and issubclass(hint, Enum):
         return hint(value)
     return value
 

@@ -372,6 +372,11 @@ def _pre_lost_card(person: Person, c: ExpirePreLoss) -> Card | None:
     return None
 
 
+def _terminal_of(c: Authorize) -> str:
+    """The terminal of a swipe: given, or the part of the request id before the trace."""
+    return c.terminal_id or c.request_id.rpartition(":")[0]
+
+
 def _decide_expiry(person: Person | None, c: ExpirePreLoss) -> Decision:
     """A pre-loss lapses only if the card is still in that same pre-loss (same deadline)
     and its deadline has passed; after a formal loss, a release or a new report the
@@ -521,7 +526,8 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
     ) -> Decision:
         events: list[Event] = [SwipeDeclined(
             _event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id, c.card_no,
-            c.institution_id, c.amount_fen, code, pin_wrong)]  # fmt: skip
+            c.institution_id, c.amount_fen, code, pin_wrong,
+            terminal_id=_terminal_of(c))]  # fmt: skip
         if lock and card is not None and person is not None:
             events.append(_state_change(person, c, card, 1, "lock", CardState.LOCKED,
                                         "PIN tries exceeded"))  # fmt: skip
@@ -576,6 +582,7 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
     event = SwipeApproved(
         _event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
         institution.type, c.amount_fen, paid, c.amount_fen - paid, balance_after, day,
+        terminal_id=_terminal_of(c),
     )  # fmt: skip
     limit_fields["pharmacy_swipes_today"] = today + (1 if at_pharmacy else 0)
     return _events(person, c, [event], result, amount_fen=c.amount_fen,

@@ -419,6 +419,7 @@ class SwipeApproved:
     paid_in_cash_fen: int
     balance_after_fen: int
     day: int
+    terminal_id: str = ""  # where the card was presented (abnormal-use detection)
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
 
@@ -434,6 +435,7 @@ class SwipeDeclined:
     amount_fen: int
     result: ResultCode
     pin_wrong: bool = False  # counts a PIN failure on the card
+    terminal_id: str = ""  # where the card was presented (abnormal-use detection)
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
 

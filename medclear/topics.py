@@ -31,8 +31,13 @@ EVENTS = Topic(
 )
 CARD_INDEX = Topic(
     "medclear.card-index",
-    key="card number",
-    purpose="card number -> social security number, for requests that lack the latter",
+    key="card token (keyed hash of the card number, clearing/redact.py)",
+    purpose="card token -> social security number, for requests that lack the latter",
+)
+ALERTS = Topic(
+    "medclear.alerts",
+    key="social security number",
+    purpose="abnormal transactions flagged by the abnormal job (clearing/abnormal.py)",
 )
 REPLY_PREFIX = "medclear.replies."  # + gateway instance id; one partition each
 
@@ -47,6 +52,7 @@ def partitions(settings: Settings) -> dict[str, int]:
         COMMANDS.name: settings.command_partitions,
         EVENTS.name: settings.event_partitions,
         CARD_INDEX.name: 1,
+        ALERTS.name: settings.event_partitions,
     }
 
 

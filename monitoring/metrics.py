@@ -67,6 +67,9 @@ PRE_LOSSES_PENDING = Gauge(
 UNDECODABLE = Counter(
     "medclear_undecodable_records_total", "Kafka records that could not be decoded", ["topic"]
 )
+ABNORMAL_ALERTS = Counter(
+    "medclear_abnormal_alerts_total", "Abnormal transactions flagged (异常交易)", ["kind"]
+)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> None:

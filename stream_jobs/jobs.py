@@ -13,10 +13,12 @@ from typing import Any
 
 JOBS: dict[str, str] = {
     "pre-loss-timer": "stream_jobs.pre_loss_timer:run",
+    "abnormal": "stream_jobs.abnormal_job:run",
 }
 
 JOB_HELP: dict[str, str] = {
     "pre-loss-timer": "sends an expiry command when a pre-loss deadline passes",
+    "abnormal": "flags abnormal transactions (异常交易) on the alerts topic",
 }
 
 

@@ -4,6 +4,7 @@ window operations and swipes over gRPC, then `medclear down --wipe`."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,11 +18,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rich.console import Console
 
+from clearing import codec
+from clearing.abnormal import Alert, AlertKind
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
-from medclear import stack
+from medclear import stack, topics
 from medclear.city import make_ssn
 from medclear.settings import Settings
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
+from tests.integration.kafka_read import all_records
 
 pytestmark = [
     pytest.mark.stack,
@@ -214,6 +218,28 @@ def test_a_pre_loss_report_blocks_the_next_swipe_and_a_release_restores_it(
     release = registry.ReleaseLoss(registry_pb2.CardRequest(window=window("rel"), card_no=card))
     assert ResultCode(release.result) == ResultCode.OK
     assert ResultCode(authorize(pos, card, 1_00, trace=2).result) == ResultCode.OK
+
+
+def test_a_swipe_on_a_reported_card_raises_an_alert_naming_only_the_masked_card(
+    endpoints: stack.Endpoints,
+    registry: registry_pb2_grpc.CardRegistryServiceStub,
+    pos: pos_pb2_grpc.PosServiceStub,
+) -> None:
+    ssn, card = enrol(registry, 41, 10_00)
+    report = registry.ReportPreLoss(registry_pb2.CardRequest(window=window("loss"), card_no=card))
+    assert ResultCode(report.result) == ResultCode.OK
+    assert ResultCode(authorize(pos, card, 1_00, trace=1).result) == ResultCode.CARD_PRE_LOST
+    deadline = time.monotonic() + 20
+    mine: list[Alert] = []
+    while not mine and time.monotonic() < deadline:
+        records = asyncio.run(all_records(endpoints.kafka_bootstrap, topics.ALERTS.name))
+        alerts = [codec.decode(raw.partition(b"|")[2]) for _, raw in records]
+        mine = [a for a in alerts if a.ssn == ssn]
+        time.sleep(0.2)
+    assert [(a.kind, a.card_masked, a.terminal_id) for a in mine] == [
+        (AlertKind.BLOCKED_CARD_USED, "*****" + card[-4:], "T-IT-1")
+    ]
+    assert mine[0].cardholder_facing and card not in mine[0].card_ref
 
 
 def test_green_card_is_refused_at_a_pharmacy(

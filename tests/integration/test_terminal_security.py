@@ -22,6 +22,7 @@ from medclear.rpc import result_pb, sync_channel
 from medclear.settings import Settings
 from medclear.terminals import Keyring
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
+from tests.integration.kafka_read import all_records
 
 pytestmark = [pytest.mark.stack, pytest.mark.kafka, pytest.mark.timeout(240)]
 PHARMACY, HOSPITAL = "310101P00001", "310101H00001"
@@ -274,35 +275,6 @@ def test_no_log_or_event_holds_a_clear_pin_or_a_full_card_number(
             for secret in cards:
                 assert secret.encode() not in raw, f"{secret} in {topic}: {raw[:300]!r}"
     assert published > 20  # the events of this run were really read
-
-
-async def all_records(bootstrap: str) -> list[tuple[str, bytes]]:
-    """Every record (key, value and headers) of every topic on the broker, read once."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(t, p) for t in await consumer.topics()
-                 for p in consumer.partitions_for_topic(t) or ()]  # fmt: skip
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        out: list[tuple[str, bytes]] = []
-        deadline = time.monotonic() + 30
-
-        async def behind() -> bool:
-            return any([await consumer.position(tp) < end for tp, end in ends.items()])
-
-        while time.monotonic() < deadline and await behind():
-            for tp, batch in (await consumer.getmany(timeout_ms=500)).items():
-                for r in batch:
-                    blob = (r.key or b"") + b"|" + (r.value or b"")
-                    blob += b"".join(v or b"" for _, v in r.headers or ())
-                    out.append((tp.topic, blob))
-        return out
-    finally:
-        await consumer.stop()
 
 
 def secured_state_dir(secured: tuple[stack.Endpoints, Keyring]) -> Path:

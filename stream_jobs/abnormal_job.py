@@ -1,0 +1,62 @@
+"""The abnormal-transaction job: published events in, alerts out (topic `medclear.alerts`).
+
+One instance reads every partition of `medclear.events`: the terminal-burst rule needs
+all of a terminal's swipes, which span persons and so partitions. The windows live in
+memory; after a restart they refill from the events read again from the committed
+offset, and an alert raised twice has the same id (sinks deduplicate by it). The rules
+are in clearing/abnormal.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import faust
+import structlog
+
+from clearing import codec
+from clearing.abnormal import Detector
+from medclear import topics
+from medclear.faust_app import make_app
+from medclear.settings import Settings
+from monitoring import metrics
+
+log = structlog.get_logger(process="abnormal")
+APP_ID = "medclear-abnormal"
+
+
+def create_app(settings: Settings, bootstrap: str) -> faust.App:
+    app = make_app(APP_ID, "abnormal-0", settings, bootstrap, settings.event_partitions)
+    events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
+                       partitions=settings.event_partitions, internal=False)  # fmt: skip
+    alerts = app.topic(topics.ALERTS.name, key_type=bytes, value_type=bytes,
+                       partitions=settings.event_partitions, internal=False)  # fmt: skip
+    detector = Detector()
+
+    @app.agent(events)
+    async def watch(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        async for raw in stream:
+            try:
+                event = codec.decode(raw)
+            except codec.CodecError:
+                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
+                yield None
+                continue
+            for alert in detector.observe(event):
+                await alerts.send(key=alert.ssn.encode(), value=codec.encode(alert))
+                metrics.ABNORMAL_ALERTS.labels(alert.kind.value).inc()
+                log.info("abnormal transaction", kind=alert.kind.value, card=alert.card_masked,
+                         terminal=alert.terminal_id, institution=alert.institution_id)  # fmt: skip
+            yield None
+
+    @app.timer(0.5)  # type: ignore[untyped-decorator]
+    async def readiness() -> None:
+        metrics.READY.set(1 if app.consumer.assignment() and not app.rebalancing else 0)
+
+    return app
+
+
+def run(settings: Settings, bootstrap: str) -> None:
+    app = create_app(settings, bootstrap)
+    log.info("abnormal job starting")
+    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
