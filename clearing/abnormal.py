@@ -21,8 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from clearing.codes import ResultCode
-from clearing.model import Event, SwipeApproved, SwipeDeclined
+from clearing.codes import CardState, ResultCode
+from clearing.model import CardStateChanged, Event, SwipeApproved, SwipeDeclined
 
 BLOCKED_RESULTS = frozenset(
     {
@@ -161,3 +161,31 @@ class Detector:
         self.seen_order.append(event_id)
         if len(self.seen_order) > TRACKED_KEYS_MAX:
             self.seen.discard(self.seen_order.popleft())
+
+
+BLOCKING_STATES = frozenset(
+    {CardState.PRE_LOST, CardState.LOST, CardState.FROZEN, CardState.LOCKED}
+)
+
+
+@dataclass(slots=True)
+class BlockWatch:
+    """For the operators' card-status propagation figure: how long after a card was
+    blocked (reported lost, frozen, locked) its first swipe was refused."""
+
+    blocked_at: dict[str, int] = field(default_factory=dict)  # card token → at_ms
+
+    def observe(self, event: Event) -> int | None:
+        """Milliseconds from the block to this first refused swipe; None otherwise."""
+        if isinstance(event, CardStateChanged) and event.card_ref:
+            if event.new_state in BLOCKING_STATES and event.old_state not in BLOCKING_STATES:
+                if len(self.blocked_at) >= TRACKED_KEYS_MAX:
+                    del self.blocked_at[next(iter(self.blocked_at))]
+                self.blocked_at[event.card_ref] = event.at_ms
+            elif event.new_state not in BLOCKING_STATES:
+                self.blocked_at.pop(event.card_ref, None)
+        elif isinstance(event, SwipeDeclined) and event.result in BLOCKED_RESULTS:
+            since = self.blocked_at.pop(event.card_ref, None)
+            if since is not None:
+                return max(0, event.at_ms - since)
+        return None

@@ -67,6 +67,16 @@ PRE_LOSSES_PENDING = Gauge(
 UNDECODABLE = Counter(
     "medclear_undecodable_records_total", "Kafka records that could not be decoded", ["topic"]
 )
+CONSUMER_LAG = Gauge(
+    "medclear_consumer_lag_records",
+    "Records on the broker a stream job has not read yet",
+    ["job", "topic", "partition"],
+)
+CARD_BLOCK_TO_REFUSAL_SECONDS = Histogram(
+    "medclear_card_block_to_first_refusal_seconds",
+    "From a card's loss report / freeze / lock to the first swipe of it refused",
+    buckets=(0.01, 0.1, 1, 10, 60, 600, 3600, 86400),
+)
 ABNORMAL_ALERTS = Counter(
     "medclear_abnormal_alerts_total", "Abnormal transactions flagged (异常交易)", ["kind"]
 )

@@ -15,7 +15,7 @@ import faust
 import structlog
 
 from clearing import codec
-from clearing.abnormal import Detector
+from clearing.abnormal import BlockWatch, Detector
 from medclear import topics
 from medclear.faust_app import make_app
 from medclear.settings import Settings
@@ -32,6 +32,7 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
     alerts = app.topic(topics.ALERTS.name, key_type=bytes, value_type=bytes,
                        partitions=settings.event_partitions, internal=False)  # fmt: skip
     detector = Detector()
+    blocks = BlockWatch()
 
     @app.agent(events)
     async def watch(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -42,6 +43,9 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
                 metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
                 yield None
                 continue
+            propagation_ms = blocks.observe(event)
+            if propagation_ms is not None:
+                metrics.CARD_BLOCK_TO_REFUSAL_SECONDS.observe(propagation_ms / 1000)
             for alert in detector.observe(event):
                 await alerts.send(key=alert.ssn.encode(), value=codec.encode(alert))
                 metrics.ABNORMAL_ALERTS.labels(alert.kind.value).inc()

@@ -10,10 +10,11 @@ from clearing.abnormal import (
     TERMINAL_BURST_SWIPES_MAX,
     WRONG_PIN_WINDOW_MS,
     AlertKind,
+    BlockWatch,
     Detector,
 )
-from clearing.codes import InstitutionType, ResultCode
-from clearing.model import SwipeApproved, SwipeDeclined
+from clearing.codes import CardState, InstitutionType, ResultCode
+from clearing.model import CardStateChanged, SwipeApproved, SwipeDeclined
 from tests.unit.conftest import HOSPITAL, PHARMACY, SSN, T0_MS
 
 _n = itertools.count()
@@ -92,3 +93,16 @@ def test_alerts_round_trip_through_the_codec() -> None:
     alert = Detector().observe(declined(T0_MS, ResultCode.CARD_FROZEN))[0]
     again = codec.decode(codec.encode(alert))
     assert again == alert and isinstance(again.kind, AlertKind)
+
+
+def test_block_to_first_refusal_is_measured_once_per_block() -> None:
+    watch = BlockWatch()
+
+    def change(at_ms: int, old: CardState, new: CardState) -> CardStateChanged:
+        return CardStateChanged(f"c{at_ms}#0", at_ms, SSN, "", "op", old, new, card_ref=CARD_REF)
+
+    assert watch.observe(change(T0_MS, CardState.ACTIVE, CardState.PRE_LOST)) is None
+    assert watch.observe(change(T0_MS + 500, CardState.PRE_LOST, CardState.LOST)) is None
+    assert watch.observe(declined(T0_MS + 2_000, ResultCode.CARD_LOST)) == 2_000
+    assert watch.observe(declined(T0_MS + 3_000, ResultCode.CARD_LOST)) is None  # not first
+    assert watch.observe(declined(T0_MS + 3_000, ResultCode.PIN_WRONG)) is None
