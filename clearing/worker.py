@@ -33,7 +33,18 @@ from aiokafka import AIOKafkaProducer
 
 from clearing import codec, core
 from clearing.codes import ResultCode
-from clearing.model import Authorize, Card, CardIssued, Person, PinOutcome, Policy, Reply
+from clearing.model import (
+    Authorize,
+    Card,
+    CardIssued,
+    Person,
+    PinOutcome,
+    Policy,
+    Refunded,
+    Reply,
+    SwipeApproved,
+    SwipeReversed,
+)
 from clearing.redact import published
 from medclear import topics
 from medclear.faust_app import make_app
@@ -248,6 +259,21 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
             ):
                 metrics.WORKER_STEP_SECONDS.labels(step).observe(seconds)
             metrics.DECISIONS.labels(type(command).__name__, decision.reply.result.name).inc()
+            if isinstance(command, Authorize):
+                institution = policy.institutions.get(command.institution_id)
+                kind = institution.type.name.lower() if institution else "unknown"
+                metrics.SWIPES.labels(decision.reply.result.name, kind).inc()
+                metrics.INSTITUTION_SWIPES.labels(
+                    command.institution_id if institution else "unknown",
+                    decision.reply.result.name,
+                ).inc()
+            for e in decision.events:
+                if isinstance(e, SwipeApproved):
+                    metrics.INSTITUTION_PAID_FEN.labels(e.institution_id).inc(
+                        e.paid_from_account_fen
+                    )
+                elif isinstance(e, SwipeReversed | Refunded):
+                    metrics.INSTITUTION_RETURNED_FEN.labels(e.institution_id).inc(e.amount_fen)
             metrics.DECIDE_SECONDS.observe(time.perf_counter() - started)
             yield None
 

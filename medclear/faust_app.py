@@ -41,7 +41,7 @@ LAG_INTERVAL_S = 2.0
 
 
 def _export_lag(app: faust.App, job: str) -> None:
-    """`medclear_consumer_lag_records{job,topic,partition}`: records on the broker that
+    """`medclear_consumer_lag_records{stream_job,topic,partition}`: records on the broker that
     this job has not yet read, per assigned partition (high-water mark − position)."""
 
     @app.timer(LAG_INTERVAL_S)  # type: ignore[untyped-decorator]

@@ -63,7 +63,22 @@ class Settings(BaseSettings):
 
     institutions_file: Path | None = Field(None, description="CSV of designated institutions")
     pre_loss_policy_file: Path | None = Field(None, description="CSV: region → pre-loss lifetime")
+    jobs: str = Field(
+        "", description="comma-separated stream jobs `up` starts (stream_jobs/jobs.py); empty: all"
+    )
     pre_loss_timer_interval_s: float = Field(5.0, gt=0, le=3600, description="timer job tick")
+    settlement_cutoff_s: int = Field(
+        7200, ge=0, le=7 * 86400, description="a settlement day closes this long after its end"
+    )
+    clickhouse_sink_batch_rows: int = Field(5_000, ge=1, le=100_000, description="rows/insert")
+    clickhouse_sink_batch_wait_ms: int = Field(200, ge=1, le=60_000, description="batch time bound")
+    sms_enabled: bool = Field(True, description="the sms job submits SMS (else it only idles)")
+    smsc_host: str = Field("127.0.0.1", description="SMPP 3.4 SMSC the sms job binds to")
+    smsc_port: int = Field(2775, ge=1, le=65535)
+    smsc_system_id: str = Field("medclear", max_length=15, description="SMPP bind system_id")
+    smsc_password: str = Field("medclear", max_length=8, description="SMPP bind password")
+    smsc_source_addr: str = Field("12393", max_length=20, description="sender (医保 hotline)")
+    sms_templates_file: Path | None = Field(None, description="default: stream_jobs/templates")
 
     @property
     def embedded_kafka(self) -> bool:

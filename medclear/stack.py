@@ -1262,7 +1262,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
         with console.status("starting gateway, registry and stream jobs …"):
             gateway = serve("gateway", "gateway", None, gateway_port)
             registry = serve("registry", "registry", None, registry_port)
-            stream = [serve(name, name, None, None) for name in JOBS]
+            stream = [serve(name, name, None, None) for name in selected_jobs(settings)]
         for comp in (gateway, registry, *stream):
             _wait_component(comp, timeout, console)
         state.save()
@@ -1276,6 +1276,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
                 prom_port,
                 {**metrics_targets, "prometheus": [f"{HOST}:{prom_port}"]},
                 logs / "prometheus.log",
+                rule_files=[ALERT_RULES],
             )
         prometheus = track(
             _Component(
@@ -1331,6 +1332,16 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
     return endpoints
 
 
+def selected_jobs(settings: Settings) -> list[str]:
+    """The stream jobs `up` starts: all of stream_jobs/jobs.py, or those MEDCLEAR_JOBS names."""
+    wanted = [name.strip() for name in settings.jobs.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in JOBS]
+    if unknown:
+        raise StackError(f"unknown stream job(s) {', '.join(unknown)}; known: {', '.join(JOBS)}")
+    return [name for name in JOBS if not wanted or name in wanted]
+
+
+ALERT_RULES = Path(__file__).resolve().parent.parent / "monitoring" / "alerts.yml"
 MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", *JOBS)
 
 

@@ -17,6 +17,26 @@ DECISIONS = Counter(
     "Commands decided by the clearing worker, by command kind and result code",
     ["command", "result"],
 )
+SWIPES = Counter(
+    "medclear_swipes_total",
+    "Swipe (Authorize) decisions by result code and institution type",
+    ["result", "institution_type"],
+)
+INSTITUTION_SWIPES = Counter(
+    "medclear_institution_swipes_total",
+    "Swipe decisions per designated institution and result code",
+    ["institution", "result"],
+)
+INSTITUTION_PAID_FEN = Counter(
+    "medclear_institution_paid_fen_total",
+    "Fen paid from personal accounts at each institution (approved swipes)",
+    ["institution"],
+)
+INSTITUTION_RETURNED_FEN = Counter(
+    "medclear_institution_returned_fen_total",
+    "Fen returned to personal accounts by reversals and refunds, per institution",
+    ["institution"],
+)
 DECIDE_SECONDS = Histogram(
     "medclear_worker_decide_seconds",
     "Worker time from taking a command to handing its reply to the producer",
@@ -70,7 +90,7 @@ UNDECODABLE = Counter(
 CONSUMER_LAG = Gauge(
     "medclear_consumer_lag_records",
     "Records on the broker a stream job has not read yet",
-    ["job", "topic", "partition"],
+    ["stream_job", "topic", "partition"],
 )
 CARD_BLOCK_TO_REFUSAL_SECONDS = Histogram(
     "medclear_card_block_to_first_refusal_seconds",
@@ -84,3 +104,80 @@ ABNORMAL_ALERTS = Counter(
 
 def serve(port: int, host: str = "127.0.0.1") -> None:
     start_http_server(port, addr=host)
+
+
+# ClickHouse sink (stream_jobs/clickhouse_sink.py)
+CLICKHOUSE_SINK_ROWS = Counter(
+    "medclear_clickhouse_sink_rows_total",
+    "Event rows inserted into ClickHouse (a redelivered event is inserted, and counted, again)",
+)
+CLICKHOUSE_SINK_BATCHES = Counter(
+    "medclear_clickhouse_sink_batches_total", "Batches inserted into ClickHouse"
+)
+CLICKHOUSE_SINK_INSERT_SECONDS = Histogram(
+    "medclear_clickhouse_sink_insert_seconds",
+    "Time of one successful batch insert",
+    buckets=LATENCY_BUCKETS_S,
+)
+CLICKHOUSE_SINK_RETRIES = Counter(
+    "medclear_clickhouse_sink_retries_total", "Failed batch inserts, retried after a back-off"
+)
+CLICKHOUSE_SINK_SKIPPED = Counter(
+    "medclear_clickhouse_sink_skipped_total",
+    "Records of the events topic not written (undecodable, or not an event)",
+    ["reason"],
+)
+CLICKHOUSE_SINK_LAG_SECONDS = Gauge(
+    "medclear_clickhouse_sink_lag_seconds",
+    "Age of the oldest event the sink has read but ClickHouse does not have yet (0: caught up)",
+)
+CLICKHOUSE_SINK_LAG_RECORDS = Gauge(
+    "medclear_clickhouse_sink_lag_records",
+    "Records of the events topic not yet in ClickHouse (end offsets minus inserted)",
+)
+
+
+# Consumption SMS (stream_jobs/sms.py)
+SMS_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+SMS_SENT = Counter(
+    "medclear_sms_sent_total", "SMS the SMSC accepted (every part answered OK), by kind", ["kind"]
+)
+SMS_FAILED = Counter(
+    "medclear_sms_failed_total",
+    "SMS the SMSC refused for good (not retried), by SMPP command_status",
+    ["status"],
+)
+SMS_RETRIES = Counter(
+    "medclear_sms_retries_total",
+    "Submit attempts repeated after the SMSC was unreachable, dropped the link or was busy",
+)
+SMS_SUPPRESSED = Counter(
+    "medclear_sms_suppressed_total",
+    "Events that would send an SMS but did not (no_phone, stale, rate_limited, duplicate)",
+    ["reason"],
+)
+SMS_RESENT_UNCERTAIN = Counter(
+    "medclear_sms_resent_uncertain_total",
+    "SMS in flight when the job stopped, sent again on restart (each may be a duplicate)",
+)
+SMS_SUBMIT_SECONDS = Histogram(
+    "medclear_sms_submit_seconds",
+    "From the event's at_ms (ingress stamp) to the SMSC's submit_sm_resp for its last part",
+    buckets=SMS_SECONDS_BUCKETS,
+)
+SMS_RECEIPTS = Counter(
+    "medclear_sms_receipts_total", "Delivery receipts from the SMSC, by stat", ["stat"]
+)
+SMSC_BOUND = Gauge("medclear_smsc_bound", "1 while the sms job holds a bound SMPP session")
+SETTLEMENT_EVENTS = Counter(
+    "medclear_settlement_events_total",
+    "Events read by the settlement job, by kind and outcome (applied, late: into an "
+    "adjustment line of the next open day, redelivered: already applied, no effect)",
+    ["kind", "outcome"],
+)
+SETTLEMENT_DAYS_CLOSED = Counter(
+    "medclear_settlement_days_closed_total", "Institution-days closed at the cut-off"
+)
+SETTLEMENT_OPEN_INSTITUTIONS = Gauge(
+    "medclear_settlement_open_institutions", "Institutions with at least one open day"
+)

@@ -61,10 +61,10 @@ def window(tag: str) -> common_pb2.WindowContext:
     )
 
 
-@pytest.fixture(scope="module")
-def card(secured: tuple[stack.Endpoints, Keyring]) -> str:
+def enrol(secured: tuple[stack.Endpoints, Keyring], index: int, card_no: str) -> str:
+    """A person with an active card whose PIN was set at window WIN1, and 100 yuan."""
     endpoints, keyring = secured
-    ssn, card_no = make_ssn(random.Random(5), 777), "SEC000001"
+    ssn = make_ssn(random.Random(index), 777 + index)
     with channel_to(endpoints.registry, Role.WINDOW) as channel:
         reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
         replies = [
@@ -92,12 +92,18 @@ def card(secured: tuple[stack.Endpoints, Keyring]) -> str:
             ),
             reg.CreditAccount(
                 registry_pb2.CreditRequest(
-                    window=window("c"), ssn=ssn, amount_fen=100_00, source_id="sec"
+                    window=window("c"), ssn=ssn, amount_fen=100_00, source_id=f"sec-{index}"
                 )
             ),
         ]
     assert [ResultCode(r.result) for r in replies] == [ResultCode.OK] * 5
-    return card_no
+    return ssn
+
+
+@pytest.fixture(scope="module")
+def card(secured: tuple[stack.Endpoints, Keyring]) -> str:
+    enrol(secured, 0, "SEC000001")
+    return "SEC000001"
 
 
 _traces = iter(range(1, 10_000))
@@ -344,3 +350,62 @@ def test_roles_are_checked_at_every_grpc_boundary(
     with grpc.insecure_channel(endpoints.gateway) as channel, pytest.raises(grpc.RpcError) as exc:
         pos_pb2_grpc.PosServiceStub(channel).Authorize(pos_pb2.AuthorizeRequest(), timeout=5)
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # no certificate: no entry
+
+
+def test_every_dashboard_query_returns_data(secured: tuple[stack.Endpoints, Keyring]) -> None:
+    """Traffic of every kind the dashboards show (approvals, a reversal, a refund, a
+    decline, a swipe on a reported card), then each query of each Grafana dashboard in
+    monitoring/dashboards is run against this stack's Prometheus and must return series."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from monitoring.dashboards.build import DASHBOARDS, queries
+
+    endpoints, keyring = secured
+    card_no = "SEC000050"
+    enrol(secured, 50, card_no)
+
+    def signed(request: object) -> object:
+        return keyring.sign("POS1", request)
+
+    first_trace, second_trace = next(_traces), next(_traces)
+    first = swipe(secured, card_no, PIN, amount_fen=2_00, trace=first_trace)
+    assert first.result == result_pb(ResultCode.OK)
+    with channel_to(endpoints.gateway, Role.TERMINAL) as channel:
+        pos = pos_pb2_grpc.PosServiceStub(channel)
+        reverse = pos.Reverse(signed(pos_pb2.ReverseRequest(
+            terminal=common_pb2.TerminalContext(terminal_id="POS1", institution_id=HOSPITAL,
+                                                trace_number=next(_traces)),
+            original_trace_number=first_trace, card_no=card_no, amount_fen=2_00,
+        )), timeout=15)  # type: ignore[arg-type]  # fmt: skip
+        second = swipe(secured, card_no, PIN, amount_fen=3_00, trace=second_trace)
+        refund = pos.Refund(signed(pos_pb2.RefundRequest(
+            terminal=common_pb2.TerminalContext(terminal_id="POS1", institution_id=HOSPITAL,
+                                                trace_number=next(_traces)),
+            original_trace_number=second_trace, card_no=card_no, amount_fen=1_00,
+        )), timeout=15)  # type: ignore[arg-type]  # fmt: skip
+    assert [ResultCode(r.result) for r in (reverse, second, refund)] == [ResultCode.OK] * 3
+    assert swipe(secured, card_no, WRONG).result == result_pb(ResultCode.PIN_WRONG)
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
+        reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        reported = reg.ReportPreLoss(registry_pb2.CardRequest(window=window("d"), card_no=card_no))
+    assert ResultCode(reported.result) == ResultCode.OK
+    assert swipe(secured, card_no, PIN).result == result_pb(ResultCode.CARD_PRE_LOST)
+
+    def query(expr: str) -> list[object]:
+        expr = expr.replace("$institution", ".*")
+        url = f"{endpoints.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            body = json.load(answer)
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+    exprs = [e for board in DASHBOARDS.values() for e in queries(board)]
+    assert len(exprs) >= 12
+    empty = exprs
+    deadline = time.monotonic() + 60  # rate() needs two scrapes (every 5 s) after the traffic
+    while empty and time.monotonic() < deadline:
+        time.sleep(2)
+        empty = [e for e in empty if not query(e)]
+    assert not empty, f"dashboard queries without data: {empty}"
