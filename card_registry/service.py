@@ -354,6 +354,8 @@ def person_view(person: model.Person, reply: Reply) -> registry_pb2.PersonView:
             pre_loss_deadline=shanghai_iso(c.pre_loss_deadline_ms)
             if c.state == CardState.PRE_LOST
             else "",
+            issued_at=shanghai_iso(c.issued_at_ms),
+            expires_at=shanghai_iso(c.expires_at_ms) if c.expires_at_ms else "",
         )
         for c in person.cards
     ]

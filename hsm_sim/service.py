@@ -20,9 +20,10 @@ import grpc
 import structlog
 
 from clearing.codes import ResultCode
+from clearing.validate import mask_card
 from hsm_sim import crypto
 from hsm_sim.crypto import CryptoError, KeyAlgorithm, PinBlockError, PinBlockFormat
-from hsm_sim.keystore import KeyInfo, KeyNotFound, KeyStore, KeyStoreError, KeyType
+from hsm_sim.keystore import KeyInfo, KeyNotFound, KeyStore, KeyStoreError, KeyType, wrap_key
 from medclear.rpc import create_server, pb_enum, result_pb, shanghai_iso
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 from monitoring import metrics
@@ -219,6 +220,25 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
             await _refuse(context, exc)
         log.info("key exported", key_id=info.key_id, kek=request.kek.key_id, kcv=info.kcv)
         return hsm_pb2.ExportKeyReply(wrapped=wrapped, kcv=info.kcv, key=key_info_pb(info))
+
+    async def ExportCardKey(
+        self, request: hsm_pb2.ExportCardKeyRequest, context: Ctx
+    ) -> hsm_pb2.ExportKeyReply:
+        """Personalisation: the per-card key derived from the card master key, wrapped
+        under a KEK for the personalisation machine. The master key never leaves."""
+        try:
+            kek_info, kek = self.store.key(request.kek.key_id, request.kek.version,
+                                           KeyType.KEY_ENCRYPTION_KEY)  # fmt: skip
+            info, master = self.store.key(request.master_key.key_id, request.master_key.version,
+                                          KeyType.CARD_MASTER_KEY)  # fmt: skip
+            card_key = crypto.derive_card_key(info.algorithm, master, request.card_no)
+        except (KeyStoreError, ValueError) as exc:
+            await _refuse(context, exc)
+        log.info("card key exported", master=info.key_id, version=info.version,
+                 kek=kek_info.key_id, card=mask_card(request.card_no))  # fmt: skip
+        return hsm_pb2.ExportKeyReply(wrapped=wrap_key(kek_info.algorithm, kek, card_key),
+                                      kcv=crypto.kcv(info.algorithm, card_key),
+                                      key=key_info_pb(info))  # fmt: skip
 
     async def ImportKey(self, request: hsm_pb2.ImportKeyRequest, context: Ctx) -> hsm_pb2.KeyInfo:
         try:

@@ -29,6 +29,7 @@ from medclear.rpc import aio_channel
 from medclear.settings import Settings, get_settings, keyring_file, pki_dir
 from medclear.terminals import Keyring
 from medclear.traffic import LatencyStats
+from reader_agent.cli import agent_app, emulator_app
 from stream_jobs import jobs
 
 app = typer.Typer(
@@ -51,6 +52,8 @@ app.add_typer(pos_app, name="pos")
 app.add_typer(bench_app, name="bench")
 app.add_typer(card_app, name="card")
 app.add_typer(hsm_app, name="hsm")
+app.add_typer(agent_app, name="agent")
+app.add_typer(emulator_app, name="card-emulator")
 
 console = Console()
 err = Console(stderr=True)
@@ -399,7 +402,6 @@ def pos_balance(
 
 @pos_app.command("swipe")
 def pos_swipe(
-    card: Annotated[str, typer.Option(help="card number (EF05 tag 07), 9 characters")],
     amount: Annotated[str, typer.Option(help="amount in yuan, e.g. 12.50")],
     institution: Annotated[str, typer.Option(help="designated institution id")],
     terminal: Annotated[str, typer.Option(help="terminal id")],
@@ -418,7 +420,10 @@ def pos_swipe(
     """Send one Authorize (a swipe) to the POS gateway and print the decision.
 
     The same terminal and trace number sent again is answered with the original reply
-    (marked replayed), never debited twice.
+    card: Annotated[str, typer.Option(help="card number (EF05 tag 07), 9 characters")] = "",
+    reader: Annotated[str, typer.Option(help="PC/SC reader: the agent reads the card")] = "",
+    (marked replayed), never debited twice. With --reader the agent reads the card in
+    that PC/SC reader (EF05/EF06 and its cryptogram) and prints a receipt.
     """
     from medclear.v1 import pos_pb2
 
@@ -436,11 +441,16 @@ def pos_swipe(
     )
     request = _secure(request, terminal, pin)
     started = time.perf_counter()
+    from reader_agent.cli import agent_swipe
     reply: pos_pb2.AuthorizeReply = _pos_call(address, "Authorize", request)
     elapsed_ms = (time.perf_counter() - started) * 1000
     code = ResultCode(reply.result)
     table = Table.grid(padding=(0, 2))
     table.add_row("result", f"[bold]{code.name}[/] ({int(code)}) {reply.message}")
+    if reader:
+        return agent_swipe(reader, amount_fen, institution, terminal, pin, partial)
+    if not card:
+        raise _fail("give --card, or --reader to read the card")
     table.add_row(
         "request", reply.request_id + (" [yellow](replayed)[/]" if reply.replayed else "")
     )
@@ -768,11 +778,23 @@ def demo(
     except stack.StackError as exc:
         raise _fail(str(exc)) from exc
     ready_s = time.perf_counter() - started
+    agents: Annotated[
+        bool, typer.Option(help="swipe through the reader agent and virtual cards (pcscd)")
+    ] = False,
     try:
         seed_s = _seed(persons, 2026, 32)
-        stats = _swipe_run(persons, 2026, swipes, concurrency, "POS traffic")
-        console.print(_stats_table("simulated POS traffic", stats))
-        console.print(_results_table(stats))
+        if agents:  # one agent, one card at a time: sequential, card read included
+            from reader_agent import cli as agent_cli
+
+            by_agent = agent_cli.run_agent_traffic(
+                agent_cli.stack_access(settings), persons, 2026, swipes, "POS traffic (agent)"
+            )
+            console.print(agent_cli.agent_stats_table("POS traffic through the agent", by_agent))
+            console.print(agent_cli.results_table(by_agent))
+        else:
+            stats = _swipe_run(persons, 2026, swipes, concurrency, "POS traffic")
+            console.print(_stats_table("simulated POS traffic", stats))
+            console.print(_results_table(stats))
         console.print(
             f"stack ready in {ready_s:.1f} s; seeded {persons:,} persons in {seed_s:.1f} s"
         )

@@ -31,7 +31,8 @@ from medclear.rpc import (
     state_of,
     system_clock_ms,
 )
-from medclear.terminals import mac_input, tak_id
+from medclear.settings import get_settings
+from medclear.terminals import CMK_ID, mac_input, tak_id
 from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, pos_pb2, pos_pb2_grpc
 from monitoring import metrics
 
@@ -65,6 +66,52 @@ class MacChecker:
         return ResultCode(reply.result)
 
 
+CHALLENGE_BYTES_MIN = 4  # the terminal's unpredictable number (EMV: 4 bytes)
+CHALLENGE_BYTES_MAX = 255
+CRYPTOGRAM_BYTES = 8
+
+
+class CryptogramChecker:
+    """Verifies a swipe's chip cryptogram through the HSM under the card key derived from
+    the card master key, so a card whose EF05/EF06 were copied without its key is refused.
+
+    A swipe with a cryptogram must carry a valid one. A swipe without one (key-entered or
+    simulated traffic: no chip read) passes unless `required`
+    (MEDCLEAR_CARD_CRYPTOGRAM_REQUIRED), which a deployment of chip readers should set."""
+
+    def __init__(self, hsm_address: str, pki_dir: Path | None, required: bool) -> None:
+        self._stub = hsm_pb2_grpc.HsmServiceStub(aio_channel(hsm_address, Role.SERVICE, pki_dir))
+        self.required = required
+
+    async def check(self, request: pos_pb2.AuthorizeRequest) -> ResultCode:
+        if not request.card_cryptogram:
+            present = request.card_challenge or request.card_counter
+            return ResultCode.CRYPTOGRAM_INVALID if self.required or present else ResultCode.OK
+        if (
+            not CHALLENGE_BYTES_MIN <= len(request.card_challenge) <= CHALLENGE_BYTES_MAX
+            or len(request.card_cryptogram) != CRYPTOGRAM_BYTES
+        ):
+            return ResultCode.CRYPTOGRAM_INVALID
+        try:
+            reply = await self._stub.VerifyCardCryptogram(
+                hsm_pb2.CryptogramRequest(
+                    master_key=hsm_pb2.KeyRef(key_id=CMK_ID),
+                    card_no=request.card_no,
+                    challenge=request.card_challenge,
+                    amount_fen=request.amount_fen,
+                    terminal_id=request.terminal.terminal_id,
+                    counter=request.card_counter,
+                    cryptogram=request.card_cryptogram,
+                ),
+                timeout=2,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return ResultCode.CRYPTOGRAM_INVALID  # no card master key: no genuine card
+            return ResultCode.UNAVAILABLE
+        return ResultCode(reply.result)
+
+
 class PosGateway(pos_pb2_grpc.PosServiceServicer):
     def __init__(
         self,
@@ -72,11 +119,13 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         deadline_ms: int,
         clock: Clock = system_clock_ms,
         macs: MacChecker | None = None,
+        cryptograms: CryptogramChecker | None = None,
     ):
         self.bus = bus
         self.deadline_s = deadline_ms / 1000
         self.clock = clock
         self.macs = macs  # None: terminal security off (no HSM on the path)
+        self.cryptograms = cryptograms  # None: likewise, chip cryptograms are not checked
 
     async def _admit(self, terminal_id: str, request: Any) -> ResultCode:
         """The terminal's MAC, before anything reaches a person's aggregate."""
@@ -110,6 +159,12 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         admitted = ResultCode.MALFORMED_REQUEST
         if validate.is_id(t.terminal_id) and t.trace_number > 0:
             admitted = await self._admit(t.terminal_id, request)
+            if (
+                admitted == ResultCode.OK
+                and self.cryptograms is not None
+                and validate.is_card_no(request.card_no)  # else MALFORMED_REQUEST (10) first
+            ):
+                admitted = await self.cryptograms.check(request)
             reply = Reply(request_id, admitted, amount_fen=request.amount_fen)
         if admitted == ResultCode.OK:
             code, ssn = await self._route(request.card_no, request.ssn)
@@ -282,11 +337,16 @@ def run(
     pki_dir: Path | None = None,
 ) -> None:
     """Serve PosService on host:port until terminated; with an HSM address every request's
-    MAC is verified through it (terminal security); with a PKI, mutual TLS and roles."""
+    MAC and every chip cryptogram is verified through it (terminal security); with a PKI,
+    mutual TLS and roles."""
 
     def gateway(bus: CommandBus) -> PosGateway:  # inside the server's event loop
-        macs = MacChecker(hsm_address, pki_dir) if hsm_address else None
-        return PosGateway(bus, deadline_ms, macs=macs)
+        if not hsm_address:
+            return PosGateway(bus, deadline_ms)
+        required = get_settings().card_cryptogram_required
+        macs = MacChecker(hsm_address, pki_dir)
+        cryptograms = CryptogramChecker(hsm_address, pki_dir, required)
+        return PosGateway(bus, deadline_ms, macs=macs, cryptograms=cryptograms)
 
     asyncio.run(
         serve_commands(

@@ -49,7 +49,7 @@ ROLES_OF_METHOD: dict[str, frozenset[Role]] = {
         "VerifyPin", "TranslatePin", "SetPin", "GenerateMac", "VerifyMac",
         "VerifyCardCryptogram", "Digest")},
     **{f"/medclear.v1.HsmService/{m}": frozenset({Role.OPERATOR}) for m in (
-        "GenerateKey", "ListKeys", "ExportKey", "ImportKey", "FormKey")},
+        "GenerateKey", "ListKeys", "ExportKey", "ImportKey", "FormKey", "ExportCardKey")},
 }  # fmt: skip
 
 

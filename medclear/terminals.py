@@ -30,6 +30,7 @@ TERMINAL_KEY_ALGORITHM = KeyAlgorithm.AES_128
 PIN_BLOCK_FORMAT = PinBlockFormat.ISO_4
 FLEET_KEK = "kek-fleet"
 PVK_ID = "pvk-cards"  # verifies every card's PIN
+CMK_ID = "cmk-cards"  # card master key: per-card cryptogram keys derive from it
 
 
 def tpk_id(terminal_id: str) -> str:

@@ -6,6 +6,7 @@ packages=(
   clickhouse-server clickhouse-client   # the analytical event store (18.16 on Debian 12)
   prometheus                            # scraping and alert rules (promtool)
   pcscd libpcsclite-dev vsmartcard-vpcd swig  # PC/SC stack + what pyscard builds with
+  opensc                                # opensc-tool: a third-party PC/SC client in the tests
 )
 missing=()
 for p in "${packages[@]}"; do
