@@ -23,6 +23,7 @@ from rich.table import Table
 from clearing.codes import ResultCode
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
+from medclear.cli_recon import recon_app
 from medclear.money import format_yuan, parse_yuan
 from medclear.pki import Role
 from medclear.rpc import aio_channel
@@ -52,6 +53,7 @@ app.add_typer(pos_app, name="pos")
 app.add_typer(bench_app, name="bench")
 app.add_typer(card_app, name="card")
 app.add_typer(hsm_app, name="hsm")
+app.add_typer(recon_app, name="recon")
 app.add_typer(agent_app, name="agent")
 app.add_typer(emulator_app, name="card-emulator")
 

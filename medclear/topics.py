@@ -39,6 +39,17 @@ ALERTS = Topic(
     key="social security number",
     purpose="abnormal transactions flagged by the abnormal job (clearing/abnormal.py)",
 )
+SETTLEMENT_INPUT = Topic(
+    "medclear.settlement-input",
+    key="institution id",
+    purpose="settlement's events re-keyed by institution, and its close ticks",
+)
+SETTLEMENTS = Topic(
+    "medclear.settlements",
+    key="institution:YYYY-MM-DD",
+    purpose="an institution's day: open updates, then the closed record (compacted)",
+)
+COMPACTED = {SETTLEMENTS.name}  # created with cleanup.policy=compact: the latest record per key
 REPLY_PREFIX = "medclear.replies."  # + gateway instance id; one partition each
 
 
@@ -53,6 +64,8 @@ def partitions(settings: Settings) -> dict[str, int]:
         EVENTS.name: settings.event_partitions,
         CARD_INDEX.name: 1,
         ALERTS.name: settings.event_partitions,
+        SETTLEMENT_INPUT.name: settings.event_partitions,
+        SETTLEMENTS.name: settings.event_partitions,
     }
 
 
@@ -68,7 +81,12 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name=name, num_partitions=count, replication_factor=1)
+            NewTopic(
+                name=name,
+                num_partitions=count,
+                replication_factor=1,
+                topic_configs={"cleanup.policy": "compact"} if name in COMPACTED else {},
+            )
             for name, count in partitions.items()
             if name not in existing
         ]
