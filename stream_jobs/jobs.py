@@ -13,12 +13,14 @@ from typing import Any
 
 JOBS: dict[str, str] = {
     "pre-loss-timer": "stream_jobs.pre_loss_timer:run",
+    "clickhouse-sink": "stream_jobs.clickhouse_sink:run",
     "abnormal": "stream_jobs.abnormal_job:run",
     "settlement": "stream_jobs.settlement:run",
 }
 
 JOB_HELP: dict[str, str] = {
     "pre-loss-timer": "sends an expiry command when a pre-loss deadline passes",
+    "clickhouse-sink": "writes every event to ClickHouse (one row per event id)",
     "abnormal": "flags abnormal transactions (异常交易) on the alerts topic",
     "settlement": "daily settlement per institution (medclear.settlements)",
 }

@@ -1,0 +1,387 @@
+"""ClickHouse helpers: connection, migrations, the event row, the reconciliation queries.
+
+The schema lives in `stream_jobs/schema/NNN_name.sql`, applied in name order by
+`migrate`, which records each applied file in `schema_migrations` (name, checksum). Every
+statement is written to run on Debian's ClickHouse 18.16 and on current ClickHouse (the
+subset in shared/INFRA.md) and is idempotent on its own (IF NOT EXISTS), so a run that
+stops half-way is simply run again. Any *.sql in the directory takes part: another job
+may add its own table with a higher number.
+
+`event_row` is the pure mapping from a published event (clearing.model) to a row of
+`events`: tokens and masked numbers only, never a card or social security number.
+
+The queries (`daily_totals`, `day_events`) read `events FINAL`, so a redelivered event,
+inserted twice and not merged yet, is counted once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import re
+import typing
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from clickhouse_driver import Client
+
+from clearing import model, validate
+from clearing.calendar import EPOCH, shanghai_day
+from clearing.codes import ResultCode
+from clearing.redact import CardTokens
+
+SCHEMA_DIR = Path(__file__).with_name("schema")
+MIGRATION_NAME = re.compile(r"^\d{3}_[a-z0-9_]+\.sql$")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CONNECT_TIMEOUT_S = 3
+SEND_RECEIVE_TIMEOUT_S = 10  # an insert of a full batch takes milliseconds; a frozen server
+# is noticed after this long, and the batch is retried (duplicates are harmless)
+
+MIGRATIONS_TABLE_SQL = """
+CREATE TABLE IF NOT EXISTS schema_migrations
+(
+    name String,
+    checksum String,
+    applied_at DateTime
+)
+ENGINE = ReplacingMergeTree()
+ORDER BY name
+"""
+
+
+class MigrationError(RuntimeError):
+    """A migration file is malformed, or was changed after it was applied."""
+
+
+# ---------------------------------------------------------------------------- connection
+
+
+def database_of(url: str, default: str = "medclear") -> str:
+    """The database named in a clickhouse:// URL's path, else `default`."""
+    name = urllib.parse.urlsplit(url).path.strip("/") or default
+    if not IDENTIFIER.match(name):
+        raise ValueError(f"invalid ClickHouse database name {name!r}")
+    return name
+
+
+def _with_database(url: str, database: str, **query: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    params = dict(urllib.parse.parse_qsl(parts.query)) | query
+    return urllib.parse.urlunsplit(
+        parts._replace(path=f"/{database}", query=urllib.parse.urlencode(params))
+    )
+
+
+def connect(url: str, default_database: str = "medclear") -> Client:
+    """A client on the URL's database (created if missing), with bounded timeouts."""
+    database = database_of(url, default_database)
+    timeouts = {
+        "connect_timeout": str(CONNECT_TIMEOUT_S),
+        "send_receive_timeout": str(SEND_RECEIVE_TIMEOUT_S),
+    }
+    admin = Client.from_url(_with_database(url, "default", **timeouts))
+    try:
+        admin.execute(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    finally:
+        admin.disconnect()
+    return Client.from_url(_with_database(url, database, **timeouts))
+
+
+# ---------------------------------------------------------------------------- migrations
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+    def statements(self) -> list[str]:
+        return split_statements(self.sql)
+
+
+def split_statements(sql: str) -> list[str]:
+    """Statements of a migration file: `--` comment lines dropped, split at a `;` that
+    ends a line. (No `;` inside a string literal at a line end: keep migrations plain.)"""
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    statements, current = [], []
+    for line in lines:
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            statements.append("\n".join(current).strip().rstrip(";").strip())
+            current = []
+    rest = "\n".join(current).strip()
+    if rest:
+        statements.append(rest)
+    return [s for s in statements if s]
+
+
+def migrations(directory: Path = SCHEMA_DIR) -> list[Migration]:
+    """Every *.sql file of `directory`, in name order."""
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        if not MIGRATION_NAME.match(path.name):
+            raise MigrationError(f"{path.name}: migrations are named NNN_lower_case.sql")
+        found.append(Migration(path.name, path.read_text(encoding="utf-8")))
+    return found
+
+
+def applied_migrations(client: Client) -> dict[str, str]:
+    """name → checksum of the migrations recorded in `schema_migrations`."""
+    client.execute(MIGRATIONS_TABLE_SQL)
+    rows = client.execute("SELECT name, any(checksum) FROM schema_migrations GROUP BY name")
+    return {str(name): str(checksum) for name, checksum in rows}
+
+
+def migrate(client: Client, directory: Path = SCHEMA_DIR) -> list[str]:
+    """Apply the migrations not yet recorded, in order; returns the names applied.
+
+    Idempotent: a second run applies nothing. A recorded file whose text changed since is
+    an error (migrations are append-only: add a new file instead)."""
+    done = applied_migrations(client)
+    applied: list[str] = []
+    for migration in migrations(directory):
+        recorded = done.get(migration.name)
+        if recorded is not None:
+            if recorded != migration.checksum:
+                raise MigrationError(
+                    f"{migration.name} changed after it was applied "
+                    f"(checksum {recorded} recorded, {migration.checksum} now)"
+                )
+            continue
+        for statement in migration.statements():
+            client.execute(statement)
+        client.execute(
+            "INSERT INTO schema_migrations (name, checksum, applied_at) VALUES",
+            [(migration.name, migration.checksum, dt.datetime.now(dt.UTC))],
+        )
+        applied.append(migration.name)
+    return applied
+
+
+# ---------------------------------------------------------------------------- the event row
+
+COLUMNS = (
+    "event_id", "event_type", "at", "at_ms", "day", "person_ref", "ssn_masked", "card_ref",
+    "card_masked", "request_id", "original_request_id", "institution_id", "institution_type",
+    "amount_fen", "paid_from_account_fen", "paid_in_cash_fen", "balance_after_fen", "result",
+    "original_day", "detail",
+)  # fmt: skip
+INSERT_SQL = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES"
+
+EVENT_TYPES: tuple[type[Any], ...] = typing.get_args(model.Event)
+
+# Fields that have a column of their own, and fields that never leave the aggregate.
+_COLUMN_FIELDS = frozenset(COLUMNS) | {"day", "original_day", "ssn", "card_no"}
+_NEVER_STORED = frozenset({"ssn", "card_no", "replaces_card_no", "pvv"})
+_MASKED = {"phone": validate.mask_phone}
+
+
+def mask_name(name: str) -> str:
+    """Keeps the family name (first character): 张**."""
+    return name[:1] + "*" * max(0, len(name) - 1)
+
+
+def day_date(day: int) -> dt.date:
+    """A Shanghai day number (clearing.calendar) as a date."""
+    return EPOCH + dt.timedelta(days=day)
+
+
+_DETAIL_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _detail_fields(cls: type[Any]) -> tuple[str, ...]:
+    names = _DETAIL_FIELDS.get(cls)
+    if names is None:
+        every = (f.name for f in dataclasses.fields(cls))
+        names = tuple(n for n in every if n not in _COLUMN_FIELDS and n not in _NEVER_STORED)
+        _DETAIL_FIELDS[cls] = names
+    return names
+
+
+def _detail(event: model.Event) -> str:
+    rest: dict[str, Any] = {}
+    for name in _detail_fields(type(event)):
+        value = getattr(event, name)
+        if name in _MASKED:
+            value = _MASKED[name](value)
+        elif name == "name":
+            value = mask_name(value)
+        elif isinstance(value, IntEnum):
+            value = value.name
+        rest[name] = value
+    return json.dumps(rest, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _result(event: model.Event) -> ResultCode:
+    if isinstance(event, model.SwipeDeclined):
+        return event.result
+    if isinstance(event, model.SwipeApproved) and event.paid_in_cash_fen > 0:
+        return ResultCode.PARTIALLY_APPROVED
+    if isinstance(event, model.ReversalUnmatched):
+        return ResultCode.ORIGINAL_NOT_FOUND
+    return ResultCode.OK
+
+
+def event_row(event: model.Event, tokens: CardTokens) -> tuple[Any, ...]:
+    """The `events` row of a published event, in COLUMNS order.
+
+    A published event carries card_ref/card_masked and an empty card_no; an event that
+    still has its card number (not published) is tokenised here, so no path stores one."""
+    card_no: str = getattr(event, "card_no", "")
+    card_ref: str = getattr(event, "card_ref", "") or tokens.card_ref(card_no)
+    card_masked: str = getattr(event, "card_masked", "") or (
+        validate.mask_card(card_no) if card_no else ""
+    )
+    day = shanghai_day(event.at_ms)
+    original_day = event.original_day if isinstance(event, model.SwipeReversed) else day
+    institution_type = getattr(event, "institution_type", 0)
+    row = (
+        event.event_id,
+        type(event).__name__,
+        event.at_ms // 1000,
+        event.at_ms,
+        day_date(day),
+        tokens.person_ref(event.ssn),
+        validate.mask_ssn(event.ssn),
+        card_ref,
+        card_masked,
+        getattr(event, "request_id", ""),
+        getattr(event, "original_request_id", ""),
+        getattr(event, "institution_id", ""),
+        int(institution_type),
+        int(getattr(event, "amount_fen", 0)),
+        int(getattr(event, "paid_from_account_fen", 0)),
+        int(getattr(event, "paid_in_cash_fen", 0)),
+        int(getattr(event, "balance_after_fen", 0)),
+        int(_result(event)),
+        day_date(original_day),
+        _detail(event),
+    )
+    if len(row) != len(COLUMNS):
+        raise AssertionError("event_row and COLUMNS disagree")
+    return row
+
+
+# ---------------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True, slots=True)
+class DailyTotals:
+    """One institution's Beijing day in the event log (integer fen)."""
+
+    day: dt.date
+    institution_id: str
+    approved_count: int
+    approved_amount_fen: int
+    approved_account_fen: int  # paid from personal accounts
+    reversed_count: int
+    reversed_fen: int  # returned to accounts by reversals of this day's swipes
+    refunded_count: int
+    refunded_fen: int  # refunded on this day
+    net_fen: int  # approved_account_fen − reversed_fen − refunded_fen
+
+
+_TOTALS_SELECT = """
+SELECT
+    settle_day AS day,
+    institution_id,
+    countIf(event_type = 'SwipeApproved') AS approved_count,
+    sumIf(amount_fen, event_type = 'SwipeApproved') AS approved_amount_fen,
+    sumIf(paid_from_account_fen, event_type = 'SwipeApproved') AS approved_account_fen,
+    countIf(event_type = 'SwipeReversed') AS reversed_count,
+    sumIf(amount_fen, event_type = 'SwipeReversed') AS reversed_fen,
+    countIf(event_type = 'Refunded') AS refunded_count,
+    sumIf(amount_fen, event_type = 'Refunded') AS refunded_fen,
+    approved_account_fen - reversed_fen - refunded_fen AS net_fen
+FROM
+(
+    SELECT original_day AS settle_day, institution_id, event_type, amount_fen,
+           paid_from_account_fen
+    FROM events FINAL
+    WHERE event_type IN ('SwipeApproved', 'SwipeReversed', 'Refunded') {where}
+)
+GROUP BY settle_day, institution_id
+ORDER BY settle_day, institution_id
+"""
+
+
+def _as_date(day: dt.date | int) -> dt.date:
+    return day_date(day) if isinstance(day, int) else day
+
+
+def daily_totals(
+    client: Client, day: dt.date | int, institution: str | None = None
+) -> list[DailyTotals]:
+    """Per institution totals of one Beijing day (a date or a Shanghai day number), the
+    same figures as the view `institution_daily_totals`, with the filter applied before
+    the aggregation. Exact before merges (FINAL)."""
+    where = "AND original_day = %(day)s"
+    params: dict[str, Any] = {"day": _as_date(day)}
+    if institution is not None:
+        where += " AND institution_id = %(institution)s"
+        params["institution"] = institution
+    rows = client.execute(_TOTALS_SELECT.format(where=where), params)
+    return [DailyTotals(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """A money-moving event of a day, for detail reconciliation."""
+
+    event_id: str
+    event_type: str
+    at_ms: int
+    institution_id: str
+    request_id: str
+    original_request_id: str
+    card_masked: str
+    amount_fen: int
+    paid_from_account_fen: int
+
+
+def day_events(
+    client: Client, day: dt.date | int, institution: str | None = None
+) -> list[LoggedEvent]:
+    """Approvals, reversals (by the day of their swipe) and refunds of one Beijing day,
+    one per event id, ordered by time."""
+    where = "original_day = %(day)s"
+    params: dict[str, Any] = {"day": _as_date(day)}
+    if institution is not None:
+        where += " AND institution_id = %(institution)s"
+        params["institution"] = institution
+    rows = client.execute(
+        "SELECT event_id, event_type, at_ms, institution_id, request_id, original_request_id,"
+        " card_masked, amount_fen, paid_from_account_fen FROM events FINAL"
+        " WHERE event_type IN ('SwipeApproved', 'SwipeReversed', 'Refunded') AND " + where
+        + " ORDER BY at_ms, event_id",
+        params,
+    )  # fmt: skip
+    return [LoggedEvent(*row) for row in rows]
+
+
+def event_count(client: Client, *, final: bool = True) -> int:
+    """Rows of `events`: distinct events with `final`, physical rows (duplicates before a
+    merge included) without."""
+    rows = client.execute(f"SELECT count() FROM events{' FINAL' if final else ''}")
+    return int(rows[0][0])
+
+
+def present_event_ids(client: Client, event_ids: Sequence[str]) -> set[str]:
+    """Which of `event_ids` are in the log."""
+    if not event_ids:
+        return set()
+    rows = client.execute(
+        "SELECT DISTINCT event_id FROM events WHERE event_id IN %(ids)s",
+        {"ids": tuple(event_ids)},
+    )
+    return {str(row[0]) for row in rows}

@@ -1,0 +1,344 @@
+"""The ClickHouse sink: every record of `medclear.events` becomes one row of `events`.
+
+A plain aiokafka consumer with manual commits, not a faust agent: the offsets to commit
+are exactly those of the rows ClickHouse has acknowledged, and nothing else commits
+behind the job's back (docs/ARCHITECTURE.md, "ClickHouse sink").
+
+- Batches are bounded by size (`clickhouse_sink_batch_rows`, 5,000) and time
+  (`clickhouse_sink_batch_wait_ms`, 200 ms from the batch's first record); rows go to
+  ClickHouse as parameters of one INSERT (clickhouse-driver, native protocol).
+- Offsets are committed only after the insert returned. If ClickHouse fails, the
+  partitions are paused, nothing is committed, and the same batch is retried with an
+  exponential back-off (capped); then the sink catches up.
+- Exactly one row per event id: a batch retried after a timeout, or records redelivered
+  after a restart, are inserted again with the same event ids, and every query reads
+  `events FINAL` (stream_jobs/ch.py).
+- A record that is not a decodable event is counted
+  (`medclear_clickhouse_sink_skipped_total`), logged by partition and offset (never its
+  content) and skipped: its offset is committed with its batch.
+- Migrations (stream_jobs/schema) run at start; READY is 1 once they have run and the
+  consumer has partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from clickhouse_driver import Client
+
+from clearing import codec
+from clearing.model import Event
+from clearing.redact import CardTokens
+from medclear import kafka_compat, topics
+from medclear.settings import Settings
+from medclear.tokens import load_card_tokens
+from monitoring import metrics
+from stream_jobs import ch
+
+log = structlog.get_logger(process="clickhouse-sink")
+
+GROUP_ID = "medclear-clickhouse-sink"
+MEMBER_ID = "clickhouse-sink-0"  # static membership (noida-db never evicts a killed member)
+RETRY_BACKOFF_S_MIN = 0.1
+RETRY_BACKOFF_S_MAX = 2.0  # a returning ClickHouse is noticed within 2 s
+LAG_REFRESH_S = 1.0
+STOP_FLUSH_ATTEMPTS_MAX = 3  # on SIGTERM: try the pending batch this often, then leave it
+
+
+def clickhouse_url(settings: Settings) -> str:
+    """settings.clickhouse_url, else the embedded stack's."""
+    if settings.clickhouse_url:
+        return settings.clickhouse_url
+    from medclear import stack
+
+    return stack.load_endpoints(settings).clickhouse_url
+
+
+@dataclasses.dataclass
+class Batch:
+    """Rows read but not yet in ClickHouse, and the offsets that commit them."""
+
+    epoch: int  # the assignment they were read under
+    rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    next_offsets: dict[TopicPartition, int] = dataclasses.field(default_factory=dict)
+    oldest_ms: int | None = None  # Kafka timestamp of the oldest record (lag)
+    started: float = 0.0  # monotonic time of the first record
+
+    @property
+    def empty(self) -> bool:
+        return not self.next_offsets
+
+
+def classify(raw: bytes | None) -> Event | str:
+    """The event in a record's value, or why it is skipped ("undecodable", "not_event")."""
+    if raw is None:
+        return "undecodable"
+    try:
+        record = codec.decode(raw)
+    except codec.CodecError:
+        return "undecodable"
+    if not isinstance(record, ch.EVENT_TYPES):
+        return "not_event"
+    event: Event = record
+    return event
+
+
+class _Assignments(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, sink: ClickHouseSink) -> None:
+        self.sink = sink
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # The pending batch may hold records of partitions that go to someone else: it is
+        # dropped (its offsets are not committed) and re-read from the committed offsets.
+        self.sink.epoch += 1
+        metrics.READY.set(0)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.sink.epoch += 1
+        self.sink.assigned = set(assigned)
+        metrics.READY.set(1 if assigned and self.sink.migrated else 0)
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+class ClickHouseSink:
+    def __init__(
+        self,
+        bootstrap: str,
+        url: str,
+        tokens: CardTokens,
+        *,
+        database: str = "medclear",
+        topic: str = topics.EVENTS.name,
+        group_id: str = GROUP_ID,
+        member_id: str | None = MEMBER_ID,
+        batch_rows_max: int = 5_000,
+        batch_wait_ms: int = 200,
+    ) -> None:
+        if batch_rows_max < 1 or batch_wait_ms < 1:
+            raise ValueError("batch bounds are positive")
+        self.bootstrap, self.url, self.tokens, self.database = bootstrap, url, tokens, database
+        self.topic, self.group_id, self.member_id = topic, group_id, member_id
+        self.batch_rows_max, self.batch_wait_s = batch_rows_max, batch_wait_ms / 1000
+        self.epoch = 0
+        self.assigned: set[TopicPartition] = set()
+        self.migrated = False
+        self.inserted_to: dict[TopicPartition, int] = {}  # next offset not yet in ClickHouse
+        self.stopping = asyncio.Event()
+        self._client: Client | None = None
+        self._lag_checked = 0.0
+
+    # -------------------------------------------------------------- ClickHouse, blocking
+    def _ch(self) -> Client:
+        if self._client is None:
+            self._client = ch.connect(self.url, self.database)
+        return self._client
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.disconnect()
+            self._client = None
+
+    def _migrate(self) -> list[str]:
+        return ch.migrate(self._ch())
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        self._ch().execute(ch.INSERT_SQL, rows)
+
+    async def _with_retry(self, what: str, call: Callable[[], Any], batch: Batch | None) -> bool:
+        """Run a blocking ClickHouse call in a thread until it succeeds (True), or until
+        the batch was read under an assignment that no longer holds or the sink stops
+        with nothing to save (False)."""
+        backoff_s = RETRY_BACKOFF_S_MIN
+        attempts = 0
+        while True:
+            try:
+                await asyncio.to_thread(call)
+                return True
+            except Exception as exc:  # the driver raises socket, EOF and server errors
+                self._drop_client()
+                metrics.CLICKHOUSE_SINK_RETRIES.inc()
+                attempts += 1
+                log.warning(
+                    f"{what} failed, retrying",
+                    error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                    attempt=attempts,
+                    backoff_s=backoff_s,
+                )
+            if self.stopping.is_set() and attempts >= STOP_FLUSH_ATTEMPTS_MAX:
+                return False
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(RETRY_BACKOFF_S_MAX, backoff_s * 2)
+            if batch is not None:
+                self._lag_from(batch)
+                if batch.epoch != self.epoch:
+                    return False
+
+    # -------------------------------------------------------------- lag
+    def _lag_from(self, batch: Batch) -> None:
+        if batch.oldest_ms is None:
+            metrics.CLICKHOUSE_SINK_LAG_SECONDS.set(0)
+        else:
+            age_s = max(0.0, time.time() - batch.oldest_ms / 1000)
+            metrics.CLICKHOUSE_SINK_LAG_SECONDS.set(age_s)
+
+    async def _refresh_lag_records(self, consumer: AIOKafkaConsumer) -> None:
+        now = time.monotonic()
+        if now - self._lag_checked < LAG_REFRESH_S or not self.assigned:
+            return
+        self._lag_checked = now
+        partitions = sorted(self.assigned, key=lambda tp: tp.partition)
+        try:
+            ends = await consumer.end_offsets(partitions)
+            behind = 0
+            for tp in partitions:
+                done = self.inserted_to.get(tp)
+                if done is None:
+                    committed = await consumer.committed(tp)
+                    done = committed if committed is not None else 0
+                    self.inserted_to[tp] = done
+                behind += max(0, ends[tp] - done)
+        except KafkaError as exc:
+            log.warning("end offsets unavailable", error=type(exc).__name__)
+            return
+        metrics.CLICKHOUSE_SINK_LAG_RECORDS.set(behind)
+
+    # -------------------------------------------------------------- the loop
+    def _add(self, batch: Batch, tp: TopicPartition, record: Any) -> None:
+        found = classify(record.value)
+        if isinstance(found, str):
+            metrics.CLICKHOUSE_SINK_SKIPPED.labels(found).inc()
+            if found == "undecodable":
+                metrics.UNDECODABLE.labels(tp.topic).inc()
+            log.warning("record skipped", reason=found, partition=tp.partition,
+                        offset=record.offset, size=len(record.value or b""))  # fmt: skip
+        else:
+            batch.rows.append(ch.event_row(found, self.tokens))
+        if batch.empty:
+            batch.started = time.monotonic()
+        batch.next_offsets[tp] = record.offset + 1
+        stamp = record.timestamp if record.timestamp and record.timestamp > 0 else None
+        if stamp is None and not isinstance(found, str):
+            stamp = found.at_ms
+        if stamp is not None and (batch.oldest_ms is None or stamp < batch.oldest_ms):
+            batch.oldest_ms = stamp
+
+    async def _flush(self, consumer: AIOKafkaConsumer, batch: Batch) -> bool:
+        """Insert the batch (retrying), then commit its offsets. False if it was dropped."""
+        if batch.empty:
+            return True
+        paused = list(consumer.assignment())
+        consumer.pause(*paused)  # the broker keeps the backlog while ClickHouse is away
+        t0 = time.perf_counter()
+        try:
+            if batch.rows:
+                rows = batch.rows
+                if not await self._with_retry("insert", lambda: self._insert(rows), batch):
+                    log.info("batch dropped: assignment changed or stopping", rows=len(rows))
+                    return False
+                metrics.CLICKHOUSE_SINK_INSERT_SECONDS.observe(time.perf_counter() - t0)
+                metrics.CLICKHOUSE_SINK_ROWS.inc(len(rows))
+                metrics.CLICKHOUSE_SINK_BATCHES.inc()
+            if batch.epoch != self.epoch:
+                return False  # in ClickHouse, but the partitions moved: the new owner re-reads
+            try:
+                await consumer.commit(dict(batch.next_offsets))
+            except KafkaError as exc:  # redelivery follows; the rows dedupe by event id
+                log.warning("offset commit failed", error=f"{type(exc).__name__}: {exc}")
+                return False
+            self.inserted_to.update(batch.next_offsets)
+            return True
+        finally:
+            with contextlib.suppress(Exception):
+                consumer.resume(*[tp for tp in paused if tp in consumer.assignment()])
+
+    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
+        """Back to the committed offsets of every assigned partition: after a rebalance,
+        records fetched but not inserted must be read again, not skipped."""
+        for tp in consumer.assignment():
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+            self.inserted_to.pop(tp, None)
+
+    async def run(self) -> None:
+        if not await self._with_retry("migrations", self._migrate, None):
+            return  # asked to stop before ClickHouse answered
+        self.migrated = True
+        log.info("migrations done", database=self.database)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            group_instance_id=self.member_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.batch_rows_max,
+        )
+        consumer.subscribe([self.topic], listener=_Assignments(self))
+        await consumer.start()
+        seen_epoch = -1
+        batch = Batch(self.epoch)
+        try:
+            while not self.stopping.is_set():
+                if seen_epoch != self.epoch:
+                    seen_epoch = self.epoch
+                    batch = Batch(self.epoch)
+                    await self._rewind(consumer)
+                wait_s = self.batch_wait_s
+                if not batch.empty:
+                    wait_s = max(0.0, batch.started + self.batch_wait_s - time.monotonic())
+                room = self.batch_rows_max - len(batch.rows)
+                fetched = await consumer.getmany(timeout_ms=int(wait_s * 1000), max_records=room)
+                if seen_epoch != self.epoch:
+                    continue  # a rebalance ran meanwhile: re-read from the committed offsets
+                for tp, records in fetched.items():
+                    for record in records:
+                        self._add(batch, tp, record)
+                full = len(batch.rows) >= self.batch_rows_max
+                due = not batch.empty and time.monotonic() >= batch.started + self.batch_wait_s
+                if full or due:
+                    self._lag_from(batch)
+                    await self._flush(consumer, batch)
+                    batch = Batch(self.epoch)
+                self._lag_from(batch)
+                await self._refresh_lag_records(consumer)
+            if not batch.empty and batch.epoch == self.epoch:
+                await self._flush(consumer, batch)
+        finally:
+            metrics.READY.set(0)
+            await consumer.stop()
+            self._drop_client()
+
+
+def run(settings: Settings, bootstrap: str) -> None:
+    kafka_compat.install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms)
+    sink = ClickHouseSink(
+        bootstrap,
+        clickhouse_url(settings),
+        load_card_tokens(settings),
+        database=settings.clickhouse_database,
+        batch_rows_max=settings.clickhouse_sink_batch_rows,
+        batch_wait_ms=settings.clickhouse_sink_batch_wait_ms,
+    )
+    log.info("clickhouse sink starting", batch_rows_max=sink.batch_rows_max,
+             batch_wait_ms=settings.clickhouse_sink_batch_wait_ms)  # fmt: skip
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, sink.stopping.set)
+        await sink.run()
+
+    asyncio.run(main())
+    log.info("clickhouse sink stopped")
