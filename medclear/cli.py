@@ -110,6 +110,21 @@ def down(
     stack.down(get_settings(), console, wipe=wipe)
 
 
+@app.command()
+def restart(
+    component: Annotated[str, typer.Argument(help="a name from `medclear status`, e.g. worker-0")],
+) -> None:
+    """Stop one component of the running stack and start it again (same ports, data and
+    log), waiting until it is ready. Safe at any time: nothing is lost or applied twice."""
+    from medclear import stack
+
+    try:
+        row = stack.restart_component(get_settings(), component, console)
+    except stack.StackError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"[green]✓[/] {row.name} ready again (pid {row.pid})")
+
+
 # ---------------------------------------------------------------------------- serve
 
 
@@ -407,6 +422,8 @@ def pos_swipe(
     amount: Annotated[str, typer.Option(help="amount in yuan, e.g. 12.50")],
     institution: Annotated[str, typer.Option(help="designated institution id")],
     terminal: Annotated[str, typer.Option(help="terminal id")],
+    card: Annotated[str, typer.Option(help="card number (EF05 tag 07), 9 characters")] = "",
+    reader: Annotated[str, typer.Option(help="PC/SC reader: the agent reads the card")] = "",
     trace: Annotated[int, typer.Option(help="trace number; 0: from the clock")] = 0,
     ssn: Annotated[str, typer.Option(help="social security number (else the card index)")] = "",
     partial: Annotated[bool, typer.Option(help="pay what the account holds, rest cash")] = False,
@@ -422,17 +439,20 @@ def pos_swipe(
     """Send one Authorize (a swipe) to the POS gateway and print the decision.
 
     The same terminal and trace number sent again is answered with the original reply
-    card: Annotated[str, typer.Option(help="card number (EF05 tag 07), 9 characters")] = "",
-    reader: Annotated[str, typer.Option(help="PC/SC reader: the agent reads the card")] = "",
     (marked replayed), never debited twice. With --reader the agent reads the card in
     that PC/SC reader (EF05/EF06 and its cryptogram) and prints a receipt.
     """
     from medclear.v1 import pos_pb2
+    from reader_agent.cli import agent_swipe
 
     try:
         amount_fen = parse_yuan(amount)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
+    if reader:
+        return agent_swipe(reader, amount_fen, institution, terminal, pin, partial)
+    if not card:
+        raise _fail("give --card, or --reader to read the card")
     address = gateway or _endpoint("gateway")
     request = pos_pb2.AuthorizeRequest(
         terminal=_terminal(terminal, institution, trace),
@@ -443,16 +463,11 @@ def pos_swipe(
     )
     request = _secure(request, terminal, pin)
     started = time.perf_counter()
-    from reader_agent.cli import agent_swipe
     reply: pos_pb2.AuthorizeReply = _pos_call(address, "Authorize", request)
     elapsed_ms = (time.perf_counter() - started) * 1000
     code = ResultCode(reply.result)
     table = Table.grid(padding=(0, 2))
     table.add_row("result", f"[bold]{code.name}[/] ({int(code)}) {reply.message}")
-    if reader:
-        return agent_swipe(reader, amount_fen, institution, terminal, pin, partial)
-    if not card:
-        raise _fail("give --card, or --reader to read the card")
     table.add_row(
         "request", reply.request_id + (" [yellow](replayed)[/]" if reply.replayed else "")
     )
@@ -765,6 +780,9 @@ def demo(
     swipes: Annotated[int, typer.Option(min=1, help="swipes to simulate")] = 400,
     concurrency: Annotated[int, typer.Option(min=1, max=512, help="swipes in flight")] = 8,
     keep: Annotated[bool, typer.Option(help="leave the stack running afterwards")] = False,
+    agents: Annotated[
+        bool, typer.Option(help="swipe through the reader agent and virtual cards (pcscd)")
+    ] = False,
 ) -> None:
     """The main job: start the stack, seed a city, run simulated POS traffic, summarise.
 
@@ -780,9 +798,6 @@ def demo(
     except stack.StackError as exc:
         raise _fail(str(exc)) from exc
     ready_s = time.perf_counter() - started
-    agents: Annotated[
-        bool, typer.Option(help="swipe through the reader agent and virtual cards (pcscd)")
-    ] = False,
     try:
         seed_s = _seed(persons, 2026, 32)
         if agents:  # one agent, one card at a time: sequential, card read included

@@ -49,6 +49,11 @@ WORKER_STEP_SECONDS = Histogram(
     ["step"],
     buckets=LATENCY_BUCKETS_S,
 )
+WORKER_BATCH_SIZE = Histogram(
+    "medclear_worker_batch_commands",
+    "Commands the worker decided together in one micro-batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 INGRESS_LAG_SECONDS = Histogram(
     "medclear_worker_ingress_lag_seconds",
     "From the ingress stamp of a command (gateway clock) to the worker taking it",
