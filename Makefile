@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 GENERATED := medclear/v1/.generated
 PROTOS := $(wildcard proto/medclear/v1/*.proto)
+SMSC_DEPS := tests/support/smsc/node_modules/.installed
 
 .PHONY: setup demo test test-unit lint typecheck proto lock clean help bench
 .DEFAULT_GOAL := help
@@ -14,7 +15,12 @@ PROTOS := $(wildcard proto/medclear/v1/*.proto)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(INSTALLED) $(GENERATED)  ## apt packages, .venv, pinned install, generated code
+setup: $(INSTALLED) $(GENERATED) $(SMSC_DEPS)  ## apt packages, .venv, pinned install, generated code, SMSC (npm ci)
+
+# the loopback SMSC of the tests and the embedded stack (npm `smpp`, pinned by its lock file)
+$(SMSC_DEPS): tests/support/smsc/package.json tests/support/smsc/package-lock.json
+	cd tests/support/smsc && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
 
 .system-packages.stamp: scripts/setup-system.sh
 	scripts/setup-system.sh

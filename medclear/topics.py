@@ -50,6 +50,11 @@ SETTLEMENTS = Topic(
     purpose="an institution's day: open updates, then the closed record (compacted)",
 )
 COMPACTED = {SETTLEMENTS.name}  # created with cleanup.policy=compact: the latest record per key
+SMS_OUTCOMES = Topic(
+    "medclear.sms-outcomes",
+    key="event id",
+    purpose="what became of each event's SMS (submitted, failed, suppressed, receipts)",
+)
 REPLY_PREFIX = "medclear.replies."  # + gateway instance id; one partition each
 
 
@@ -62,6 +67,7 @@ def partitions(settings: Settings) -> dict[str, int]:
     return {
         COMMANDS.name: settings.command_partitions,
         EVENTS.name: settings.event_partitions,
+        SMS_OUTCOMES.name: settings.event_partitions,
         CARD_INDEX.name: 1,
         ALERTS.name: settings.event_partitions,
         SETTLEMENT_INPUT.name: settings.event_partitions,
