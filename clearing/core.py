@@ -125,8 +125,11 @@ def effective_state(card: Card, at_ms: int) -> CardState:
     return card.state
 
 
-def _event_id(request_id: str, index: int) -> str:
-    return f"{request_id}#{index}"
+def _event_id(c: Command, index: int) -> str:
+    """`<request id>@<ingress ms>#<n>`: the same for a redelivered command (same bytes), and
+    distinct for two commands that share a request id (a terminal's trace numbers wrap;
+    a repeat sent later is answered from the remembered reply and makes no events)."""
+    return f"{c.request_id}@{c.at_ms}#{index}"
 
 
 def _reply(
@@ -180,7 +183,7 @@ def _state_change(
     reason: str = "",
     deadline_ms: int = 0,
 ) -> Event:
-    return CardStateChanged(_event_id(c.request_id, index), c.at_ms, c.ssn, card.card_no, op,
+    return CardStateChanged(_event_id(c, index), c.at_ms, c.ssn, card.card_no, op,
                             card.state, new_state, reason, deadline_ms)  # fmt: skip
 
 
@@ -241,9 +244,7 @@ def _decide_register(person: Person | None, c: RegisterPerson) -> Decision:
         return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if person is not None:
         return _refuse(person, c.request_id, ResultCode.PERSON_EXISTS, c.at_ms)
-    event = PersonRegistered(
-        _event_id(c.request_id, 0), c.at_ms, c.ssn, c.name, c.category, c.phone, c.region
-    )
+    event = PersonRegistered(_event_id(c, 0), c.at_ms, c.ssn, c.name, c.category, c.phone, c.region)
     return _events(None, c, [event])
 
 
@@ -263,7 +264,7 @@ def _new_card_events(
     state = CardState.ACTIVE if kind == CardKind.TEMPORARY else CardState.ISSUED
     expires = c.at_ms + TEMPORARY_CARD_VALIDITY_MS if kind == CardKind.TEMPORARY else 0
     events: list[Event] = [CardIssued(
-        _event_id(c.request_id, index), c.at_ms, c.ssn, card_no, kind,
+        _event_id(c, index), c.at_ms, c.ssn, card_no, kind,
         COLOUR_OF_CATEGORY[person.category], state, expires, replaces)]  # fmt: skip
     if kind == CardKind.SOCIAL_SECURITY:
         for card in person.cards:
@@ -326,7 +327,7 @@ def _decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decis
         if state not in PIN_CHANGE_STATES:
             return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
                            **fields)  # fmt: skip
-        pin_event = PinChanged(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no, c.pvv)
+        pin_event = PinChanged(_event_id(c, 0), c.at_ms, c.ssn, c.card_no, c.pvv)
         return _events(person, c, [pin_event], **fields)
     allowed_from, to_state = CARD_TRANSITIONS[c.op]
     if state not in allowed_from:
@@ -436,9 +437,7 @@ def _decide_credit(person: Person | None, c: CreditAccount) -> Decision:
     balance = person.balance_fen + c.amount_fen
     if balance > BALANCE_FEN_MAX:
         return _refuse(person, c.request_id, ResultCode.AMOUNT_OUT_OF_RANGE, c.at_ms)
-    event = AccountCredited(
-        _event_id(c.request_id, 0), c.at_ms, c.ssn, c.amount_fen, c.source_id, balance
-    )
+    event = AccountCredited(_event_id(c, 0), c.at_ms, c.ssn, c.amount_fen, c.source_id, balance)
     return _events(person, c, [event], amount_fen=c.amount_fen, balance_fen=balance)
 
 
@@ -450,7 +449,7 @@ def _decide_limit(person: Person | None, c: SetPharmacyLimit) -> Decision:
     card = person.card(c.card_no) if person else None
     if person is None or card is None:
         return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    event = PharmacyLimitSet(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.card_no,
+    event = PharmacyLimitSet(_event_id(c, 0), c.at_ms, c.ssn, c.card_no,
                              c.swipes_per_day)  # fmt: skip
     return _events(person, c, [event], card_no=c.card_no, card_state=card.state,
                    pharmacy_swipes_per_day=c.swipes_per_day)  # fmt: skip
@@ -462,7 +461,7 @@ def _decide_phone(person: Person | None, c: SetPhone) -> Decision:
     refusal = _live_person(person, c)
     if refusal is not None or person is None:
         return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
-    return _events(person, c, [PhoneSet(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.phone)])
+    return _events(person, c, [PhoneSet(_event_id(c, 0), c.at_ms, c.ssn, c.phone)])
 
 
 def _decide_cancel(person: Person | None, c: CancelPerson) -> Decision:
@@ -478,7 +477,7 @@ def _decide_cancel(person: Person | None, c: CancelPerson) -> Decision:
             if card.state not in (CardState.CANCELLED, CardState.SUPERSEDED)
         )
     ]  # fmt: skip
-    events.append(PersonCancelled(_event_id(c.request_id, len(events)), c.at_ms, c.ssn,
+    events.append(PersonCancelled(_event_id(c, len(events)), c.at_ms, c.ssn,
                                   c.reason))  # fmt: skip
     return _events(person, c, events)
 
@@ -525,7 +524,7 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
         lock: bool = False,
     ) -> Decision:
         events: list[Event] = [SwipeDeclined(
-            _event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id, c.card_no,
+            _event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.card_no,
             c.institution_id, c.amount_fen, code, pin_wrong,
             terminal_id=_terminal_of(c))]  # fmt: skip
         if lock and card is not None and person is not None:
@@ -580,7 +579,7 @@ def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> De
         paid, result = person.balance_fen, ResultCode.PARTIALLY_APPROVED
     balance_after = person.balance_fen - paid
     event = SwipeApproved(
-        _event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
+        _event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
         institution.type, c.amount_fen, paid, c.amount_fen - paid, balance_after, day,
         terminal_id=_terminal_of(c),
     )  # fmt: skip
@@ -609,7 +608,7 @@ def _decide_reverse(person: Person | None, c: Reverse) -> Decision:
             return _refuse(person, c.request_id, ResultCode.ORIGINAL_DECLINED, c.at_ms,
                            card_no=c.card_no)  # fmt: skip
         # Never seen: remember it, so the original arriving late is refused, not approved.
-        unmatched = ReversalUnmatched(_event_id(c.request_id, 0), c.at_ms, c.ssn,
+        unmatched = ReversalUnmatched(_event_id(c, 0), c.at_ms, c.ssn,
                                       c.request_id, c.original_request_id, c.card_no)  # fmt: skip
         return _events(person, c, [unmatched], ResultCode.ORIGINAL_NOT_FOUND, card_no=c.card_no)
     if record.card_no != c.card_no or (c.amount_fen and c.amount_fen != record.amount_fen):
@@ -619,7 +618,7 @@ def _decide_reverse(person: Person | None, c: Reverse) -> Decision:
                        card_no=c.card_no)  # fmt: skip
     returned = record.paid_from_account_fen - record.refunded_fen
     balance = person.balance_fen + returned
-    event = SwipeReversed(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id,
+    event = SwipeReversed(_event_id(c, 0), c.at_ms, c.ssn, c.request_id,
                           c.original_request_id, c.card_no, record.institution_id, returned,
                           balance, record.day)  # fmt: skip
     return _events(person, c, [event], amount_fen=returned, balance_fen=balance,
@@ -642,7 +641,7 @@ def _decide_refund(person: Person | None, c: Refund) -> Decision:
         return _refuse(person, c.request_id, ResultCode.REFUND_EXCEEDS_PAID, c.at_ms,
                        amount_fen=refundable)  # fmt: skip
     balance = person.balance_fen + c.amount_fen
-    event = Refunded(_event_id(c.request_id, 0), c.at_ms, c.ssn, c.request_id,
+    event = Refunded(_event_id(c, 0), c.at_ms, c.ssn, c.request_id,
                      c.original_request_id, c.card_no, record.institution_id, c.amount_fen,
                      balance)  # fmt: skip
     return _events(

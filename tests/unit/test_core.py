@@ -259,4 +259,6 @@ def test_reply_memory_is_bounded(person: Person) -> None:
 def test_event_ids_derive_from_the_request_id(person: Person) -> None:
     _, a = core.handle(person, swipe(request_id="T1:77"), POLICY)
     _, b = core.handle(person, swipe(request_id="T1:77"), POLICY)
-    assert [e.event_id for e in a.events] == [e.event_id for e in b.events] == ["T1:77#0"]
+    assert [e.event_id for e in a.events] == [e.event_id for e in b.events] == [f"T1:77@{T0_MS}#0"]
+    _, later = core.handle(person, swipe(request_id="T1:77", at_ms=T0_MS + 1), POLICY)
+    assert [e.event_id for e in later.events] == [f"T1:77@{T0_MS + 1}#0"]  # a wrapped trace
