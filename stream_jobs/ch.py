@@ -32,6 +32,7 @@ from typing import Any
 from clickhouse_driver import Client
 
 from clearing import model, validate
+from clearing.abnormal import Alert
 from clearing.calendar import EPOCH, shanghai_day
 from clearing.codes import ResultCode
 from clearing.redact import CardTokens
@@ -270,6 +271,40 @@ def event_row(event: model.Event, tokens: CardTokens) -> tuple[Any, ...]:
     if len(row) != len(COLUMNS):
         raise AssertionError("event_row and COLUMNS disagree")
     return row
+
+
+ALERT_COLUMNS = (
+    "alert_id", "kind", "at", "at_ms", "day", "person_ref", "card_ref", "card_masked",
+    "institution_id", "terminal_id", "cardholder_facing", "detail",
+)  # fmt: skip
+ALERTS_INSERT_SQL = f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) VALUES"
+SMS_OUTCOME_COLUMNS = (
+    "event_id", "outcome", "at", "at_ms", "day", "kind", "event_at_ms", "phone_masked",
+    "parts", "smsc_message_ids", "resent_uncertain", "status",
+)  # fmt: skip
+SMS_OUTCOMES_INSERT_SQL = f"INSERT INTO sms_outcomes ({', '.join(SMS_OUTCOME_COLUMNS)}) VALUES"
+
+
+def alert_row(alert: Alert, tokens: CardTokens) -> tuple[Any, ...]:
+    """The `alerts` row of an abnormal-transaction alert, in ALERT_COLUMNS order."""
+    return (
+        alert.alert_id, alert.kind.value, alert.at_ms // 1000, alert.at_ms,
+        day_date(shanghai_day(alert.at_ms)), tokens.person_ref(alert.ssn), alert.card_ref,
+        alert.card_masked, alert.institution_id, alert.terminal_id,
+        int(alert.cardholder_facing), alert.detail,
+    )  # fmt: skip
+
+
+def sms_outcome_row(body: dict[str, Any]) -> tuple[Any, ...]:
+    """The `sms_outcomes` row of a medclear.sms-outcomes record (its JSON body)."""
+    at_ms = int(body["at_ms"])
+    return (
+        str(body["event_id"]), str(body["outcome"]), at_ms // 1000, at_ms,
+        day_date(shanghai_day(at_ms)), str(body.get("kind", "")),
+        int(body.get("event_at_ms", 0)), str(body.get("phone_masked", "")),
+        int(body.get("parts", 0)), ",".join(body.get("smsc_message_ids", ())),
+        int(bool(body.get("resent_uncertain", False))), str(body.get("status", "")),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- queries

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from aiokafka.errors import KafkaError
 from clickhouse_driver import Client
 
 from clearing import codec
+from clearing.abnormal import Alert
 from clearing.model import Event
 from clearing.redact import CardTokens
 from medclear import kafka_compat, topics
@@ -92,6 +94,56 @@ def classify(raw: bytes | None) -> Event | str:
     return event
 
 
+RowOf = Callable[[bytes | None, CardTokens], "tuple[Any, ...] | str"]
+
+
+def event_row_of(raw: bytes | None, tokens: CardTokens) -> tuple[Any, ...] | str:
+    found = classify(raw)
+    return found if isinstance(found, str) else ch.event_row(found, tokens)
+
+
+def alert_row_of(raw: bytes | None, tokens: CardTokens) -> tuple[Any, ...] | str:
+    try:
+        record = codec.decode(raw or b"")
+    except codec.CodecError:
+        return "undecodable"
+    return ch.alert_row(record, tokens) if isinstance(record, Alert) else "not_alert"
+
+
+def sms_outcome_row_of(raw: bytes | None, _tokens: CardTokens) -> tuple[Any, ...] | str:
+    try:
+        return ch.sms_outcome_row(json.loads(raw or b""))
+    except (ValueError, KeyError, TypeError):
+        return "undecodable"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Feed:
+    """One topic into one table: the records' row mapping and the INSERT."""
+
+    topic: str
+    table: str
+    insert_sql: str
+    row_of: RowOf
+    primary: bool = False  # READY and the lag gauges follow the events feed only
+
+    @property
+    def group_id(self) -> str:
+        return GROUP_ID if self.primary else f"{GROUP_ID}-{self.table}"
+
+    @property
+    def member_id(self) -> str:
+        return MEMBER_ID if self.primary else f"{MEMBER_ID}-{self.table}"
+
+
+EVENTS_FEED = Feed(topics.EVENTS.name, "events", ch.INSERT_SQL, event_row_of, primary=True)
+ALERTS_FEED = Feed(topics.ALERTS.name, "alerts", ch.ALERTS_INSERT_SQL, alert_row_of)
+SMS_OUTCOMES_FEED = Feed(
+    topics.SMS_OUTCOMES.name, "sms_outcomes", ch.SMS_OUTCOMES_INSERT_SQL, sms_outcome_row_of
+)
+FEEDS = (EVENTS_FEED, ALERTS_FEED, SMS_OUTCOMES_FEED)
+
+
 class _Assignments(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, sink: ClickHouseSink) -> None:
         self.sink = sink
@@ -100,12 +152,14 @@ class _Assignments(ConsumerRebalanceListener):  # type: ignore[misc]
         # The pending batch may hold records of partitions that go to someone else: it is
         # dropped (its offsets are not committed) and re-read from the committed offsets.
         self.sink.epoch += 1
-        metrics.READY.set(0)
+        if self.sink.feed.primary:
+            metrics.READY.set(0)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.sink.epoch += 1
         self.sink.assigned = set(assigned)
-        metrics.READY.set(1 if assigned and self.sink.migrated else 0)
+        if self.sink.feed.primary:
+            metrics.READY.set(1 if assigned and self.sink.migrated else 0)
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
@@ -120,12 +174,16 @@ class ClickHouseSink:
         topic: str = topics.EVENTS.name,
         group_id: str = GROUP_ID,
         member_id: str | None = MEMBER_ID,
+        feed: Feed = EVENTS_FEED,
         batch_rows_max: int = 5_000,
         batch_wait_ms: int = 200,
     ) -> None:
         if batch_rows_max < 1 or batch_wait_ms < 1:
             raise ValueError("batch bounds are positive")
         self.bootstrap, self.url, self.tokens, self.database = bootstrap, url, tokens, database
+        self.feed = feed
+        if feed is not EVENTS_FEED:  # another feed: its own topic and consumer group
+            topic, group_id, member_id = feed.topic, feed.group_id, feed.member_id
         self.topic, self.group_id, self.member_id = topic, group_id, member_id
         self.batch_rows_max, self.batch_wait_s = batch_rows_max, batch_wait_ms / 1000
         self.epoch = 0
@@ -152,7 +210,7 @@ class ClickHouseSink:
         return ch.migrate(self._ch())
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> None:
-        self._ch().execute(ch.INSERT_SQL, rows)
+        self._ch().execute(self.feed.insert_sql, rows)
 
     async def _with_retry(self, what: str, call: Callable[[], Any], batch: Batch | None) -> bool:
         """Run a blocking ClickHouse call in a thread until it succeeds (True), or until
@@ -185,6 +243,8 @@ class ClickHouseSink:
 
     # -------------------------------------------------------------- lag
     def _lag_from(self, batch: Batch) -> None:
+        if not self.feed.primary:
+            return
         if batch.oldest_ms is None:
             metrics.CLICKHOUSE_SINK_LAG_SECONDS.set(0)
         else:
@@ -210,11 +270,12 @@ class ClickHouseSink:
         except KafkaError as exc:
             log.warning("end offsets unavailable", error=type(exc).__name__)
             return
-        metrics.CLICKHOUSE_SINK_LAG_RECORDS.set(behind)
+        if self.feed.primary:
+            metrics.CLICKHOUSE_SINK_LAG_RECORDS.set(behind)
 
     # -------------------------------------------------------------- the loop
     def _add(self, batch: Batch, tp: TopicPartition, record: Any) -> None:
-        found = classify(record.value)
+        found = self.feed.row_of(record.value, self.tokens)
         if isinstance(found, str):
             metrics.CLICKHOUSE_SINK_SKIPPED.labels(found).inc()
             if found == "undecodable":
@@ -222,13 +283,13 @@ class ClickHouseSink:
             log.warning("record skipped", reason=found, partition=tp.partition,
                         offset=record.offset, size=len(record.value or b""))  # fmt: skip
         else:
-            batch.rows.append(ch.event_row(found, self.tokens))
+            batch.rows.append(found)
         if batch.empty:
             batch.started = time.monotonic()
         batch.next_offsets[tp] = record.offset + 1
         stamp = record.timestamp if record.timestamp and record.timestamp > 0 else None
         if stamp is None and not isinstance(found, str):
-            stamp = found.at_ms
+            stamp = int(found[3])  # every table's fourth column is at_ms
         if stamp is not None and (batch.oldest_ms is None or stamp < batch.oldest_ms):
             batch.oldest_ms = stamp
 
@@ -316,29 +377,45 @@ class ClickHouseSink:
             if not batch.empty and batch.epoch == self.epoch:
                 await self._flush(consumer, batch)
         finally:
-            metrics.READY.set(0)
+            if self.feed.primary:
+                metrics.READY.set(0)
             await consumer.stop()
             self._drop_client()
 
 
 def run(settings: Settings, bootstrap: str) -> None:
+    """Three feeds in one process: events (the primary: migrations, READY, lag), alerts
+    and SMS outcomes, each with its own consumer group and the same batching rules."""
     kafka_compat.install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms)
-    sink = ClickHouseSink(
-        bootstrap,
-        clickhouse_url(settings),
-        load_card_tokens(settings),
-        database=settings.clickhouse_database,
-        batch_rows_max=settings.clickhouse_sink_batch_rows,
-        batch_wait_ms=settings.clickhouse_sink_batch_wait_ms,
-    )
-    log.info("clickhouse sink starting", batch_rows_max=sink.batch_rows_max,
+    tokens = load_card_tokens(settings)
+    sinks = [
+        ClickHouseSink(
+            bootstrap,
+            clickhouse_url(settings),
+            tokens,
+            database=settings.clickhouse_database,
+            batch_rows_max=settings.clickhouse_sink_batch_rows,
+            batch_wait_ms=settings.clickhouse_sink_batch_wait_ms,
+            feed=feed,
+        )
+        for feed in FEEDS
+    ]
+    primary, others = sinks[0], sinks[1:]
+    log.info("clickhouse sink starting", feeds=[s.topic for s in sinks],
+             batch_rows_max=primary.batch_rows_max,
              batch_wait_ms=settings.clickhouse_sink_batch_wait_ms)  # fmt: skip
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, sink.stopping.set)
-        await sink.run()
+            for sink in sinks:
+                loop.add_signal_handler(sig, sink.stopping.set)
+        first = asyncio.ensure_future(primary.run())
+        while not primary.migrated and not first.done():  # one migration, then the rest
+            await asyncio.sleep(0.05)
+        for sink in others:
+            sink.migrated = True
+        await asyncio.gather(first, *(sink.run() for sink in others))
 
     asyncio.run(main())
     log.info("clickhouse sink stopped")

@@ -61,7 +61,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         tls=False,
         command_partitions=2,
         event_partitions=2,
-        jobs=SINK,  # the other stream jobs have their own tests
+        jobs=f"{SINK},abnormal",  # the other stream jobs have their own tests
     )
 
 
@@ -487,3 +487,30 @@ def _sample_row() -> tuple[object, ...]:
         InstitutionType.PHARMACY, 35_20, 35_20, 0, 64_80, shanghai_day(1_795_000_000_000),
     )  # fmt: skip
     return ch.event_row(published(event, tokens), tokens)
+
+
+def test_alerts_reach_clickhouse_once_with_masked_cards_only(
+    settings: Settings,
+    client: Client,
+    registry: registry_pb2_grpc.CardRegistryServiceStub,
+    pos: pos_pb2_grpc.PosServiceStub,
+) -> None:
+    """The abnormal job's alerts (medclear.alerts) land in `alerts` by the sink's side feed:
+    a swipe on a reported card gives one row naming the card by token and last digits."""
+    ssn, card = enrol(registry, 40)
+    loss = registry_pb2.CardRequest(window=_window(), card_no=card)
+    report = _decided(registry.ReportPreLoss, loss)
+    assert report == ResultCode.OK
+    assert swipe(pos, card, 1_00, "T-CH-ALERT", 1) == ResultCode.CARD_PRE_LOST
+    person = load_card_tokens(settings).person_ref(ssn)
+
+    def rows() -> list[tuple[object, ...]]:
+        return list(client.execute(
+            "SELECT kind, card_ref, card_masked, terminal_id, cardholder_facing FROM alerts FINAL"
+            " WHERE person_ref = %(p)s", {"p": person}))  # fmt: skip
+
+    wait_for("the alert in ClickHouse", lambda: len(rows()) > 0, 30)
+    assert rows() == [("blocked_card_used", load_card_tokens(settings).card_ref(card),
+                       "*****" + card[-4:], "T-CH-ALERT", 1)]  # fmt: skip
+    dump = client.execute("SELECT * FROM alerts FINAL")
+    assert card not in repr(dump) and ssn not in repr(dump)
