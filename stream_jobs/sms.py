@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiokafka
 import faust
 import structlog
 
@@ -56,6 +57,7 @@ SMS_IN_FLIGHT_MAX = 64  # SMS submitted before their settlement is on the broker
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 10.0
 RECEIPT_POLL_S = 1.0
+OUTCOME_LINGER_MS = 2
 SMSC_IDS_REMEMBERED_MAX = 200_000  # SMSC message id → event id, for receipts (memory only)
 EXIT_BATCH_FAILED = 70  # EX_SOFTWARE: a batch failed (broker gone for longer than its timeouts)
 TEMPLATES_FILE = Path(__file__).parent / "templates" / "sms.toml"
@@ -129,8 +131,6 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
                    stream_wait_empty=False)  # fmt: skip
     events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
                        partitions=settings.event_partitions, internal=False)  # fmt: skip
-    outcomes = app.topic(topics.SMS_OUTCOMES.name, key_type=bytes, value_type=bytes,
-                         internal=False)  # fmt: skip
     # Rows keyed by ssn, written with the producer's partitioner: the same partition the
     # clearing worker's events for that person are on (both hash the ssn bytes), also for
     # writes made outside a single event's context (a batch).
@@ -138,11 +138,21 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
                         key_type=bytes, value_type=bytes, use_partitioner=True)  # fmt: skip
     sender = Sender(settings)
 
-    async def publish(records: list[OutcomeRecord]) -> None:
-        for record in records:
-            await outcomes.send(key=record.event_id.encode(), value=record.to_json())
+    # Outcome records go through an aiokafka producer of our own: faust's producer hands
+    # its buffer over one awaited message at a time (~1.5 ms each, measured here).
+    outbox: list[aiokafka.AIOKafkaProducer] = []
 
-    async def record_receipts(receipts: list[Receipt]) -> None:
+    async def publish(records: list[OutcomeRecord]) -> list[asyncio.Future[object]]:
+        """Handed to the producer; the futures resolve when the broker has them."""
+        if not outbox:
+            producer = aiokafka.AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                                 linger_ms=OUTCOME_LINGER_MS)  # fmt: skip
+            await producer.start()
+            outbox.append(producer)
+        return [await outbox[0].send(topics.SMS_OUTCOMES.name, key=r.event_id.encode(),
+                                     value=r.to_json()) for r in records]  # fmt: skip
+
+    async def record_receipts(receipts: list[Receipt]) -> list[asyncio.Future[object]]:
         records = []
         for receipt in receipts:
             metrics.SMS_RECEIPTS.labels(receipt.stat).inc()
@@ -150,13 +160,14 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
             records.append(OutcomeRecord(event_id, "receipt", int(receipt.received_at * 1000),
                                          smsc_message_ids=(receipt.smsc_message_id,),
                                          status=receipt.stat))  # fmt: skip
-        await publish(records)
+        return await publish(records)
 
     async def handle(batch: list[bytes]) -> None:
         seen_ms = now_ms()
         rows: dict[bytes, PersonSms] = {}
         dirty: set[bytes] = set()
         to_send: list[tuple[sms_core.Sms, bool]] = []
+        queued: set[str] = set()
         suppressed: list[OutcomeRecord] = []
         for raw in batch:
             try:
@@ -176,6 +187,10 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
                 rows[key] = decision.state
                 dirty.add(key)
             if decision.sms is not None:
+                if decision.sms.message_id in queued:  # the same event twice in one batch
+                    metrics.SMS_SUPPRESSED.labels(Outcome.DUPLICATE.value).inc()
+                    continue
+                queued.add(decision.sms.message_id)
                 to_send.append((decision.sms, decision.outcome == Outcome.RESEND_UNCERTAIN))
             elif decision.kind is not None:
                 metrics.SMS_SUPPRESSED.labels(decision.outcome.value).inc()
@@ -185,10 +200,12 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
                                                     event.at_ms))  # fmt: skip
         for key in dirty:
             persons[key] = rows[key].to_json()
-        await publish(suppressed)
+        published = await publish(suppressed)
         if not to_send:
+            await asyncio.gather(*published)
             return
         await app.producer.flush()  # the in-flight marks are on the broker before a submit
+        await asyncio.gather(*published)
         for start in range(0, len(to_send), SMS_IN_FLIGHT_MAX):
             window = to_send[start : start + SMS_IN_FLIGHT_MAX]
             submissions = [Submission.of(sms) for sms, _ in window]
@@ -199,9 +216,9 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
                 rows[key] = sms_core.settle(rows[key], sms.message_id)
                 persons[key] = rows[key].to_json()
                 records.append(outcome_of(submission, uncertain))
-            await publish(records)
-            await record_receipts(receipts)
+            published = await publish(records) + await record_receipts(receipts)
             await app.producer.flush()  # settled on the broker before the next window
+            await asyncio.gather(*published)
 
     @app.agent(events)
     async def follow(stream: faust.StreamT[bytes]) -> None:
@@ -221,7 +238,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
 
     @app.timer(RECEIPT_POLL_S)  # type: ignore[untyped-decorator]
     async def receipts() -> None:
-        await record_receipts(await sender.poll())
+        await asyncio.gather(*await record_receipts(await sender.poll()))
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
     async def readiness() -> None:

@@ -55,7 +55,7 @@ def test_swipe_sends_one_intact_sms_long_ones_in_parts_and_redelivery_sends_none
     short = swipe(1, 1, t0 + 1)
     long = swipe(2, 2, t0 + 2, institution=LONG_NAME_INSTITUTION)
     silent = swipe(3, 3, t0 + 3)
-    rig.publish([*persons, short, long, silent])
+    rig.publish([*persons, short, short, long, silent])  # twice in one batch, too
     messages = rig.wait_messages(2)
     assert len(messages) == 2, messages
 
