@@ -178,6 +178,9 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
         value_type=bytes,
     )
     outbox = Outbox(bootstrap)
+    echo = settings.worker_mode == "echo"
+    if echo:
+        log.warning("echo mode: commands are answered OK without being decided (benchmark)")
     tokens = load_card_tokens(settings)  # no full card number leaves this process
     pins = (PinChecker(settings.hsm_address, pki_dir(settings)) if settings.terminal_security
             else None)  # fmt: skip
@@ -213,8 +216,21 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
         # one wait per command; faust acknowledges the batch's offsets after it is done.
         batches = stream.take_events(BATCH_MAX, within=BATCH_WAIT_S)  # type: ignore[attr-defined]
         async for batch in batches:
-            await decide_batch(batch)
+            await (echo_batch(batch) if echo else decide_batch(batch))
             yield None
+
+    async def echo_batch(batch: list[Any]) -> None:
+        """The null pipeline (MEDCLEAR_WORKER_MODE=echo, benchmarks only): the same
+        topics, batching and reply path, but no state, no HSM, no core, no events: every
+        command is answered OK at once."""
+        for event in batch:
+            key = event.key if isinstance(event.key, bytes) else b""
+            try:
+                command = codec.decode(event.value)
+                reply = Reply(command.request_id, ResultCode.OK, at_ms=command.at_ms)
+            except codec.CodecError:
+                reply = Reply("", ResultCode.MALFORMED_REQUEST)
+            await send_reply(event.message.headers, key, reply)
 
     async def decide_batch(batch: list[Any]) -> None:
         started = time.perf_counter()

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clearing.codes import ResultCode
+from medclear import bench_pipeline
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
 from medclear.cli_recon import recon_app
@@ -701,6 +702,9 @@ def bench_swipes(
     stats = _swipe_run(persons, seed, count, concurrency, "swiping")
     console.print(_stats_table(f"{count:,} swipes, {concurrency} in flight", stats))
     console.print(_results_table(stats))
+
+
+bench_app.command("pipeline")(bench_pipeline.command)
 
 
 @bench_app.command("run")

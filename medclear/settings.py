@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,9 @@ class Settings(BaseSettings):
     command_partitions: int = Field(6, ge=1, le=1024)
     event_partitions: int = Field(6, ge=1, le=1024)
     workers: int = Field(1, ge=1, le=64)
+    worker_mode: Literal["clear", "echo"] = Field(
+        "clear", description="echo: the null pipeline for benchmarks (answers OK, decides nothing)"
+    )
 
     gateway_port: int = Field(0, ge=0, le=65535, description="0: a free port")
     registry_port: int = Field(0, ge=0, le=65535)
@@ -73,6 +77,10 @@ class Settings(BaseSettings):
     clickhouse_sink_batch_rows: int = Field(5_000, ge=1, le=100_000, description="rows/insert")
     clickhouse_sink_batch_wait_ms: int = Field(200, ge=1, le=60_000, description="batch time bound")
     sms_enabled: bool = Field(True, description="the sms job submits SMS (else it only idles)")
+    smsc_embedded: bool = Field(
+        True,
+        description="`up` starts a loopback SMSC (npm smpp) for the sms job; false: use smsc_host",
+    )
     smsc_host: str = Field("127.0.0.1", description="SMPP 3.4 SMSC the sms job binds to")
     smsc_port: int = Field(2775, ge=1, le=65535)
     smsc_system_id: str = Field("medclear", max_length=15, description="SMPP bind system_id")

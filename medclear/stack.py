@@ -450,6 +450,15 @@ def _http_get(url: str, timeout_s: float = 2.0) -> tuple[int, str]:
         return int(resp.status), resp.read(1 << 20).decode("utf-8", "replace")
 
 
+def _tcp_probe(address: str) -> str | None:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return None
+    except (OSError, ValueError) as exc:
+        return f"connect {address}: {exc}"
+
+
 def _http_probe(url: str, expect: str | None = None) -> str | None:
     try:
         code, body = _http_get(url)
@@ -810,7 +819,7 @@ def start_prometheus(
 # the stack and its record
 
 
-ProbeKind = Literal["kafka", "http", "metrics", "clickhouse"]
+ProbeKind = Literal["kafka", "http", "metrics", "clickhouse", "tcp"]
 
 
 @dataclass(frozen=True)
@@ -826,6 +835,8 @@ class _Probe:
             return _metrics_probe(self.target)
         if self.kind == "clickhouse":
             return _clickhouse_probe(self.target)
+        if self.kind == "tcp":
+            return _tcp_probe(self.target)
         return _http_probe(self.target, self.expect)
 
 
@@ -1257,12 +1268,40 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             workers = [serve(f"worker-{i}", "worker", i, None) for i in range(settings.workers)]
         for comp in workers:
             _wait_component(comp, timeout, console)
+        jobs = selected_jobs(settings)
+        if "sms" in jobs and settings.sms_enabled and settings.smsc_embedded:
+            from stream_jobs.smsc import SMSC_DIR, ensure_installed, smsc_argv
+
+            smsc_port = free_port()
+            with console.status("starting the SMSC (npm smpp server) …"):
+                ensure_installed()
+                (data / "smsc").mkdir(parents=True, exist_ok=True)
+                proc = Process(
+                    name="smsc",
+                    argv=smsc_argv(smsc_port, (data / "smsc" / "messages.jsonl").resolve(), HOST,
+                                   settings.smsc_system_id, settings.smsc_password),
+                    log=(logs / "smsc.log").resolve(),
+                    cwd=SMSC_DIR,
+                ).start()  # fmt: skip
+            smsc = track(
+                _Component(
+                    "smsc",
+                    "smsc",
+                    f"{HOST}:{smsc_port}",
+                    _Probe("tcp", f"{HOST}:{smsc_port}"),
+                    proc,
+                    str(data / "smsc"),
+                    {"smpp": smsc_port},
+                )
+            )
+            _wait_component(smsc, timeout, console)
+            env.update(_smsc_env(state.components))
         gateway_port = settings.gateway_port or free_port()
         registry_port = settings.registry_port or free_port()
         with console.status("starting gateway, registry and stream jobs …"):
             gateway = serve("gateway", "gateway", None, gateway_port)
             registry = serve("registry", "registry", None, registry_port)
-            stream = [serve(name, name, None, None) for name in selected_jobs(settings)]
+            stream = [serve(name, name, None, None) for name in jobs]
         for comp in (gateway, registry, *stream):
             _wait_component(comp, timeout, console)
         state.save()
@@ -1332,6 +1371,14 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
     return endpoints
 
 
+def _smsc_env(components: Sequence[_Component]) -> dict[str, str]:
+    """Where the embedded SMSC listens, for the sms job (nothing if there is none)."""
+    for comp in components:
+        if comp.kind == "smsc" and "smpp" in comp.ports:
+            return {"MEDCLEAR_SMSC_HOST": HOST, "MEDCLEAR_SMSC_PORT": str(comp.ports["smpp"])}
+    return {}
+
+
 def selected_jobs(settings: Settings) -> list[str]:
     """The stream jobs `up` starts: all of stream_jobs/jobs.py, or those MEDCLEAR_JOBS names."""
     wanted = [name.strip() for name in settings.jobs.split(",") if name.strip()]
@@ -1371,6 +1418,7 @@ def restart_component(
                 state.endpoints.clickhouse_url,
             )
             child_env["MEDCLEAR_HSM_ADDRESS"] = state.endpoints.hsm
+            child_env.update(_smsc_env(state.components))
             env: dict[str, str] | None = child_env
         elif comp.kind.startswith("kafka:"):
             env = _broker_env()

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
+
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
 from clearing.model import Institution
 from medclear.city import Resident
@@ -233,6 +235,54 @@ async def run_swipes(
             on_done()
 
         await in_flight(plan, concurrency, one)
+    stats.ended = time.perf_counter()
+
+
+OPEN_LOOP_IN_FLIGHT_MAX = 4_096  # beyond it a swipe is counted as not sent (client overload)
+
+
+async def run_open_loop(
+    gateway: str,
+    plan: Sequence[Swipe],
+    rate_per_s: float,
+    stats: LatencyStats,
+    on_done: Callable[[], None],
+    keyring: Keyring | None = None,
+    pki_dir: Path | None = None,
+) -> None:
+    """Send the plan at a fixed rate whatever the replies do (open loop). Each latency is
+    measured from the moment the swipe was due, not when the client got round to it, so
+    a stall shows in the figures instead of silently lowering the rate. Requests (PIN
+    blocks, MACs) are built before the clock starts."""
+    requests = [authorize_request(s, keyring) for s in plan]
+    async with aio_channel(gateway, Role.TERMINAL, pki_dir) as channel:
+        stub = pos_pb2_grpc.PosServiceStub(channel)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pos_pb2.AuthorizeRequest, due: float) -> None:
+            try:
+                reply = await stub.Authorize(request, timeout=RPC_TIMEOUT_S)
+                result = ResultCode(reply.result).name
+            except grpc.aio.AioRpcError as exc:
+                result = f"RPC_{exc.code().name}"
+            stats.add((time.perf_counter() - due) * 1000, result)
+            on_done()
+
+        stats.started = start = time.perf_counter()
+        for i, request in enumerate(requests):
+            due = start + i / rate_per_s
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(tasks) >= OPEN_LOOP_IN_FLIGHT_MAX:
+                stats.results["NOT_SENT_CLIENT_OVERLOAD"] += 1  # no latency to record
+                on_done()
+                continue
+            task = asyncio.ensure_future(one(request, due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
     stats.ended = time.perf_counter()
 
 
