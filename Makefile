@@ -62,5 +62,6 @@ lock: $(INSTALLED)  ## rewrite requirements.lock from the installed venv
 clean:  ## remove the venv and generated code (keeps .medclear state)
 	rm -rf $(VENV) medclear/v1 .system-packages.stamp
 
-bench: setup  ## foundation benchmark: up → ready time, seeding, swipes sequential and 8 in flight
+bench: setup  ## benchmarks (minutes): HSM added latency; full vs null pipeline, open loop, scaling
 	$(BIN)/medclear bench run --persons 1000 --swipes 1000 --concurrency 1,8
+	$(BIN)/medclear bench pipeline

@@ -33,6 +33,10 @@ T = TypeVar("T")
 SEED_WINDOW = "window-seed"
 
 
+SEED_RETRIES = 5  # a seeding step answered TIMEOUT / UNAVAILABLE is sent again this often
+DEFAULT_REGION = "310101"  # the demo city (medclear/data/pre_loss_policy.csv)
+
+
 class SeedError(RuntimeError):
     """A seeding step was refused; the message names the resident and the result."""
 
@@ -74,7 +78,10 @@ def _window(request_id: str) -> common_pb2.WindowContext:
 
 
 async def seed_resident(
-    stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident, keyring: Keyring | None = None
+    stub: registry_pb2_grpc.CardRegistryServiceStub,
+    r: Resident,
+    keyring: Keyring | None = None,
+    region: str = DEFAULT_REGION,
 ) -> None:
     """Register, issue, activate, set the PIN (a PIN block under the seeding window's PIN
     key when terminal security is on), credit the opening balance."""
@@ -87,7 +94,7 @@ async def seed_resident(
                 name=r.name,
                 category=pb_enum(r.category),
                 phone=r.phone,
-                region="310101",
+                region=region,
             ),
             "register",
         ),
@@ -133,7 +140,13 @@ async def seed_resident(
             )
         )
     for method, request, step in steps:
-        reply = await getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
+        for attempt in range(SEED_RETRIES + 1):
+            # The same request id again is safe: a decided step is answered from the
+            # aggregate's memory (replayed), an undecided one is decided once.
+            reply = await getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
+            if reply.result not in (ResultCode.TIMEOUT, ResultCode.UNAVAILABLE):
+                break
+            await asyncio.sleep(0.5 * (attempt + 1))
         if reply.result != ResultCode.OK:
             raise SeedError(f"{step} of {r.card_no}: {ResultCode(reply.result).name}")
 
@@ -158,12 +171,17 @@ async def seed(
     on_done: Callable[[], None],
     keyring: Keyring | None = None,
     pki_dir: Path | None = None,
+    region_of: Callable[[int], str] | None = None,
 ) -> None:
+    """Enrol every resident through the registry; `region_of(index)` picks a resident's
+    region (default: the demo city's)."""
     async with aio_channel(registry, Role.WINDOW, pki_dir) as channel:
         stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        index = {r.ssn: i for i, r in enumerate(residents)}
 
         async def one(r: Resident) -> None:
-            await seed_resident(stub, r, keyring)
+            region = region_of(index[r.ssn]) if region_of else DEFAULT_REGION
+            await seed_resident(stub, r, keyring, region)
             on_done()
 
         await in_flight(residents, concurrency, one)

@@ -13,16 +13,16 @@ from typing import Any
 
 JOBS: dict[str, str] = {
     "pre-loss-timer": "stream_jobs.pre_loss_timer:run",
-    "sms": "stream_jobs.sms:run",
     "clickhouse-sink": "stream_jobs.clickhouse_sink:run",
+    "sms": "stream_jobs.sms:run",
     "abnormal": "stream_jobs.abnormal_job:run",
     "settlement": "stream_jobs.settlement:run",
 }
 
 JOB_HELP: dict[str, str] = {
     "pre-loss-timer": "sends an expiry command when a pre-loss deadline passes",
-    "sms": "sends the consumption and card-status SMS over SMPP (medclear.sms-outcomes)",
     "clickhouse-sink": "writes every event to ClickHouse (one row per event id)",
+    "sms": "sends the consumption and card-status SMS over SMPP (medclear.sms-outcomes)",
     "abnormal": "flags abnormal transactions (异常交易) on the alerts topic",
     "settlement": "daily settlement per institution (medclear.settlements)",
 }

@@ -358,20 +358,14 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         assert endpoints.clickhouse_url.endswith("/medclear")
         assert endpoints.prometheus.startswith("http://127.0.0.1:")
         rows = stack.status(settings)
-        assert [r.name for r in rows] == [
-            "broker",
-            "clickhouse",
-            "hsm",
-            "worker-0",
-            "worker-1",
-            "gateway",
-            "registry",
-            "pre-loss-timer",
-            "prometheus",
-        ]
+        jobs = stack.selected_jobs(settings)
+        smsc = ["smsc"] if "sms" in jobs and settings.sms_enabled else []
+        expected = ["broker", "clickhouse", "hsm", "worker-0", "worker-1", *smsc, "gateway",
+                    "registry", *jobs, "prometheus"]  # fmt: skip
+        assert [r.name for r in rows] == expected
         assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows]
         record = json.loads((state_dir / "stack.json").read_text())
-        assert record["complete"] and len(record["components"]) == 9
+        assert record["complete"] and len(record["components"]) == len(expected)
         for comp in record["components"]:
             assert comp["process"]["pid"] and comp["process"]["argv"]
             assert Path(comp["process"]["log"]).parent == state_dir.resolve() / "logs"
@@ -399,7 +393,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         assert "already running" in console.export_text()
         assert [r.pid for r in stack.status(settings)] == [r.pid for r in rows]
         table = stack.status_table(stack.status(settings))
-        assert table.row_count == 9
+        assert table.row_count == len(expected)
 
         # a worker killed with -9 shows as down; restart_component brings it back
         worker = next(i for i, r in enumerate(rows) if r.name == "worker-0")
