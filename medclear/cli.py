@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clearing.codes import ResultCode
-from medclear import bench_pipeline
+from medclear import bench_pipeline, bench_state
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
 from medclear.cli_recon import recon_app
@@ -705,6 +705,7 @@ def bench_swipes(
 
 
 bench_app.command("pipeline")(bench_pipeline.command)
+bench_app.command("state")(bench_state.command)
 
 
 @bench_app.command("run")

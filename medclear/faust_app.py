@@ -17,6 +17,9 @@ def make_app(
     its data under the state directory, and static group membership: a restarted
     process takes its partitions back at once. noida-db never evicts a member killed
     with -9, so a dynamic member would wait forever (docs/ARCHITECTURE.md)."""
+    store = settings.table_store if app_id in TABLE_STORE_APPS else "memory"
+    if store == "rocksdb":
+        _bound_rocksdb_memory()
     datadir = settings.state_dir.resolve() / "data" / member_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -24,7 +27,7 @@ def make_app(
         consumer_group_instance_id=member_id,
         datadir=str(datadir),
         broker=f"kafka://{bootstrap}",
-        store="memory://",
+        store=f"{store}://",  # rocksdb: one rocksdict DB per table partition
         topic_partitions=partitions,
         key_serializer="raw",
         value_serializer="raw",
@@ -35,6 +38,27 @@ def make_app(
     )
     _export_lag(app, app_id)
     return app
+
+
+# The apps MEDCLEAR_TABLE_STORE applies to: the clearing worker (its persons table is the
+# state that must fit, issue 7). The others keep memory: faust's RocksDB store asserts a
+# current event on every write, and the sms job writes its table after a batch, outside one.
+TABLE_STORE_APPS = frozenset({"medclear-clearing"})
+
+# faust opens one RocksDB per table partition with 64 MiB x 3 write buffers and a 2 GiB
+# block cache each: 6 partitions could hold ~13 GiB. These bound a worker's store to
+# ~0.6 GiB (docs/ARCHITECTURE.md decision 5); the files hold the rest.
+ROCKSDB_WRITE_BUFFER_BYTES = 16 * 1024**2
+ROCKSDB_WRITE_BUFFERS = 2
+ROCKSDB_BLOCK_CACHE_BYTES = 64 * 1024**2
+
+
+def _bound_rocksdb_memory() -> None:
+    from faust.stores.rocksdb import RocksDBOptions
+
+    RocksDBOptions.write_buffer_size = ROCKSDB_WRITE_BUFFER_BYTES
+    RocksDBOptions.max_write_buffer_number = ROCKSDB_WRITE_BUFFERS
+    RocksDBOptions.block_cache_size = ROCKSDB_BLOCK_CACHE_BYTES
 
 
 LAG_INTERVAL_S = 2.0

@@ -1,0 +1,66 @@
+"""The pure parts of `medclear bench state`: the bench city, its fast changelog records
+(byte-identical to what core.handle leaves), partitions, and the doc section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiokafka.partitioner import DefaultPartitioner
+
+from clearing import codec, validate
+from clearing.codes import InsuranceCategory
+from medclear import bench_state as bs
+from medclear.policy import load_policy
+from medclear.settings import Settings
+
+
+def test_holders_are_valid_and_unique() -> None:
+    indices = [*range(3000), bs.BIRTH_DAYS - 1, bs.BIRTH_DAYS, 2_899_999, bs.MAX_PERSONS - 1]
+    holders = [bs.holder(i) for i in indices]
+    assert len({h.ssn for h in holders}) == len(holders)
+    assert len({h.card_no for h in holders}) == len(holders)
+    for h in holders:
+        assert validate.is_ssn(h.ssn) and validate.is_card_no(h.card_no)
+        assert validate.is_name(h.name) and validate.is_phone(h.phone)
+        assert (h.balance_fen > 0) == (h.category == InsuranceCategory.EMPLOYEE)
+    assert bs.holder(17) == bs.holder(17)  # from (seed, index) alone
+
+
+def test_template_records_equal_the_cores() -> None:
+    city = bs.City(load_policy(Settings()), at_ms=1_795_000_000_123)
+    seen = set()
+    for i in [*range(400), 2_899_999]:
+        h, value = city.record(i)
+        seen.add(h.category)
+        assert value == codec.encode(bs.genuine_person(h, city.policy, city.at_ms))
+    assert seen == set(bs.CATEGORIES)
+    person = codec.decode(city.record(5)[1])
+    assert person.ssn == bs.holder(5).ssn and person.cards[0].pvv == bs.holder(5).pvv
+
+
+def test_partition_is_the_default_partitioners() -> None:
+    every = list(range(6))
+    for i in range(500):
+        key = bs.holder(i).ssn.encode()
+        assert bs.partition_of(key, 6) == DefaultPartitioner()(key, every, every)
+
+
+def test_doc_section_is_replaced_and_keeps_other_rows(tmp_path: Path) -> None:
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text(
+        "# Performance\n\n<!-- bench:pipeline:begin -->\nother\n<!-- bench:pipeline:end -->\n"
+    )
+    first = [bs.Run("memory", 1000), bs.Run("rocksdb", 1000)]
+    bs.write_doc(bs._markdown(first, bs.earlier_rows(doc), "cmd", "machine"), doc)
+    assert len(bs.earlier_rows(doc)) == 2
+    second = [bs.Run("rocksdb", 1000, recovery_s=7.5), bs.Run("rocksdb", 5000)]
+    bs.write_doc(bs._markdown(second, bs.earlier_rows(doc), "cmd", "machine"), doc)
+    rows = bs.earlier_rows(doc)
+    assert [bs._row_id(r) for r in rows] == [
+        ("memory", "1,000"),
+        ("rocksdb", "1,000"),
+        ("rocksdb", "5,000"),
+    ]
+    assert "| 7.5 |" in rows[1]
+    text = doc.read_text()
+    assert text.count(bs.BEGIN) == 1 and "other" in text  # the other section untouched
