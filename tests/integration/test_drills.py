@@ -1,0 +1,143 @@
+"""The fault drills of `medclear drill`, shortened, on one stack of their own: under
+steady traffic a worker is killed with -9 (twice), the broker restarted, ClickHouse, the
+SMSC and the HSM stopped for a few seconds. After each: conservation holds, every
+approved swipe is in state and once in ClickHouse, no SMS is doubled.
+
+The stack runs without TLS (quicker hand-shakes) but with terminal security, so the HSM
+is on the swipe path (MAC at the gateway, PIN at the worker) and its outage is a real
+one. Only the stream jobs the checks read are started."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from rich.console import Console
+
+from medclear import drill, stack
+from medclear.settings import Settings
+
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.kafka,
+    pytest.mark.clickhouse,
+    pytest.mark.smsc,
+    pytest.mark.timeout(900),  # a loaded 2-core machine; about 2 minutes when idle
+]
+
+RATE_PER_S = 5.0
+OUTAGE_S = 3.0
+PERSONS = 20
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+def test_drill_persons_are_distinct_and_well_formed() -> None:
+    from clearing import validate
+
+    people = drill.drill_persons(3000, drill.PERSON_SPACE - 3000)
+    assert len({p.ssn for p in people}) == len({p.card_no for p in people}) == 3000
+    assert all(validate.is_ssn(p.ssn) and validate.is_card_no(p.card_no) for p in people)
+    assert all(validate.is_phone(p.phone) for p in people)
+    with pytest.raises(ValueError):
+        drill.drill_persons(2, drill.PERSON_SPACE - 1)
+
+
+def test_sms_are_matched_by_phone_amount_and_balance() -> None:
+    key = drill.sms_key("19000000001", 12_50, 987_50)
+    text = (
+        "【医保】您尾号0001的社保卡于11月23日10:31在瑞金医院医保个人账户支出12.50元，余额987.50元。"
+    )
+    other = drill.sms_key("19000000001", 12_50, 975_00)
+    messages = [
+        {"kind": "part", "destination": key[0], "text": text},
+        {"kind": "message", "destination": key[0], "text": text},
+        {"kind": "message", "destination": key[0], "text": text},
+        {"kind": "message", "destination": "8619000000002", "text": text},
+    ]
+    assert drill.count_sms(messages, [key, other]) == drill.SmsCount(2, 1, 1, 1)
+
+
+def test_a_failed_check_is_a_problem() -> None:
+    ok = drill.DrillResult("x", "y", injected=1, recovery_s=[1.0], drained_s=2.0, sent=3,
+                           approved=2, verified_in_state=2, in_clickhouse_once=2,
+                           sms=drill.SmsCount(2, 2, 0, 0), conservation_ok=True)  # fmt: skip
+    assert drill.verdicts(ok) == []
+    ok.in_clickhouse_once, ok.sms = 1, drill.SmsCount(2, 2, 1, 0)
+    assert len(drill.verdicts(ok)) == 2
+
+
+def test_fuzz_answers_are_judged() -> None:
+    case = drill.FuzzCase("Authorize")
+    ok, internal = grpc.StatusCode.OK, grpc.StatusCode.INTERNAL
+    assert drill.fuzz_problem(case, drill.FuzzAnswer(ok, "", 10)) is None
+    assert drill.fuzz_problem(case, drill.FuzzAnswer(ok, "", 0)) is not None  # UNSPECIFIED
+    assert drill.fuzz_problem(case, drill.FuzzAnswer(ok, "", 1)) is not None  # approved
+    assert drill.fuzz_problem(case, drill.FuzzAnswer(ok, "", 100)) is not None  # TIMEOUT
+    assert drill.fuzz_problem(case, drill.FuzzAnswer(internal, "boom", None)) is not None
+    raw = drill.FuzzCase("Authorize", raw=b"\xff")
+    assert (
+        drill.fuzz_problem(raw, drill.FuzzAnswer(internal, "Exception deserializing", None)) is None
+    )
+
+
+# ---------------------------------------------------------------------------- the drills
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[drill.StackAccess]:
+    settings = Settings(
+        tls=False,
+        terminal_security=True,
+        state_dir=tmp_path_factory.mktemp("drills") / ".medclear",
+        command_partitions=3,
+        event_partitions=3,
+        jobs="clickhouse-sink,settlement,sms",
+    )
+    console = Console(stderr=True)
+    os.environ["MEDCLEAR_STATE_DIR"] = str(settings.state_dir)
+    try:
+        stack.up(settings, console)
+        yield drill.access(settings)
+    finally:
+        stack.down(settings, console, wipe=True)
+        os.environ.pop("MEDCLEAR_STATE_DIR", None)
+
+
+def run(target: drill.StackAccess, spec: drill.DrillSpec) -> drill.DrillResult:
+    out = Console(stderr=True, width=160)
+    [result] = drill.run_specs(target, [spec], RATE_PER_S, PERSONS, out)
+    out.print(drill.results_table([result]))
+    assert not result.skipped
+    assert result.ok, result.problems
+    assert result.approved > 0 and result.verified_in_state == result.approved
+    assert result.in_clickhouse_once == result.approved
+    assert result.sms is not None and result.sms.doubled == 0 and result.sms.missing == 0
+    assert result.conservation_ok
+    assert len(result.recovery_s) == result.injected and result.drained_s is not None
+    return result
+
+
+def test_worker_killed_twice(target: drill.StackAccess) -> None:
+    result = run(target, drill.spec("worker-kill", times=2))
+    assert result.injected == 2
+
+
+def test_broker_restart(target: drill.StackAccess) -> None:
+    run(target, drill.spec("broker-restart"))
+
+
+def test_clickhouse_outage(target: drill.StackAccess) -> None:
+    run(target, drill.spec("clickhouse-outage", seconds=OUTAGE_S))
+
+
+def test_smsc_outage(target: drill.StackAccess) -> None:
+    run(target, drill.spec("smsc-outage", seconds=OUTAGE_S))
+
+
+def test_hsm_outage(target: drill.StackAccess) -> None:
+    result = run(target, drill.spec("hsm-outage", seconds=OUTAGE_S))
+    assert result.undecided_answers, "the HSM outage did not reach the swipes"
