@@ -25,6 +25,7 @@ from medclear import bench_pipeline, bench_state
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
 from medclear.cli_recon import recon_app
+from medclear.drill import drill_app
 from medclear.money import format_yuan, parse_yuan
 from medclear.pki import Role
 from medclear.rpc import aio_channel
@@ -57,6 +58,7 @@ app.add_typer(hsm_app, name="hsm")
 app.add_typer(recon_app, name="recon")
 app.add_typer(agent_app, name="agent")
 app.add_typer(emulator_app, name="card-emulator")
+app.add_typer(drill_app, name="drill")
 
 console = Console()
 err = Console(stderr=True)
