@@ -38,8 +38,9 @@ $(GENERATED): $(INSTALLED) $(PROTOS) scripts/gen_protos.py
 proto: $(INSTALLED)  ## regenerate the Python code from proto/ (never edited by hand)
 	$(BIN)/python scripts/gen_protos.py
 
-demo: setup  ## the main job: the whole stack with simulated POS traffic
-	$(BIN)/medclear demo
+DEMO_FLAGS ?=
+demo: setup  ## the main job: the whole stack with simulated POS traffic (DEMO_FLAGS="--agents" …)
+	$(BIN)/medclear demo $(DEMO_FLAGS)
 
 test: setup  ## the whole test suite (unit + integration on real servers)
 	$(BIN)/pytest

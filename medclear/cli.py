@@ -528,8 +528,17 @@ def _pki(settings: Settings) -> Path | None:
     return stack.client_pki_dir(settings)
 
 
-def _seed(persons: int, seed: int, concurrency: int, settings: Settings | None = None) -> float:
-    from medclear import city, traffic
+def _seed(
+    persons: int,
+    seed: int,
+    concurrency: int,
+    settings: Settings | None = None,
+    *,
+    district: bool = False,
+) -> float:
+    """Enrol a synthetic city through the registry; with `district`, every 100th resident
+    (index 7 mod 100) lives in the demo district (short pre-loss, see demo.py)."""
+    from medclear import city, demo, traffic
 
     settings = settings or get_settings()
     residents = city.residents(persons, seed)
@@ -546,9 +555,69 @@ def _seed(persons: int, seed: int, concurrency: int, settings: Settings | None =
                 lambda: progress.advance(task),
                 keyring,
                 _pki(settings),
+                (lambda i: demo.DEMO_DISTRICT if i % 100 == 7 else traffic.DEFAULT_REGION)
+                if district
+                else None,
             )
         )
     return time.perf_counter() - started
+
+
+def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency: int) -> None:
+    """The demo's day at the counters (medclear/demo.py), then its summary and 对账."""
+    from rich.live import Live
+
+    from medclear import city, demo, stack, traffic
+    from medclear.cli_recon import _print as print_recon
+    from medclear.cli_recon import import_, reconcile, render_html, summary
+    from medclear.policy import load_institutions
+
+    endpoints = stack.load_endpoints(settings)
+    residents = city.residents(persons, 2026)
+    institutions = list(load_institutions(settings.institutions_file).values())
+    terminals = sorted({f"T{i.institution_id}" for i in institutions} | {traffic.SEED_WINDOW})
+    keyring = _keyring(settings, terminals)
+    stats = demo.DemoStats()
+    with Live(demo.panel(stats, minutes), console=console, refresh_per_second=2) as live:
+        asyncio.run(
+            demo.run(endpoints.gateway, endpoints.registry, endpoints.prometheus, residents,
+                     institutions, minutes, concurrency, keyring, _pki(settings), live, stats)
+        )  # fmt: skip
+    table = Table(title="the demo day")
+    for column in ("swipes", "approved", "p50 ms", "p99 ms", "reversals", "refunds",
+                   "loss reports", "releases", "limit reached", "SMS sent", "alerts"):  # fmt: skip
+        table.add_column(column, justify="right")
+    approved = sum(stats.results[c.name] for c in demo.APPROVED)
+    time.sleep(3)  # the stream jobs catch up with the last swipes
+    stats.sms_sent = demo.prometheus_sum(endpoints.prometheus, "medclear_sms_sent_total")
+    stats.alerts = demo.prometheus_sum(endpoints.prometheus, "medclear_abnormal_alerts_total")
+    table.add_row(f"{sum(stats.results.values()):,}", f"{approved:,}",
+                  f"{stats.percentile(0.5):.1f}", f"{stats.percentile(0.99):.1f}",
+                  f"{stats.ops['reverse']:,}", f"{stats.ops['refund']:,}",
+                  f"{stats.ops['loss_report']:,}", f"{stats.ops['release']:,}",
+                  "yes" if stats.ops["limit_reached"] else "no", f"{stats.sms_sent:,.0f}",
+                  f"{stats.alerts:,.0f}")  # fmt: skip
+    console.print(table)
+    files = demo.institution_files(stats, settings.state_dir / "reports" / "institution-files")
+    from medclear import cli_recon
+
+    with cli_recon.console.capture():  # one line here instead of a table per institution
+        for totals, detail in files:
+            import_(totals, detail)
+    console.print(f"imported the institutions' own files ({len(files)}): what their POS saw")
+    from clearing import settlement
+
+    day = settlement.day_number(time.strftime("%Y-%m-%d", time.gmtime(time.time() + 8 * 3600)))
+    deadline = time.monotonic() + 30
+    report = reconcile(settings, day, None)
+    while report.differences and time.monotonic() < deadline:  # settlement / sink catching up
+        time.sleep(2)
+        report = reconcile(settings, day, None)
+    print_recon(report)
+    path = settings.state_dir / "reports" / "recon-demo.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(report), encoding="utf-8")
+    console.print(f"reconciliation: {summary(report)} — report {path}")
 
 
 @app.command("seed")
@@ -783,30 +852,42 @@ def bench_run(
 
 @app.command()
 def demo(
-    persons: Annotated[int, typer.Option(min=1, help="persons to seed")] = 1000,
-    swipes: Annotated[int, typer.Option(min=1, help="swipes to simulate")] = 400,
-    concurrency: Annotated[int, typer.Option(min=1, max=512, help="swipes in flight")] = 8,
-    keep: Annotated[bool, typer.Option(help="leave the stack running afterwards")] = False,
+    persons: Annotated[int, typer.Option(min=10, help="persons in the city")] = 100_000,
+    minutes: Annotated[float, typer.Option(min=0.2, help="minutes of traffic")] = 3.0,
+    concurrency: Annotated[int, typer.Option(min=1, max=512, help="counters busy at once")] = 32,
+    stop: Annotated[bool, typer.Option(help="stop the stack at the end (default: leave it)")] = (
+        False
+    ),
     agents: Annotated[
-        bool, typer.Option(help="swipe through the reader agent and virtual cards (pcscd)")
+        bool,
+        typer.Option(help="instead: swipe through the reader agent and virtual cards (pcscd)"),
     ] = False,
+    swipes: Annotated[int, typer.Option(min=1, help="--agents: swipes through the agent")] = 400,
 ) -> None:
-    """The main job: start the stack, seed a city, run simulated POS traffic, summarise.
-
-    Stops the stack at the end unless --keep (data stays in .medclear/ either way;
-    `medclear down --wipe` removes it).
-    """
+    """The main job: start the whole stack, seed a city, run a few minutes of a day at its
+    counters — swipes (some with a wrong PIN), reversals, refunds, loss reports with a
+    thief trying the card, releases, pre-losses lapsing, a pharmacy limit reached — with a
+    live panel, then a summary and the reconciliation of the day. The stack is left
+    running (Prometheus, reports) unless --stop; `medclear down` stops it."""
     from medclear import stack
 
     settings = get_settings()
+    if settings.pre_loss_policy_file is None:  # the demo district's pre-loss lasts 90 s
+        demo_policy = Path(__file__).resolve().parent / "data" / "pre_loss_policy_demo.csv"
+        settings = settings.model_copy(update={"pre_loss_policy_file": demo_policy})
     started = time.perf_counter()
     try:
         stack.up(settings, console)
     except stack.StackError as exc:
         raise _fail(str(exc)) from exc
     ready_s = time.perf_counter() - started
+    from medclear.traffic import SeedError
+
     try:
-        seed_s = _seed(persons, 2026, 32)
+        try:
+            seed_s = _seed(persons, 2026, 64, settings, district=True)
+        except SeedError as exc:
+            raise _fail(f"seeding: {exc}") from exc
         if agents:  # one agent, one card at a time: sequential, card read included
             from reader_agent import cli as agent_cli
 
@@ -816,19 +897,18 @@ def demo(
             console.print(agent_cli.agent_stats_table("POS traffic through the agent", by_agent))
             console.print(agent_cli.results_table(by_agent))
         else:
-            stats = _swipe_run(persons, 2026, swipes, concurrency, "POS traffic")
-            console.print(_stats_table("simulated POS traffic", stats))
-            console.print(_results_table(stats))
+            _demo_traffic(settings, persons, minutes, concurrency)
         console.print(
             f"stack ready in {ready_s:.1f} s; seeded {persons:,} persons in {seed_s:.1f} s"
         )
     finally:
-        if keep:
+        if not stop:
             endpoints = stack.load_endpoints(settings)
             console.print(
-                f"stack left running: gateway {endpoints.gateway}, registry "
-                f"{endpoints.registry}, Prometheus {endpoints.prometheus}. "
-                "Stop it with `medclear down`."
+                f"[bold]stack left running[/]: Prometheus {endpoints.prometheus} · "
+                f"gateway {endpoints.gateway} · registry {endpoints.registry} · reports in "
+                f"{settings.state_dir / 'reports'} · logs in {settings.state_dir / 'logs'}. "
+                "Stop it with `medclear down` (`--wipe` also deletes the data)."
             )
         else:
             stack.down(settings, console)
