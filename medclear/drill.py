@@ -46,6 +46,7 @@ import math
 import os
 import random
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -96,6 +97,7 @@ OPENING_BALANCE_FEN = 10_000_00
 SWIPE_FEN_MIN, SWIPE_FEN_MAX = 1_00, 30_00  # never more than the balance in one drill
 RPC_TIMEOUT_S = 10.0
 RETRY_PAUSE_S = 1.0  # before a terminal sends an undecided swipe again, doubling ...
+RESEND_LANES = 4  # resends at a time: a backlog is worked off, not fed
 RETRY_PAUSE_MAX_S = 15.0  # ... up to this (resends are commands too: no retry storm)
 IN_FLIGHT_MAX = 5_000  # swipes awaiting a definite answer; beyond: not sent (counted)
 ANSWER_WAIT_S = 180.0  # after the traffic stops, for every swipe to get an answer
@@ -105,7 +107,9 @@ RECOVERY_WAIT_S = 120.0  # a repaired stack must approve a swipe within this
 DRAIN_TIMEOUT_S = 180.0
 DRAIN_POLL_S = 1.0
 STOP_WAIT_S = 15.0  # for a SIGTERMed component to exit
-SMS_DOUBLES_ALLOWED = 0  # none of these drills kills the sms job (that bound is 64)
+SMS_DOUBLES_ALLOWED = 0  # none of these drills kills the sms job (that bound is 64) ...
+SMSC_STOP_DOUBLES_ALLOWED = 64  # ... but a stopped SMSC may drop submit_sm_resps it owed:
+# those parts are sent again (ARCHITECTURE "Consumption SMS"), at most one window
 UNDECIDED = frozenset({ResultCode.TIMEOUT, ResultCode.UNAVAILABLE, ResultCode.SYSTEM_ERROR})
 APPROVED = frozenset({ResultCode.OK, ResultCode.PARTIALLY_APPROVED})
 PERSON_SPACE = 50 * 12 * 28 * 1000  # distinct drill social security numbers
@@ -208,6 +212,7 @@ class SteadyTraffic:
         self._stop = threading.Event()
         self._give_up_at: float | None = None
         self._lock = threading.Lock()
+        self._lanes: asyncio.Semaphore | None = None
         self._thread = threading.Thread(target=self._run, name="drill-traffic", daemon=True)
         self.error: BaseException | None = None
 
@@ -261,6 +266,7 @@ class SteadyTraffic:
     async def _main(self) -> None:
         async with aio_channel(self.gateway, Role.TERMINAL, self.pki_dir) as channel:
             stub = pos_pb2_grpc.PosServiceStub(channel)
+            self._lanes = asyncio.Semaphore(RESEND_LANES)
             tasks: set[asyncio.Task[None]] = set()
             start = time.monotonic()
             i = 0
@@ -290,14 +296,16 @@ class SteadyTraffic:
             self.swipes.append(record)
         pause_s = RETRY_PAUSE_S
         while True:
-            record.last_sent = time.monotonic()
-            record.attempts += 1
             code: ResultCode | None = None
-            try:
-                reply = await stub.Authorize(request, timeout=RPC_TIMEOUT_S)
-                code = ResultCode(reply.result)
-            except grpc.aio.AioRpcError as exc:
-                self.undecided_answers[f"RPC_{exc.code().name}"] += 1
+            lanes = self._lanes if record.attempts and self._lanes is not None else None
+            async with lanes or contextlib.nullcontext():
+                record.last_sent = time.monotonic()
+                record.attempts += 1
+                try:
+                    reply = await stub.Authorize(request, timeout=RPC_TIMEOUT_S)
+                    code = ResultCode(reply.result)
+                except grpc.aio.AioRpcError as exc:
+                    self.undecided_answers[f"RPC_{exc.code().name}"] += 1
             if code is not None and code not in UNDECIDED:
                 record.paid_from_account_fen = reply.paid_from_account_fen
                 record.balance_after_fen = reply.balance_after_fen
@@ -401,6 +409,7 @@ class DrillResult:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     skipped: str = ""
+    sms_doubles_allowed: int = SMS_DOUBLES_ALLOWED
 
     @property
     def ok(self) -> bool:
@@ -419,7 +428,7 @@ def verdicts(r: DrillResult) -> list[str]:
     if r.in_clickhouse_once != r.approved:
         out.append(f"{r.approved - r.in_clickhouse_once} approved swipes not exactly once in "
                    "ClickHouse (events FINAL)")  # fmt: skip
-    if r.sms is not None and r.sms.doubled > SMS_DOUBLES_ALLOWED:
+    if r.sms is not None and r.sms.doubled > r.sms_doubles_allowed:
         out.append(f"{r.sms.doubled} SMS doubled")
     if r.sms is not None and r.sms.missing:
         out.append(f"{r.sms.missing} approved swipes got no SMS")
@@ -551,12 +560,24 @@ def signal_component(a: StackAccess, name: str, sig: signal.Signals) -> int:
 
 
 def stop_component(a: StackAccess, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Stop a component as `medclear down` does: the signal, wait for its leader, then
+    SIGKILL whatever it left in its process group; and wait until its port is free
+    (a restart at once found noida-db's port still taken)."""
+    address = a.component(name).address.split(" ")[0]
     pid = signal_component(a, name, sig)
     deadline = time.monotonic() + STOP_WAIT_S
     while not _pid_gone(pid):
         if time.monotonic() > deadline:
             raise DrillError(f"{name} (pid {pid}) did not exit within {STOP_WAIT_S:.0f} s")
         time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    host, _, port = address.rpartition(":")
+    while port.isdigit() and time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex((host, int(port))) != 0:
+                return
+        time.sleep(0.1)
 
 
 def restart(a: StackAccess, name: str) -> None:
@@ -804,6 +825,8 @@ def run_drill(
     """Seed, steady traffic, the fault, drain, checks; the result (never raises for a
     failed check: its problems say what failed)."""
     result = DrillResult(name, description)
+    if name == "smsc-outage":
+        result.sms_doubles_allowed = SMSC_STOP_DOUBLES_ALLOWED
     started = time.monotonic()
 
     def log(text: str) -> None:
@@ -862,6 +885,9 @@ def run_drill(
     result.in_clickhouse_once, result.clickhouse_duplicate_rows = clickhouse_once(
         a, [s.request_id for s in approved]
     )
+    if result.sms is not None and result.sms.doubled:
+        result.notes.append(f"{result.sms.doubled} SMS doubled (allowed here: "
+                            f"{result.sms_doubles_allowed})")  # fmt: skip
     if result.clickhouse_duplicate_rows:
         result.notes.append(f"{result.clickhouse_duplicate_rows} duplicate physical rows in "
                             "ClickHouse, not yet merged (FINAL counts each once)")  # fmt: skip
@@ -909,7 +935,9 @@ def spec(name: str, times: int = 2, seconds: float = 10.0, freeze: bool = False)
     raise ValueError(f"unknown drill {name!r}")
 
 
-DRILLS = ("worker-kill", "broker-restart", "clickhouse-outage", "smsc-outage", "hsm-outage")
+# broker-restart last: on noida-db 0.2.3 with the RocksDB table store it can leave the
+# worker crashed (see tests/integration/test_drills.py), which would fail the rest
+DRILLS = ("worker-kill", "clickhouse-outage", "smsc-outage", "hsm-outage", "broker-restart")
 
 
 def run_specs(
