@@ -886,11 +886,13 @@ class _State:
     complete: bool = False
     created_at: float = field(default_factory=time.time)
     ready_s: float | None = None
+    settings_env: dict[str, str] = field(default_factory=dict)  # MEDCLEAR_* of `up`, no secrets
 
     def save(self) -> None:
         data = {
             "version": STATE_VERSION,
             "complete": self.complete,
+            "settings_env": self.settings_env,
             "created_at": self.created_at,
             "ready_s": self.ready_s,
             "endpoints": asdict(self.endpoints) if self.endpoints is not None else None,
@@ -916,6 +918,7 @@ class _State:
             complete=bool(data.get("complete")),
             created_at=float(data.get("created_at") or 0.0),
             ready_s=data.get("ready_s"),
+            settings_env=dict(data.get("settings_env") or {}),
         )
 
 
@@ -1342,6 +1345,8 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             tls=settings.tls,
         )
         state.endpoints = endpoints
+        state.settings_env = {k: v for k, v in env.items()
+                              if k.startswith("MEDCLEAR_") and k not in SECRET_ENV}  # fmt: skip
         state.complete = True
         state.ready_s = time.monotonic() - t_start
         state.save()
@@ -1369,6 +1374,9 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
     table.caption = f"ready in {state.ready_s:.1f} s · state in {_relative(str(state_dir))}"
     console.print(table)
     return endpoints
+
+
+SECRET_ENV = frozenset({"MEDCLEAR_HSM_LMK", "MEDCLEAR_CARD_TOKEN_KEY", "MEDCLEAR_SMSC_PASSWORD"})
 
 
 def _smsc_env(components: Sequence[_Component]) -> dict[str, str]:
@@ -1419,6 +1427,8 @@ def restart_component(
             )
             child_env["MEDCLEAR_HSM_ADDRESS"] = state.endpoints.hsm
             child_env.update(_smsc_env(state.components))
+            # What `up` ran with (TLS, terminal security, partitions, …), not the caller's.
+            child_env.update(state.settings_env)
             env: dict[str, str] | None = child_env
         elif comp.kind.startswith("kafka:"):
             env = _broker_env()
