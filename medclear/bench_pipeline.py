@@ -25,11 +25,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medclear.perfdoc import DOC, replace_section
 from medclear.settings import Settings, get_settings
 from medclear.traffic import LatencyStats
 
 console = Console()
-DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- bench:pipeline:begin -->", "<!-- bench:pipeline:end -->"
 SEED = 2026
 
@@ -150,14 +150,7 @@ def _markdown(rows: list[Row], notes: list[str], command: str, machine: str) -> 
 
 
 def _write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
-    else:
-        text = text.rstrip() + "\n\n## Full pipeline vs null pipeline (generated)\n\n" + section
-    DOC.write_text(text.rstrip() + "\n")
+    replace_section(DOC, BEGIN, END, section, "Full pipeline vs null pipeline (generated)")
 
 
 def command(

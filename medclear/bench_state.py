@@ -57,10 +57,12 @@ from clearing.model import (
 )
 from clearing.validate import ssn_check_char
 from medclear.city import GIVEN, REGION_CODE, SURNAMES
+from medclear.perfdoc import DOC as PERFORMANCE_DOC
+from medclear.perfdoc import replace_section
 from medclear.settings import Settings, get_settings
 
 console = Console()
-DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
+DOC = PERFORMANCE_DOC
 BEGIN, END = "<!-- bench:state:begin -->", "<!-- bench:state:end -->"
 SEED = 2026
 CHANGELOG_TOPIC = "medclear-clearing-persons-changelog"  # faust: <app id>-<table>-changelog
@@ -720,15 +722,7 @@ NOTES = (
 
 def write_doc(section: str, doc: Path = DOC) -> None:
     """Replace the generated section between the markers (or append it with a heading)."""
-    text = doc.read_text() if doc.exists() else "# Performance\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
-    else:
-        text = text.rstrip() + "\n\n## Scale of state: persons in one worker (generated)\n\n"
-        text += section
-    doc.write_text(text.rstrip() + "\n")
+    replace_section(doc, BEGIN, END, section, "Scale of state: persons in one worker (generated)")
 
 
 def _stores(store: str) -> Iterator[str]:
