@@ -145,10 +145,11 @@ def test_hsm_outage(target: drill.StackAccess) -> None:
 
 @pytest.mark.xfail(
     reason="found by this drill: after a SIGTERM restart of noida-db 0.2.3 the persons "
-    "changelog ends one record short of what the broker acknowledged (faust: persisted "
-    "offset 125 > highwater 124), so the RocksDB-backed worker crashes with "
-    "ConsistencyError on the rebalance and no swipe is approved again. Last: it can "
-    "leave the worker down.",
+    "changelog ended one record short of what the broker acknowledged (faust: persisted "
+    "offset 125 > highwater 124), so a RocksDB-backed worker crashed with "
+    "ConsistencyError and no swipe was approved again. With the memory store (the "
+    "default since) it passed alone (37 s) but failed once in a full loaded run: not "
+    "yet understood. Last: it can leave the worker down.",
     strict=False,
 )
 def test_broker_restart(target: drill.StackAccess) -> None:
