@@ -109,9 +109,8 @@ def _stack_run(settings: Settings, config: str, persons: int, swipes: int, close
         _seed(persons, SEED, 32, settings)
         rows = _series(settings, config, "full", persons, swipes, closed, rates, seconds)
         if null:
-            echo = settings.model_copy(update={"worker_mode": "echo"})
             for name in _workers(settings):
-                stack.restart_component(echo, name, console)
+                stack.restart_component(settings, name, console, {"MEDCLEAR_WORKER_MODE": "echo"})
             rows += _series(settings, config, "null", persons, swipes, closed, rates, seconds)
             for name in _workers(settings):
                 stack.restart_component(settings, name, console)

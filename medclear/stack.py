@@ -1401,7 +1401,10 @@ MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", *JOBS)
 
 
 def restart_component(
-    settings: Settings, name: str, console: Console | None = None
+    settings: Settings,
+    name: str,
+    console: Console | None = None,
+    env_overrides: Mapping[str, str] | None = None,
 ) -> ComponentStatus:
     """Stop one recorded component (if it still runs) and start it again with the same
     argv, ports, log and data; waits until it is ready and updates ``stack.json``."""
@@ -1429,6 +1432,7 @@ def restart_component(
             child_env.update(_smsc_env(state.components))
             # What `up` ran with (TLS, terminal security, partitions, …), not the caller's.
             child_env.update(state.settings_env)
+            child_env.update(env_overrides or {})  # on purpose, e.g. the bench's echo worker
             env: dict[str, str] | None = child_env
         elif comp.kind.startswith("kafka:"):
             env = _broker_env()
