@@ -6,6 +6,8 @@ from typing import Any
 
 import faust
 
+from clearing import codec
+from medclear import topics
 from medclear.settings import Settings
 from monitoring import metrics
 
@@ -82,3 +84,19 @@ def _export_lag(app: faust.App, job: str) -> None:
             metrics.CONSUMER_LAG.labels(job, tp.topic, str(tp.partition)).set(
                 max(0, highwater - position)
             )
+
+
+def events_topic(app: faust.App, settings: Settings) -> faust.TopicT:
+    """`medclear.events` as the stream jobs read it: raw bytes, not created by faust."""
+    return app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
+                     partitions=settings.event_partitions, internal=False)  # fmt: skip
+
+
+def decode_event(raw: bytes | None) -> Any | None:
+    """A record of `medclear.events`, or None — counted in
+    `medclear_undecodable_records_total` — when it does not decode."""
+    try:
+        return codec.decode(raw or b"")
+    except codec.CodecError:
+        metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
+        return None

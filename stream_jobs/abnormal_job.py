@@ -17,7 +17,7 @@ import structlog
 from clearing import codec
 from clearing.abnormal import BlockWatch, Detector
 from medclear import topics
-from medclear.faust_app import make_app
+from medclear.faust_app import decode_event, events_topic, make_app
 from medclear.settings import Settings
 from monitoring import metrics
 
@@ -27,8 +27,7 @@ APP_ID = "medclear-abnormal"
 
 def create_app(settings: Settings, bootstrap: str) -> faust.App:
     app = make_app(APP_ID, "abnormal-0", settings, bootstrap, settings.event_partitions)
-    events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
-                       partitions=settings.event_partitions, internal=False)  # fmt: skip
+    events = events_topic(app, settings)
     alerts = app.topic(topics.ALERTS.name, key_type=bytes, value_type=bytes,
                        partitions=settings.event_partitions, internal=False)  # fmt: skip
     detector = Detector()
@@ -37,10 +36,8 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
     @app.agent(events)
     async def watch(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for raw in stream:
-            try:
-                event = codec.decode(raw)
-            except codec.CodecError:
-                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
+            event = decode_event(raw)
+            if event is None:
                 yield None
                 continue
             propagation_ms = blocks.observe(event)

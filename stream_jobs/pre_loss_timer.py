@@ -18,7 +18,7 @@ import structlog
 from clearing import codec
 from clearing.model import CardStateChanged
 from medclear import topics
-from medclear.faust_app import make_app
+from medclear.faust_app import decode_event, events_topic, make_app
 from medclear.settings import Settings
 from monitoring import metrics
 from stream_jobs.pre_loss import Pending, due, track
@@ -29,8 +29,7 @@ APP_ID = "medclear-pre-loss-timer"
 
 def create_app(settings: Settings, bootstrap: str) -> faust.App:
     app = make_app(APP_ID, "pre-loss-timer-0", settings, bootstrap, settings.event_partitions)
-    events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
-                       partitions=settings.event_partitions, internal=False)  # fmt: skip
+    events = events_topic(app, settings)
     commands = app.topic(topics.COMMANDS.name, key_type=bytes, value_type=bytes,
                          internal=False)  # fmt: skip
     pending = app.Table("pre-losses", default=None, partitions=settings.event_partitions,
@@ -40,12 +39,7 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
     @app.agent(events)
     async def follow(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for raw in stream:
-            try:
-                event = codec.decode(raw)
-            except codec.CodecError:
-                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
-                yield None
-                continue
+            event = decode_event(raw)
             if isinstance(event, CardStateChanged):
                 key = event.card_ref.encode()
                 now = track(event)

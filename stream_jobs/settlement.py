@@ -30,7 +30,7 @@ import structlog
 from clearing import codec
 from clearing import settlement as rules
 from medclear import topics
-from medclear.faust_app import make_app
+from medclear.faust_app import decode_event, events_topic, make_app
 from medclear.settings import Settings
 from monitoring import metrics
 
@@ -50,8 +50,7 @@ def create_app(
     cutoff_ms = settings.settlement_cutoff_s * 1000
     partitions = settings.event_partitions
     app = make_app(APP_ID, "settlement-0", settings, bootstrap, partitions)
-    events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
-                       partitions=partitions, internal=False)  # fmt: skip
+    events = events_topic(app, settings)
     by_institution = app.topic(topics.SETTLEMENT_INPUT.name, key_type=bytes, value_type=bytes,
                                partitions=partitions, internal=False)  # fmt: skip
     published = app.topic(topics.SETTLEMENTS.name, key_type=bytes, value_type=bytes,
@@ -64,12 +63,8 @@ def create_app(
     @app.agent(events)
     async def route(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for raw in stream:
-            try:
-                entry = rules.entry_of(codec.decode(raw))
-            except codec.CodecError:
-                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
-                yield None
-                continue
+            event = decode_event(raw)
+            entry = rules.entry_of(event) if event is not None else None
             if entry is not None:
                 await by_institution.send(key=entry.institution_id.encode(), value=raw)
             yield None

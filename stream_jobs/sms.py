@@ -37,9 +37,8 @@ import aiokafka
 import faust
 import structlog
 
-from clearing import codec
 from medclear import topics
-from medclear.faust_app import make_app
+from medclear.faust_app import decode_event, events_topic, make_app
 from medclear.policy import load_institutions
 from medclear.settings import Settings
 from monitoring import metrics
@@ -129,8 +128,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
     # agent is cancelled and leaves without acknowledging it (see follow below)
     app = make_app(app_id, MEMBER_ID, settings, bootstrap, settings.event_partitions,
                    stream_wait_empty=False)  # fmt: skip
-    events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes,
-                       partitions=settings.event_partitions, internal=False)  # fmt: skip
+    events = events_topic(app, settings)
     # Rows keyed by ssn, written with the producer's partitioner: the same partition the
     # clearing worker's events for that person are on (both hash the ssn bytes), also for
     # writes made outside a single event's context (a batch).
@@ -170,10 +168,8 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
         queued: set[str] = set()
         suppressed: list[OutcomeRecord] = []
         for raw in batch:
-            try:
-                event = codec.decode(raw)
-            except codec.CodecError:
-                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
+            event = decode_event(raw)
+            if event is None:
                 continue
             ssn = getattr(event, "ssn", "")
             if not ssn or not hasattr(event, "event_id"):
