@@ -413,8 +413,6 @@ def run(settings: Settings, bootstrap: str) -> None:
         first = asyncio.ensure_future(primary.run())
         while not primary.migrated and not first.done():  # one migration, then the rest
             await asyncio.sleep(0.05)
-        for sink in others:
-            sink.migrated = True
         await asyncio.gather(first, *(sink.run() for sink in others))
 
     asyncio.run(main())
