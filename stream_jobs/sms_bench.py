@@ -158,6 +158,16 @@ class SmsRig:
                 return got
             time.sleep(0.1)
 
+    def wait_destinations(self, wanted: set[str], timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """Until every number in `wanted` got a message. Waiting for a count is not
+        enough when messages can be doubled: the doubles fill the count early."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = self.messages()
+            if wanted <= {m["destination"] for m in got} or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
+
 
 async def publish(bootstrap: str, events: Sequence[Event]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)

@@ -139,11 +139,15 @@ def test_job_killed_and_restarted_loses_nothing_and_doubles_at_most_the_window(
     assert 0 < killed_at < count, "kill -9 did not land mid-run; make the run longer"
     rig.start_job()
 
-    messages = rig.wait_messages(count, timeout_s=90)
-    time.sleep(1.0)
+    wanted = {"86" + phone_of(n) for n in range(count)}
+    rig.wait_destinations(wanted, timeout_s=90)
+    time.sleep(1.0)  # a double would come within it
     messages = rig.messages()
     sent = Counter(m["destination"] for m in messages)
-    assert set(sent) == {"86" + phone_of(n) for n in range(count)}  # nothing lost
+    missing = wanted - set(sent)
+    missing_ids = {f"bench-T1:{int(d[-8:]):08d}#0" for d in missing}
+    missing_outcomes = [r for r in rig.outcomes() if r["event_id"] in missing_ids]
+    assert not missing, f"lost: {sorted(missing)}; their outcomes: {missing_outcomes}"
     doubled = {d for d, c in sent.items() if c > 1}
     assert all(c <= 2 for c in sent.values())
     assert len(doubled) <= SMS_IN_FLIGHT_MAX
