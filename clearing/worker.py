@@ -53,7 +53,7 @@ from clearing.model import (
 )
 from clearing.redact import published
 from medclear import topics
-from medclear.faust_app import make_app
+from medclear.faust_app import make_app, run_worker
 from medclear.settings import Settings, pki_dir
 from medclear.tokens import load_card_tokens
 from monitoring import metrics
@@ -370,8 +370,7 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
 def run(settings: Settings, policy: Policy, bootstrap: str, index: int) -> None:
     """Run one worker in the foreground until SIGTERM."""
     app = create_app(settings, policy, bootstrap, index)
-    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     log.info(
         "worker starting", index=index, bootstrap=bootstrap, partitions=settings.command_partitions
     )
-    worker.execute_from_commandline()
+    run_worker(app)

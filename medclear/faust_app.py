@@ -42,6 +42,20 @@ def make_app(
     return app
 
 
+def run_worker(app: faust.App) -> None:
+    """Run `app` in the foreground until SIGTERM, logging warnings and up.
+
+    faust's worker, asked for WARNING, still sets the root logger to DEBUG and hangs a
+    terminal spinner on it that turns once per record: every aiokafka debug line (one per
+    fetch request) is then built and handled, and the spinner stays attached after start-up.
+    py-spy of a recovering clearing worker: ~30 % of its main thread and ~70 % of the
+    consumer thread's busy time in that logging (docs/PERFORMANCE.md). No spinner: the root
+    logger keeps WARNING and debug records are dropped where they are made."""
+    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
+    worker.spinner = None
+    worker.execute_from_commandline()
+
+
 # The apps MEDCLEAR_TABLE_STORE applies to: the clearing worker (its persons table is the
 # state that must fit, issue 7). The others keep memory: faust's RocksDB store asserts a
 # current event on every write, and the sms job writes its table after a batch, outside one.

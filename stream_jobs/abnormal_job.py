@@ -17,7 +17,7 @@ import structlog
 from clearing import codec
 from clearing.abnormal import BlockWatch, Detector
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, make_app
+from medclear.faust_app import decode_event, events_topic, make_app, run_worker
 from medclear.settings import Settings
 from monitoring import metrics
 
@@ -60,4 +60,4 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
 def run(settings: Settings, bootstrap: str) -> None:
     app = create_app(settings, bootstrap)
     log.info("abnormal job starting")
-    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    run_worker(app)

@@ -18,7 +18,7 @@ import structlog
 from clearing import codec
 from clearing.model import CardStateChanged
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, make_app
+from medclear.faust_app import decode_event, events_topic, make_app, run_worker
 from medclear.settings import Settings
 from monitoring import metrics
 from stream_jobs.pre_loss import Pending, due, track
@@ -71,4 +71,4 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
 def run(settings: Settings, bootstrap: str) -> None:
     app = create_app(settings, bootstrap)
     log.info("pre-loss timer starting", interval_s=settings.pre_loss_timer_interval_s)
-    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    run_worker(app)

@@ -30,7 +30,7 @@ import structlog
 from clearing import codec
 from clearing import settlement as rules
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, make_app
+from medclear.faust_app import decode_event, events_topic, make_app, run_worker
 from medclear.settings import Settings
 from monitoring import metrics
 
@@ -153,4 +153,4 @@ def create_app(
 def run(settings: Settings, bootstrap: str) -> None:
     app = create_app(settings, bootstrap)
     log.info("settlement starting", cutoff_s=settings.settlement_cutoff_s)
-    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    run_worker(app)

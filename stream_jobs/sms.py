@@ -38,7 +38,7 @@ import faust
 import structlog
 
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, make_app
+from medclear.faust_app import decode_event, events_topic, make_app, run_worker
 from medclear.policy import load_institutions
 from medclear.settings import Settings
 from monitoring import metrics
@@ -278,4 +278,4 @@ def run(settings: Settings, bootstrap: str) -> None:
     app = create_app(settings, bootstrap)
     log.info("sms job starting", smsc=f"{settings.smsc_host}:{settings.smsc_port}",
              in_flight_max=SMS_IN_FLIGHT_MAX)  # fmt: skip
-    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    run_worker(app)
