@@ -77,6 +77,19 @@ def _bound_rocksdb_memory() -> None:
     RocksDBOptions.block_cache_size = ROCKSDB_BLOCK_CACHE_BYTES
 
 
+READY_INTERVAL_S = 0.5
+
+
+def export_readiness(app: faust.App) -> None:
+    """`medclear_ready` 1 once the app's tables are recovered and no rebalance is under way
+    (what `medclear up` and the restarts wait for)."""
+
+    @app.timer(READY_INTERVAL_S)  # type: ignore[untyped-decorator]
+    async def readiness() -> None:
+        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+        metrics.READY.set(1 if recovered and not app.rebalancing else 0)
+
+
 LAG_INTERVAL_S = 2.0
 
 

@@ -18,7 +18,7 @@ import structlog
 from clearing import codec
 from clearing.model import CardStateChanged
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, make_app, run_worker
+from medclear.faust_app import decode_event, events_topic, export_readiness, make_app, run_worker
 from medclear.settings import Settings
 from monitoring import metrics
 from stream_jobs.pre_loss import Pending, due, track
@@ -60,11 +60,7 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
             metrics.PRE_LOSS_EXPIRIES.inc()
         metrics.PRE_LOSSES_PENDING.set(len(entries))
 
-    @app.timer(0.5)  # type: ignore[untyped-decorator]
-    async def readiness() -> None:
-        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
-        metrics.READY.set(1 if recovered and not app.rebalancing else 0)
-
+    export_readiness(app)
     return app
 
 

@@ -30,7 +30,7 @@ import structlog
 from clearing import codec
 from clearing import settlement as rules
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, make_app, run_worker
+from medclear.faust_app import decode_event, events_topic, export_readiness, make_app, run_worker
 from medclear.settings import Settings
 from monitoring import metrics
 
@@ -142,11 +142,7 @@ def create_app(
                 )
         metrics.SETTLEMENT_OPEN_INSTITUTIONS.set(len(earliest_open))
 
-    @app.timer(0.5)  # type: ignore[untyped-decorator]
-    async def readiness() -> None:
-        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
-        metrics.READY.set(1 if recovered and not app.rebalancing else 0)
-
+    export_readiness(app)
     return app
 
 

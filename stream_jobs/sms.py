@@ -38,7 +38,7 @@ import faust
 import structlog
 
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, make_app, run_worker
+from medclear.faust_app import decode_event, events_topic, export_readiness, make_app, run_worker
 from medclear.policy import load_institutions
 from medclear.settings import Settings
 from monitoring import metrics
@@ -236,11 +236,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
     async def receipts() -> None:
         await asyncio.gather(*await record_receipts(await sender.poll()))
 
-    @app.timer(0.5)  # type: ignore[untyped-decorator]
-    async def readiness() -> None:
-        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
-        metrics.READY.set(1 if recovered and not app.rebalancing else 0)
-
+    export_readiness(app)
     return app
 
 
