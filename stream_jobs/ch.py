@@ -326,28 +326,23 @@ class DailyTotals:
     net_fen: int  # approved_account_fen − reversed_fen − refunded_fen
 
 
-_TOTALS_SELECT = """
-SELECT
-    settle_day AS day,
-    institution_id,
-    countIf(event_type = 'SwipeApproved') AS approved_count,
-    sumIf(amount_fen, event_type = 'SwipeApproved') AS approved_amount_fen,
-    sumIf(paid_from_account_fen, event_type = 'SwipeApproved') AS approved_account_fen,
-    countIf(event_type = 'SwipeReversed') AS reversed_count,
-    sumIf(amount_fen, event_type = 'SwipeReversed') AS reversed_fen,
-    countIf(event_type = 'Refunded') AS refunded_count,
-    sumIf(amount_fen, event_type = 'Refunded') AS refunded_fen,
-    approved_account_fen - reversed_fen - refunded_fen AS net_fen
-FROM
-(
-    SELECT original_day AS settle_day, institution_id, event_type, amount_fen,
-           paid_from_account_fen
-    FROM events FINAL
-    WHERE event_type IN ('SwipeApproved', 'SwipeReversed', 'Refunded') {where}
-)
-GROUP BY settle_day, institution_id
-ORDER BY settle_day, institution_id
-"""
+TOTALS_VIEW = "institution_daily_totals"
+_TOTALS_FILTERED_AT = "('SwipeApproved', 'SwipeReversed', 'Refunded')\n)"
+
+
+def _totals_select(directory: Path = SCHEMA_DIR) -> str:
+    """The select of the view `institution_daily_totals`, read from its migration, with a
+    `{where}` slot inside the inner select (a filter before the aggregation) and ordered."""
+    text = (directory / "002_institution_daily_totals.sql").read_text(encoding="utf-8")
+    select = text.split(f"CREATE VIEW IF NOT EXISTS {TOTALS_VIEW} AS", 1)[1].strip().rstrip(";")
+    if select.count(_TOTALS_FILTERED_AT) != 1:
+        raise RuntimeError(f"{TOTALS_VIEW}: the view's inner filter is not where ch.py expects it")
+    select = select.replace("{", "{{").replace("}", "}}")
+    select = select.replace(_TOTALS_FILTERED_AT, _TOTALS_FILTERED_AT[:-2] + " {where}\n)")
+    return select + "\nORDER BY settle_day, institution_id"
+
+
+_TOTALS_SELECT = _totals_select()
 
 
 def _as_date(day: dt.date | int) -> dt.date:
