@@ -22,7 +22,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         model.RegisterPerson, model.IssueCard, model.CardCommand, model.CreditAccount,
         model.Authorize, model.BalanceInquiry, model.Reverse, model.Refund,
         model.ExpirePreLoss, model.ReplaceCard, model.SetPharmacyLimit, model.SetPhone,
-        model.CancelPerson, model.QueryPerson,
+        model.CancelPerson, model.EnrolPerson, model.QueryPerson,
         model.PersonRegistered, model.CardIssued, model.CardStateChanged, model.PinChanged,
         model.AccountCredited, model.SwipeApproved, model.SwipeDeclined, model.SwipeReversed,
         model.ReversalUnmatched, model.Refunded, model.PharmacyLimitSet, model.PhoneSet,

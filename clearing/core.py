@@ -51,6 +51,7 @@ from clearing.model import (
     CreditAccount,
     CreditRecord,
     Decision,
+    EnrolPerson,
     Event,
     ExpirePreLoss,
     IssueCard,
@@ -231,6 +232,8 @@ def decide(person: Person | None, command: Command, policy: Policy) -> Decision:
             return _decide_phone(person, command)
         case CancelPerson():
             return _decide_cancel(person, command)
+        case EnrolPerson():
+            return _decide_enrol(person, command, policy)
     raise InvariantError(f"unknown command {type(command).__name__}")
 
 
@@ -480,6 +483,56 @@ def _decide_cancel(person: Person | None, c: CancelPerson) -> Decision:
     events.append(PersonCancelled(_event_id(c, len(events)), c.at_ms, c.ssn,
                                   c.reason))  # fmt: skip
     return _events(person, c, events)
+
+
+def _enrolment_steps(c: EnrolPerson) -> list[Command]:
+    """The window commands an enrolment stands for, in the order they are decided."""
+    steps: list[Command] = [
+        RegisterPerson(c.request_id, c.at_ms, c.ssn, c.name, c.category, c.phone, c.region),
+        IssueCard(c.request_id, c.at_ms, c.ssn, c.card_no, c.kind),
+        CardCommand(c.request_id, c.at_ms, c.ssn, c.card_no, "activate"),
+        CardCommand(c.request_id, c.at_ms, c.ssn, c.card_no, "change_pin", pvv=c.pvv),
+    ]
+    if c.opening_balance_fen > 0:
+        steps.append(CreditAccount(c.request_id, c.at_ms, c.ssn, c.opening_balance_fen,
+                                   c.source_id))  # fmt: skip
+    return steps
+
+
+def _decide_enrol(person: Person | None, c: EnrolPerson, policy: Policy) -> Decision:
+    """Register → issue → activate → change the initial PIN → credit the opening balance,
+    each step decided by its own decider on the person the earlier steps left. All or
+    nothing: the first refused step's code, and no event at all. The events are those the
+    separate commands make, numbered on through this command's id (`#0`, `#1`, …)."""
+    if c.kind != CardKind.SOCIAL_SECURITY or c.opening_balance_fen < 0:
+        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    state = person
+    events: list[Event] = []
+    reply: Reply | None = None
+    for step in _enrolment_steps(c):
+        match step:
+            case RegisterPerson():
+                decision = _decide_register(state, step)
+            case IssueCard():
+                decision = _decide_issue(state, step)
+            case CardCommand():
+                decision = _decide_card(state, step, policy)
+            case CreditAccount():
+                decision = _decide_credit(state, step)
+            case _:
+                raise InvariantError(f"no enrolment step {type(step).__name__}")
+        if decision.reply.result != ResultCode.OK:
+            return _refuse(person, c.request_id, decision.reply.result, c.at_ms)
+        if not decision.events:  # every step of a new person's enrolment changes it
+            raise InvariantError(f"enrolment step {type(step).__name__} made no event")
+        for event in decision.events:
+            state = apply(state, event)
+            events.append(replace(event, event_id=_event_id(c, len(events))))
+        reply = decision.reply
+    card = state.card(c.card_no) if state is not None else None
+    if reply is None or card is None:
+        raise InvariantError("an enrolment without a card")
+    return Decision(tuple(events), replace(reply, card_no=card.card_no, card_state=card.state))
 
 
 # ---------------------------------------------------------------------------- the POS

@@ -315,6 +315,25 @@ class CancelPerson:
 
 
 @dataclass(frozen=True, slots=True)
+class EnrolPerson:
+    """Bulk enrolment: what RegisterPerson, IssueCard, activate, change_pin and (for an
+    opening balance) CreditAccount carry, decided as one command, all or nothing."""
+
+    request_id: str
+    at_ms: int
+    ssn: str
+    name: str
+    category: InsuranceCategory
+    phone: str
+    region: str
+    card_no: str
+    kind: CardKind = CardKind.SOCIAL_SECURITY  # only a social security card is enrolled
+    pvv: str = ""  # the PIN's verification value from the HSM; "" without terminal security
+    opening_balance_fen: int = 0  # 0: no opening credit
+    source_id: str = ""  # the opening credit's allocation source (needed when it is > 0)
+
+
+@dataclass(frozen=True, slots=True)
 class QueryPerson:
     request_id: str
     at_ms: int
@@ -335,6 +354,7 @@ Command = (
     | SetPharmacyLimit
     | SetPhone
     | CancelPerson
+    | EnrolPerson
     | QueryPerson
 )
 READ_ONLY_COMMANDS = (BalanceInquiry, QueryPerson)
