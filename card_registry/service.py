@@ -16,9 +16,9 @@ from typing import TypeAlias
 import grpc
 import structlog
 
-from clearing import model, validate
+from clearing import core, model, validate
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
-from clearing.model import Command, Reply
+from clearing.model import Command, Policy, Reply
 from clearing.validate import mask_phone
 from medclear.bus import BusUnavailable, CommandBus
 from medclear.pki import Role
@@ -41,6 +41,7 @@ log = structlog.get_logger(process="registry")
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 RECENT_TRANSACTIONS_MAX = 20  # shown by GetPerson, newest first
+NO_POLICY = Policy()  # enrolment input checks need no institutions or pre-loss lifetimes
 
 
 class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
@@ -190,38 +191,42 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.RegistryReply:
         return await self._card_op("Unlock", "unlock")(request, context)
 
+    async def _pvv(self, window_id: str, pin_block: bytes, card_no: str) -> str | ResultCode:
+        """The new PIN's verification value from the HSM ("" when there is no HSM: terminal
+        security off), or the code that refuses the request."""
+        if self.hsm is None:
+            return ""
+        try:
+            reply = await self.hsm.SetPin(
+                hsm_pb2.SetPinRequest(
+                    pin_key=hsm_pb2.KeyRef(key_id=tpk_id(window_id)),
+                    verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
+                    pin_block=pin_block,
+                    format=pb_enum(PIN_BLOCK_FORMAT),
+                    pan=card_no,
+                ),
+                timeout=5,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return (ResultCode.TERMINAL_UNKNOWN if exc.code() == grpc.StatusCode.NOT_FOUND
+                    else ResultCode.UNAVAILABLE)  # fmt: skip
+        if ResultCode(reply.result) != ResultCode.OK:
+            return ResultCode(reply.result)
+        return str(reply.pin_verification_value.hex())
+
+    @staticmethod
+    def _refused(request_id: str, code: ResultCode) -> registry_pb2.RegistryReply:
+        """An answer given here, before any command is sent."""
+        return registry_pb2.RegistryReply(
+            result=result_pb(code), message=message(code), request_id=request_id
+        )
+
     async def ChangePin(
         self, request: registry_pb2.ChangePinRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
-        pvv = ""
-        if self.hsm is not None:
-            try:
-                reply = await self.hsm.SetPin(
-                    hsm_pb2.SetPinRequest(
-                        pin_key=hsm_pb2.KeyRef(key_id=tpk_id(request.window.window_id)),
-                        verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
-                        pin_block=request.new_pin_block,
-                        format=pb_enum(PIN_BLOCK_FORMAT),
-                        pan=request.card_no,
-                    ),
-                    timeout=5,
-                )
-            except grpc.aio.AioRpcError as exc:
-                code = (ResultCode.TERMINAL_UNKNOWN if exc.code() == grpc.StatusCode.NOT_FOUND
-                        else ResultCode.UNAVAILABLE)  # fmt: skip
-                return registry_pb2.RegistryReply(
-                    result=result_pb(code),
-                    message=message(code),
-                    request_id=request.window.request_id,
-                )
-            if ResultCode(reply.result) != ResultCode.OK:
-                code = ResultCode(reply.result)
-                return registry_pb2.RegistryReply(
-                    result=result_pb(code),
-                    message=message(code),
-                    request_id=request.window.request_id,
-                )
-            pvv = reply.pin_verification_value.hex()
+        pvv = await self._pvv(request.window.window_id, request.new_pin_block, request.card_no)
+        if isinstance(pvv, ResultCode):
+            return self._refused(request.window.request_id, pvv)
         return await self._run(
             "ChangePin",
             request.window,
@@ -230,6 +235,51 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             lambda rid, at, ssn: model.CardCommand(
                 rid, at, ssn, request.card_no, "change_pin", pvv=pvv
             ),
+        )
+
+    async def EnrolPerson(
+        self, request: registry_pb2.EnrolPersonRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        """Register, issue, activate, set the PIN and credit the opening balance as one
+        command. Before anything is sent: the core's own rules on an empty person (the
+        same ones the worker applies: any malformed field is answered here, nothing
+        produced), a card number the card index holds for another person (CARD_EXISTS),
+        and the PIN's verification value from the HSM, as ChangePin gets it."""
+        method = "EnrolPerson"
+        request_id = request.window.request_id
+        try:
+            category = InsuranceCategory(request.category)
+        except ValueError:  # a number this version does not know: malformed, below
+            category = InsuranceCategory.INSURANCE_CATEGORY_UNSPECIFIED
+
+        def make(rid: str, at_ms: int, ssn: str, pvv: str = "") -> model.EnrolPerson:
+            return model.EnrolPerson(
+                rid, at_ms, ssn, request.name, category, request.phone, request.region,
+                request.card_no, CardKind.SOCIAL_SECURITY, pvv, request.opening_balance_fen,
+                request.source_id,
+            )  # fmt: skip
+
+        code = core.decide(
+            None, make(request_id, self.clock(), request.ssn), NO_POLICY
+        ).reply.result
+        if code == ResultCode.OK:
+            owner = self.bus.card_owner(request.card_no)
+            if owner is not None and owner != request.ssn:
+                code = ResultCode.CARD_EXISTS
+        pvv = ""
+        if code == ResultCode.OK:
+            found = await self._pvv(request.window.window_id, request.new_pin_block,
+                                    request.card_no)  # fmt: skip
+            code, pvv = (found, "") if isinstance(found, ResultCode) else (code, found)
+        if code != ResultCode.OK:
+            metrics.GATEWAY_RESULTS.labels(method, code.name).inc()
+            return self._refused(request_id, code)
+        return await self._run(
+            method,
+            request.window,
+            request.ssn,
+            "",
+            lambda rid, at_ms, ssn: make(rid, at_ms, ssn, pvv),
         )
 
     async def CreditAccount(

@@ -158,6 +158,11 @@ class CommandBus:
             ssn = self._card_index.get(ref)
         return ssn
 
+    def card_owner(self, card_no: str) -> str | None:
+        """The person the index holds for a card now, without waiting for it to catch up
+        (so a card issued a moment ago elsewhere may not be in it yet)."""
+        return self._card_index.get(self.tokens.card_ref(card_no))
+
     async def sync_index(self, timeout_s: float) -> None:
         """Wait until the index holds everything on the broker now (bounded wait)."""
         assert self._index is not None
