@@ -628,9 +628,9 @@ def seed_cmd(
 ) -> None:
     """Create a synthetic city through the card registry: persons, cards, opening balances.
 
-    Everything goes through commands (register, issue, activate, change the initial
-    PIN, credit), so it is decided and logged like any window operation. Seeding the
-    same city twice changes nothing.
+    Everything goes through commands: one EnrolPerson per person (register, issue,
+    activate, change the initial PIN, credit, decided as one), so it is decided and
+    logged like any window operation. Seeding the same city twice changes nothing.
     """
     from medclear.traffic import SeedError
 
@@ -642,7 +642,7 @@ def seed_cmd(
         raise _fail(f"registry: {exc.code().name} {exc.details()}") from exc
     console.print(
         f"seeded {persons:,} persons in {elapsed:.1f} s "
-        f"({persons / elapsed:,.0f} persons/s, {5 * persons / elapsed:,.0f} commands/s)"
+        f"({persons / elapsed:,.0f} persons/s, one EnrolPerson command each)"
     )
 
 

@@ -1,9 +1,9 @@
 """Simulated POS and service-window traffic over real gRPC: seeding, swipes, latency stats.
 
-Seeding goes through the card registry as commands (register, issue, activate, change
-the initial PIN, credit the opening balance), never by writing state. Request ids are
-derived from the resident, so seeding twice changes nothing: the repeats are answered
-with the original replies.
+Seeding goes through the card registry as commands, never by writing state: one
+EnrolPerson per resident (register, issue, activate, change the initial PIN, credit the
+opening balance, decided as one). Request ids are derived from the resident, so seeding
+twice changes nothing: the repeats are answered with the original replies.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import grpc
 
-from clearing.codes import CardKind, InsuranceCategory, ResultCode
+from clearing.codes import InsuranceCategory, ResultCode
 from clearing.model import Institution
 from medclear.city import Resident
 from medclear.pki import Role
@@ -33,7 +33,7 @@ T = TypeVar("T")
 SEED_WINDOW = "window-seed"
 
 
-SEED_RETRIES = 5  # a seeding step answered TIMEOUT / UNAVAILABLE is sent again this often
+SEED_RETRIES = 5  # an enrolment answered TIMEOUT / UNAVAILABLE is sent again this often
 DEFAULT_REGION = "310101"  # the demo city (medclear/data/pre_loss_policy.csv)
 
 
@@ -83,72 +83,46 @@ async def seed_resident(
     keyring: Keyring | None = None,
     region: str = DEFAULT_REGION,
 ) -> None:
-    """Register, issue, activate, set the PIN (a PIN block under the seeding window's PIN
-    key when terminal security is on), credit the opening balance."""
-    steps: list[tuple[str, object, str]] = [
-        (
-            "RegisterPerson",
-            registry_pb2.RegisterPersonRequest(
-                window=_window(f"seed-{r.ssn}-register"),
-                ssn=r.ssn,
-                name=r.name,
-                category=pb_enum(r.category),
-                phone=r.phone,
-                region=region,
-            ),
-            "register",
-        ),
-        (
-            "IssueCard",
-            registry_pb2.IssueCardRequest(
-                window=_window(f"seed-{r.ssn}-issue"),
-                ssn=r.ssn,
-                card_no=r.card_no,
-                kind=pb_enum(CardKind.SOCIAL_SECURITY),
-            ),
-            "issue",
-        ),
-        (
-            "ActivateCard",
-            registry_pb2.CardRequest(
-                window=_window(f"seed-{r.ssn}-activate"), ssn=r.ssn, card_no=r.card_no
-            ),
-            "activate",
-        ),
-        (
-            "ChangePin",
-            registry_pb2.ChangePinRequest(
-                window=_window(f"seed-{r.ssn}-pin"),
-                ssn=r.ssn,
-                card_no=r.card_no,
-                new_pin_block=keyring.pin_block(SEED_WINDOW, r.pin, r.card_no) if keyring else b"",
-            ),
-            "pin",
-        ),
-    ]
-    if r.category == InsuranceCategory.EMPLOYEE:
-        steps.append(
-            (
-                "CreditAccount",
-                registry_pb2.CreditRequest(
-                    window=_window(f"seed-{r.ssn}-credit"),
-                    ssn=r.ssn,
-                    amount_fen=r.opening_balance_fen,
-                    source_id=f"opening-{r.ssn}",
-                ),
-                "credit",
-            )
-        )
-    for method, request, step in steps:
-        for attempt in range(SEED_RETRIES + 1):
-            # The same request id again is safe: a decided step is answered from the
-            # aggregate's memory (replayed), an undecided one is decided once.
-            reply = await getattr(stub, method)(request, timeout=RPC_TIMEOUT_S)
-            if reply.result not in (ResultCode.TIMEOUT, ResultCode.UNAVAILABLE):
-                break
-            await asyncio.sleep(0.5 * (attempt + 1))
-        if reply.result != ResultCode.OK:
-            raise SeedError(f"{step} of {r.card_no}: {ResultCode(reply.result).name}")
+    """Enrol one resident with ONE EnrolPerson command: register, issue and activate the
+    social security card, set the PIN (a PIN block under the seeding window's PIN key
+    when terminal security is on), credit the opening balance (employees)."""
+    request = registry_pb2.EnrolPersonRequest(
+        # ssn and card: a resident of another city who shares the ssn (cities are drawn
+        # independently) is refused PERSON_EXISTS, not answered with that person's reply
+        window=_window(f"seed-{r.ssn}-{r.card_no}"),
+        ssn=r.ssn,
+        name=r.name,
+        category=pb_enum(r.category),
+        phone=r.phone,
+        region=region,
+        card_no=r.card_no,
+        new_pin_block=keyring.pin_block(SEED_WINDOW, r.pin, r.card_no) if keyring else b"",
+    )
+    if r.category == InsuranceCategory.EMPLOYEE and r.opening_balance_fen > 0:
+        request.opening_balance_fen = r.opening_balance_fen
+        request.source_id = f"opening-{r.ssn}"
+    for attempt in range(SEED_RETRIES + 1):
+        # The same request id again is safe: a decided enrolment is answered from the
+        # aggregate's memory (replayed), an undecided one is decided once.
+        reply = await stub.EnrolPerson(request, timeout=RPC_TIMEOUT_S)
+        if reply.result not in (ResultCode.TIMEOUT, ResultCode.UNAVAILABLE):
+            break
+        await asyncio.sleep(0.5 * (attempt + 1))
+    if reply.result == ResultCode.PERSON_EXISTS and await _enrolled_before(stub, r):
+        return  # seeded earlier: by the five separate commands, or its reply forgotten
+    if reply.result != ResultCode.OK:
+        raise SeedError(f"enrol of {r.card_no}: {ResultCode(reply.result).name}")
+
+
+async def _enrolled_before(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident) -> bool:
+    """Whether the person under this resident's ssn holds this resident's card: a city
+    seeded before EnrolPerson existed (five commands, other request ids), or one whose
+    enrolment reply the aggregate no longer remembers, is seeded again without error."""
+    view = await stub.GetPerson(
+        registry_pb2.GetPersonRequest(window=_window(f"seed-{r.ssn}-check"), ssn=r.ssn),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return view.result == ResultCode.OK and any(c.card_no == r.card_no for c in view.cards)
 
 
 async def in_flight(
