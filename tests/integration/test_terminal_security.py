@@ -14,7 +14,7 @@ import grpc
 import pytest
 from rich.console import Console
 
-from clearing.codes import CardKind, InsuranceCategory, ResultCode
+from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from medclear import stack
 from medclear.city import make_ssn
 from medclear.pki import Role
@@ -214,6 +214,67 @@ def test_three_wrong_pins_lock_the_card(secured: tuple[stack.Endpoints, Keyring]
         ResultCode.PIN_TRIES_EXCEEDED,
         ResultCode.CARD_LOCKED,
     ]
+
+
+def test_one_enrol_person_rpc_makes_a_person_who_pays_with_the_pin(
+    secured: tuple[stack.Endpoints, Keyring],
+) -> None:
+    """EnrolPerson: register, issue, activate, the PIN's value from the HSM and the opening
+    balance in one command; a repeat is replayed. A malformed enrolment, or one naming a
+    card another person holds, makes nothing; a terminal may not enrol."""
+    endpoints, keyring = secured
+    ssn, card_no = make_ssn(random.Random(41), 841), "SEC000041"
+    other_ssn, other_card = make_ssn(random.Random(42), 842), "SEC000042"
+
+    def enrolment(
+        tag: str, who: str = ssn, card: str = card_no, **fields: object
+    ) -> registry_pb2.EnrolPersonRequest:
+        request = registry_pb2.EnrolPersonRequest(
+            window=window(tag), ssn=who, name="一次办结", phone="13700000041",
+            category=int(InsuranceCategory.EMPLOYEE), region="310101", card_no=card,
+            new_pin_block=keyring.pin_block("WIN1", PIN, card), opening_balance_fen=80_00,
+            source_id=f"sec-enrol-{who}",
+        )  # fmt: skip
+        for name, value in fields.items():
+            setattr(request, name, value)
+        return request
+
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
+        reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        first = enrolment("e1")
+        enrolled = reg.EnrolPerson(first, timeout=15)
+        assert ResultCode(enrolled.result) == ResultCode.OK, enrolled.message
+        assert enrolled.card.state == CardState.ACTIVE and enrolled.balance_fen == 80_00
+        assert enrolled.state.version == 5  # registered, issued, activated, PIN, credit
+        again = reg.EnrolPerson(first, timeout=15)
+        assert ResultCode(again.result) == ResultCode.OK and again.replayed
+        view = reg.GetPerson(registry_pb2.GetPersonRequest(card_no=card_no), timeout=15)
+        assert view.name == "一次办结" and view.state.version == 5  # the index has the card
+        refusals = [
+            reg.EnrolPerson(enrolment("e2", other_ssn, other_card, phone="12345"), timeout=15),
+            reg.EnrolPerson(enrolment("e3", other_ssn, card_no), timeout=15),  # card in use
+            reg.EnrolPerson(
+                enrolment("e4", other_ssn, other_card, opening_balance_fen=-1), timeout=15
+            ),
+        ]
+        assert [ResultCode(r.result) for r in refusals] == [
+            ResultCode.MALFORMED_REQUEST,
+            ResultCode.CARD_EXISTS,
+            ResultCode.MALFORMED_REQUEST,
+        ]
+        nobody = reg.GetPerson(registry_pb2.GetPersonRequest(ssn=other_ssn), timeout=15)
+        assert ResultCode(nobody.result) == ResultCode.PERSON_UNKNOWN and not nobody.cards
+    by_terminal = enrolment("e5", other_ssn, other_card)
+    with (
+        channel_to(endpoints.registry, Role.TERMINAL) as channel,
+        pytest.raises(grpc.RpcError) as exc,
+    ):
+        registry_pb2_grpc.CardRegistryServiceStub(channel).EnrolPerson(by_terminal, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    paid = swipe(secured, card_no, PIN, amount_fen=12_50)
+    assert ResultCode(paid.result) == ResultCode.OK and paid.balance_after_fen == 67_50
+    wrong = swipe(secured, card_no, WRONG)
+    assert ResultCode(wrong.result) == ResultCode.PIN_WRONG and wrong.pin_tries_remaining == 2
 
 
 def test_no_log_or_event_holds_a_clear_pin_or_a_full_card_number(
