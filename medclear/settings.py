@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     kafka_idle_fetch_backoff_ms: float = Field(
         2.0, ge=0, le=100, description="client-side wait after an empty fetch (noida-db)"
     )
+    kafka_idle_fetch_backoff_max_ms: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="the wait doubles per further empty fetch up to this; unset: flat on "
+        "the decision path, 50 ms for the stream jobs after it",
+    )
 
     hsm_port: int = Field(0, ge=0, le=65535)
     hsm_address: str = Field("", description="host:port of the HSM (set by `up`)")

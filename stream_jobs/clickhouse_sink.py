@@ -40,7 +40,7 @@ from clearing import codec
 from clearing.abnormal import Alert
 from clearing.model import Event
 from clearing.redact import CardTokens
-from medclear import kafka_compat, topics
+from medclear import topics
 from medclear.settings import Settings
 from medclear.tokens import load_card_tokens
 from monitoring import metrics
@@ -386,7 +386,6 @@ class ClickHouseSink:
 def run(settings: Settings, bootstrap: str) -> None:
     """Three feeds in one process: events (the primary: migrations, READY, lag), alerts
     and SMS outcomes, each with its own consumer group and the same batching rules."""
-    kafka_compat.install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms)
     tokens = load_card_tokens(settings)
     sinks = [
         ClickHouseSink(
