@@ -92,6 +92,12 @@ PRE_LOSSES_PENDING = Gauge(
 UNDECODABLE = Counter(
     "medclear_undecodable_records_total", "Kafka records that could not be decoded", ["topic"]
 )
+STREAM_SKIPPED = Counter(
+    "medclear_stream_skipped_records_total",
+    "records faust's stream skipped (an offset gap in a partition) and the job read back "
+    "straight from the broker",
+    ["topic"],
+)
 CONSUMER_LAG = Gauge(
     "medclear_consumer_lag_records",
     "Records on the broker a stream job has not read yet",

@@ -38,7 +38,14 @@ import faust
 import structlog
 
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, export_readiness, make_app, run_worker
+from medclear.faust_app import (
+    SkippedRecords,
+    decode_event,
+    events_topic,
+    export_readiness,
+    make_app,
+    run_worker,
+)
 from medclear.policy import load_institutions
 from medclear.settings import Settings
 from monitoring import metrics
@@ -216,11 +223,14 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
             await app.producer.flush()  # settled on the broker before the next window
             await asyncio.gather(*published)
 
+    skipped = SkippedRecords(bootstrap, topics.EVENTS.name)
+
     @app.agent(events)
     async def follow(stream: faust.StreamT[bytes]) -> None:
-        async for batch in stream.take(BATCH_MAX, within=BATCH_WITHIN_S):
+        batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
+        async for batch in batches:
             try:
-                await handle(list(batch))
+                await handle(await skipped.values(batch))
             except BaseException as exc:  # every way out is handled alike
                 # take() acknowledges a batch's events in a `finally`, also when the loop
                 # body was cancelled (a stop) or failed: leave before it can, so faust
