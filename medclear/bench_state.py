@@ -3,8 +3,9 @@ changelog is, how long the worker takes to recover it after a restart, and how m
 memory it holds — for each faust table store (memory, rocksdb).
 
 Seeding through the card registry (one EnrolPerson command a person) runs at ~96
-persons/s here, so 2.9 M persons would take over eight hours. The bench instead writes what those commands
-would have left behind straight onto the topics the worker and the gateway read:
+persons/s here, so 2.9 M persons would take over eight hours. The bench instead writes
+what enrolment would have left behind straight onto the topics the worker and the
+gateway read:
 
 - `medclear-clearing-persons-changelog`: key ssn, value the person as `clearing.codec`
   encodes it after register → issue → activate → change PIN (with a PVV, as with
