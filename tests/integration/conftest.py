@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 from medclear import stack
 from medclear.settings import BrokerKind
+from medclear.v1 import pos_pb2_grpc, registry_pb2_grpc
 
 READY_TIMEOUT_S = 30.0
 
@@ -174,3 +176,17 @@ def docker_engine() -> None:
         pytest.skip(f"needs a Docker engine for testcontainers: {problem}")
     if not use_docker():
         pytest.skip("a Docker engine is reachable, but MEDCLEAR_TEST_DOCKER=1 is not set")
+
+
+# Plain (no TLS) stubs of the stack a test module starts: each of those modules defines its
+# own `endpoints` fixture, which these use.
+@pytest.fixture(scope="module")
+def registry(endpoints: stack.Endpoints) -> Iterator[registry_pb2_grpc.CardRegistryServiceStub]:
+    with grpc.insecure_channel(endpoints.registry) as channel:
+        yield registry_pb2_grpc.CardRegistryServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def pos(endpoints: stack.Endpoints) -> Iterator[pos_pb2_grpc.PosServiceStub]:
+    with grpc.insecure_channel(endpoints.gateway) as channel:
+        yield pos_pb2_grpc.PosServiceStub(channel)

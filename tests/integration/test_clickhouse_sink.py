@@ -23,7 +23,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from clickhouse_driver import Client
@@ -79,18 +78,6 @@ def client(endpoints: stack.Endpoints) -> Iterator[Client]:
     client = ch.connect(endpoints.clickhouse_url)
     yield client
     client.disconnect()
-
-
-@pytest.fixture(scope="module")
-def registry(endpoints: stack.Endpoints) -> Iterator[registry_pb2_grpc.CardRegistryServiceStub]:
-    with grpc.insecure_channel(endpoints.registry) as channel:
-        yield registry_pb2_grpc.CardRegistryServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def pos(endpoints: stack.Endpoints) -> Iterator[pos_pb2_grpc.PosServiceStub]:
-    with grpc.insecure_channel(endpoints.gateway) as channel:
-        yield pos_pb2_grpc.PosServiceStub(channel)
 
 
 _ids = iter(range(1, 1_000_000))

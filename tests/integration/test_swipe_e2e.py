@@ -66,18 +66,6 @@ def endpoints(settings: Settings) -> Iterator[stack.Endpoints]:
         os.environ.pop("MEDCLEAR_STATE_DIR", None)
 
 
-@pytest.fixture(scope="module")
-def registry(endpoints: stack.Endpoints) -> Iterator[registry_pb2_grpc.CardRegistryServiceStub]:
-    with grpc.insecure_channel(endpoints.registry) as channel:
-        yield registry_pb2_grpc.CardRegistryServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def pos(endpoints: stack.Endpoints) -> Iterator[pos_pb2_grpc.PosServiceStub]:
-    with grpc.insecure_channel(endpoints.gateway) as channel:
-        yield pos_pb2_grpc.PosServiceStub(channel)
-
-
 _counter = iter(range(1, 1_000_000))
 
 
