@@ -232,7 +232,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
             try:
                 await handle(await skipped.values(batch))
             except BaseException as exc:  # every way out is handled alike
-                # take() acknowledges a batch's events in a `finally`, also when the loop
+                # take_events() acknowledges a batch's events in a `finally`, also when the loop
                 # body was cancelled (a stop) or failed: leave before it can, so faust
                 # never commits an offset whose SMS was not settled. The restart then sees
                 # the batch again (in-flight ids are sent again, as after a kill -9).
