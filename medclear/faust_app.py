@@ -45,7 +45,67 @@ def make_app(
         **extra,
     )
     _export_lag(app, app_id)
+    _keep_fetched_records(app)
     return app
+
+
+def _keep_fetched_records(app: faust.App) -> None:
+    """No record that faust fetched and counted as read is dropped unseen.
+
+    Found with a trace of the sms job's kill -9 test (docs/ARCHITECTURE.md, "Records
+    faust's stream skipped"): after a restart faust resumes the consumer's flow while it
+    recovers the tables, so the stream partitions are fetched and their records queued
+    for the agents; when recovery completes it seeks the stream partitions to their
+    committed offsets and then resumes its flow control, which *clears* the agents'
+    queues. The records dropped there were already counted as read (the fetch loop keeps
+    a read offset per partition and drops anything below it), so they were neither
+    handled nor fetched again, and faust's commit went past them once a later offset was
+    acknowledged (offset holes it books as compaction gaps). Two changes close that:
+
+    - resuming the flow leaves the queues as they are; a rebalance still clears them when
+      partitions are revoked, before the next assignment seeks;
+    - an offset hole in a fetched partition is not booked as acknowledged. medclear's
+      stream topics are neither compacted nor transactional, so their offsets have no holes
+      of their own; a hole means records went missing, and committing across it would
+      lose them. It is logged and counted, and the commit waits below it: a restart reads
+      from there again (every job tolerates a redelivery)."""
+    flow = app.flow_control
+
+    def resume_keeping_queues() -> None:
+        flow._suspend.clear()
+        flow._resume.set()
+
+    flow.resume = resume_keeping_queues  # type: ignore[method-assign]
+    _refuse_offset_gaps()
+
+
+def _refuse_offset_gaps() -> None:
+    from faust.transport.consumer import Consumer
+
+    if getattr(Consumer._add_gap, "medclear", False):
+        return
+
+    async def refuse_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) -> None:
+        metrics.STREAM_OFFSET_GAPS.labels(tp.topic).inc(offset_to - offset_from)
+        log.error("offset hole in a fetched partition; not committing across it",
+                  topic=tp.topic, partition=tp.partition, first=offset_from,
+                  until=offset_to)  # fmt: skip
+
+    refuse_gap.medclear = True  # type: ignore[attr-defined]
+    Consumer._add_gap = refuse_gap  # type: ignore[method-assign]
+
+    booked = Consumer._new_offset
+
+    def new_offset(self: Consumer, tp: Any) -> int | None:
+        """faust's own check lets one missing offset through at the head of what was
+        acknowledged (`min(acked) - committed > 1`, where `committed` is already the next
+        offset to read): the record at `committed` must itself be acknowledged first."""
+        acked, committed = self._acked[tp], self._committed_offset[tp]
+        if acked and committed is not None and min(acked) > committed:
+            return None
+        return booked(self, tp)
+
+    Consumer._new_offset = new_offset  # type: ignore[method-assign]
 
 
 def run_worker(app: faust.App) -> None:

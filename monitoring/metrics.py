@@ -98,6 +98,12 @@ STREAM_SKIPPED = Counter(
     "straight from the broker",
     ["topic"],
 )
+STREAM_OFFSET_GAPS = Counter(
+    "medclear_stream_offset_gaps_total",
+    "offsets missing between two records faust fetched from one partition of a stream "
+    "topic; the commit waits below such a hole",
+    ["topic"],
+)
 CONSUMER_LAG = Gauge(
     "medclear_consumer_lag_records",
     "Records on the broker a stream job has not read yet",
