@@ -191,8 +191,10 @@ class SkippedRecords:
     Seen in the sms job's kill -9 test (in ~1 run of 3): right after a restart, between two
     batches, the stream went on 2-64 offsets further in a partition than the record it
     had handed over last, and faust committed across the hole, so those events were never
-    processed (their SMS lost). The cause inside faust is not found yet (docs/
-    ARCHITECTURE.md). Within one process run a partition's offsets must follow each other;
+    processed (their SMS lost). The cause, faust clearing its queues after recovery's
+    seek, is closed in `_keep_fetched_records`; this stays as the sms job's second line,
+    and the kill -9 test asserts it never acts. Within one run a partition's offsets must
+    follow each other;
     a forward jump is counted (`medclear_stream_skipped_records_total`), logged, and the
     skipped records are read straight from the broker and put in front of the record after
     the hole, so the job sees the partition in order. A jump back (a redelivery) is fine.
