@@ -30,6 +30,7 @@ from medclear.money import format_yuan, parse_yuan
 from medclear.pki import Role
 from medclear.rpc import aio_channel
 from medclear.settings import Settings, get_settings, keyring_file, pki_dir
+from medclear.tables import result_codes_table
 from medclear.terminals import Keyring
 from medclear.traffic import LatencyStats
 from reader_agent.cli import agent_app, emulator_app
@@ -703,16 +704,6 @@ def _stats_table(title: str, stats: LatencyStats) -> Table:
     return table
 
 
-def _results_table(stats: LatencyStats) -> Table:
-    table = Table(title="decisions by result code")
-    table.add_column("result")
-    table.add_column("code", justify="right")
-    table.add_column("swipes", justify="right")
-    for name, n in sorted(stats.results.items(), key=lambda kv: ResultCode[kv[0]]):
-        table.add_row(name, str(int(ResultCode[name])), f"{n:,}")
-    return table
-
-
 @app.command()
 def simulate(
     seed: Annotated[int, typer.Option(help="the run's seed; the same seed replays it")] = 1,
@@ -752,13 +743,7 @@ def simulate(
     ]:
         table.add_row(name, value)
     console.print(table)
-    results = Table(title="decisions by result code")
-    results.add_column("result")
-    results.add_column("code", justify="right")
-    results.add_column("count", justify="right")
-    for name, n in sorted(summary.results.items(), key=lambda kv: ResultCode[kv[0]]):
-        results.add_row(name, str(int(ResultCode[name])), f"{n:,}")
-    console.print(results)
+    console.print(result_codes_table(summary.results, "count"))
     console.print("[green]all invariants held after every step[/]")
 
 
@@ -776,7 +761,7 @@ def bench_swipes(
     """
     stats = _swipe_run(persons, seed, count, concurrency, "swiping")
     console.print(_stats_table(f"{count:,} swipes, {concurrency} in flight", stats))
-    console.print(_results_table(stats))
+    console.print(result_codes_table(stats.results))
 
 
 bench_app.command("pipeline")(bench_pipeline.command)
@@ -899,7 +884,7 @@ def demo(
                 agent_cli.stack_access(settings), persons, 2026, swipes, "POS traffic (agent)"
             )
             console.print(agent_cli.agent_stats_table("POS traffic through the agent", by_agent))
-            console.print(agent_cli.results_table(by_agent))
+            console.print(result_codes_table(by_agent.results))
         else:
             _demo_traffic(settings, persons, minutes, concurrency)
         console.print(

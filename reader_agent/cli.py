@@ -24,6 +24,7 @@ from clearing.validate import mask_card
 from medclear.money import format_yuan, parse_yuan
 from medclear.pki import Role
 from medclear.settings import Settings, get_settings, keyring_file
+from medclear.tables import result_codes_table
 from medclear.terminals import Keyring
 from reader_agent.agent import Agent, Terminal
 from reader_agent.card import CardImage
@@ -465,16 +466,6 @@ def agent_stats_table(title: str, stats: AgentStats) -> Table:
     return table
 
 
-def results_table(stats: AgentStats) -> Table:
-    table = Table(title="decisions by result code")
-    table.add_column("result")
-    table.add_column("code", justify="right")
-    table.add_column("swipes", justify="right")
-    for name, n in sorted(stats.results.items(), key=lambda kv: ResultCode[kv[0]]):
-        table.add_row(name, str(int(ResultCode[name])), f"{n:,}")
-    return table
-
-
 @agent_app.command("bench")
 def bench_cmd(
     swipes: Annotated[
@@ -489,4 +480,4 @@ def bench_cmd(
     access = stack_access()
     stats = run_agent_traffic(access, persons, seed, swipes, "agent swipes")
     console.print(agent_stats_table(f"{swipes:,} agent swipes (card read included)", stats))
-    console.print(results_table(stats))
+    console.print(result_codes_table(stats.results))
