@@ -9,15 +9,15 @@ one. Only the stream jobs the checks read are started."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from rich.console import Console
 
-from medclear import drill, stack
+from medclear import drill
 from medclear.settings import Settings
+from tests.integration.running import running_stack
 
 pytestmark = [
     pytest.mark.stack,
@@ -97,14 +97,8 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[drill.StackAcce
         event_partitions=3,
         jobs="clickhouse-sink,settlement,sms",
     )
-    console = Console(stderr=True)
-    os.environ["MEDCLEAR_STATE_DIR"] = str(settings.state_dir)
-    try:
-        stack.up(settings, console)
+    with running_stack(settings):
         yield drill.access(settings)
-    finally:
-        stack.down(settings, console, wipe=True)
-        os.environ.pop("MEDCLEAR_STATE_DIR", None)
 
 
 def run(target: drill.StackAccess, spec: drill.DrillSpec) -> drill.DrillResult:

@@ -13,16 +13,15 @@ with hostile fields."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
-from rich.console import Console
 
-from medclear import drill, stack
+from medclear import drill
 from medclear.city import Resident
 from medclear.settings import Settings
+from tests.integration.running import running_stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.kafka, pytest.mark.timeout(600)]
 
@@ -41,15 +40,9 @@ def target(
         event_partitions=2,
         jobs="abnormal",
     )
-    console = Console(stderr=True)
-    os.environ["MEDCLEAR_STATE_DIR"] = str(config.state_dir)
-    try:
-        stack.up(config, console)
+    with running_stack(config):
         a = drill.access(config)
         yield a, drill.fuzz_victim(a)
-    finally:
-        stack.down(config, console, wipe=True)
-        os.environ.pop("MEDCLEAR_STATE_DIR", None)
 
 
 def test_hostile_requests_get_clear_codes_and_change_nothing(

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from rich.console import Console
 
 from clearing import settlement as rules
 from clearing.calendar import shanghai_day
@@ -25,6 +24,7 @@ from medclear.money import format_yuan
 from medclear.settings import Settings
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2_grpc
 from stream_jobs import ch
+from tests.integration.running import running_stack
 from tests.integration.test_swipe_e2e import authorize, enrol
 
 pytestmark = [
@@ -54,13 +54,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="module")
 def endpoints(settings: Settings) -> Iterator[stack.Endpoints]:
-    console = Console(stderr=True)
-    os.environ["MEDCLEAR_STATE_DIR"] = str(settings.state_dir)
-    try:
-        yield stack.up(settings, console)
-    finally:
-        stack.down(settings, console, wipe=True)
-        os.environ.pop("MEDCLEAR_STATE_DIR", None)
+    with running_stack(settings) as endpoints:
+        yield endpoints
 
 
 def medclear(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -26,6 +26,7 @@ from medclear.city import make_ssn
 from medclear.settings import Settings
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.integration.kafka_read import all_records
+from tests.integration.running import running_stack
 
 pytestmark = [
     pytest.mark.stack,
@@ -57,13 +58,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def endpoints(settings: Settings) -> Iterator[stack.Endpoints]:
-    console = Console(stderr=True)
-    os.environ["MEDCLEAR_STATE_DIR"] = str(settings.state_dir)  # for the CLI subprocesses
-    try:
-        yield stack.up(settings, console)
-    finally:
-        stack.down(settings, console, wipe=True)
-        os.environ.pop("MEDCLEAR_STATE_DIR", None)
+    with running_stack(settings) as endpoints:
+        yield endpoints
 
 
 _counter = iter(range(1, 1_000_000))
