@@ -57,7 +57,7 @@ from clearing.model import (
     RegisterPerson,
 )
 from clearing.validate import ssn_check_char
-from medclear.city import GIVEN, REGION_CODE, SURNAMES
+from medclear.city import GIVEN, REGION_CODE, SURNAMES, category_of
 from medclear.perfdoc import DOC as PERFORMANCE_DOC
 from medclear.perfdoc import replace_section
 from medclear.settings import Settings, get_settings
@@ -99,14 +99,7 @@ def holder(index: int, seed: int = SEED) -> Holder:
     h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=24).digest()
     birth = dt.date.fromordinal(BIRTH_FIRST + index % BIRTH_DAYS)
     first17 = f"{REGION_CODE}{birth:%Y%m%d}{index // BIRTH_DAYS:03d}"
-    roll = h[0] / 256
-    category = (
-        InsuranceCategory.EMPLOYEE
-        if roll < 0.80
-        else InsuranceCategory.RESIDENT
-        if roll < 0.95
-        else InsuranceCategory.SPECIAL
-    )
+    category = category_of(h[0] / 256)
     given = GIVEN[h[2] % len(GIVEN)] + (GIVEN[h[3] % len(GIVEN)] if h[4] & 1 else "")
     phone = f"1{'3456789'[h[5] % 7]}{int.from_bytes(h[6:10], 'big') % 10**9:09d}"
     balance = (

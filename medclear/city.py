@@ -35,6 +35,13 @@ class Resident:
     pin: str = "000000"  # what the cardholder types; only ever sent as a PIN block
 
 
+def category_of(roll: float) -> InsuranceCategory:
+    """The city's mix for a roll in [0, 1): 80 % employees, 15 % residents, 5 % special."""
+    if roll < 0.80:
+        return InsuranceCategory.EMPLOYEE
+    return InsuranceCategory.RESIDENT if roll < 0.95 else InsuranceCategory.SPECIAL
+
+
 def make_ssn(rng: random.Random, index: int) -> str:
     year = rng.randint(1940, 2005)
     month = rng.randint(1, 12)
@@ -54,14 +61,7 @@ def residents(count: int, seed: int = 2026) -> list[Resident]:
         while ssn in seen:
             ssn = make_ssn(rng, index)
         seen.add(ssn)
-        roll = rng.random()
-        category = (
-            InsuranceCategory.EMPLOYEE
-            if roll < 0.80
-            else InsuranceCategory.RESIDENT
-            if roll < 0.95
-            else InsuranceCategory.SPECIAL
-        )
+        category = category_of(rng.random())
         name = rng.choice(SURNAMES) + "".join(rng.choice(GIVEN) for _ in range(rng.randint(1, 2)))
         phone = f"1{rng.choice('3456789')}{rng.randint(0, 999_999_999):09d}"
         card_no = f"S{seed % 100:02d}{index:06d}"
