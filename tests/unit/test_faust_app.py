@@ -1,4 +1,4 @@
-"""The two changes medclear.faust_app makes to faust's bookkeeping of fetched records.
+"""The changes medclear.faust_app makes to faust's bookkeeping of fetched records.
 
 Without them, records faust had fetched after a restart were dropped from the agents'
 queues when recovery completed and faust committed across the hole they left (the sms
