@@ -3,6 +3,14 @@
 The records are the frozen dataclasses of clearing.model; this module walks their type
 hints once per class, so adding a field needs no codec change. Unknown fields are
 ignored and missing ones take their default: old changelogs stay readable.
+
+A field that holds its default is left out when that default is empty (0, "", False,
+None, (), an enum's 0 member). Most of a person's bytes were such zeros: the 64 replies
+it remembers carry fifteen fields each, most of them 0, and the whole person is written
+to the changelog on every decision. An empty default therefore is part of the format:
+never change one to a non-empty value (add a field instead). Defaults that are not
+empty (e.g. a card's daily pharmacy limit, a named constant that policy may change) are
+always written, so a stored record never takes a new value from a changed constant.
 """
 
 from __future__ import annotations
@@ -47,9 +55,37 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
     return hints
 
 
+_EMPTY_DEFAULTS: dict[type[Any], tuple[tuple[str, bool], ...]] = {}
+
+
+def _is_empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, Enum):
+        return bool(value.value == 0)
+    return type(value) in (int, str, bool, tuple) and not value
+
+
+def _fields(cls: type[Any]) -> tuple[tuple[str, bool], ...]:
+    """(name, may be left out) for each field of a record class."""
+    fields = _EMPTY_DEFAULTS.get(cls)
+    if fields is None:
+        fields = _EMPTY_DEFAULTS[cls] = tuple(
+            (f.name, f.default is not dataclasses.MISSING and _is_empty(f.default))
+            for f in dataclasses.fields(cls)
+        )
+    return fields
+
+
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        plain = {}
+        for name, omittable in _fields(type(value)):
+            item = getattr(value, name)
+            if omittable and _is_empty(item):
+                continue
+            plain[name] = _to_plain(item)
+        return plain
     if isinstance(value, tuple):
         return [_to_plain(v) for v in value]
     if isinstance(value, IntEnum):

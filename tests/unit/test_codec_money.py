@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,6 +18,24 @@ def test_person_and_every_event_round_trip() -> None:
     new, decision = core.handle(person, swipe(), POLICY)
     for record in (person, new, decision.reply, *decision.events, swipe()):
         assert codec.decode(codec.encode(record)) == record
+
+
+def test_empty_defaults_are_left_out_and_others_always_written() -> None:
+    person = make_person()
+    new, decision = core.handle(person, swipe(), POLICY)
+    text = codec.encode(new).decode()
+    card = json.loads(text)["cards"][0]
+    # a card's daily pharmacy limit defaults to a named constant: always written, so a
+    # stored card never takes a new value from a changed constant
+    assert card["pharmacy_swipes_per_day"] == new.cards[0].pharmacy_swipes_per_day
+    assert "state_before_pre_loss" in card and "initial_pin" in card
+    assert "pre_loss_deadline_ms" not in card and "expires_at_ms" not in card
+    reply = json.loads(codec.encode(decision.reply))
+    assert "snapshot" not in reply and "replayed" not in reply
+    assert len(codec.encode(new)) < len(json.dumps(dataclasses.asdict(new)))
+    # a record with every empty field written (the format before) still reads the same
+    verbose = {**dataclasses.asdict(decision.reply), "@": "Reply"}
+    assert codec.decode(json.dumps(verbose).encode()) == decision.reply
 
 
 def test_garbage_is_a_codec_error() -> None:
