@@ -321,6 +321,72 @@ async def load(
     return result
 
 
+STORE_BATCH = 10_000  # records per RocksDB write batch in `seed_store`
+
+
+def seed_store(
+    settings: Settings, city: City, persons: int, on_progress: Callable[[int], None]
+) -> LoadResult:
+    """Write `persons` straight into worker-0's RocksDB table store (the worker stopped),
+    one faust-layout DB per partition, as faust's changelog recovery would have left them;
+    nothing goes to the broker. For a city whose changelog this machine's broker cannot
+    hold (noida-db keeps its data as one JSON file: ~3.5 bytes of JSON a record byte).
+    `changelog_bytes` is what enrolment would write onto the changelog."""
+    from rocksdict import WriteBatch
+
+    from clearing import worker
+    from medclear.policy import load_policy
+
+    app = worker.create_app(settings, load_policy(settings), "127.0.0.1:9", 0)
+    store: Any = app.tables[worker.PERSONS_TABLE].data  # type: ignore[attr-defined]
+    partitions = settings.command_partitions
+    dbs = []
+    for partition in range(partitions):
+        path = store.partition_path(partition)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dbs.append(store.rocksdb_options.open(path))
+    result = LoadResult()
+    started = time.perf_counter()
+    batches = [WriteBatch(raw_mode=True) for _ in range(partitions)]
+    for index_no in range(persons):
+        h, value = city.record(index_no)
+        key = h.ssn.encode()
+        batches[partition_of(key, partitions)].put(key, value)
+        result.changelog_bytes += len(key) + len(value)
+        if (index_no + 1) % STORE_BATCH == 0:
+            for db, batch in zip(dbs, batches, strict=True):
+                db.write(batch)
+            batches = [WriteBatch(raw_mode=True) for _ in range(partitions)]
+            on_progress(STORE_BATCH)
+    for db, batch in zip(dbs, batches, strict=True):
+        db.write(batch)
+        db.flush()
+        db.close()
+    on_progress(persons % STORE_BATCH)
+    result.persons = persons
+    result.seconds = time.perf_counter() - started
+    result.verified = city.verified
+    return result
+
+
+async def index_cards(
+    bootstrap: str, holders: Sequence[Holder], card_ref: Callable[[str], str], topic: str
+) -> None:
+    """Card-index records (card token → ssn) for these holders only: what the gateway needs
+    to route their swipes when the persons were seeded into the store (`seed_store`)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for h in holders:
+            await producer.send(topic, key=card_ref(h.card_no).encode(), value=h.ssn.encode(),
+                                partition=0)  # fmt: skip
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
 async def topic_records(bootstrap: str, topic: str) -> tuple[int, int]:
     """(partitions, records) of a topic: end offsets minus beginning offsets."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -421,13 +487,14 @@ class Run:
     swipe_p50_ms: float = 0.0
     swipe_p99_ms: float = 0.0
     error: str = ""
+    direct: bool = False  # seeded into the store (`seed_store`), not through the broker
 
     def cells(self) -> list[str]:
         rate = self.changelog_records / self.recovery_s if self.recovery_s else 0.0
         warm = f"{self.warm_recovery_s:.1f}" if self.warm_recovery_s is not None else "—"
         ok = self.swipe_results.get("OK", 0)
         return [
-            self.store,
+            f"{self.store} {DIRECT_LABEL}" if self.direct else self.store,
             f"{self.persons:,}",
             human(self.load.changelog_bytes),
             f"{self.changelog_records:,}",
@@ -435,7 +502,7 @@ class Run:
             f"{self.empty_start_s:.1f}",
             f"{self.recovery_s:.1f}",
             f"{self.empty_cpu_s:.1f} / {self.recovery_cpu_s:.1f}",
-            f"{rate:,.0f}",
+            "—" if self.direct else f"{rate:,.0f}",
             warm,
             human(self.worker_rss),
             human(self.worker_peak),
@@ -457,11 +524,15 @@ class Run:
             return f"failed: {self.error}".replace("|", "/")
         memory = "≤ 2 GiB" if self.worker_peak <= 2 * GIB else "**over 2 GiB**"
         recovery = "≤ 60 s" if self.recovery_s <= 60 else "**over 60 s**"
+        if self.direct:
+            return f"{memory}, restarts {recovery}; cold rebuild not measured"
         return f"{memory}, {recovery}"
 
     def at_target(self) -> str:
         """Linear extrapolation of peak RSS and recovery to TARGET_PERSONS (— when measured
         there); RSS scaled above the idle worker's, recovery above its start-up."""
+        if self.direct:
+            return "cold rebuild from the changelog: see below"
         if self.error or self.persons >= TARGET_PERSONS or not self.recovery_s:
             return "—"
         k = TARGET_PERSONS / self.persons
@@ -499,6 +570,7 @@ COLUMNS = (
     "date",
 )
 TARGET_PERSONS = 2_900_000
+DIRECT_LABEL = "(seeded into the store)"
 IDLE_WORKER_RSS = 150 * 1024**2  # a worker with an empty table (measured: 130–160 MiB)
 WORKER_START_S = 3.0  # process start to READY with an empty table (docs/PERFORMANCE.md)
 
@@ -651,6 +723,71 @@ def run_store(
     return run
 
 
+def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> Run:
+    """RocksDB with the persons written straight into worker-0's store before `up`
+    (`seed_store`): the worker's start opens them; `recovery s` is a restart (local files,
+    the changelog's tail only), `warm restart s` a second one. Only the swiped holders'
+    cards go onto the card index."""
+    from medclear import stack, topics
+    from medclear.policy import load_policy
+    from medclear.tokens import load_card_tokens
+
+    state_dir = state_root / f"rocksdb-direct-{persons}"
+    settings = base.model_copy(update={"table_store": "rocksdb", "state_dir": state_dir})
+    run = Run("rocksdb", persons, direct=True)
+    console.rule(f"rocksdb store, {persons:,} persons seeded into the store ({state_dir})")
+    city = City(load_policy(settings), int(time.time() * 1000))
+    try:
+        with _progress() as progress:
+            task = progress.add_task("writing persons into the store", total=persons, info="")
+            started = time.perf_counter()
+
+            def advance(n: int) -> None:
+                done = progress.tasks[0].completed + n
+                rate = done / max(1e-9, time.perf_counter() - started)
+                progress.update(task, advance=n, info=f"{rate:,.0f}/s")
+
+            run.load = seed_store(settings, city, persons, advance)
+        console.print(
+            f"  wrote {persons:,} persons in {run.load.seconds:.1f} s "
+            f"({persons / run.load.seconds:,.0f}/s; {run.load.verified:,} checked byte for "
+            f"byte against core.handle); the changelog would hold {human(run.load.changelog_bytes)}"
+        )
+        endpoints = stack.up(settings, console)
+        first = next(c for c in stack.status(settings) if c.name == "worker-0")
+        run.empty_start_s = first.ready_s or 0.0
+        run.empty_rss, _ = proc_memory(first.pid)
+        run.empty_cpu_s = proc_cpu_s(first.pid)
+        status = stack.restart_component(settings, "worker-0", console)
+        run.recovery_s = status.ready_s or 0.0
+        run.worker_rss, run.worker_peak = proc_memory(status.pid)
+        run.recovery_cpu_s = proc_cpu_s(status.pid)
+        sample = _sample(persons, swipes, city.seed)
+        tokens = load_card_tokens(settings)
+        asyncio.run(index_cards(endpoints.kafka_bootstrap, sample, tokens.card_ref,
+                                topics.CARD_INDEX.name))  # fmt: skip
+        gateway = stack.restart_component(settings, "gateway", console)
+        run.gateway_ready_s = gateway.ready_s or 0.0
+        _swipes(settings, sample, run)
+        status = stack.restart_component(settings, "worker-0", console)  # after the swipes
+        run.warm_recovery_s = status.ready_s
+        run.warm_worker_rss, peak = proc_memory(status.pid)
+        run.worker_peak = max(run.worker_peak, peak)
+        _, run.changelog_records = asyncio.run(
+            topic_records(endpoints.kafka_bootstrap, CHANGELOG_TOPIC)
+        )
+        run.store_disk = tree_bytes(state_dir / "data" / "worker-0")
+        run.gateway_rss, _ = proc_memory(_pid(settings, "gateway"))
+        run.broker_rss, run.broker_peak = proc_memory(_pid(settings, "broker"))
+        run.broker_disk = tree_bytes(state_dir / "data" / "broker")
+    except Exception as exc:  # a failed size is a finding: keep what was measured
+        run.error = f"{type(exc).__name__}: {exc}"
+        console.print(f"[red]rocksdb seeded at {persons:,}: {run.error}[/]")
+    finally:
+        stack.down(settings, console, wipe=True)
+    return run
+
+
 def _row_id(row: str) -> tuple[str, str]:
     cells = [c.strip() for c in row.strip().strip("|").split("|")]
     return (cells[0], cells[1]) if len(cells) > 1 else ("", "")
@@ -711,6 +848,11 @@ NOTES = (
     "number only (card-index lookup); terminal security off.",
     "at 2.9 M (linear): peak RSS and recovery scaled linearly from that row — an "
     "extrapolation, not a measurement.",
+    f"rocksdb {DIRECT_LABEL} (`--direct`): the persons written straight into the worker's "
+    "RocksDB files before `up`, in faust's layout, nothing onto the broker (its changelog "
+    "bytes: what enrolment would write). empty start s: the worker's start at `up` opening "
+    "them; recovery s: a restart before any swipe; warm restart s: one after the swipes "
+    "(the changelog's tail). Only the swiped holders' cards are on the card index.",
 )
 
 
@@ -739,6 +881,15 @@ def command(
         bool,
         typer.Option("--write-doc/--no-write-doc", help="replace the section in PERFORMANCE.md"),
     ] = True,
+    direct: Annotated[
+        bool,
+        typer.Option(
+            "--direct",
+            help="rocksdb only: write the persons straight into the worker's store, not "
+            "onto the changelog (for sizes this machine's broker cannot hold); measures the "
+            "worker's start, restarts, RSS and swipes with them",
+        ),
+    ] = False,
 ) -> None:
     """A city of N cardholders in one clearing worker, per table store: changelog size,
     recovery time after a restart, worker RSS, and swipes decided afterwards. Each store
@@ -758,12 +909,16 @@ def command(
         }
     )
     machine = _machine()
-    runs = [
-        run_store(
-            base, s, persons, swipes, None if compression == "none" else compression, state_root
-        )
-        for s in _stores(store)
-    ]
+    if direct:
+        runs = [run_direct(base, persons, swipes, state_root)]
+    else:
+        runs = [
+            run_store(
+                base, s, persons, swipes, None if compression == "none" else compression,
+                state_root,
+            )
+            for s in _stores(store)
+        ]  # fmt: skip
     table = Table(title="medclear bench state")  # one column a run: the rows fit a terminal
     table.add_column("")
     for r in runs:
@@ -774,6 +929,8 @@ def command(
     for r in runs:
         console.print(f"{r.store} at {r.persons:,}: {r.verdict()}; at 2.9 M: {r.at_target()}")
     if write_doc_:
-        argv = f"medclear bench state --persons {persons} --store {store}"
+        argv = f"medclear bench state --persons {persons} " + (
+            "--direct" if direct else f"--store {store}"
+        )
         write_doc(_markdown(runs, earlier_rows(), argv, machine))
         console.print(f"wrote the results into {DOC}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -118,8 +119,14 @@ def run_worker(app: faust.App) -> None:
     fetch request) is then built and handled, and the spinner stays attached after start-up.
     py-spy of a recovering clearing worker: ~23 % of its main thread and ~70 % of the
     consumer thread's busy time in that logging (docs/PERFORMANCE.md). No spinner: the root
-    logger keeps WARNING and debug records are dropped where they are made."""
-    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
+    logger keeps WARNING and debug records are dropped where they are made.
+
+    MEDCLEAR_FAUST_LOGLEVEL=INFO shows faust's own account of rebalances and table
+    recovery (highwaters, where reading starts) when a job is being diagnosed. SIGUSR1
+    makes the process write every thread's and asyncio task's stack into its log (mode's
+    worker)."""
+    level = os.environ.get("MEDCLEAR_FAUST_LOGLEVEL", "WARNING")
+    worker = faust.Worker(app, loglevel=level, quiet=True)
     worker.spinner = None
     worker.execute_from_commandline()
 
