@@ -905,7 +905,7 @@ def command(
             "tls": False,
             "jobs": "pre-loss-timer",
             "workers": 1,
-            "startup_timeout_s": 600.0,
+            "startup_timeout_s": 1800.0,  # a cold rebuild of 2.9 M persons: ~12 min here
         }
     )
     machine = _machine()

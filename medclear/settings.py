@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     hsm_lmk_file: Path | None = Field(None, description="default: <state_dir>/hsm/lmk.hex")
 
     decision_deadline_ms: int = Field(3_000, ge=10, le=60_000)
-    startup_timeout_s: float = Field(60.0, gt=0, le=600)
+    startup_timeout_s: float = Field(60.0, gt=0, le=3600)
 
     institutions_file: Path | None = Field(None, description="CSV of designated institutions")
     pre_loss_policy_file: Path | None = Field(None, description="CSV: region → pre-loss lifetime")

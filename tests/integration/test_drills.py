@@ -138,12 +138,13 @@ def test_hsm_outage(target: drill.StackAccess) -> None:
 
 
 @pytest.mark.xfail(
-    reason="found by this drill: after a SIGTERM restart of noida-db 0.2.3 the persons "
-    "changelog ended one record short of what the broker acknowledged (faust: persisted "
-    "offset 125 > highwater 124), so a RocksDB-backed worker crashed with "
-    "ConsistencyError and no swipe was approved again. With the memory store (the "
-    "default since) it passed alone (37 s) but failed once in a full loaded run: not "
-    "yet understood. Last: it can leave the worker down.",
+    reason="found by this drill on noida-db 0.2.3 (docs/PERFORMANCE.md, 'Fault drills'): "
+    "(1) after the other drills, the broker came back without the last ~0.1 s of records "
+    "it had acknowledged before SIGTERM - a swipe's command, events, changelog record and "
+    "reply, while the client held its OK - so state and conservation fail; (2) on a fresh "
+    "stack, in 4 of 15 runs a faust job (clearing worker or sms) stayed in table recovery "
+    "after the rebalance ('No event received ... since recovery start'): its fetcher waits "
+    "inside getmany with the flow resumed; cause not found. Non-strict: most runs alone pass.",
     strict=False,
 )
 def test_broker_restart(target: drill.StackAccess) -> None:
