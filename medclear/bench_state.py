@@ -30,6 +30,7 @@ few swipes of loaded cardholders through the gateway to show the state is live.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -616,7 +617,10 @@ def _swipes(settings: Settings, holders: Sequence[Holder], run: Run) -> None:
     run.swipe_p99_ms = stats.percentile(0.99)
 
 
-def _progress() -> Any:
+@contextlib.contextmanager
+def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar for loading `total` persons; yields `advance(n)`, which also shows
+    the rate so far."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -626,7 +630,7 @@ def _progress() -> Any:
         TimeRemainingColumn,
     )
 
-    return Progress(
+    with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -634,7 +638,16 @@ def _progress() -> Any:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-    )
+    ) as progress:
+        task = progress.add_task(description, total=total, info="")
+        started = time.perf_counter()
+
+        def advance(n: int) -> None:
+            done = progress.tasks[0].completed + n
+            rate = done / max(1e-9, time.perf_counter() - started)
+            progress.update(task, advance=n, info=f"{rate:,.0f}/s")
+
+        yield advance
 
 
 def run_store(
@@ -663,15 +676,7 @@ def run_store(
             )
         city = City(load_policy(settings), int(time.time() * 1000))
         tokens = load_card_tokens(settings)
-        with _progress() as progress:
-            task = progress.add_task("loading persons", total=persons, info="")
-            started = time.perf_counter()
-
-            def advance(n: int) -> None:
-                done = progress.tasks[0].completed + n
-                rate = done / max(1e-9, time.perf_counter() - started)
-                progress.update(task, advance=n, info=f"{rate:,.0f}/s")
-
+        with _progress("loading persons", persons) as advance:
             run.load = asyncio.run(
                 load(
                     bootstrap,
@@ -739,15 +744,7 @@ def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> R
     console.rule(f"rocksdb store, {persons:,} persons seeded into the store ({state_dir})")
     city = City(load_policy(settings), int(time.time() * 1000))
     try:
-        with _progress() as progress:
-            task = progress.add_task("writing persons into the store", total=persons, info="")
-            started = time.perf_counter()
-
-            def advance(n: int) -> None:
-                done = progress.tasks[0].completed + n
-                rate = done / max(1e-9, time.perf_counter() - started)
-                progress.update(task, advance=n, info=f"{rate:,.0f}/s")
-
+        with _progress("writing persons into the store", persons) as advance:
             run.load = seed_store(settings, city, persons, advance)
         console.print(
             f"  wrote {persons:,} persons in {run.load.seconds:.1f} s "
