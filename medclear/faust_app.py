@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import aiokafka
@@ -80,6 +80,8 @@ def _keep_fetched_records(app: faust.App) -> None:
 
     flow.resume = resume_keeping_queues  # type: ignore[method-assign]
     _never_commit_across_holes()
+    _redeliver_after_a_rewind()
+    _fetch_what_was_active()
 
 
 def _never_commit_across_holes() -> None:
@@ -109,6 +111,88 @@ def _never_commit_across_holes() -> None:
         return booked(self, tp)
 
     Consumer._new_offset = new_offset  # type: ignore[method-assign]
+
+
+def _redeliver_after_a_rewind() -> None:
+    """A record fetched below faust's read offset of its partition is delivered, not dropped.
+
+    faust's fetch loop keeps the last offset it handed over per partition and silently drops
+    any record below it, to skip records fetched twice. That offset can be stale after a
+    rebalance: in a broker-restart drill run the sms job, sought back to its committed
+    offset 7, still held a read offset of 26 and dropped events 7-25 as they came again
+    (docs/PERFORMANCE.md, "Fault drills"). How the offset outlived the revocation, which
+    clears it, was not traced; the fetch loop writes it after each record it delivers.
+
+    A partition's offsets only go down after a seek, so a record below the read offset
+    means the partition was rewound: the read offset is forgotten and the record goes to
+    the agents. Every job tolerates a redelivery (the worker answers a repeated command
+    from its remembered reply, the sms job and the sink deduplicate, table recovery skips
+    offsets it has applied)."""
+    from faust.transport.consumer import Consumer
+
+    if not getattr(Consumer.getmany, "medclear", False):
+        Consumer.getmany = rewinding(Consumer.getmany)  # type: ignore[method-assign,assignment]
+
+
+Fetched = Callable[[Any, float], AsyncIterator[tuple[Any, Any]]]
+
+
+def rewinding(fetched: Fetched) -> Fetched:
+    """`fetched` (faust's Consumer.getmany), forgetting the read offset of a partition
+    whose next record lies below it."""
+
+    async def getmany(self: Any, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        read_offset = self._read_offset
+        async for tp, message in fetched(self, timeout):
+            last = read_offset.get(tp)
+            if last is not None and message.offset < last:
+                metrics.STREAM_REWINDS.labels(tp.topic).inc()
+                log.info("partition rewound below faust's read offset; redelivering",
+                         topic=tp.topic, partition=tp.partition, offset=message.offset,
+                         read_offset=last)  # fmt: skip
+                del read_offset[tp]
+            yield tp, message
+
+    getmany.medclear = True  # type: ignore[attr-defined]
+    return getmany
+
+
+def _fetch_what_was_active() -> None:
+    """Each fetch asks for the partitions that were active when it was made, never for all.
+
+    faust hands its consumer thread the live set of active partitions, and aiokafka reads
+    an empty set as "every assigned partition". A rebalance pauses everything (the set
+    empties) while a fetch is still waiting in the consumer thread; recovery then seeks the
+    changelogs to where it starts reading and the fetch returns their records, moving the
+    consumer's position to the end. faust drops a fetch that returns while its flow is
+    stopped and seeks back only the stream partitions, so recovery waited for changelog
+    records the consumer had already passed: the job stayed in recovery for good (the
+    broker-restart drill, 1 run in 4; a traced stuck job had every changelog position at
+    its highwater, none applied and no record handed to faust's loop). A copy of the set,
+    taken when the fetch is made, keeps records of partitions paused meanwhile in aiokafka
+    for the next fetch."""
+    from faust.transport.consumer import ThreadDelegateConsumer
+
+    if not getattr(ThreadDelegateConsumer._getmany, "medclear", False):
+        ThreadDelegateConsumer._getmany = fetching_a_copy(ThreadDelegateConsumer._getmany)  # type: ignore[method-assign,assignment]
+
+
+Fetch = Callable[[Any, Any, float], Coroutine[Any, Any, Any]]
+
+
+def fetching_a_copy(fetch: Fetch) -> Fetch:
+    """`fetch` (faust's ThreadDelegateConsumer._getmany), given a copy of the active set;
+    nothing is fetched when that set is empty."""
+
+    async def getmany(self: Any, active_partitions: Any, timeout: float) -> Any:
+        if active_partitions is not None:
+            if not active_partitions:
+                return {}
+            active_partitions = set(active_partitions)
+        return await fetch(self, active_partitions, timeout)
+
+    getmany.medclear = True  # type: ignore[attr-defined]
+    return getmany
 
 
 def run_worker(app: faust.App) -> None:

@@ -104,6 +104,12 @@ STREAM_OFFSET_GAPS = Counter(
     "topic; the commit waits below such a hole",
     ["topic"],
 )
+STREAM_REWINDS = Counter(
+    "medclear_stream_rewinds_total",
+    "records fetched below faust's read offset of their partition (it was rewound by a "
+    "seek) and delivered again rather than dropped",
+    ["topic"],
+)
 CONSUMER_LAG = Gauge(
     "medclear_consumer_lag_records",
     "Records on the broker a stream job has not read yet",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,7 +18,7 @@ from faust.transport.consumer import Consumer
 from faust.types import TP
 from mode.utils.queues import FlowControlQueue
 
-from medclear.faust_app import make_app
+from medclear.faust_app import fetching_a_copy, make_app, rewinding
 from medclear.settings import Settings
 from monitoring import metrics
 
@@ -85,3 +86,82 @@ def test_an_offset_hole_is_counted_not_booked_as_acknowledged() -> None:
     assert metrics.STREAM_OFFSET_GAPS.labels(TOPIC)._value.get() - before == 4
     consumer._acked[PART].append(105)
     assert Consumer._new_offset(consumer, PART) == 101  # not past the hole
+
+
+def delivered(read_offset: dict[Any, int | None], offsets: list[int]) -> list[int]:
+    """The offsets faust's fetch loop hands to the agents, fetched through the patched
+    getmany: it drops a record below the partition's read offset and then reads on from
+    the record it delivered (faust.transport.consumer.Consumer._drain_messages)."""
+
+    async def fetched(_self: Any, _timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        for offset in offsets:
+            yield PART, SimpleNamespace(offset=offset)
+
+    consumer = SimpleNamespace(_read_offset=defaultdict(lambda: None, read_offset))
+
+    async def drain() -> list[int]:
+        out = []
+        async for tp, message in rewinding(fetched)(consumer, 1.0):
+            last = consumer._read_offset[tp]
+            if last is None or message.offset >= last:
+                out.append(message.offset)
+                consumer._read_offset[tp] = message.offset
+        return out
+
+    return asyncio.run(drain())
+
+
+def test_records_below_a_stale_read_offset_are_delivered_not_dropped() -> None:
+    # the broker-restart drill: the read offset was written back after the revocation
+    # cleared it, and the seek to the committed offset 7 then re-read 7..26
+    before = metrics.STREAM_REWINDS.labels(TOPIC)._value.get()
+    assert delivered({PART: 26}, list(range(7, 28))) == list(range(7, 28))
+    assert metrics.STREAM_REWINDS.labels(TOPIC)._value.get() - before == 1
+
+
+def test_reading_on_in_order_forgets_nothing() -> None:
+    before = metrics.STREAM_REWINDS.labels(TOPIC)._value.get()
+    assert delivered({PART: 26}, [26, 27, 28]) == [26, 27, 28]
+    assert delivered({}, [0, 1, 2]) == [0, 1, 2]
+    assert metrics.STREAM_REWINDS.labels(TOPIC)._value.get() == before
+
+
+@pytest.mark.usefixtures("app")
+def test_faust_fetches_through_the_rewinding_getmany() -> None:
+    assert getattr(Consumer.getmany, "medclear", False)
+
+
+def test_a_fetch_asks_for_the_partitions_active_when_it_was_made() -> None:
+    # a rebalance pauses every partition while the fetch waits in the consumer thread:
+    # aiokafka would read the emptied set as "all partitions" (the broker-restart drill's
+    # stuck recovery)
+    live = {PART, TP(TOPIC, 1)}
+    asked: list[set[Any]] = []
+
+    async def fetch(_self: Any, active: Any, _timeout: float) -> Any:
+        live.clear()
+        await asyncio.sleep(0)
+        asked.append(set(active))
+        return {}
+
+    asyncio.run(fetching_a_copy(fetch)(None, live, 1.0))
+    assert asked == [{PART, TP(TOPIC, 1)}]
+
+
+def test_nothing_is_fetched_for_an_empty_active_set() -> None:
+    called: list[Any] = []
+
+    async def fetch(_self: Any, active: Any, _timeout: float) -> Any:
+        called.append(active)
+        return {PART: ["a record"]}
+
+    assert asyncio.run(fetching_a_copy(fetch)(None, set(), 1.0)) == {}
+    assert asyncio.run(fetching_a_copy(fetch)(None, None, 1.0)) == {PART: ["a record"]}
+    assert called == [None]  # a client-only app (None) still fetches everything
+
+
+@pytest.mark.usefixtures("app")
+def test_faust_fetches_with_a_copy_of_the_active_set() -> None:
+    from faust.transport.consumer import ThreadDelegateConsumer
+
+    assert getattr(ThreadDelegateConsumer._getmany, "medclear", False)
