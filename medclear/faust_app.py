@@ -84,11 +84,20 @@ def _keep_fetched_records(app: faust.App) -> None:
     _fetch_what_was_active()
 
 
+def _wrap_once(owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
+    """`owner.name` becomes `wrap(owner.name)`, once a process: the replacement is marked
+    `medclear`, so the next app built here (a process or a test may build several) leaves
+    it as it is."""
+    current = getattr(owner, name)
+    if getattr(current, "medclear", False):
+        return
+    replacement = wrap(current)
+    replacement.medclear = True
+    setattr(owner, name, replacement)
+
+
 def _never_commit_across_holes() -> None:
     from faust.transport.consumer import Consumer
-
-    if getattr(Consumer._add_gap, "medclear", False):
-        return
 
     async def refuse_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) -> None:
         metrics.STREAM_OFFSET_GAPS.labels(tp.topic).inc(offset_to - offset_from)
@@ -96,21 +105,21 @@ def _never_commit_across_holes() -> None:
                   topic=tp.topic, partition=tp.partition, first=offset_from,
                   until=offset_to)  # fmt: skip
 
-    refuse_gap.medclear = True  # type: ignore[attr-defined]
-    Consumer._add_gap = refuse_gap  # type: ignore[method-assign]
+    def checking_the_head(booked: Callable[[Consumer, Any], int | None]) -> Any:
+        def new_offset(self: Consumer, tp: Any) -> int | None:
+            """faust's own check lets one missing offset through at the head of what was
+            acknowledged (`min(acked) - committed > 1`, where `committed` is already the
+            next offset to read): the record at `committed` must itself be acknowledged
+            first."""
+            acked, committed = self._acked[tp], self._committed_offset[tp]
+            if acked and committed is not None and min(acked) > committed:
+                return None
+            return booked(self, tp)
 
-    booked = Consumer._new_offset
+        return new_offset
 
-    def new_offset(self: Consumer, tp: Any) -> int | None:
-        """faust's own check lets one missing offset through at the head of what was
-        acknowledged (`min(acked) - committed > 1`, where `committed` is already the next
-        offset to read): the record at `committed` must itself be acknowledged first."""
-        acked, committed = self._acked[tp], self._committed_offset[tp]
-        if acked and committed is not None and min(acked) > committed:
-            return None
-        return booked(self, tp)
-
-    Consumer._new_offset = new_offset  # type: ignore[method-assign]
+    _wrap_once(Consumer, "_add_gap", lambda _booking: refuse_gap)
+    _wrap_once(Consumer, "_new_offset", checking_the_head)
 
 
 def _redeliver_after_a_rewind() -> None:
@@ -130,8 +139,7 @@ def _redeliver_after_a_rewind() -> None:
     offsets it has applied)."""
     from faust.transport.consumer import Consumer
 
-    if not getattr(Consumer.getmany, "medclear", False):
-        Consumer.getmany = rewinding(Consumer.getmany)  # type: ignore[method-assign,assignment]
+    _wrap_once(Consumer, "getmany", rewinding)
 
 
 Fetched = Callable[[Any, float], AsyncIterator[tuple[Any, Any]]]
@@ -153,7 +161,6 @@ def rewinding(fetched: Fetched) -> Fetched:
                 del read_offset[tp]
             yield tp, message
 
-    getmany.medclear = True  # type: ignore[attr-defined]
     return getmany
 
 
@@ -173,8 +180,7 @@ def _fetch_what_was_active() -> None:
     for the next fetch."""
     from faust.transport.consumer import ThreadDelegateConsumer
 
-    if not getattr(ThreadDelegateConsumer._getmany, "medclear", False):
-        ThreadDelegateConsumer._getmany = fetching_a_copy(ThreadDelegateConsumer._getmany)  # type: ignore[method-assign,assignment]
+    _wrap_once(ThreadDelegateConsumer, "_getmany", fetching_a_copy)
 
 
 Fetch = Callable[[Any, Any, float], Coroutine[Any, Any, Any]]
@@ -191,7 +197,6 @@ def fetching_a_copy(fetch: Fetch) -> Fetch:
             active_partitions = set(active_partitions)
         return await fetch(self, active_partitions, timeout)
 
-    getmany.medclear = True  # type: ignore[attr-defined]
     return getmany
 
 

@@ -112,8 +112,8 @@ def delivered(read_offset: dict[Any, int | None], offsets: list[int]) -> list[in
 
 
 def test_records_below_a_stale_read_offset_are_delivered_not_dropped() -> None:
-    # the broker-restart drill: the read offset was written back after the revocation
-    # cleared it, and the seek to the committed offset 7 then re-read 7..26
+    # the broker-restart drill: after the rebalance the sms job was sought back to its
+    # committed offset 7 with a stale read offset of 26, and re-read 7..26
     before = metrics.STREAM_REWINDS.labels(TOPIC)._value.get()
     assert delivered({PART: 26}, list(range(7, 28))) == list(range(7, 28))
     assert metrics.STREAM_REWINDS.labels(TOPIC)._value.get() - before == 1
