@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
@@ -46,7 +48,11 @@ def make_app(
         **extra,
     )
     _export_lag(app, app_id)
+    # changes to faust's own code, each explained where it is made (docs/ARCHITECTURE.md)
     _keep_fetched_records(app)
+    _redeliver_after_a_rewind()
+    _fetch_what_was_active()
+    _flush_means_delivered()
     return app
 
 
@@ -80,8 +86,6 @@ def _keep_fetched_records(app: faust.App) -> None:
 
     flow.resume = resume_keeping_queues  # type: ignore[method-assign]
     _never_commit_across_holes()
-    _redeliver_after_a_rewind()
-    _fetch_what_was_active()
 
 
 def _wrap_once(owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
@@ -198,6 +202,127 @@ def fetching_a_copy(fetch: Fetch) -> Fetch:
         return await fetch(self, active_partitions, timeout)
 
     return getmany
+
+
+def _flush_means_delivered() -> None:
+    """The producer's flush returns once every table write made before it is on the broker.
+
+    A table write (`table[key] = value`) is queued in faust's producer buffer, and a
+    background task hands the queued records to aiokafka one at a time. faust 0.15.3's
+    buffer flush returned as soon as 0.1 s passed without a record handed over, and took
+    a record being handed over (out of the queue, aiokafka still waiting for the broker)
+    for done. With the broker away for a moment it returned with changelog records still
+    queued. Both faust's commit (flush, then commit the offsets) and a rebalance (flush,
+    then recovery reads the changelogs up to their highwater) trust it, and so does the sms
+    job (in-flight marks before a submit, settlements before the next window). In the
+    broker-restart drill the sms job's recovery read a person's row without the settlement
+    its last batch had just written; the event, delivered again, sent its SMS twice (5 of
+    59 runs, docs/PERFORMANCE.md).
+
+    The replacement waits until the queue is empty, nothing is being handed over, and
+    every record handed over has been acknowledged (acks=all) or has failed. A table
+    write the broker never took (aiokafka gave up on it) ends the process at once
+    (`exit_for_lost_write`): it must not commit past state that is not on the broker, and
+    a restart recovers the tables and reads the batch again. Should that exit be replaced
+    (a test), this flush and every later one raise."""
+    from faust.transport.producer import ProducerBuffer
+
+    _wrap_once(ProducerBuffer, "_send_pending", tracking_deliveries)
+    _wrap_once(ProducerBuffer, "flush", flushing_until_delivered)
+
+
+class ChangelogWriteLost(RuntimeError):
+    """A table's changelog record was never acknowledged by the broker."""
+
+
+EXIT_STATE_NOT_ON_BROKER = 75  # EX_TEMPFAIL: a table write was lost; restart from the broker
+
+
+def exit_for_lost_write(error: str) -> None:
+    """The process leaves at once: its tables hold a write the broker never took, and
+    nothing it does from here may be committed. Restarted, it recovers the tables from the
+    changelogs and reads its input again from the last commit."""
+    log.critical("a table write never reached the broker; exiting", error=error,
+                 exit_code=EXIT_STATE_NOT_ON_BROKER)  # fmt: skip
+    sys.stderr.flush()
+    os._exit(EXIT_STATE_NOT_ON_BROKER)
+
+
+class _Deliveries:
+    """What one producer buffer has handed over and what became of it."""
+
+    def __init__(self, on_lost: Callable[[str], None] = exit_for_lost_write) -> None:
+        self.handing_over = 0  # records out of the queue, aiokafka's send not yet returned
+        self.unacknowledged: set[asyncio.Future[Any]] = set()
+        self.lost: list[str] = []  # why each lost record was lost
+        self.on_lost = on_lost
+
+    def watch(self, fut: asyncio.Future[Any]) -> None:
+        self.unacknowledged.add(fut)
+        fut.add_done_callback(self._settled)
+
+    def _settled(self, fut: asyncio.Future[Any]) -> None:
+        self.unacknowledged.discard(fut)
+        error = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or error is not None:
+            self.lost.append("cancelled" if error is None else repr(error))
+            metrics.TABLE_WRITES_LOST.inc()
+            self.on_lost(self.lost[-1])
+
+
+def _deliveries(buffer: Any) -> _Deliveries:
+    found: _Deliveries | None = buffer.__dict__.get("medclear_deliveries")
+    if found is None:
+        found = buffer.__dict__["medclear_deliveries"] = _Deliveries()
+    return found
+
+
+SendPending = Callable[[Any, Any], Coroutine[Any, Any, None]]
+
+
+def tracking_deliveries(send_pending: SendPending) -> SendPending:
+    """`send_pending` (faust's ProducerBuffer._send_pending), counting the records being
+    handed over and watching each one's acknowledgement. A record aiokafka refused outright
+    is lost too (faust's own task would have died with it, and every later write with it)."""
+
+    async def handing_over(self: Any, fut: asyncio.Future[Any]) -> None:
+        deliveries = _deliveries(self)
+        deliveries.watch(fut)
+        deliveries.handing_over += 1
+        try:
+            await send_pending(self, fut)
+        except Exception as exc:  # the record is lost: see _Deliveries
+            if not fut.done():
+                fut.set_exception(exc)
+        finally:
+            deliveries.handing_over -= 1
+
+    return handing_over
+
+
+def flushing_until_delivered(bounded_flush: Callable[[Any], Any]) -> Any:
+    """A replacement for faust's ProducerBuffer.flush (`bounded_flush`), which still serves
+    the threaded producer (medclear does not use it)."""
+
+    async def flush(self: Any) -> None:
+        if self.app is not None and self.app.conf.producer_threaded:
+            await bounded_flush(self)
+            return
+        deliveries = _deliveries(self)
+        while self.size or deliveries.handing_over:
+            if self.state != "running":
+                raise RuntimeError("Cannot flush: Producer not Running")
+            self.message_sent.clear()
+            await self.message_sent.wait()
+        if deliveries.unacknowledged:
+            await asyncio.wait(set(deliveries.unacknowledged))
+        if deliveries.lost:
+            raise ChangelogWriteLost(
+                f"{len(deliveries.lost)} table write(s) not acknowledged by the broker, "
+                f"first: {deliveries.lost[0]}"
+            )
+
+    return flush
 
 
 def run_worker(app: faust.App) -> None:
