@@ -31,10 +31,13 @@ of approvals is exact, and a repeat decided before is answered from the person's
 (`replayed`). Not during the fault: every resend is one more command on the broker, and
 resending at once while a worker is away only builds the backlog it must work off.
 
-The broker is restarted with SIGTERM, never kill -9: noida-db (the embedded broker)
-keeps its data as one JSON file rewritten about every half second and loses writes it
-acknowledged just before a kill -9 (docs/ARCHITECTURE.md, decision 9). Production runs
-Apache Kafka with acks=all and min.insync.replicas 2, where a broker kill loses nothing.
+The broker is restarted as `medclear down` stops it, never with kill -9: noida-db (the
+embedded broker) keeps its data as one JSON file rewritten about every half second and
+loses writes it acknowledged just before a kill -9 (docs/ARCHITECTURE.md, decision 9).
+A bare SIGTERM loses some too: noida-db goes on acknowledging writes while it shuts down,
+after its last save. So its own `noida-db stop kafka` comes first (it closes the Kafka
+service and saves), then the SIGTERM (stack.broker_stop_argv). Production runs Apache
+Kafka with acks=all and min.insync.replicas 2, where a broker kill loses nothing.
 """
 
 from __future__ import annotations
@@ -107,9 +110,8 @@ RECOVERY_WAIT_S = 120.0  # a repaired stack must approve a swipe within this
 DRAIN_TIMEOUT_S = 180.0
 DRAIN_POLL_S = 1.0
 STOP_WAIT_S = 15.0  # for a SIGTERMed component to exit
-SMS_DOUBLES_ALLOWED = 0  # none of these drills kills the sms job (that bound is 64) ...
-SMSC_STOP_DOUBLES_ALLOWED = 64  # ... but a stopped SMSC may drop submit_sm_resps it owed:
-# those parts are sent again (ARCHITECTURE "Consumption SMS"), at most one window
+SMS_DOUBLES_ALLOWED = 0  # none of these drills kills the sms job (that bound is 64), and
+# the SMSC is stopped gracefully (it unbinds and answers every submit_sm it recorded)
 UNDECIDED = frozenset({ResultCode.TIMEOUT, ResultCode.UNAVAILABLE, ResultCode.SYSTEM_ERROR})
 APPROVED = frozenset({ResultCode.OK, ResultCode.PARTIALLY_APPROVED})
 PERSON_SPACE = 50 * 12 * 28 * 1000  # distinct drill social security numbers
@@ -377,6 +379,8 @@ class StateCheck:
     verified: int  # approvals found in the person's records (or answered `replayed`)
     balance_mismatches: list[str]  # masked persons whose balance ≠ before − Σ approved
     unknown_in_state: int  # consumption records the client was never told were approved
+    decided_again: int = 0  # approvals the person had forgotten: the replay check decided
+    # them anew (it had to ask with the swipe itself), so it changed the state it checks
 
 
 def expected_balances(before: Mapping[str, int], swipes: Iterable[SwipeRecord]) -> dict[str, int]:
@@ -541,14 +545,17 @@ def _pid_gone(pid: int) -> bool:
     return stat[stat.rindex(")") + 2 :].startswith("Z")
 
 
-def signal_component(a: StackAccess, name: str, sig: signal.Signals) -> int:
+def signal_component(
+    a: StackAccess, name: str, sig: signal.Signals, *, checked: bool = True
+) -> int:
     """Send `sig` to a running component of the stack (its process group when it leads
-    one, as `medclear down` does); returns its pid."""
+    one, as `medclear down` does); returns its pid. `checked`: it must be healthy first
+    (not asked of a SIGCONT, nor after stop_serving)."""
     row = a.component(name)
     if row.pid is None:
         raise DrillError(f"{name} is an external server; a drill cannot stop it")
-    if not row.healthy and sig != signal.SIGCONT:
-        raise DrillError(f"{name} is not healthy before the drill: {row.detail}")
+    if checked:
+        _healthy(row)
     try:
         if os.getpgid(row.pid) == row.pid:
             os.killpg(row.pid, sig)
@@ -559,12 +566,30 @@ def signal_component(a: StackAccess, name: str, sig: signal.Signals) -> int:
     return row.pid
 
 
+def _healthy(row: stack.ComponentStatus) -> None:
+    if not row.healthy:
+        raise DrillError(f"{row.name} is not healthy before the drill: {row.detail}")
+
+
+def stop_serving(a: StackAccess, name: str) -> None:
+    """Run the component's recorded stop command, as `medclear down` does before its
+    SIGTERM (noida-db: `noida-db stop kafka`, without which it acknowledges writes it then
+    loses; stack.broker_stop_argv)."""
+    row = a.component(name)
+    if row.pid is None:
+        raise DrillError(f"{name} is an external server; a drill cannot stop it")
+    _healthy(row)
+    stack.run_stop_first(a.settings, name)
+
+
 def stop_component(a: StackAccess, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
     """Stop a component as `medclear down` does: the signal, wait for its leader, then
     SIGKILL whatever it left in its process group; and wait until its port is free
     (a restart at once found noida-db's port still taken)."""
     address = a.component(name).address.split(" ")[0]
-    pid = signal_component(a, name, sig)
+    if sig == signal.SIGTERM:
+        stop_serving(a, name)
+    pid = signal_component(a, name, sig, checked=sig != signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT_S
     while not _pid_gone(pid):
         if time.monotonic() > deadline:
@@ -648,7 +673,7 @@ def outage(name: str, seconds: float, freeze: bool = False) -> Fault:
         marks.injected.append(time.monotonic())  # the fault has taken effect
         time.sleep(max(0.0, marks.injected[-1] + seconds - time.monotonic()))
         if freeze:
-            signal_component(a, name, signal.SIGCONT)
+            signal_component(a, name, signal.SIGCONT, checked=False)
         else:
             restart(a, name)
         marks.repaired.append(time.monotonic())
@@ -661,9 +686,9 @@ def outage(name: str, seconds: float, freeze: bool = False) -> Fault:
 
 def broker_restart() -> Fault:
     def fault(a: StackAccess, traffic: SteadyTraffic, marks: Marks, log: Log) -> None:
-        stop_component(a, "broker")  # SIGTERM: noida-db writes its data file and exits
+        stop_component(a, "broker")  # noida-db: its stop command (it saves), then SIGTERM
         marks.injected.append(time.monotonic())
-        log("broker stopped (SIGTERM); starting it again")
+        log("broker stopped (its stop command, then SIGTERM); starting it again")
         restart(a, "broker")
         marks.repaired.append(time.monotonic())
         log("broker ready again")
@@ -719,18 +744,21 @@ async def person_views(a: StackAccess, ssns: Sequence[str]) -> dict[str, Any]:
         return dict(await asyncio.gather(*(one(s) for s in ssns)))
 
 
-async def _replayed(a: StackAccess, swipes: Sequence[SwipeRecord]) -> set[str]:
-    """Request ids whose repeat is answered `replayed` with the original payment."""
-    out = set()
+async def _replayed(a: StackAccess, swipes: Sequence[SwipeRecord]) -> tuple[set[str], int]:
+    """Request ids whose repeat is answered `replayed` with the original payment, and how
+    many repeats were decided anew instead (the person had no memory of the swipe)."""
+    out, decided_again = set(), 0
     async with aio_channel(a.endpoints.gateway, Role.TERMINAL, a.pki_dir) as channel:
         stub = pos_pb2_grpc.PosServiceStub(channel)
         for s in swipes:
             assert s.request is not None
             reply = await stub.Authorize(s.request, timeout=RPC_TIMEOUT_S)
-            if (reply.replayed and ResultCode(reply.result) in APPROVED
+            if not reply.replayed and ResultCode(reply.result) not in UNDECIDED:
+                decided_again += 1
+            elif (reply.replayed and ResultCode(reply.result) in APPROVED
                     and reply.paid_from_account_fen == s.paid_from_account_fen):  # fmt: skip
                 out.add(s.request_id)
-    return out
+    return out, decided_again
 
 
 def check_state(
@@ -754,9 +782,11 @@ def check_state(
     per_person = Counter(s.ssn for s in approved)
     unseen = [s for s in approved if s.request_id not in found]
     replayable = [s for s in unseen if per_person[s.ssn] <= REPLAY_CHECK_APPROVALS_MAX]
+    decided_again = 0
     if replayable:  # beyond the 20 records GetPerson shows: ask the person's memory
-        found |= asyncio.run(_replayed(a, replayable))
-    return StateCheck(len(found), mismatches, unknown)
+        replayed, decided_again = asyncio.run(_replayed(a, replayable))
+        found |= replayed
+    return StateCheck(len(found), mismatches, unknown, decided_again)
 
 
 def clickhouse_once(a: StackAccess, request_ids: Sequence[str]) -> tuple[int, int]:
@@ -825,8 +855,6 @@ def run_drill(
     """Seed, steady traffic, the fault, drain, checks; the result (never raises for a
     failed check: its problems say what failed)."""
     result = DrillResult(name, description)
-    if name == "smsc-outage":
-        result.sms_doubles_allowed = SMSC_STOP_DOUBLES_ALLOWED
     started = time.monotonic()
 
     def log(text: str) -> None:
@@ -876,15 +904,19 @@ def run_drill(
     drained = wait_drained(a, approved, sms)
     if drained is not None and marks.injected:
         result.drained_s = drained - marks.injected[-1]
+    # ClickHouse first: the state check's replay of a swipe the stack forgot decides it anew
+    result.in_clickhouse_once, result.clickhouse_duplicate_rows = clickhouse_once(
+        a, [s.request_id for s in approved]
+    )
     state = check_state(a, before, swipes)
     result.verified_in_state = state.verified
     result.problems += [f"balance {m}" for m in state.balance_mismatches[:5]]
     if state.unknown_in_state:
         result.problems.append(f"{state.unknown_in_state} swipes in state not approved to "
                                "the client")  # fmt: skip
-    result.in_clickhouse_once, result.clickhouse_duplicate_rows = clickhouse_once(
-        a, [s.request_id for s in approved]
-    )
+    if state.decided_again:
+        result.problems.append(f"{state.decided_again} approved swipes forgotten by the stack "
+                               "(the replay check decided them again)")  # fmt: skip
     if result.sms is not None and result.sms.doubled:
         result.notes.append(f"{result.sms.doubled} SMS doubled (allowed here: "
                             f"{result.sms_doubles_allowed})")  # fmt: skip
@@ -925,7 +957,7 @@ def spec(name: str, times: int = 2, seconds: float = 10.0, freeze: bool = False)
         return DrillSpec(name, f"kill -9 a clearing worker, restart it ({times}×)",
                          worker_kill(times), times * 15.0, "worker-0")  # fmt: skip
     if name == "broker-restart":
-        return DrillSpec(name, "broker SIGTERM + start (noida-db: not kill -9)",
+        return DrillSpec(name, "broker stop + start (noida-db: not kill -9)",
                          broker_restart(), 15.0, "broker")  # fmt: skip
     if name in ("clickhouse-outage", "smsc-outage", "hsm-outage"):
         component = name.removesuffix("-outage")
@@ -1311,8 +1343,9 @@ def broker_restart_cmd(
     fresh: FreshOpt = False, security: SecurityOpt = True,
     rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
 ) -> None:  # fmt: skip
-    """Restart the broker: SIGTERM, then start (noida-db loses acknowledged writes on a
-    kill -9; see docs/ARCHITECTURE.md decision 9)."""
+    """Restart the broker under traffic: stop it as `medclear down` does (noida-db: its stop
+    command, then SIGTERM; it loses acknowledged writes on a kill -9 or a bare SIGTERM, see
+    docs/ARCHITECTURE.md decision 9), then start it."""
     _drills(["broker-restart"], fresh, security, rate, persons)
 
 

@@ -266,7 +266,6 @@ class _Deliveries:
         error = None if fut.cancelled() else fut.exception()
         if fut.cancelled() or error is not None:
             self.lost.append("cancelled" if error is None else repr(error))
-            metrics.TABLE_WRITES_LOST.inc()
             self.on_lost(self.lost[-1])
 
 

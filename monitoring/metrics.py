@@ -104,10 +104,6 @@ STREAM_OFFSET_GAPS = Counter(
     "topic; the commit waits below such a hole",
     ["topic"],
 )
-TABLE_WRITES_LOST = Counter(
-    "medclear_table_writes_lost_total",
-    "table changelog records the broker never acknowledged (the process exits on the first)",
-)
 STREAM_REWINDS = Counter(
     "medclear_stream_rewinds_total",
     "records fetched below faust's read offset of their partition (it was rewound by a "

@@ -126,9 +126,8 @@ def test_clickhouse_outage(target: drill.StackAccess) -> None:
 
 
 def test_smsc_outage(target: drill.StackAccess) -> None:
-    """A stopped SMSC can drop submit_sm_resps it owed (seen: 1 of 40 SMS sent twice, the
-    first copy received before SIGTERM); the sms job sends those parts again, at most one
-    window (64). Every other drill allows no doubled SMS."""
+    """No SMS doubled: the SMSC stops gracefully (unbind, every recorded submit_sm answered;
+    before it did, 1 SMS of ~40 was doubled in every run)."""
     run(target, drill.spec("smsc-outage", seconds=OUTAGE_S))
 
 
@@ -137,14 +136,5 @@ def test_hsm_outage(target: drill.StackAccess) -> None:
     assert result.undecided_answers, "the HSM outage did not reach the swipes"
 
 
-@pytest.mark.xfail(
-    reason="found by this drill on noida-db 0.2.3 (docs/PERFORMANCE.md, 'Fault drills'): "
-    "(1) after the other drills, the broker came back without the last ~0.1 s of records "
-    "it had acknowledged before SIGTERM - a swipe's command, events, changelog record and "
-    "reply, while the client held its OK - so state and conservation fail; (2) on a fresh "
-    "stack ~1 run in 12 doubles an SMS (5 of 59). The stuck table recovery (11 of 37 runs) is "
-    "fixed in medclear.faust_app: 0 of 22 since. Non-strict: most runs alone pass.",
-    strict=False,
-)
 def test_broker_restart(target: drill.StackAccess) -> None:
     run(target, drill.spec("broker-restart"))

@@ -11,7 +11,12 @@
 // - sends a delivery receipt (deliver_sm, esm_class 0x04) for every submit_sm that asked
 //   for one (registered_delivery & 1), after --receipt-delay-ms;
 // - prints "SMSC listening on HOST:PORT" once it accepts connections;
-// - SIGTERM / SIGINT: stops accepting, closes the sessions and exits 0.
+// - SIGTERM / SIGINT: stops accepting connections, sends every bound session an unbind,
+//   refuses (ESME_RSYSERR, "try again later", nothing recorded) any submit_sm that still
+//   comes, closes each session once it answered the unbind or after UNBIND_WAIT_MS, and
+//   exits 0. Every submit_sm it recorded has had its answer written before the close.
+//   (Closing at once, as it did, left submit_sm that arrived after the close recorded but
+//   unanswered: the client sent them again, and the drills counted a doubled SMS.)
 //
 // A line is appended (synchronously) before the submit_sm_resp is sent, so everything the
 // client was told is accepted is in the file.
@@ -21,6 +26,8 @@ const fs = require('fs');
 const smpp = require('smpp');
 
 const MESSAGE_STATE_DELIVERED = 2;
+const UNBIND_WAIT_MS = 300; // for a client's unbind_resp before the session is closed
+let stopping = false;
 
 function options(argv) {
   const out = {
@@ -154,6 +161,10 @@ const server = smpp.createServer((session) => {
       session.send(pdu.response({command_status: smpp.ESME_RINVBNDSTS}));
       return;
     }
+    if (stopping) {
+      session.send(pdu.response({command_status: smpp.ESME_RSYSERR}));
+      return;
+    }
     onSubmit(session, pdu);
   });
   session.on('enquire_link', (pdu) => session.send(pdu.response()));
@@ -174,11 +185,20 @@ server.listen(opts.port, opts.host, () => {
 });
 
 function stop() {
+  if (stopping) {
+    return;
+  }
+  stopping = true;
   server.close();
   for (const session of [...server.sessions]) {
-    session.close();
+    if (session.closed) {
+      continue;
+    }
+    const close = () => { if (!session.closed) session.close(); };
+    session.unbind({}, close);
+    setTimeout(close, UNBIND_WAIT_MS);
   }
-  setTimeout(() => process.exit(0), 200).unref();
+  setTimeout(() => process.exit(0), UNBIND_WAIT_MS + 200).unref();
 }
 
 process.on('SIGTERM', stop);
