@@ -583,9 +583,10 @@ def stop_serving(a: StackAccess, name: str) -> None:
 
 
 def stop_component(a: StackAccess, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
-    """Stop a component as `medclear down` does: the signal, wait for its leader, then
-    SIGKILL whatever it left in its process group; and wait until its port is free
-    (a restart at once found noida-db's port still taken)."""
+    """Stop a component as `medclear down` does: its stop command if it has one (with
+    SIGTERM), the signal, wait for its leader, then SIGKILL whatever it left in its
+    process group; and wait until its port is free (a restart at once found noida-db's
+    port still taken)."""
     address = a.component(name).address.split(" ")[0]
     if sig == signal.SIGTERM:
         stop_serving(a, name)
