@@ -242,30 +242,6 @@ def test_a_flush_waits_for_table_writes_queued_while_the_broker_is_away(app: fau
     assert asyncio.run(scenario()) == [False, False, True, True]
 
 
-def test_a_flush_does_not_wait_for_writes_made_after_it_began(app: faust.App) -> None:
-    # under steady writes the buffer need never be empty: a commit's flush waits for what
-    # it owed when it began
-    async def scenario() -> bool:
-        broker = Broker()
-        buffer, put = buffered(app, broker, [])
-        await buffer.start()
-        broker.up.set()
-        put(2)
-        flushing = asyncio.ensure_future(buffer.flush())
-        await asyncio.sleep(0.05)
-        owed = list(broker.handed)
-        put(2)  # written while the flush waits, never acknowledged here
-        await asyncio.sleep(0.05)
-        for fut in owed:
-            fut.set_result("acknowledged")
-        done = await finished_within(0.5, flushing)
-        broker.ack()
-        await buffer.stop()
-        return done
-
-    assert asyncio.run(scenario())
-
-
 def test_a_table_write_the_broker_never_took_is_reported_and_fails_the_flush(
     app: faust.App,
 ) -> None:
