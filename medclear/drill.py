@@ -545,17 +545,18 @@ def _pid_gone(pid: int) -> bool:
     return stat[stat.rindex(")") + 2 :].startswith("Z")
 
 
-def signal_component(
-    a: StackAccess, name: str, sig: signal.Signals, *, checked: bool = True
-) -> int:
+def signal_component(a: StackAccess, name: str, sig: signal.Signals) -> int:
     """Send `sig` to a running component of the stack (its process group when it leads
-    one, as `medclear down` does); returns its pid. `checked`: it must be healthy first
-    (not asked of a SIGCONT, nor after stop_serving)."""
+    one), as `medclear down` does: a SIGTERM follows the component's recorded stop command
+    (noida-db: `noida-db stop kafka`, without which it acknowledges writes it then loses;
+    stack.broker_stop_argv). Returns its pid."""
     row = a.component(name)
     if row.pid is None:
         raise DrillError(f"{name} is an external server; a drill cannot stop it")
-    if checked:
-        _healthy(row)
+    if not row.healthy and sig != signal.SIGCONT:
+        raise DrillError(f"{name} is not healthy before the drill: {row.detail}")
+    if sig == signal.SIGTERM:
+        stack.run_stop_first(a.settings, name)
     try:
         if os.getpgid(row.pid) == row.pid:
             os.killpg(row.pid, sig)
@@ -566,31 +567,13 @@ def signal_component(
     return row.pid
 
 
-def _healthy(row: stack.ComponentStatus) -> None:
-    if not row.healthy:
-        raise DrillError(f"{row.name} is not healthy before the drill: {row.detail}")
-
-
-def stop_serving(a: StackAccess, name: str) -> None:
-    """Run the component's recorded stop command, as `medclear down` does before its
-    SIGTERM (noida-db: `noida-db stop kafka`, without which it acknowledges writes it then
-    loses; stack.broker_stop_argv)."""
-    row = a.component(name)
-    if row.pid is None:
-        raise DrillError(f"{name} is an external server; a drill cannot stop it")
-    _healthy(row)
-    stack.run_stop_first(a.settings, name)
-
-
 def stop_component(a: StackAccess, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
     """Stop a component as `medclear down` does: its stop command if it has one (with
     SIGTERM), the signal, wait for its leader, then SIGKILL whatever it left in its
     process group; and wait until its port is free (a restart at once found noida-db's
     port still taken)."""
     address = a.component(name).address.split(" ")[0]
-    if sig == signal.SIGTERM:
-        stop_serving(a, name)
-    pid = signal_component(a, name, sig, checked=sig != signal.SIGTERM)
+    pid = signal_component(a, name, sig)
     deadline = time.monotonic() + STOP_WAIT_S
     while not _pid_gone(pid):
         if time.monotonic() > deadline:
@@ -674,7 +657,7 @@ def outage(name: str, seconds: float, freeze: bool = False) -> Fault:
         marks.injected.append(time.monotonic())  # the fault has taken effect
         time.sleep(max(0.0, marks.injected[-1] + seconds - time.monotonic()))
         if freeze:
-            signal_component(a, name, signal.SIGCONT, checked=False)
+            signal_component(a, name, signal.SIGCONT)
         else:
             restart(a, name)
         marks.repaired.append(time.monotonic())

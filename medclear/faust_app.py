@@ -280,8 +280,9 @@ SendPending = Callable[[Any, Any], Coroutine[Any, Any, None]]
 
 
 def tracking_deliveries(send_pending: SendPending) -> SendPending:
-    """`send_pending` (faust's ProducerBuffer._send_pending), watching the acknowledgement
-    of each record from the moment it leaves the queue. A record aiokafka refused outright
+    """`send_pending` (faust's ProducerBuffer._send_pending), counting the records being
+    handed over and watching each one's acknowledgement from the moment it leaves the
+    queue. A record aiokafka refused outright
     is lost too (faust's own task would have died with it, and every later write with it)."""
 
     async def handing_over(self: Any, fut: asyncio.Future[Any]) -> None:
