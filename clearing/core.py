@@ -5,33 +5,41 @@ the unit tests and the simulator all run these same functions. `handle` is the o
 entry point adapters call: decide, apply every event, check invariants, remember the
 reply.
 
-Authorization precedence (each with its own result code, lowest number wins):
-malformed → repeat of a request id (the original reply) → institution unknown / not
-designated → card unknown → card not valid → colour → initial PIN → wrong PIN → daily
-pharmacy limit → balance → approved.
+Every command: a malformed request id or social security number is refused first, then a
+repeat of a remembered request id gets the original reply (`replayed`). Swipes and balance
+enquiries are then decided by `clearing.pos`, one ordered list of checks in result-code
+order (the lowest number wins).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from clearing import validate
+from clearing import pos, validate
 from clearing.calendar import pre_loss_deadline_ms, shanghai_day
 from clearing.codes import (
     COLOUR_OF_CATEGORY,
-    DECLINE_OF_CARD_STATE,
     CardColour,
     CardKind,
     CardState,
-    InstitutionType,
     ResultCode,
+)
+from clearing.decisions import (
+    LIVE_STATES,
+    InvariantError,
+    effective_state,
+    event_id,
+    refuse,
+    state_change,
+    with_events,
 )
 from clearing.limits import (
     BALANCE_FEN_MAX,
     CARDS_PER_PERSON_MAX,
     CREDIT_SOURCES_REMEMBERED_MAX,
     PHARMACY_SWIPES_PER_DAY_MAX,
-    PIN_TRIES_MAX,
+    REASON_CHARS_MAX,
+    REGION_CHARS_MAX,
     REQUEST_ID_MEMORY_MS,
     REQUEST_IDS_REMEMBERED_MAX,
     SWIPES_REMEMBERED_MAX,
@@ -61,7 +69,7 @@ from clearing.model import (
     PharmacyLimitSet,
     PhoneSet,
     PinChanged,
-    PinOutcome,
+    PinTriesReset,
     Policy,
     QueryPerson,
     Refund,
@@ -79,11 +87,16 @@ from clearing.model import (
     SwipeReversed,
 )
 
-__all__ = ["apply", "decide", "effective_state", "handle", "shanghai_day"]
-
-
-class InvariantError(AssertionError):
-    """A broken invariant of the core: a programmer error, never a user's."""
+__all__ = [
+    "InvariantError",
+    "apply",
+    "decide",
+    "effective_state",
+    "handle",
+    "pharmacy_swipes_on",
+    "shanghai_day",
+]
+pharmacy_swipes_on = pos.pharmacy_swipes_on
 
 
 # ---------------------------------------------------------------------------- the card
@@ -92,7 +105,6 @@ class InvariantError(AssertionError):
 # report_pre_loss and release keep what the card was (active / locked / frozen) so that
 # a release or a lapse restores exactly that.
 
-LIVE_STATES = frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED, CardState.FROZEN})
 CARD_TRANSITIONS: dict[str, tuple[frozenset[CardState], CardState]] = {
     "activate": (frozenset({CardState.ISSUED}), CardState.ACTIVE),
     "report_pre_loss": (LIVE_STATES, CardState.PRE_LOST),
@@ -116,108 +128,36 @@ SOCIAL_VALID_STATES = LIVE_STATES | {CardState.PRE_LOST}
 CHANGEABLE_STATES = LIVE_STATES
 
 
-def effective_state(card: Card, at_ms: int) -> CardState:
-    """The state a card is in at `at_ms`: a lapsed pre-loss is the state it restores, an
-    expired temporary card is EXPIRED, before any timer has recorded either."""
-    if card.state == CardState.PRE_LOST and at_ms >= card.pre_loss_deadline_ms > 0:
-        return card.state_before_pre_loss
-    if card.expires_at_ms and at_ms >= card.expires_at_ms and card.state in LIVE_STATES:
-        return CardState.EXPIRED
-    return card.state
-
-
-def _event_id(c: Command, index: int) -> str:
-    """`<request id>@<ingress ms>#<n>`: the same for a redelivered command (same bytes), and
-    distinct for two commands that share a request id (a terminal's trace numbers wrap;
-    a repeat sent later is answered from the remembered reply and makes no events)."""
-    return f"{c.request_id}@{c.at_ms}#{index}"
-
-
-def _reply(
-    person: Person | None,
-    request_id: str,
-    result: ResultCode,
-    at_ms: int,
-    events: int,
-    **fields: object,
-) -> Reply:
-    version = (person.version if person else 0) + events
-    balance = person.balance_fen if person else 0
-    base = Reply(
-        request_id=request_id, result=result, version=version, balance_fen=balance, at_ms=at_ms
-    )
-    return replace(base, **fields)  # type: ignore[arg-type]
-
-
-def _refuse(
-    person: Person | None, request_id: str, result: ResultCode, at_ms: int, **fields: object
-) -> Decision:
-    """An answer that changes nothing and makes no event."""
-    return Decision((), _reply(person, request_id, result, at_ms, 0, **fields))
-
-
-def _events(
-    person: Person | None,
-    command: Command,
-    events: list[Event],
-    result: ResultCode = ResultCode.OK,
-    /,
-    **fields: object,
-) -> Decision:
-    """A decision with events (counted into the reply's version)."""
-    counted = (
-        len(events)
-        if person is not None or (events and isinstance(events[0], PersonRegistered))
-        else 0
-    )
-    return Decision(tuple(events), _reply(person, command.request_id, result, command.at_ms,
-                                          counted, **fields))  # fmt: skip
-
-
-def _state_change(
-    person: Person,
-    c: Command,
-    card: Card,
-    index: int,
-    op: str,
-    new_state: CardState,
-    reason: str = "",
-    deadline_ms: int = 0,
-) -> Event:
-    return CardStateChanged(_event_id(c, index), c.at_ms, c.ssn, card.card_no, op,
-                            card.state, new_state, reason, deadline_ms)  # fmt: skip
-
-
 # ---------------------------------------------------------------------------- decide
 
 
 def decide(person: Person | None, command: Command, policy: Policy) -> Decision:
     if not validate.is_id(command.request_id) or command.at_ms <= 0:
-        return _refuse(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
+        return refuse(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
     if not validate.is_ssn(command.ssn):
-        return _refuse(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
+        return refuse(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
     if person is not None and not isinstance(command, READ_ONLY_COMMANDS):
         original = person.reply_to(command.request_id)
         if original is not None:
             return Decision((), replace(original, replayed=True))
     match command:
         case Authorize():
-            return _decide_authorize(person, command, policy)
+            return pos.decide_authorize(person, command, policy)
         case Reverse():
             return _decide_reverse(person, command)
         case Refund():
             return _decide_refund(person, command)
         case BalanceInquiry():
-            return _decide_balance(person, command, policy)
+            return pos.decide_balance(person, command, policy)
         case QueryPerson():
             if person is None:
-                return _refuse(None, command.request_id, ResultCode.PERSON_UNKNOWN, command.at_ms)
-            return _refuse(person, command.request_id, ResultCode.OK, command.at_ms,
+                return refuse(None, command.request_id, ResultCode.PERSON_UNKNOWN, command.at_ms)
+            return refuse(person, command.request_id, ResultCode.OK, command.at_ms,
                            snapshot=person)  # fmt: skip
         case RegisterPerson():
             return _decide_register(person, command)
         case IssueCard():
-            return _decide_issue(person, command)
+            return _decide_issue(person, command, policy)
         case CardCommand():
             return _decide_card(person, command, policy)
         case ExpirePreLoss():
@@ -242,39 +182,48 @@ def _decide_register(person: Person | None, c: RegisterPerson) -> Decision:
         not validate.is_name(c.name)
         or c.category not in COLOUR_OF_CATEGORY
         or not validate.is_phone(c.phone)
-        or len(c.region) > 32
+        or len(c.region) > REGION_CHARS_MAX
     ):
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if person is not None:
-        return _refuse(person, c.request_id, ResultCode.PERSON_EXISTS, c.at_ms)
-    event = PersonRegistered(_event_id(c, 0), c.at_ms, c.ssn, c.name, c.category, c.phone, c.region)
-    return _events(None, c, [event])
+        return refuse(person, c.request_id, ResultCode.PERSON_EXISTS, c.at_ms)
+    event = PersonRegistered(event_id(c, 0), c.at_ms, c.ssn, c.name, c.category, c.phone, c.region)
+    return with_events(None, c, [event])
 
 
 def _live_person(person: Person | None, c: Command) -> Decision | None:
     """The refusal for a window operation on an unknown or cancelled person, if any."""
     if person is None:
-        return _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
     if person.cancelled:
-        return _refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
     return None
 
 
 def _new_card_events(
-    person: Person, c: Command, card_no: str, kind: CardKind, index: int, replaces: str = ""
+    person: Person,
+    c: Command,
+    card_no: str,
+    kind: CardKind,
+    index: int,
+    replaces: str = "",
+    pvv: str = "",
 ) -> list[Event]:
-    """CardIssued, and for a social card the voiding of every valid temporary card."""
-    state = CardState.ACTIVE if kind == CardKind.TEMPORARY else CardState.ISSUED
-    expires = c.at_ms + TEMPORARY_CARD_VALIDITY_MS if kind == CardKind.TEMPORARY else 0
+    """CardIssued, and for a social card the voiding of every valid temporary card. A
+    temporary card is born active with its PIN set (DOMAIN.md: no activation, PIN set
+    when it is made)."""
+    temporary = kind == CardKind.TEMPORARY
+    state = CardState.ACTIVE if temporary else CardState.ISSUED
+    expires = c.at_ms + TEMPORARY_CARD_VALIDITY_MS if temporary else 0
     events: list[Event] = [CardIssued(
-        _event_id(c, index), c.at_ms, c.ssn, card_no, kind,
-        COLOUR_OF_CATEGORY[person.category], state, expires, replaces)]  # fmt: skip
+        event_id(c, index), c.at_ms, c.ssn, card_no, kind,
+        COLOUR_OF_CATEGORY[person.category], state, expires, replaces,
+        pin_set=temporary, pvv=pvv if temporary else "")]  # fmt: skip
     if kind == CardKind.SOCIAL_SECURITY:
         for card in person.cards:
             if card.kind == CardKind.TEMPORARY and card.state in SOCIAL_VALID_STATES:
                 events.append(
-                    _state_change(
-                        person,
+                    state_change(
                         c,
                         card,
                         index + len(events),
@@ -286,56 +235,66 @@ def _new_card_events(
     return events
 
 
-def _decide_issue(person: Person | None, c: IssueCard) -> Decision:
-    if not validate.is_card_no(c.card_no) or c.kind not in (
-        CardKind.SOCIAL_SECURITY,
-        CardKind.TEMPORARY,
+def _decide_issue(person: Person | None, c: IssueCard, policy: Policy) -> Decision:
+    """A temporary card must come with its PIN (its verification value, when PINs are
+    verified through the HSM); a social security card starts with the initial PIN."""
+    temporary = c.kind == CardKind.TEMPORARY
+    if (
+        not validate.is_card_no(c.card_no)
+        or c.kind not in (CardKind.SOCIAL_SECURITY, CardKind.TEMPORARY)
+        or not validate.is_pvv(c.pvv)
+        or (c.pvv and not temporary)
+        or (temporary and policy.pin_verification_required and not c.pvv)
     ):
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     refusal = _live_person(person, c)
     if refusal is not None or person is None:
-        return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+        return refusal or refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
     if person.card(c.card_no) is not None or len(person.cards) >= CARDS_PER_PERSON_MAX:
-        return _refuse(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
     social_valid = any(card.kind == CardKind.SOCIAL_SECURITY and card.state in
                        SOCIAL_VALID_STATES for card in person.cards)  # fmt: skip
     if social_valid:  # one valid card at a time; the social security card wins
         code = (ResultCode.TEMPORARY_CARD_WHILE_SOCIAL_VALID if c.kind == CardKind.TEMPORARY
                 else ResultCode.TRANSITION_NOT_ALLOWED)  # fmt: skip
-        return _refuse(person, c.request_id, code, c.at_ms)
+        return refuse(person, c.request_id, code, c.at_ms)
     if c.kind == CardKind.TEMPORARY and any(
         card.kind == CardKind.TEMPORARY and effective_state(card, c.at_ms) in LIVE_STATES
         for card in person.cards
     ):
-        return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms)
-    events = _new_card_events(person, c, c.card_no, c.kind, 0)
+        return refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms)
+    events = _new_card_events(person, c, c.card_no, c.kind, 0, pvv=c.pvv)
     first = events[0]
     assert isinstance(first, CardIssued)
-    return _events(person, c, events, card_no=c.card_no, card_state=first.state)
+    return with_events(person, c, events, card_no=c.card_no, card_state=first.state)
 
 
 def _decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decision:
-    if not validate.is_card_no(c.card_no) or len(c.reason) > 200:
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    if (
+        not validate.is_card_no(c.card_no)
+        or len(c.reason) > REASON_CHARS_MAX
+        or not validate.is_pvv(c.pvv)
+    ):
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if c.op != "change_pin" and c.op not in CARD_TRANSITIONS:
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     card = person.card(c.card_no) if person else None
     if person is None or card is None:
-        return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
     if person.cancelled:
-        return _refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
     state = effective_state(card, c.at_ms)
     fields: dict[str, object] = {"card_no": card.card_no, "card_state": state}
     if c.op == "change_pin":
         if state not in PIN_CHANGE_STATES:
-            return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
+            return refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
                            **fields)  # fmt: skip
-        pin_event = PinChanged(_event_id(c, 0), c.at_ms, c.ssn, c.card_no, c.pvv)
-        return _events(person, c, [pin_event], **fields)
+        pin_event = PinChanged(event_id(c, 0), c.at_ms, c.ssn, c.card_no, c.pvv)
+        return with_events(person, c, [pin_event], **fields)
     allowed_from, to_state = CARD_TRANSITIONS[c.op]
     if state not in allowed_from:
         code = CARD_REFUSALS.get((c.op, state), ResultCode.TRANSITION_NOT_ALLOWED)
-        return _refuse(person, c.request_id, code, c.at_ms, **fields)
+        return refuse(person, c.request_id, code, c.at_ms, **fields)
     deadline = 0
     if c.op == "report_pre_loss":
         deadline = pre_loss_deadline_ms(c.at_ms, policy.pre_loss_lifetime(person.region))
@@ -345,14 +304,13 @@ def _decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decis
         # the pre-loss has lapsed (no timer recorded it yet): a formal loss or another
         # report starts from the restored state, which the event records as its origin
         card = replace(card, state=state)
-    events: list[Event] = [_state_change(person, c, card, 0, c.op, to_state, c.reason,
+    events: list[Event] = [state_change(c, card, 0, c.op, to_state, c.reason,
                                          deadline)]  # fmt: skip
     if c.op == "activate":  # activating a new card unfreezes the account (old cards go)
         for other in person.cards:
             if other.card_no != card.card_no and other.state == CardState.FROZEN:
                 events.append(
-                    _state_change(
-                        person,
+                    state_change(
                         c,
                         other,
                         len(events),
@@ -362,7 +320,7 @@ def _decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decis
                     )
                 )
     fields["card_state"] = to_state
-    return _events(person, c, events, **fields)
+    return with_events(person, c, events, **fields)
 
 
 def _pre_lost_card(person: Person, c: ExpirePreLoss) -> Card | None:
@@ -376,113 +334,108 @@ def _pre_lost_card(person: Person, c: ExpirePreLoss) -> Card | None:
     return None
 
 
-def _terminal_of(c: Authorize) -> str:
-    """The terminal of a swipe: given, or the part of the request id before the trace."""
-    return c.terminal_id or c.request_id.rpartition(":")[0]
-
-
 def _decide_expiry(person: Person | None, c: ExpirePreLoss) -> Decision:
     """A pre-loss lapses only if the card is still in that same pre-loss (same deadline)
     and its deadline has passed; after a formal loss, a release or a new report the
     expiry changes nothing and is answered OK without events."""
     if (c.card_no and not validate.is_card_no(c.card_no)) or c.deadline_ms <= 0:
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     card = _pre_lost_card(person, c) if person else None
     if person is not None and card is None and not c.card_no:
-        return _refuse(person, c.request_id, ResultCode.OK, c.at_ms)  # nothing left to lapse
+        return refuse(person, c.request_id, ResultCode.OK, c.at_ms)  # nothing left to lapse
     if person is None or card is None:
-        return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
     if (card.state != CardState.PRE_LOST or card.pre_loss_deadline_ms != c.deadline_ms
             or c.at_ms < c.deadline_ms):  # fmt: skip
-        return _refuse(person, c.request_id, ResultCode.OK, c.at_ms, card_no=card.card_no,
+        return refuse(person, c.request_id, ResultCode.OK, c.at_ms, card_no=card.card_no,
                        card_state=card.state)  # fmt: skip
-    event = _state_change(person, c, card, 0, "pre_loss_lapsed", card.state_before_pre_loss,
+    event = state_change(c, card, 0, "pre_loss_lapsed", card.state_before_pre_loss,
                           "pre-loss lapsed")  # fmt: skip
-    return _events(person, c, [event], card_no=card.card_no,
+    return with_events(person, c, [event], card_no=card.card_no,
                    card_state=card.state_before_pre_loss)  # fmt: skip
 
 
 def _decide_replace(person: Person | None, c: ReplaceCard) -> Decision:
     if (not validate.is_card_no(c.old_card_no) or not validate.is_card_no(c.new_card_no)
             or c.mode not in ("replacement", "change")):  # fmt: skip
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     old = person.card(c.old_card_no) if person else None
     if person is None or old is None:
-        return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
     if person.cancelled:
-        return _refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
     if person.card(c.new_card_no) is not None or len(person.cards) >= CARDS_PER_PERSON_MAX:
-        return _refuse(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
     state = effective_state(old, c.at_ms)
     allowed = {CardState.REPLACED} if c.mode == "replacement" else CHANGEABLE_STATES
     if state not in allowed or old.kind != CardKind.SOCIAL_SECURITY:
-        return _refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
+        return refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
                        card_no=old.card_no, card_state=state)  # fmt: skip
     reason = f"replaced by {validate.mask_card(c.new_card_no)}"
-    events: list[Event] = [_state_change(person, c, old, 0, "cancel", CardState.CANCELLED,
+    events: list[Event] = [state_change(c, old, 0, "cancel", CardState.CANCELLED,
                                          reason)]  # fmt: skip
     issued = _new_card_events(replace(person, cards=()), c, c.new_card_no,
                               CardKind.SOCIAL_SECURITY, 1, replaces=old.card_no)  # fmt: skip
-    return _events(person, c, events + issued, card_no=c.new_card_no,
+    return with_events(person, c, events + issued, card_no=c.new_card_no,
                    card_state=CardState.ISSUED)  # fmt: skip
 
 
 def _decide_credit(person: Person | None, c: CreditAccount) -> Decision:
     if not validate.is_amount_fen(c.amount_fen) or not validate.is_id(c.source_id):
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     refusal = _live_person(person, c)
     if refusal is not None or person is None:
-        return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+        return refusal or refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
     if COLOUR_OF_CATEGORY[person.category] != CardColour.BLUE:
-        return _refuse(person, c.request_id, ResultCode.COLOUR_NOT_ALLOWED, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.COLOUR_NOT_ALLOWED, c.at_ms)
     if any(r.source_id == c.source_id for r in person.credits):  # already applied
-        return _refuse(person, c.request_id, ResultCode.OK, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.OK, c.at_ms)
     balance = person.balance_fen + c.amount_fen
     if balance > BALANCE_FEN_MAX:
-        return _refuse(person, c.request_id, ResultCode.AMOUNT_OUT_OF_RANGE, c.at_ms)
-    event = AccountCredited(_event_id(c, 0), c.at_ms, c.ssn, c.amount_fen, c.source_id, balance)
-    return _events(person, c, [event], amount_fen=c.amount_fen, balance_fen=balance)
+        return refuse(person, c.request_id, ResultCode.AMOUNT_OUT_OF_RANGE, c.at_ms)
+    event = AccountCredited(event_id(c, 0), c.at_ms, c.ssn, c.amount_fen, c.source_id, balance)
+    return with_events(person, c, [event], amount_fen=c.amount_fen, balance_fen=balance)
 
 
 def _decide_limit(person: Person | None, c: SetPharmacyLimit) -> Decision:
     if not validate.is_card_no(c.card_no) or not 0 <= c.swipes_per_day <= (
         PHARMACY_SWIPES_PER_DAY_MAX
     ):
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     card = person.card(c.card_no) if person else None
     if person is None or card is None:
-        return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    event = PharmacyLimitSet(_event_id(c, 0), c.at_ms, c.ssn, c.card_no,
+        return refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
+    event = PharmacyLimitSet(event_id(c, 0), c.at_ms, c.ssn, c.card_no,
                              c.swipes_per_day)  # fmt: skip
-    return _events(person, c, [event], card_no=c.card_no, card_state=card.state,
+    return with_events(person, c, [event], card_no=c.card_no, card_state=card.state,
                    pharmacy_swipes_per_day=c.swipes_per_day)  # fmt: skip
 
 
 def _decide_phone(person: Person | None, c: SetPhone) -> Decision:
     if not validate.is_phone(c.phone):
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     refusal = _live_person(person, c)
     if refusal is not None or person is None:
-        return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
-    return _events(person, c, [PhoneSet(_event_id(c, 0), c.at_ms, c.ssn, c.phone)])
+        return refusal or refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+    return with_events(person, c, [PhoneSet(event_id(c, 0), c.at_ms, c.ssn, c.phone)])
 
 
 def _decide_cancel(person: Person | None, c: CancelPerson) -> Decision:
-    if not c.reason or len(c.reason) > 200:
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+    if not c.reason or len(c.reason) > REASON_CHARS_MAX:
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     refusal = _live_person(person, c)
     if refusal is not None or person is None:
-        return refusal or _refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
+        return refusal or refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
     events: list[Event] = [
-        _state_change(person, c, card, i, "cancel", CardState.CANCELLED, c.reason)
+        state_change(c, card, i, "cancel", CardState.CANCELLED, c.reason)
         for i, card in enumerate(
             card for card in person.cards
             if card.state not in (CardState.CANCELLED, CardState.SUPERSEDED)
         )
     ]  # fmt: skip
-    events.append(PersonCancelled(_event_id(c, len(events)), c.at_ms, c.ssn,
+    events.append(PersonCancelled(event_id(c, len(events)), c.at_ms, c.ssn,
                                   c.reason))  # fmt: skip
-    return _events(person, c, events)
+    return with_events(person, c, events)
 
 
 def _enrolment_steps(c: EnrolPerson) -> list[Command]:
@@ -505,7 +458,7 @@ def _decide_enrol(person: Person | None, c: EnrolPerson, policy: Policy) -> Deci
     nothing: the first refused step's code, and no event at all. The events are those the
     separate commands make, numbered on through this command's id (`#0`, `#1`, …)."""
     if c.kind != CardKind.SOCIAL_SECURITY or c.opening_balance_fen < 0:
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     state = person
     events: list[Event] = []
     reply: Reply | None = None
@@ -514,7 +467,7 @@ def _decide_enrol(person: Person | None, c: EnrolPerson, policy: Policy) -> Deci
             case RegisterPerson():
                 decision = _decide_register(state, step)
             case IssueCard():
-                decision = _decide_issue(state, step)
+                decision = _decide_issue(state, step, policy)
             case CardCommand():
                 decision = _decide_card(state, step, policy)
             case CreditAccount():
@@ -522,124 +475,17 @@ def _decide_enrol(person: Person | None, c: EnrolPerson, policy: Policy) -> Deci
             case _:
                 raise InvariantError(f"no enrolment step {type(step).__name__}")
         if decision.reply.result != ResultCode.OK:
-            return _refuse(person, c.request_id, decision.reply.result, c.at_ms)
+            return refuse(person, c.request_id, decision.reply.result, c.at_ms)
         if not decision.events:  # every step of a new person's enrolment changes it
             raise InvariantError(f"enrolment step {type(step).__name__} made no event")
         for event in decision.events:
             state = apply(state, event)
-            events.append(replace(event, event_id=_event_id(c, len(events))))
+            events.append(replace(event, event_id=event_id(c, len(events))))
         reply = decision.reply
     card = state.card(c.card_no) if state is not None else None
     if reply is None or card is None:
         raise InvariantError("an enrolment without a card")
     return Decision(tuple(events), replace(reply, card_no=card.card_no, card_state=card.state))
-
-
-# ---------------------------------------------------------------------------- the POS
-
-
-def pharmacy_swipes_on(person: Person, card_no: str, day: int) -> int:
-    """Approved, unreversed pharmacy swipes of a card on a Shanghai calendar day."""
-    return sum(
-        1
-        for s in person.swipes
-        if s.card_no == card_no
-        and s.day == day
-        and not s.reversed
-        and s.institution_type == InstitutionType.PHARMACY
-    )
-
-
-def _decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> Decision:
-    if (
-        not validate.is_card_no(c.card_no)
-        or not validate.is_id(c.institution_id)
-        or not validate.is_amount_fen(c.amount_fen)
-        or c.pin
-        not in (
-            PinOutcome.NOT_VERIFIED,
-            PinOutcome.CORRECT,
-            PinOutcome.WRONG,
-            PinOutcome.INVALID_BLOCK,
-        )
-    ):
-        return _refuse(
-            person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms, amount_fen=c.amount_fen
-        )
-    institution = policy.institutions.get(c.institution_id)
-    card = person.card(c.card_no) if person else None
-
-    def decline(
-        code: ResultCode,
-        fields: dict[str, object] | None = None,
-        *,
-        pin_wrong: bool = False,
-        lock: bool = False,
-    ) -> Decision:
-        events: list[Event] = [SwipeDeclined(
-            _event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.card_no,
-            c.institution_id, c.amount_fen, code, pin_wrong,
-            terminal_id=_terminal_of(c))]  # fmt: skip
-        if lock and card is not None and person is not None:
-            events.append(_state_change(person, c, card, 1, "lock", CardState.LOCKED,
-                                        "PIN tries exceeded"))  # fmt: skip
-        return _events(person, c, events, code, amount_fen=c.amount_fen, card_no=c.card_no,
-                       **(fields or {}))  # fmt: skip
-
-    if institution is None:
-        return decline(ResultCode.INSTITUTION_UNKNOWN)
-    if not institution.designated:
-        return decline(ResultCode.INSTITUTION_NOT_DESIGNATED)
-    if person is None or card is None:
-        return decline(ResultCode.CARD_UNKNOWN)
-    state = CardState.CANCELLED if person.cancelled else effective_state(card, c.at_ms)
-    if state != CardState.ACTIVE:
-        return decline(DECLINE_OF_CARD_STATE[state], {"card_state": state})
-    if card.colour != CardColour.BLUE:  # green and red cards have no personal account
-        return decline(ResultCode.COLOUR_NOT_ALLOWED, {"card_state": state})
-    if card.initial_pin:
-        return decline(ResultCode.INITIAL_PIN_NOT_CHANGED, {"card_state": state})
-    if c.pin == PinOutcome.INVALID_BLOCK:
-        return decline(ResultCode.PIN_BLOCK_INVALID, {"card_state": state,
-                       "pin_tries_remaining": card.pin_tries_remaining})  # fmt: skip
-    if c.pin == PinOutcome.WRONG or (
-        c.pin == PinOutcome.NOT_VERIFIED and policy.pin_verification_required
-    ):
-        remaining = max(0, PIN_TRIES_MAX - card.pin_failures - 1)
-        if remaining == 0:
-            return decline(ResultCode.PIN_TRIES_EXCEEDED,
-                           {"card_state": CardState.LOCKED, "pin_tries_remaining": 0},
-                           pin_wrong=True, lock=True)  # fmt: skip
-        return decline(ResultCode.PIN_WRONG,
-                       {"card_state": state, "pin_tries_remaining": remaining},
-                       pin_wrong=True)  # fmt: skip
-    day = shanghai_day(c.at_ms)
-    today = pharmacy_swipes_on(person, c.card_no, day)
-    at_pharmacy = institution.type == InstitutionType.PHARMACY
-    limit_fields: dict[str, object] = {
-        "card_state": state,
-        "pin_tries_remaining": PIN_TRIES_MAX,
-        "pharmacy_swipes_today": today,
-        "pharmacy_swipes_per_day": card.pharmacy_swipes_per_day,
-    }
-    if at_pharmacy and today >= card.pharmacy_swipes_per_day:
-        return decline(ResultCode.DAILY_PHARMACY_LIMIT_REACHED, limit_fields)
-    paid = c.amount_fen
-    result = ResultCode.OK
-    if person.balance_fen < c.amount_fen:
-        if not c.allow_partial or person.balance_fen == 0:
-            return decline(ResultCode.INSUFFICIENT_BALANCE, limit_fields)
-        paid, result = person.balance_fen, ResultCode.PARTIALLY_APPROVED
-    balance_after = person.balance_fen - paid
-    event = SwipeApproved(
-        _event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
-        institution.type, c.amount_fen, paid, c.amount_fen - paid, balance_after, day,
-        terminal_id=_terminal_of(c),
-    )  # fmt: skip
-    limit_fields["pharmacy_swipes_today"] = today + (1 if at_pharmacy else 0)
-    return _events(person, c, [event], result, amount_fen=c.amount_fen,
-                   paid_from_account_fen=paid, paid_in_cash_fen=c.amount_fen - paid,
-                   balance_fen=balance_after, card_no=c.card_no, **limit_fields)  # fmt: skip
 
 
 def _decide_reverse(person: Person | None, c: Reverse) -> Decision:
@@ -649,55 +495,55 @@ def _decide_reverse(person: Person | None, c: Reverse) -> Decision:
     towards the daily pharmacy limit."""
     if (not validate.is_id(c.original_request_id) or not validate.is_card_no(c.card_no)
             or c.amount_fen < 0):  # fmt: skip
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if person is None:
-        return _refuse(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
     record = person.swipe(c.original_request_id)
     if record is None:
         original = person.reply_to(c.original_request_id)
         if original is not None and original.result == ResultCode.ALREADY_REVERSED:
-            return _refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
+            return refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
         if original is not None and not original.result.approved:
-            return _refuse(person, c.request_id, ResultCode.ORIGINAL_DECLINED, c.at_ms,
+            return refuse(person, c.request_id, ResultCode.ORIGINAL_DECLINED, c.at_ms,
                            card_no=c.card_no)  # fmt: skip
         # Never seen: remember it, so the original arriving late is refused, not approved.
-        unmatched = ReversalUnmatched(_event_id(c, 0), c.at_ms, c.ssn,
+        unmatched = ReversalUnmatched(event_id(c, 0), c.at_ms, c.ssn,
                                       c.request_id, c.original_request_id, c.card_no)  # fmt: skip
-        return _events(person, c, [unmatched], ResultCode.ORIGINAL_NOT_FOUND, card_no=c.card_no)
+        return with_events(person, c, [unmatched], ResultCode.ORIGINAL_NOT_FOUND, card_no=c.card_no)
     if record.card_no != c.card_no or (c.amount_fen and c.amount_fen != record.amount_fen):
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if record.reversed:
-        return _refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms,
+        return refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms,
                        card_no=c.card_no)  # fmt: skip
     returned = record.paid_from_account_fen - record.refunded_fen
     balance = person.balance_fen + returned
-    event = SwipeReversed(_event_id(c, 0), c.at_ms, c.ssn, c.request_id,
+    event = SwipeReversed(event_id(c, 0), c.at_ms, c.ssn, c.request_id,
                           c.original_request_id, c.card_no, record.institution_id, returned,
                           balance, record.day)  # fmt: skip
-    return _events(person, c, [event], amount_fen=returned, balance_fen=balance,
+    return with_events(person, c, [event], amount_fen=returned, balance_fen=balance,
                    card_no=c.card_no)  # fmt: skip
 
 
 def _decide_refund(person: Person | None, c: Refund) -> Decision:
     if (not validate.is_id(c.original_request_id) or not validate.is_card_no(c.card_no)
             or not validate.is_amount_fen(c.amount_fen)):  # fmt: skip
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     record = person.swipe(c.original_request_id) if person else None
     if person is None or record is None:
-        return _refuse(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
     if record.card_no != c.card_no:
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if record.reversed:
-        return _refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
+        return refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
     refundable = record.paid_from_account_fen - record.refunded_fen
     if c.amount_fen > refundable:
-        return _refuse(person, c.request_id, ResultCode.REFUND_EXCEEDS_PAID, c.at_ms,
+        return refuse(person, c.request_id, ResultCode.REFUND_EXCEEDS_PAID, c.at_ms,
                        amount_fen=refundable)  # fmt: skip
     balance = person.balance_fen + c.amount_fen
-    event = Refunded(_event_id(c, 0), c.at_ms, c.ssn, c.request_id,
+    event = Refunded(event_id(c, 0), c.at_ms, c.ssn, c.request_id,
                      c.original_request_id, c.card_no, record.institution_id, c.amount_fen,
                      balance)  # fmt: skip
-    return _events(
+    return with_events(
         person,
         c,
         [event],
@@ -706,26 +552,6 @@ def _decide_refund(person: Person | None, c: Refund) -> Decision:
         paid_from_account_fen=refundable - c.amount_fen,
         card_no=c.card_no,
     )
-
-
-def _decide_balance(person: Person | None, c: BalanceInquiry, policy: Policy) -> Decision:
-    """Allowed at any designated institution type; counts no swipe, changes nothing."""
-    if not validate.is_card_no(c.card_no) or not validate.is_id(c.institution_id):
-        return _refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    institution = policy.institutions.get(c.institution_id)
-    if institution is None:
-        return _refuse(person, c.request_id, ResultCode.INSTITUTION_UNKNOWN, c.at_ms)
-    if not institution.designated:
-        return _refuse(person, c.request_id, ResultCode.INSTITUTION_NOT_DESIGNATED, c.at_ms)
-    card = person.card(c.card_no) if person else None
-    if person is None or card is None:
-        return _refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    state = CardState.CANCELLED if person.cancelled else effective_state(card, c.at_ms)
-    if state != CardState.ACTIVE:
-        return _refuse(person, c.request_id, DECLINE_OF_CARD_STATE[state], c.at_ms,
-                       card_no=card.card_no, card_state=state)  # fmt: skip
-    return _refuse(person, c.request_id, ResultCode.OK, c.at_ms, card_no=card.card_no,
-                   card_state=state, pin_tries_remaining=card.pin_tries_remaining)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- apply
@@ -765,6 +591,7 @@ def apply(person: Person | None, event: Event) -> Person | None:
     match event:
         case CardIssued():
             card = Card(event.card_no, event.kind, event.colour, event.state, event.at_ms,
+                        initial_pin=not event.pin_set, pvv=event.pvv,
                         expires_at_ms=event.expires_at_ms)  # fmt: skip
             return replace(person, cards=(*person.cards, card))
         case CardStateChanged():
@@ -801,7 +628,11 @@ def apply(person: Person | None, event: Event) -> Person | None:
             if event.pin_wrong and declined_card is not None:
                 failures = declined_card.pin_failures + 1
                 return _with_card(person, event.card_no, pin_failures=failures)
+            if event.pin_verified and declined_card is not None:
+                return _with_card(person, event.card_no, pin_failures=0)
             return person
+        case PinTriesReset():
+            return _with_card(person, event.card_no, pin_failures=0)
         case SwipeReversed():
             person = _with_swipe(person, event.original_request_id, reversed=True)
             return replace(person, balance_fen=event.balance_after_fen)

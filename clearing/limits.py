@@ -17,8 +17,11 @@ CARDS_PER_PERSON_MAX = 16
 TEMPORARY_CARD_VALIDITY_MS = 365 * 24 * 3600 * 1000  # a temporary card is valid one year
 
 NAME_CHARS_MAX = 30  # EF06 tag 09
+REASON_CHARS_MAX = 200  # why a window operation was done (recorded with it)
+REGION_CHARS_MAX = 32  # a region code (selects the pre-loss policy)
 CARD_NO_CHARS = 9  # EF05 tag 07
 SSN_CHARS = 18  # EF06 tag 08
+PVV_BYTES = 8  # a PIN verification value from the HSM (hsm_sim/crypto.py)
 
 SHANGHAI_UTC_OFFSET_MS = 8 * 3600 * 1000  # China keeps UTC+8 all year (no DST since 1991)
 DAY_MS = 24 * 3600 * 1000

@@ -187,6 +187,9 @@ class IssueCard:
     ssn: str
     card_no: str
     kind: CardKind = CardKind.SOCIAL_SECURITY
+    # A temporary card's PIN is set when it is made: its verification value from the HSM
+    # ("" without terminal security). A social security card starts with the initial PIN.
+    pvv: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,11 +237,17 @@ class Authorize:
 
 @dataclass(frozen=True, slots=True)
 class BalanceInquiry:
+    """A balance is personal data: it is told only for a correct PIN, and a wrong one
+    counts towards the lock as at a swipe."""
+
     request_id: str
     at_ms: int
     ssn: str
     card_no: str
     institution_id: str
+    pin: int = PinOutcome.NOT_VERIFIED
+    terminal_id: str = ""  # whose PIN key encrypted pin_block
+    pin_block: str = ""  # hex, ISO 9564 under the terminal's PIN key; checked via the HSM
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +366,8 @@ Command = (
     | EnrolPerson
     | QueryPerson
 )
-READ_ONLY_COMMANDS = (BalanceInquiry, QueryPerson)
+# Commands that are never answered from a remembered reply (a lookup is always fresh).
+READ_ONLY_COMMANDS = (QueryPerson,)
 
 # ---------------------------------------------------------------------------- events
 
@@ -387,6 +397,8 @@ class CardIssued:
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
     replaces_card_ref: str = ""
+    pin_set: bool = False  # a temporary card: its PIN was set when it was made
+    pvv: str = ""  # ... and its verification value ("" without terminal security)
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,6 +468,8 @@ class SwipeDeclined:
     result: ResultCode
     pin_wrong: bool = False  # counts a PIN failure on the card
     terminal_id: str = ""  # where the card was presented (abnormal-use detection)
+    pin_verified: bool = False  # the PIN was right: the count of wrong ones starts again
+    inquiry: bool = False  # a balance enquiry (amount 0), not a payment
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
 
@@ -507,6 +521,19 @@ class Refunded:
 
 
 @dataclass(frozen=True, slots=True)
+class PinTriesReset:
+    """A right PIN at a balance enquiry after wrong ones: the consecutive wrong PINs that
+    lock a card are counted from zero again (a swipe records it in its own event)."""
+
+    event_id: str
+    at_ms: int
+    ssn: str
+    card_no: str
+    card_ref: str = ""  # keyed hash of card_no: set on the published copy
+    card_masked: str = ""  # last 4 only: set on the published copy
+
+
+@dataclass(frozen=True, slots=True)
 class PharmacyLimitSet:
     event_id: str
     at_ms: int
@@ -544,6 +571,7 @@ Event = (
     | SwipeReversed
     | ReversalUnmatched
     | Refunded
+    | PinTriesReset
     | PharmacyLimitSet
     | PhoneSet
     | PersonCancelled

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 
-from clearing.limits import AMOUNT_FEN_MAX, CARD_NO_CHARS, NAME_CHARS_MAX, SSN_CHARS
+from clearing.limits import AMOUNT_FEN_MAX, CARD_NO_CHARS, NAME_CHARS_MAX, PVV_BYTES, SSN_CHARS
 
 _SSN_RE = re.compile(r"^[0-9]{17}[0-9X]$")
 _CARD_RE = re.compile(rf"^[A-Z0-9]{{{CARD_NO_CHARS}}}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")
 _PHONE_RE = re.compile(r"^(1[3-9][0-9]{9})?$")
+_PVV_RE = re.compile(rf"^([0-9a-f]{{{2 * PVV_BYTES}}})?$")
 _SSN_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _SSN_CHECK = "10X98765432"
 
@@ -35,6 +36,11 @@ def is_card_no(value: str) -> bool:
 def is_id(value: str) -> bool:
     """Request ids, institution ids, source ids: short, printable, no spaces."""
     return _ID_RE.match(value) is not None
+
+
+def is_pvv(value: str) -> bool:
+    """A PIN verification value from the HSM, as lowercase hex; "" for none."""
+    return _PVV_RE.match(value) is not None
 
 
 def is_amount_fen(value: int) -> bool:

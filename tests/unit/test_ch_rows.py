@@ -61,6 +61,7 @@ def all_events() -> list[model.Event]:
         model.Refunded("T1:10#0", request_id="T1:10", original_request_id="T1:6",
                        card_no=CARD, institution_id="P1", amount_fen=5_00,
                        balance_after_fen=35_00, **common),
+        model.PinTriesReset("r:14#0", card_no=CARD, **common),
         model.PharmacyLimitSet("r:11#0", card_no=CARD, swipes_per_day=3, **common),
         model.PhoneSet("r:12#0", phone=PHONE, **common),
         model.PersonCancelled("r:13#0", reason="deceased", **common),

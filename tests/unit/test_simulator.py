@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from clearing import core
+from clearing import pos
+from clearing.codes import CardState
+from clearing.model import Card
 from clearing.simulator import SimulationFailure, Simulator
 from medclear.policy import load_policy
 from medclear.settings import Settings
@@ -24,13 +26,13 @@ def test_the_same_seed_replays_the_same_run() -> None:
 
 
 def test_a_broken_rule_is_caught_with_its_seed(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = core.effective_state
+    real = pos.effective_state
 
-    def pre_lost_cards_pay(card: core.Card, at_ms: int) -> core.CardState:  # type: ignore[name-defined]
+    def pre_lost_cards_pay(card: Card, at_ms: int) -> CardState:
         state = real(card, at_ms)
-        return core.CardState.ACTIVE if state == core.CardState.PRE_LOST else state
+        return CardState.ACTIVE if state == CardState.PRE_LOST else state
 
-    monkeypatch.setattr(core, "effective_state", pre_lost_cards_pay)
+    monkeypatch.setattr(pos, "effective_state", pre_lost_cards_pay)
     with pytest.raises(SimulationFailure, match=r"seed 5, step \d+: approved .* invalid card"):
         # the check in the simulator uses the real rule, the decision the broken one
         Simulator(POLICY, seed=5, persons=300, days=10).run()

@@ -1,0 +1,328 @@
+"""What a POS terminal asks of an account: a swipe (Authorize) and a balance enquiry.
+
+Each is decided by one ordered list of small checks. A check looks at the swipe and
+either passes or refuses with its result code; the first refusal is the answer. The lists
+are in the result codes' numeric order, so "the lowest number wins" (clearing/codes.py)
+is true by construction: `_in_code_order` asserts it when this module is imported, and
+tests/unit/test_precedence.py tries every pair of refusals.
+
+Before either list runs, `core.decide` has answered a malformed request id or social
+security number, and a repeat of a remembered request id (the original reply).
+
+    swipe:   malformed → PIN block → institution unknown / not designated → card unknown
+             → card state → colour → initial PIN → wrong PIN (3rd locks) → daily pharmacy
+             limit → balance → approved
+    enquiry: malformed → PIN block → institution unknown / not designated → card unknown
+             → card state → initial PIN → wrong PIN (3rd locks) → the balance
+
+A malformed PIN block is a malformed request: it is refused before anything of the
+account is looked at. A right PIN restarts the count of consecutive wrong ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from clearing import validate
+from clearing.calendar import shanghai_day
+from clearing.codes import (
+    DECLINE_OF_CARD_STATE,
+    CardColour,
+    CardState,
+    InstitutionType,
+    ResultCode,
+)
+from clearing.decisions import (
+    effective_state,
+    event_id,
+    refuse,
+    state_change,
+    with_events,
+)
+from clearing.limits import PIN_TRIES_MAX
+from clearing.model import (
+    Authorize,
+    BalanceInquiry,
+    Card,
+    Decision,
+    Event,
+    Institution,
+    Person,
+    PinOutcome,
+    PinTriesReset,
+    Policy,
+    SwipeApproved,
+    SwipeDeclined,
+)
+
+PIN_OUTCOMES = frozenset(
+    {PinOutcome.NOT_VERIFIED, PinOutcome.CORRECT, PinOutcome.WRONG, PinOutcome.INVALID_BLOCK}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """A card presented at a terminal, with what the checks need to know about it."""
+
+    command: Authorize | BalanceInquiry
+    person: Person | None
+    card: Card | None
+    institution: Institution | None
+    policy: Policy
+
+    @property
+    def state(self) -> CardState:
+        """The card's state now (a cancelled person's cards are all cancelled)."""
+        assert self.person is not None and self.card is not None
+        if self.person.cancelled:
+            return CardState.CANCELLED
+        return effective_state(self.card, self.command.at_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: ResultCode
+    fields: dict[str, object] = field(default_factory=dict)
+    pin_wrong: bool = False  # counts a wrong PIN on the card
+    lock: bool = False  # ... and it was the last try
+
+
+Check = Callable[[Presented], Refusal | None]
+
+
+def pharmacy_swipes_on(person: Person, card_no: str, day: int) -> int:
+    """Approved, unreversed pharmacy swipes of a card on a Shanghai calendar day."""
+    return sum(
+        1
+        for s in person.swipes
+        if s.card_no == card_no
+        and s.day == day
+        and not s.reversed
+        and s.institution_type == InstitutionType.PHARMACY
+    )
+
+
+def terminal_of(c: Authorize | BalanceInquiry) -> str:
+    """The terminal of a request: given, or the part of the request id before the trace."""
+    return c.terminal_id or c.request_id.rpartition(":")[0]
+
+
+# ---------------------------------------------------------------------------- the checks
+
+
+def _malformed(p: Presented) -> Refusal | None:
+    c = p.command
+    well_formed = (
+        validate.is_card_no(c.card_no)
+        and validate.is_id(c.institution_id)
+        and c.pin in PIN_OUTCOMES
+        and (not isinstance(c, Authorize) or validate.is_amount_fen(c.amount_fen))
+    )
+    return None if well_formed else Refusal(ResultCode.MALFORMED_REQUEST)
+
+
+def _pin_block(p: Presented) -> Refusal | None:
+    if p.command.pin == PinOutcome.INVALID_BLOCK:
+        return Refusal(ResultCode.PIN_BLOCK_INVALID)
+    return None
+
+
+def _institution_known(p: Presented) -> Refusal | None:
+    return Refusal(ResultCode.INSTITUTION_UNKNOWN) if p.institution is None else None
+
+
+def _institution_designated(p: Presented) -> Refusal | None:
+    if p.institution is not None and not p.institution.designated:
+        return Refusal(ResultCode.INSTITUTION_NOT_DESIGNATED)
+    return None
+
+
+def _card_known(p: Presented) -> Refusal | None:
+    return Refusal(ResultCode.CARD_UNKNOWN) if p.person is None or p.card is None else None
+
+
+def _card_state(p: Presented) -> Refusal | None:
+    state = p.state
+    if state != CardState.ACTIVE:
+        return Refusal(DECLINE_OF_CARD_STATE[state], {"card_state": state})
+    return None
+
+
+def _colour(p: Presented) -> Refusal | None:
+    assert p.card is not None
+    if p.card.colour != CardColour.BLUE:  # green and red cards have no personal account
+        return Refusal(ResultCode.COLOUR_NOT_ALLOWED, {"card_state": p.state})
+    return None
+
+
+def _initial_pin(p: Presented) -> Refusal | None:
+    assert p.card is not None
+    if p.card.initial_pin:  # shared by every card: it proves nothing and pays nothing
+        return Refusal(ResultCode.INITIAL_PIN_NOT_CHANGED, {"card_state": p.state})
+    return None
+
+
+def _pin(p: Presented) -> Refusal | None:
+    assert p.card is not None
+    pin = p.command.pin
+    if pin == PinOutcome.WRONG or (
+        pin == PinOutcome.NOT_VERIFIED and p.policy.pin_verification_required
+    ):
+        remaining = max(0, PIN_TRIES_MAX - p.card.pin_failures - 1)
+        if remaining == 0:
+            return Refusal(ResultCode.PIN_TRIES_EXCEEDED,
+                           {"card_state": CardState.LOCKED, "pin_tries_remaining": 0},
+                           pin_wrong=True, lock=True)  # fmt: skip
+        return Refusal(ResultCode.PIN_WRONG,
+                       {"card_state": p.state, "pin_tries_remaining": remaining},
+                       pin_wrong=True)  # fmt: skip
+    return None
+
+
+def _limit_fields(p: Presented) -> dict[str, object]:
+    assert p.person is not None and p.card is not None
+    today = pharmacy_swipes_on(p.person, p.card.card_no, shanghai_day(p.command.at_ms))
+    return {
+        "card_state": p.state,
+        "pin_tries_remaining": PIN_TRIES_MAX,
+        "pharmacy_swipes_today": today,
+        "pharmacy_swipes_per_day": p.card.pharmacy_swipes_per_day,
+    }
+
+
+def _pharmacy_limit(p: Presented) -> Refusal | None:
+    assert p.institution is not None and p.card is not None
+    fields = _limit_fields(p)
+    at_pharmacy = p.institution.type == InstitutionType.PHARMACY
+    if at_pharmacy and fields["pharmacy_swipes_today"] >= p.card.pharmacy_swipes_per_day:  # type: ignore[operator]
+        return Refusal(ResultCode.DAILY_PHARMACY_LIMIT_REACHED, fields)
+    return None
+
+
+def _balance(p: Presented) -> Refusal | None:
+    assert p.person is not None and isinstance(p.command, Authorize)
+    c = p.command
+    if p.person.balance_fen < c.amount_fen and (not c.allow_partial or p.person.balance_fen == 0):
+        return Refusal(ResultCode.INSUFFICIENT_BALANCE, _limit_fields(p))
+    return None
+
+
+def _in_code_order(checks: tuple[tuple[ResultCode, Check], ...]) -> tuple[Check, ...]:
+    """The checks of a list, after asserting that the list is in result-code order."""
+    codes = [code for code, _check in checks]
+    if codes != sorted(codes):
+        raise AssertionError(f"checks out of result-code order: {[c.name for c in codes]}")
+    return tuple(check for _code, check in checks)
+
+
+# Each entry names the lowest code its check can answer (the card-state check answers
+# 31-38, the PIN check 51-52).
+SWIPE_CHECKS = _in_code_order((
+    (ResultCode.MALFORMED_REQUEST, _malformed),
+    (ResultCode.PIN_BLOCK_INVALID, _pin_block),
+    (ResultCode.INSTITUTION_UNKNOWN, _institution_known),
+    (ResultCode.INSTITUTION_NOT_DESIGNATED, _institution_designated),
+    (ResultCode.CARD_UNKNOWN, _card_known),
+    (ResultCode.CARD_NOT_ACTIVATED, _card_state),
+    (ResultCode.COLOUR_NOT_ALLOWED, _colour),
+    (ResultCode.INITIAL_PIN_NOT_CHANGED, _initial_pin),
+    (ResultCode.PIN_WRONG, _pin),
+    (ResultCode.DAILY_PHARMACY_LIMIT_REACHED, _pharmacy_limit),
+    (ResultCode.INSUFFICIENT_BALANCE, _balance),
+))  # fmt: skip
+ENQUIRY_CHECKS = _in_code_order((
+    (ResultCode.MALFORMED_REQUEST, _malformed),
+    (ResultCode.PIN_BLOCK_INVALID, _pin_block),
+    (ResultCode.INSTITUTION_UNKNOWN, _institution_known),
+    (ResultCode.INSTITUTION_NOT_DESIGNATED, _institution_designated),
+    (ResultCode.CARD_UNKNOWN, _card_known),
+    (ResultCode.CARD_NOT_ACTIVATED, _card_state),
+    (ResultCode.INITIAL_PIN_NOT_CHANGED, _initial_pin),
+    (ResultCode.PIN_WRONG, _pin),
+))  # fmt: skip
+
+
+def first_refusal(checks: tuple[Check, ...], presented: Presented) -> Refusal | None:
+    for check in checks:
+        refusal = check(presented)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def _presented(person: Person | None, c: Authorize | BalanceInquiry, policy: Policy) -> Presented:
+    return Presented(c, person, person.card(c.card_no) if person else None,
+                     policy.institutions.get(c.institution_id), policy)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- deciders
+
+
+def decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> Decision:
+    p = _presented(person, c, policy)
+    refusal = first_refusal(SWIPE_CHECKS, p)
+    if refusal is not None and refusal.code == ResultCode.MALFORMED_REQUEST:
+        return refuse(person, c.request_id, refusal.code, c.at_ms, amount_fen=c.amount_fen,
+                      balance_fen=0)  # fmt: skip
+    if refusal is not None:
+        return _declined(p, refusal)
+    assert person is not None and p.card is not None and p.institution is not None
+    fields = _limit_fields(p)
+    paid, result = c.amount_fen, ResultCode.OK
+    if person.balance_fen < c.amount_fen:  # the terminal allows a partial payment
+        paid, result = person.balance_fen, ResultCode.PARTIALLY_APPROVED
+    balance_after = person.balance_fen - paid
+    day = shanghai_day(c.at_ms)
+    event = SwipeApproved(
+        event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
+        p.institution.type, c.amount_fen, paid, c.amount_fen - paid, balance_after, day,
+        terminal_id=terminal_of(c),
+    )  # fmt: skip
+    if p.institution.type == InstitutionType.PHARMACY:
+        fields["pharmacy_swipes_today"] = fields["pharmacy_swipes_today"] + 1  # type: ignore[operator]
+    return with_events(person, c, [event], result, amount_fen=c.amount_fen,
+                       paid_from_account_fen=paid, paid_in_cash_fen=c.amount_fen - paid,
+                       balance_fen=balance_after, card_no=c.card_no, **fields)  # fmt: skip
+
+
+def _declined(p: Presented, refusal: Refusal) -> Decision:
+    """A refused swipe, or a balance enquiry refused for a wrong PIN: logged as a
+    SwipeDeclined event (the 3rd wrong PIN also locks the card)."""
+    c = p.command
+    amount_fen = c.amount_fen if isinstance(c, Authorize) else 0
+    events: list[Event] = [SwipeDeclined(
+        event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
+        amount_fen, refusal.code, refusal.pin_wrong, terminal_id=terminal_of(c),
+        pin_verified=c.pin == PinOutcome.CORRECT and refusal.code > ResultCode.PIN_TRIES_EXCEEDED,
+        inquiry=isinstance(c, BalanceInquiry))]  # fmt: skip
+    if refusal.lock and p.card is not None:
+        events.append(state_change(c, p.card, 1, "lock", CardState.LOCKED, "PIN tries exceeded"))
+    # The balance is told only past the PIN check (an insufficient balance, the limit).
+    told = refusal.code > ResultCode.PIN_TRIES_EXCEEDED
+    return with_events(p.person, c, events, refusal.code, amount_fen=amount_fen,
+                       card_no=c.card_no, **refusal.fields,
+                       **({} if told else {"balance_fen": 0}))  # fmt: skip
+
+
+def decide_balance(person: Person | None, c: BalanceInquiry, policy: Policy) -> Decision:
+    """At any designated institution; counts no swipe. Only a right PIN is told the
+    balance; a wrong one is logged and counted towards the lock, as at a swipe. Other
+    refusals change nothing and make no event."""
+    p = _presented(person, c, policy)
+    refusal = first_refusal(ENQUIRY_CHECKS, p)
+    if refusal is not None and refusal.pin_wrong:
+        return _declined(p, refusal)
+    if refusal is not None:
+        fields = {**refusal.fields, "balance_fen": 0}
+        if p.card is not None and refusal.code != ResultCode.MALFORMED_REQUEST:
+            fields["card_no"] = p.card.card_no
+        return refuse(person, c.request_id, refusal.code, c.at_ms, **fields)
+    assert person is not None and p.card is not None
+    fields = {"card_no": p.card.card_no, "card_state": p.state,
+              "pin_tries_remaining": PIN_TRIES_MAX}  # fmt: skip
+    if c.pin == PinOutcome.CORRECT and p.card.pin_failures:
+        reset = PinTriesReset(event_id(c, 0), c.at_ms, c.ssn, p.card.card_no)
+        return with_events(person, c, [reset], ResultCode.OK, **fields)
+    fields["pin_tries_remaining"] = p.card.pin_tries_remaining
+    return refuse(person, c.request_id, ResultCode.OK, c.at_ms, **fields)
