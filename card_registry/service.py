@@ -11,20 +11,21 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 import structlog
 
 from clearing import core, model, validate
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
+from clearing.limits import PVV_BYTES
 from clearing.model import Command, Policy, Reply
 from clearing.validate import mask_phone
+from medclear import bounds
 from medclear.bus import BusUnavailable, CommandBus
-from medclear.pki import Role
+from medclear.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
 from medclear.rpc import (
     Clock,
-    aio_channel,
     message,
     pb_enum,
     result_pb,
@@ -33,8 +34,7 @@ from medclear.rpc import (
     state_of,
     system_clock_ms,
 )
-from medclear.terminals import PIN_BLOCK_FORMAT, PVK_ID, tpk_id
-from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, registry_pb2, registry_pb2_grpc
+from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from monitoring import metrics
 
 log = structlog.get_logger(process="registry")
@@ -59,22 +59,28 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         # With an HSM, a new PIN arrives as a PIN block under the window's PIN key and the
         # HSM turns it into the card's verification value; without one (terminal security
         # off) the aggregate only records that the initial PIN was changed.
-        self.hsm = (hsm_pb2_grpc.HsmServiceStub(aio_channel(hsm_address, Role.SERVICE, pki_dir))
+        self.hsm = (HsmClient(hsm_address, pki_dir, HSM_WINDOW_CALL_TIMEOUT_S)
                     if hsm_address else None)  # fmt: skip
 
     async def _run(
         self,
         method: str,
-        window: common_pb2.WindowContext,
+        request: Any,
         ssn: str,
         card_no: str,
         make: Callable[[str, int, str], Command],
     ) -> registry_pb2.RegistryReply:
         """Resolve the person, build the command, wait for the decision, translate it."""
         started = time.perf_counter()
+        window: common_pb2.WindowContext = request.window
         request_id = window.request_id
         reply = Reply(request_id, ResultCode.MALFORMED_REQUEST)
-        if validate.is_id(request_id) and (ssn or card_no):
+        detail = bounds.oversized(request) or ""
+        if not detail and not validate.is_id(request_id):
+            detail = "window.request_id must be an id of 1-64 letters, digits or . _ : / -"
+        if not detail and not (ssn or card_no):
+            detail = "give the ssn or the card number"
+        if not detail:
             if not ssn:
                 ssn = await self.bus.resolve_ssn(card_no) or ""
                 reply = Reply(request_id, ResultCode.CARD_UNKNOWN)
@@ -90,7 +96,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             )
         return registry_pb2.RegistryReply(
             result=result_pb(reply.result),
-            message=message(reply.result),
+            message=message(reply.result, detail),
             request_id=request_id,
             replayed=reply.replayed,
             state=state_of(ssn, reply),
@@ -114,7 +120,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         ) -> registry_pb2.RegistryReply:
             return await self._run(
                 method,
-                request.window,
+                request,
                 request.ssn,
                 request.card_no,
                 lambda rid, at, ssn: model.CardCommand(
@@ -129,7 +135,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.RegistryReply:
         return await self._run(
             "RegisterPerson",
-            request.window,
+            request,
             request.ssn,
             "",
             lambda rid, at, ssn: model.RegisterPerson(
@@ -146,14 +152,41 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     async def IssueCard(
         self, request: registry_pb2.IssueCardRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
+        """A social security card (initial PIN, to be activated) or a temporary card, made
+        with its PIN: from `new_pin_block` through the HSM, or `pin_verification_value`."""
+        refused = self._bounded(request)
+        if refused is not None:
+            return refused
+        try:
+            kind = CardKind(request.kind)
+        except ValueError:
+            kind = CardKind.CARD_KIND_UNSPECIFIED  # unknown to this version: malformed
+        temporary = kind == CardKind.TEMPORARY
+        pvv = request.pin_verification_value.hex()
+        given = request.new_pin_block or request.pin_verification_value
+        detail = ""
+        if given and not temporary:
+            detail = "a social security card is made with the initial PIN: send no PIN"
+        elif request.new_pin_block and request.pin_verification_value:
+            detail = "send the new PIN block or its verification value, not both"
+        elif pvv and not validate.is_pvv(pvv):
+            detail = f"pin_verification_value must be {PVV_BYTES} bytes from the HSM"
+        elif temporary and self.hsm is not None and not given:
+            detail = "new_pin_block: a temporary card is made with its PIN"
+        if detail:
+            return self._refused(request.window.request_id, ResultCode.MALFORMED_REQUEST, detail)
+        if temporary and request.new_pin_block:
+            found = await self._pvv(request.window.window_id, request.new_pin_block,
+                                    request.card_no)  # fmt: skip
+            if isinstance(found, ResultCode):
+                return self._refused(request.window.request_id, found)
+            pvv = found
         return await self._run(
             "IssueCard",
-            request.window,
+            request,
             request.ssn,
             "",
-            lambda rid, at, ssn: model.IssueCard(
-                rid, at, ssn, request.card_no, CardKind(request.kind)
-            ),
+            lambda rid, at, ssn: model.IssueCard(rid, at, ssn, request.card_no, kind, pvv=pvv),
         )
 
     async def ActivateCard(
@@ -196,40 +229,37 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         security off), or the code that refuses the request."""
         if self.hsm is None:
             return ""
-        try:
-            reply = await self.hsm.SetPin(
-                hsm_pb2.SetPinRequest(
-                    pin_key=hsm_pb2.KeyRef(key_id=tpk_id(window_id)),
-                    verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
-                    pin_block=pin_block,
-                    format=pb_enum(PIN_BLOCK_FORMAT),
-                    pan=card_no,
-                ),
-                timeout=5,
-            )
-        except grpc.aio.AioRpcError as exc:
-            return (ResultCode.TERMINAL_UNKNOWN if exc.code() == grpc.StatusCode.NOT_FOUND
-                    else ResultCode.UNAVAILABLE)  # fmt: skip
-        if ResultCode(reply.result) != ResultCode.OK:
-            return ResultCode(reply.result)
-        return str(reply.pin_verification_value.hex())
+        code, pvv = await self.hsm.set_pin(window_id, pin_block, card_no)
+        return pvv if code == ResultCode.OK else code
+
+    def _bounded(self, request: Any) -> registry_pb2.RegistryReply | None:
+        """The refusal of a request with a field over its bound (checked before any HSM
+        call or command); None when every field is within its bound."""
+        detail = bounds.oversized(request)
+        if detail is None:
+            return None
+        metrics.GATEWAY_RESULTS.labels(type(request).__name__, "MALFORMED_REQUEST").inc()
+        return self._refused(request.window.request_id, ResultCode.MALFORMED_REQUEST, detail)
 
     @staticmethod
-    def _refused(request_id: str, code: ResultCode) -> registry_pb2.RegistryReply:
+    def _refused(request_id: str, code: ResultCode, detail: str = "") -> registry_pb2.RegistryReply:
         """An answer given here, before any command is sent."""
         return registry_pb2.RegistryReply(
-            result=result_pb(code), message=message(code), request_id=request_id
+            result=result_pb(code), message=message(code, detail), request_id=request_id
         )
 
     async def ChangePin(
         self, request: registry_pb2.ChangePinRequest, context: Ctx
     ) -> registry_pb2.RegistryReply:
+        refused = self._bounded(request)
+        if refused is not None:
+            return refused
         pvv = await self._pvv(request.window.window_id, request.new_pin_block, request.card_no)
         if isinstance(pvv, ResultCode):
             return self._refused(request.window.request_id, pvv)
         return await self._run(
             "ChangePin",
-            request.window,
+            request,
             request.ssn,
             request.card_no,
             lambda rid, at, ssn: model.CardCommand(
@@ -246,6 +276,9 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         produced), a card number the card index holds for another person (CARD_EXISTS),
         and the PIN's verification value from the HSM, as ChangePin gets it."""
         method = "EnrolPerson"
+        refused = self._bounded(request)
+        if refused is not None:
+            return refused
         request_id = request.window.request_id
         try:
             category = InsuranceCategory(request.category)
@@ -276,7 +309,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             return self._refused(request_id, code)
         return await self._run(
             method,
-            request.window,
+            request,
             request.ssn,
             "",
             lambda rid, at_ms, ssn: make(rid, at_ms, ssn, pvv),
@@ -287,7 +320,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.RegistryReply:
         return await self._run(
             "CreditAccount",
-            request.window,
+            request,
             request.ssn,
             "",
             lambda rid, at, ssn: model.CreditAccount(
@@ -315,7 +348,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.RegistryReply:
         return await self._run(
             method,
-            request.window,
+            request,
             request.ssn,
             request.old_card_no,
             lambda rid, at, ssn: model.ReplaceCard(
@@ -328,7 +361,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.RegistryReply:
         return await self._run(
             "Cancel",
-            request.window,
+            request,
             request.ssn,
             "",
             lambda rid, at, ssn: model.CancelPerson(rid, at, ssn, request.reason),
@@ -339,7 +372,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.RegistryReply:
         return await self._run(
             "SetPharmacyDailyLimit",
-            request.window,
+            request,
             request.ssn,
             request.card_no,
             lambda rid, at, ssn: model.SetPharmacyLimit(
@@ -352,7 +385,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.RegistryReply:
         return await self._run(
             "SetPhone",
-            request.window,
+            request,
             request.ssn,
             "",
             lambda rid, at, ssn: model.SetPhone(rid, at, ssn, request.phone),
@@ -363,6 +396,10 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.PersonView:
         """Cards and recent transactions, read through the person's own worker (so the
         view is ordered with every operation on that person)."""
+        detail = bounds.oversized(request)
+        if detail is not None:
+            code = ResultCode.MALFORMED_REQUEST
+            return registry_pb2.PersonView(result=result_pb(code), message=message(code, detail))
         ssn = request.ssn
         if not ssn and request.card_no:
             ssn = await self.bus.resolve_ssn(request.card_no) or ""

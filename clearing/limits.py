@@ -16,7 +16,9 @@ CREDIT_SOURCES_REMEMBERED_MAX = 64  # allocation source ids kept per person
 CARDS_PER_PERSON_MAX = 16
 TEMPORARY_CARD_VALIDITY_MS = 365 * 24 * 3600 * 1000  # a temporary card is valid one year
 
+ID_CHARS_MAX = 64  # request, terminal, institution, window and source ids
 NAME_CHARS_MAX = 30  # EF06 tag 09
+PHONE_CHARS = 11  # a mainland mobile number, without the country code
 REASON_CHARS_MAX = 200  # why a window operation was done (recorded with it)
 REGION_CHARS_MAX = 32  # a region code (selects the pre-loss policy)
 CARD_NO_CHARS = 9  # EF05 tag 07

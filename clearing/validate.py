@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import re
 
-from clearing.limits import AMOUNT_FEN_MAX, CARD_NO_CHARS, NAME_CHARS_MAX, PVV_BYTES, SSN_CHARS
+from clearing.limits import (
+    AMOUNT_FEN_MAX,
+    CARD_NO_CHARS,
+    ID_CHARS_MAX,
+    NAME_CHARS_MAX,
+    PHONE_CHARS,
+    PVV_BYTES,
+    SSN_CHARS,
+)
 
 _SSN_RE = re.compile(r"^[0-9]{17}[0-9X]$")
 _CARD_RE = re.compile(rf"^[A-Z0-9]{{{CARD_NO_CHARS}}}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")
-_PHONE_RE = re.compile(r"^(1[3-9][0-9]{9})?$")
+_ID_RE = re.compile(rf"^[A-Za-z0-9._:/-]{{1,{ID_CHARS_MAX}}}$")
+_PHONE_RE = re.compile(rf"^(1[3-9][0-9]{{{PHONE_CHARS - 2}}})?$")
 _PVV_RE = re.compile(rf"^([0-9a-f]{{{2 * PVV_BYTES}}})?$")
 _SSN_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _SSN_CHECK = "10X98765432"

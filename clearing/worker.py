@@ -28,11 +28,9 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import faust
-import grpc
 import structlog
 from aiokafka import AIOKafkaProducer
 from faust.streams import _current_event as faust_current_event
@@ -41,6 +39,7 @@ from clearing import codec, core
 from clearing.codes import ResultCode
 from clearing.model import (
     Authorize,
+    BalanceInquiry,
     Card,
     CardIssued,
     Person,
@@ -54,14 +53,14 @@ from clearing.model import (
 from clearing.redact import published
 from medclear import topics
 from medclear.faust_app import make_app, run_worker
+from medclear.hsm_client import HsmClient
 from medclear.settings import Settings, pki_dir
 from medclear.tokens import load_card_tokens
+from medclear.topics import HEADER_CORRELATION, HEADER_REPLY_TO
 from monitoring import metrics
 
 log = structlog.get_logger(process="worker")
 
-HEADER_REPLY_TO = "reply-to"
-HEADER_CORRELATION = "correlation-id"
 APP_ID = "medclear-clearing"
 PERSONS_TABLE = "persons"
 BATCH_MAX = 256  # commands decided together at most
@@ -100,55 +99,46 @@ class Outbox:
 
 HSM_RETRY_BACKOFF_MIN_S = 0.1
 HSM_RETRY_BACKOFF_MAX_S = 5.0
+PIN_OUTCOME_OF = {
+    ResultCode.OK: PinOutcome.CORRECT,
+    ResultCode.PIN_WRONG: PinOutcome.WRONG,
+}  # anything else the HSM answers about a block (invalid, no PIN key) is an invalid block
+
+PinRequest = Authorize | BalanceInquiry
 
 
 class PinChecker:
-    """Asks the HSM whether a swipe's PIN block matches the card's verification value.
+    """Asks the HSM about a swipe's or a balance enquiry's PIN block: against the card's
+    verification value when the card has one, else for the block's form only (an unknown
+    card, or one with the initial PIN, still gets PIN_BLOCK_INVALID first: precedence).
     Only the encrypted block and the PVV cross; the answer is a PinOutcome."""
 
-    def __init__(self, hsm_address: str, pki_dir: Path | None) -> None:
-        self._address = hsm_address
-        self._pki_dir = pki_dir
-        self._stub: Any = None
+    def __init__(self, hsm: HsmClient) -> None:
+        self._hsm = hsm
 
-    async def outcome(self, command: Authorize, card: Card) -> int:
-        from medclear.pki import Role
-        from medclear.rpc import aio_channel, pb_enum
-        from medclear.terminals import PIN_BLOCK_FORMAT, PVK_ID, tpk_id
-        from medclear.v1 import hsm_pb2, hsm_pb2_grpc
-
-        if not card.pvv:
-            return PinOutcome.NOT_VERIFIED  # no PIN was ever set through the HSM
-        if self._stub is None:
-            channel = aio_channel(self._address, Role.SERVICE, self._pki_dir)
-            self._stub = hsm_pb2_grpc.HsmServiceStub(channel)
+    async def outcome(self, command: PinRequest, card: Card | None) -> int:
+        if not command.pin_block:
+            return PinOutcome.INVALID_BLOCK
         try:
             block = bytes.fromhex(command.pin_block)
         except ValueError:
             return PinOutcome.INVALID_BLOCK
-        request = hsm_pb2.VerifyPinRequest(
-            pin_key=hsm_pb2.KeyRef(key_id=tpk_id(command.terminal_id)),
-            verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
-            pin_block=block,
-            format=pb_enum(PIN_BLOCK_FORMAT),
-            pan=command.card_no,
-            pin_verification_value=bytes.fromhex(card.pvv),
-        )
         backoff_s = HSM_RETRY_BACKOFF_MIN_S
         while True:  # no decision without the PIN check: this partition waits for the HSM
-            try:
-                reply = await self._stub.VerifyPin(request, timeout=2)
-                break
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                    return PinOutcome.INVALID_BLOCK  # no PIN key for that terminal
-                metrics.HSM_UNAVAILABLE.inc()
-                log.warning("hsm unavailable; waiting", code=exc.code().name, retry_in_s=backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, HSM_RETRY_BACKOFF_MAX_S)
-        return {ResultCode.OK: PinOutcome.CORRECT, ResultCode.PIN_WRONG: PinOutcome.WRONG}.get(
-            ResultCode(reply.result), PinOutcome.INVALID_BLOCK
-        )
+            if card is not None and card.pvv:
+                code = await self._hsm.verify_pin(command.terminal_id, block, command.card_no,
+                                                  bytes.fromhex(card.pvv))  # fmt: skip
+            else:
+                code = await self._hsm.check_pin_block(command.terminal_id, block,
+                                                       command.card_no)  # fmt: skip
+                if code == ResultCode.OK:
+                    return PinOutcome.NOT_VERIFIED  # well formed; there is no PIN to match
+            if code != ResultCode.UNAVAILABLE:
+                return PIN_OUTCOME_OF.get(code, PinOutcome.INVALID_BLOCK)
+            metrics.HSM_UNAVAILABLE.inc()
+            log.warning("hsm unavailable; waiting", retry_in_s=backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, HSM_RETRY_BACKOFF_MAX_S)
 
 
 def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 0) -> faust.App:
@@ -182,8 +172,8 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
     if echo:
         log.warning("echo mode: commands are answered OK without being decided (benchmark)")
     tokens = load_card_tokens(settings)  # no full card number leaves this process
-    pins = (PinChecker(settings.hsm_address, pki_dir(settings)) if settings.terminal_security
-            else None)  # fmt: skip
+    pins = (PinChecker(HsmClient(settings.hsm_address, pki_dir(settings)))
+            if settings.terminal_security else None)  # fmt: skip
 
     async def send_reply(headers: Any, key: bytes, reply: Reply) -> None:
         reply_to = _header(headers, HEADER_REPLY_TO)
@@ -197,17 +187,15 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
                 headers=[(HEADER_CORRELATION, correlation)],
             )
 
-    async def pin_outcome(command: Authorize, card: Card) -> int:
-        assert pins is not None
-        return await pins.outcome(command, card) if command.pin_block else PinOutcome.INVALID_BLOCK
+    def needs_pin_check(person: Person | None, command: object) -> bool:
+        """A swipe or balance enquiry whose PIN block the HSM must look at (not a repeat:
+        that is answered from the remembered reply)."""
+        if pins is None or not isinstance(command, Authorize | BalanceInquiry):
+            return False
+        return person is None or person.reply_to(command.request_id) is None
 
-    def needs_pin_check(person: Person | None, command: object) -> Card | None:
-        """The card whose PIN this swipe must have checked through the HSM, if any."""
-        if pins is None or person is None or not isinstance(command, Authorize):
-            return None
-        if person.reply_to(command.request_id) is not None:
-            return None  # a repeat: answered from the remembered reply
-        return person.card(command.card_no)
+    def card_of(person: Person | None, command: PinRequest) -> Card | None:
+        return person.card(command.card_no) if person is not None else None
 
     @app.agent(commands)
     async def clear(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -268,25 +256,29 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
             accepted.append((headers, key, command))
             source[key] = event
 
-        # The HSM checks of the batch's swipes, all at once, against the state before it.
-        checks: dict[int, tuple[Card, asyncio.Task[int]]] = {}
+        # The HSM checks of the batch's PIN blocks, all at once, against the state before it.
+        checks: dict[int, tuple[Card | None, asyncio.Task[int]]] = {}
         for i, (_headers, key, command) in enumerate(accepted):
-            card = needs_pin_check(person_of(key), command)
-            if card is not None:
-                checks[i] = (card, asyncio.ensure_future(pin_outcome(command, card)))
+            person = person_of(key)
+            if needs_pin_check(person, command):
+                assert pins is not None
+                card = card_of(person, command)
+                checks[i] = (card, asyncio.ensure_future(pins.outcome(command, card)))
         if checks:
             await asyncio.gather(*(task for _card, task in checks.values()))
 
         t0 = time.perf_counter()
         for i, (headers, key, command) in enumerate(accepted):
             person = person_of(key)
-            card = needs_pin_check(person, command)
-            if card is not None:
+            if needs_pin_check(person, command):
+                assert pins is not None
+                card = card_of(person, command)
                 checked = checks.get(i)
-                if checked is not None and checked[0].pvv == card.pvv:
+                pvv = card.pvv if card is not None else None
+                if checked is not None and (checked[0].pvv if checked[0] else None) == pvv:
                     outcome = checked[1].result()
                 else:  # the PIN changed earlier in this batch: check against the new one
-                    outcome = await pin_outcome(command, card)
+                    outcome = await pins.outcome(command, card)
                 command = replace(command, pin=outcome)
             new_person, decision = core.handle(person, command, policy)
             if new_person is not person:

@@ -123,6 +123,20 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         self._observe("VerifyPin", started, result)
         return hsm_pb2.HsmReply(result=result_pb(result))
 
+    async def CheckPinBlock(
+        self,
+        request: hsm_pb2.CheckPinBlockRequest,
+        context: Ctx,
+    ) -> hsm_pb2.HsmReply:
+        """OK when the block decrypts under the PIN key to a well-formed block for this PAN;
+        PIN_BLOCK_INVALID otherwise. The PIN is checked against nothing and never leaves."""
+        started = time.perf_counter()
+        pin = await self._clear_pin(context, request.pin_key, request.pin_block,
+                                    request.format, request.pan)  # fmt: skip
+        result = pin if isinstance(pin, ResultCode) else ResultCode.OK
+        self._observe("CheckPinBlock", started, result)
+        return hsm_pb2.HsmReply(result=result_pb(result))
+
     async def SetPin(
         self,
         request: hsm_pb2.SetPinRequest,
@@ -162,13 +176,18 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         request: hsm_pb2.MacRequest,
         context: Ctx,
     ) -> hsm_pb2.HsmReply:
+        """With reply_data: its MAC under the same key too, only if the request's verifies."""
         started = time.perf_counter()
         await self._mac_data(context, request.data)
+        await self._mac_data(context, request.reply_data)
         alg, key = await self._key(context, request.key, KeyType.TERMINAL_MAC_KEY)
         ok = crypto.verify_mac(alg, key, request.data, request.mac)
         result = ResultCode.OK if ok else ResultCode.MAC_INVALID
+        reply_mac = (
+            crypto.generate_mac(alg, key, request.reply_data) if ok and request.reply_data else b""
+        )
         self._observe("VerifyMac", started, result)
-        return hsm_pb2.HsmReply(result=result_pb(result))
+        return hsm_pb2.HsmReply(result=result_pb(result), reply_mac=reply_mac)
 
     async def VerifyCardCryptogram(
         self,

@@ -58,7 +58,9 @@ COLUMNS = ("config", "pipeline", "load", "swipes", "done /s", "p50 ms", "p95 ms"
 def _measure(settings: Settings, persons: int, plan_size: int, load: str, *, closed: int = 0,
              rate: float = 0.0) -> LatencyStats:  # fmt: skip
     from medclear import city, stack, traffic
-    from medclear.cli import _keyring, _pki, _progress
+    from medclear.cli import _progress
+    from medclear.cli_support import client_pki as _pki
+    from medclear.cli_support import keyring_for as _keyring
     from medclear.policy import load_institutions
 
     residents = city.residents(persons, SEED)

@@ -26,8 +26,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from clearing import codec
 from clearing.model import Command, Reply
 from clearing.redact import CardTokens
-from clearing.worker import HEADER_CORRELATION, HEADER_REPLY_TO
 from medclear import topics
+from medclear.topics import HEADER_CORRELATION, HEADER_REPLY_TO
 from monitoring import metrics
 
 log = structlog.get_logger()

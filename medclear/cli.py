@@ -10,28 +10,25 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import grpc
 import typer
 from rich.console import Console
-from rich.markup import escape
-from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from clearing.codes import ResultCode
 from medclear import bench_pipeline, bench_state
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
+from medclear.cli_pos import endpoint, pos_app
 from medclear.cli_recon import recon_app
+from medclear.cli_support import client_pki, fail, keyring_for
 from medclear.drill import drill_app
-from medclear.money import format_yuan, parse_yuan
-from medclear.pki import Role
-from medclear.rpc import aio_channel
-from medclear.settings import Settings, get_settings, keyring_file, pki_dir
+from medclear.money import format_yuan
+from medclear.settings import Settings, get_settings, pki_dir
 from medclear.tables import result_codes_table
-from medclear.terminals import Keyring
+from medclear.terminals import SEED_WINDOW
 from medclear.traffic import LatencyStats
 from reader_agent.cli import agent_app, emulator_app
 from stream_jobs import jobs
@@ -44,9 +41,6 @@ app = typer.Typer(
 )
 serve_app = typer.Typer(
     help="Run one medclear process in the foreground (used by `up`).", no_args_is_help=True
-)
-pos_app = typer.Typer(
-    help="Act as a POS terminal at a designated institution.", no_args_is_help=True
 )
 bench_app = typer.Typer(
     help="Measure the running stack (prints figures, asserts nothing).", no_args_is_help=True
@@ -63,11 +57,6 @@ app.add_typer(drill_app, name="drill")
 
 console = Console()
 err = Console(stderr=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}")
-    return typer.Exit(code=1)
 
 
 # ---------------------------------------------------------------------------- stack
@@ -88,7 +77,7 @@ def up() -> None:
     try:
         stack.up(get_settings(), console)
     except stack.StackError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 @app.command()
@@ -98,7 +87,7 @@ def status() -> None:
 
     rows = stack.status(get_settings())
     if not rows:
-        raise _fail("no stack recorded in the state directory; run `medclear up`")
+        raise fail("no stack recorded in the state directory; run `medclear up`")
     console.print(stack.status_table(rows))
     if not all(r.healthy for r in rows):
         raise typer.Exit(code=1)
@@ -125,7 +114,7 @@ def restart(
     try:
         row = stack.restart_component(get_settings(), component, console)
     except stack.StackError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     console.print(f"[green]✓[/] {row.name} ready again (pid {row.pid})")
 
 
@@ -227,13 +216,13 @@ def serve_hsm(
     settings = _prepare_process("hsm", metrics_port)
     try:
         lmk = (
-            load_lmk(hex_value=settings.hsm_lmk)
-            if settings.hsm_lmk
+            load_lmk(hex_value=settings.hsm_lmk.get_secret_value())
+            if settings.hsm_lmk.get_secret_value()
             else load_lmk(path=lmk_file(settings))
         )
         store = KeyStore(key_store_file(settings), lmk, system_clock_ms)
     except (KeyStoreError, OSError) as exc:
-        raise _fail(f"hsm: {exc}") from exc
+        raise fail(f"hsm: {exc}") from exc
     service.run(store, f"{settings.host}:{port}", pki_dir(settings))
 
 
@@ -252,252 +241,6 @@ for _job in jobs.JOBS:  # one `medclear serve <job>` per entry of stream_jobs/jo
     _job_command(_job)
 
 
-# ---------------------------------------------------------------------------- pos
-
-
-def _endpoint(name: str) -> str:
-    from medclear import stack
-
-    try:
-        endpoints = stack.load_endpoints(get_settings())
-    except stack.StackError as exc:
-        raise _fail(str(exc)) from exc
-    return str(getattr(endpoints, name))
-
-
-def _pos_call(address: str, method: str, request: Any) -> Any:
-    """One unary call to the POS gateway; a transport failure is a clear error."""
-    from medclear.v1 import pos_pb2_grpc
-
-    async def call() -> Any:
-        async with aio_channel(address, Role.TERMINAL, _pki(get_settings())) as channel:
-            return await getattr(pos_pb2_grpc.PosServiceStub(channel), method)(request, timeout=10)
-
-    try:
-        return asyncio.run(call())
-    except grpc.RpcError as exc:
-        raise _fail(f"gateway {address}: {exc.code().name} {exc.details()}") from exc
-
-
-def _secure(request: Any, terminal: str, pin: str | None = None) -> Any:
-    """With terminal security on: the PIN as a PIN block under the terminal's PIN key
-    (asked for, hidden, when not given) and the MAC under its MAC key. The terminal is
-    provisioned through the HSM the first time it is used."""
-    settings = get_settings()
-    keyring = _keyring(settings, [terminal])
-    if keyring is None:
-        return request
-    if pin is not None:
-        typed = pin or typer.prompt("PIN", hide_input=True)
-        try:
-            request.pin_block = keyring.pin_block(terminal, typed, request.card_no)
-        except ValueError as exc:  # a PIN of the wrong length or not digits
-            raise _fail(f"PIN: {exc}") from exc
-    return keyring.sign(terminal, request)
-
-
-def _pos_result(what: str, reply: Any, detail: str) -> None:
-    code = ResultCode(reply.result)
-    style = "green" if code == ResultCode.OK else "red"
-    replayed = " (replayed)" if reply.replayed else ""
-    console.print(
-        f"[{style}]{what}: {code.name} ({int(code)})[/] {reply.message}  {detail}"
-        f"  request {reply.request_id}{replayed}"
-    )
-    if code != ResultCode.OK:
-        raise typer.Exit(code=2)
-
-
-def _terminal(terminal: str, institution: str, trace: int) -> Any:
-    """The TerminalContext of a POS request; trace 0 takes one from the clock."""
-    from medclear.v1 import common_pb2
-
-    return common_pb2.TerminalContext(
-        terminal_id=terminal,
-        institution_id=institution,
-        trace_number=trace or time.time_ns() // 1_000_000,
-    )
-
-
-TerminalOpt = Annotated[str, typer.Option(help="terminal id")]
-InstitutionOpt = Annotated[str, typer.Option(help="designated institution id")]
-GatewayOpt = Annotated[str, typer.Option(help="host:port; default: the local stack")]
-
-
-@pos_app.command("reverse")
-def pos_reverse(
-    card: Annotated[str, typer.Option(help="card number")],
-    original_trace: Annotated[int, typer.Option(help="trace number of the swipe to undo")],
-    institution: InstitutionOpt,
-    terminal: TerminalOpt,
-    trace: Annotated[int, typer.Option(help="this reversal's trace; 0: from the clock")] = 0,
-    gateway: GatewayOpt = "",
-) -> None:
-    """Reverse (冲正) a swipe of this terminal that could not be completed. Send it again
-    with the same --trace until answered: it is applied once."""
-    from medclear.v1 import pos_pb2
-
-    reply = _pos_call(
-        gateway or _endpoint("gateway"),
-        "Reverse",
-        _secure(
-            pos_pb2.ReverseRequest(
-                terminal=_terminal(terminal, institution, trace),
-                original_trace_number=original_trace,
-                card_no=card,
-            ),
-            terminal,
-        ),
-    )
-    _pos_result(
-        "reverse",
-        reply,
-        f"returned {format_yuan(reply.reversed_amount_fen)}, "
-        f"balance {format_yuan(reply.balance_after_fen)}",
-    )
-
-
-@pos_app.command("refund")
-def pos_refund(
-    card: Annotated[str, typer.Option(help="card number")],
-    original_trace: Annotated[int, typer.Option(help="trace number of the paid swipe")],
-    amount: Annotated[str, typer.Option(help="yuan to return to the account")],
-    institution: InstitutionOpt,
-    terminal: TerminalOpt,
-    original_terminal: Annotated[str, typer.Option(help="if another terminal took it")] = "",
-    trace: Annotated[int, typer.Option(help="this refund's trace; 0: from the clock")] = 0,
-    gateway: GatewayOpt = "",
-) -> None:
-    """Refund (退费) part or all of a completed swipe to the personal account."""
-    from medclear.v1 import pos_pb2
-
-    try:
-        amount_fen = parse_yuan(amount)
-    except ValueError as exc:
-        raise _fail(str(exc)) from exc
-    reply = _pos_call(
-        gateway or _endpoint("gateway"),
-        "Refund",
-        _secure(
-            pos_pb2.RefundRequest(
-                terminal=_terminal(terminal, institution, trace),
-                original_trace_number=original_trace,
-                original_terminal_id=original_terminal,
-                card_no=card,
-                amount_fen=amount_fen,
-            ),
-            terminal,
-        ),
-    )
-    _pos_result(
-        "refund",
-        reply,
-        f"refunded {format_yuan(reply.refunded_amount_fen)}, "
-        f"refundable left {format_yuan(reply.refundable_left_fen)}, "
-        f"balance {format_yuan(reply.balance_after_fen)}",
-    )
-
-
-@pos_app.command("balance")
-def pos_balance(
-    card: Annotated[str, typer.Option(help="card number")],
-    institution: InstitutionOpt,
-    terminal: TerminalOpt,
-    gateway: GatewayOpt = "",
-) -> None:
-    """Balance enquiry at a hospital or pharmacy terminal; counts no swipe."""
-    from medclear.v1 import pos_pb2
-
-    reply = _pos_call(
-        gateway or _endpoint("gateway"),
-        "BalanceInquiry",
-        _secure(
-            pos_pb2.BalanceInquiryRequest(
-                terminal=_terminal(terminal, institution, 0),
-                card_no=card,
-            ),
-            terminal,
-        ),
-    )
-    code = ResultCode(reply.result)
-    if code != ResultCode.OK:
-        raise _fail(f"{code.name} ({int(code)}) {reply.message}")
-    console.print(f"balance of {card}: [bold]{format_yuan(reply.balance_fen)}[/]")
-
-
-@pos_app.command("swipe")
-def pos_swipe(
-    amount: Annotated[str, typer.Option(help="amount in yuan, e.g. 12.50")],
-    institution: Annotated[str, typer.Option(help="designated institution id")],
-    terminal: Annotated[str, typer.Option(help="terminal id")],
-    card: Annotated[str, typer.Option(help="card number (EF05 tag 07), 9 characters")] = "",
-    reader: Annotated[str, typer.Option(help="PC/SC reader: the agent reads the card")] = "",
-    trace: Annotated[int, typer.Option(help="trace number; 0: from the clock")] = 0,
-    ssn: Annotated[str, typer.Option(help="social security number (else the card index)")] = "",
-    partial: Annotated[bool, typer.Option(help="pay what the account holds, rest cash")] = False,
-    pin: Annotated[
-        str,
-        typer.Option(
-            help="the cardholder's PIN; asked for (hidden) if "
-            "terminal security is on and it is not given"
-        ),
-    ] = "",
-    gateway: Annotated[str, typer.Option(help="host:port; default: the local stack")] = "",
-) -> None:
-    """Send one Authorize (a swipe) to the POS gateway and print the decision.
-
-    The same terminal and trace number sent again is answered with the original reply
-    (marked replayed), never debited twice. With --reader the agent reads the card in
-    that PC/SC reader (EF05/EF06 and its cryptogram) and prints a receipt.
-    """
-    from medclear.v1 import pos_pb2
-    from reader_agent.cli import agent_swipe
-
-    try:
-        amount_fen = parse_yuan(amount)
-    except ValueError as exc:
-        raise _fail(str(exc)) from exc
-    if reader:
-        return agent_swipe(reader, amount_fen, institution, terminal, pin, partial)
-    if not card:
-        raise _fail("give --card, or --reader to read the card")
-    address = gateway or _endpoint("gateway")
-    request = pos_pb2.AuthorizeRequest(
-        terminal=_terminal(terminal, institution, trace),
-        card_no=card,
-        ssn=ssn,
-        amount_fen=amount_fen,
-        allow_partial=partial,
-    )
-    request = _secure(request, terminal, pin)
-    started = time.perf_counter()
-    reply: pos_pb2.AuthorizeReply = _pos_call(address, "Authorize", request)
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    code = ResultCode(reply.result)
-    table = Table.grid(padding=(0, 2))
-    table.add_row("result", f"[bold]{code.name}[/] ({int(code)}) {reply.message}")
-    table.add_row(
-        "request", reply.request_id + (" [yellow](replayed)[/]" if reply.replayed else "")
-    )
-    table.add_row("amount", format_yuan(reply.amount_fen))
-    table.add_row("paid from account", format_yuan(reply.paid_from_account_fen))
-    table.add_row("paid in cash", format_yuan(reply.paid_in_cash_fen))
-    if code.approved or code == ResultCode.INSUFFICIENT_BALANCE:
-        table.add_row("balance after", format_yuan(reply.balance_after_fen))
-    if reply.pharmacy_swipes_per_day:
-        table.add_row(
-            "pharmacy swipes today",
-            f"{reply.pharmacy_swipes_today} of {reply.pharmacy_swipes_per_day}",
-        )
-    table.add_row("state version", f"{reply.state.person_key} v{reply.state.version}")
-    table.add_row("decided at", reply.decided_at or "-")
-    table.add_row("round trip", f"{elapsed_ms:.1f} ms")
-    style = "green" if code.approved else "red"
-    console.print(Panel(table, title=f"swipe {card}", border_style=style, expand=False))
-    if not code.approved:
-        raise typer.Exit(code=2)
-
-
 # ---------------------------------------------------------------------------- seed, demo
 
 
@@ -510,27 +253,6 @@ def _progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
     )
-
-
-def _keyring(settings: Settings, terminals: list[str]) -> Keyring | None:
-    """The simulated terminals' keys, provisioned through the HSM on first use; None when
-    the running stack has terminal security off."""
-    from medclear import stack
-    from medclear.terminals import Keyring
-
-    endpoints = stack.load_endpoints(settings)
-    if not endpoints.terminal_security:  # what the running stack does, not this process
-        return None
-    keyring = Keyring(keyring_file(settings))
-    asyncio.run(keyring.provision(endpoints.hsm, terminals, _pki(settings)))
-    return keyring
-
-
-def _pki(settings: Settings) -> Path | None:
-    """Certificates for talking to the running stack (None when it runs without TLS)."""
-    from medclear import stack
-
-    return stack.client_pki_dir(settings)
 
 
 def _seed(
@@ -547,8 +269,8 @@ def _seed(
 
     settings = settings or get_settings()
     residents = city.residents(persons, seed)
-    registry = _endpoint("registry")
-    keyring = _keyring(settings, [traffic.SEED_WINDOW])
+    registry = endpoint("registry")
+    keyring = keyring_for(settings, [SEED_WINDOW])
     started = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task("seeding persons", total=len(residents), info="")
@@ -559,7 +281,7 @@ def _seed(
                 concurrency,
                 lambda: progress.advance(task),
                 keyring,
-                _pki(settings),
+                client_pki(settings),
                 (lambda i: demo.DEMO_DISTRICT if i % 100 == 7 else traffic.DEFAULT_REGION)
                 if district
                 else None,
@@ -572,7 +294,7 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency:
     """The demo's day at the counters (medclear/demo.py), then its summary and 对账."""
     from rich.live import Live
 
-    from medclear import city, demo, stack, traffic
+    from medclear import city, demo, stack
     from medclear.cli_recon import _print as print_recon
     from medclear.cli_recon import import_, reconcile, render_html, summary
     from medclear.policy import load_institutions
@@ -580,13 +302,13 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency:
     endpoints = stack.load_endpoints(settings)
     residents = city.residents(persons, 2026)
     institutions = list(load_institutions(settings.institutions_file).values())
-    terminals = sorted({f"T{i.institution_id}" for i in institutions} | {traffic.SEED_WINDOW})
-    keyring = _keyring(settings, terminals)
+    terminals = sorted({f"T{i.institution_id}" for i in institutions} | {SEED_WINDOW})
+    keyring = keyring_for(settings, terminals)
     stats = demo.DemoStats()
     with Live(demo.panel(stats, minutes), console=console, refresh_per_second=2) as live:
         asyncio.run(
             demo.run(endpoints.gateway, endpoints.registry, endpoints.prometheus, residents,
-                     institutions, minutes, concurrency, keyring, _pki(settings), live, stats)
+                     institutions, minutes, concurrency, keyring, client_pki(settings), live, stats)
         )  # fmt: skip
     table = Table(title="the demo day")
     for column in ("swipes", "approved", "p50 ms", "p99 ms", "reversals", "refunds",
@@ -642,9 +364,9 @@ def seed_cmd(
     try:
         elapsed = _seed(persons, seed, concurrency)
     except SeedError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     except grpc.RpcError as exc:
-        raise _fail(f"registry: {exc.code().name} {exc.details()}") from exc
+        raise fail(f"registry: {exc.code().name} {exc.details()}") from exc
     console.print(
         f"seeded {persons:,} persons in {elapsed:.1f} s "
         f"({persons / elapsed:,.0f} persons/s, one EnrolPerson command each)"
@@ -666,9 +388,9 @@ def _swipe_run(
     residents = city.residents(persons, seed)
     institutions = [i for i in load_institutions(settings.institutions_file).values()]
     plan = traffic.plan_swipes(residents, institutions, count, seed, time.time_ns() // 1000)
-    keyring = _keyring(settings, traffic.terminal_ids(plan))
+    keyring = keyring_for(settings, traffic.terminal_ids(plan))
     stats = LatencyStats()
-    gateway = _endpoint("gateway")
+    gateway = endpoint("gateway")
     with _progress() as progress:
         task = progress.add_task(label, total=count, info="")
 
@@ -684,7 +406,9 @@ def _swipe_run(
             )
 
         asyncio.run(
-            traffic.run_swipes(gateway, plan, concurrency, stats, done, keyring, _pki(settings))
+            traffic.run_swipes(
+                gateway, plan, concurrency, stats, done, keyring, client_pki(settings)
+            )
         )
     return stats
 
@@ -727,7 +451,7 @@ def simulate(
         try:
             summary = Simulator(policy, seed, persons, days, on_day).run()
         except SimulationFailure as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
     table = Table(title=f"simulation: seed {seed}, {persons:,} persons, {days} days")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -789,7 +513,7 @@ def bench_run(
 
     modes = {"off": [False], "on": [True], "both": [False, True]}.get(security)
     if modes is None:
-        raise _fail("--security is off, on or both")
+        raise fail("--security is off, on or both")
     table = Table(title=f"medclear bench run: {persons:,} persons, {swipes:,} swipes per row")
     for column in (
         "terminal security",
@@ -809,7 +533,7 @@ def bench_run(
         try:
             stack.up(settings, console)
         except stack.StackError as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
         ready_s = time.perf_counter() - started
         try:
             seed_s = _seed(persons, 2026, 32, settings)
@@ -868,7 +592,7 @@ def demo(
     try:
         stack.up(settings, console)
     except stack.StackError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     ready_s = time.perf_counter() - started
     from medclear.traffic import SeedError
 
@@ -876,7 +600,7 @@ def demo(
         try:
             seed_s = _seed(persons, 2026, 64, settings, district=True)
         except SeedError as exc:
-            raise _fail(f"seeding: {exc}") from exc
+            raise fail(f"seeding: {exc}") from exc
         if agents:  # one agent, one card at a time: sequential, card read included
             from reader_agent import cli as agent_cli
 

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
+from medclear.cli_support import DEFAULT_WINDOW, fail, keyring_for, read_pin
 from medclear.money import format_yuan, parse_yuan
 from medclear.rpc import pb_enum
 from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
@@ -28,7 +29,15 @@ err = Console(stderr=True)
 
 CardOpt = Annotated[str, typer.Option("--card", help="card number")]
 SsnOpt = Annotated[str, typer.Option("--ssn", help="social security number (18)")]
-WindowOpt = Annotated[str, typer.Option("--window", help="service window id")]
+WindowOpt = Annotated[
+    str, typer.Option("--window", help="service window id (its keys are made on first use)")
+]
+PinOpt = Annotated[
+    str,
+    typer.Option(
+        help="the new PIN (6 digits); asked for (hidden) when not given, an error in a script"
+    ),
+]
 RequestOpt = Annotated[str, typer.Option("--request-id", help="repeat one to retry safely")]
 
 
@@ -39,8 +48,22 @@ def _registry_address() -> str:
     try:
         return stack.load_endpoints(get_settings()).registry
     except stack.StackError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from exc
+        raise fail(str(exc)) from exc
+
+
+def _new_pin_block(window: str, card: str, pin: str) -> bytes:
+    """The new PIN as a PIN block under the window's PIN key (b"" when the running stack
+    has terminal security off: no HSM takes PINs then)."""
+    from medclear.settings import get_settings
+
+    keyring = keyring_for(get_settings(), [window])
+    if keyring is None:
+        return b""
+    typed = read_pin(pin, "new PIN")
+    try:
+        return keyring.pin_block(window, typed, card)
+    except ValueError as exc:  # not digits, or the wrong length
+        raise fail(f"PIN: {exc}") from exc
 
 
 def _window(window: str, request_id: str) -> common_pb2.WindowContext:
@@ -89,7 +112,7 @@ def _card_command(method: str, doc: str) -> Callable[..., None]:
         card: CardOpt,
         ssn: SsnOpt = "",
         reason: Annotated[str, typer.Option(help="recorded with the operation")] = "",
-        window: WindowOpt = "window-1",
+        window: WindowOpt = DEFAULT_WINDOW,
         request_id: RequestOpt = "",
     ) -> None:
         _show(
@@ -130,7 +153,7 @@ def register(
     category: Annotated[str, typer.Option(help="EMPLOYEE | RESIDENT | SPECIAL")] = "EMPLOYEE",
     phone: Annotated[str, typer.Option(help="mobile for SMS")] = "",
     region: Annotated[str, typer.Option(help="region code (pre-loss policy)")] = "310101",
-    window: WindowOpt = "window-1",
+    window: WindowOpt = DEFAULT_WINDOW,
     request_id: RequestOpt = "",
 ) -> None:
     """Register an insured person (参保人)."""
@@ -154,18 +177,30 @@ def register(
 def issue(
     ssn: SsnOpt,
     card: CardOpt,
-    temporary: Annotated[bool, typer.Option(help="a temporary card (临时卡, one year)")] = False,
-    window: WindowOpt = "window-1",
+    temporary: Annotated[
+        bool, typer.Option(help="a temporary card (临时卡): valid one year, made with its PIN")
+    ] = False,
+    pin: PinOpt = "",
+    window: WindowOpt = DEFAULT_WINDOW,
     request_id: RequestOpt = "",
 ) -> None:
-    """Issue a social security card (or a temporary card); colour from the category."""
+    """Issue a social security card (initial PIN; activate it, then change the PIN) or a
+    temporary card (active at once, with the PIN given here); colour from the category."""
     kind = CardKind.TEMPORARY if temporary else CardKind.SOCIAL_SECURITY
+    if pin and not temporary:
+        raise fail("a social security card is issued with the initial PIN: give --pin to "
+                   "`medclear card change-pin` after `activate`")  # fmt: skip
+    block = _new_pin_block(window, card, pin) if temporary else b""
     _show(
         "IssueCard",
         _call(
             "IssueCard",
             registry_pb2.IssueCardRequest(
-                window=_window(window, request_id), ssn=ssn, card_no=card, kind=pb_enum(kind)
+                window=_window(window, request_id),
+                ssn=ssn,
+                card_no=card,
+                kind=pb_enum(kind),
+                new_pin_block=block,
             ),
         ),
     )
@@ -173,15 +208,23 @@ def issue(
 
 @card_app.command("change-pin")
 def change_pin(
-    card: CardOpt, ssn: SsnOpt = "", window: WindowOpt = "window-1", request_id: RequestOpt = ""
+    card: CardOpt,
+    ssn: SsnOpt = "",
+    pin: PinOpt = "",
+    window: WindowOpt = DEFAULT_WINDOW,
+    request_id: RequestOpt = "",
 ) -> None:
-    """Change the PIN at a window (never at a POS). The PIN blocks go to the HSM (HSM issue)."""
+    """Change the PIN at a service window (never at a POS): the card then pays with it.
+    The new PIN goes to the HSM as a PIN block under the window's PIN key."""
     _show(
         "ChangePin",
         _call(
             "ChangePin",
             registry_pb2.ChangePinRequest(
-                window=_window(window, request_id), ssn=ssn, card_no=card
+                window=_window(window, request_id),
+                ssn=ssn,
+                card_no=card,
+                new_pin_block=_new_pin_block(window, card, pin),
             ),
         ),
     )
@@ -195,7 +238,7 @@ def replace_card(
     change: Annotated[
         bool, typer.Option(help="换卡 (damaged / data changed) instead of 补卡")
     ] = False,
-    window: WindowOpt = "window-1",
+    window: WindowOpt = DEFAULT_WINDOW,
     request_id: RequestOpt = "",
 ) -> None:
     """Issue the replacement card: same person, same account; the old card is cancelled."""
@@ -215,7 +258,7 @@ def replace_card(
 def cancel(
     ssn: SsnOpt,
     reason: Annotated[str, typer.Option(help="death / deregistration")],
-    window: WindowOpt = "window-1",
+    window: WindowOpt = DEFAULT_WINDOW,
     request_id: RequestOpt = "",
 ) -> None:
     """Cancel (注销) a person's cards for good."""
@@ -233,7 +276,7 @@ def set_limit(
     card: CardOpt,
     per_day: Annotated[int, typer.Option(help="pharmacy swipes per Beijing day")],
     ssn: SsnOpt = "",
-    window: WindowOpt = "window-1",
+    window: WindowOpt = DEFAULT_WINDOW,
     request_id: RequestOpt = "",
 ) -> None:
     """Set the card's daily pharmacy swipe limit (default 2)."""
@@ -255,7 +298,7 @@ def set_limit(
 def set_phone(
     ssn: SsnOpt,
     phone: Annotated[str, typer.Option(help="mobile number")],
-    window: WindowOpt = "window-1",
+    window: WindowOpt = DEFAULT_WINDOW,
     request_id: RequestOpt = "",
 ) -> None:
     """Set the mobile number the consumption SMS goes to."""
@@ -273,7 +316,7 @@ def credit(
     ssn: SsnOpt,
     amount: Annotated[str, typer.Option(help="yuan, e.g. 200.00")],
     source: Annotated[str, typer.Option(help="allocation line id; applied once")],
-    window: WindowOpt = "window-1",
+    window: WindowOpt = DEFAULT_WINDOW,
     request_id: RequestOpt = "",
 ) -> None:
     """Credit the personal account (划入); the same source id is never applied twice."""

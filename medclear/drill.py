@@ -850,7 +850,7 @@ def run_drill(
     people = drill_persons(count, base)
     terminals = drill_terminals(a.settings)
     if a.keyring is not None:
-        from medclear.traffic import SEED_WINDOW
+        from medclear.terminals import SEED_WINDOW
 
         asyncio.run(a.keyring.provision(a.endpoints.hsm, [SEED_WINDOW, *(t for t, _ in terminals)],
                                         a.pki_dir))  # fmt: skip
@@ -1211,7 +1211,7 @@ def snapshot(a: StackAccess, victim_ssn: str) -> Snapshot:
 
 def fuzz_victim(a: StackAccess) -> Resident:
     """A seeded person the fuzz run must leave untouched (terminal keys provisioned)."""
-    from medclear.traffic import SEED_WINDOW
+    from medclear.terminals import SEED_WINDOW
 
     if a.keyring is not None:
         asyncio.run(a.keyring.provision(a.endpoints.hsm, [SEED_WINDOW, FUZZ_TERMINAL], a.pki_dir))

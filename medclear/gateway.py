@@ -1,8 +1,10 @@
 """The POS gateway: gRPC PosService → commands on the person's partition → reply.
 
-Adapter only: it checks what it needs to route a request (card number, social security
-number), stamps the ingress time, and translates the core's Reply into the proto reply.
-Every decision is the clearing worker's.
+Adapter only: it checks the request's form and (with terminal security) its MAC and chip
+cryptogram, routes it by card or social security number, stamps the ingress time, and
+translates the core's Reply into the proto reply, which it MACs. The account's decisions
+are the clearing worker's; a card the index does not know is answered here by the same
+pure checks (clearing/pos.py) on no person.
 """
 
 from __future__ import annotations
@@ -10,21 +12,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
-from clearing import model, validate
+from clearing import model, pos, validate
 from clearing.codes import ResultCode
-from clearing.model import PinOutcome, Reply
+from clearing.model import PinOutcome, Policy, Reply
+from medclear import bounds
+from medclear.bounds import CRYPTOGRAM_BYTES_MAX
 from medclear.bus import BusUnavailable, CommandBus
-from medclear.pki import Role
+from medclear.hsm_client import HsmClient
+from medclear.policy import load_policy
 from medclear.rpc import (
     Clock,
-    aio_channel,
+    mac_input,
     message,
     result_pb,
     serve_commands,
@@ -33,198 +39,135 @@ from medclear.rpc import (
     system_clock_ms,
 )
 from medclear.settings import get_settings
-from medclear.terminals import CMK_ID, mac_input, tak_id
-from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, pos_pb2, pos_pb2_grpc
+from medclear.v1 import pos_pb2, pos_pb2_grpc
 from monitoring import metrics
 
 log = structlog.get_logger(process="gateway")
+R = TypeVar("R", bound=Message)
 
 
 def request_id_of(terminal_id: str, trace_number: int) -> str:
     return f"{terminal_id}:{trace_number}"
 
 
-class MacChecker:
-    """Verifies a POS request's MAC through the HSM under the terminal's MAC key."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the gateway tells a terminal: the decision, the person it was routed to ("" if
+    none), and for a malformed request the field that made it so."""
 
-    def __init__(self, hsm_address: str, pki_dir: Path | None) -> None:
-        self._stub = hsm_pb2_grpc.HsmServiceStub(aio_channel(hsm_address, Role.SERVICE, pki_dir))
+    reply: Reply
+    ssn: str = ""
+    detail: str = ""
 
-    async def check(self, terminal_id: str, request: Any) -> ResultCode:
-        try:
-            reply = await self._stub.VerifyMac(
-                hsm_pb2.MacRequest(
-                    key=hsm_pb2.KeyRef(key_id=tak_id(terminal_id)),
-                    data=mac_input(request),
-                    mac=request.mac,
-                ),
-                timeout=2,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                return ResultCode.TERMINAL_UNKNOWN  # no MAC key: not a provisioned terminal
-            return ResultCode.UNAVAILABLE
-        return ResultCode(reply.result)
+
+class TerminalSecurity:
+    """Request MACs, chip cryptograms, PIN-block forms and reply MACs through the HSM.
+
+    A swipe with a cryptogram must carry a valid one. A swipe without one (key-entered or
+    simulated traffic: no chip read) passes unless `cryptogram_required`
+    (MEDCLEAR_CARD_CRYPTOGRAM_REQUIRED), which a deployment of chip readers should set."""
+
+    def __init__(self, hsm: HsmClient, cryptogram_required: bool) -> None:
+        self.hsm = hsm
+        self.cryptogram_required = cryptogram_required
+
+    async def admit(self, request: Any) -> ResultCode:
+        """The request's MAC under its terminal's MAC key: OK, MAC_INVALID, TERMINAL_UNKNOWN."""
+        code, _ = await self.hsm.verify_mac(request.terminal.terminal_id, mac_input(request),
+                                            request.mac)  # fmt: skip
+        return code
+
+    async def cryptogram(self, request: pos_pb2.AuthorizeRequest) -> ResultCode:
+        if not request.card_cryptogram:
+            present = request.card_challenge or request.card_counter
+            required = self.cryptogram_required or present
+            return ResultCode.CRYPTOGRAM_INVALID if required else ResultCode.OK
+        if (
+            len(request.card_challenge) < CHALLENGE_BYTES_MIN
+            or len(request.card_cryptogram) != CRYPTOGRAM_BYTES_MAX
+        ):
+            return ResultCode.CRYPTOGRAM_INVALID
+        return await self.hsm.verify_cryptogram(
+            request.card_no, request.card_challenge, request.amount_fen,
+            request.terminal.terminal_id, request.card_counter, request.card_cryptogram,
+        )  # fmt: skip
+
+    async def pin_form(self, request: Any) -> int | ResultCode:
+        """The PinOutcome of a PIN block checked for its form only (the card has no PIN to
+        verify it against here), or UNAVAILABLE."""
+        if not request.pin_block:
+            return PinOutcome.INVALID_BLOCK
+        code = await self.hsm.check_pin_block(request.terminal.terminal_id, request.pin_block,
+                                              request.card_no)  # fmt: skip
+        if code == ResultCode.UNAVAILABLE:
+            return code
+        return PinOutcome.NOT_VERIFIED if code == ResultCode.OK else PinOutcome.INVALID_BLOCK
+
+    async def sign(self, terminal_id: str, reply: Any) -> None:
+        """Set the reply's MAC under the terminal's MAC key (none for an unknown terminal:
+        the terminal then takes the reply as no answer)."""
+        if not validate.is_id(terminal_id):
+            return
+        code, mac = await self.hsm.generate_mac(terminal_id, mac_input(reply))
+        if code == ResultCode.OK:
+            reply.mac = mac
 
 
 CHALLENGE_BYTES_MIN = 4  # the terminal's unpredictable number (EMV: 4 bytes)
-CHALLENGE_BYTES_MAX = 255
-CRYPTOGRAM_BYTES = 8
-
-
-class CryptogramChecker:
-    """Verifies a swipe's chip cryptogram through the HSM under the card key derived from
-    the card master key, so a card whose EF05/EF06 were copied without its key is refused.
-
-    A swipe with a cryptogram must carry a valid one. A swipe without one (key-entered or
-    simulated traffic: no chip read) passes unless `required`
-    (MEDCLEAR_CARD_CRYPTOGRAM_REQUIRED), which a deployment of chip readers should set."""
-
-    def __init__(self, hsm_address: str, pki_dir: Path | None, required: bool) -> None:
-        self._stub = hsm_pb2_grpc.HsmServiceStub(aio_channel(hsm_address, Role.SERVICE, pki_dir))
-        self.required = required
-
-    async def check(self, request: pos_pb2.AuthorizeRequest) -> ResultCode:
-        if not request.card_cryptogram:
-            present = request.card_challenge or request.card_counter
-            return ResultCode.CRYPTOGRAM_INVALID if self.required or present else ResultCode.OK
-        if (
-            not CHALLENGE_BYTES_MIN <= len(request.card_challenge) <= CHALLENGE_BYTES_MAX
-            or len(request.card_cryptogram) != CRYPTOGRAM_BYTES
-        ):
-            return ResultCode.CRYPTOGRAM_INVALID
-        try:
-            reply = await self._stub.VerifyCardCryptogram(
-                hsm_pb2.CryptogramRequest(
-                    master_key=hsm_pb2.KeyRef(key_id=CMK_ID),
-                    card_no=request.card_no,
-                    challenge=request.card_challenge,
-                    amount_fen=request.amount_fen,
-                    terminal_id=request.terminal.terminal_id,
-                    counter=request.card_counter,
-                    cryptogram=request.card_cryptogram,
-                ),
-                timeout=2,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                return ResultCode.CRYPTOGRAM_INVALID  # no card master key: no genuine card
-            return ResultCode.UNAVAILABLE
-        return ResultCode(reply.result)
 
 
 class PosGateway(pos_pb2_grpc.PosServiceServicer):
+    """Checks in result-code order: the form (10), the MAC (11, 14), for a swipe the chip
+    cryptogram (13, after the PIN block's form when it fails: 12 wins), then the person's
+    worker decides the rest. A card the index does not know is decided here by the same
+    pure checks on no person (clearing/pos.py), so an unknown institution (20) still wins
+    over an unknown card (30)."""
+
     def __init__(
         self,
         bus: CommandBus,
         deadline_ms: int,
+        policy: Policy,
         clock: Clock = system_clock_ms,
-        macs: MacChecker | None = None,
-        cryptograms: CryptogramChecker | None = None,
+        security: TerminalSecurity | None = None,
     ):
         self.bus = bus
         self.deadline_s = deadline_ms / 1000
+        self.policy = policy
         self.clock = clock
-        self.macs = macs  # None: terminal security off (no HSM on the path)
-        self.cryptograms = cryptograms  # None: likewise, chip cryptograms are not checked
-
-    async def _admit(self, terminal_id: str, request: Any) -> ResultCode:
-        """The terminal's MAC, before anything reaches a person's aggregate."""
-        if self.macs is None:
-            return ResultCode.OK
-        return await self.macs.check(terminal_id, request)
+        self.security = security  # None: terminal security off (no HSM on the path)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         budget = self.deadline_s if remaining is None else min(self.deadline_s, remaining - 0.05)
         return max(0.01, budget)
 
-    async def _route(self, card_no: str, ssn: str) -> tuple[ResultCode, str]:
-        if not validate.is_card_no(card_no) or (ssn and not validate.is_ssn(ssn)):
-            return ResultCode.MALFORMED_REQUEST, ""
-        if not ssn:
-            found = await self.bus.resolve_ssn(card_no)
-            if found is None:
-                return ResultCode.CARD_UNKNOWN, ""
-            ssn = found
-        return ResultCode.OK, ssn
+    async def _checked(self, request: Any) -> Answer | None:
+        """The answer for a malformed or unauthenticated request; None to go on."""
+        request_id = request_id_of(request.terminal.terminal_id, request.terminal.trace_number)
+        detail = bounds.pos_problem(request)
+        if detail is not None:
+            return Answer(Reply(request_id, ResultCode.MALFORMED_REQUEST), detail=detail)
+        if self.security is not None:
+            admitted = await self.security.admit(request)
+            if admitted != ResultCode.OK:
+                return Answer(Reply(request_id, admitted))
+        return None
 
-    async def Authorize(
-        self, request: pos_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
-    ) -> pos_pb2.AuthorizeReply:
-        started = time.perf_counter()
-        t = request.terminal
-        request_id = request_id_of(t.terminal_id, t.trace_number)
-        reply = Reply(request_id, ResultCode.MALFORMED_REQUEST, amount_fen=request.amount_fen)
-        ssn = ""
-        admitted = ResultCode.MALFORMED_REQUEST
-        if validate.is_id(t.terminal_id) and t.trace_number > 0:
-            admitted = await self._admit(t.terminal_id, request)
-            if (
-                admitted == ResultCode.OK
-                and self.cryptograms is not None
-                and validate.is_card_no(request.card_no)  # else MALFORMED_REQUEST (10) first
-            ):
-                admitted = await self.cryptograms.check(request)
-            reply = Reply(request_id, admitted, amount_fen=request.amount_fen)
-        if admitted == ResultCode.OK:
-            code, ssn = await self._route(request.card_no, request.ssn)
-            reply = Reply(request_id, code, amount_fen=request.amount_fen)
-            if code == ResultCode.OK:
-                command = model.Authorize(
-                    request_id=request_id,
-                    at_ms=self.clock(),
-                    ssn=ssn,
-                    card_no=request.card_no,
-                    institution_id=t.institution_id,
-                    amount_fen=request.amount_fen,
-                    allow_partial=request.allow_partial,
-                    pin=PinOutcome.NOT_VERIFIED,
-                    terminal_id=t.terminal_id,
-                    pin_block=request.pin_block.hex(),
-                )
-                reply = await self._ask(command, context)
-        metrics.GATEWAY_SECONDS.labels("Authorize").observe(time.perf_counter() - started)
-        metrics.GATEWAY_RESULTS.labels("Authorize", reply.result.name).inc()
-        return pos_pb2.AuthorizeReply(
-            result=result_pb(reply.result),
-            message=message(reply.result),
-            request_id=request_id,
-            amount_fen=request.amount_fen,
-            paid_from_account_fen=reply.paid_from_account_fen,
-            paid_in_cash_fen=reply.paid_in_cash_fen,
-            balance_after_fen=reply.balance_fen,
-            pin_tries_remaining=reply.pin_tries_remaining,
-            pharmacy_swipes_today=reply.pharmacy_swipes_today,
-            pharmacy_swipes_per_day=reply.pharmacy_swipes_per_day,
-            replayed=reply.replayed,
-            state=state_of(ssn, reply),
-            decided_at=shanghai_iso(reply.at_ms) if reply.at_ms else "",
-        )
-
-    async def BalanceInquiry(
-        self, request: pos_pb2.BalanceInquiryRequest, context: grpc.aio.ServicerContext
-    ) -> pos_pb2.BalanceInquiryReply:
-        t = request.terminal
-        request_id = request_id_of(t.terminal_id, t.trace_number)
-        code, ssn = await self._admit(t.terminal_id, request), ""
-        if code == ResultCode.OK:
-            code, ssn = await self._route(request.card_no, request.ssn)
-        reply = Reply(request_id, code)
-        if code == ResultCode.OK:
-            command = model.BalanceInquiry(
-                request_id, self.clock(), ssn, request.card_no, t.institution_id
-            )
-            reply = await self._ask(command, context)
-        metrics.GATEWAY_RESULTS.labels("BalanceInquiry", reply.result.name).inc()
-        return pos_pb2.BalanceInquiryReply(
-            result=result_pb(reply.result),
-            message=message(reply.result),
-            request_id=request_id,
-            balance_fen=reply.balance_fen if reply.result == ResultCode.OK else 0,
-            pin_tries_remaining=reply.pin_tries_remaining,
-            state=state_of(ssn, reply),
-        )
+    async def _decide_unrouted(
+        self, command: model.Authorize | model.BalanceInquiry, request: Any
+    ) -> Reply:
+        """A card the index does not know: the pure checks on no person answer it (the PIN
+        block's form, the institution, then CARD_UNKNOWN), as the worker would."""
+        pin: int | ResultCode = PinOutcome.NOT_VERIFIED
+        if self.security is not None:
+            pin = await self.security.pin_form(request)
+            if isinstance(pin, ResultCode):
+                return Reply(command.request_id, pin)
+        command = replace(command, pin=pin)
+        if isinstance(command, model.Authorize):
+            return pos.decide_authorize(None, command, self.policy).reply
+        return pos.decide_balance(None, command, self.policy).reply
 
     async def _ask(self, command: model.Command, context: grpc.aio.ServicerContext) -> Reply:
         try:
@@ -236,96 +179,154 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
             return Reply(command.request_id, ResultCode.TIMEOUT)
         return reply
 
+    async def _swipe(
+        self,
+        request: pos_pb2.AuthorizeRequest | pos_pb2.BalanceInquiryRequest,
+        context: grpc.aio.ServicerContext,
+        make: Callable[[str], model.Authorize | model.BalanceInquiry],
+    ) -> Answer:
+        """Authorize and BalanceInquiry: both carry a PIN block and may reach a person."""
+        checked = await self._checked(request)
+        if checked is not None:
+            return checked
+        request_id = request_id_of(request.terminal.terminal_id, request.terminal.trace_number)
+        if self.security is not None and isinstance(request, pos_pb2.AuthorizeRequest):
+            code = await self.security.cryptogram(request)
+            if code == ResultCode.CRYPTOGRAM_INVALID:  # a malformed PIN block (12) comes first
+                pin = await self.security.pin_form(request)
+                if pin == PinOutcome.INVALID_BLOCK:
+                    code = ResultCode.PIN_BLOCK_INVALID
+            if code != ResultCode.OK:
+                return Answer(Reply(request_id, code))
+        ssn = request.ssn or await self.bus.resolve_ssn(request.card_no) or ""
+        if not ssn:
+            return Answer(await self._decide_unrouted(make(""), request))
+        return Answer(await self._ask(make(ssn), context), ssn)
+
+    async def Authorize(
+        self, request: pos_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.AuthorizeReply:
+        started = time.perf_counter()
+        t = request.terminal
+        request_id = request_id_of(t.terminal_id, t.trace_number)
+        answer = await self._swipe(request, context, lambda ssn: model.Authorize(
+            request_id=request_id, at_ms=self.clock(), ssn=ssn, card_no=request.card_no,
+            institution_id=t.institution_id, amount_fen=request.amount_fen,
+            allow_partial=request.allow_partial, pin=PinOutcome.NOT_VERIFIED,
+            terminal_id=t.terminal_id, pin_block=request.pin_block.hex()))  # fmt: skip
+        reply = answer.reply
+        out = pos_pb2.AuthorizeReply(
+            result=result_pb(reply.result),
+            message=message(reply.result, answer.detail),
+            request_id=request_id,
+            amount_fen=request.amount_fen,
+            paid_from_account_fen=reply.paid_from_account_fen,
+            paid_in_cash_fen=reply.paid_in_cash_fen,
+            balance_after_fen=reply.balance_fen,
+            pin_tries_remaining=reply.pin_tries_remaining,
+            pharmacy_swipes_today=reply.pharmacy_swipes_today,
+            pharmacy_swipes_per_day=reply.pharmacy_swipes_per_day,
+            replayed=reply.replayed,
+            state=state_of(answer.ssn, reply),
+            decided_at=shanghai_iso(reply.at_ms) if reply.at_ms else "",
+        )
+        return await self._sent("Authorize", t.terminal_id, out, started)
+
+    async def BalanceInquiry(
+        self, request: pos_pb2.BalanceInquiryRequest, context: grpc.aio.ServicerContext
+    ) -> pos_pb2.BalanceInquiryReply:
+        started = time.perf_counter()
+        t = request.terminal
+        request_id = request_id_of(t.terminal_id, t.trace_number)
+        answer = await self._swipe(request, context, lambda ssn: model.BalanceInquiry(
+            request_id, self.clock(), ssn, request.card_no, t.institution_id,
+            terminal_id=t.terminal_id, pin_block=request.pin_block.hex()))  # fmt: skip
+        reply = answer.reply
+        out = pos_pb2.BalanceInquiryReply(
+            result=result_pb(reply.result),
+            message=message(reply.result, answer.detail),
+            request_id=request_id,
+            balance_fen=reply.balance_fen if reply.result == ResultCode.OK else 0,
+            pin_tries_remaining=reply.pin_tries_remaining,
+            state=state_of(answer.ssn, reply),
+        )
+        return await self._sent("BalanceInquiry", t.terminal_id, out, started)
+
+    async def _sent(self, method: str, terminal_id: str, out: R, started: float) -> R:
+        """The reply as it leaves: MACed, counted."""
+        if self.security is not None:
+            await self.security.sign(terminal_id, out)
+        metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
+        metrics.GATEWAY_RESULTS.labels(method, ResultCode(out.result).name).inc()  # type: ignore[attr-defined]
+        return out
+
     async def Reverse(
         self, request: pos_pb2.ReverseRequest, context: grpc.aio.ServicerContext
     ) -> pos_pb2.ReverseReply:
         """冲正 of this terminal's swipe `original_trace_number`; retried by the terminal
         with the same trace number until it gets an answer."""
+        started = time.perf_counter()
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
         original = request_id_of(t.terminal_id, request.original_trace_number)
-        reply, ssn = await self._command(
-            request,
-            "Reverse",
-            t,
-            request.card_no,
-            request.ssn,
-            request.original_trace_number > 0,
-            context,
-            lambda ssn: model.Reverse(
-                request_id, self.clock(), ssn, original, request.card_no, request.amount_fen
-            ),
-        )
-        return pos_pb2.ReverseReply(
+        answer = await self._command(request, context, lambda ssn: model.Reverse(
+            request_id, self.clock(), ssn, original, request.card_no,
+            request.amount_fen))  # fmt: skip
+        reply = answer.reply
+        out = pos_pb2.ReverseReply(
             result=result_pb(reply.result),
-            message=message(reply.result),
+            message=message(reply.result, answer.detail),
             request_id=request_id,
             reversed_amount_fen=reply.amount_fen if reply.result == ResultCode.OK else 0,
             balance_after_fen=reply.balance_fen,
             replayed=reply.replayed,
-            state=state_of(ssn, reply),
+            state=state_of(answer.ssn, reply),
         )
+        return await self._sent("Reverse", t.terminal_id, out, started)
 
     async def Refund(
         self, request: pos_pb2.RefundRequest, context: grpc.aio.ServicerContext
     ) -> pos_pb2.RefundReply:
         """退费 of a completed swipe (of this terminal unless original_terminal_id says)."""
+        started = time.perf_counter()
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
         original = request_id_of(
             request.original_terminal_id or t.terminal_id, request.original_trace_number
         )
-        reply, ssn = await self._command(
-            request,
-            "Refund",
-            t,
-            request.card_no,
-            request.ssn,
-            request.original_trace_number > 0,
-            context,
-            lambda ssn: model.Refund(
-                request_id, self.clock(), ssn, original, request.card_no, request.amount_fen
-            ),
-        )
+        answer = await self._command(request, context, lambda ssn: model.Refund(
+            request_id, self.clock(), ssn, original, request.card_no,
+            request.amount_fen))  # fmt: skip
+        reply = answer.reply
         approved = reply.result == ResultCode.OK
-        return pos_pb2.RefundReply(
+        out = pos_pb2.RefundReply(
             result=result_pb(reply.result),
-            message=message(reply.result),
+            message=message(reply.result, answer.detail),
             request_id=request_id,
             refunded_amount_fen=reply.amount_fen if approved else 0,
             refundable_left_fen=reply.paid_from_account_fen if approved else reply.amount_fen,
             balance_after_fen=reply.balance_fen,
             replayed=reply.replayed,
-            state=state_of(ssn, reply),
+            state=state_of(answer.ssn, reply),
         )
+        return await self._sent("Refund", t.terminal_id, out, started)
 
     async def _command(
         self,
-        request: Any,
-        method: str,
-        t: common_pb2.TerminalContext,
-        card_no: str,
-        ssn: str,
-        well_formed: bool,
+        request: pos_pb2.ReverseRequest | pos_pb2.RefundRequest,
         context: grpc.aio.ServicerContext,
         make: Callable[[str], model.Reverse | model.Refund],
-    ) -> tuple[Reply, str]:
-        """Route by card or social security number, ask the worker; the reply and the
-        social security number it was routed by ("" when it was not)."""
-        started = time.perf_counter()
-        request_id = request_id_of(t.terminal_id, t.trace_number)
-        reply, routed = Reply(request_id, ResultCode.MALFORMED_REQUEST), ""
-        if validate.is_id(t.terminal_id) and t.trace_number > 0 and well_formed:
-            admitted = await self._admit(t.terminal_id, request)
-            reply = Reply(request_id, admitted)
-            if admitted == ResultCode.OK:
-                code, routed = await self._route(card_no, ssn)
-                reply = Reply(request_id, code)
-                if code == ResultCode.OK:
-                    reply = await self._ask(make(routed), context)
-        metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
-        metrics.GATEWAY_RESULTS.labels(method, reply.result.name).inc()
-        return reply, routed
+    ) -> Answer:
+        """Reverse and Refund: route by card or social security number, ask the worker."""
+        checked = await self._checked(request)
+        if checked is not None:
+            return checked
+        ssn = request.ssn or await self.bus.resolve_ssn(request.card_no) or ""
+        if not ssn:
+            t = request.terminal
+            return Answer(Reply(request_id_of(t.terminal_id, t.trace_number),
+                                ResultCode.CARD_UNKNOWN))  # fmt: skip
+        return Answer(await self._ask(make(ssn), context), ssn)
 
 
 def add_pos_service(servicer: PosGateway, server: grpc.aio.Server) -> None:
@@ -372,16 +373,17 @@ def run(
     pki_dir: Path | None = None,
 ) -> None:
     """Serve PosService on host:port until terminated; with an HSM address every request's
-    MAC and every chip cryptogram is verified through it (terminal security); with a PKI,
-    mutual TLS and roles."""
+    MAC and chip cryptogram is verified, and every reply MACed, through it (terminal
+    security); with a PKI, mutual TLS and roles."""
+    settings = get_settings()
+    policy = load_policy(settings)
 
     def gateway(bus: CommandBus) -> PosGateway:  # inside the server's event loop
         if not hsm_address:
-            return PosGateway(bus, deadline_ms)
-        required = get_settings().card_cryptogram_required
-        macs = MacChecker(hsm_address, pki_dir)
-        cryptograms = CryptogramChecker(hsm_address, pki_dir, required)
-        return PosGateway(bus, deadline_ms, macs=macs, cryptograms=cryptograms)
+            return PosGateway(bus, deadline_ms, policy)
+        security = TerminalSecurity(HsmClient(hsm_address, pki_dir),
+                                    settings.card_cryptogram_required)  # fmt: skip
+        return PosGateway(bus, deadline_ms, policy, security=security)
 
     asyncio.run(
         serve_commands(

@@ -46,7 +46,7 @@ ROLES_OF_METHOD: dict[str, frozenset[Role]] = {
     "/medclear.v1.CardRegistryService/GetPerson": frozenset(
         {Role.WINDOW, Role.ANALYST, Role.OPERATOR}),
     **{f"/medclear.v1.HsmService/{m}": frozenset({Role.SERVICE}) for m in (
-        "VerifyPin", "TranslatePin", "SetPin", "GenerateMac", "VerifyMac",
+        "VerifyPin", "CheckPinBlock", "TranslatePin", "SetPin", "GenerateMac", "VerifyMac",
         "VerifyCardCryptogram", "Digest")},
     **{f"/medclear.v1.HsmService/{m}": frozenset({Role.OPERATOR}) for m in (
         "GenerateKey", "ListKeys", "ExportKey", "ImportKey", "FormKey", "ExportCardKey")},

@@ -114,8 +114,19 @@ def state_of(ssn: str, reply: Reply) -> common_pb2.StateVersion:
     return common_pb2.StateVersion(person_key=mask_ssn(ssn) if ssn else "", version=reply.version)
 
 
-def message(code: ResultCode) -> str:
-    return message_of(code)
+def message(code: ResultCode, detail: str = "") -> str:
+    """A reply's human text; `detail` says which field made a request malformed."""
+    return f"{message_of(code)}: {detail}" if detail else message_of(code)
+
+
+def mac_input(message: Any) -> bytes:
+    """What a request's or reply's MAC covers: the message with its `mac` field empty,
+    deterministically serialized (every field sent, nothing left out by a list)."""
+    unsigned = type(message)()
+    unsigned.CopyFrom(message)
+    unsigned.mac = b""
+    data: bytes = unsigned.SerializeToString(deterministic=True)
+    return data
 
 
 def result_pb(code: ResultCode) -> common_pb2.ResultCode.ValueType:

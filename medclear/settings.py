@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -66,9 +66,13 @@ class Settings(BaseSettings):
     card_cryptogram_required: bool = Field(
         False, description="with terminal security: refuse swipes without a chip cryptogram"
     )
-    hsm_lmk: str = Field("", description="the HSM's local master key, hex (else the file)")
-    card_token_key: str = Field(
-        "", description="hex key of the card tokens in published events (else a file)"
+    hsm_lmk: SecretStr = Field(
+        SecretStr(""),
+        description="the HSM's local master key, hex (else the file); `up` writes it to the "
+        "file and no process but the HSM reads it",
+    )
+    card_token_key: SecretStr = Field(
+        SecretStr(""), description="hex key of the card tokens in published events (else a file)"
     )
     hsm_lmk_file: Path | None = Field(None, description="default: <state_dir>/hsm/lmk.hex")
 
@@ -94,7 +98,9 @@ class Settings(BaseSettings):
     smsc_host: str = Field("127.0.0.1", description="SMPP 3.4 SMSC the sms job binds to")
     smsc_port: int = Field(2775, ge=1, le=65535)
     smsc_system_id: str = Field("medclear", max_length=15, description="SMPP bind system_id")
-    smsc_password: str = Field("medclear", max_length=8, description="SMPP bind password")
+    smsc_password: SecretStr = Field(
+        SecretStr(""), max_length=8, description="SMPP bind password (else the file, else medclear)"
+    )
     smsc_source_addr: str = Field("12393", max_length=20, description="sender (医保 hotline)")
     sms_templates_file: Path | None = Field(None, description="default: stream_jobs/templates")
 
@@ -110,6 +116,24 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+SECRET_FIELDS = ("hsm_lmk", "card_token_key", "smsc_password")  # never in a child's environment
+SMSC_PASSWORD_DEFAULT = "medclear"  # the loopback SMSC's
+
+
+def smsc_password_file(settings: Settings) -> Path:
+    return settings.state_dir.expanduser().resolve() / "keys" / "smsc-password"
+
+
+def smsc_password(settings: Settings) -> str:
+    """The SMPP bind password: the setting, else the file `up` wrote it to, else the
+    loopback SMSC's default."""
+    given = settings.smsc_password.get_secret_value()
+    if given:
+        return given
+    path = smsc_password_file(settings)
+    return path.read_text().strip() if path.exists() else SMSC_PASSWORD_DEFAULT
 
 
 def lmk_file(settings: Settings) -> Path:

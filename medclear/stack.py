@@ -52,7 +52,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medclear import topics
-from medclear.settings import BrokerKind, Settings
+from medclear.settings import SECRET_FIELDS, BrokerKind, Settings, smsc_password
 from stream_jobs.jobs import JOBS
 
 __all__ = [
@@ -1101,10 +1101,48 @@ def _serve_argv(role: str, index: int | None, port: int | None, metrics_port: in
     return [*argv, "--metrics-port", str(metrics_port)]
 
 
+def _write_secrets(settings: Settings, state_dir: Path) -> None:
+    """Every secret in an owner-only file under the state directory, read only by the
+    process that needs it: the LMK by the HSM, the card-token key by the processes that
+    name cards, the SMPP password by the sms job. A secret given as a setting is written
+    there (a file that already holds another value is an error: the data was made under
+    it); one not given is made once, at random (the SMPP password excepted)."""
+    from hsm_sim.keystore import new_lmk_file
+    from medclear.settings import smsc_password_file
+    from medclear.tokens import card_token_key_file, ensure_card_token_key
+
+    local = settings.model_copy(update={"state_dir": state_dir})
+    files = {
+        "hsm_lmk": settings.hsm_lmk_file or state_dir / "hsm" / "lmk.hex",
+        "card_token_key": card_token_key_file(local),
+        "smsc_password": smsc_password_file(local),
+    }
+    for name, path in files.items():
+        given = getattr(settings, name).get_secret_value()
+        if given:
+            _write_secret_file(path, given, f"MEDCLEAR_{name.upper()}")
+    if not files["hsm_lmk"].exists():
+        new_lmk_file(files["hsm_lmk"])  # the embedded stack's own LMK
+    ensure_card_token_key(files["card_token_key"])
+
+
+def _write_secret_file(path: Path, value: str, setting: str) -> None:
+    if path.exists():
+        if path.read_text().strip() != value.strip():
+            raise StackError(f"{setting} differs from the one in {path}, which the data "
+                             "of this state directory was made under; use that file")  # fmt: skip
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value.strip() + "\n")
+
+
 def _child_env(settings: Settings, state_dir: Path, bootstrap: str, ch_url: str) -> dict[str, str]:
-    """The environment of medclear's own processes: this `up`'s settings, as MEDCLEAR_*."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
+    """The environment of medclear's own processes: this `up`'s settings, as MEDCLEAR_*,
+    without any secret (each is in a file only the process that needs it reads)."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    for name, value in settings.model_dump(exclude=set(SECRET_FIELDS)).items():
         if value is None:
             continue
         if isinstance(value, Enum):
@@ -1281,15 +1319,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             )
 
         hsm_port = settings.hsm_port or free_port()
-        lmk_path = settings.hsm_lmk_file or state_dir / "hsm" / "lmk.hex"
-        if not settings.hsm_lmk and not lmk_path.exists():
-            from hsm_sim.keystore import new_lmk_file
-
-            new_lmk_file(lmk_path)  # the embedded stack's own LMK, owner-readable only
-        from medclear.tokens import card_token_key_file, ensure_card_token_key
-
-        if not settings.card_token_key:
-            ensure_card_token_key(card_token_key_file(settings))
+        _write_secrets(settings, state_dir)  # files each process reads; never the environment
         env["MEDCLEAR_HSM_ADDRESS"] = f"{HOST}:{hsm_port}"  # for the processes after it
         if settings.tls:
             from medclear.pki import ensure_pki
@@ -1299,13 +1329,14 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
             hsm = serve("hsm", "hsm", None, hsm_port)
         _wait_component(hsm, timeout, console)
         if settings.terminal_security:  # the operator makes the card PIN verification key
-            from medclear.terminals import ensure_pvk
+            from medclear.settings import keyring_file
+            from medclear.terminals import WINDOWS_MADE_AT_UP, Keyring, ensure_pvk
 
-            _run(
-                ensure_pvk(
-                    f"{HOST}:{hsm_port}", state_dir.resolve() / "pki" if settings.tls else None
-                )
-            )
+            hsm_pki = state_dir.resolve() / "pki" if settings.tls else None
+            _run(ensure_pvk(f"{HOST}:{hsm_port}", hsm_pki))
+            # the service windows' keys, so that `medclear card change-pin` works at once
+            keyring = Keyring(keyring_file(settings.model_copy(update={"state_dir": state_dir})))
+            _run(keyring.provision(f"{HOST}:{hsm_port}", list(WINDOWS_MADE_AT_UP), hsm_pki))
         with console.status(f"starting {settings.workers} worker(s) …"):
             workers = [serve(f"worker-{i}", "worker", i, None) for i in range(settings.workers)]
         for comp in workers:
@@ -1321,7 +1352,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
                 proc = Process(
                     name="smsc",
                     argv=smsc_argv(smsc_port, (data / "smsc" / "messages.jsonl").resolve(), HOST,
-                                   settings.smsc_system_id, settings.smsc_password),
+                                   settings.smsc_system_id, smsc_password(settings)),
                     log=(logs / "smsc.log").resolve(),
                     cwd=SMSC_DIR,
                 ).start()  # fmt: skip
@@ -1415,7 +1446,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
     return endpoints
 
 
-SECRET_ENV = frozenset({"MEDCLEAR_HSM_LMK", "MEDCLEAR_CARD_TOKEN_KEY", "MEDCLEAR_SMSC_PASSWORD"})
+SECRET_ENV = frozenset(f"MEDCLEAR_{name.upper()}" for name in SECRET_FIELDS)
 
 
 def _smsc_env(components: Sequence[_Component]) -> dict[str, str]:

@@ -20,34 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from hsm_sim import crypto
-from hsm_sim.crypto import KeyAlgorithm, PinBlockFormat
+from hsm_sim.crypto import KeyAlgorithm
 from hsm_sim.keystore import KeyType, unwrap_key
+from medclear.hsm_client import (
+    FLEET_KEK,
+    PIN_BLOCK_FORMAT,
+    PVK_ID,
+    TERMINAL_KEY_ALGORITHM,
+    tak_id,
+    tpk_id,
+)
 from medclear.pki import Role
-from medclear.rpc import aio_channel, pb_enum
+from medclear.rpc import aio_channel, mac_input, pb_enum
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 
-TERMINAL_KEY_ALGORITHM = KeyAlgorithm.AES_128
-PIN_BLOCK_FORMAT = PinBlockFormat.ISO_4
-FLEET_KEK = "kek-fleet"
-PVK_ID = "pvk-cards"  # verifies every card's PIN
-CMK_ID = "cmk-cards"  # card master key: per-card cryptogram keys derive from it
-
-
-def tpk_id(terminal_id: str) -> str:
-    return f"tpk-{terminal_id}"
-
-
-def tak_id(terminal_id: str) -> str:
-    return f"tak-{terminal_id}"
-
-
-def mac_input(request: Any) -> bytes:
-    """What the MAC covers: the request without its MAC, deterministically serialized."""
-    unsigned = type(request)()
-    unsigned.CopyFrom(request)
-    unsigned.mac = b""
-    data: bytes = unsigned.SerializeToString(deterministic=True)
-    return data
+DEFAULT_WINDOW = "window-1"  # the service window of `medclear card ...`
+SEED_WINDOW = "window-seed"  # the window `medclear seed` enrols the city at
+WINDOWS_MADE_AT_UP = (DEFAULT_WINDOW, SEED_WINDOW)  # their PIN and MAC keys exist from `up`
 
 
 class Keyring:
@@ -72,6 +61,14 @@ class Keyring:
         tak = bytes.fromhex(self.keys[terminal_id]["tak"])
         request.mac = crypto.generate_mac(TERMINAL_KEY_ALGORITHM, tak, mac_input(request))
         return request
+
+    def reply_is_genuine(self, terminal_id: str, reply: Any) -> bool:
+        """The gateway's reply carries a MAC under this terminal's TAK that verifies. A
+        reply without one, or with a wrong one, is no answer: a swipe is then reversed."""
+        tak = bytes.fromhex(self.keys[terminal_id]["tak"])
+        return bool(reply.mac) and crypto.verify_mac(
+            TERMINAL_KEY_ALGORITHM, tak, mac_input(reply), reply.mac
+        )
 
     def pin_block(self, terminal_id: str, pin: str, card_no: str) -> bytes:
         tpk = bytes.fromhex(self.keys[terminal_id]["tpk"])

@@ -54,9 +54,10 @@ def ensure_card_token_key(path: Path) -> bytes:
 
 
 def load_card_tokens(settings: Settings) -> CardTokens:
-    if settings.card_token_key:
+    given = settings.card_token_key.get_secret_value()
+    if given:
         try:
-            return CardTokens(bytes.fromhex(settings.card_token_key))
+            return CardTokens(bytes.fromhex(given))
         except ValueError as exc:
             raise TokenKeyError(f"MEDCLEAR_CARD_TOKEN_KEY: {exc}") from exc
     return CardTokens(ensure_card_token_key(card_token_key_file(settings)))

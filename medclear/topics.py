@@ -56,6 +56,10 @@ SMS_OUTCOMES = Topic(
     purpose="what became of each event's SMS (submitted, failed, suppressed, receipts)",
 )
 REPLY_PREFIX = "medclear.replies."  # + gateway instance id; one partition each
+# Headers of a command record: where the worker sends the reply, and the id the waiting
+# gateway or registry matches it by (medclear/bus.py).
+HEADER_REPLY_TO = "reply-to"
+HEADER_CORRELATION = "correlation-id"
 
 
 def reply_topic(instance_id: str) -> str:

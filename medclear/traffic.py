@@ -24,13 +24,12 @@ from clearing.model import Institution
 from medclear.city import Resident
 from medclear.pki import Role
 from medclear.rpc import aio_channel, pb_enum
-from medclear.terminals import Keyring
+from medclear.terminals import SEED_WINDOW, Keyring
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 RPC_TIMEOUT_S = 10.0
 WRONG_PIN_RATE = 0.02  # swipes whose PIN is mistyped
 T = TypeVar("T")
-SEED_WINDOW = "window-seed"
 
 
 SEED_RETRIES = 5  # an enrolment answered TIMEOUT / UNAVAILABLE is sent again this often

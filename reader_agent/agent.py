@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -23,6 +23,7 @@ from rich.console import Console
 
 from clearing.codes import InstitutionType, ResultCode, message_of
 from clearing.validate import mask_card
+from medclear.rpc import result_pb
 from medclear.terminals import Keyring
 from medclear.v1 import common_pb2, pos_pb2
 from reader_agent import apdu
@@ -32,11 +33,18 @@ from reader_agent.reader import CardData, Transport, authenticate, read_card
 from reader_agent.receipt import Receipt, print_receipt
 
 log = structlog.get_logger(process="reader-agent")
+R = TypeVar("R", pos_pb2.BalanceInquiryReply, pos_pb2.RefundReply)
 
 DEADLINE_S = 5.0  # a swipe's whole round trip to the gateway
 REVERSAL_TRIES = 3  # per settlement attempt; the journal keeps it open after that
 REVERSAL_BACKOFF_S = (0.2, 0.5, 1.0)
-UNSETTLED = (ResultCode.TIMEOUT, ResultCode.UNAVAILABLE, ResultCode.SYSTEM_ERROR)
+# No answer the journal may close on: a reversal is sent again until one is answered.
+UNSETTLED = (
+    ResultCode.TIMEOUT,
+    ResultCode.UNAVAILABLE,
+    ResultCode.SYSTEM_ERROR,
+    ResultCode.MAC_INVALID,  # of the reply: not the gateway's answer
+)
 
 
 class CardSource(Protocol):
@@ -121,6 +129,21 @@ class Agent:
             request.pin_block = self.keyring.pin_block(self.terminal.terminal_id, pin, card_no)
         return self.keyring.sign(self.terminal.terminal_id, request)
 
+    def _genuine(self, reply: Any) -> bool:
+        """With terminal security: the reply carries the gateway's MAC under this
+        terminal's MAC key. A reply that does not is no answer (a swipe is reversed)."""
+        if self.keyring is None:
+            return True
+        if self.keyring.reply_is_genuine(self.terminal.terminal_id, reply):
+            return True
+        log.warning("reply MAC invalid: not taken", request=reply.request_id)
+        return False
+
+    def _refused_reply(self, reply_type: type[R]) -> R:
+        """What the agent shows instead of a reply it cannot trust."""
+        code = ResultCode.MAC_INVALID
+        return reply_type(result=result_pb(code), message=message_of(code))
+
     def _read(self, amount_fen: int | None, pin_prompt: str) -> CardRead:
         """The card's data, the PIN, and (for a payment) the card's cryptogram."""
         started = time.perf_counter()
@@ -173,7 +196,10 @@ class Agent:
         else:
             assert reply is not None
             result = ResultCode(reply.result)
-            if result == ResultCode.TIMEOUT:
+            if not self._genuine(reply):  # not the gateway's answer: as good as none
+                reply, result = None, ResultCode.MAC_INVALID
+                reversal = self._reverse(sent)
+            elif result == ResultCode.TIMEOUT:
                 reversal = self._reverse(sent)
             else:
                 self.journal.done(trace)
@@ -219,7 +245,9 @@ class Agent:
             except grpc.RpcError as exc:
                 outcome = ReversalOutcome(swipe.trace, False, _code_of(exc), str(exc.code()))
             else:
-                result = ResultCode(reply.result)
+                result = (
+                    ResultCode(reply.result) if self._genuine(reply) else ResultCode.MAC_INVALID
+                )
                 if result not in UNSETTLED:
                     self.journal.reversed(swipe.trace, result.name)
                     log.info("reversal acknowledged", trace=swipe.trace, result=result.name)
@@ -246,6 +274,8 @@ class Agent:
         reply = self.stub.BalanceInquiry(
             self._secure(request, read.card.card_no, read.pin), timeout=self.deadline_s
         )
+        if not self._genuine(reply):
+            reply = self._refused_reply(pos_pb2.BalanceInquiryReply)
         return read.card, reply
 
     def refund(
@@ -266,6 +296,8 @@ class Agent:
             amount_fen=amount_fen,
         )
         reply = self.stub.Refund(self._secure(request, card.card_no, None), timeout=self.deadline_s)
+        if not self._genuine(reply):
+            reply = self._refused_reply(pos_pb2.RefundReply)
         return card, reply
 
 

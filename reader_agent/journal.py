@@ -1,33 +1,59 @@
 """The agent's local journal: trace numbers and open reversals, surviving a crash.
 
-JSON lines, appended and fsynced before the agent acts on them:
+One SQLite database per terminal (stdlib sqlite3, WAL, synchronous=FULL): every change is
+one transaction, on disk (fsynced) before the agent acts on it.
 
-    {"op": "sent", "trace": T, "card_no": ..., "ssn": ..., "amount_fen": A, "reversal_trace": R}
-        written before an Authorize is sent;
-    {"op": "done", "trace": T}      a decision arrived: nothing to undo;
-    {"op": "reversed", "trace": T, "result": "OK"}   the reversal was acknowledged.
+    sent(trace, ...)      before an Authorize is sent: the swipe and the trace its
+                          reversal will use; the outcome is unknown until ...
+    done(trace)           a decision arrived: nothing to undo;
+    reversed(trace, r)    the reversal was acknowledged.
 
-A "sent" entry with neither "done" nor "reversed" after it is an open reversal: the
-outcome of that swipe is unknown (timeout, lost connection, or the agent died while
-waiting), and the agent sends a Reverse with the entry's own reversal trace until one is
-answered. Reversals are idempotent by that trace, so sending one again is harmless.
+A swipe that is `sent` and neither `done` nor `reversed` is an open reversal: the agent
+sends a Reverse with its own reversal trace until one is answered (reversals are
+idempotent by that trace, so sending one again is harmless). The highest trace ever used
+is kept too, so a restarted agent never reuses one.
 
-The file is compacted (open entries and the trace high-water mark, written to a temporary
-file, fsynced, renamed over) once it holds `LINES_BEFORE_COMPACTION` lines. It holds full
-card numbers, like the terminal's own memory would: owner-readable only, never logged.
+Why SQLite and not appended lines: a crash in the middle of a line left it without its
+newline, the next entry was glued onto it, and the next start skipped both, so an open
+swipe could be forgotten and never reversed. SQLite's WAL frames are checksummed: a
+transaction cut short by a crash is discarded whole at the next open, and a new one never
+lands on its remains (tests/unit/test_journal.py cuts the file at every byte of the last
+entry). Closed swipes are deleted, so the file stays small without compaction.
+
+The database holds full card numbers, as the terminal's own memory would: owner-readable
+only (SQLite gives its -wal and -shm files the database file's permissions), never logged.
+A journal in the earlier line format is read once and carried over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
 
-LINES_BEFORE_COMPACTION = 10_000
 OPEN_REVERSALS_MAX = 1_000  # a terminal with this many unsettled swipes must stop
+PAGE_BYTES = 1024  # small rows; a small page keeps each transaction's WAL frames small
+BUSY_TIMEOUT_S = 5.0  # another process of the same terminal holding the write lock
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS open_swipes (
+    trace INTEGER PRIMARY KEY,
+    card_no TEXT NOT NULL,
+    ssn TEXT NOT NULL,
+    amount_fen INTEGER NOT NULL,
+    reversal_trace INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS high_water (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_trace INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO high_water (id, last_trace) VALUES (1, 0);
+"""
 
 
 class JournalFull(RuntimeError):
@@ -46,41 +72,46 @@ class OpenSwipe:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.open: dict[int, OpenSwipe] = {}
-        self.last_trace = 0
-        self._lines = 0
-        self._load()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        legacy = _legacy_lines(path)
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        self._db.execute(f"PRAGMA page_size = {PAGE_BYTES}")  # only while it is empty
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")  # fsync at every commit
+        self._db.executescript(_SCHEMA)
+        if legacy is not None:
+            self._carry_over(legacy)
+        self.open: dict[int, OpenSwipe] = {
+            row[0]: OpenSwipe(*row)
+            for row in self._db.execute(
+                "SELECT trace, card_no, ssn, amount_fen, reversal_trace FROM open_swipes"
+            )
+        }
+        row = self._db.execute("SELECT last_trace FROM high_water").fetchone()
+        self.last_trace: int = int(row[0])
 
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash mid-write: it was never acted on
-            self._lines += 1
-            self._apply(entry)
+    def _carry_over(self, legacy: tuple[dict[int, OpenSwipe], int]) -> None:
+        swipes, last_trace = legacy
+        with self._transaction():
+            for swipe in swipes.values():
+                self._db.execute("INSERT OR REPLACE INTO open_swipes VALUES (?, ?, ?, ?, ?)",
+                                 astuple(swipe))  # fmt: skip
+            self._raise_high_water(last_trace)
 
-    def _apply(self, entry: dict[str, Any]) -> None:
-        op = entry.get("op")
-        trace = int(entry.get("trace", 0))
-        self.last_trace = max(self.last_trace, trace, int(entry.get("reversal_trace", 0)))
-        if op == "sent":
-            fields = {k: entry[k] for k in ("card_no", "ssn", "amount_fen", "reversal_trace")}
-            self.open[trace] = OpenSwipe(trace=trace, **fields)
-        elif op in ("done", "reversed"):
-            self.open.pop(trace, None)
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")  # with synchronous=FULL: on disk when this returns
 
-    def _append(self, entry: dict[str, Any]) -> None:
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._lines += 1
-        self._apply(entry)
+    def _raise_high_water(self, trace: int) -> None:
+        self._db.execute("UPDATE high_water SET last_trace = MAX(last_trace, ?)", (trace,))
 
     def next_trace(self) -> int:
         """A trace number never used by this terminal: above every one in the journal and
@@ -94,37 +125,50 @@ class Journal:
         if len(self.open) >= OPEN_REVERSALS_MAX:
             raise JournalFull(f"{len(self.open)} swipes await reversal; settle them first")
         swipe = OpenSwipe(trace, card_no, ssn, amount_fen, self.next_trace())
-        self._append({"op": "sent", **asdict(swipe)})
+        with self._transaction():
+            self._db.execute("INSERT INTO open_swipes VALUES (?, ?, ?, ?, ?)", astuple(swipe))
+            self._raise_high_water(swipe.reversal_trace)
+        self.open[trace] = swipe
         return swipe
 
     def done(self, trace: int) -> None:
-        self._append({"op": "done", "trace": trace})
-        self._maybe_compact()
+        self._close(trace)
 
     def reversed(self, trace: int, result: str) -> None:
-        self._append({"op": "reversed", "trace": trace, "result": result})
-        self._maybe_compact()
+        """The reversal of `trace` was answered with `result` (logged by the agent)."""
+        self._close(trace)
 
-    def _maybe_compact(self) -> None:
-        if self._lines < LINES_BEFORE_COMPACTION:
-            return
-        temporary = self.path.with_suffix(".compact")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"op": "mark", "trace": self.last_trace}) + "\n")
-            for swipe in self.open.values():
-                f.write(json.dumps({"op": "sent", **asdict(swipe)}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        self._file.close()
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
-        self._lines = 1 + len(self.open)
+    def _close(self, trace: int) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM open_swipes WHERE trace = ?", (trace,))
+        self.open.pop(trace, None)
 
     def close(self) -> None:
-        self._file.close()
+        self._db.close()
+
+
+def _legacy_lines(path: Path) -> tuple[dict[int, OpenSwipe], int] | None:
+    """The open swipes and highest trace of a journal in the earlier JSON-lines format
+    (whose file is then replaced by the database); None when there is none."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with path.open("rb") as f:
+        if f.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC:
+            return None
+    swipes: dict[int, OpenSwipe] = {}
+    last_trace = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            trace = int(entry.get("trace", 0))
+            last_trace = max(last_trace, trace, int(entry.get("reversal_trace", 0)))
+            if entry.get("op") == "sent":
+                swipes[trace] = OpenSwipe(trace, str(entry["card_no"]), str(entry["ssn"]),
+                                          int(entry["amount_fen"]),
+                                          int(entry["reversal_trace"]))  # fmt: skip
+            elif entry.get("op") in ("done", "reversed"):
+                swipes.pop(trace, None)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # the torn lines this format could leave
+    path.rename(path.with_name(path.name + ".lines-carried-over"))
+    return swipes, last_trace

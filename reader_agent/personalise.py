@@ -28,9 +28,9 @@ from clearing.codes import ResultCode
 from hsm_sim import crypto
 from hsm_sim.crypto import KeyAlgorithm
 from hsm_sim.keystore import KeyType, unwrap_key
+from medclear.hsm_client import CMK_ID
 from medclear.pki import Role
 from medclear.rpc import aio_channel, pb_enum
-from medclear.terminals import CMK_ID
 from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, registry_pb2, registry_pb2_grpc
 from reader_agent.card import NO_EXPIRY, CardImage
 

@@ -47,7 +47,7 @@ from medclear.faust_app import (
     run_worker,
 )
 from medclear.policy import load_institutions
-from medclear.settings import Settings
+from medclear.settings import Settings, smsc_password
 from monitoring import metrics
 from stream_jobs import sms_core
 from stream_jobs.sms_core import Context, Outcome, OutcomeRecord, PersonSms
@@ -88,7 +88,7 @@ class Sender:
             settings.smsc_host,
             settings.smsc_port,
             settings.smsc_system_id,
-            settings.smsc_password,
+            smsc_password(settings),
             settings.smsc_source_addr,
             log=log,
         )

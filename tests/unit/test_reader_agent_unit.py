@@ -3,7 +3,6 @@ gateway: what happens when no decision arrives, and after a crash."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -128,27 +127,6 @@ def test_a_cancelled_pin_entry_sends_nothing(tmp_path: Path) -> None:
     with pytest.raises(PinEntryCancelled):
         a.swipe(1_00)
     assert not gateway.requests and not a.journal.open
-
-
-def test_journal_survives_a_torn_line_and_compacts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(journal_module, "LINES_BEFORE_COMPACTION", 10)
-    j = Journal(tmp_path / "j.journal")
-    keep = j.sent(j.next_trace(), CARD_NO, SSN, 5_00)
-    for _ in range(10):
-        t = j.next_trace()
-        j.sent(t, CARD_NO, SSN, 1_00)
-        j.done(t)
-    j.close()
-    lines = (tmp_path / "j.journal").read_text().splitlines()
-    assert len(lines) < 10  # compacted
-    with (tmp_path / "j.journal").open("a") as f:
-        f.write('{"op": "sent", "trace": 9')  # the agent died mid-write
-    again = Journal(tmp_path / "j.journal")
-    assert list(again.open) == [keep.trace] and again.last_trace >= keep.reversal_trace
-    assert oct((tmp_path / "j.journal").stat().st_mode & 0o777) == "0o600"
-    assert json.loads(lines[0])["op"] == "mark"
 
 
 def test_a_terminal_with_too_many_open_reversals_stops(
