@@ -252,7 +252,7 @@ class Process:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env=self.env,
+                    env=_without_secrets(self.env),
                     cwd=self.cwd,
                     start_new_session=True,
                     close_fds=True,
@@ -341,7 +341,8 @@ class Process:
             out.flush()
             try:
                 subprocess.run(self.stop_first, stdin=subprocess.DEVNULL, stdout=out,
-                               stderr=subprocess.STDOUT, timeout=timeout, check=False)  # fmt: skip
+                               stderr=subprocess.STDOUT, timeout=timeout, check=False,
+                               env=_without_secrets(None))  # fmt: skip
             except (OSError, subprocess.TimeoutExpired) as exc:
                 out.write(f"=== {self.name}: stop command failed: {exc}\n".encode())
 
@@ -644,6 +645,12 @@ def broker_stop_argv(kind: BrokerKind, data_dir: Path) -> tuple[str, ...]:
         return ()
     binary = _package_binary("noida_db", "noida-db")
     return () if binary is None else (str(binary), "stop", "kafka", "--data-dir", str(data_dir))
+
+
+def _without_secrets(env: dict[str, str] | None) -> dict[str, str]:
+    """A child's environment (None: this process's) without any medclear secret: whoever
+    started `up` with MEDCLEAR_HSM_LMK set, no child inherits it (_write_secrets)."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in SECRET_ENV}
 
 
 def _broker_env() -> dict[str, str]:

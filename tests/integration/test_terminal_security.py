@@ -5,7 +5,9 @@ verified through the HSM against the card's verification value set at a window."
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,15 +31,27 @@ PHARMACY, HOSPITAL = "310101P00001", "310101H00001"
 PIN, WRONG = "135790", "246801"
 
 
+LMK_HEX = secrets.token_hex(32)  # given to `up` in its environment, as an operator would
+
+
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack.Endpoints, Keyring]]:
     state_dir = tmp_path_factory.mktemp("secured") / ".medclear"
-    settings = Settings(
-        state_dir=state_dir, command_partitions=2, event_partitions=2, terminal_security=True
-    )
+    os.environ["MEDCLEAR_HSM_LMK"] = LMK_HEX
+    try:
+        settings = Settings(
+            state_dir=state_dir, command_partitions=2, event_partitions=2, terminal_security=True
+        )
+    finally:
+        del os.environ["MEDCLEAR_HSM_LMK"]
+    assert settings.hsm_lmk.get_secret_value() == LMK_HEX
     console = Console(stderr=True)
     try:
-        endpoints = stack.up(settings, console)
+        os.environ["MEDCLEAR_HSM_LMK"] = LMK_HEX  # what every child would inherit
+        try:
+            endpoints = stack.up(settings, console)
+        finally:
+            del os.environ["MEDCLEAR_HSM_LMK"]
         keyring = Keyring(state_dir / "terminals" / "keyring.json")
         PKI[:] = [state_dir.resolve() / "pki"]
         asyncio.run(
@@ -470,3 +484,250 @@ def test_every_dashboard_query_returns_data(secured: tuple[stack.Endpoints, Keyr
         time.sleep(2)
         empty = [e for e in empty if not query(e)]
     assert not empty, f"dashboard queries without data: {empty}"
+
+
+# ---------------------------------------------------------------- issue 15: the defects
+
+
+def pos_stub(endpoints: stack.Endpoints) -> tuple[grpc.Channel, pos_pb2_grpc.PosServiceStub]:
+    channel = channel_to(endpoints.gateway, Role.TERMINAL)
+    return channel, pos_pb2_grpc.PosServiceStub(channel)
+
+
+def terminal_context(
+    terminal: str = "POS1", institution: str = HOSPITAL
+) -> common_pb2.TerminalContext:
+    return common_pb2.TerminalContext(
+        terminal_id=terminal, institution_id=institution, trace_number=next(_traces)
+    )
+
+
+def test_an_oversized_field_is_malformed_and_named_not_an_unknown_terminal(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    """A 1 MB card number from a provisioned terminal, MACed: MALFORMED_REQUEST naming the
+    field (it was TERMINAL_UNKNOWN: the HSM refused the MAC data), and nothing changes.
+    The same at the registry, before any HSM call."""
+    endpoints, keyring = secured
+    before = person_version(secured, card)
+    huge = "9" * 1_000_000
+    channel, pos = pos_stub(endpoints)
+    with channel:
+        authorize = pos.Authorize(keyring.sign("POS1", pos_pb2.AuthorizeRequest(
+            terminal=terminal_context(), card_no=huge, amount_fen=1_00,
+            pin_block=keyring.pin_block("POS1", PIN, card))), timeout=15)  # fmt: skip
+        balance = pos.BalanceInquiry(keyring.sign("POS1", pos_pb2.BalanceInquiryRequest(
+            terminal=terminal_context(), card_no=card, ssn=huge)), timeout=15)  # fmt: skip
+        blocks = pos.Authorize(keyring.sign("POS1", pos_pb2.AuthorizeRequest(
+            terminal=terminal_context(), card_no=card, amount_fen=1_00,
+            pin_block=b"\1" * 70_000)), timeout=15)  # fmt: skip
+    assert ResultCode(authorize.result) == ResultCode.MALFORMED_REQUEST
+    assert "card_no is longer than 9 characters" in authorize.message
+    assert ResultCode(balance.result) == ResultCode.MALFORMED_REQUEST and "ssn" in balance.message
+    assert ResultCode(blocks.result) == ResultCode.MALFORMED_REQUEST
+    assert "pin_block is longer than 16 bytes" in blocks.message
+    for reply in (authorize, balance, blocks):
+        assert keyring.reply_is_genuine("POS1", reply)
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
+        reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        name = reg.RegisterPerson(registry_pb2.RegisterPersonRequest(
+            window=window("huge"), ssn=make_ssn(random.Random(90), 990), name="名" * 100_000,
+            category=int(InsuranceCategory.EMPLOYEE)), timeout=15)  # type: ignore[arg-type]  # fmt: skip
+        pin = reg.ChangePin(
+            registry_pb2.ChangePinRequest(
+                window=window("huge"), card_no=card, new_pin_block=b"\2" * 100_000
+            ),
+            timeout=15,
+        )
+        view = reg.GetPerson(registry_pb2.GetPersonRequest(card_no="X" * 500_000), timeout=15)
+    assert ResultCode(name.result) == ResultCode.MALFORMED_REQUEST
+    assert "name is longer than 30 characters" in name.message
+    assert ResultCode(pin.result) == ResultCode.MALFORMED_REQUEST
+    assert "new_pin_block" in pin.message
+    assert ResultCode(view.result) == ResultCode.MALFORMED_REQUEST and "card_no" in view.message
+    assert person_version(secured, card) == before
+
+
+def test_an_empty_terminal_id_is_the_same_code_at_every_pos_call(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    endpoints, _keyring = secured
+    context = terminal_context("")
+    requests = {
+        "Authorize": pos_pb2.AuthorizeRequest(terminal=context, card_no=card, amount_fen=1_00),
+        "BalanceInquiry": pos_pb2.BalanceInquiryRequest(terminal=context, card_no=card),
+        "Reverse": pos_pb2.ReverseRequest(terminal=context, card_no=card,
+                                          original_trace_number=1),
+        "Refund": pos_pb2.RefundRequest(terminal=context, card_no=card, original_trace_number=1,
+                                        amount_fen=1_00),
+    }  # fmt: skip
+    channel, pos = pos_stub(endpoints)
+    with channel:
+        replies = {name: getattr(pos, name)(r, timeout=15) for name, r in requests.items()}
+    for name, reply in replies.items():
+        assert ResultCode(reply.result) == ResultCode.MALFORMED_REQUEST, name
+        assert "terminal.terminal_id" in reply.message, name
+
+
+def test_a_temporary_card_pays_right_after_it_is_made(
+    secured: tuple[stack.Endpoints, Keyring],
+) -> None:
+    """DOMAIN.md: a temporary card's PIN is set when it is made, and it needs no
+    activation. Made through the HSM from the window's PIN block, it pays at once."""
+    endpoints, keyring = secured
+    ssn, temp = make_ssn(random.Random(60), 860), "TMP000060"
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
+        reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        registered = reg.RegisterPerson(registry_pb2.RegisterPersonRequest(
+            window=window("t-r"), ssn=ssn, name="临时", phone="13700000060",
+            category=int(InsuranceCategory.EMPLOYEE)))  # type: ignore[arg-type]  # fmt: skip
+        without_pin = reg.IssueCard(registry_pb2.IssueCardRequest(
+            window=window("t-0"), ssn=ssn, card_no=temp, kind=int(CardKind.TEMPORARY)))  # type: ignore[arg-type]  # fmt: skip
+        issued = reg.IssueCard(registry_pb2.IssueCardRequest(
+            window=window("t-i"), ssn=ssn, card_no=temp, kind=int(CardKind.TEMPORARY),
+            new_pin_block=keyring.pin_block("WIN1", PIN, temp)))  # type: ignore[arg-type]  # fmt: skip
+        credited = reg.CreditAccount(
+            registry_pb2.CreditRequest(
+                window=window("t-c"), ssn=ssn, amount_fen=30_00, source_id="sec-temp-60"
+            )
+        )
+        view = reg.GetPerson(registry_pb2.GetPersonRequest(ssn=ssn))
+    assert ResultCode(registered.result) == ResultCode.OK
+    assert ResultCode(without_pin.result) == ResultCode.MALFORMED_REQUEST
+    assert "new_pin_block" in without_pin.message
+    assert ResultCode(issued.result) == ResultCode.OK and issued.card.state == CardState.ACTIVE
+    assert ResultCode(credited.result) == ResultCode.OK
+    (card_view,) = view.cards
+    assert not card_view.initial_pin and card_view.expires_at
+    paid = swipe(secured, temp, PIN, amount_fen=9_90)
+    assert ResultCode(paid.result) == ResultCode.OK, paid.message
+    assert paid.balance_after_fen == 20_10
+    assert ResultCode(swipe(secured, temp, WRONG).result) == ResultCode.PIN_WRONG
+
+
+def test_a_malformed_pin_block_is_refused_before_the_card_colour_and_the_institution(
+    secured: tuple[stack.Endpoints, Keyring],
+) -> None:
+    """Precedence through the real path: a PIN block that is no valid block (12) wins over
+    a green card (39), an unknown institution (20) and an unknown card (30)."""
+    endpoints, keyring = secured
+    ssn, green = make_ssn(random.Random(61), 861), "GRN000061"
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
+        enrolled = registry_pb2_grpc.CardRegistryServiceStub(channel).EnrolPerson(
+            registry_pb2.EnrolPersonRequest(
+                window=window("g"), ssn=ssn, name="居民", phone="13700000061",
+                category=int(InsuranceCategory.RESIDENT), region="310101", card_no=green,
+                new_pin_block=keyring.pin_block("WIN1", PIN, green)), timeout=15)  # type: ignore[arg-type]  # fmt: skip
+    assert ResultCode(enrolled.result) == ResultCode.OK, enrolled.message
+    garbage = b"\x5a" * 16  # the right length, but no block under POS1's PIN key
+
+    def attempt(card_no: str, pin_block: bytes, institution: str = HOSPITAL) -> ResultCode:
+        request = pos_pb2.AuthorizeRequest(terminal=terminal_context(institution=institution),
+                                           card_no=card_no, amount_fen=1_00,
+                                           pin_block=pin_block)  # fmt: skip
+        channel, pos = pos_stub(endpoints)
+        with channel:
+            reply = pos.Authorize(keyring.sign("POS1", request), timeout=15)
+        assert keyring.reply_is_genuine("POS1", reply)
+        return ResultCode(reply.result)
+
+    good = keyring.pin_block("POS1", PIN, green)
+    assert attempt(green, good) == ResultCode.COLOUR_NOT_ALLOWED
+    assert attempt(green, garbage) == ResultCode.PIN_BLOCK_INVALID
+    assert attempt(green, b"") == ResultCode.PIN_BLOCK_INVALID
+    assert attempt(green, garbage, "NOWHERE001") == ResultCode.PIN_BLOCK_INVALID
+    stranger = "ZZZ000061"
+    assert attempt(stranger, keyring.pin_block("POS1", PIN, stranger)) == ResultCode.CARD_UNKNOWN
+    assert attempt(stranger, garbage) == ResultCode.PIN_BLOCK_INVALID
+    assert attempt(stranger, keyring.pin_block("POS1", PIN, stranger),
+                   "NOWHERE001") == ResultCode.INSTITUTION_UNKNOWN  # fmt: skip
+
+
+def test_a_balance_is_told_only_for_the_right_pin_and_wrong_ones_lock(
+    secured: tuple[stack.Endpoints, Keyring],
+) -> None:
+    endpoints, keyring = secured
+    card_no = "SEC000062"
+    enrol(secured, 62, card_no)
+
+    def enquire(pin: str | None) -> pos_pb2.BalanceInquiryReply:
+        request = pos_pb2.BalanceInquiryRequest(
+            terminal=terminal_context(), card_no=card_no,
+            pin_block=keyring.pin_block("POS1", pin, card_no) if pin else b"")  # fmt: skip
+        channel, pos = pos_stub(endpoints)
+        with channel:
+            reply: pos_pb2.BalanceInquiryReply = pos.BalanceInquiry(
+                keyring.sign("POS1", request), timeout=15
+            )
+        assert keyring.reply_is_genuine("POS1", reply)
+        return reply
+
+    right = enquire(PIN)
+    assert ResultCode(right.result) == ResultCode.OK and right.balance_fen == 100_00
+    replies = [enquire(WRONG), enquire(None), enquire(WRONG), enquire(WRONG), enquire(PIN)]
+    assert [ResultCode(r.result) for r in replies] == [
+        ResultCode.PIN_WRONG, ResultCode.PIN_BLOCK_INVALID, ResultCode.PIN_WRONG,
+        ResultCode.PIN_TRIES_EXCEEDED, ResultCode.CARD_LOCKED,
+    ]  # fmt: skip
+    assert all(r.balance_fen == 0 for r in replies)
+    assert ResultCode(swipe(secured, card_no, PIN).result) == ResultCode.CARD_LOCKED
+
+
+def test_every_pos_reply_carries_the_gateways_mac(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    """Approved, declined, replayed, refused-before-the-worker, reversal and refund replies:
+    each verifies under the terminal's MAC key, and none does once a field is changed."""
+    endpoints, keyring = secured
+    trace = next(_traces)
+    replies: list[object] = [
+        swipe(secured, card, PIN, trace=trace, amount_fen=1_00),
+        swipe(secured, card, PIN, trace=trace, amount_fen=1_00),  # replayed
+        swipe(secured, card, WRONG),
+        swipe(secured, card, PIN, tamper=True),  # MAC_INVALID: answered, and MACed
+        swipe(secured, "ZZZ000099", PIN),  # CARD_UNKNOWN, decided at the gateway
+    ]
+    channel, pos = pos_stub(endpoints)
+    with channel:
+        replies.append(pos.Refund(keyring.sign("POS1", pos_pb2.RefundRequest(
+            terminal=terminal_context(), original_trace_number=trace, card_no=card,
+            amount_fen=50)), timeout=15))  # fmt: skip
+        replies.append(pos.Reverse(keyring.sign("POS1", pos_pb2.ReverseRequest(
+            terminal=terminal_context(), original_trace_number=trace, card_no=card)),
+            timeout=15))  # fmt: skip
+    codes = [ResultCode(r.result) for r in replies]  # type: ignore[attr-defined]
+    assert codes == [ResultCode.OK, ResultCode.OK, ResultCode.PIN_WRONG, ResultCode.MAC_INVALID,
+                     ResultCode.CARD_UNKNOWN, ResultCode.OK, ResultCode.OK]  # fmt: skip
+    for reply in replies:
+        assert keyring.reply_is_genuine("POS1", reply), reply
+        changed = type(reply)()  # type: ignore[operator]
+        changed.CopyFrom(reply)
+        changed.request_id += "0"
+        assert not keyring.reply_is_genuine("POS1", changed)
+    assert not keyring.reply_is_genuine("POS2", replies[0])  # another terminal's key
+
+
+def test_the_lmk_is_in_no_process_environment(secured: tuple[stack.Endpoints, Keyring]) -> None:
+    """Given to `up` in its environment, the LMK goes into the HSM's owner-only file and
+    into no process's environment: every /proc/PID/environ on this machine is read."""
+    state_dir = secured_state_dir(secured)
+    lmk_path = state_dir / "hsm" / "lmk.hex"
+    assert lmk_path.read_text().strip() == LMK_HEX
+    assert oct(lmk_path.stat().st_mode & 0o777) == "0o600"
+    stack_processes, holders = 0, []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue  # gone, or not ours to read
+        if str(state_dir).encode() in environ:
+            stack_processes += 1
+        if LMK_HEX.encode() in environ:
+            holders.append(entry.name)
+    assert stack_processes >= 8  # the stack's own processes were read
+    assert holders == []
+    settings = Settings(state_dir=state_dir)
+    hsm_pid = next(r.pid for r in stack.status(settings) if r.name == "hsm")
+    assert LMK_HEX.encode() not in Path(f"/proc/{hsm_pid}/cmdline").read_bytes()

@@ -13,6 +13,7 @@ from rich.console import Console
 from clearing.codes import InstitutionType, ResultCode
 from hsm_sim import crypto
 from hsm_sim.crypto import KeyAlgorithm
+from medclear.terminals import Keyring
 from medclear.v1 import pos_pb2
 from reader_agent import journal as journal_module
 from reader_agent.agent import Agent, Terminal
@@ -47,11 +48,14 @@ class Lost(grpc.RpcError):
 
 
 class Gateway:
-    """Answers as told; records what it got."""
+    """Answers as told; records what it got; MACs its reversal replies under `keyring`."""
 
-    def __init__(self, authorize: Any = None, reverse_fails: int = 0) -> None:
+    def __init__(
+        self, authorize: Any = None, reverse_fails: int = 0, keyring: Keyring | None = None
+    ) -> None:
         self.authorize = authorize
         self.reverse_fails = reverse_fails
+        self.keyring = keyring
         self.requests: list[Any] = []
 
     def Authorize(self, request: Any, timeout: float) -> Any:
@@ -65,13 +69,45 @@ class Gateway:
         if self.reverse_fails:
             self.reverse_fails -= 1
             raise Lost()
-        return pos_pb2.ReverseReply(result=int(ResultCode.OK))  # type: ignore[arg-type]
+        reply = pos_pb2.ReverseReply(result=int(ResultCode.OK))  # type: ignore[arg-type]
+        return self.keyring.sign("T1", reply) if self.keyring else reply
 
 
-def agent(tmp_path: Path, gateway: Gateway, pins: list[str] | None = None) -> Agent:
-    return Agent(Terminal("T1", "310101H00001", InstitutionType.HOSPITAL), InProcess(),
-                 ScriptedPinPad(pins or ["123456"]), Journal(tmp_path / "j.journal"), gateway,
-                 None, console=Console(record=True, width=100), sleep=lambda _s: None)  # fmt: skip
+def agent(
+    tmp_path: Path, gateway: Gateway, pins: list[str] | None = None, keyring: Keyring | None = None
+) -> Agent:
+    terminal = Terminal("T1", "310101H00001", InstitutionType.HOSPITAL)
+    return Agent(terminal, InProcess(), ScriptedPinPad(pins or ["123456"]),
+                 Journal(tmp_path / "j.journal"), gateway, keyring,
+                 console=Console(record=True, width=100), sleep=lambda _s: None)  # fmt: skip
+
+
+def test_a_reply_without_the_gateways_mac_is_no_answer_and_the_swipe_is_reversed(
+    tmp_path: Path,
+) -> None:
+    keyring = Keyring(tmp_path / "keyring.json")
+    keyring.keys["T1"] = {"tpk": "11" * 16, "tak": "22" * 16}  # as provisioning leaves them
+    approved = pos_pb2.AuthorizeReply(result=int(ResultCode.OK), request_id="T1:1",  # type: ignore[arg-type]
+                                      paid_from_account_fen=12_50)  # fmt: skip
+    for forged in (b"", b"\0" * 16):  # no MAC at all; a MAC that is not the TAK's
+        reply = pos_pb2.AuthorizeReply()
+        reply.CopyFrom(approved)
+        reply.mac = forged
+        gateway = Gateway(reply, keyring=keyring)
+        a = agent(tmp_path / forged.hex(), gateway, keyring=keyring)
+        result = a.swipe(12_50)
+        assert result.result == ResultCode.MAC_INVALID and result.reply is None
+        assert result.reversal is not None and result.reversal.acknowledged
+        assert not a.journal.open
+        assert any(isinstance(r, pos_pb2.ReverseRequest) for r in gateway.requests)
+    genuine = keyring.sign("T1", approved)
+    a = agent(tmp_path / "genuine", Gateway(genuine, keyring=keyring), keyring=keyring)
+    result = a.swipe(12_50)
+    assert result.result == ResultCode.OK and result.reversal is None
+    tampered = pos_pb2.AuthorizeReply()
+    tampered.CopyFrom(genuine)
+    tampered.paid_from_account_fen = 1  # changed after the MAC: a man in the middle
+    assert not keyring.reply_is_genuine("T1", tampered)
 
 
 def test_an_approved_swipe_carries_the_chip_data_and_closes_its_journal_entry(
