@@ -64,7 +64,7 @@ class Alert:
     alert_id: str  # "<event id>/<kind>": stable under redelivery
     kind: AlertKind
     at_ms: int
-    ssn: str
+    person_ref: str  # the person's token (published events carry no ssn)
     card_ref: str
     card_masked: str
     institution_id: str
@@ -127,7 +127,8 @@ class Detector:
         card = event.card_ref or event.card_masked
 
         def alert(kind: AlertKind, detail: str) -> None:
-            alerts.append(Alert(f"{event.event_id}/{kind.value}", kind, event.at_ms, event.ssn,
+            alerts.append(Alert(f"{event.event_id}/{kind.value}", kind, event.at_ms,
+                                event.person_ref,
                                 event.card_ref, event.card_masked, event.institution_id,
                                 event.terminal_id, detail))  # fmt: skip
 

@@ -381,6 +381,11 @@ class PersonRegistered:
     category: InsuranceCategory
     phone: str
     region: str
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
+    name_masked: str = ""  # family name only: set on the published copy
+    phone_masked: str = ""  # 138****5678: set on the published copy
+    sealed: str = ""  # name and phone, encrypted for the sms job: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +404,8 @@ class CardIssued:
     replaces_card_ref: str = ""
     pin_set: bool = False  # a temporary card: its PIN was set when it was made
     pvv: str = ""  # ... and its verification value ("" without terminal security)
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +421,9 @@ class CardStateChanged:
     deadline_ms: int = 0  # report_pre_loss: when it lapses
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
+    sealed: str = ""  # a pre-loss report: the ssn, encrypted for the pre-loss timer
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +435,8 @@ class PinChanged:
     pvv: str = ""
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,6 +447,8 @@ class AccountCredited:
     amount_fen: int
     source_id: str
     balance_after_fen: int
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,6 +468,8 @@ class SwipeApproved:
     terminal_id: str = ""  # where the card was presented (abnormal-use detection)
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +488,8 @@ class SwipeDeclined:
     inquiry: bool = False  # a balance enquiry (amount 0), not a payment
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +506,8 @@ class SwipeReversed:
     original_day: int  # the Shanghai day of the original swipe (settlement)
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +523,8 @@ class ReversalUnmatched:
     card_no: str
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,6 +540,8 @@ class Refunded:
     balance_after_fen: int
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,6 +555,8 @@ class PinTriesReset:
     card_no: str
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +568,8 @@ class PharmacyLimitSet:
     swipes_per_day: int
     card_ref: str = ""  # keyed hash of card_no: set on the published copy
     card_masked: str = ""  # last 4 only: set on the published copy
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +578,10 @@ class PhoneSet:
     at_ms: int
     ssn: str
     phone: str
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
+    phone_masked: str = ""  # 138****5678: set on the published copy
+    sealed: str = ""  # the phone, encrypted for the sms job: set on the published copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,6 +590,8 @@ class PersonCancelled:
     at_ms: int
     ssn: str
     reason: str
+    person_ref: str = ""  # keyed hash of the ssn: set on the published copy
+    ssn_masked: str = ""  # region and last 4 only: set on the published copy
 
 
 Event = (

@@ -76,3 +76,8 @@ def mask_card(card_no: str) -> str:
 def mask_phone(phone: str) -> str:
     """Keeps the first 3 and last 4: 138****5678."""
     return phone[:3] + "****" + phone[-4:] if len(phone) == 11 else "*" * len(phone)
+
+
+def mask_name(name: str) -> str:
+    """Keeps the family name (first character): 张**."""
+    return name[:1] + "*" * max(0, len(name) - 1)

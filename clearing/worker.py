@@ -50,12 +50,12 @@ from clearing.model import (
     SwipeApproved,
     SwipeReversed,
 )
-from clearing.redact import published
+from clearing.redact import card_index_record, published
 from medclear import topics
 from medclear.faust_app import make_app, run_worker
 from medclear.hsm_client import HsmClient
 from medclear.settings import Settings, pki_dir
-from medclear.tokens import load_card_tokens
+from medclear.tokens import load_redaction
 from medclear.topics import HEADER_CORRELATION, HEADER_REPLY_TO
 from monitoring import metrics
 
@@ -171,19 +171,21 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
     echo = settings.worker_mode == "echo"
     if echo:
         log.warning("echo mode: commands are answered OK without being decided (benchmark)")
-    tokens = load_card_tokens(settings)  # no full card number leaves this process
+    redaction = load_redaction(settings)  # no card number, ssn, name or phone leaves in clear
     pins = (PinChecker(HsmClient(settings.hsm_address, pki_dir(settings)))
             if settings.terminal_security else None)  # fmt: skip
 
     async def send_reply(headers: Any, key: bytes, reply: Reply) -> None:
+        """To the asking gateway's reply topic, sealed under the person key (a reply may
+        carry a person's whole record: a lookup), with no key (no ssn) of its own."""
         reply_to = _header(headers, HEADER_REPLY_TO)
         correlation = _header(headers, HEADER_CORRELATION)
         if reply_to and correlation:
             producer = await outbox.producer()
+            sealed = redaction.person.seal_bytes(codec.encode(reply), correlation.hex())
             await producer.send(
                 reply_to.decode(),
-                key=key,
-                value=codec.encode(reply),
+                value=sealed,
                 headers=[(HEADER_CORRELATION, correlation)],
             )
 
@@ -291,21 +293,16 @@ def create_app(settings: Settings, policy: Policy, bootstrap: str, index: int = 
         t1 = time.perf_counter()
         if outgoing:
             producer = await outbox.producer()
-            pending = [
-                await producer.send(
-                    topics.EVENTS.name, key=key, value=codec.encode(published(e, tokens))
-                )
-                for key, e in outgoing
-            ]
-            pending += [
-                await producer.send(
-                    topics.CARD_INDEX.name,
-                    key=tokens.card_ref(e.card_no).encode(),
-                    value=e.ssn.encode(),
-                )
-                for _key, e in outgoing
-                if isinstance(e, CardIssued)
-            ]
+            pending = []
+            for _key, e in outgoing:
+                out = published(e, redaction)  # keyed by the person's token: no ssn
+                pending.append(await producer.send(topics.EVENTS.name,
+                                                   key=out.person_ref.encode(),
+                                                   value=codec.encode(out)))  # fmt: skip
+                if isinstance(e, CardIssued):
+                    ref, owner = card_index_record(e.card_no, e.ssn, redaction)
+                    pending.append(await producer.send(topics.CARD_INDEX.name, key=ref,
+                                                       value=owner))  # fmt: skip
             await asyncio.gather(*pending)  # the broker has every event of the batch
         t2 = time.perf_counter()
         for key in dirty:

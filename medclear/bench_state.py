@@ -14,8 +14,8 @@ gateway read:
   once through the core with sentinel values, and the persons are filled into it; every
   `VERIFY_EVERY`-th person is built through the core in full and must come out
   byte-identical, so the fast path is checked, not assumed (`Template`).
-- `medclear.card-index`: key the card token (`CardTokens.card_ref`), value the ssn, as the
-  worker writes it when a card is issued.
+- `medclear.card-index`: key the card token, value the ssn sealed under the person data
+  key (`clearing.redact.card_index_record`), as the worker writes it when a card is issued.
 
 Each record goes to the partition the producers of the real path pick (aiokafka's
 default partitioner over the key), which is the partition the worker's commands for that
@@ -57,6 +57,7 @@ from clearing.model import (
     Policy,
     RegisterPerson,
 )
+from clearing.redact import Redaction, card_index_record
 from clearing.validate import ssn_check_char
 from medclear.city import GIVEN, REGION_CODE, SURNAMES, category_of
 from medclear.perfdoc import DOC as PERFORMANCE_DOC
@@ -277,7 +278,7 @@ async def load(
     city: City,
     persons: int,
     partitions: int,
-    card_ref: Callable[[str], str],
+    redaction: Redaction,
     compression: str | None,
     on_progress: Callable[[int], None],
     index_topic: str,
@@ -304,10 +305,10 @@ async def load(
             h, value = city.record(index_no)
             key = h.ssn.encode()
             await changelog.add(partition_of(key, partitions), key, value, city.at_ms)
-            ref = card_ref(h.card_no).encode()
-            await index.add(0, ref, key, city.at_ms)
+            ref, owner = card_index_record(h.card_no, h.ssn, redaction)
+            await index.add(0, ref, owner, city.at_ms)
             result.changelog_bytes += len(key) + len(value)
-            result.index_bytes += len(ref) + len(key)
+            result.index_bytes += len(ref) + len(owner)
             if (index_no + 1) % step == 0:
                 on_progress(step)
                 await asyncio.sleep(0)
@@ -372,18 +373,19 @@ def seed_store(
 
 
 async def index_cards(
-    bootstrap: str, holders: Sequence[Holder], card_ref: Callable[[str], str], topic: str
+    bootstrap: str, holders: Sequence[Holder], redaction: Redaction, topic: str
 ) -> None:
-    """Card-index records (card token → ssn) for these holders only: what the gateway needs
-    to route their swipes when the persons were seeded into the store (`seed_store`)."""
+    """Card-index records (card token → sealed ssn) for these holders only: what the
+    gateway needs to route their swipes when the persons were seeded into the store
+    (`seed_store`)."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         for h in holders:
-            await producer.send(topic, key=card_ref(h.card_no).encode(), value=h.ssn.encode(),
-                                partition=0)  # fmt: skip
+            ref, owner = card_index_record(h.card_no, h.ssn, redaction)
+            await producer.send(topic, key=ref, value=owner, partition=0)
         await producer.flush()
     finally:
         await producer.stop()
@@ -655,7 +657,7 @@ def run_store(
 ) -> Run:
     from medclear import stack, topics
     from medclear.policy import load_policy
-    from medclear.tokens import load_card_tokens
+    from medclear.tokens import load_redaction
 
     state_dir = state_root / f"{store}-{persons}"
     settings = base.model_copy(update={"table_store": store, "state_dir": state_dir})
@@ -675,7 +677,6 @@ def run_store(
                 f"expected {settings.command_partitions}"
             )
         city = City(load_policy(settings), int(time.time() * 1000))
-        tokens = load_card_tokens(settings)
         with _progress("loading persons", persons) as advance:
             run.load = asyncio.run(
                 load(
@@ -683,7 +684,7 @@ def run_store(
                     city,
                     persons,
                     partitions,
-                    tokens.card_ref,
+                    load_redaction(settings),
                     compression,
                     advance,
                     topics.CARD_INDEX.name,
@@ -736,7 +737,7 @@ def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> R
     cards go onto the card index."""
     from medclear import stack, topics
     from medclear.policy import load_policy
-    from medclear.tokens import load_card_tokens
+    from medclear.tokens import load_redaction
 
     state_dir = state_root / f"rocksdb-direct-{persons}"
     settings = base.model_copy(update={"table_store": "rocksdb", "state_dir": state_dir})
@@ -761,8 +762,7 @@ def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> R
         run.worker_rss, run.worker_peak = proc_memory(status.pid)
         run.recovery_cpu_s = proc_cpu_s(status.pid)
         sample = _sample(persons, swipes, city.seed)
-        tokens = load_card_tokens(settings)
-        asyncio.run(index_cards(endpoints.kafka_bootstrap, sample, tokens.card_ref,
+        asyncio.run(index_cards(endpoints.kafka_bootstrap, sample, load_redaction(settings),
                                 topics.CARD_INDEX.name))  # fmt: skip
         gateway = stack.restart_component(settings, "gateway", console)
         run.gateway_ready_s = gateway.ready_s or 0.0

@@ -7,9 +7,10 @@ reply topic and a fresh correlation id in its headers; the worker sends the repl
 with the same correlation id; a single consumer task resolves the waiting future. No
 consumer group, no faust `ask()`: measured faster and it does not stall under load.
 
-The same process follows `medclear.card-index` (card token → social security number; the
-topic never holds a card number, see clearing/redact.py) so that requests which only carry
-a card number reach the right partition.
+The same process follows `medclear.card-index` (card token → the social security number,
+sealed under the person data key; the topic holds no card number and no ssn in clear,
+see clearing/redact.py) so that requests which only carry a card number reach the right
+partition.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from clearing import codec
 from clearing.model import Command, Reply
-from clearing.redact import CardTokens
+from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
 from medclear import topics
 from medclear.topics import HEADER_CORRELATION, HEADER_REPLY_TO
 from monitoring import metrics
@@ -41,9 +42,12 @@ class BusUnavailable(RuntimeError):
 
 
 class CommandBus:
-    def __init__(self, bootstrap: str, instance_id: str, tokens: CardTokens) -> None:
+    def __init__(
+        self, bootstrap: str, instance_id: str, tokens: CardTokens, person: Sealer
+    ) -> None:
         self.bootstrap = bootstrap
         self.tokens = tokens
+        self.person = person  # opens the card index's sealed ssn and the sealed replies
         self.reply_topic = topics.reply_topic(instance_id)
         self._pending: dict[bytes, asyncio.Future[Reply]] = {}
         self._card_index: dict[str, str] = {}  # card token → ssn
@@ -143,8 +147,8 @@ class CommandBus:
         if future is None or future.done():
             return  # a reply for a request that timed out, or of an earlier process
         try:
-            future.set_result(codec.decode(record.value))
-        except codec.CodecError as exc:
+            future.set_result(codec.decode(self.person.open_bytes(record.value)))
+        except (codec.CodecError, SealError) as exc:
             metrics.UNDECODABLE.labels(self.reply_topic).inc()
             future.set_exception(exc)
 
@@ -186,4 +190,11 @@ class CommandBus:
             for records in batches.values():
                 for record in records:
                     if record.key and record.value:
-                        self._card_index[record.key.decode()] = record.value.decode()
+                        self._index_record(record.key, record.value)
+
+    def _index_record(self, key: bytes, value: bytes) -> None:
+        try:
+            self._card_index[key.decode()] = card_index_owner(value, self.person)
+        except SealError as exc:  # not sealed under this key: no card of ours
+            metrics.UNDECODABLE.labels(topics.CARD_INDEX.name).inc()
+            log.warning("card index record not opened", error=str(exc))

@@ -32,6 +32,7 @@ from rich.table import Table
 from clearing import codec
 from clearing import settlement as rules
 from clearing.model import AccountCredited, Refunded, SwipeApproved, SwipeReversed
+from clearing.redact import PERSON_TOKEN_PREFIX
 from clearing.validate import mask_ssn
 from medclear import topics
 from medclear.money import format_yuan
@@ -134,7 +135,7 @@ class Accounts:
     persons: int = 0
     events: int = 0
     redelivered: int = 0
-    person_differences: list[tuple[str, int, int]] | None = None  # masked ssn, log, expected
+    person_differences: list[tuple[str, int, int]] | None = None  # person token, log, expected
 
 
 def read_accounts(bootstrap: str) -> Accounts:
@@ -171,14 +172,16 @@ def read_accounts(bootstrap: str) -> Accounts:
             change = -event.paid_from_account_fen
         else:
             change = event.amount_fen
-        arithmetic[event.ssn] = arithmetic.get(event.ssn, 0) + change
-        last_balance[event.ssn] = event.balance_after_fen
+        person = event.person_ref or event.ssn  # published events name the person by token
+        arithmetic[person] = arithmetic.get(person, 0) + change
+        last_balance[person] = event.balance_after_fen
     accounts.balances_fen = sum(last_balance.values())
     accounts.persons = len(last_balance)
     assert accounts.person_differences is not None
-    for ssn, balance in sorted(last_balance.items()):
-        if balance != arithmetic[ssn]:
-            accounts.person_differences.append((mask_ssn(ssn), balance, arithmetic[ssn]))
+    for person, balance in sorted(last_balance.items()):
+        if balance != arithmetic[person]:
+            shown = person if person.startswith(PERSON_TOKEN_PREFIX) else mask_ssn(person)
+            accounts.person_differences.append((shown, balance, arithmetic[person]))
     return accounts
 
 

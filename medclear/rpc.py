@@ -63,10 +63,13 @@ async def serve_commands(
     """Run a gRPC server whose servicer talks to the command bus, until terminated:
     start the bus, serve with health and reflection, mark the process ready; on the way
     out, not ready first, then stop the server (2 s grace) and the bus."""
+    from clearing.redact import PERSON
     from medclear.settings import get_settings
-    from medclear.tokens import load_card_tokens
+    from medclear.tokens import load_card_tokens, load_sealer
 
-    bus = CommandBus(bootstrap, instance_id, load_card_tokens(get_settings()))
+    settings = get_settings()
+    bus = CommandBus(bootstrap, instance_id, load_card_tokens(settings),
+                     load_sealer(settings, PERSON))  # fmt: skip
     await bus.start()
     server, bound, _health = await create_server(
         address, lambda s: register(bus, s), [service_name], pki_dir

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     card_token_key: SecretStr = Field(
         SecretStr(""), description="hex key of the card tokens in published events (else a file)"
     )
+    contact_data_key: SecretStr = Field(
+        SecretStr(""), description="hex AES-256 key sealing names and phones (else a file)"
+    )
+    person_data_key: SecretStr = Field(
+        SecretStr(""), description="hex AES-256 key sealing social security numbers (else a file)"
+    )
     hsm_lmk_file: Path | None = Field(None, description="default: <state_dir>/hsm/lmk.hex")
 
     decision_deadline_ms: int = Field(3_000, ge=10, le=60_000)
@@ -118,7 +124,9 @@ def get_settings() -> Settings:
     return Settings()
 
 
-SECRET_FIELDS = ("hsm_lmk", "card_token_key", "smsc_password")  # never in a child's environment
+# Never in a child's environment: `up` writes each into a file (stack._write_secrets).
+SECRET_FIELDS = ("hsm_lmk", "card_token_key", "contact_data_key", "person_data_key",
+                 "smsc_password")  # fmt: skip
 SMSC_PASSWORD_DEFAULT = "medclear"  # the loopback SMSC's
 
 

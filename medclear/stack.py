@@ -1114,14 +1114,17 @@ def _write_secrets(settings: Settings, state_dir: Path) -> None:
     name cards, the SMPP password by the sms job. A secret given as a setting is written
     there (a file that already holds another value is an error: the data was made under
     it); one not given is made once, at random (the SMPP password excepted)."""
+    from clearing.redact import CONTACT, DATA_KEY_BYTES, PERSON
     from hsm_sim.keystore import new_lmk_file
     from medclear.settings import smsc_password_file
-    from medclear.tokens import card_token_key_file, ensure_card_token_key
+    from medclear.tokens import card_token_key_file, data_key_file, ensure_key_file
 
     local = settings.model_copy(update={"state_dir": state_dir})
     files = {
         "hsm_lmk": settings.hsm_lmk_file or state_dir / "hsm" / "lmk.hex",
         "card_token_key": card_token_key_file(local),
+        "contact_data_key": data_key_file(local, CONTACT),
+        "person_data_key": data_key_file(local, PERSON),
         "smsc_password": smsc_password_file(local),
     }
     for name, path in files.items():
@@ -1130,7 +1133,9 @@ def _write_secrets(settings: Settings, state_dir: Path) -> None:
             _write_secret_file(path, given, f"MEDCLEAR_{name.upper()}")
     if not files["hsm_lmk"].exists():
         new_lmk_file(files["hsm_lmk"])  # the embedded stack's own LMK
-    ensure_card_token_key(files["card_token_key"])
+    ensure_key_file(files["card_token_key"])
+    for name in ("contact_data_key", "person_data_key"):
+        ensure_key_file(files[name], DATA_KEY_BYTES)
 
 
 def _write_secret_file(path: Path, value: str, setting: str) -> None:

@@ -26,17 +26,19 @@ COMMANDS = Topic(
 )
 EVENTS = Topic(
     "medclear.events",
-    key="social security number",
-    purpose="what the clearing workers decided; read by every downstream job",
+    key="person token (keyed hash of the ssn, clearing/redact.py): one partition per person",
+    purpose="what the clearing workers decided, as published: no card number, ssn, name or "
+    "phone in clear; read by every downstream job",
 )
 CARD_INDEX = Topic(
     "medclear.card-index",
     key="card token (keyed hash of the card number, clearing/redact.py)",
-    purpose="card token -> social security number, for requests that lack the latter",
+    purpose="card token -> the owner's ssn sealed under the person data key, for requests "
+    "that lack the ssn",
 )
 ALERTS = Topic(
     "medclear.alerts",
-    key="social security number",
+    key="person token",
     purpose="abnormal transactions flagged by the abnormal job (clearing/abnormal.py)",
 )
 SETTLEMENT_INPUT = Topic(

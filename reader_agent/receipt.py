@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from clearing.codes import ResultCode, message_of
-from clearing.validate import mask_card
+from clearing.validate import mask_card, mask_name
 from medclear.money import format_yuan
 
 
@@ -28,11 +28,6 @@ class Receipt:
     result: ResultCode
     decided_at: str = ""
     title: str = "医保个人账户消费 / medical account payment"
-
-
-def mask_name(name: str) -> str:
-    """Keeps the surname: 王** ."""
-    return name[:1] + "*" * (len(name) - 1) if name else ""
 
 
 def render(receipt: Receipt) -> Panel:

@@ -44,7 +44,7 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
             if propagation_ms is not None:
                 metrics.CARD_BLOCK_TO_REFUSAL_SECONDS.observe(propagation_ms / 1000)
             for alert in detector.observe(event):
-                await alerts.send(key=alert.ssn.encode(), value=codec.encode(alert))
+                await alerts.send(key=alert.person_ref.encode(), value=codec.encode(alert))
                 metrics.ABNORMAL_ALERTS.labels(alert.kind.value).inc()
                 log.info("abnormal transaction", kind=alert.kind.value, card=alert.card_masked,
                          terminal=alert.terminal_id, institution=alert.institution_id)  # fmt: skip

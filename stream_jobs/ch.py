@@ -183,13 +183,9 @@ EVENT_TYPES: tuple[type[Any], ...] = typing.get_args(model.Event)
 
 # Fields that have a column of their own, and fields that never leave the aggregate.
 _COLUMN_FIELDS = frozenset(COLUMNS) | {"day", "original_day", "ssn", "card_no"}
-_NEVER_STORED = frozenset({"ssn", "card_no", "replaces_card_no", "pvv"})
+# ... the clear name and phone of an unpublished event too: their masked copies are stored
+_NEVER_STORED = frozenset({"ssn", "card_no", "replaces_card_no", "pvv", "sealed", "name", "phone"})
 _MASKED = {"phone": validate.mask_phone}
-
-
-def mask_name(name: str) -> str:
-    """Keeps the family name (first character): 张**."""
-    return name[:1] + "*" * max(0, len(name) - 1)
 
 
 def day_date(day: int) -> dt.date:
@@ -216,7 +212,7 @@ def _detail(event: model.Event) -> str:
         if name in _MASKED:
             value = _MASKED[name](value)
         elif name == "name":
-            value = mask_name(value)
+            value = validate.mask_name(value)
         elif isinstance(value, IntEnum):
             value = value.name
         rest[name] = value
@@ -252,8 +248,8 @@ def event_row(event: model.Event, tokens: CardTokens) -> tuple[Any, ...]:
         event.at_ms // 1000,
         event.at_ms,
         day_date(day),
-        tokens.person_ref(event.ssn),
-        validate.mask_ssn(event.ssn),
+        event.person_ref or tokens.person_ref(event.ssn),
+        event.ssn_masked or validate.mask_ssn(event.ssn),
         card_ref,
         card_masked,
         getattr(event, "request_id", ""),
@@ -289,7 +285,7 @@ def alert_row(alert: Alert, tokens: CardTokens) -> tuple[Any, ...]:
     """The `alerts` row of an abnormal-transaction alert, in ALERT_COLUMNS order."""
     return (
         alert.alert_id, alert.kind.value, alert.at_ms // 1000, alert.at_ms,
-        day_date(shanghai_day(alert.at_ms)), tokens.person_ref(alert.ssn), alert.card_ref,
+        day_date(shanghai_day(alert.at_ms)), alert.person_ref, alert.card_ref,
         alert.card_masked, alert.institution_id, alert.terminal_id,
         int(alert.cardholder_facing), alert.detail,
     )  # fmt: skip

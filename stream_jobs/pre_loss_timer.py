@@ -1,9 +1,10 @@
 """The pre-loss timer job: a faust app reading `medclear.events`.
 
-It keeps the pending pre-losses in a table (card number → ssn and deadline, with a
-changelog) and, every `pre_loss_timer_interval_s`, sends an ExpirePreLoss command for
-each deadline that has passed to `medclear.commands` (keyed by the person, like every
-command). Logic in stream_jobs.pre_loss; this module only translates.
+It keeps the pending pre-losses in a table (card token → the person's sealed ssn and the
+deadline, with a changelog: no ssn in clear on any topic) and, every
+`pre_loss_timer_interval_s`, sends an ExpirePreLoss command for each deadline that has
+passed to `medclear.commands` (keyed by the person, like every command). Logic in
+stream_jobs.pre_loss; this module only translates.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import structlog
 
 from clearing import codec
 from clearing.model import CardStateChanged
+from clearing.redact import PERSON
 from medclear import topics
 from medclear.faust_app import decode_event, events_topic, export_readiness, make_app, run_worker
 from medclear.settings import Settings
+from medclear.tokens import load_sealer
 from monitoring import metrics
 from stream_jobs.pre_loss import Pending, due, track
 
@@ -35,6 +38,7 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
     pending = app.Table("pre-losses", default=None, partitions=settings.event_partitions,
                         key_type=bytes, value_type=bytes)  # fmt: skip
     sent_at_ms: dict[str, int] = {}
+    person = load_sealer(settings, PERSON)  # opens the reports' sealed ssn
 
     @app.agent(events)
     async def follow(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -47,14 +51,15 @@ def create_app(settings: Settings, bootstrap: str) -> faust.App:
                     if pending.get(key) is not None:
                         del pending[key]
                 else:
-                    pending[key] = json.dumps([now.ssn, now.card_ref, now.deadline_ms]).encode()
+                    pending[key] = json.dumps([now.sealed_ssn, now.card_ref,
+                                               now.deadline_ms]).encode()  # fmt: skip
             yield None
 
     @app.timer(settings.pre_loss_timer_interval_s)  # type: ignore[untyped-decorator]
     async def tick() -> None:
         entries = [Pending(*json.loads(v)) for v in pending.values() if v is not None]
         now_ms = time.time_ns() // 1_000_000
-        for command in due(entries, sent_at_ms, now_ms):
+        for command in due(entries, sent_at_ms, now_ms, lambda s: person.open(s)["ssn"]):
             await commands.send(key=command.ssn.encode(), value=codec.encode(command))
             sent_at_ms[command.request_id] = now_ms
             metrics.PRE_LOSS_EXPIRIES.inc()

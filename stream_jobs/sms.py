@@ -37,6 +37,7 @@ import aiokafka
 import faust
 import structlog
 
+from clearing.redact import CONTACT
 from medclear import topics
 from medclear.faust_app import (
     SkippedRecords,
@@ -48,6 +49,7 @@ from medclear.faust_app import (
 )
 from medclear.policy import load_institutions
 from medclear.settings import Settings, smsc_password
+from medclear.tokens import load_sealer
 from monitoring import metrics
 from stream_jobs import sms_core
 from stream_jobs.sms_core import Context, Outcome, OutcomeRecord, PersonSms
@@ -77,7 +79,8 @@ def load_context(settings: Settings) -> Context:
     path = settings.sms_templates_file or TEMPLATES_FILE
     templates = sms_core.parse_templates(path.read_text(encoding="utf-8"))
     institutions = load_institutions(settings.institutions_file)
-    return Context(templates, {i: inst.name for i, inst in institutions.items()})
+    contact = load_sealer(settings, CONTACT)  # the only job that opens phones
+    return Context(templates, contact, {i: inst.name for i, inst in institutions.items()})
 
 
 class Sender:
@@ -136,9 +139,9 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
     app = make_app(app_id, MEMBER_ID, settings, bootstrap, settings.event_partitions,
                    stream_wait_empty=False)  # fmt: skip
     events = events_topic(app, settings)
-    # Rows keyed by ssn, written with the producer's partitioner: the same partition the
-    # clearing worker's events for that person are on (both hash the ssn bytes), also for
-    # writes made outside a single event's context (a batch).
+    # Rows keyed by the person token, written with the producer's partitioner: the same
+    # partition the clearing worker's events for that person are on (both hash the token's
+    # bytes), also for writes made outside a single event's context (a batch).
     persons = app.Table(TABLE, default=None, partitions=settings.event_partitions,
                         key_type=bytes, value_type=bytes, use_partitioner=True)  # fmt: skip
     sender = Sender(settings)
@@ -178,10 +181,9 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
             event = decode_event(raw)
             if event is None:
                 continue
-            ssn = getattr(event, "ssn", "")
-            if not ssn or not hasattr(event, "event_id"):
+            if not getattr(event, "person_ref", ""):  # not a published event of the worker
                 continue
-            key = ssn.encode()
+            key = event.person_ref.encode()
             if key not in rows:
                 stored = persons.get(key)
                 rows[key] = PersonSms.from_json(stored) if stored else PersonSms()
@@ -215,7 +217,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
             receipts = await sender.submit(submissions)
             records: list[OutcomeRecord] = []
             for submission, (sms, uncertain) in zip(submissions, window, strict=True):
-                key = sms.ssn.encode()
+                key = sms.person_ref.encode()
                 rows[key] = sms_core.settle(rows[key], sms.message_id)
                 persons[key] = rows[key].to_json()
                 records.append(outcome_of(submission, uncertain))

@@ -29,8 +29,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from clearing import codec
 from clearing.codes import InstitutionType, InsuranceCategory
 from clearing.model import Event, PersonRegistered, SwipeApproved
+from clearing.redact import Redaction, published
 from medclear import stack, topics
-from medclear.settings import BrokerKind
+from medclear.settings import BrokerKind, Settings
+from medclear.tokens import load_redaction
 from stream_jobs.smsc import Smsc, start_smsc
 
 PARTITIONS = 3
@@ -141,8 +143,13 @@ class SmsRig:
 
     # ------------------------------------------------------------------ traffic
 
+    def redaction(self) -> Redaction:
+        """The keys the job's state directory holds: events are published with them, as
+        the clearing worker publishes (no ssn, name or phone in clear)."""
+        return load_redaction(Settings(state_dir=self.base / "state"))
+
     def publish(self, events: Iterable[Event]) -> None:
-        asyncio.run(publish(self.bootstrap, list(events)))
+        asyncio.run(publish(self.bootstrap, [published(e, self.redaction()) for e in events]))
 
     def outcomes(self) -> list[dict[str, Any]]:
         return asyncio.run(read_topic(self.bootstrap, topics.SMS_OUTCOMES.name))
@@ -174,7 +181,7 @@ async def publish(bootstrap: str, events: Sequence[Event]) -> None:
     await producer.start()
     try:
         for start in range(0, len(events), PRODUCE_CHUNK):
-            sends = [await producer.send(topics.EVENTS.name, key=e.ssn.encode(),
+            sends = [await producer.send(topics.EVENTS.name, key=e.person_ref.encode(),
                                          value=codec.encode(e))
                      for e in events[start : start + PRODUCE_CHUNK]]  # fmt: skip
             await asyncio.gather(*sends)
@@ -182,7 +189,9 @@ async def publish(bootstrap: str, events: Sequence[Event]) -> None:
         await producer.stop()
 
 
-async def publish_at_rate(bootstrap: str, events: Sequence[Event], rate: float) -> None:
+async def publish_at_rate(
+    bootstrap: str, events: Sequence[Event], rate: float, redaction: Redaction
+) -> None:
     """Each event stamped with the time it is handed to the producer, `rate` a second."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
     await producer.start()
@@ -194,8 +203,9 @@ async def publish_at_rate(bootstrap: str, events: Sequence[Event], rate: float) 
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            stamped = replace(event, at_ms=now_ms())
-            pending.append(await producer.send(topics.EVENTS.name, key=stamped.ssn.encode(),
+            stamped = published(replace(event, at_ms=now_ms()), redaction)
+            pending.append(await producer.send(topics.EVENTS.name,
+                                               key=stamped.person_ref.encode(),
                                                value=codec.encode(stamped)))  # fmt: skip
         await asyncio.gather(*pending)
     finally:
@@ -247,7 +257,7 @@ def bench(rate: float, seconds: float, persons: int, base: Path) -> dict[str, An
         count = int(rate * seconds)
         events = [swipe(i, i % persons, 0) for i in range(1, count + 1)]
         started = time.monotonic()
-        asyncio.run(publish_at_rate(rig.bootstrap, events, rate))
+        asyncio.run(publish_at_rate(rig.bootstrap, events, rate, rig.redaction()))
         published_s = time.monotonic() - started
         messages = rig.wait_messages(count + 1, timeout_s=120)
         drained_s = time.monotonic() - started

@@ -38,6 +38,7 @@ from clearing.model import (
     SwipeDeclined,
     SwipeReversed,
 )
+from clearing.redact import Sealer
 from clearing.validate import mask_phone
 from medclear.money import format_yuan
 
@@ -226,9 +227,11 @@ def render(event: Event, templates: Templates, institutions: Mapping[str, str]) 
 
 @dataclass(frozen=True, slots=True)
 class PersonSms:
-    """What the SMS job keeps per person (a faust table row, keyed by ssn)."""
+    """What the SMS job keeps per person (a faust table row, keyed by the person token).
+    The phone is kept as the event sealed it (clearing/redact.py): the table's changelog
+    holds no phone number in clear; it is opened only to address an SMS."""
 
-    phone: str = ""
+    phone_sealed: str = ""
     cancelled: bool = False
     settled: tuple[str, ...] = ()  # event ids whose SMS is decided for good, newest last
     in_flight: tuple[str, ...] = ()  # event ids handed to the SMSC, no answer recorded
@@ -238,7 +241,7 @@ class PersonSms:
     def to_json(self) -> bytes:
         return json.dumps(
             {
-                "phone": self.phone,
+                "phone_sealed": self.phone_sealed,
                 "cancelled": self.cancelled,
                 "settled": list(self.settled),
                 "in_flight": list(self.in_flight),
@@ -252,7 +255,7 @@ class PersonSms:
     def from_json(cls, raw: bytes) -> PersonSms:
         data: dict[str, Any] = json.loads(raw)
         return cls(
-            phone=str(data.get("phone", "")),
+            phone_sealed=str(data.get("phone_sealed", "")),
             cancelled=bool(data.get("cancelled", False)),
             settled=tuple(str(x) for x in data.get("settled", ())),
             in_flight=tuple(str(x) for x in data.get("in_flight", ())),
@@ -266,7 +269,7 @@ class Sms:
     """One SMS to submit. `message_id` is the event id: the identity of the SMS."""
 
     message_id: str
-    ssn: str
+    person_ref: str  # the table row the SMS is settled in
     destination: str  # international form without '+': 86 + mobile number
     phone_masked: str
     kind: Kind
@@ -285,7 +288,21 @@ class Decision:
 @dataclass(frozen=True, slots=True)
 class Context:
     templates: Templates
+    contact: Sealer  # opens the phones the worker sealed (the contact data key)
     institutions: Mapping[str, str] = field(default_factory=dict)  # id → name
+
+    def phone_of(self, person: PersonSms) -> str:
+        """The person's phone in clear, for the one moment an SMS is addressed."""
+        if not person.phone_sealed:
+            return ""
+        return self.contact.open(person.phone_sealed).get("phone", "").strip()
+
+    def sealed_phone(self, event: PersonRegistered | PhoneSet) -> str:
+        """What the phone book keeps of an event's phone: the published event's sealed
+        value, or (an event not published, in tests) the phone sealed here."""
+        if event.sealed:
+            return event.sealed
+        return self.contact.seal({"phone": event.phone.strip()}, event.event_id)
 
 
 def is_mobile(phone: str) -> bool:
@@ -301,7 +318,8 @@ def decide(state: PersonSms | None, event: Event, context: Context, now_ms: int)
     person = state or PersonSms()
     match event:
         case PersonRegistered() | PhoneSet():
-            return Decision(replace(person, phone=event.phone.strip()), Outcome.NOT_NOTIFIABLE)
+            phone_book = replace(person, phone_sealed=context.sealed_phone(event))
+            return Decision(phone_book, Outcome.NOT_NOTIFIABLE)
         case PersonCancelled():
             return Decision(replace(person, cancelled=True), Outcome.NOT_NOTIFIABLE)
     rendered = render(event, context.templates, context.institutions)
@@ -310,9 +328,10 @@ def decide(state: PersonSms | None, event: Event, context: Context, now_ms: int)
     event_id = event.event_id
     if event_id in person.settled:
         return Decision(person, Outcome.DUPLICATE, kind=rendered.kind)
-    sms = Sms(event_id, event.ssn, COUNTRY_CODE + person.phone, mask_phone(person.phone),
+    phone = context.phone_of(person)
+    sms = Sms(event_id, event.person_ref or event.ssn, COUNTRY_CODE + phone, mask_phone(phone),
               rendered.kind, rendered.text, event.at_ms)  # fmt: skip
-    if person.cancelled or not is_mobile(person.phone):
+    if person.cancelled or not is_mobile(phone):
         return Decision(settle(person, event_id), Outcome.NO_PHONE, kind=rendered.kind)
     if event_id in person.in_flight:
         return Decision(person, Outcome.RESEND_UNCERTAIN, sms, rendered.kind)

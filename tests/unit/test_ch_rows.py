@@ -19,7 +19,7 @@ from clearing.codes import (
     InsuranceCategory,
     ResultCode,
 )
-from clearing.redact import CardTokens, published
+from clearing.redact import CONTACT, PERSON, CardTokens, Redaction, Sealer, published
 from stream_jobs import ch
 from stream_jobs.clickhouse_sink import classify
 
@@ -30,6 +30,7 @@ PHONE = "13912345678"
 NAME = "王小明"
 AT_MS = 1_795_000_000_000  # 2026-11-18 19:06:40 Beijing
 TOKENS = CardTokens(b"t" * 32)
+REDACTION = Redaction(TOKENS, Sealer(CONTACT, b"c" * 32), Sealer(PERSON, b"p" * 32))
 
 
 def all_events() -> list[model.Event]:
@@ -78,7 +79,7 @@ def test_every_event_type_is_covered() -> None:
 @pytest.mark.parametrize("event", all_events(), ids=lambda e: type(e).__name__)
 def test_a_row_holds_no_clear_identifier(event: model.Event, as_published: bool) -> None:
     if as_published:
-        event = published(event, TOKENS)
+        event = published(event, REDACTION)
     row = ch.event_row(event, TOKENS)
     assert len(row) == len(ch.COLUMNS)
     cells = dict(zip(ch.COLUMNS, row, strict=True))
@@ -102,7 +103,7 @@ def test_a_row_holds_no_clear_identifier(event: model.Event, as_published: bool)
 
 def test_money_day_and_result_columns() -> None:
     rows = {r[0]: dict(zip(ch.COLUMNS, r, strict=True)) for r in
-            (ch.event_row(published(e, TOKENS), TOKENS) for e in all_events())}  # fmt: skip
+            (ch.event_row(published(e, REDACTION), TOKENS) for e in all_events())}  # fmt: skip
     approved = rows["T1:6#0"]
     assert (approved["amount_fen"], approved["paid_from_account_fen"]) == (35_20, 30_00)
     assert approved["paid_in_cash_fen"] == 5_20 and approved["institution_type"] == 3
@@ -118,13 +119,14 @@ def test_money_day_and_result_columns() -> None:
     assert issued["replaces_card_ref"] == TOKENS.card_ref(CARD)
     assert issued["state"] == "ISSUED"
     registered = json.loads(rows["r:1#0"]["detail"])
-    assert registered["name"] == "王**" and registered["phone"] == "139****5678"
+    assert registered["name_masked"] == "王**" and registered["phone_masked"] == "139****5678"
+    assert "sealed" not in registered and "name" not in registered and "phone" not in registered
     assert "pvv" not in json.loads(rows["r:4#0"]["detail"])
-    assert json.loads(rows["r:12#0"]["detail"]) == {"phone": "139****5678"}
+    assert json.loads(rows["r:12#0"]["detail"]) == {"phone_masked": "139****5678"}
 
 
 def test_records_that_are_not_events_are_classified_for_skipping() -> None:
-    event = published(all_events()[5], TOKENS)
+    event = published(all_events()[5], REDACTION)
     assert classify(codec.encode(event)) == event
     assert classify(b"\xff not json") == "undecodable"
     assert classify(b'{"@": "NoSuchRecord"}') == "undecodable"

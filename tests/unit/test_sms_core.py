@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clearing import redact
 from clearing.codes import (
     CardColour,
     CardKind,
@@ -30,6 +31,7 @@ from clearing.model import (
     SwipeDeclined,
     SwipeReversed,
 )
+from clearing.redact import CardTokens, Redaction, Sealer
 from stream_jobs import sms_core
 from stream_jobs.sms import TEMPLATES_FILE
 from stream_jobs.sms_core import (
@@ -45,6 +47,8 @@ from stream_jobs.sms_core import (
 )
 
 SSN = "11010519491231002X"
+REDACTION = Redaction(CardTokens(b"t" * 32), Sealer(redact.CONTACT, b"c" * 32),
+                      Sealer(redact.PERSON, b"p" * 32))  # fmt: skip
 PHONE = "13812345678"
 PHARMACY = "310101P00002"
 UTC = dt.UTC
@@ -56,11 +60,20 @@ def beijing_ms(year: int, month: int, day: int, hour: int, minute: int) -> int:
 
 
 T0 = beijing_ms(2026, 11, 22, 10, 31)
+CONTACT = Sealer(redact.CONTACT, b"c" * 32)
 CONTEXT = Context(
     sms_core.parse_templates(TEMPLATES_FILE.read_text(encoding="utf-8")),
+    CONTACT,
     {PHARMACY: "老百姓大药房第1分店", "310101H00001": "瑞金医院"},
 )
-PERSON = PersonSms(phone=PHONE)
+
+
+def with_phone(phone: str) -> PersonSms:
+    """A phone-book entry as the job keeps it: the phone sealed under the contact key."""
+    return PersonSms(phone_sealed=CONTACT.seal({"phone": phone}, "test") if phone else "")
+
+
+PERSON = with_phone(PHONE)
 
 
 def approved(n: int = 1, at_ms: int = T0, account: int = 3520, cash: int = 0) -> SwipeApproved:
@@ -206,7 +219,12 @@ def test_outcome_record_has_no_phone_or_ssn_in_clear() -> None:
 def test_phone_book_from_events_and_opt_out() -> None:
     registered = PersonRegistered("R#0", T0, SSN, "张三", InsuranceCategory.EMPLOYEE, PHONE, "x")
     state = send(registered, PersonSms()).state
-    assert state.phone == PHONE
+    assert PHONE not in state.to_json().decode()  # the table's changelog holds it sealed
+    assert CONTEXT.phone_of(state) == PHONE
+    published_copy = redact.published(registered, REDACTION)
+    assert published_copy.phone == "" and published_copy.phone_masked == "138****5678"
+    from_published = send(published_copy, PersonSms()).state
+    assert CONTEXT.phone_of(from_published) == PHONE
     assert send(approved(), state).outcome == Outcome.SEND
     opted_out = send(PhoneSet("P#0", T0, SSN, ""), state).state
     no_sms = send(approved(2), opted_out)
@@ -220,7 +238,7 @@ def test_phone_book_from_events_and_opt_out() -> None:
 def test_no_sms_without_a_person_or_with_a_malformed_phone() -> None:
     assert sms_core.decide(None, approved(), CONTEXT, T0).outcome == Outcome.NO_PHONE
     for phone in ("", "12345", "23812345678", "1381234567x"):
-        assert send(approved(), PersonSms(phone=phone)).outcome == Outcome.NO_PHONE, phone
+        assert send(approved(), with_phone(phone)).outcome == Outcome.NO_PHONE, phone
 
 
 # ---------------------------------------------------------------------------- dedup
