@@ -6,10 +6,12 @@ cities, so a run can be replayed.
 
 from __future__ import annotations
 
+import csv
+import io
 import random
 from dataclasses import dataclass
 
-from clearing.codes import InsuranceCategory
+from clearing.codes import COLOUR_OF_CATEGORY, InsuranceCategory
 from clearing.validate import ssn_check_char
 
 SURNAMES = (
@@ -69,3 +71,20 @@ def residents(count: int, seed: int = 2026) -> list[Resident]:
         pin = f"{rng.randrange(10**6):06d}"
         result.append(Resident(ssn, name, category, phone, card_no, balance, pin))
     return result
+
+
+CARDS_CSV_COLUMNS = ("card_no", "colour", "category", "pin", "opening_balance_yuan", "ssn",
+                     "name", "phone")  # fmt: skip
+
+
+def cards_csv(residents: list[Resident]) -> str:
+    """The city's cards as a CSV a person can try them with: card, colour (only BLUE pays
+    from a personal account), the PIN, the opening balance, and whose card it is."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CARDS_CSV_COLUMNS)
+    for r in residents:
+        yuan = f"{r.opening_balance_fen // 100}.{r.opening_balance_fen % 100:02d}"
+        writer.writerow((r.card_no, COLOUR_OF_CATEGORY[r.category].name, r.category.name,
+                         r.pin, yuan, r.ssn, r.name, r.phone))  # fmt: skip
+    return out.getvalue()

@@ -7,6 +7,7 @@ through the state directory written by `medclear up` (or MEDCLEAR_* settings).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -287,7 +288,25 @@ def _seed(
                 else None,
             )
         )
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    path = seed_cards_file(settings)
+    _write_private(path, city.cards_csv(residents))
+    console.print(f"the city's cards and their PINs: {path} (readable by you only)")
+    return elapsed
+
+
+def seed_cards_file(settings: Settings) -> Path:
+    """Where `medclear seed` writes the seeded city's cards and PINs."""
+    return settings.state_dir / "seed" / "cards.csv"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only (it holds PINs)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # also when it existed with other permissions
 
 
 def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency: int) -> None:

@@ -24,6 +24,7 @@ from clearing.codes import CardKind, InsuranceCategory, ResultCode
 from medclear import stack, topics
 from medclear.city import make_ssn
 from medclear.settings import Settings
+from medclear.tokens import load_card_tokens
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.integration.kafka_read import all_records
 from tests.integration.running import running_stack
@@ -205,11 +206,13 @@ def test_a_pre_loss_report_blocks_the_next_swipe_and_a_release_restores_it(
 
 
 def test_a_swipe_on_a_reported_card_raises_an_alert_naming_only_the_masked_card(
+    settings: Settings,
     endpoints: stack.Endpoints,
     registry: registry_pb2_grpc.CardRegistryServiceStub,
     pos: pos_pb2_grpc.PosServiceStub,
 ) -> None:
     ssn, card = enrol(registry, 41, 10_00)
+    person = load_card_tokens(settings).person_ref(ssn)  # alerts name the person by token
     report = registry.ReportPreLoss(registry_pb2.CardRequest(window=window("loss"), card_no=card))
     assert ResultCode(report.result) == ResultCode.OK
     refused = authorize(pos, card, 1_00, trace=1, terminal="T-IT-ALERT")
@@ -219,7 +222,7 @@ def test_a_swipe_on_a_reported_card_raises_an_alert_naming_only_the_masked_card(
     while not mine and time.monotonic() < deadline:
         records = asyncio.run(all_records(endpoints.kafka_bootstrap, topics.ALERTS.name))
         alerts = [codec.decode(raw.partition(b"|")[2]) for _, raw in records]
-        mine = [a for a in alerts if a.ssn == ssn]
+        mine = [a for a in alerts if a.person_ref == person]
         time.sleep(0.2)
     assert [(a.kind, a.card_masked, a.terminal_id) for a in mine] == [
         (AlertKind.BLOCKED_CARD_USED, "*****" + card[-4:], "T-IT-ALERT")

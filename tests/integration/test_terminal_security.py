@@ -745,3 +745,27 @@ def test_the_lmk_is_in_no_process_environment(secured: tuple[stack.Endpoints, Ke
     settings = Settings(state_dir=state_dir)
     hsm_pid = next(r.pid for r in stack.status(settings) if r.name == "hsm")
     assert LMK_HEX.encode() not in Path(f"/proc/{hsm_pid}/cmdline").read_bytes()
+
+
+def test_the_cli_asks_for_a_pin_only_where_it_can_and_says_so_in_a_script(
+    secured: tuple[stack.Endpoints, Keyring], card: str
+) -> None:
+    """`medclear card change-pin` and `medclear pos swipe` without --pin and without a
+    terminal to ask on: a clear error (exit 1), not a getpass traceback and "Aborted."."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDCLEAR_")}
+    env["MEDCLEAR_STATE_DIR"] = str(secured_state_dir(secured))
+    medclear = str(Path(sys.executable).parent / "medclear")
+    for argv in (
+        [medclear, "card", "change-pin", "--card", card],
+        [medclear, "pos", "swipe", "--card", card, "--amount", "1.00",
+         "--institution", HOSPITAL, "--terminal", "POS1"],
+    ):  # fmt: skip
+        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+        output = done.stdout + done.stderr
+        assert done.returncode == 1, output
+        assert "give it with --pin" in output and "Traceback" not in output, output
+        assert "Aborted" not in output
