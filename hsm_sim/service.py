@@ -176,18 +176,13 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         request: hsm_pb2.MacRequest,
         context: Ctx,
     ) -> hsm_pb2.HsmReply:
-        """With reply_data: its MAC under the same key too, only if the request's verifies."""
         started = time.perf_counter()
         await self._mac_data(context, request.data)
-        await self._mac_data(context, request.reply_data)
         alg, key = await self._key(context, request.key, KeyType.TERMINAL_MAC_KEY)
         ok = crypto.verify_mac(alg, key, request.data, request.mac)
         result = ResultCode.OK if ok else ResultCode.MAC_INVALID
-        reply_mac = (
-            crypto.generate_mac(alg, key, request.reply_data) if ok and request.reply_data else b""
-        )
         self._observe("VerifyMac", started, result)
-        return hsm_pb2.HsmReply(result=result_pb(result), reply_mac=reply_mac)
+        return hsm_pb2.HsmReply(result=result_pb(result))
 
     async def VerifyCardCryptogram(
         self,

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medclear import bench_pipeline, bench_state
+from medclear import bench_fuzz, bench_pipeline, bench_state
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
 from medclear.cli_pos import endpoint, pos_app
@@ -509,6 +509,7 @@ def bench_swipes(
 
 bench_app.command("pipeline")(bench_pipeline.command)
 bench_app.command("state")(bench_state.command)
+bench_app.command("fuzz")(bench_fuzz.command)
 
 
 @bench_app.command("run")

@@ -73,9 +73,8 @@ class TerminalSecurity:
 
     async def admit(self, request: Any) -> ResultCode:
         """The request's MAC under its terminal's MAC key: OK, MAC_INVALID, TERMINAL_UNKNOWN."""
-        code, _ = await self.hsm.verify_mac(request.terminal.terminal_id, mac_input(request),
-                                            request.mac)  # fmt: skip
-        return code
+        return await self.hsm.verify_mac(request.terminal.terminal_id, mac_input(request),
+                                         request.mac)  # fmt: skip
 
     async def cryptogram(self, request: pos_pb2.AuthorizeRequest) -> ResultCode:
         if not request.card_cryptogram:

@@ -77,16 +77,11 @@ class HsmClient:
         except grpc.aio.AioRpcError as exc:
             return code_of_error(exc)
 
-    async def verify_mac(
-        self, terminal_id: str, data: bytes, mac: bytes, reply_data: bytes = b""
-    ) -> tuple[ResultCode, bytes]:
-        """The request MAC's verdict and, with `reply_data`, the reply's MAC when it holds."""
+    async def verify_mac(self, terminal_id: str, data: bytes, mac: bytes) -> ResultCode:
+        """OK, MAC_INVALID, or what an error means (TERMINAL_UNKNOWN: no MAC key)."""
         reply = await self._call("VerifyMac", hsm_pb2.MacRequest(
-            key=hsm_pb2.KeyRef(key_id=tak_id(terminal_id)), data=data, mac=mac,
-            reply_data=reply_data))  # fmt: skip
-        if isinstance(reply, ResultCode):
-            return reply, b""
-        return ResultCode(reply.result), bytes(reply.reply_mac)
+            key=hsm_pb2.KeyRef(key_id=tak_id(terminal_id)), data=data, mac=mac))  # fmt: skip
+        return reply if isinstance(reply, ResultCode) else ResultCode(reply.result)
 
     async def generate_mac(self, terminal_id: str, data: bytes) -> tuple[ResultCode, bytes]:
         reply = await self._call("GenerateMac", hsm_pb2.MacRequest(
