@@ -217,7 +217,8 @@ def _in_code_order(checks: tuple[tuple[ResultCode, Check], ...]) -> tuple[Check,
 
 
 # Each entry names the lowest code its check can answer (the card-state check answers
-# 31-38, the PIN check 51-52).
+# 31-38, the PIN check 51-52). A balance enquiry runs the same list without the checks
+# of a payment.
 SWIPE_CHECKS = _in_code_order((
     (ResultCode.MALFORMED_REQUEST, _malformed),
     (ResultCode.PIN_BLOCK_INVALID, _pin_block),
@@ -231,16 +232,8 @@ SWIPE_CHECKS = _in_code_order((
     (ResultCode.DAILY_PHARMACY_LIMIT_REACHED, _pharmacy_limit),
     (ResultCode.INSUFFICIENT_BALANCE, _balance),
 ))  # fmt: skip
-ENQUIRY_CHECKS = _in_code_order((
-    (ResultCode.MALFORMED_REQUEST, _malformed),
-    (ResultCode.PIN_BLOCK_INVALID, _pin_block),
-    (ResultCode.INSTITUTION_UNKNOWN, _institution_known),
-    (ResultCode.INSTITUTION_NOT_DESIGNATED, _institution_designated),
-    (ResultCode.CARD_UNKNOWN, _card_known),
-    (ResultCode.CARD_NOT_ACTIVATED, _card_state),
-    (ResultCode.INITIAL_PIN_NOT_CHANGED, _initial_pin),
-    (ResultCode.PIN_WRONG, _pin),
-))  # fmt: skip
+PAYMENT_ONLY: tuple[Check, ...] = (_colour, _pharmacy_limit, _balance)
+ENQUIRY_CHECKS = tuple(check for check in SWIPE_CHECKS if check not in PAYMENT_ONLY)
 
 
 def first_refusal(checks: tuple[Check, ...], presented: Presented) -> Refusal | None:

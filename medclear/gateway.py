@@ -153,6 +153,11 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
                 return Answer(Reply(request_id, admitted))
         return None
 
+    async def _person_of(self, request: Any) -> str:
+        """The social security number a request is routed by: its own, or the card
+        index's for its card ("" for a card the index does not know)."""
+        return str(request.ssn or await self.bus.resolve_ssn(request.card_no) or "")
+
     async def _decide_unrouted(
         self, command: model.Authorize | model.BalanceInquiry, request: Any
     ) -> Reply:
@@ -197,7 +202,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
                     code = ResultCode.PIN_BLOCK_INVALID
             if code != ResultCode.OK:
                 return Answer(Reply(request_id, code))
-        ssn = request.ssn or await self.bus.resolve_ssn(request.card_no) or ""
+        ssn = await self._person_of(request)
         if not ssn:
             return Answer(await self._decide_unrouted(make(""), request))
         return Answer(await self._ask(make(ssn), context), ssn)
@@ -320,7 +325,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         checked = await self._checked(request)
         if checked is not None:
             return checked
-        ssn = request.ssn or await self.bus.resolve_ssn(request.card_no) or ""
+        ssn = await self._person_of(request)
         if not ssn:
             t = request.terminal
             return Answer(Reply(request_id_of(t.terminal_id, t.trace_number),
