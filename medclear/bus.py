@@ -28,6 +28,7 @@ from clearing import codec
 from clearing.model import Command, Reply
 from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
 from medclear import topics
+from medclear.streams.poll import IdleBackoff, Poller
 from medclear.topics import HEADER_CORRELATION, HEADER_REPLY_TO
 from monitoring import metrics
 
@@ -35,6 +36,11 @@ log = structlog.get_logger()
 
 INDEX_SYNC_TIMEOUT_S = 2.0  # how long a card-index miss waits for the index to catch up
 PENDING_MAX = 10_000  # requests in flight per process; beyond it requests are refused
+REPLIES_PER_POLL_MAX = 1_000
+INDEX_RECORDS_PER_POLL_MAX = 5_000
+IDLE_REPLY_WAKE_S = 1.0  # with no request in flight, the reply loop looks anyway this often
+REPLY_BACKOFF_S = (0.0005, 0.002)  # in flight: replies are due within milliseconds
+INDEX_BACKOFF_S = (0.002, 0.1)  # new cards are rare; a miss waits for the index anyway
 
 
 class BusUnavailable(RuntimeError):
@@ -48,6 +54,10 @@ class CommandBus:
         self.bootstrap = bootstrap
         self.tokens = tokens
         self.person = person  # opens the card index's sealed ssn and the sealed replies
+        self._asked = asyncio.Event()  # a request was sent: replies are due
+        self._index_poller: Poller | None = None
+        self._reply_backoff_s = REPLY_BACKOFF_S
+        self._index_backoff_s = INDEX_BACKOFF_S
         self.reply_topic = topics.reply_topic(instance_id)
         self._pending: dict[bytes, asyncio.Future[Reply]] = {}
         self._card_index: dict[str, str] = {}  # card token → ssn
@@ -65,20 +75,14 @@ class CommandBus:
         )
         await self._producer.start()
         self._replies = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=5,
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
         )
         await self._replies.start()
         reply_tp = TopicPartition(self.reply_topic, 0)
         self._replies.assign([reply_tp])
         await self._replies.seek_to_end(reply_tp)
         self._index = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=50,
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
         )
         await self._index.start()
         await self._index.topics()  # refreshes metadata
@@ -115,6 +119,7 @@ class CommandBus:
         correlation = uuid.uuid4().hex.encode()
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
+        self._asked.set()  # wakes the reply loop
         try:
             await self._producer.send_and_wait(
                 topics.COMMANDS.name,
@@ -134,12 +139,32 @@ class CommandBus:
             self._pending.pop(correlation, None)
 
     async def _reply_loop(self) -> None:
+        """Replies arrive only for requests in flight: with none, the reply partition is
+        paused and the loop sleeps until a request is sent (no fetch at all while idle);
+        with some, it polls with the short, flat back-off of the decision path."""
         assert self._replies is not None
+        poller = Poller(self._replies, REPLIES_PER_POLL_MAX, IdleBackoff(*self._reply_backoff_s))
         while True:
-            batches = await self._replies.getmany(timeout_ms=100)
-            for records in batches.values():
+            if not self._pending:
+                await self._sleep_until_asked()
+                continue
+            fetched = await poller.fetch()
+            for records in fetched.values():
                 for record in records:
                     self._resolve(record)
+            if not fetched:
+                await poller.idle()
+
+    async def _sleep_until_asked(self) -> None:
+        assert self._replies is not None
+        paused = self._replies.assignment()
+        self._replies.pause(*paused)
+        self._asked.clear()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._asked.wait(), IDLE_REPLY_WAKE_S)
+        finally:
+            self._replies.resume(*paused)
 
     def _resolve(self, record: Any) -> None:
         correlation = next((v for k, v in record.headers or () if k == HEADER_CORRELATION), None)
@@ -170,6 +195,8 @@ class CommandBus:
     async def sync_index(self, timeout_s: float) -> None:
         """Wait until the index holds everything on the broker now (bounded wait)."""
         assert self._index is not None
+        if self._index_poller is not None:
+            self._index_poller.backoff.reset()  # a miss: poll at the shortest wait again
         ends = await self._index.end_offsets(self._index_tps)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -185,12 +212,17 @@ class CommandBus:
 
     async def _index_loop(self) -> None:
         assert self._index is not None
+        poller = Poller(
+            self._index, INDEX_RECORDS_PER_POLL_MAX, IdleBackoff(*self._index_backoff_s)
+        )
         while True:
-            batches = await self._index.getmany(timeout_ms=200)
-            for records in batches.values():
+            fetched = await poller.fetch()
+            for records in fetched.values():
                 for record in records:
                     if record.key and record.value:
                         self._index_record(record.key, record.value)
+            if not fetched:
+                await poller.idle()
 
     def _index_record(self, key: bytes, value: bytes) -> None:
         try:

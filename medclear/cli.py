@@ -132,10 +132,12 @@ def _prepare_process(name: str, metrics_port: int, downstream: bool = False) -> 
     log.configure(name)
     settings = get_settings()
     kafka_compat.quiet_client_loggers()
-    backoff_max_ms = settings.kafka_idle_fetch_backoff_max_ms
-    if backoff_max_ms is None and downstream:
-        backoff_max_ms = kafka_compat.DOWNSTREAM_BACKOFF_MAX_MS
-    kafka_compat.install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms, backoff_max_ms)
+    if downstream:
+        backoff_max_ms = settings.kafka_idle_fetch_backoff_max_ms
+        if backoff_max_ms is None:
+            backoff_max_ms = kafka_compat.DOWNSTREAM_BACKOFF_MAX_MS
+        kafka_compat.install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms,
+                                                backoff_max_ms)  # fmt: skip
     metrics.serve(metrics_port, settings.host)
     return settings
 
@@ -154,7 +156,7 @@ def serve_worker(
     metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
 ) -> None:
     """A clearing worker: consumes commands, decides them, emits events and replies."""
-    from clearing import worker
+    from medclear import worker
     from medclear.policy import load_policy
 
     settings = _prepare_process(f"worker-{index}", metrics_port)

@@ -110,6 +110,40 @@ STREAM_REWINDS = Counter(
     "seek) and delivered again rather than dropped",
     ["topic"],
 )
+STREAM_BATCH_RECORDS = Histogram(
+    "medclear_stream_batch_records",
+    "Input records a stream job handled together in one batch (medclear/streams)",
+    ["stream_job"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+STREAM_STEP_SECONDS = Histogram(
+    "medclear_stream_step_seconds",
+    "Time per step of a stream job's batch: decide (the handler), outputs (until the broker "
+    "has them), state (changelog acknowledged and store written), replies, commit",
+    ["stream_job", "step"],
+    buckets=LATENCY_BUCKETS_S,
+)
+STREAM_RESTORED_RECORDS = Counter(
+    "medclear_stream_restored_records_total",
+    "Changelog records applied to a stream job's stores while restoring them",
+    ["stream_job", "table"],
+)
+STREAM_RESTORE_REMAINING = Gauge(
+    "medclear_stream_restore_remaining_records",
+    "Changelog records a stream job still has to read before it handles its input",
+    ["stream_job", "table"],
+)
+STREAM_REBALANCES = Counter(
+    "medclear_stream_rebalances_total",
+    "Partitions assigned to or revoked from a stream job, by rebalance",
+    ["stream_job", "kind"],
+)
+STREAM_CHANGELOG_BEHIND_STORE = Counter(
+    "medclear_stream_changelog_behind_store_records_total",
+    "Changelog records a store had applied that the broker no longer had when it restarted "
+    "(an acknowledged write lost by the broker); the store was kept",
+    ["topic"],
+)
 CONSUMER_LAG = Gauge(
     "medclear_consumer_lag_records",
     "Records on the broker a stream job has not read yet",

@@ -380,8 +380,10 @@ def test_no_swipe_is_approved_after_the_loss_report_is_decided(
             pos_stub = pos_pb2_grpc.PosServiceStub(pos_channel)
             reg_stub = registry_pb2_grpc.CardRegistryServiceStub(reg_channel)
 
+            answered = asyncio.Event()  # some swipes are decided: now the report races the rest
+
             async def swipe(terminal: int, trace: int) -> pos_pb2.AuthorizeReply:
-                await asyncio.sleep(terminal * 0.002)
+                await asyncio.sleep(terminal * 0.004)
                 reply: pos_pb2.AuthorizeReply = await pos_stub.Authorize(
                     pos_pb2.AuthorizeRequest(
                         terminal=common_pb2.TerminalContext(
@@ -395,10 +397,12 @@ def test_no_swipe_is_approved_after_the_loss_report_is_decided(
                     ),
                     timeout=20,
                 )
+                if terminal >= 5:
+                    answered.set()
                 return reply
 
             async def report() -> registry_pb2.RegistryReply:
-                await asyncio.sleep(0.05)
+                await answered.wait()
                 reply: registry_pb2.RegistryReply = await reg_stub.ReportPreLoss(
                     registry_pb2.CardRequest(window=window("race"), card_no=card), timeout=20
                 )
@@ -418,6 +422,9 @@ def test_no_swipe_is_approved_after_the_loss_report_is_decided(
     assert all(ResultCode(r.result) == ResultCode.CARD_PRE_LOST for r in declined)
     assert all(r.state.version > report_version for r in declined)
     assert all(ResultCode(r.result) == ResultCode.CARD_PRE_LOST for r in later)
+
+
+HELD_UP_S = 0.3  # a swipe answered this late was waiting for the restarted worker
 
 
 def test_kill_9_while_swipes_flow_loses_no_approval_and_debits_none_twice(
@@ -495,9 +502,10 @@ def test_kill_9_while_swipes_flow_loses_no_approval_and_debits_none_twice(
     answers = asyncio.run(flow())
     thread.join()
     # the crash fell inside the flow, and swipes were held up by it (answered after the
-    # restart within the gateway deadline, or retried by the terminal)
+    # restart within the gateway deadline, or retried by the terminal). A swipe takes
+    # ~20 ms here; the worker's restart with its stores kept takes under a second.
     assert window_s[0] < killed_at[0] < window_s[1], "the crash missed the flow"
-    assert retries > 0 or slowest_s > 1.0, "no swipe was in flight during the crash"
+    assert retries > 0 or slowest_s > HELD_UP_S, "no swipe was in flight during the crash"
     for person, (_ssn, card) in enumerate(people):
         mine = [answers[t] for p, t in plan if p == person]
         approved = {

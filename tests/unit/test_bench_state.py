@@ -66,34 +66,30 @@ def test_doc_section_is_replaced_and_keeps_other_rows(tmp_path: Path) -> None:
     assert text.count(bs.BEGIN) == 1 and "other" in text  # the other section untouched
 
 
-def test_seed_store_writes_faust_s_layout_the_worker_reads(tmp_path: Path) -> None:
-    """`--direct`: every person lands in the RocksDB of the partition its commands arrive
-    on, under faust's path and options for worker-0's persons table."""
-    from clearing import worker
+def test_seed_store_writes_the_layout_the_worker_reads(tmp_path: Path) -> None:
+    """`--direct`: every person lands in the store of the partition its commands arrive
+    on, in the runtime's layout for worker-0's persons table."""
+    from medclear import worker
+    from medclear.streams.store import PartitionStore
 
-    settings = Settings(state_dir=tmp_path / ".medclear", table_store="rocksdb",
-                        command_partitions=3)  # fmt: skip
+    settings = Settings(state_dir=tmp_path / ".medclear", command_partitions=3)
     city = bs.City(load_policy(settings), at_ms=1_795_000_000_123)
     progress: list[int] = []
     result = bs.seed_store(settings, city, 25, progress.append)
     assert result.persons == 25 == sum(progress)
-    app = worker.create_app(settings, load_policy(settings), "127.0.0.1:9", 0)
-    store = app.tables[worker.PERSONS_TABLE].data  # type: ignore[attr-defined]
-    dbs = [store.rocksdb_options.open(store.partition_path(p)) for p in range(3)]
+    base = worker.data_dir(settings, 0) / worker.PERSONS_TABLE
+    stores = [PartitionStore(base / str(p)) for p in range(3)]
     try:
-        found = 0
         for i in range(25):
             h, value = city.record(i)
             key = h.ssn.encode()
             home = bs.partition_of(key, 3)
-            assert dbs[home].get(key) == value
-            assert all(dbs[p].get(key) is None for p in range(3) if p != home)
-            found += 1
-        assert found == 25
-        # no changelog offset stored: the worker reads its (empty) changelog from the start
-        assert all(db.get(store.offset_key) is None for db in dbs)
+            assert stores[home].get(key) == value
+            assert all(stores[p].get(key) is None for p in range(3) if p != home)
+        # the stored changelog offset is 0: the worker reads its (empty) changelog from the start
+        assert all(store.next_offset == 0 for store in stores)
         records = [city.record(i) for i in range(25)]
         assert result.changelog_bytes == sum(len(h.ssn) + len(v) for h, v in records)
     finally:
-        for db in dbs:
-            db.close()
+        for store in stores:
+            store.close()

@@ -1,0 +1,100 @@
+"""Fetching in batches, with the idle back-off noida-db needs, on aiokafka's public API.
+
+noida-db answers an empty fetch at once (fetch.max.wait.ms ignored), and aiokafka's
+fetcher sends the next fetch as soon as one comes back, so an idle consumer asks the
+broker ~1,500 times a second (tests/integration/test_broker_conformance.py, test i).
+After a poll that brought nothing, the assigned partitions are *paused* (the fetcher
+sends nothing for a paused partition) and the poller sleeps; the sleep doubles with each
+further empty poll up to a cap and is back to the first as soon as records come. With a
+broker that holds empty fetches (Apache Kafka) set the first wait to 0: no pause at all.
+
+Records fetched for a partition that is paused are dropped by aiokafka without moving its
+position, so the next fetch after the resume reads them again: nothing is skipped. So a
+poll after a resume waits until the broker has answered a fetch of every partition
+(`last_poll_timestamp`, public) before it counts as empty: pausing again before the
+answer came would drop it, and a broker slower than the wait would never be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+FETCH_WAIT_MS = 1  # one getmany's wait for records
+ANSWER_WAIT_MS_MAX = 200  # a poll waits this long at most for the broker's first answer
+BACKOFF_DOUBLINGS_MAX = 16
+
+
+@dataclass
+class IdleBackoff:
+    """How long to sleep after the n-th empty poll in a row: first_s · 2^(n-1), capped."""
+
+    first_s: float
+    cap_s: float
+    empties: int = 0
+
+    def next_wait_s(self) -> float:
+        wait: float = self.first_s * 2 ** min(self.empties, BACKOFF_DOUBLINGS_MAX)
+        self.empties += 1
+        return min(self.cap_s, wait)
+
+    def reset(self) -> None:
+        self.empties = 0
+
+
+class Poller:
+    """`fetch()` the next batch of at most `batch_max` records ({} when there is none),
+    `idle()` after an empty one."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, batch_max: int, backoff: IdleBackoff) -> None:
+        self.consumer = consumer
+        self.batch_max = batch_max
+        self.backoff = backoff
+
+    async def fetch(self) -> dict[TopicPartition, list[Any]]:
+        """Records if the broker had some, else {} once it answered a fetch of every
+        assigned partition (or ANSWER_WAIT_MS_MAX passed)."""
+        asked_ms = int(time.time() * 1000)
+        while True:
+            fetched: dict[TopicPartition, list[Any]] = await self.consumer.getmany(
+                timeout_ms=FETCH_WAIT_MS, max_records=self.batch_max
+            )
+            if fetched:
+                self.backoff.reset()
+                return fetched
+            waited_ms = time.time() * 1000 - asked_ms
+            if self._answered_since(asked_ms) or waited_ms > ANSWER_WAIT_MS_MAX:
+                return {}
+
+    async def idle(self, ready: bool = True) -> None:
+        """The back-off after an empty poll, the partitions paused meanwhile (the fetcher
+        then asks the broker nothing). Not ready (partitions being restored): a short
+        sleep, nothing paused."""
+        if not ready:
+            await asyncio.sleep(self.backoff.first_s or 0.001)
+            return
+        wait_s = self.backoff.next_wait_s()
+        if wait_s <= 0:
+            return
+        paused = self.consumer.assignment()
+        self.consumer.pause(*paused)
+        try:
+            await asyncio.sleep(wait_s)
+        finally:
+            still = self.consumer.assignment()
+            self.consumer.resume(*[tp for tp in paused if tp in still])
+
+    def _answered_since(self, since_ms: int) -> bool:
+        """The broker answered a fetch of every assigned partition after `since_ms`."""
+        for tp in self.consumer.assignment():
+            try:
+                stamp = self.consumer.last_poll_timestamp(tp)
+            except AssertionError:  # revoked meanwhile
+                continue
+            if stamp is None or stamp < since_ms:
+                return False
+        return True

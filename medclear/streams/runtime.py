@@ -1,0 +1,445 @@
+"""The runtime: one consumer group over one input topic, batches, tables, the pipeline.
+
+A job is a handler `async def handle(batch: Batch) -> None`. It reads and writes state
+through the batch (`get`, `put`: a table partition is the input record's partition), and
+asks for records to be produced: *outputs* (`send`: on the broker before the state is
+written) and *replies* (`reply`: sent after it). The runtime completes every batch in
+this order, then commits its offsets:
+
+    outputs acknowledged → state: changelog acknowledged, then the store (with the
+    changelog offset, one write batch) → replies acknowledged → commit
+
+so after a crash at any point either the input is read again and decided again on the
+state before it (the same decision, the same ids, which every consumer dedupes), or the
+state has it and a repeat is answered from it. Nothing is committed whose handling is not
+complete.
+
+Pipelining (`in_flight_max` > 1): the next batch is decided while this one's
+acknowledgements are pending. It reads the state this one wrote (an overlay of the writes
+not yet in the store); completions still run strictly in batch order. A handler with side
+effects between steps (the sms job) runs unpipelined and calls `await batch.flush()`.
+
+Rebalances: on revocation the batches in flight are finished (outputs, state, replies,
+commit) before the partitions go, under the same lock the poll loop holds while it
+decides; on assignment each new partition's stores are restored from their changelogs
+before any of its records is handled. A failure to finish a batch (the broker gave up an
+acknowledgement) ends the process with EXIT_STREAM_FAILED: nothing after it may be
+committed, and a restart reads from the last commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from medclear import topics as topic_names
+from medclear.streams.changelog import changelog_topic, restore
+from medclear.streams.poll import IdleBackoff, Poller
+from medclear.streams.store import PartitionStore
+from monitoring import metrics
+
+log = structlog.get_logger()
+
+EXIT_STREAM_FAILED = 75  # EX_TEMPFAIL: restart me (a batch could not be completed)
+BATCH_RECORDS_MAX = 256  # input records decided together at most
+LAG_INTERVAL_S = 2.0
+Headers = Sequence[tuple[str, bytes]]
+Handler = Callable[["Batch"], Awaitable[None]]
+StepObserver = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class Produce:
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: Headers = ()
+    partition: int | None = None
+
+
+@dataclass
+class _Slot:
+    """A state write not yet in the store: readable by later batches meanwhile."""
+
+    value: bytes | None
+    batch: int
+
+
+@dataclass
+class Batch:
+    """One batch of input records and what handling them asks for."""
+
+    runtime: Runtime
+    number: int
+    records: list[Any]
+    outputs: list[Produce] = field(default_factory=list)
+    replies: list[Produce] = field(default_factory=list)
+    changes: dict[tuple[str, int], dict[bytes, bytes | None]] = field(default_factory=dict)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset per tp
+    sent: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    def get(self, table: str, partition: int, key: bytes) -> bytes | None:
+        """The value as of this batch: its own writes, then earlier batches' not yet
+        stored, then the store."""
+        return self.runtime.read(table, partition, key)
+
+    def put(self, table: str, partition: int, key: bytes, value: bytes | None) -> None:
+        self.changes.setdefault((table, partition), {})[key] = value
+        self.runtime.overlay(table, partition)[key] = _Slot(value, self.number)
+
+    def send(self, topic: str, value: bytes | None, key: bytes | None = None,
+             headers: Headers = (), partition: int | None = None) -> None:  # fmt: skip
+        """An output: on the broker before this batch's state is written."""
+        self.outputs.append(Produce(topic, value, key, headers, partition))
+
+    def reply(self, topic: str, value: bytes | None, key: bytes | None = None,
+              headers: Headers = ()) -> None:  # fmt: skip
+        """A reply: sent once this batch's state is written."""
+        self.replies.append(Produce(topic, value, key, headers))
+
+    async def flush(self) -> None:
+        """Make everything this batch asked for so far durable now, in order (outputs,
+        state, replies); only for a runtime that does not pipeline."""
+        if self.runtime.in_flight_max != 1:
+            raise RuntimeError("flush() inside a batch needs in_flight_max == 1")
+        await self.runtime.hand_over(self)
+        await self.runtime.finish(self, commit=False)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.runtime.revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.runtime.assigned(list(assigned))
+
+
+class Runtime:
+    def __init__(
+        self,
+        *,
+        job: str,
+        member_id: str,
+        bootstrap: str,
+        topic: str,
+        handler: Handler,
+        data_dir: Path,
+        tables: Sequence[str] = (),
+        batch_max: int = BATCH_RECORDS_MAX,
+        in_flight_max: int = 1,
+        idle_backoff_s: float = 0.002,
+        idle_backoff_max_s: float = 0.05,
+        observe_step: StepObserver | None = None,
+        on_ready: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        if in_flight_max < 1 or batch_max < 1:
+            raise ValueError("in_flight_max and batch_max are at least 1")
+        self.job, self.member_id, self.bootstrap, self.topic = job, member_id, bootstrap, topic
+        self.handler = handler
+        self.data_dir = data_dir
+        self.tables = tuple(tables)
+        self.batch_max, self.in_flight_max = batch_max, in_flight_max
+        self.backoff = IdleBackoff(idle_backoff_s, max(idle_backoff_s, idle_backoff_max_s))
+        self.observe_step = observe_step
+        self.on_ready = on_ready
+        self.stores: dict[tuple[str, int], PartitionStore] = {}
+        self._overlay: dict[tuple[str, int], dict[bytes, _Slot]] = {}
+        self._lock = asyncio.Lock()
+        self._completions: deque[asyncio.Task[None]] = deque()
+        self._batches = 0
+        self._ready = False
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self._restorer: AIOKafkaConsumer | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def overlay(self, table: str, partition: int) -> dict[bytes, _Slot]:
+        return self._overlay.setdefault((table, partition), {})
+
+    def read(self, table: str, partition: int, key: bytes) -> bytes | None:
+        slot = self._overlay.get((table, partition), {}).get(key)
+        if slot is not None:
+            return slot.value
+        store = self.stores.get((table, partition))
+        if store is None:
+            raise RuntimeError(f"{self.job}: table {table} partition {partition} is not ours")
+        return store.get(key)
+
+    def store_items(self, table: str) -> Iterable[tuple[bytes, bytes]]:
+        """Every stored key and value of a table, over the partitions assigned now."""
+        for (name, _partition), store in list(self.stores.items()):
+            if name == table:
+                yield from store.items()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                                         linger_ms=0, enable_idempotence=False)  # fmt: skip
+        await self.producer.start()
+        self._restorer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                          enable_auto_commit=False)  # fmt: skip
+        await self._restorer.start()
+        await self._ensure_changelogs()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.job,
+            group_instance_id=self.member_id,  # static: a restarted member takes its share back
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.batch_max,
+        )
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        await self.consumer.start()
+
+    async def _ensure_changelogs(self) -> None:
+        if not self.tables:
+            return
+        assert self._restorer is not None
+        partitions = self._restorer.partitions_for_topic(self.topic)
+        if partitions is None:
+            await self._restorer.topics()  # load metadata
+            partitions = self._restorer.partitions_for_topic(self.topic)
+        if not partitions:
+            raise RuntimeError(f"{self.job}: input topic {self.topic} does not exist")
+        wanted = {changelog_topic(self.job, t): len(partitions) for t in self.tables}
+        await topic_names.ensure_topics(self.bootstrap, wanted)
+
+    async def stop(self) -> None:
+        """Finish what is in flight, commit, leave (static members stay in the group)."""
+        async with self._lock:
+            await self._drain()
+        for client in (self.consumer, self._restorer, self.producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+        metrics.READY.set(0)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Poll, decide, hand over, until `stopping` is set; then stop cleanly."""
+        await self.start()
+        assert self.consumer is not None
+        poller = Poller(self.consumer, self.batch_max, self.backoff)
+        lag = asyncio.create_task(self._export_lag(stopping))
+        try:
+            while not stopping.is_set():
+                handled = False
+                async with self._lock:
+                    if self._ready:
+                        fetched = await poller.fetch()
+                        if fetched:
+                            await self._handle(fetched)
+                            handled = True
+                if not handled:
+                    await poller.idle(ready=self._ready)
+        finally:
+            lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
+            await self.stop()
+
+    # ------------------------------------------------------------------ batches
+
+    async def _handle(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        records = [r for tp in sorted(fetched, key=lambda t: t.partition) for r in fetched[tp]]
+        self._batches += 1
+        batch = Batch(self, self._batches, records)
+        for tp, got in fetched.items():
+            batch.offsets[tp] = got[-1].offset + 1
+        metrics.STREAM_BATCH_RECORDS.labels(self.job).observe(len(records))
+        started = time.perf_counter()
+        await self.handler(batch)
+        self._observe("decide", time.perf_counter() - started)
+        await self.hand_over(batch)
+        previous = self._completions[-1] if self._completions else None
+        self._completions.append(asyncio.create_task(self._complete(batch, previous)))
+        while len(self._completions) >= self.in_flight_max or (
+            self._completions and self._completions[0].done()
+        ):
+            await self._settle_oldest()
+
+    async def hand_over(self, batch: Batch) -> None:
+        """Give the batch's outputs to the producer now, in batch order."""
+        assert self.producer is not None
+        for out in batch.outputs:
+            batch.sent.append(await self.producer.send(out.topic, out.value, key=out.key,
+                                                       headers=list(out.headers),
+                                                       partition=out.partition))  # fmt: skip
+        batch.outputs.clear()
+
+    async def _settle_oldest(self) -> None:
+        task = self._completions.popleft()
+        try:
+            await task
+        except Exception as exc:
+            self._fail(exc)
+
+    async def _drain(self) -> None:
+        while self._completions:
+            await self._settle_oldest()
+
+    def _fail(self, exc: BaseException) -> None:
+        log.critical("a batch could not be completed; exiting without committing it",
+                     job=self.job, error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        sys.stderr.flush()
+        os._exit(EXIT_STREAM_FAILED)
+
+    async def _complete(self, batch: Batch, previous: asyncio.Task[None] | None) -> None:
+        started = time.perf_counter()
+        await asyncio.gather(*batch.sent)  # the outputs are on the broker
+        batch.sent.clear()
+        self._observe("outputs", time.perf_counter() - started)
+        if previous is not None:
+            with contextlib.suppress(Exception):  # its failure ends the process elsewhere
+                await previous
+        await self.finish(batch, commit=True)
+
+    async def finish(self, batch: Batch, commit: bool) -> None:
+        """State (changelog, then store), replies, and the commit of the batch."""
+        await asyncio.gather(*batch.sent)
+        batch.sent.clear()
+        t0 = time.perf_counter()
+        await self._write_state(batch)
+        t1 = time.perf_counter()
+        assert self.producer is not None
+        pending = [await self.producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
+                   for r in batch.replies]  # fmt: skip
+        batch.replies.clear()
+        await asyncio.gather(*pending)
+        t2 = time.perf_counter()
+        self._observe("state", t1 - t0)
+        self._observe("replies", t2 - t1)
+        if commit:
+            await self._commit(batch)
+            self._observe("commit", time.perf_counter() - t2)
+
+    async def _write_state(self, batch: Batch) -> None:
+        if not batch.changes:
+            return
+        assert self.producer is not None
+        sent: list[tuple[tuple[str, int], asyncio.Future[Any]]] = []
+        for (table, partition), changes in batch.changes.items():
+            topic = changelog_topic(self.job, table)
+            for key, value in changes.items():
+                fut = await self.producer.send(topic, value or b"", key=key, partition=partition)
+                sent.append(((table, partition), fut))
+        done = await asyncio.gather(*(fut for _where, fut in sent))
+        last: dict[tuple[str, int], int] = {}
+        for (where, _fut), meta in zip(sent, done, strict=True):
+            last[where] = max(last.get(where, -1), meta.offset)
+        for where, changes in batch.changes.items():
+            store = self.stores.get(where)
+            if store is None:
+                continue  # revoked meanwhile: the changelog has it for the next owner
+            store.apply(changes, last[where] + 1)
+            overlay = self._overlay.get(where, {})
+            for key in changes:
+                slot = overlay.get(key)
+                if slot is not None and slot.batch <= batch.number:
+                    del overlay[key]
+        batch.changes.clear()
+
+    async def _commit(self, batch: Batch) -> None:
+        assert self.consumer is not None
+        mine = self.consumer.assignment()
+        offsets = {tp: o for tp, o in batch.offsets.items() if tp in mine}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:  # read again and decided again after a restart: harmless
+            log.warning("offset commit failed", job=self.job, error=f"{type(exc).__name__}")
+
+    def _observe(self, step: str, seconds: float) -> None:
+        metrics.STREAM_STEP_SECONDS.labels(self.job, step).observe(seconds)
+        if self.observe_step is not None:
+            self.observe_step(step, seconds)
+
+    # ------------------------------------------------------------------ rebalances
+
+    async def revoked(self, revoked: list[TopicPartition]) -> None:
+        metrics.STREAM_REBALANCES.labels(self.job, "revoked").inc(len(revoked))
+        async with self._lock:
+            self._ready = False
+            metrics.READY.set(0)
+            await self._drain()  # every batch in flight finished and committed
+            for tp in revoked:
+                for table in self.tables:
+                    store = self.stores.pop((table, tp.partition), None)
+                    if store is not None:
+                        store.close()
+                    self._overlay.pop((table, tp.partition), None)
+
+    async def assigned(self, assigned: list[TopicPartition]) -> None:
+        metrics.STREAM_REBALANCES.labels(self.job, "assigned").inc(len(assigned))
+        async with self._lock:
+            for tp in sorted(assigned, key=lambda t: t.partition):
+                for table in self.tables:
+                    await self._open_and_restore(table, tp.partition)
+            self._ready = bool(assigned)
+            log.info("partitions assigned", job=self.job,
+                     partitions=sorted(tp.partition for tp in assigned))  # fmt: skip
+        if self._ready and self.on_ready is not None:
+            await self.on_ready()
+        metrics.READY.set(1 if self._ready else 0)
+
+    async def _open_and_restore(self, table: str, partition: int) -> None:
+        if (table, partition) in self.stores:
+            return
+        store = PartitionStore(self.data_dir / table / str(partition))
+        self.stores[(table, partition)] = store
+        assert self._restorer is not None
+        tp = TopicPartition(changelog_topic(self.job, table), partition)
+        end = (await self._restorer.end_offsets([tp]))[tp]
+        remaining = metrics.STREAM_RESTORE_REMAINING.labels(self.job, table)
+        remaining.inc(max(0, end - store.next_offset))
+        restored = metrics.STREAM_RESTORED_RECORDS.labels(self.job, table)
+
+        def chunk(n: int) -> None:
+            restored.inc(n)
+            remaining.dec(n)
+
+        started = time.monotonic()
+        applied = await restore(self._restorer, tp, store, chunk)
+        remaining.set(0)
+        if applied:
+            log.info("restored", job=self.job, table=table, partition=partition,
+                     records=applied, seconds=round(time.monotonic() - started, 2))  # fmt: skip
+
+    async def _export_lag(self, stopping: asyncio.Event) -> None:
+        """`medclear_consumer_lag_records`: the broker's high-water mark minus the position
+        of every assigned partition."""
+        while not stopping.is_set():
+            await asyncio.sleep(LAG_INTERVAL_S)
+            consumer = self.consumer
+            if consumer is None:
+                continue
+            for tp in consumer.assignment():
+                try:
+                    position = await consumer.position(tp)
+                    highwater = consumer.highwater(tp)
+                except Exception:  # a partition mid-rebalance: the next tick
+                    continue
+                if highwater is not None:
+                    metrics.CONSUMER_LAG.labels(self.job, tp.topic, str(tp.partition)).set(
+                        max(0, highwater - position)
+                    )

@@ -1,0 +1,42 @@
+"""The stream runtime's pure parts: the idle back-off and the per-partition store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medclear.streams.poll import IdleBackoff
+from medclear.streams.store import OFFSET_KEY, PartitionStore, StoreError
+
+
+def test_the_idle_backoff_doubles_up_to_its_cap_and_starts_over_with_records() -> None:
+    backoff = IdleBackoff(0.002, 0.05)
+    waits = [backoff.next_wait_s() for _ in range(8)]
+    assert waits == [0.002, 0.004, 0.008, 0.016, 0.032, 0.05, 0.05, 0.05]
+    backoff.reset()
+    assert backoff.next_wait_s() == 0.002
+    assert IdleBackoff(0.0, 0.05).next_wait_s() == 0.0  # a broker that holds empty fetches
+
+
+def test_a_store_keeps_its_values_and_changelog_offset_together(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path / "t" / "0")
+    assert store.next_offset == 0 and store.get(b"a") is None
+    store.apply({b"a": b"1", b"b": b"2"}, 2)
+    store.apply({b"a": None, b"c": b"3"}, 4)
+    assert (store.get(b"a"), store.get(b"b"), store.get(b"c")) == (None, b"2", b"3")
+    assert sorted(store.items()) == [(b"b", b"2"), (b"c", b"3")]  # the offset is no item
+    store.close()
+    again = PartitionStore(tmp_path / "t" / "0")
+    assert again.next_offset == 4 and again.get(b"c") == b"3"
+    with pytest.raises(StoreError):
+        again.apply({OFFSET_KEY: b"99"}, 5)  # the reserved key cannot be written as state
+    assert again.next_offset == 4
+    again.close()
+
+
+def test_a_store_held_by_another_process_is_a_clear_error(tmp_path: Path) -> None:
+    first = PartitionStore(tmp_path / "t" / "0")
+    with pytest.raises(StoreError):
+        PartitionStore(tmp_path / "t" / "0")  # RocksDB's lock: one owner at a time
+    first.close()
