@@ -39,8 +39,8 @@ PENDING_MAX = 10_000  # requests in flight per process; beyond it requests are r
 REPLIES_PER_POLL_MAX = 1_000
 INDEX_RECORDS_PER_POLL_MAX = 5_000
 IDLE_REPLY_WAKE_S = 1.0  # with no request in flight, the reply loop looks anyway this often
-REPLY_BACKOFF_S = (0.0005, 0.002)  # in flight: replies are due within milliseconds
-INDEX_BACKOFF_S = (0.002, 0.1)  # new cards are rare; a miss waits for the index anyway
+REPLY_BACKOFF_S = (0.0, 0.0)  # in flight: no back-off at all, replies are due within ms
+INDEX_BACKOFF_S = (0.002, 0.5)  # new cards are rare; a miss polls at once (sync_index)
 
 
 class BusUnavailable(RuntimeError):

@@ -122,22 +122,14 @@ def restart(
 # ---------------------------------------------------------------------------- serve
 
 
-def _prepare_process(name: str, metrics_port: int, downstream: bool = False) -> Settings:
-    """Set-up shared by every long-running medclear process: logging, Kafka client
-    remedies, and /metrics on `metrics_port` (0: a free port). `downstream`: a stream job
-    after the decision, whose idle consumers may back off further (kafka_compat)."""
-    from medclear import kafka_compat, log
+def _prepare_process(name: str, metrics_port: int) -> Settings:
+    """Set-up shared by every long-running medclear process: logging (aiokafka's debug
+    records quieted) and /metrics on `metrics_port` (0: a free port)."""
+    from medclear import log
     from monitoring import metrics
 
     log.configure(name)
     settings = get_settings()
-    kafka_compat.quiet_client_loggers()
-    if downstream:
-        backoff_max_ms = settings.kafka_idle_fetch_backoff_max_ms
-        if backoff_max_ms is None:
-            backoff_max_ms = kafka_compat.DOWNSTREAM_BACKOFF_MAX_MS
-        kafka_compat.install_idle_fetch_backoff(settings.kafka_idle_fetch_backoff_ms,
-                                                backoff_max_ms)  # fmt: skip
     metrics.serve(metrics_port, settings.host)
     return settings
 
@@ -233,7 +225,7 @@ def _job_command(name: str) -> None:
     def serve_job(
         metrics_port: Annotated[int, typer.Option(help="port of /metrics")] = 0,
     ) -> None:
-        settings = _prepare_process(name, metrics_port, downstream=True)
+        settings = _prepare_process(name, metrics_port)
         jobs.runner(name)(settings, _bootstrap(settings))
 
     serve_job.__doc__ = f"The {name} stream job: {jobs.JOB_HELP.get(name, 'see stream_jobs/')}."

@@ -21,5 +21,7 @@ def configure(process: str, level: int = logging.INFO) -> structlog.stdlib.Bound
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    for name in ("aiokafka", "kafka"):  # their debug records cost a busy process ~8 %
+        logging.getLogger(name).setLevel(logging.WARNING)
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(process=process)
     return logger

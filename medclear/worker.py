@@ -48,7 +48,7 @@ from clearing.redact import Redaction, card_index_record, published
 from medclear import topics
 from medclear.hsm_client import HsmClient
 from medclear.settings import Settings, pki_dir
-from medclear.streams.process import idle_backoff_s, run_in_foreground
+from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from medclear.tokens import load_redaction
 from medclear.topics import HEADER_CORRELATION, HEADER_REPLY_TO
@@ -238,12 +238,11 @@ def create(settings: Settings, policy: Policy, bootstrap: str, index: int = 0) -
     if echo:
         log.warning("echo mode: commands are answered OK without being decided (benchmark)")
     handler = (Echo if echo else Worker)(policy, redaction, pins)
-    first_s, cap_s = idle_backoff_s(settings, decision_path=True)
     return Runtime(job=APP_ID, member_id=f"worker-{index}", bootstrap=bootstrap,
                    topic=topics.COMMANDS.name, handler=handler.handle,
                    data_dir=data_dir(settings, index), tables=[] if echo else [PERSONS_TABLE],
-                   batch_max=BATCH_MAX, in_flight_max=IN_FLIGHT_MAX, idle_backoff_s=first_s,
-                   idle_backoff_max_s=cap_s, observe_step=observe_step)  # fmt: skip
+                   batch_max=BATCH_MAX, in_flight_max=IN_FLIGHT_MAX, observe_step=observe_step,
+                   backoff=idle_backoff(settings, decision_path=True))  # fmt: skip
 
 
 def data_dir(settings: Settings, index: int) -> Path:

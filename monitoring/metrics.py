@@ -92,24 +92,6 @@ PRE_LOSSES_PENDING = Gauge(
 UNDECODABLE = Counter(
     "medclear_undecodable_records_total", "Kafka records that could not be decoded", ["topic"]
 )
-STREAM_SKIPPED = Counter(
-    "medclear_stream_skipped_records_total",
-    "records faust's stream skipped (an offset gap in a partition) and the job read back "
-    "straight from the broker",
-    ["topic"],
-)
-STREAM_OFFSET_GAPS = Counter(
-    "medclear_stream_offset_gaps_total",
-    "offsets missing between two records faust fetched from one partition of a stream "
-    "topic; the commit waits below such a hole",
-    ["topic"],
-)
-STREAM_REWINDS = Counter(
-    "medclear_stream_rewinds_total",
-    "records fetched below faust's read offset of their partition (it was rewound by a "
-    "seek) and delivered again rather than dropped",
-    ["topic"],
-)
 STREAM_BATCH_RECORDS = Histogram(
     "medclear_stream_batch_records",
     "Input records a stream job handled together in one batch (medclear/streams)",

@@ -1,63 +1,61 @@
-"""The abnormal-transaction job: published events in, alerts out (topic `medclear.alerts`).
+"""The abnormal-transaction job: published events in, alerts out (topic `medclear.alerts`),
+on medclear's stream runtime.
 
 One instance reads every partition of `medclear.events`: the terminal-burst rule needs
 all of a terminal's swipes, which span persons and so partitions. The windows live in
-memory; after a restart they refill from the events read again from the committed
-offset, and an alert raised twice has the same id (sinks deduplicate by it). The rules
-are in clearing/abnormal.py.
+memory; after a restart they refill from the events read again from the committed offset,
+and an alert raised twice has the same id (sinks deduplicate by it). The alerts are
+outputs: on the broker before the events that raised them are committed. The rules are
+in clearing/abnormal.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import faust
 import structlog
 
 from clearing import codec
 from clearing.abnormal import BlockWatch, Detector
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, make_app, run_worker
 from medclear.settings import Settings
+from medclear.streams.process import idle_backoff, run_in_foreground
+from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 
 log = structlog.get_logger(process="abnormal")
 APP_ID = "medclear-abnormal"
+BATCH_MAX = 512
 
 
-def create_app(settings: Settings, bootstrap: str) -> faust.App:
-    app = make_app(APP_ID, "abnormal-0", settings, bootstrap, settings.event_partitions)
-    events = events_topic(app, settings)
-    alerts = app.topic(topics.ALERTS.name, key_type=bytes, value_type=bytes,
-                       partitions=settings.event_partitions, internal=False)  # fmt: skip
-    detector = Detector()
-    blocks = BlockWatch()
+class Watch:
+    def __init__(self) -> None:
+        self.detector = Detector()
+        self.blocks = BlockWatch()
 
-    @app.agent(events)
-    async def watch(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for raw in stream:
-            event = decode_event(raw)
-            if event is None:
-                yield None
+    async def handle(self, batch: Batch) -> None:
+        for record in batch.records:
+            try:
+                event = codec.decode(record.value or b"")
+            except codec.CodecError:
+                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
                 continue
-            propagation_ms = blocks.observe(event)
+            propagation_ms = self.blocks.observe(event)
             if propagation_ms is not None:
                 metrics.CARD_BLOCK_TO_REFUSAL_SECONDS.observe(propagation_ms / 1000)
-            for alert in detector.observe(event):
-                await alerts.send(key=alert.person_ref.encode(), value=codec.encode(alert))
+            for alert in self.detector.observe(event):
+                batch.send(topics.ALERTS.name, codec.encode(alert), key=alert.person_ref.encode())
                 metrics.ABNORMAL_ALERTS.labels(alert.kind.value).inc()
                 log.info("abnormal transaction", kind=alert.kind.value, card=alert.card_masked,
                          terminal=alert.terminal_id, institution=alert.institution_id)  # fmt: skip
-            yield None
 
-    @app.timer(0.5)  # type: ignore[untyped-decorator]
-    async def readiness() -> None:
-        metrics.READY.set(1 if app.consumer.assignment() and not app.rebalancing else 0)
 
-    return app
+def create(settings: Settings, bootstrap: str) -> Runtime:
+    return Runtime(job=APP_ID, member_id="abnormal-0", bootstrap=bootstrap,
+                   topic=topics.EVENTS.name, handler=Watch().handle,
+                   data_dir=settings.state_dir.resolve() / "data" / "abnormal-0",
+                   batch_max=BATCH_MAX,
+                   backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
 
 
 def run(settings: Settings, bootstrap: str) -> None:
-    app = create_app(settings, bootstrap)
     log.info("abnormal job starting")
-    run_worker(app)
+    run_in_foreground([create(settings, bootstrap)])

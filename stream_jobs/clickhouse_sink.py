@@ -42,6 +42,7 @@ from clearing.model import Event
 from clearing.redact import CardTokens
 from medclear import topics
 from medclear.settings import Settings
+from medclear.streams.poll import IdleBackoff, Poller
 from medclear.tokens import load_card_tokens
 from monitoring import metrics
 from stream_jobs import ch
@@ -54,6 +55,8 @@ RETRY_BACKOFF_S_MIN = 0.1
 RETRY_BACKOFF_S_MAX = 2.0  # a returning ClickHouse is noticed within 2 s
 LAG_REFRESH_S = 1.0
 STOP_FLUSH_ATTEMPTS_MAX = 3  # on SIGTERM: try the pending batch this often, then leave it
+IDLE_BACKOFF_S = 0.002  # after an empty poll, doubling while idle …
+IDLE_BACKOFF_MAX_S = 0.2  # … up to this (medclear/streams/poll.py)
 
 
 def clickhouse_url(settings: Settings) -> str:
@@ -177,6 +180,7 @@ class ClickHouseSink:
         feed: Feed = EVENTS_FEED,
         batch_rows_max: int = 5_000,
         batch_wait_ms: int = 200,
+        backoff: IdleBackoff | None = None,
     ) -> None:
         if batch_rows_max < 1 or batch_wait_ms < 1:
             raise ValueError("batch bounds are positive")
@@ -186,6 +190,9 @@ class ClickHouseSink:
             topic, group_id, member_id = feed.topic, feed.group_id, feed.member_id
         self.topic, self.group_id, self.member_id = topic, group_id, member_id
         self.batch_rows_max, self.batch_wait_s = batch_rows_max, batch_wait_ms / 1000
+        # the idle back-off is bounded by the batch's own wait: a batch is not held longer
+        self.backoff = backoff or IdleBackoff(IDLE_BACKOFF_S, min(IDLE_BACKOFF_MAX_S,
+                                                                  self.batch_wait_s))  # fmt: skip
         self.epoch = 0
         self.assigned: set[TopicPartition] = set()
         self.migrated = False
@@ -348,6 +355,7 @@ class ClickHouseSink:
         )
         consumer.subscribe([self.topic], listener=_Assignments(self))
         await consumer.start()
+        poller = Poller(consumer, self.batch_rows_max, self.backoff)
         seen_epoch = -1
         batch = Batch(self.epoch)
         try:
@@ -359,8 +367,10 @@ class ClickHouseSink:
                 wait_s = self.batch_wait_s
                 if not batch.empty:
                     wait_s = max(0.0, batch.started + self.batch_wait_s - time.monotonic())
-                room = self.batch_rows_max - len(batch.rows)
-                fetched = await consumer.getmany(timeout_ms=int(wait_s * 1000), max_records=room)
+                poller.batch_max = self.batch_rows_max - len(batch.rows)
+                fetched = await poller.fetch()
+                if not fetched and wait_s > 0:
+                    await poller.idle()  # partitions paused: noida-db answers at once
                 if seen_epoch != self.epoch:
                     continue  # a rebalance ran meanwhile: re-read from the committed offsets
                 for tp, records in fetched.items():

@@ -1,75 +1,97 @@
-"""The pre-loss timer job: a faust app reading `medclear.events`.
+"""The pre-loss timer job, on medclear's stream runtime.
 
-It keeps the pending pre-losses in a table (card token → the person's sealed ssn and the
-deadline, with a changelog: no ssn in clear on any topic) and, every
-`pre_loss_timer_interval_s`, sends an ExpirePreLoss command for each deadline that has
-passed to `medclear.commands` (keyed by the person, like every command). Logic in
-stream_jobs.pre_loss; this module only translates.
+It reads `medclear.events` and keeps the pending pre-losses in its table `pre-losses`
+(card token → the person's sealed ssn, the card token and the deadline; no ssn in clear
+on any topic), and every `pre_loss_timer_interval_s` sends an ExpirePreLoss command for
+each deadline that has passed to `medclear.commands` (keyed by the person, like every
+command). Logic in stream_jobs.pre_loss; this module only translates. A redelivered
+event sets the same entry again; an expiry sent twice is decided once by the core.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
-import faust
 import structlog
 
 from clearing import codec
 from clearing.model import CardStateChanged
-from clearing.redact import PERSON
+from clearing.redact import PERSON, Sealer
 from medclear import topics
-from medclear.faust_app import decode_event, events_topic, export_readiness, make_app, run_worker
 from medclear.settings import Settings
+from medclear.streams.process import idle_backoff, run_in_foreground
+from medclear.streams.runtime import Batch, Runtime
 from medclear.tokens import load_sealer
 from monitoring import metrics
 from stream_jobs.pre_loss import Pending, due, track
 
 log = structlog.get_logger(process="pre-loss-timer")
 APP_ID = "medclear-pre-loss-timer"
+TABLE = "pre-losses"
+BATCH_MAX = 512
 
 
-def create_app(settings: Settings, bootstrap: str) -> faust.App:
-    app = make_app(APP_ID, "pre-loss-timer-0", settings, bootstrap, settings.event_partitions)
-    events = events_topic(app, settings)
-    commands = app.topic(topics.COMMANDS.name, key_type=bytes, value_type=bytes,
-                         internal=False)  # fmt: skip
-    pending = app.Table("pre-losses", default=None, partitions=settings.event_partitions,
-                        key_type=bytes, value_type=bytes)  # fmt: skip
-    sent_at_ms: dict[str, int] = {}
-    person = load_sealer(settings, PERSON)  # opens the reports' sealed ssn
+async def follow(batch: Batch) -> None:
+    """Every card-state change: a pre-loss report is pending until anything else happens."""
+    for record in batch.records:
+        try:
+            event = codec.decode(record.value or b"")
+        except codec.CodecError:
+            metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
+            continue
+        if not isinstance(event, CardStateChanged):
+            continue
+        key = event.card_ref.encode()
+        now = track(event)
+        if now is None:
+            if batch.get(TABLE, record.partition, key) is not None:
+                batch.put(TABLE, record.partition, key, None)
+        else:
+            entry = json.dumps([now.sealed_ssn, now.card_ref, now.deadline_ms]).encode()
+            batch.put(TABLE, record.partition, key, entry)
 
-    @app.agent(events)
-    async def follow(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for raw in stream:
-            event = decode_event(raw)
-            if isinstance(event, CardStateChanged):
-                key = event.card_ref.encode()
-                now = track(event)
-                if now is None:
-                    if pending.get(key) is not None:
-                        del pending[key]
-                else:
-                    pending[key] = json.dumps([now.sealed_ssn, now.card_ref,
-                                               now.deadline_ms]).encode()  # fmt: skip
-            yield None
 
-    @app.timer(settings.pre_loss_timer_interval_s)  # type: ignore[untyped-decorator]
-    async def tick() -> None:
-        entries = [Pending(*json.loads(v)) for v in pending.values() if v is not None]
+class Ticker:
+    """Sends the expiry commands that are due, every interval."""
+
+    def __init__(self, runtime: Runtime, person: Sealer, interval_s: float) -> None:
+        self.runtime = runtime
+        self.person = person  # opens the reports' sealed ssn, only to address a command
+        self.interval_s = interval_s
+        self.sent_at_ms: dict[str, int] = {}
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await asyncio.sleep(self.interval_s)
+            await self.tick()
+
+    async def tick(self) -> None:
+        producer = self.runtime.producer
+        if producer is None:
+            return
+        entries = [Pending(*json.loads(v)) for _k, v in self.runtime.store_items(TABLE)]
         now_ms = time.time_ns() // 1_000_000
-        for command in due(entries, sent_at_ms, now_ms, lambda s: person.open(s)["ssn"]):
-            await commands.send(key=command.ssn.encode(), value=codec.encode(command))
-            sent_at_ms[command.request_id] = now_ms
+        for command in due(entries, self.sent_at_ms, now_ms, lambda s: self.person.open(s)["ssn"]):
+            await producer.send_and_wait(topics.COMMANDS.name, codec.encode(command),
+                                         key=command.ssn.encode())  # fmt: skip
+            self.sent_at_ms[command.request_id] = now_ms
             metrics.PRE_LOSS_EXPIRIES.inc()
         metrics.PRE_LOSSES_PENDING.set(len(entries))
 
-    export_readiness(app)
-    return app
+
+def create(settings: Settings, bootstrap: str) -> tuple[Runtime, Ticker]:
+    runtime = Runtime(job=APP_ID, member_id="pre-loss-timer-0", bootstrap=bootstrap,
+                      topic=topics.EVENTS.name, handler=follow,
+                      data_dir=settings.state_dir.resolve() / "data" / "pre-loss-timer-0",
+                      tables=[TABLE], batch_max=BATCH_MAX,
+                      backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
+    return runtime, Ticker(runtime, load_sealer(settings, PERSON),
+                           settings.pre_loss_timer_interval_s)  # fmt: skip
 
 
 def run(settings: Settings, bootstrap: str) -> None:
-    app = create_app(settings, bootstrap)
+    runtime, ticker = create(settings, bootstrap)
     log.info("pre-loss timer starting", interval_s=settings.pre_loss_timer_interval_s)
-    run_worker(app)
+    run_in_foreground([runtime], [ticker.run])

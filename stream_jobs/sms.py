@@ -1,54 +1,45 @@
-"""The sms job: a faust app reading `medclear.events` and sending the consumption SMS.
+"""The sms job: `medclear.events` in, the consumption SMS out, on medclear's stream runtime.
 
 Decisions are stream_jobs.sms_core's (pure); SMPP is stream_jobs.sms_smpp's; this module
 orders the steps so that an SMS is neither lost nor sent twice across redelivery, an SMSC
 outage, or a kill -9 of this process:
 
 1. take a batch of events; decide each against the person's row of the `sms-persons`
-   table (phone book, settled ids, ids in flight, rate-limit times), keyed by ssn;
-2. write the rows, now naming the SMS to send as *in flight*, and wait until the broker
-   has the changelog records (`producer.flush()`, acks=all);
+   table (phone book, settled ids, ids in flight, rate-limit times), keyed by the person
+   token;
+2. write the rows, now naming the SMS to send as *in flight*, and make them durable
+   (`batch.flush()`: changelog acknowledged, store written);
 3. per window of at most SMS_IN_FLIGHT_MAX SMS: submit_sm every part, retrying with a
    capped exponential back-off until the SMSC has answered every part (an SMSC that is
    down holds the batch: nothing is committed, nothing is skipped);
-4. settle those SMS in their rows, publish their outcome records, wait for the broker;
-5. only then does the loop ask for the next batch, and faust acknowledges the batch's
-   offsets (committed after its producer flush).
+4. settle those SMS in their rows and publish their outcome records, durably;
+5. only then does the runtime commit the batch's offsets.
 
 A redelivered event whose id is settled sends nothing. One whose id is in flight was
-handed to the SMSC by a process that died before step 4 reached the broker: SMPP has no
+handed to the SMSC by a process that died before step 4 was durable: SMPP has no
 idempotent submit, so it is sent again and counted (`medclear_sms_resent_uncertain_total`,
 outcome `resent_uncertain`). At most SMS_IN_FLIGHT_MAX SMS can be doubled per kill -9, and
-only if the kill falls between a window's submit and its settlement's flush.
+only if the kill falls between a window's submit and its settlement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import aiokafka
-import faust
 import structlog
 
+from clearing import codec
 from clearing.redact import CONTACT
 from medclear import topics
-from medclear.faust_app import (
-    SkippedRecords,
-    decode_event,
-    events_topic,
-    export_readiness,
-    make_app,
-    run_worker,
-)
 from medclear.policy import load_institutions
 from medclear.settings import Settings, smsc_password
+from medclear.streams.process import idle_backoff, run_in_foreground
+from medclear.streams.runtime import Batch, Runtime
 from medclear.tokens import load_sealer
 from monitoring import metrics
 from stream_jobs import sms_core
@@ -59,15 +50,12 @@ log = structlog.get_logger(process="sms")
 APP_ID = "medclear-sms"
 MEMBER_ID = "sms-0"
 TABLE = "sms-persons"
-BATCH_MAX = 1_000  # events taken from the stream at once
-BATCH_WITHIN_S = 0.05  # ... or what arrived within this
+BATCH_MAX = 1_000  # events taken at once
 SMS_IN_FLIGHT_MAX = 64  # SMS submitted before their settlement is on the broker
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 10.0
 RECEIPT_POLL_S = 1.0
-OUTCOME_LINGER_MS = 2
 SMSC_IDS_REMEMBERED_MAX = 200_000  # SMSC message id → event id, for receipts (memory only)
-EXIT_BATCH_FAILED = 70  # EX_SOFTWARE: a batch failed (broker gone for longer than its timeouts)
 TEMPLATES_FILE = Path(__file__).parent / "templates" / "sms.toml"
 
 
@@ -81,6 +69,10 @@ def load_context(settings: Settings) -> Context:
     institutions = load_institutions(settings.institutions_file)
     contact = load_sealer(settings, CONTACT)  # the only job that opens phones
     return Context(templates, contact, {i: inst.name for i, inst in institutions.items()})
+
+
+class StopWithBatchUnfinished(RuntimeError):
+    """The process stops while the SMSC holds a batch: it is left uncommitted."""
 
 
 class Sender:
@@ -98,12 +90,16 @@ class Sender:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smpp")
         self.event_of: collections.OrderedDict[str, str] = collections.OrderedDict()
 
-    async def submit(self, submissions: list[Submission]) -> list[Receipt]:
+    async def submit(self, submissions: list[Submission], stopping: asyncio.Event) -> list[Receipt]:
         """Returns once the SMSC answered every part of every submission (accepted or
-        refused for good); retries for as long as it takes."""
+        refused for good); retries for as long as it takes, unless the process is asked
+        to stop: then the batch is left unfinished (not committed: read again after the
+        restart, its SMS in flight sent again, as after a kill -9)."""
         loop = asyncio.get_running_loop()
         delay_s = BACKOFF_FIRST_S
         while True:
+            if stopping.is_set():
+                raise StopWithBatchUnfinished("stopping while the SMSC holds a batch")
             try:
                 receipts = await loop.run_in_executor(self.executor, self.link.submit, submissions)
             except SmscUnavailable as exc:
@@ -132,65 +128,42 @@ class Sender:
         self.executor.shutdown(wait=False)
 
 
-def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faust.App:
-    context = load_context(settings)
-    # stream_wait_empty off: a stop must not wait for a batch the SMSC is holding; the
-    # agent is cancelled and leaves without acknowledging it (see follow below)
-    app = make_app(app_id, MEMBER_ID, settings, bootstrap, settings.event_partitions,
-                   stream_wait_empty=False)  # fmt: skip
-    events = events_topic(app, settings)
-    # Rows keyed by the person token, written with the producer's partitioner: the same
-    # partition the clearing worker's events for that person are on (both hash the token's
-    # bytes), also for writes made outside a single event's context (a batch).
-    persons = app.Table(TABLE, default=None, partitions=settings.event_partitions,
-                        key_type=bytes, value_type=bytes, use_partitioner=True)  # fmt: skip
-    sender = Sender(settings)
+class Job:
+    """The runtime's handler, and the delivery receipts' poll."""
 
-    # Outcome records go through an aiokafka producer of our own: faust's producer hands
-    # its buffer over one awaited message at a time (~1.5 ms each, measured here).
-    outbox: list[aiokafka.AIOKafkaProducer] = []
+    def __init__(self, context: Context, sender: Sender) -> None:
+        self.context = context
+        self.sender = sender
+        self.runtime: Runtime | None = None
 
-    async def publish(records: list[OutcomeRecord]) -> list[asyncio.Future[object]]:
-        """Handed to the producer; the futures resolve when the broker has them."""
-        if not outbox:
-            producer = aiokafka.AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                                 linger_ms=OUTCOME_LINGER_MS)  # fmt: skip
-            await producer.start()
-            outbox.append(producer)
-        return [await outbox[0].send(topics.SMS_OUTCOMES.name, key=r.event_id.encode(),
-                                     value=r.to_json()) for r in records]  # fmt: skip
+    def _outcomes(self, batch: Batch, records: list[OutcomeRecord]) -> None:
+        for record in records:
+            batch.send(topics.SMS_OUTCOMES.name, record.to_json(), key=record.event_id.encode())
 
-    async def record_receipts(receipts: list[Receipt]) -> list[asyncio.Future[object]]:
-        records = []
-        for receipt in receipts:
-            metrics.SMS_RECEIPTS.labels(receipt.stat).inc()
-            event_id = sender.event_of.get(receipt.smsc_message_id, "")
-            records.append(OutcomeRecord(event_id, "receipt", int(receipt.received_at * 1000),
-                                         smsc_message_ids=(receipt.smsc_message_id,),
-                                         status=receipt.stat))  # fmt: skip
-        return await publish(records)
-
-    async def handle(batch: list[bytes]) -> None:
+    async def handle(self, batch: Batch) -> None:
         seen_ms = now_ms()
-        rows: dict[bytes, PersonSms] = {}
-        dirty: set[bytes] = set()
+        rows: dict[bytes, tuple[int, PersonSms]] = {}  # key → (partition, row)
         to_send: list[tuple[sms_core.Sms, bool]] = []
         queued: set[str] = set()
         suppressed: list[OutcomeRecord] = []
-        for raw in batch:
-            event = decode_event(raw)
-            if event is None:
+        for record in batch.records:
+            try:
+                event = codec.decode(record.value or b"")
+            except codec.CodecError:
+                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
                 continue
             if not getattr(event, "person_ref", ""):  # not a published event of the worker
                 continue
             key = event.person_ref.encode()
             if key not in rows:
-                stored = persons.get(key)
-                rows[key] = PersonSms.from_json(stored) if stored else PersonSms()
-            decision = sms_core.decide(rows[key], event, context, seen_ms)
-            if decision.state != rows[key]:
-                rows[key] = decision.state
-                dirty.add(key)
+                stored = batch.get(TABLE, record.partition, key)
+                rows[key] = (record.partition, PersonSms.from_json(stored) if stored
+                             else PersonSms())  # fmt: skip
+            partition, row = rows[key]
+            decision = sms_core.decide(row, event, self.context, seen_ms)
+            if decision.state != row:
+                rows[key] = (partition, decision.state)
+                batch.put(TABLE, partition, key, decision.state.to_json())
             if decision.sms is not None:
                 if decision.sms.message_id in queued:  # the same event twice in one batch
                     metrics.SMS_SUPPRESSED.labels(Outcome.DUPLICATE.value).inc()
@@ -203,53 +176,57 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> faus
                     suppressed.append(OutcomeRecord(event.event_id, decision.outcome.value,
                                                     seen_ms, decision.kind.value,
                                                     event.at_ms))  # fmt: skip
-        for key in dirty:
-            persons[key] = rows[key].to_json()
-        published = await publish(suppressed)
+        self._outcomes(batch, suppressed)
         if not to_send:
-            await asyncio.gather(*published)
             return
-        await app.producer.flush()  # the in-flight marks are on the broker before a submit
-        await asyncio.gather(*published)
+        await batch.flush()  # the in-flight marks are on the broker before any submit
         for start in range(0, len(to_send), SMS_IN_FLIGHT_MAX):
             window = to_send[start : start + SMS_IN_FLIGHT_MAX]
             submissions = [Submission.of(sms) for sms, _ in window]
-            receipts = await sender.submit(submissions)
+            receipts = await self.sender.submit(submissions, batch.runtime.stopping)
             records: list[OutcomeRecord] = []
             for submission, (sms, uncertain) in zip(submissions, window, strict=True):
                 key = sms.person_ref.encode()
-                rows[key] = sms_core.settle(rows[key], sms.message_id)
-                persons[key] = rows[key].to_json()
+                partition, row = rows[key]
+                rows[key] = (partition, sms_core.settle(row, sms.message_id))
+                batch.put(TABLE, partition, key, rows[key][1].to_json())
                 records.append(outcome_of(submission, uncertain))
-            published = await publish(records) + await record_receipts(receipts)
-            await app.producer.flush()  # settled on the broker before the next window
-            await asyncio.gather(*published)
+            self._outcomes(batch, records + self.receipt_records(receipts))
+            await batch.flush()  # settled on the broker before the next window
 
-    skipped = SkippedRecords(bootstrap, topics.EVENTS.name)
+    def receipt_records(self, receipts: list[Receipt]) -> list[OutcomeRecord]:
+        records = []
+        for receipt in receipts:
+            metrics.SMS_RECEIPTS.labels(receipt.stat).inc()
+            event_id = self.sender.event_of.get(receipt.smsc_message_id, "")
+            records.append(OutcomeRecord(event_id, "receipt", int(receipt.received_at * 1000),
+                                         smsc_message_ids=(receipt.smsc_message_id,),
+                                         status=receipt.stat))  # fmt: skip
+        return records
 
-    @app.agent(events)
-    async def follow(stream: faust.StreamT[bytes]) -> None:
-        batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
-        async for batch in batches:
-            try:
-                await handle(await skipped.values(batch))
-            except BaseException as exc:  # every way out is handled alike
-                # take_events() acknowledges a batch's events in a `finally`, also when the loop
-                # body was cancelled (a stop) or failed: leave before it can, so faust
-                # never commits an offset whose SMS was not settled. The restart then sees
-                # the batch again (in-flight ids are sent again, as after a kill -9).
-                stopping = isinstance(exc, asyncio.CancelledError)
-                log.error("batch not finished; exiting without acknowledging it",
-                          stopping=stopping, error=repr(exc))  # fmt: skip
-                sys.stderr.flush()
-                os._exit(0 if stopping else EXIT_BATCH_FAILED)
+    async def poll_receipts(self, stopping: asyncio.Event) -> None:
+        """Every RECEIPT_POLL_S: delivery receipts the SMSC sent between submits."""
+        while not stopping.is_set():
+            await asyncio.sleep(RECEIPT_POLL_S)
+            runtime = self.runtime
+            if runtime is None or runtime.producer is None:
+                continue
+            records = self.receipt_records(await self.sender.poll())
+            producer = runtime.producer
+            sent = [await producer.send(topics.SMS_OUTCOMES.name, r.to_json(),
+                                        key=r.event_id.encode()) for r in records]  # fmt: skip
+            await asyncio.gather(*sent)
 
-    @app.timer(RECEIPT_POLL_S)  # type: ignore[untyped-decorator]
-    async def receipts() -> None:
-        await asyncio.gather(*await record_receipts(await sender.poll()))
 
-    export_readiness(app)
-    return app
+def create(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> tuple[Runtime, Job]:
+    job = Job(load_context(settings), Sender(settings))
+    runtime = Runtime(job=app_id, member_id=MEMBER_ID, bootstrap=bootstrap,
+                      topic=topics.EVENTS.name, handler=job.handle,
+                      data_dir=settings.state_dir.resolve() / "data" / MEMBER_ID, tables=[TABLE],
+                      batch_max=BATCH_MAX,
+                      backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
+    job.runtime = runtime
+    return runtime, job
 
 
 def outcome_of(submission: Submission, uncertain: bool) -> OutcomeRecord:
@@ -278,12 +255,12 @@ def run(settings: Settings, bootstrap: str) -> None:
         metrics.READY.set(1)
         threading.Event().wait()
         return
-    # its own thread: asyncio.run would leave this thread without the loop faust expects
-    wanted = {topics.SMS_OUTCOMES.name: settings.event_partitions}
-    creator = threading.Thread(target=asyncio.run, args=(topics.ensure_topics(bootstrap, wanted),))
-    creator.start()
-    creator.join()
-    app = create_app(settings, bootstrap)
+    asyncio.run(topics.ensure_topics(bootstrap, {topics.SMS_OUTCOMES.name:
+                                                 settings.event_partitions}))  # fmt: skip
+    runtime, job = create(settings, bootstrap)
     log.info("sms job starting", smsc=f"{settings.smsc_host}:{settings.smsc_port}",
              in_flight_max=SMS_IN_FLIGHT_MAX)  # fmt: skip
-    run_worker(app)
+    try:
+        run_in_foreground([runtime], [job.poll_receipts])
+    finally:
+        job.sender.close()

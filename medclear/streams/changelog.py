@@ -45,8 +45,21 @@ async def restore(
     on_chunk: Callable[[int], None] = lambda _n: None,
 ) -> int:
     """Apply changelog partition `tp` from the store's next offset to the end; returns the
-    records applied. `consumer` belongs to no group and is assigned `tp` alone here."""
+    records applied. `consumer` belongs to no group and is assigned `tp` alone while this
+    runs (and nothing after it: an assigned partition would be fetched for ever)."""
     consumer.assign([tp])
+    try:
+        return await _restore(consumer, tp, store, on_chunk)
+    finally:
+        consumer.unsubscribe()
+
+
+async def _restore(
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    store: PartitionStore,
+    on_chunk: Callable[[int], None],
+) -> int:
     first = await consumer.beginning_offsets([tp])
     end = (await consumer.end_offsets([tp]))[tp]
     start = max(store.next_offset, first[tp])

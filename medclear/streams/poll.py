@@ -31,11 +31,21 @@ BACKOFF_DOUBLINGS_MAX = 16
 
 @dataclass
 class IdleBackoff:
-    """How long to sleep after the n-th empty poll in a row: first_s · 2^(n-1), capped."""
+    """How long to sleep after the n-th empty poll in a row: first_s · 2^(n-1), capped.
+
+    For `spin_s` after the last records there is no sleep and no pause at all: the fetcher
+    keeps asking, so records that follow quickly (the next swipe of a counter) are taken
+    within a fetch round trip (~0.8 ms on noida-db) instead of after a resume (~2 ms).
+    Traffic pays that CPU; an idle process does not."""
 
     first_s: float
     cap_s: float
+    spin_s: float = 0.0
     empties: int = 0
+    last_records_at: float = 0.0  # time.monotonic() of the last poll that brought records
+
+    def spinning(self) -> bool:
+        return time.monotonic() - self.last_records_at < self.spin_s
 
     def next_wait_s(self) -> float:
         wait: float = self.first_s * 2 ** min(self.empties, BACKOFF_DOUBLINGS_MAX)
@@ -44,6 +54,7 @@ class IdleBackoff:
 
     def reset(self) -> None:
         self.empties = 0
+        self.last_records_at = time.monotonic()
 
 
 class Poller:
@@ -77,6 +88,8 @@ class Poller:
         if not ready:
             await asyncio.sleep(self.backoff.first_s or 0.001)
             return
+        if self.backoff.spinning():
+            return  # records came moments ago: more are likely, keep fetching
         wait_s = self.backoff.next_wait_s()
         if wait_s <= 0:
             return

@@ -9,24 +9,28 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from medclear.settings import Settings
+from medclear.streams.poll import IdleBackoff
 from medclear.streams.runtime import Runtime
 
-DECISION_PATH_BACKOFF_MAX_MS = 20.0  # the worker, gateway and registry: latency is the product
-DOWNSTREAM_BACKOFF_MAX_MS = 100.0  # the stream jobs after the decision only need to keep up
+DECISION_PATH_BACKOFF_MAX_MS = 100.0  # the worker when idle: ~3 % of a core (PERFORMANCE.md)
+DECISION_PATH_SPIN_MS = 25.0  # … but no back-off this soon after the last command
+DOWNSTREAM_BACKOFF_MAX_MS = 200.0  # the stream jobs after the decision only need to keep up
 
 Periodic = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
-def idle_backoff_s(settings: Settings, decision_path: bool) -> tuple[float, float]:
-    """The first and the longest sleep after an empty poll (medclear/streams/poll.py):
-    MEDCLEAR_KAFKA_IDLE_FETCH_BACKOFF_MS, doubling while idle up to
-    MEDCLEAR_KAFKA_IDLE_FETCH_BACKOFF_MAX_MS (unset: short on the decision path, longer
-    for the jobs after it). 0 for a broker that holds empty fetches (Apache Kafka)."""
+def idle_backoff(settings: Settings, decision_path: bool) -> IdleBackoff:
+    """A runtime's idle back-off (medclear/streams/poll.py): no sleep for a
+    moment after the last records on the decision path, then
+    MEDCLEAR_KAFKA_IDLE_FETCH_BACKOFF_MS doubling up to
+    MEDCLEAR_KAFKA_IDLE_FETCH_BACKOFF_MAX_MS (unset: DECISION_PATH_BACKOFF_MAX_MS or
+    DOWNSTREAM_BACKOFF_MAX_MS). 0 for a broker that holds empty fetches (Apache Kafka)."""
     first_ms = settings.kafka_idle_fetch_backoff_ms
     cap_ms = settings.kafka_idle_fetch_backoff_max_ms
     if cap_ms is None:
         cap_ms = DECISION_PATH_BACKOFF_MAX_MS if decision_path else DOWNSTREAM_BACKOFF_MAX_MS
-    return first_ms / 1000, max(first_ms, cap_ms) / 1000
+    spin_ms = DECISION_PATH_SPIN_MS if decision_path and first_ms > 0 else 0.0
+    return IdleBackoff(first_ms / 1000, max(first_ms, cap_ms) / 1000, spin_ms / 1000)
 
 
 def run_in_foreground(runtimes: Sequence[Runtime], tasks: Sequence[Periodic] = ()) -> None:

@@ -55,6 +55,8 @@ log = structlog.get_logger()
 EXIT_STREAM_FAILED = 75  # EX_TEMPFAIL: restart me (a batch could not be completed)
 BATCH_RECORDS_MAX = 256  # input records decided together at most
 LAG_INTERVAL_S = 2.0
+DEFAULT_BACKOFF_S = 0.002  # after an empty poll, doubling …
+DEFAULT_BACKOFF_MAX_S = 0.05  # … up to this
 Headers = Sequence[tuple[str, bytes]]
 Handler = Callable[["Batch"], Awaitable[None]]
 StepObserver = Callable[[str, float], None]
@@ -129,6 +131,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.runtime.assigned(list(assigned))
 
 
+_READINESS: dict[int, bool] = {}  # id(runtime) → ready; a process may run several
+
+
+def _set_ready(runtime: Runtime, ready: bool) -> None:
+    """`medclear_ready` 1 only while every runtime of this process is ready."""
+    _READINESS[id(runtime)] = ready
+    metrics.READY.set(1 if all(_READINESS.values()) else 0)
+
+
 class Runtime:
     def __init__(
         self,
@@ -142,8 +153,7 @@ class Runtime:
         tables: Sequence[str] = (),
         batch_max: int = BATCH_RECORDS_MAX,
         in_flight_max: int = 1,
-        idle_backoff_s: float = 0.002,
-        idle_backoff_max_s: float = 0.05,
+        backoff: IdleBackoff | None = None,
         observe_step: StepObserver | None = None,
         on_ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -154,7 +164,7 @@ class Runtime:
         self.data_dir = data_dir
         self.tables = tuple(tables)
         self.batch_max, self.in_flight_max = batch_max, in_flight_max
-        self.backoff = IdleBackoff(idle_backoff_s, max(idle_backoff_s, idle_backoff_max_s))
+        self.backoff = backoff or IdleBackoff(DEFAULT_BACKOFF_S, DEFAULT_BACKOFF_MAX_S)
         self.observe_step = observe_step
         self.on_ready = on_ready
         self.stores: dict[tuple[str, int], PartitionStore] = {}
@@ -166,6 +176,8 @@ class Runtime:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._restorer: AIOKafkaConsumer | None = None
+        self.stopping = asyncio.Event()  # set when the process is asked to stop
+        _set_ready(self, False)
 
     # ------------------------------------------------------------------ state
 
@@ -232,10 +244,11 @@ class Runtime:
         for store in self.stores.values():
             store.close()
         self.stores.clear()
-        metrics.READY.set(0)
+        _set_ready(self, False)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Poll, decide, hand over, until `stopping` is set; then stop cleanly."""
+        self.stopping = stopping  # a handler that waits on the outside world watches it
         await self.start()
         assert self.consumer is not None
         poller = Poller(self.consumer, self.batch_max, self.backoff)
@@ -380,7 +393,7 @@ class Runtime:
         metrics.STREAM_REBALANCES.labels(self.job, "revoked").inc(len(revoked))
         async with self._lock:
             self._ready = False
-            metrics.READY.set(0)
+            _set_ready(self, False)
             await self._drain()  # every batch in flight finished and committed
             for tp in revoked:
                 for table in self.tables:
@@ -400,7 +413,7 @@ class Runtime:
                      partitions=sorted(tp.partition for tp in assigned))  # fmt: skip
         if self._ready and self.on_ready is not None:
             await self.on_ready()
-        metrics.READY.set(1 if self._ready else 0)
+        _set_ready(self, self._ready)
 
     async def _open_and_restore(self, table: str, partition: int) -> None:
         if (table, partition) in self.stores:

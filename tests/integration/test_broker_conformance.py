@@ -22,6 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from medclear.settings import BrokerKind
 from medclear.stack import StackError, create_topics
+from medclear.streams.poll import IdleBackoff, Poller
 
 if TYPE_CHECKING:
     from conftest import BrokerFactory
@@ -461,8 +462,11 @@ def test_h_crashed_dynamic_member_is_evicted_after_its_session_timeout(
     assert took is not None, "the dead member was not evicted after its session timeout (6 s)"
 
 
-async def idle_fetch_requests_per_s(bootstrap: str, seconds: float = 1.0) -> float:
-    """Fetch requests an idle consumer (nothing to read) sends per second."""
+async def idle_fetch_requests_per_s(
+    bootstrap: str, seconds: float = 1.0, backoff: IdleBackoff | None = None
+) -> float:
+    """Fetch requests an idle consumer (nothing to read) sends per second: polling with
+    getmany, or with medclear's poller and this back-off."""
     topic = unique("idle")
     create_topics(bootstrap, {topic: 1})
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=500)
@@ -481,9 +485,13 @@ async def idle_fetch_requests_per_s(bootstrap: str, seconds: float = 1.0) -> flo
             return await original(*args, **kwargs)
 
         consumer._client.send = counting  # type: ignore[method-assign]
+        poller = Poller(consumer, 100, backoff) if backoff is not None else None
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            await consumer.getmany(timeout_ms=100)
+            if poller is None:
+                await consumer.getmany(timeout_ms=100)
+            elif not await poller.fetch():
+                await poller.idle()
         return sent / seconds
     finally:
         await stop(consumer)
@@ -496,8 +504,8 @@ def test_i_an_idle_fetch_is_held_for_fetch_max_wait(
         request.applymarker(
             pytest.mark.xfail(
                 reason="noida-db 0.2.3 answers an empty fetch at once (fetch.max.wait.ms and "
-                "fetch.min.bytes ignored): idle consumers busy-poll; medclear installs a "
-                "client-side back-off (medclear/kafka_compat.py)",
+                "fetch.min.bytes ignored): idle consumers busy-poll; medclear's poller pauses "
+                "and backs off (medclear/streams/poll.py, test j)",
                 strict=True,
             )
         )
@@ -507,13 +515,9 @@ def test_i_an_idle_fetch_is_held_for_fetch_max_wait(
 
 
 def test_j_the_idle_fetch_backoff_bounds_busy_polling(kafka_bootstrap: str) -> None:
-    from medclear import kafka_compat
-
-    before = kafka_compat.installed_backoff_ms()
-    try:
-        kafka_compat.install_idle_fetch_backoff(10.0)
-        rate = run(idle_fetch_requests_per_s(kafka_bootstrap))
-    finally:
-        kafka_compat.install_idle_fetch_backoff(before)
+    """medclear's answer to test i, on aiokafka's public API (medclear/streams/poll.py):
+    after an empty poll the partitions are paused (the fetcher sends nothing) and the
+    poller sleeps the back-off, so an idle consumer asks about once per back-off."""
+    rate = run(idle_fetch_requests_per_s(kafka_bootstrap, backoff=IdleBackoff(0.01, 0.01)))
     # at most one fetch per 10 ms back-off, plus the odd metadata request
     assert rate <= 110, f"with a 10 ms back-off an idle consumer still sent {rate:.0f}/s"

@@ -155,6 +155,3 @@ def test_job_killed_and_restarted_loses_nothing_and_doubles_at_most_the_window(
     flagged = {r["event_id"] for r in rig.outcomes() if r["resent_uncertain"]}
     doubled_ids = {f"bench-T1:{int(d[-8:]):08d}#0" for d in doubled}
     assert doubled_ids <= flagged
-    # faust itself handed over every record: the job's own read-back never had to act
-    # (it did in ~1 restart of 3 before medclear.faust_app kept faust's queues at resume)
-    assert "stream skipped records" not in (rig.base / "sms.log").read_text(errors="replace")
