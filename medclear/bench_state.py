@@ -1,6 +1,7 @@
 """`medclear bench state`: a city of N cardholders in one clearing worker — how big its
-changelog is, how long the worker takes to recover it after a restart, and how much
-memory it holds — for each faust table store (memory, rocksdb).
+changelog is, how long the worker takes to rebuild its stores from it with no local
+files (a cold rebuild: a new machine, a lost disk), how long a restart that keeps them
+takes (warm), and how much memory it holds meanwhile.
 
 Seeding through the card registry (one EnrolPerson command a person) runs at ~96
 persons/s here, so 2.9 M persons would take over eight hours. The bench instead writes
@@ -21,8 +22,9 @@ Each record goes to the partition the producers of the real path pick (aiokafka'
 default partitioner over the key), which is the partition the worker's commands for that
 person arrive on. No events are written (nothing downstream is measured here).
 
-Then: restart the worker (recovery from the changelog, timed to its READY gauge), for
-RocksDB once more (the local files are kept: only the tail is read), restart the gateway
+Then: delete the worker's stores and restart it (a cold rebuild from the changelog, timed
+to its READY gauge), restart it once more (the local files are kept: only the changelog's
+tail is read), restart the gateway
 (it reads the whole card index at start), read RSS and peak RSS from /proc, and decide a
 few swipes of loaded cardholders through the gateway to show the state is live.
 """
@@ -36,6 +38,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -68,7 +71,7 @@ console = Console()
 DOC = PERFORMANCE_DOC
 BEGIN, END = "<!-- bench:state:begin -->", "<!-- bench:state:end -->"
 SEED = 2026
-CHANGELOG_TOPIC = "medclear-clearing-persons-changelog"  # faust: <app id>-<table>-changelog
+CHANGELOG_TOPIC = "medclear-clearing-persons-changelog"  # streams.changelog.changelog_topic
 VERIFY_EVERY = 1000  # every n-th person is also built through the core in full
 BIRTH_FIRST = dt.date(1940, 1, 1).toordinal()
 BIRTH_DAYS = dt.date(2005, 12, 31).toordinal() - BIRTH_FIRST + 1
@@ -534,11 +537,7 @@ class Run:
         k = TARGET_PERSONS / self.persons
         start = self.empty_start_s or WORKER_START_S
         recovery = start + max(0.0, self.recovery_s - start) * k
-        if self.store == "rocksdb":  # memtables and block cache are bounded, not per person
-            return f"RSS not linear; cold recovery ~{recovery:,.0f} s"
-        idle = self.empty_rss or IDLE_WORKER_RSS
-        rss = idle + max(0, self.worker_peak - idle) * k
-        return f"~{human(rss)}, ~{recovery:,.0f} s"
+        return f"RSS not linear; cold rebuild ~{recovery:,.0f} s"  # RocksDB memory is bounded
 
 
 COLUMNS = (
@@ -566,6 +565,7 @@ COLUMNS = (
     "date",
 )
 TARGET_PERSONS = 2_900_000
+STORE = "rocksdb"  # the stream runtime keeps every table in RocksDB (medclear/streams)
 DIRECT_LABEL = "(seeded into the store)"
 IDLE_WORKER_RSS = 150 * 1024**2  # a worker with an empty table (measured: 130–160 MiB)
 WORKER_START_S = 3.0  # process start to READY with an empty table (docs/PERFORMANCE.md)
@@ -647,12 +647,12 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
 def run_store(
     base: Settings, store: str, persons: int, swipes: int, compression: str | None, state_root: Path
 ) -> Run:
-    from medclear import stack, topics
+    from medclear import stack, topics, worker
     from medclear.policy import load_policy
     from medclear.tokens import load_redaction
 
     state_dir = state_root / f"{store}-{persons}"
-    settings = base.model_copy(update={"table_store": store, "state_dir": state_dir})
+    settings = base.model_copy(update={"state_dir": state_dir})
     run = Run(store, persons)
     console.rule(f"{store} store, {persons:,} persons ({state_dir})")
     endpoints = stack.up(settings, console)
@@ -691,15 +691,17 @@ def run_store(
         _, run.index_records = asyncio.run(topic_records(bootstrap, topics.CARD_INDEX.name))
 
         t0 = time.monotonic()
-        status = stack.restart_component(settings, "worker-0", console)
+        status = stack.restart_component(  # a cold rebuild: no local files
+            settings, "worker-0", console,
+            while_stopped=lambda: shutil.rmtree(worker.data_dir(settings, 0), ignore_errors=True),
+        )  # fmt: skip
         run.recovery_s = status.ready_s if status.ready_s is not None else time.monotonic() - t0
         run.worker_rss, run.worker_peak = proc_memory(status.pid)
         run.recovery_cpu_s = proc_cpu_s(status.pid)
-        if store == "rocksdb":
-            status = stack.restart_component(settings, "worker-0", console)
-            run.warm_recovery_s = status.ready_s
-            run.warm_worker_rss, peak = proc_memory(status.pid)
-            run.worker_peak = max(run.worker_peak, peak)
+        status = stack.restart_component(settings, "worker-0", console)
+        run.warm_recovery_s = status.ready_s
+        run.warm_worker_rss, peak = proc_memory(status.pid)
+        run.worker_peak = max(run.worker_peak, peak)
         run.store_disk = tree_bytes(state_dir / "data" / "worker-0")
 
         gateway = stack.restart_component(settings, "gateway", console)
@@ -732,7 +734,7 @@ def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> R
     from medclear.tokens import load_redaction
 
     state_dir = state_root / f"rocksdb-direct-{persons}"
-    settings = base.model_copy(update={"table_store": "rocksdb", "state_dir": state_dir})
+    settings = base.model_copy(update={"state_dir": state_dir})
     run = Run("rocksdb", persons, direct=True)
     console.rule(f"rocksdb store, {persons:,} persons seeded into the store ({state_dir})")
     city = City(load_policy(settings), int(time.time() * 1000))
@@ -851,15 +853,10 @@ def write_doc(section: str, doc: Path = DOC) -> None:
     replace_section(doc, BEGIN, END, section, "Scale of state: persons in one worker (generated)")
 
 
-def _stores(store: str) -> Iterator[str]:
-    yield from (("memory", "rocksdb") if store == "both" else (store,))
-
-
 def command(
     persons: Annotated[int, typer.Option(min=1, max=10_000_000, help="cardholders to load")] = (
         2_900_000
     ),
-    store: Annotated[str, typer.Option(help="memory | rocksdb | both")] = "both",
     swipes: Annotated[int, typer.Option(min=1, max=10_000, help="swipes after recovery")] = 50,
     compression: Annotated[str, typer.Option(help="producer compression: none|gzip|lz4|zstd")] = (
         "lz4"
@@ -887,8 +884,6 @@ def command(
     stopped and wiped at the end."""
     from medclear.bench_pipeline import _machine
 
-    if store not in ("memory", "rocksdb", "both"):
-        raise typer.BadParameter("memory, rocksdb or both", param_hint="--store")
     base = get_settings().model_copy(
         update={
             "terminal_security": False,
@@ -902,13 +897,8 @@ def command(
     if direct:
         runs = [run_direct(base, persons, swipes, state_root)]
     else:
-        runs = [
-            run_store(
-                base, s, persons, swipes, None if compression == "none" else compression,
-                state_root,
-            )
-            for s in _stores(store)
-        ]  # fmt: skip
+        runs = [run_store(base, STORE, persons, swipes,
+                          None if compression == "none" else compression, state_root)]  # fmt: skip
     table = Table(title="medclear bench state")  # one column a run: the rows fit a terminal
     table.add_column("")
     for r in runs:
@@ -920,7 +910,7 @@ def command(
         console.print(f"{r.store} at {r.persons:,}: {r.verdict()}; at 2.9 M: {r.at_target()}")
     if write_doc_:
         argv = f"medclear bench state --persons {persons} " + (
-            "--direct" if direct else f"--store {store}"
+            "--direct" if direct else ""
         )
         write_doc(_markdown(runs, earlier_rows(), argv, machine))
         console.print(f"wrote the results into {DOC}")

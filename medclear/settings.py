@@ -35,9 +35,6 @@ class Settings(BaseSettings):
     command_partitions: int = Field(6, ge=1, le=1024)
     event_partitions: int = Field(6, ge=1, le=1024)
     workers: int = Field(1, ge=1, le=64)
-    table_store: Literal["memory", "rocksdb"] = Field(
-        "memory", description="the clearing worker's table store: memory, or rocksdict files"
-    )
     worker_mode: Literal["clear", "echo"] = Field(
         "clear", description="echo: the null pipeline for benchmarks (answers OK, decides nothing)"
     )

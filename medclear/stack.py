@@ -1498,9 +1498,11 @@ def restart_component(
     name: str,
     console: Console | None = None,
     env_overrides: Mapping[str, str] | None = None,
+    while_stopped: Callable[[], None] | None = None,
 ) -> ComponentStatus:
     """Stop one recorded component (if it still runs) and start it again with the same
-    argv, ports, log and data; waits until it is ready and updates ``stack.json``."""
+    argv, ports, log and data (`while_stopped` runs in between: the benchmarks delete a
+    worker's stores there); waits until it is ready and updates ``stack.json``."""
     state_dir = _state_dir(settings)
     with _locked(state_dir, timeout_s=settings.startup_timeout_s):
         state = _State.load(state_dir / STATE_FILE)
@@ -1514,6 +1516,8 @@ def restart_component(
         if old is None:
             raise StackError(f"{name} is an external server; medclear does not run it", name)
         old.stop(STOP_TIMEOUT_S)
+        if while_stopped is not None:
+            while_stopped()
         if comp.kind in MEDCLEAR_ROLES:
             child_env = _child_env(
                 settings,

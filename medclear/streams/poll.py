@@ -5,8 +5,11 @@ fetcher sends the next fetch as soon as one comes back, so an idle consumer asks
 broker ~1,500 times a second (tests/integration/test_broker_conformance.py, test i).
 After a poll that brought nothing, the assigned partitions are *paused* (the fetcher
 sends nothing for a paused partition) and the poller sleeps; the sleep doubles with each
-further empty poll up to a cap and is back to the first as soon as records come. With a
-broker that holds empty fetches (Apache Kafka) set the first wait to 0: no pause at all.
+further empty poll up to a cap and is back to the first as soon as records come. While
+paused, a poll asks the broker only for the partitions' end offsets (one request) and
+resumes them when one has records past the consumer's position: an idle consumer sends
+one small request per back-off, not a burst of fetches. With a broker that holds empty
+fetches (Apache Kafka) set the first wait to 0: no pause at all.
 
 Records fetched for a partition that is paused are dropped by aiokafka without moving its
 position, so the next fetch after the resume reads them again: nothing is skipped. So a
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 FETCH_WAIT_MS = 1  # one getmany's wait for records
 ANSWER_WAIT_MS_MAX = 200  # a poll waits this long at most for the broker's first answer
@@ -65,10 +69,16 @@ class Poller:
         self.consumer = consumer
         self.batch_max = batch_max
         self.backoff = backoff
+        self._paused: set[TopicPartition] = set()
 
     async def fetch(self) -> dict[TopicPartition, list[Any]]:
         """Records if the broker had some, else {} once it answered a fetch of every
-        assigned partition (or ANSWER_WAIT_MS_MAX passed)."""
+        assigned partition (or ANSWER_WAIT_MS_MAX passed). While paused, {} at once unless
+        the broker's end offsets show records to read."""
+        if self._paused:
+            if not await self._anything_new():
+                return {}
+            self._resume()
         asked_ms = int(time.time() * 1000)
         while True:
             fetched: dict[TopicPartition, list[Any]] = await self.consumer.getmany(
@@ -93,13 +103,33 @@ class Poller:
         wait_s = self.backoff.next_wait_s()
         if wait_s <= 0:
             return
-        paused = self.consumer.assignment()
-        self.consumer.pause(*paused)
+        if not self._paused:
+            self._paused = set(self.consumer.assignment())
+            self.consumer.pause(*self._paused)
+        await asyncio.sleep(wait_s)
+
+    def _resume(self) -> None:
+        assigned = self.consumer.assignment()
+        self.consumer.resume(*[tp for tp in self._paused if tp in assigned])
+        self._paused.clear()
+
+    async def _anything_new(self) -> bool:
+        """Records past the position of a paused partition, or a partition assigned since
+        the pause (one ListOffsets request for them all)."""
+        assigned = self.consumer.assignment()
+        paused = [tp for tp in self._paused if tp in assigned]
+        if len(paused) < len(assigned):
+            return True
+        if not paused:
+            return False
         try:
-            await asyncio.sleep(wait_s)
-        finally:
-            still = self.consumer.assignment()
-            self.consumer.resume(*[tp for tp in paused if tp in still])
+            ends = await self.consumer.end_offsets(paused)
+            for tp in paused:
+                if ends[tp] > await self.consumer.position(tp):
+                    return True
+        except (KafkaError, AssertionError):  # a rebalance meanwhile: fetch and see
+            return True
+        return False
 
     def _answered_since(self, since_ms: int) -> bool:
         """The broker answered a fetch of every assigned partition after `since_ms`."""
