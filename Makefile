@@ -67,3 +67,4 @@ bench: setup  ## benchmarks (minutes): HSM added latency; full vs null pipeline,
 	$(BIN)/medclear bench run --persons 1000 --swipes 1000 --concurrency 1,8
 	$(BIN)/medclear bench pipeline
 	$(BIN)/medclear bench fuzz --fresh --requests 100000
+	$(BIN)/medclear drill kill-loop --fresh --times 20

@@ -909,8 +909,6 @@ def command(
     for r in runs:
         console.print(f"{r.store} at {r.persons:,}: {r.verdict()}; at 2.9 M: {r.at_target()}")
     if write_doc_:
-        argv = f"medclear bench state --persons {persons} " + (
-            "--direct" if direct else ""
-        )
+        argv = f"medclear bench state --persons {persons} " + ("--direct" if direct else "")
         write_doc(_markdown(runs, earlier_rows(), argv, machine))
         console.print(f"wrote the results into {DOC}")

@@ -39,7 +39,8 @@ PENDING_MAX = 10_000  # requests in flight per process; beyond it requests are r
 REPLIES_PER_POLL_MAX = 1_000
 INDEX_RECORDS_PER_POLL_MAX = 5_000
 IDLE_REPLY_WAKE_S = 1.0  # with no request in flight, the reply loop looks anyway this often
-REPLY_BACKOFF_S = (0.0, 0.0)  # in flight: no back-off at all, replies are due within ms
+REPLY_SPIN_BACKOFF_S = (0.0, 0.0)  # in flight: no back-off at all, replies are due within ms
+REPLY_BACKOFF_S = (0.0005, 0.002)  # … or, not spinning (MEDCLEAR_KAFKA_IDLE_SPIN_MS=0), short
 INDEX_BACKOFF_S = (0.002, 0.5)  # new cards are rare; a miss polls at once (sync_index)
 
 
@@ -49,14 +50,19 @@ class BusUnavailable(RuntimeError):
 
 class CommandBus:
     def __init__(
-        self, bootstrap: str, instance_id: str, tokens: CardTokens, person: Sealer
+        self,
+        bootstrap: str,
+        instance_id: str,
+        tokens: CardTokens,
+        person: Sealer,
+        spin_replies: bool = True,
     ) -> None:
         self.bootstrap = bootstrap
         self.tokens = tokens
         self.person = person  # opens the card index's sealed ssn and the sealed replies
         self._asked = asyncio.Event()  # a request was sent: replies are due
         self._index_poller: Poller | None = None
-        self._reply_backoff_s = REPLY_BACKOFF_S
+        self._reply_backoff_s = REPLY_SPIN_BACKOFF_S if spin_replies else REPLY_BACKOFF_S
         self._index_backoff_s = INDEX_BACKOFF_S
         self.reply_topic = topics.reply_topic(instance_id)
         self._pending: dict[bytes, asyncio.Future[Reply]] = {}
@@ -157,7 +163,7 @@ class CommandBus:
 
     async def _sleep_until_asked(self) -> None:
         assert self._replies is not None
-        paused = self._replies.assignment()
+        paused = [tp for tp in self._replies.assignment() if tp not in self._replies.paused()]
         self._replies.pause(*paused)
         self._asked.clear()
         try:

@@ -2,6 +2,7 @@
 and prove afterwards that nothing was lost or doubled.
 
     medclear drill worker-kill --times 3     kill -9 a clearing worker, restart it, repeat
+    medclear drill kill-loop --times 20      kill -9 worker, sms and settlement in turn
     medclear drill broker-restart            SIGTERM the broker, start it again
     medclear drill clickhouse-outage         stop ClickHouse for --seconds, start it again
     medclear drill smsc-outage               stop the SMSC for --seconds, start it again
@@ -623,17 +624,31 @@ def wait_recovered(traffic: SteadyTraffic, since: float) -> float:
 
 
 def worker_kill(times: int) -> Fault:
+    return kill_loop(times, ())
+
+
+KILL_LOOP_COMPONENTS = ("worker-0", "sms", "settlement")  # the jobs whose loss costs money
+
+
+def kill_loop(times: int, names: Sequence[str] = KILL_LOOP_COMPONENTS) -> Fault:
+    """kill -9 each of `names` in turn (no names: the clearing workers), restart it, wait
+    for an approval after it; `times` rounds."""
+
     def fault(a: StackAccess, traffic: SteadyTraffic, marks: Marks, log: Log) -> None:
-        workers = sorted(r.name for r in stack.status(a.settings) if r.name.startswith("worker-"))
-        if not workers:
-            raise DrillError("the stack has no clearing worker")
-        for n in range(times):
-            name = workers[n % len(workers)]
+        running = sorted(r.name for r in stack.status(a.settings))
+        targets = list(names) or [n for n in running if n.startswith("worker-")]
+        missing = [n for n in targets if n not in running]
+        if not targets or missing:
+            raise DrillError(f"the stack has no {', '.join(missing) or 'clearing worker'}")
+        rounds = times if names else 1
+        kills = [t for _ in range(rounds) for t in targets] if names else [
+            targets[n % len(targets)] for n in range(times)]  # fmt: skip
+        for n, name in enumerate(kills):
             pid = signal_component(a, name, signal.SIGKILL)
             while not _pid_gone(pid):
                 time.sleep(0.01)
             marks.injected.append(time.monotonic())  # from here no reply can come from it
-            log(f"kill -9 {name} (pid {pid}) [{n + 1}/{times}]")
+            log(f"kill -9 {name} (pid {pid}) [{n + 1}/{len(kills)}]")
             restart(a, name)
             marks.repaired.append(time.monotonic())
             log(f"{name} restarted and ready")
@@ -940,6 +955,11 @@ def spec(name: str, times: int = 2, seconds: float = 10.0, freeze: bool = False)
     if name == "worker-kill":
         return DrillSpec(name, f"kill -9 a clearing worker, restart it ({times}×)",
                          worker_kill(times), times * 15.0, "worker-0")  # fmt: skip
+    if name == "kill-loop":
+        components = ", ".join(KILL_LOOP_COMPONENTS)
+        return DrillSpec(name, f"kill -9 {components} in turn, {times}× each",
+                         kill_loop(times), times * len(KILL_LOOP_COMPONENTS) * 6.0,
+                         "sms")  # fmt: skip
     if name == "broker-restart":
         return DrillSpec(name, "broker stop + start (noida-db: not kill -9)",
                          broker_restart(), 15.0, "broker")  # fmt: skip
@@ -1320,6 +1340,18 @@ def worker_kill_cmd(
 ) -> None:  # fmt: skip
     """kill -9 a clearing worker (PID from stack.json) and restart it, --times over."""
     _drills(["worker-kill"], fresh, security, rate, persons, times=times)
+
+
+@drill_app.command("kill-loop")
+def kill_loop_cmd(
+    times: Annotated[int, typer.Option(min=1, max=100, help="rounds: each component once")] = 20,
+    fresh: FreshOpt = False, security: SecurityOpt = True,
+    rate: RateOpt = 20.0, persons: PersonsOpt = PERSONS_MIN,
+) -> None:  # fmt: skip
+    """The loop benchmark (make bench): kill -9 the clearing worker, the sms job and the
+    settlement job in turn under traffic, --times rounds, restarting each; then the drill's
+    checks: no approval lost, no debit doubled, no SMS doubled, conservation."""
+    _drills(["kill-loop"], fresh, security, rate, persons, times=times)
 
 
 @drill_app.command("broker-restart")

@@ -69,7 +69,8 @@ async def serve_commands(
 
     settings = get_settings()
     bus = CommandBus(bootstrap, instance_id, load_card_tokens(settings),
-                     load_sealer(settings, PERSON))  # fmt: skip
+                     load_sealer(settings, PERSON),
+                     spin_replies=settings.kafka_idle_spin_ms != 0)  # fmt: skip
     await bus.start()
     server, bound, _health = await create_server(
         address, lambda s: register(bus, s), [service_name], pki_dir

@@ -54,6 +54,14 @@ class Settings(BaseSettings):
         "the decision path, 50 ms for the stream jobs after it",
     )
 
+    kafka_idle_spin_ms: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="on the decision path, keep fetching this long after the last records "
+        "before backing off; unset: the default of medclear/streams/process.py",
+    )
+
     hsm_port: int = Field(0, ge=0, le=65535)
     hsm_address: str = Field("", description="host:port of the HSM (set by `up`)")
     tls: bool = Field(True, description="mutual TLS with role certificates on every gRPC server")

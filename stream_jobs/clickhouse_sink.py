@@ -55,8 +55,8 @@ RETRY_BACKOFF_S_MIN = 0.1
 RETRY_BACKOFF_S_MAX = 2.0  # a returning ClickHouse is noticed within 2 s
 LAG_REFRESH_S = 1.0
 STOP_FLUSH_ATTEMPTS_MAX = 3  # on SIGTERM: try the pending batch this often, then leave it
-IDLE_BACKOFF_S = 0.002  # after an empty poll, doubling while idle …
-IDLE_BACKOFF_MAX_S = 0.2  # … up to this (medclear/streams/poll.py)
+IDLE_BACKOFF_S = 0.05  # after an empty poll, doubling while idle …
+IDLE_BACKOFF_MAX_S = 0.2  # … up to this, and never past a batch's wait (streams/poll.py)
 
 
 def clickhouse_url(settings: Settings) -> str:
@@ -304,7 +304,7 @@ class ClickHouseSink:
         """Insert the batch (retrying), then commit its offsets. False if it was dropped."""
         if batch.empty:
             return True
-        paused = list(consumer.assignment())
+        paused = [tp for tp in consumer.assignment() if tp not in consumer.paused()]
         consumer.pause(*paused)  # the broker keeps the backlog while ClickHouse is away
         t0 = time.perf_counter()
         try:

@@ -75,6 +75,7 @@ class Poller:
         """Records if the broker had some, else {} once it answered a fetch of every
         assigned partition (or ANSWER_WAIT_MS_MAX passed). While paused, {} at once unless
         the broker's end offsets show records to read."""
+        self._paused &= self.consumer.paused()  # resumed by someone else: fetching again
         if self._paused:
             if not await self._anything_new():
                 return {}

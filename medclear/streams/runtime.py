@@ -55,6 +55,7 @@ log = structlog.get_logger()
 EXIT_STREAM_FAILED = 75  # EX_TEMPFAIL: restart me (a batch could not be completed)
 BATCH_RECORDS_MAX = 256  # input records decided together at most
 LAG_INTERVAL_S = 2.0
+COMMIT_INTERVAL_S = 0.1  # finished offsets are committed at most this often
 DEFAULT_BACKOFF_S = 0.002  # after an empty poll, doubling …
 DEFAULT_BACKOFF_MAX_S = 0.05  # … up to this
 Headers = Sequence[tuple[str, bytes]]
@@ -171,6 +172,9 @@ class Runtime:
         self._overlay: dict[tuple[str, int], dict[bytes, _Slot]] = {}
         self._lock = asyncio.Lock()
         self._completions: deque[asyncio.Task[None]] = deque()
+        self._to_commit: dict[TopicPartition, int] = {}  # finished, not yet committed
+        self._unacked: list[asyncio.Future[Any]] = []  # replies handed over, not acknowledged
+        self._committed_at = 0.0
         self._batches = 0
         self._ready = False
         self.consumer: AIOKafkaConsumer | None = None
@@ -263,6 +267,11 @@ class Runtime:
                             await self._handle(fetched)
                             handled = True
                 if not handled:
+                    if self._to_commit and time.monotonic() - self._committed_at >= (
+                        COMMIT_INTERVAL_S
+                    ):
+                        async with self._lock:
+                            await self._drain()  # idle: what is finished gets committed
                     await poller.idle(ready=self._ready)
         finally:
             lag.cancel()
@@ -307,8 +316,14 @@ class Runtime:
             self._fail(exc)
 
     async def _drain(self) -> None:
+        """Every batch in flight finished, and committed."""
         while self._completions:
             await self._settle_oldest()
+        if self._to_commit or self._unacked:
+            try:
+                await self._commit()
+            except Exception as exc:
+                self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         log.critical("a batch could not be completed; exiting without committing it",
@@ -327,23 +342,45 @@ class Runtime:
         await self.finish(batch, commit=True)
 
     async def finish(self, batch: Batch, commit: bool) -> None:
-        """State (changelog, then store), replies, and the commit of the batch."""
+        """State (changelog, then store), replies, and the commit of the batch. Replies
+        are handed to the producer here; their acknowledgements are awaited before the
+        next commit (at most every COMMIT_INTERVAL_S), not before the next batch's state."""
         await asyncio.gather(*batch.sent)
         batch.sent.clear()
         t0 = time.perf_counter()
         await self._write_state(batch)
         t1 = time.perf_counter()
         assert self.producer is not None
-        pending = [await self.producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
-                   for r in batch.replies]  # fmt: skip
+        for r in batch.replies:
+            self._unacked.append(await self.producer.send(r.topic, r.value, key=r.key,
+                                                          headers=list(r.headers)))  # fmt: skip
         batch.replies.clear()
-        await asyncio.gather(*pending)
-        t2 = time.perf_counter()
         self._observe("state", t1 - t0)
-        self._observe("replies", t2 - t1)
         if commit:
-            await self._commit(batch)
-            self._observe("commit", time.perf_counter() - t2)
+            for tp, offset in batch.offsets.items():
+                self._to_commit[tp] = max(offset, self._to_commit.get(tp, 0))
+            if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
+                await self._commit()
+
+    async def _commit(self) -> None:
+        """Everything finished so far: replies acknowledged, then the offsets committed."""
+        t0 = time.perf_counter()
+        unacked, self._unacked = self._unacked, []
+        await asyncio.gather(*unacked)
+        t1 = time.perf_counter()
+        self._observe("replies", t1 - t0)
+        assert self.consumer is not None
+        mine = self.consumer.assignment()
+        offsets = {tp: o for tp, o in self._to_commit.items() if tp in mine}
+        self._to_commit.clear()
+        self._committed_at = time.monotonic()
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:  # read again and decided again after a restart: harmless
+            log.warning("offset commit failed", job=self.job, error=f"{type(exc).__name__}")
+        self._observe("commit", time.perf_counter() - t1)
 
     async def _write_state(self, batch: Batch) -> None:
         if not batch.changes:
@@ -370,17 +407,6 @@ class Runtime:
                 if slot is not None and slot.batch <= batch.number:
                     del overlay[key]
         batch.changes.clear()
-
-    async def _commit(self, batch: Batch) -> None:
-        assert self.consumer is not None
-        mine = self.consumer.assignment()
-        offsets = {tp: o for tp, o in batch.offsets.items() if tp in mine}
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-        except KafkaError as exc:  # read again and decided again after a restart: harmless
-            log.warning("offset commit failed", job=self.job, error=f"{type(exc).__name__}")
 
     def _observe(self, step: str, seconds: float) -> None:
         metrics.STREAM_STEP_SECONDS.labels(self.job, step).observe(seconds)
