@@ -1,8 +1,8 @@
 """The ClickHouse sink: every record of `medclear.events` becomes one row of `events`.
 
-A plain aiokafka consumer with manual commits, not a faust agent: the offsets to commit
-are exactly those of the rows ClickHouse has acknowledged, and nothing else commits
-behind the job's back (docs/ARCHITECTURE.md, "ClickHouse sink").
+A plain aiokafka consumer with manual commits (polling with the stream runtime's poller):
+the offsets to commit are exactly those of the rows ClickHouse has acknowledged, and
+nothing else commits behind the job's back (docs/ARCHITECTURE.md, "ClickHouse sink").
 
 - Batches are bounded by size (`clickhouse_sink_batch_rows`, 5,000) and time
   (`clickhouse_sink_batch_wait_ms`, 200 ms from the batch's first record); rows go to

@@ -1,8 +1,9 @@
 """The stream jobs `medclear up` starts: name → "module:function".
 
-Each function is `run(settings, bootstrap)` and blocks (a faust worker). For every entry
-`medclear serve <name>` exists and `medclear up` starts it after the gateway and registry,
-then waits for its READY gauge. Adding a job is one line here.
+Each function is `run(settings, bootstrap)` and blocks (its stream runtimes, medclear/streams,
+until SIGTERM). For every entry `medclear serve <name>` exists and `medclear up` starts it
+after the gateway and registry, then waits for its READY gauge. Adding a job is one line
+here.
 """
 
 from __future__ import annotations

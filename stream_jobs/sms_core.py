@@ -227,7 +227,7 @@ def render(event: Event, templates: Templates, institutions: Mapping[str, str]) 
 
 @dataclass(frozen=True, slots=True)
 class PersonSms:
-    """What the SMS job keeps per person (a faust table row, keyed by the person token).
+    """What the SMS job keeps per person (a row of its table, keyed by the person token).
     The phone is kept as the event sealed it (clearing/redact.py): the table's changelog
     holds no phone number in clear; it is opened only to address an SMS."""
 
