@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ HSM_RETRY_BACKOFF_MIN_S = 0.1
 HSM_RETRY_BACKOFF_MAX_S = 5.0
 PIN_OUTCOME_OF = {ResultCode.OK: PinOutcome.CORRECT, ResultCode.PIN_WRONG: PinOutcome.WRONG}
 STEP_NAMES = {"decide": "decide", "outputs": "events", "state": "state", "replies": "reply"}
+PERSONS_DECODED_MAX = 10_000  # decoded persons kept, keyed by their stored bytes
 
 
 def header(headers: Any, name: str) -> bytes | None:
@@ -114,6 +116,26 @@ class Worker:
         self.policy = policy
         self.redaction = redaction
         self.pins = pins
+        # The person decoded from exactly these stored bytes: a person swiping again finds
+        # it here rather than decoding its record once more (bounded, least recent out).
+        self._decoded: OrderedDict[bytes, tuple[bytes, Person]] = OrderedDict()
+
+    def _person(self, key: bytes, raw: bytes | None) -> Person | None:
+        if raw is None:
+            return None
+        known = self._decoded.get(key)
+        if known is not None and known[0] == raw:
+            self._decoded.move_to_end(key)
+            return known[1]
+        person: Person = codec.decode(raw)
+        self._remember(key, raw, person)
+        return person
+
+    def _remember(self, key: bytes, raw: bytes, person: Person) -> None:
+        self._decoded[key] = (raw, person)
+        self._decoded.move_to_end(key)
+        while len(self._decoded) > PERSONS_DECODED_MAX:
+            self._decoded.popitem(last=False)
 
     def _reply(self, batch: Batch, record: Any, reply: Reply) -> None:
         """To the asking gateway's reply topic, sealed under the person key (a reply may
@@ -162,8 +184,7 @@ class Worker:
                 continue
             metrics.INGRESS_LAG_SECONDS.observe(max(0.0, time.time() - command.at_ms / 1000))
             if key not in persons:
-                raw = batch.get(PERSONS_TABLE, record.partition, key)
-                persons[key] = codec.decode(raw) if raw is not None else None
+                persons[key] = self._person(key, batch.get(PERSONS_TABLE, record.partition, key))
                 partition_of[key] = record.partition
             commands.append((key, command))
             origin.append(record)
@@ -176,6 +197,8 @@ class Worker:
             for key, person in result.persons.items():
                 value = codec.encode(person) if person is not None else None
                 batch.put(PERSONS_TABLE, partition_of[key], key, value)
+                if value is not None and person is not None:
+                    self._remember(key, value, person)
             first = result.recheck_from if result.recheck_from is not None else len(commands)
         for d in decided:
             for event in d.events:
