@@ -64,7 +64,7 @@ clean:  ## remove the venv and generated code (keeps .medclear state)
 	rm -rf $(VENV) medclear/v1 .system-packages.stamp
 
 bench: setup  ## benchmarks (minutes): HSM added latency; full vs null pipeline, open loop, scaling; 100,000 hostile requests
-	$(BIN)/medclear bench run --persons 1000 --swipes 1000 --concurrency 1,8
+	$(BIN)/medclear bench run --persons 1000 --swipes 2000 --concurrency 1,64
 	$(BIN)/medclear bench pipeline
 	$(BIN)/medclear bench fuzz --fresh --requests 100000
 	$(BIN)/medclear drill kill-loop --fresh --times 20

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medclear import bench_fuzz, bench_pipeline, bench_state
+from medclear import bench_fuzz, bench_pipeline, bench_state, cpu_use
 from medclear.cli_card import card_app
 from medclear.cli_hsm import hsm_app
 from medclear.cli_pos import endpoint, pos_app
@@ -506,6 +506,58 @@ bench_app.command("state")(bench_state.command)
 bench_app.command("fuzz")(bench_fuzz.command)
 
 
+def _by_process_table(title: str, used: dict[str, dict[str, float]], digits: int) -> Table:
+    """One row per process, one column per measurement, busiest first, then the total."""
+    table = Table(title=title)
+    table.add_column("process")
+    columns = list(used)
+    for column in columns:
+        table.add_column(column, justify="right")
+    busiest = {n: max(f.get(n, 0.0) for f in used.values()) for f in used.values() for n in f}
+    names = sorted(busiest, key=lambda n: -busiest[n])
+    for name in names:
+        table.add_row(name, *(f"{used[c].get(name, 0.0):.{digits}f}" for c in columns))
+    totals = [sum(used[c].values()) for c in columns]
+    table.add_row("[bold]total[/]", *(f"[bold]{t:.{digits}f}[/]" for t in totals))
+    return table
+
+
+def _cpu_table(cpu_ms: dict[str, dict[str, float]]) -> Table:
+    """CPU milliseconds per swipe of each process; the total bounds the rate the
+    machine's cores allow."""
+    table = _by_process_table("CPU ms per swipe, by process (user + system)", cpu_ms, 2)
+    cores = os.cpu_count() or 1
+    totals = [sum(figures.values()) for figures in cpu_ms.values()]
+    table.add_row(f"swipes/s its {cores} cores allow",
+                  *(f"{cores * 1000 / t:,.0f}" if t else "—" for t in totals))  # fmt: skip
+    return table
+
+
+IDLE_SETTLE_S = 2.0  # after READY, before the idle measurement: start-up work ends
+
+
+def _idle_cpu(settings: Settings, seconds: float) -> dict[str, float]:
+    """Each process's CPU over `seconds` of an idle stack, in % of one core."""
+    from medclear import stack
+
+    time.sleep(IDLE_SETTLE_S)
+    processes = [(c.name, c.pid) for c in stack.status(settings)]
+    before = cpu_use.snapshot(processes)
+    with _progress() as progress:
+        task = progress.add_task("idle stack, CPU", total=seconds, info="")
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.5, left))
+            progress.update(task, completed=seconds - max(0.0, deadline - time.monotonic()))
+    used = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes), 1)
+    used.pop(cpu_use.LOAD_GENERATOR, None)
+    return {name: ms / 1000 / seconds * 100 for name, ms in used.items()}
+
+
+def _idle_table(idle: dict[str, dict[str, float]], seconds: float) -> Table:
+    return _by_process_table(f"idle stack: CPU in % of one core, over {seconds:g} s", idle, 1)
+
+
 @bench_app.command("run")
 def bench_run(
     persons: Annotated[int, typer.Option(min=1, help="persons to seed")] = 1000,
@@ -518,11 +570,17 @@ def bench_run(
             "HSM's added latency, measured in one run)"
         ),
     ] = "both",
+    idle_seconds: Annotated[
+        float,
+        typer.Option(min=0, help="seconds of idle-stack CPU measured before seeding (0: skip)"),
+    ] = 10.0,
 ) -> None:
     """The swipe benchmark: for each terminal-security setting, start the stack (timed to
-    ready), seed, swipe at each concurrency level (1 = sequential), then stop the stack and
-    wipe it, so every measurement starts empty (the embedded broker rewrites its whole
-    data file twice a second: old data skews figures). Prints one table; asserts nothing."""
+    ready), measure each process's CPU while the stack is idle, seed, swipe at each
+    concurrency level (1 = sequential), then stop the stack and wipe it, so every
+    measurement starts empty (the embedded broker rewrites its whole data file twice a
+    second: old data skews figures). Prints the latencies, the CPU milliseconds each
+    process spent per swipe, and the idle CPU; asserts nothing."""
     from medclear import stack
 
     modes = {"off": [False], "on": [True], "both": [False, True]}.get(security)
@@ -541,6 +599,8 @@ def bench_run(
         table.add_column(column, justify="right")
     sequential: dict[bool, LatencyStats] = {}
     notes: list[str] = []
+    cpu_ms: dict[str, dict[str, float]] = {}  # column → process → CPU ms per swipe
+    idle: dict[str, dict[str, float]] = {}  # column → process → % of one core, idle stack
     for secure in modes:
         settings = get_settings().model_copy(update={"terminal_security": secure})
         started = time.perf_counter()
@@ -550,9 +610,15 @@ def bench_run(
             raise fail(str(exc)) from exc
         ready_s = time.perf_counter() - started
         try:
+            if idle_seconds:
+                idle[f"security {'on' if secure else 'off'}"] = _idle_cpu(settings, idle_seconds)
             seed_s = _seed(persons, 2026, 32, settings)
             for level in (int(x) for x in concurrency.split(",")):
+                processes = [(c.name, c.pid) for c in stack.status(settings)]
+                before = cpu_use.snapshot(processes)
                 stats = _swipe_run(persons, 2026, swipes, level, f"{level} in flight", settings)
+                column = f"security {'on' if secure else 'off'}, {level} in flight"
+                cpu_ms[column] = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes), swipes)
                 if level == 1:
                     sequential[secure] = stats
                 table.add_row("on (MAC + PIN via HSM)" if secure else "off", str(level),
@@ -566,6 +632,9 @@ def bench_run(
             f"seeding {persons:,} persons {seed_s:.1f} s"
         )
     console.print(table)
+    console.print(_cpu_table(cpu_ms))
+    if idle:
+        console.print(_idle_table(idle, idle_seconds))
     for note in notes:
         console.print(note)
     if len(sequential) == 2:
