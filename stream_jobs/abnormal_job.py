@@ -20,6 +20,7 @@ from medclear.settings import Settings
 from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
+from stream_jobs.events import decoded
 
 log = structlog.get_logger(process="abnormal")
 APP_ID = "medclear-abnormal"
@@ -32,12 +33,7 @@ class Watch:
         self.blocks = BlockWatch()
 
     async def handle(self, batch: Batch) -> None:
-        for record in batch.records:
-            try:
-                event = codec.decode(record.value or b"")
-            except codec.CodecError:
-                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
-                continue
+        for _record, event in decoded(batch.records, topics.EVENTS.name):
             propagation_ms = self.blocks.observe(event)
             if propagation_ms is not None:
                 metrics.CARD_BLOCK_TO_REFUSAL_SECONDS.observe(propagation_ms / 1000)

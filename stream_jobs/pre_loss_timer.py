@@ -25,6 +25,7 @@ from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from medclear.tokens import load_sealer
 from monitoring import metrics
+from stream_jobs.events import decoded
 from stream_jobs.pre_loss import Pending, due, track
 
 log = structlog.get_logger(process="pre-loss-timer")
@@ -35,12 +36,7 @@ BATCH_MAX = 512
 
 async def follow(batch: Batch) -> None:
     """Every card-state change: a pre-loss report is pending until anything else happens."""
-    for record in batch.records:
-        try:
-            event = codec.decode(record.value or b"")
-        except codec.CodecError:
-            metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
-            continue
+    for record, event in decoded(batch.records, topics.EVENTS.name):
         if not isinstance(event, CardStateChanged):
             continue
         key = event.card_ref.encode()

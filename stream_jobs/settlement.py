@@ -34,6 +34,7 @@ from medclear.settings import Settings
 from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
+from stream_jobs.events import decoded
 
 log = structlog.get_logger(process="settlement")
 APP_ID = "medclear-settlement"
@@ -50,12 +51,8 @@ def wall_clock_ms() -> int:
 
 async def route(batch: Batch) -> None:
     """medclear.events → medclear.settlement-input, keyed by institution."""
-    for record in batch.records:
-        try:
-            entry = rules.entry_of(codec.decode(record.value or b""))
-        except codec.CodecError:
-            metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
-            continue
+    for record, event in decoded(batch.records, topics.EVENTS.name):
+        entry = rules.entry_of(event)
         if entry is not None:
             batch.send(topics.SETTLEMENT_INPUT.name, record.value,
                        key=entry.institution_id.encode())  # fmt: skip

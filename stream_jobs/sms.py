@@ -33,7 +33,6 @@ from pathlib import Path
 
 import structlog
 
-from clearing import codec
 from clearing.redact import CONTACT
 from medclear import topics
 from medclear.policy import load_institutions
@@ -43,6 +42,7 @@ from medclear.streams.runtime import Batch, Runtime
 from medclear.tokens import load_sealer
 from monitoring import metrics
 from stream_jobs import sms_core
+from stream_jobs.events import decoded
 from stream_jobs.sms_core import Context, Outcome, OutcomeRecord, PersonSms
 from stream_jobs.sms_smpp import Receipt, SmppLink, SmscUnavailable, Submission
 
@@ -146,12 +146,7 @@ class Job:
         to_send: list[tuple[sms_core.Sms, bool]] = []
         queued: set[str] = set()
         suppressed: list[OutcomeRecord] = []
-        for record in batch.records:
-            try:
-                event = codec.decode(record.value or b"")
-            except codec.CodecError:
-                metrics.UNDECODABLE.labels(topics.EVENTS.name).inc()
-                continue
+        for record, event in decoded(batch.records, topics.EVENTS.name):
             if not getattr(event, "person_ref", ""):  # not a published event of the worker
                 continue
             key = event.person_ref.encode()
