@@ -829,9 +829,12 @@ NOTES = (
     "broker on disk: noida-db's data directory after the run.",
     "empty start s: the worker's own start at `up` (empty table), process start to READY: "
     "the floor under the recovery figure on the machine as loaded at that moment.",
-    "recovery s: `medclear restart worker-0`, process start to the worker's READY gauge "
-    "(partitions assigned, faust table recovery complete). warm restart s: a second "
-    "restart, RocksDB's files kept, so only the changelog's tail is read.",
+    "recovery s: `medclear restart worker-0` with the worker's RocksDB files deleted while "
+    "it is stopped (a cold rebuild), process start to the worker's READY gauge (partitions "
+    "assigned, every changelog partition restored). warm restart s: a second restart, "
+    "RocksDB's files kept, so only the changelog's tail is read. Rows dated before "
+    "2026-12-06 were measured on faust-streaming (per-record recovery, a restart that kept "
+    "its files).",
     "worker CPU s: CPU seconds the worker had used when READY, at `up` (empty table) and "
     "after the restart; the shared 2-core machine stretches wall times, CPU time much less.",
     "worker peak RSS: VmHWM of the worker process (recovery included); RSS: VmRSS after it.",
@@ -841,10 +844,11 @@ NOTES = (
     "at 2.9 M (linear): peak RSS and recovery scaled linearly from that row — an "
     "extrapolation, not a measurement.",
     f"rocksdb {DIRECT_LABEL} (`--direct`): the persons written straight into the worker's "
-    "RocksDB files before `up`, in faust's layout, nothing onto the broker (its changelog "
-    "bytes: what enrolment would write). empty start s: the worker's start at `up` opening "
-    "them; recovery s: a restart before any swipe; warm restart s: one after the swipes "
-    "(the changelog's tail). Only the swiped holders' cards are on the card index.",
+    "RocksDB files before `up`, in the stream runtime's layout, nothing onto the broker "
+    "(its changelog bytes: what enrolment would write). empty start s: the worker's start "
+    "at `up` opening them; recovery s: a restart before any swipe; warm restart s: one "
+    "after the swipes (the changelog's tail). Only the swiped holders' cards are on the "
+    "card index.",
 )
 
 
