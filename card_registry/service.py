@@ -21,19 +21,19 @@ from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.limits import PVV_BYTES
 from clearing.model import Command, Policy, Reply
 from clearing.validate import mask_phone
-from medclear import bounds
-from medclear.bus import BusUnavailable, CommandBus
-from medclear.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
-from medclear.rpc import (
+from medclear.infra import bounds
+from medclear.infra.bus import BusUnavailable, CommandBus
+from medclear.infra.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
+from medclear.infra.rpc import (
     Clock,
     message,
     pb_enum,
     result_pb,
-    serve_commands,
     shanghai_iso,
     state_of,
     system_clock_ms,
 )
+from medclear.infra.serving import serve_commands
 from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from monitoring import metrics
 

@@ -35,8 +35,8 @@ from typing import Any
 from clearing.calendar import EPOCH, HOUR_MS, shanghai_day
 from clearing.limits import DAY_MS
 from clearing.model import Event, Refunded, SwipeApproved, SwipeReversed
+from clearing.money import parse_yuan
 from clearing.validate import is_id
-from medclear.money import parse_yuan
 
 CUTOFF_AFTER_DAY_END_MS_DEFAULT = 2 * HOUR_MS  # day D closes at 02:00 Beijing on D+1
 CUTOFF_AFTER_DAY_END_MS_MAX = 7 * DAY_MS

@@ -24,7 +24,7 @@ from clearing.validate import mask_card
 from hsm_sim import crypto
 from hsm_sim.crypto import CryptoError, KeyAlgorithm, PinBlockError, PinBlockFormat
 from hsm_sim.keystore import KeyInfo, KeyNotFound, KeyStore, KeyStoreError, KeyType, wrap_key
-from medclear.rpc import create_server, pb_enum, result_pb, shanghai_iso
+from medclear.infra.rpc import create_server, pb_enum, result_pb, shanghai_iso
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 from monitoring import metrics
 

@@ -1,3 +1,3 @@
-from medclear.cli import app
+from medclear.cli.main import app
 
 app()

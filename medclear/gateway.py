@@ -23,22 +23,22 @@ from google.protobuf.message import DecodeError, Message
 from clearing import model, pos, validate
 from clearing.codes import ResultCode
 from clearing.model import PinOutcome, Policy, Reply
-from medclear import bounds
-from medclear.bounds import CRYPTOGRAM_BYTES_MAX
-from medclear.bus import BusUnavailable, CommandBus
-from medclear.hsm_client import HsmClient
-from medclear.policy import load_policy
-from medclear.rpc import (
+from medclear.infra import bounds
+from medclear.infra.bounds import CRYPTOGRAM_BYTES_MAX
+from medclear.infra.bus import BusUnavailable, CommandBus
+from medclear.infra.hsm_client import HsmClient
+from medclear.infra.policy import load_policy
+from medclear.infra.rpc import (
     Clock,
     mac_input,
     message,
     result_pb,
-    serve_commands,
     shanghai_iso,
     state_of,
     system_clock_ms,
 )
-from medclear.settings import get_settings
+from medclear.infra.serving import serve_commands
+from medclear.infra.settings import get_settings
 from medclear.v1 import pos_pb2, pos_pb2_grpc
 from monitoring import metrics
 

@@ -23,8 +23,8 @@ from rich.console import Console
 
 from clearing.codes import InstitutionType, ResultCode, message_of
 from clearing.validate import mask_card
-from medclear.rpc import result_pb
-from medclear.terminals import Keyring
+from medclear.infra.rpc import result_pb
+from medclear.infra.terminals import Keyring
 from medclear.v1 import common_pb2, pos_pb2
 from reader_agent import apdu
 from reader_agent.journal import Journal, OpenSwipe

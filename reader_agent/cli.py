@@ -20,12 +20,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from clearing.codes import InstitutionType, ResultCode
+from clearing.money import format_yuan, parse_yuan
 from clearing.validate import mask_card
-from medclear.money import format_yuan, parse_yuan
-from medclear.pki import Role
-from medclear.settings import Settings, get_settings, keyring_file
-from medclear.tables import result_codes_table
-from medclear.terminals import Keyring
+from medclear.cli.tables import result_codes_table
+from medclear.infra.pki import Role
+from medclear.infra.settings import Settings, get_settings, keyring_file
+from medclear.infra.terminals import Keyring
 from reader_agent.agent import Agent, Terminal
 from reader_agent.card import CardImage
 from reader_agent.journal import Journal
@@ -91,7 +91,7 @@ def keyring_for(access: StackAccess, terminals: Sequence[str]) -> Keyring | None
 
 
 def institution_type(institution_id: str, settings: Settings) -> InstitutionType:
-    from medclear.policy import load_institutions
+    from medclear.infra.policy import load_institutions
 
     found = load_institutions(settings.institutions_file).get(institution_id)
     return found.type if found is not None else InstitutionType.PHARMACY
@@ -99,7 +99,7 @@ def institution_type(institution_id: str, settings: Settings) -> InstitutionType
 
 @contextlib.contextmanager
 def pos_stub(access: StackAccess) -> Iterator[object]:
-    from medclear.rpc import sync_channel
+    from medclear.infra.rpc import sync_channel
     from medclear.v1 import pos_pb2_grpc
 
     channel = sync_channel(access.gateway, Role.TERMINAL, access.pki)
@@ -128,7 +128,7 @@ def personalised(access: StackAccess, ssn: str, card_no: str, fresh: bool = Fals
 
 
 def ssn_of_city_card(card_no: str, persons: int, seed: int) -> str:
-    from medclear import city
+    from medclear.sim import city
 
     for r in city.residents(persons, seed):
         if r.card_no == card_no:
@@ -374,11 +374,11 @@ class AgentStats:
 def run_agent_traffic(
     access: StackAccess, persons: int, seed: int, count: int, label: str
 ) -> AgentStats:
-    """The simulated day of swipes (medclear.traffic.plan_swipes), each through the
+    """The simulated day of swipes (medclear.sim.traffic.plan_swipes), each through the
     agent with the holder's virtual card in a reader of a private pcscd: card read,
     PIN pad, cryptogram, Authorize. Cards are personalised once (kept in <state>/cards)."""
-    from medclear import city, traffic
-    from medclear.policy import load_institutions
+    from medclear.infra.policy import load_institutions
+    from medclear.sim import city, traffic
     from reader_agent.emulator import VirtualCard
     from reader_agent.pcscd import PcscdUnavailable, PrivatePcscd
 

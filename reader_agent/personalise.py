@@ -9,7 +9,7 @@ The HSM derives the card's key from it and exports only that, wrapped under the
 personalisation KEK (`ExportCardKey`); this module unwraps it and writes it into the card
 image, as a personalisation machine loads it into the chip. The personalisation KEK is
 formed at a key ceremony from two components; the simulated bureau keeps its clear value
-in an owner-only file, as the simulated terminals keep theirs (medclear.terminals).
+in an owner-only file, as the simulated terminals keep theirs (medclear.infra.terminals).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from clearing.codes import ResultCode
 from hsm_sim import crypto
 from hsm_sim.crypto import KeyAlgorithm
 from hsm_sim.keystore import KeyType, unwrap_key
-from medclear.hsm_client import CMK_ID
-from medclear.pki import Role
-from medclear.rpc import aio_channel, pb_enum
+from medclear.infra.hsm_client import CMK_ID
+from medclear.infra.pki import Role
+from medclear.infra.rpc import aio_channel, pb_enum
 from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, registry_pb2, registry_pb2_grpc
 from reader_agent.card import NO_EXPIRY, CardImage
 

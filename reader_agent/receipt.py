@@ -10,8 +10,8 @@ from rich.panel import Panel
 from rich.table import Table
 
 from clearing.codes import ResultCode, message_of
+from clearing.money import format_yuan
 from clearing.validate import mask_card, mask_name
-from medclear.money import format_yuan
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import structlog
 
 from clearing import codec
 from clearing.abnormal import BlockWatch, Detector
-from medclear import topics
-from medclear.settings import Settings
+from medclear.infra import topics
+from medclear.infra.settings import Settings
 from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics

@@ -40,10 +40,10 @@ from clearing import codec
 from clearing.abnormal import Alert
 from clearing.model import Event
 from clearing.redact import CardTokens
-from medclear import topics
-from medclear.settings import Settings
+from medclear.infra import topics
+from medclear.infra.settings import Settings
+from medclear.infra.tokens import load_card_tokens
 from medclear.streams.poll import IdleBackoff, Poller
-from medclear.tokens import load_card_tokens
 from monitoring import metrics
 from stream_jobs import ch
 

@@ -19,11 +19,11 @@ import structlog
 from clearing import codec
 from clearing.model import CardStateChanged
 from clearing.redact import PERSON, Sealer
-from medclear import topics
-from medclear.settings import Settings
+from medclear.infra import topics
+from medclear.infra.settings import Settings
+from medclear.infra.tokens import load_sealer
 from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
-from medclear.tokens import load_sealer
 from monitoring import metrics
 from stream_jobs.events import decoded
 from stream_jobs.pre_loss import Pending, due, track

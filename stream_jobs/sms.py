@@ -34,12 +34,13 @@ from pathlib import Path
 import structlog
 
 from clearing.redact import CONTACT
-from medclear import topics
-from medclear.policy import load_institutions
-from medclear.settings import Settings, smsc_password
+from medclear.infra import topics
+from medclear.infra.kafka_admin import ensure_topics
+from medclear.infra.policy import load_institutions
+from medclear.infra.settings import Settings, smsc_password
+from medclear.infra.tokens import load_sealer
 from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
-from medclear.tokens import load_sealer
 from monitoring import metrics
 from stream_jobs import sms_core
 from stream_jobs.events import decoded
@@ -250,7 +251,7 @@ def run(settings: Settings, bootstrap: str) -> None:
         metrics.READY.set(1)
         threading.Event().wait()
         return
-    asyncio.run(topics.ensure_topics(bootstrap, {topics.SMS_OUTCOMES.name:
+    asyncio.run(ensure_topics(bootstrap, {topics.SMS_OUTCOMES.name:
                                                  settings.event_partitions}))  # fmt: skip
     runtime, job = create(settings, bootstrap)
     log.info("sms job starting", smsc=f"{settings.smsc_host}:{settings.smsc_port}",

@@ -38,9 +38,9 @@ from clearing.model import (
     SwipeDeclined,
     SwipeReversed,
 )
+from clearing.money import format_yuan
 from clearing.redact import Sealer
 from clearing.validate import mask_phone
-from medclear.money import format_yuan
 
 MINUTE_MS = 60_000
 SMS_MAX_AGE_MS = 24 * 60 * MINUTE_MS  # older events (a replay from the topic's start) send none

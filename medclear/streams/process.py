@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from medclear.settings import Settings
+from medclear.infra.settings import Settings
 from medclear.streams.poll import IdleBackoff
 from medclear.streams.runtime import Runtime
 

@@ -44,7 +44,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from medclear import topics as topic_names
+from medclear.infra.kafka_admin import ensure_topics
 from medclear.streams.changelog import changelog_topic, restore
 from medclear.streams.poll import IdleBackoff, Poller
 from medclear.streams.store import PartitionStore
@@ -235,7 +235,7 @@ class Runtime:
         if not partitions:
             raise RuntimeError(f"{self.job}: input topic {self.topic} does not exist")
         wanted = {changelog_topic(self.job, t): len(partitions) for t in self.tables}
-        await topic_names.ensure_topics(self.bootstrap, wanted)
+        await ensure_topics(self.bootstrap, wanted)
 
     async def stop(self) -> None:
         """Finish what is in flight, commit, leave (static members stay in the group)."""

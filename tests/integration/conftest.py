@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from medclear import stack
-from medclear.settings import BrokerKind
+from medclear.infra.settings import BrokerKind
 from medclear.v1 import pos_pb2_grpc, registry_pb2_grpc
 
 READY_TIMEOUT_S = 30.0

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from rich.console import Console
 
 from medclear import stack
-from medclear.settings import Settings
+from medclear.infra.settings import Settings
 
 
 @contextlib.contextmanager

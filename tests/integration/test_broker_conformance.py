@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from medclear.settings import BrokerKind
+from medclear.infra.settings import BrokerKind
 from medclear.stack import StackError, create_topics
 from medclear.streams.poll import IdleBackoff, Poller
 

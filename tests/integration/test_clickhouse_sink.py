@@ -30,10 +30,11 @@ from rich.console import Console
 
 from clearing.calendar import shanghai_day
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
-from medclear import stack, topics
-from medclear.city import make_ssn
-from medclear.settings import Settings
-from medclear.tokens import load_card_tokens
+from medclear import stack
+from medclear.infra import topics
+from medclear.infra.settings import Settings
+from medclear.infra.tokens import load_card_tokens
+from medclear.sim.city import make_ssn
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 from stream_jobs import ch
 from stream_jobs.clickhouse_sink import ClickHouseSink

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from rich.console import Console
 
-from medclear import drill
-from medclear.settings import Settings
+from medclear.drills import drill
+from medclear.infra.settings import Settings
 from tests.integration.running import running_stack
 
 pytestmark = [

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
-from medclear import drill
-from medclear.city import Resident
-from medclear.settings import Settings
+from medclear.drills import drill
+from medclear.infra.settings import Settings
+from medclear.sim.city import Resident
 from tests.integration.running import running_stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.kafka, pytest.mark.timeout(600)]

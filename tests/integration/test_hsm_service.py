@@ -17,7 +17,7 @@ from hsm_sim import crypto
 from hsm_sim.crypto import KeyAlgorithm, PinBlockFormat
 from hsm_sim.keystore import KeyStore, KeyType
 from hsm_sim.service import Hsm
-from medclear.rpc import create_server, pb_enum, system_clock_ms
+from medclear.infra.rpc import create_server, pb_enum, system_clock_ms
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 
 pytestmark = [pytest.mark.timeout(60)]

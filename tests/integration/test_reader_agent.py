@@ -20,12 +20,13 @@ import pytest
 from rich.console import Console
 
 from clearing.codes import InstitutionType, InsuranceCategory, ResultCode
-from medclear import stack, traffic
-from medclear.city import Resident, make_ssn
-from medclear.pki import Role
-from medclear.rpc import sync_channel
-from medclear.settings import Settings
-from medclear.terminals import Keyring
+from medclear import stack
+from medclear.infra.pki import Role
+from medclear.infra.rpc import sync_channel
+from medclear.infra.settings import Settings
+from medclear.infra.terminals import Keyring
+from medclear.sim import traffic
+from medclear.sim.city import Resident, make_ssn
 from medclear.v1 import common_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 from reader_agent import apdu
 from reader_agent.agent import Agent, Terminal

@@ -18,10 +18,10 @@ import pytest
 from clearing import settlement as rules
 from clearing.calendar import shanghai_day
 from clearing.codes import ResultCode
+from clearing.money import format_yuan
 from medclear import stack
-from medclear.cli_recon import log_figures, read_settlements, reconcile, summary
-from medclear.money import format_yuan
-from medclear.settings import Settings
+from medclear.cli.recon import log_figures, read_settlements, reconcile, summary
+from medclear.infra.settings import Settings
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2_grpc
 from stream_jobs import ch
 from tests.integration.running import running_stack

@@ -2,7 +2,7 @@
 loopback (tests/support/smsc/server.js), and the sms job as a process (`medclear serve
 sms`). Events are published straight to `medclear.events`, as the clearing worker would.
 
-Each test gets its own broker, SMSC and job (stream_jobs.sms_bench.SmsRig)."""
+Each test gets its own broker, SMSC and job (medclear.bench.sms.SmsRig)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from medclear.policy import load_institutions
+from medclear.bench.sms import SmsRig, now_ms, person, phone_of, swipe
+from medclear.infra.policy import load_institutions
 from stream_jobs.sms import SMS_IN_FLIGHT_MAX
-from stream_jobs.sms_bench import SmsRig, now_ms, person, phone_of, swipe
 
 pytestmark = [
     pytest.mark.kafka,

@@ -22,7 +22,8 @@ from clickhouse_driver import Client
 from rich.console import Console
 
 from medclear import stack
-from medclear.settings import Settings
+from medclear.infra.settings import Settings
+from medclear.stack import supervisor
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(90)]
 
@@ -66,7 +67,7 @@ def fake_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             out += ["--port", str(port)]
         return [*out, "--metrics-port", str(metrics_port)]
 
-    monkeypatch.setattr(stack, "_serve_argv", argv)
+    monkeypatch.setattr(supervisor, "_serve_argv", argv)
     return script
 
 
@@ -85,7 +86,7 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
-            cmdline = stack._proc_cmdline(int(entry.name))
+            cmdline = stack.proc_cmdline(int(entry.name))
             if cmdline and any(text in arg for arg in cmdline):
                 found.append((int(entry.name), " ".join(cmdline)))
     return found
@@ -94,8 +95,8 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
 def gone(pid: int, within_s: float = 5.0) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        stack._reap(pid)
-        if stack._proc_cmdline(pid) is None:
+        stack.reap(pid)
+        if stack.proc_cmdline(pid) is None:
             return True
         time.sleep(0.05)
     return False
@@ -192,13 +193,13 @@ def test_prometheus_ready_and_scrapes_the_given_targets(tmp_path: Path) -> None:
         t0 = time.monotonic()
         stack.wait_http_ok(f"http://127.0.0.1:{port}/-/ready", 30, proc=proc)
         assert time.monotonic() - t0 < 10
-        _, body = stack._http_get(f"http://127.0.0.1:{port}/api/v1/status/config")
+        _, body = stack.http_get(f"http://127.0.0.1:{port}/api/v1/status/config")
         loaded = json.loads(body)["data"]["yaml"]
         assert "scrape_interval: 5s" in loaded and "job_name: medclear-worker" in loaded
         # the scrape manager picks targets up a few seconds after ready: wait for a scrape
         deadline = time.monotonic() + 20
         while True:
-            _, body = stack._http_get(f"http://127.0.0.1:{port}/api/v1/targets")
+            _, body = stack.http_get(f"http://127.0.0.1:{port}/api/v1/targets")
             active = json.loads(body)["data"]["activeTargets"]
             health = {(t["labels"]["job"], t["labels"]["instance"]): t["health"] for t in active}
             if health.get(("prometheus", f"127.0.0.1:{port}")) == "up":
@@ -225,7 +226,7 @@ def test_prometheus_ready_and_scrapes_the_given_targets(tmp_path: Path) -> None:
 def test_free_port_never_repeats_and_is_bindable() -> None:
     ports = [stack.free_port() for _ in range(50)]
     assert len(set(ports)) == 50
-    assert all(stack._can_bind(p) for p in ports)
+    assert all(stack.can_bind(p) for p in ports)
 
 
 def wait_output(proc: stack.Process, prefix: str, timeout_s: float = 10.0) -> str:
@@ -289,12 +290,12 @@ def test_down_never_signals_a_pid_whose_cmdline_or_start_differs(
             ["sleep", "301"],
             tmp_path / "t.log",
             pid=twin.pid,
-            start_ticks=(stack._proc_start_ticks(twin.pid) or 0) - 1,
+            start_ticks=(stack.proc_start_ticks(twin.pid) or 0) - 1,
         )
-        state = stack._State(path=state_dir / stack.STATE_FILE)
-        probe = stack._Probe("http", "http://127.0.0.1:9/")
+        state = supervisor._State(path=state_dir / stack.STATE_FILE)
+        probe = supervisor._Probe("http", "http://127.0.0.1:9/")
         state.components = [
-            stack._Component(p.name, "test", "-", probe, proc=p)
+            supervisor._Component(p.name, "test", "-", probe, proc=p)
             for p in (recorded_stranger, recorded_twin, ours)
         ]
         state.save()
@@ -374,7 +375,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
 
         # the children got the stack's addresses in their environment
         worker = record["components"][2]
-        _, metrics = stack._http_get(stack._Probe(**worker["probe"]).target)
+        _, metrics = stack.http_get(supervisor._Probe(**worker["probe"]).target)
         assert f'bootstrap="{endpoints.kafka_bootstrap}"' in metrics
         assert f'clickhouse="{endpoints.clickhouse_url}"' in metrics
         assert f'state="{state_dir.resolve()}"' in metrics and 'workers="2"' in metrics

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from medclear import stack, topics
+from medclear import stack
+from medclear.infra.kafka_admin import ensure_topics
 from medclear.streams.changelog import changelog_topic
 from monitoring import metrics
 from tests.integration import stream_job
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def make_topics(bootstrap: str) -> str:
     prefix = f"st-{uuid.uuid4().hex[:8]}"
-    asyncio.run(topics.ensure_topics(bootstrap, {f"{prefix}.in": PARTITIONS,
+    asyncio.run(ensure_topics(bootstrap, {f"{prefix}.in": PARTITIONS,
                                                  f"{prefix}.out": PARTITIONS,
                                                  f"{prefix}.replies": 1}))  # fmt: skip
     return prefix

@@ -21,10 +21,11 @@ from rich.console import Console
 from clearing import codec
 from clearing.abnormal import Alert, AlertKind
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
-from medclear import stack, topics
-from medclear.city import make_ssn
-from medclear.settings import Settings
-from medclear.tokens import load_card_tokens
+from medclear import stack
+from medclear.infra import topics
+from medclear.infra.settings import Settings
+from medclear.infra.tokens import load_card_tokens
+from medclear.sim.city import make_ssn
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.integration.kafka_read import all_records
 from tests.integration.running import running_stack

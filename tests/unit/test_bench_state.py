@@ -9,9 +9,9 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from clearing import codec, validate
 from clearing.codes import InsuranceCategory
-from medclear import bench_state as bs
-from medclear.policy import load_policy
-from medclear.settings import Settings
+from medclear.bench import state as bs
+from medclear.infra.policy import load_policy
+from medclear.infra.settings import Settings
 
 
 def test_holders_are_valid_and_unique() -> None:
@@ -69,8 +69,8 @@ def test_doc_section_is_replaced_and_keeps_other_rows(tmp_path: Path) -> None:
 def test_seed_store_writes_the_layout_the_worker_reads(tmp_path: Path) -> None:
     """`--direct`: every person lands in the store of the partition its commands arrive
     on, in the runtime's layout for worker-0's persons table."""
-    from medclear import worker
     from medclear.streams.store import PartitionStore
+    from stream_jobs import worker
 
     settings = Settings(state_dir=tmp_path / ".medclear", command_partitions=3)
     city = bs.City(load_policy(settings), at_ms=1_795_000_000_123)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from medclear import bounds
+from medclear.infra import bounds
 from medclear.v1 import common_pb2, pos_pb2, registry_pb2
 
 SERVICES = [

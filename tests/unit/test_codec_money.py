@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clearing import codec, core
+from clearing.money import format_yuan, parse_yuan
 from clearing.validate import is_ssn, mask_card, mask_ssn, ssn_check_char
-from medclear.money import format_yuan, parse_yuan
 from tests.unit.conftest import POLICY, make_person, swipe
 
 

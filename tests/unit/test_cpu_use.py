@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from medclear import cpu_use
+from medclear.bench import cpu_use
 
 
 def test_a_busy_process_shows_its_cpu_seconds_and_a_gone_one_none() -> None:

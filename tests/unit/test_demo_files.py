@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clearing import settlement
-from medclear.demo import DemoStats, Sale, institution_files
+from medclear.sim.demo import DemoStats, Sale, institution_files
 
 
 def test_institution_files_parse_and_add_up(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from clearing import pos
 from clearing.codes import CardState
 from clearing.model import Card
 from clearing.simulator import SimulationFailure, Simulator
-from medclear.policy import load_policy
-from medclear.settings import Settings
+from medclear.infra.policy import load_policy
+from medclear.infra.settings import Settings
 
 POLICY = load_policy(Settings())
 

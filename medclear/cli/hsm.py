@@ -1,0 +1,278 @@
+"""`medclear hsm ...`: the operator's console of the HSM (through its gRPC service).
+
+Lists and makes keys by type, algorithm, KCV and version: never key material. A
+terminal is provisioned with a PIN key and a MAC key, printed wrapped under a
+key-encryption key (KEK) with their check values, as a key ceremony would hand them over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from clearing.codes import ResultCode
+from hsm_sim.crypto import KeyAlgorithm
+from hsm_sim.keystore import KeyType
+from medclear.infra.pki import Role
+from medclear.infra.rpc import aio_channel, pb_enum
+from medclear.v1 import hsm_pb2, hsm_pb2_grpc
+
+hsm_app = typer.Typer(
+    help="Keys of the HSM (加密机): list, generate, rotate, provision "
+    "terminals. Key material is never shown.",
+    no_args_is_help=True,
+)
+console = Console()
+err = Console(stderr=True)
+
+AlgorithmOpt = Annotated[str, typer.Option(help="TDES | AES_128 | AES_256 | SM4")]
+
+
+def _call(method: str, request: Any) -> Any:
+    from medclear import stack
+    from medclear.infra.settings import get_settings
+
+    try:
+        address = stack.load_endpoints(get_settings()).hsm
+        pki = stack.client_pki_dir(get_settings())
+    except stack.StackError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+
+    async def call() -> Any:
+        async with aio_channel(address, Role.OPERATOR, pki) as channel:
+            return await getattr(hsm_pb2_grpc.HsmServiceStub(channel), method)(request, timeout=10)
+
+    try:
+        return asyncio.run(call())
+    except grpc.RpcError as exc:
+        err.print(f"[bold red]error:[/] hsm: {exc.code().name} {escape(exc.details() or '')}")
+        raise typer.Exit(1) from exc
+
+
+def _keys_table(keys: list[Any], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("key id", "version", "type", "algorithm", "KCV", "created"):
+        table.add_column(column)
+    for k in keys:
+        table.add_row(
+            k.key_id,
+            str(k.version),
+            KeyType(k.type).name,
+            KeyAlgorithm(k.algorithm).name,
+            k.kcv,
+            k.created_at,
+        )
+    return table
+
+
+@hsm_app.command("keys")
+def keys() -> None:
+    """Every key version in the HSM: id, version, type, algorithm, KCV."""
+    reply = _call("ListKeys", hsm_pb2.ListKeysRequest())
+    console.print(_keys_table(list(reply.keys), "HSM keys"))
+
+
+@hsm_app.command("generate")
+def generate(
+    key_id: Annotated[str, typer.Argument(help="key id, e.g. pvk-2026")],
+    key_type: Annotated[
+        str, typer.Option("--type", help=", ".join(t.name for t in KeyType if t))
+    ] = "KEY_ENCRYPTION_KEY",
+    algorithm: AlgorithmOpt = "AES_256",
+) -> None:
+    """Generate a key inside the HSM. For an existing id this is a rotation: a new version
+    becomes current and the old one verifies for the grace period."""
+    info = _call(
+        "GenerateKey",
+        hsm_pb2.GenerateKeyRequest(
+            key_id=key_id,
+            type=pb_enum(KeyType[key_type.upper()]),
+            algorithm=pb_enum(KeyAlgorithm[algorithm.upper()]),
+        ),
+    )
+    console.print(_keys_table([info], "generated"))
+
+
+@hsm_app.command("rotate")
+def rotate(key_id: Annotated[str, typer.Argument(help="the key to rotate")]) -> None:
+    """A new version of a key, same type and algorithm."""
+    current = [k for k in _call("ListKeys", hsm_pb2.ListKeysRequest()).keys if k.key_id == key_id]
+    if not current:
+        err.print(f"[bold red]error:[/] no key {key_id}")
+        raise typer.Exit(1)
+    latest = max(current, key=lambda k: k.version)
+    info = _call(
+        "GenerateKey",
+        hsm_pb2.GenerateKeyRequest(key_id=key_id, type=latest.type, algorithm=latest.algorithm),
+    )
+    console.print(_keys_table([info], f"rotated: version {latest.version} → {info.version}"))
+
+
+@hsm_app.command("provision-terminal")
+def provision_terminal(
+    terminal: Annotated[str, typer.Argument(help="terminal id")],
+    kek: Annotated[str, typer.Option(help="the terminal's key-encryption key id")],
+    algorithm: AlgorithmOpt = "AES_128",
+) -> None:
+    """Make the terminal's PIN key (TPK) and MAC key (TAK) and print each wrapped under
+    its KEK with its KCV, for loading into the terminal."""
+    from medclear import stack
+    from medclear.infra.settings import get_settings
+    from medclear.infra.terminals import provision_terminal_keys
+
+    settings = get_settings()
+    address, pki = stack.load_endpoints(settings).hsm, stack.client_pki_dir(settings)
+
+    async def provision() -> dict[str, Any]:
+        async with aio_channel(address, Role.OPERATOR, pki) as channel:
+            return await provision_terminal_keys(
+                hsm_pb2_grpc.HsmServiceStub(channel), terminal, kek, KeyAlgorithm[algorithm.upper()]
+            )
+
+    try:
+        exported = asyncio.run(provision())
+    except grpc.RpcError as exc:
+        err.print(f"[bold red]error:[/] hsm: {exc.code().name} {escape(exc.details() or '')}")
+        raise typer.Exit(1) from exc
+    table = Table(title=f"terminal {terminal}: keys under KEK {kek}")
+    for column in ("key", "id", "version", "wrapped under KEK (hex)", "KCV"):
+        table.add_column(column)
+    for name, out in exported.items():
+        table.add_row(
+            name.upper(), out.key.key_id, str(out.key.version), out.wrapped.hex().upper(), out.kcv
+        )
+    console.print(table)
+
+
+async def _bench(address: str, count: int, concurrency: int, pki: Path | None) -> dict[str, Any]:
+    import secrets
+    import time
+
+    from hsm_sim import crypto
+    from hsm_sim.crypto import PinBlockFormat
+    from hsm_sim.keystore import unwrap_key
+    from medclear.sim.traffic import LatencyStats, in_flight
+
+    ref = hsm_pb2.KeyRef
+    aes = KeyAlgorithm.AES_128
+    async with aio_channel(address, Role.OPERATOR, pki) as channel, \
+            aio_channel(address, Role.SERVICE, pki) as service_channel:  # fmt: skip
+        hsm = hsm_pb2_grpc.HsmServiceStub(channel)  # key administration: the operator
+        checker = hsm_pb2_grpc.HsmServiceStub(service_channel)  # checks: medclear's services
+        tag = secrets.token_hex(3)
+        # the key ceremony: the bench holds the KEK components, the HSM forms the KEK
+        parts = [secrets.token_bytes(32) for _ in range(2)]
+        await hsm.FormKey(
+            hsm_pb2.FormKeyRequest(
+                key_id=f"bench-kek-{tag}",
+                algorithm=pb_enum(KeyAlgorithm.AES_256),
+                components=parts,
+                component_kcvs=[crypto.kcv(KeyAlgorithm.AES_256, p) for p in parts],
+            )
+        )
+        kek = bytes(a ^ b for a, b in zip(*parts, strict=True))
+        clear: dict[str, bytes] = {}
+        for name, key_type in (
+            ("tpk", KeyType.TERMINAL_PIN_KEY),
+            ("tak", KeyType.TERMINAL_MAC_KEY),
+            ("pvk", KeyType.PIN_VERIFICATION_KEY),
+        ):
+            await hsm.GenerateKey(
+                hsm_pb2.GenerateKeyRequest(
+                    key_id=f"bench-{name}-{tag}", type=pb_enum(key_type), algorithm=pb_enum(aes)
+                )
+            )
+            if name != "pvk":  # the terminal loads its TPK and TAK from under its KEK
+                out = await hsm.ExportKey(
+                    hsm_pb2.ExportKeyRequest(
+                        key=ref(key_id=f"bench-{name}-{tag}"), kek=ref(key_id=f"bench-kek-{tag}")
+                    )
+                )
+                clear[name] = unwrap_key(KeyAlgorithm.AES_256, kek, out.wrapped)
+        pan, pin = "S26000001", "271828"
+
+        def block() -> bytes:
+            return crypto.encrypt_pin_block(
+                PinBlockFormat.ISO_4, pin, pan, aes, clear["tpk"], secrets.token_bytes
+            )
+
+        pvv = (
+            await checker.SetPin(
+                hsm_pb2.SetPinRequest(
+                    pin_key=ref(key_id=f"bench-tpk-{tag}"),
+                    verification_key=ref(key_id=f"bench-pvk-{tag}"),
+                    pin_block=block(),
+                    format=pb_enum(PinBlockFormat.ISO_4),
+                    pan=pan,
+                )
+            )
+        ).pin_verification_value
+        pin_requests = [
+            hsm_pb2.VerifyPinRequest(
+                pin_key=ref(key_id=f"bench-tpk-{tag}"),
+                verification_key=ref(key_id=f"bench-pvk-{tag}"),
+                pin_block=block(),
+                format=pb_enum(PinBlockFormat.ISO_4),
+                pan=pan,
+                pin_verification_value=pvv,
+            )
+            for _ in range(count)
+        ]
+        data = b"AUTH|T1|310101P00001|42|S26000001|1250"
+        mac = crypto.generate_mac(aes, clear["tak"], data)
+        mac_request = hsm_pb2.MacRequest(key=ref(key_id=f"bench-tak-{tag}"), data=data, mac=mac)
+        results: dict[str, Any] = {}
+        for label, method, requests in (
+            ("VerifyPin", checker.VerifyPin, pin_requests),
+            ("VerifyMac", checker.VerifyMac, [mac_request] * count),
+        ):
+            stats = LatencyStats()
+
+            async def one(request: Any, method: Any = method, stats: LatencyStats = stats) -> None:
+                started = time.perf_counter()
+                reply = await method(request, timeout=10)
+                stats.add((time.perf_counter() - started) * 1000, ResultCode(reply.result).name)
+
+            await in_flight(requests, concurrency, one)
+            stats.ended = time.perf_counter()
+            results[label] = stats
+        return results
+
+
+@hsm_app.command("bench")
+def bench(
+    count: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="operations of each kind")
+    ] = 3000,
+    concurrency: Annotated[str, typer.Option(help="comma-separated calls in flight")] = "1,16",
+) -> None:
+    """PIN verifications/s and MAC verifications/s of the running HSM over gRPC, with
+    p50/p99 per call, at each concurrency. Forms its own keys (bench-*); asserts nothing."""
+    from medclear import stack
+    from medclear.infra.settings import get_settings
+
+    address = stack.load_endpoints(get_settings()).hsm
+    pki = stack.client_pki_dir(get_settings())
+    table = Table(title=f"HSM over gRPC ({address}), {count:,} calls per row")
+    for column in ("operation", "in flight", "ops/s", "p50 ms", "p99 ms", "results"):
+        table.add_column(column, justify="right")
+    for level in (int(x) for x in concurrency.split(",")):
+        for label, stats in asyncio.run(_bench(address, count, level, pki)).items():
+            results = ", ".join(f"{k}: {v}" for k, v in stats.results.items())
+            table.add_row(
+                label,
+                str(level),
+                f"{stats.rate_per_s:,.0f}",
+                f"{stats.percentile(0.5):.2f}",
+                f"{stats.percentile(0.99):.2f}",
+                results,
+            )
+    console.print(table)

@@ -1,0 +1,710 @@
+"""`medclear recon ...`: reconciliation (对账) of medclear's settlement with the
+institutions' own files, and the conservation check.
+
+Three views of one Beijing day per designated institution are compared:
+- medclear's settlement: the latest record of each `institution:YYYY-MM-DD` key on the
+  `medclear.settlements` topic (the settlement job's Kafka state), with the adjustment
+  lines of later days that name the day;
+- the event log: ClickHouse `events FINAL` (exact before merges), through
+  stream_jobs/ch.py;
+- the institution's file (对总账 totals, optionally detail lines), imported with
+  `medclear recon import` into ClickHouse `institution_totals` / `institution_details`.
+The rules and the comparisons are pure (clearing/settlement.py); this module reads,
+prints and writes the HTML report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import html
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from clearing import codec
+from clearing import settlement as rules
+from clearing.model import AccountCredited, Refunded, SwipeApproved, SwipeReversed
+from clearing.money import format_yuan
+from clearing.redact import PERSON_TOKEN_PREFIX
+from clearing.validate import mask_ssn
+from medclear.infra import topics
+from medclear.infra.settings import Settings, get_settings
+
+recon_app = typer.Typer(
+    help="Reconciliation (对账) per designated institution per Beijing day: medclear's "
+    "settlement (topic medclear.settlements), the ClickHouse event log and the "
+    "institution's file. `medclear recon import FILE` loads a file; `medclear recon --date "
+    "YYYY-MM-DD` compares (same as `recon run`); `medclear recon check` checks that money "
+    "is conserved.",
+    invoke_without_command=True,
+)
+console = Console()
+err = Console(stderr=True)
+
+TOPIC_READ_TIMEOUT_S = 60.0
+EXIT_DIFFERENCES = 2  # the comparison ran and found differences (1: it could not run)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    return typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def _servers(settings: Settings) -> tuple[str, str]:
+    """(Kafka bootstrap, ClickHouse URL): the settings, else the local stack's."""
+    bootstrap, ch_url = settings.kafka_bootstrap, settings.clickhouse_url
+    if not bootstrap or not ch_url:
+        from medclear import stack
+
+        try:
+            endpoints = stack.load_endpoints(settings)
+        except stack.StackError as exc:
+            raise _fail(str(exc)) from exc
+        bootstrap = bootstrap or endpoints.kafka_bootstrap
+        ch_url = ch_url or endpoints.clickhouse_url
+    return bootstrap, ch_url
+
+
+def _clickhouse(settings: Settings) -> Any:
+    from stream_jobs import ch
+
+    _bootstrap, url = _servers(settings)
+    try:
+        client = ch.connect(url, settings.clickhouse_database)
+        ch.migrate(client)  # the recon tables (stream_jobs/schema/510_recon.sql) and the log's
+    except Exception as exc:
+        raise _fail(f"ClickHouse {url}: {type(exc).__name__}: {exc}") from exc
+    return client
+
+
+async def _read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+    """Every record of `topic`, partition by partition in offset order, read once."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            return []
+        parts = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+        deadline = time.monotonic() + TOPIC_READ_TIMEOUT_S
+        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} took longer than {TOPIC_READ_TIMEOUT_S} s")
+            for tp, batch in (await consumer.getmany(timeout_ms=500, max_records=50_000)).items():
+                by_partition.setdefault(tp.partition, []).extend(
+                    (r.key, r.value) for r in batch if r.offset < ends[tp]
+                )
+        return [record for p in sorted(by_partition) for record in by_partition[p]]
+    finally:
+        await consumer.stop()
+
+
+def read_settlements(bootstrap: str) -> list[rules.DaySettlement]:
+    """The latest record of each key of the settlements topic."""
+    latest: dict[bytes, bytes] = {}
+    for key, value in asyncio.run(_read_topic(bootstrap, topics.SETTLEMENTS.name)):
+        if key is not None and value is not None:
+            latest[key] = value
+    return [rules.decode_record(value) for value in latest.values()]
+
+
+@dataclass
+class Accounts:
+    """What the events topic says about the personal accounts."""
+
+    credits_fen: int = 0
+    balances_fen: int = 0
+    persons: int = 0
+    events: int = 0
+    redelivered: int = 0
+    person_differences: list[tuple[str, int, int]] | None = None  # person token, log, expected
+
+
+def read_accounts(bootstrap: str) -> Accounts:
+    """Credits and current balances from `medclear.events`, each event once (by id).
+
+    A person's balance is the balance_after of their last money event in partition order:
+    events are keyed by person, so a partition holds a person's events in the order the
+    one worker that owns the person decided them. (`at_ms` is the ingress stamp and can
+    tie or run backwards between gateways, so ClickHouse, which has no sequence column,
+    cannot say which event was last.) Per person the log's arithmetic (credits − paid +
+    returned) is checked against that balance too."""
+    seen: set[str] = set()
+    last_balance: dict[str, int] = {}
+    arithmetic: dict[str, int] = {}
+    accounts = Accounts(person_differences=[])
+    for _key, raw in asyncio.run(_read_topic(bootstrap, topics.EVENTS.name)):
+        if raw is None:
+            continue
+        try:
+            event = codec.decode(raw)
+        except codec.CodecError:
+            continue
+        if not isinstance(event, AccountCredited | SwipeApproved | SwipeReversed | Refunded):
+            continue
+        if event.event_id in seen:
+            accounts.redelivered += 1
+            continue
+        seen.add(event.event_id)
+        accounts.events += 1
+        if isinstance(event, AccountCredited):
+            accounts.credits_fen += event.amount_fen
+            change = event.amount_fen
+        elif isinstance(event, SwipeApproved):
+            change = -event.paid_from_account_fen
+        else:
+            change = event.amount_fen
+        person = event.person_ref or event.ssn  # published events name the person by token
+        arithmetic[person] = arithmetic.get(person, 0) + change
+        last_balance[person] = event.balance_after_fen
+    accounts.balances_fen = sum(last_balance.values())
+    accounts.persons = len(last_balance)
+    assert accounts.person_differences is not None
+    for person, balance in sorted(last_balance.items()):
+        if balance != arithmetic[person]:
+            shown = person if person.startswith(PERSON_TOKEN_PREFIX) else mask_ssn(person)
+            accounts.person_differences.append((shown, balance, arithmetic[person]))
+    return accounts
+
+
+def log_figures(
+    client: Any, day: int, institution: str | None
+) -> tuple[dict[str, rules.Totals], list[rules.DetailLine], dict[str, Any]]:
+    """The day from the ClickHouse log: totals and detail lines (clearing.settlement's
+    log_view over `events FINAL`), and each institution's flow (stream_jobs.ch)."""
+    from stream_jobs import ch
+
+    swipes: list[rules.LogSwipe] = []
+    reversals: list[rules.LogReturn] = []
+    refunds: list[rules.LogReturn] = []
+    for e in ch.day_events(client, day, institution):
+        if e.event_type == "SwipeApproved":
+            swipes.append(
+                rules.LogSwipe(
+                    e.institution_id, e.request_id, e.amount_fen, e.paid_from_account_fen
+                )
+            )
+        elif e.event_type == "SwipeReversed":
+            reversals.append(rules.LogReturn(e.institution_id, e.original_request_id, e.amount_fen))
+        elif e.event_type == "Refunded":
+            refunds.append(rules.LogReturn(e.institution_id, e.request_id, e.amount_fen))
+    totals, lines = rules.log_view(day, swipes, reversals, refunds)
+    flows = {t.institution_id: t for t in ch.daily_totals(client, day, institution)}
+    return totals, lines, flows
+
+
+def _file_view(
+    client: Any, day: int, institution: str | None
+) -> tuple[dict[str, rules.Totals], list[rules.DetailLine], set[str]]:
+    """The latest import per institution of the day's totals and detail lines."""
+    from stream_jobs import ch
+
+    params: dict[str, Any] = {"day": ch.day_date(day)}
+    where = "day = %(day)s"
+    if institution is not None:
+        where += " AND institution_id = %(institution)s"
+        params["institution"] = institution
+    totals: dict[str, rules.Totals] = {}
+    for inst, count, total, account in client.execute(
+        "SELECT institution_id, argMax(count, imported_at_ms), argMax(total_fen, imported_at_ms),"
+        f" argMax(account_fen, imported_at_ms) FROM institution_totals WHERE {where}"
+        " GROUP BY institution_id",
+        params,
+    ):
+        totals[str(inst)] = rules.Totals(int(count), int(total), int(account))
+    rows = client.execute(
+        "SELECT institution_id, request_id, kind, amount_fen, account_fen, line, imported_at_ms"
+        f" FROM institution_details WHERE {where}",
+        params,
+    )
+    latest: dict[str, int] = {}
+    for row in rows:
+        latest[row[0]] = max(latest.get(row[0], 0), int(row[6]))
+    lines = [
+        rules.DetailLine(
+            str(inst),
+            day,
+            str(request_id),
+            rules.DetailKind(kind),
+            int(amount),
+            int(account),
+            int(line),
+        )
+        for inst, request_id, kind, amount, account, line, imported in rows
+        if int(imported) == latest[inst]
+    ]
+    return totals, lines, set(latest)
+
+
+# ---------------------------------------------------------------------------- import
+
+
+@recon_app.command("import")
+def import_(
+    file: Annotated[
+        Path, typer.Argument(help="daily totals CSV (对总账)", exists=True, dir_okay=False)
+    ],
+    detail: Annotated[
+        Path | None,
+        typer.Option(
+            help="detail lines CSV (one line per transaction)", exists=True, dir_okay=False
+        ),
+    ] = None,
+) -> None:
+    """Import an institution's daily totals (对总账) and, optionally, its detail lines.
+
+    Totals CSV header: institution_id,day,count,total_amount,account_amount — one line per
+    institution and day; day YYYY-MM-DD (Beijing); count = transactions (swipes that stand,
+    i.e. not reversed, plus refunds); amounts in yuan with at most two decimals, net of
+    refunds (account_amount: paid from personal accounts, the amount the fund owes).
+
+    Detail CSV header: institution_id,day,request_id,kind,amount,account_amount — one line
+    per transaction; request_id = terminal id:trace number; kind swipe or refund.
+
+    Every error is reported with its file and line, and then nothing is stored. A file
+    imported again replaces the earlier import of the same institution and day.
+    """
+    totals, errors = rules.parse_totals(file.read_text(encoding="utf-8-sig"), str(file))
+    details: list[rules.DetailLine] = []
+    if detail is not None:
+        details, detail_errors = rules.parse_details(
+            detail.read_text(encoding="utf-8-sig"), str(detail)
+        )
+        errors += detail_errors
+    if errors:
+        for message in errors:
+            err.print(f"[red]{escape(message)}[/]")
+        raise _fail(f"{len(errors)} error(s); nothing imported")
+    from stream_jobs import ch
+
+    client = _clickhouse(get_settings())
+    imported_at_ms = time.time_ns() // 1_000_000
+    client.execute(
+        "INSERT INTO institution_totals (institution_id, day, count, total_fen, account_fen,"
+        " source_file, line, imported_at_ms) VALUES",
+        [
+            (
+                r.institution_id,
+                ch.day_date(r.day),
+                r.totals.count,
+                r.totals.amount_fen,
+                r.totals.account_fen,
+                str(file),
+                r.line_no,
+                imported_at_ms,
+            )
+            for r in totals
+        ],
+    )
+    if details:
+        client.execute(
+            "INSERT INTO institution_details (institution_id, day, request_id, kind, amount_fen,"
+            " account_fen, source_file, line, imported_at_ms) VALUES",
+            [
+                (
+                    d.institution_id,
+                    ch.day_date(d.day),
+                    d.request_id,
+                    d.kind.value,
+                    d.amount_fen,
+                    d.account_fen,
+                    str(detail),
+                    d.line_no,
+                    imported_at_ms,
+                )
+                for d in details
+            ],
+        )
+    table = Table(title=f"imported {file.name}" + (f" and {detail.name}" if detail else ""))
+    for column in ("institution", "day", "count", "total ¥", "account ¥", "detail lines"):
+        table.add_column(column, justify="left" if column in ("institution", "day") else "right")
+    for r in totals:
+        n = sum(1 for d in details if (d.institution_id, d.day) == (r.institution_id, r.day))
+        assert r.totals.amount_fen is not None
+        table.add_row(
+            r.institution_id,
+            rules.iso_day(r.day),
+            str(r.totals.count),
+            format_yuan(r.totals.amount_fen),
+            format_yuan(r.totals.account_fen),
+            str(n),
+        )
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+@dataclass
+class Report:
+    day: int
+    rows: list[rules.ReconRow]
+    diffs: list[rules.DetailDiff]
+    flows: dict[str, Any]  # institution → stream_jobs.ch.DailyTotals
+    detail_institutions: set[str]
+
+    @property
+    def differences(self) -> int:
+        return sum(1 for r in self.rows if r.status != rules.Status.MATCHED) + len(self.diffs)
+
+
+def reconcile(settings: Settings, day: int, institution: str | None) -> Report:
+    bootstrap, _url = _servers(settings)
+    client = _clickhouse(settings)
+    try:
+        records = read_settlements(bootstrap)
+    except Exception as exc:
+        raise _fail(f"reading {topics.SETTLEMENTS.name}: {type(exc).__name__}: {exc}") from exc
+    settled = rules.settlement_totals(records, day)
+    if institution is not None:
+        settled = {k: v for k, v in settled.items() if k == institution}
+    log_totals, log_lines, flows = log_figures(client, day, institution)
+    file_totals, file_lines, with_details = _file_view(client, day, institution)
+    rows = rules.compare_totals(settled, log_totals, file_totals)
+    diffs = rules.compare_details(log_lines, file_lines, with_details)
+    return Report(day, rows, diffs, flows, with_details)
+
+
+def _money(totals: rules.Totals | None, what: str) -> str:
+    if totals is None:
+        return "—"
+    value = totals.account_fen if what == "account" else totals.amount_fen
+    return "n/a" if value is None else format_yuan(value)
+
+
+STATUS_STYLE = {
+    rules.Status.MATCHED: "green",
+    rules.Status.MISMATCHED: "red",
+    rules.Status.MISSING_IN_FILE: "yellow",
+    rules.Status.MISSING_IN_MEDCLEAR: "yellow",
+}
+
+
+def _print(report: Report) -> None:
+    table = Table(title=f"reconciliation {rules.iso_day(report.day)} (Beijing)")
+    table.add_column("institution")
+    table.add_column("status")
+    table.add_column("count\nsettle / log / file", justify="right")
+    table.add_column("account ¥\nsettle / log / file", justify="right")
+    table.add_column("total ¥\nlog / file", justify="right")
+    table.add_column("notes")
+    for r in report.rows:
+        counts = " / ".join(
+            "—" if t is None else str(t.count) for t in (r.settlement, r.log, r.file)
+        )
+        account = " / ".join(_money(t, "account") for t in (r.settlement, r.log, r.file))
+        total = " / ".join(_money(t, "total") for t in (r.log, r.file))
+        style = STATUS_STYLE[r.status]
+        table.add_row(
+            r.institution_id,
+            f"[{style}]{r.status.value}[/]",
+            counts,
+            account,
+            total,
+            escape("; ".join(r.notes)),
+        )
+    console.print(table)
+    if report.diffs:
+        detail = Table(title="detail differences (transaction by transaction)")
+        for column in ("institution", "request id", "kind", "issue", "medclear ¥", "institution ¥"):
+            detail.add_column(column)
+        for d in report.diffs:
+            detail.add_row(
+                d.institution_id,
+                d.request_id,
+                d.kind.value,
+                d.issue.value,
+                _line_money(d.medclear),
+                _line_money(d.institution),
+            )
+        console.print(detail)
+    console.print(summary(report))
+
+
+def summary(report: Report) -> str:
+    """`2 matched, 1 mismatched; 3 detail difference(s)`."""
+    by_status = {s: sum(1 for r in report.rows if r.status == s) for s in rules.Status}
+    head = ", ".join(f"{n} {s.value}" for s, n in by_status.items() if n) or "no institutions"
+    return f"{head}; {len(report.diffs)} detail difference(s)"
+
+
+def _line_money(line: rules.DetailLine | None) -> str:
+    if line is None:
+        return "—"
+    return f"{format_yuan(line.amount_fen)} (account {format_yuan(line.account_fen)})"
+
+
+def _default_report(settings: Settings, day: int) -> Path:
+    return settings.state_dir / "reports" / f"recon-{rules.iso_day(day)}.html"
+
+
+DateOpt = Annotated[str | None, typer.Option("--date", help="Beijing day YYYY-MM-DD")]
+InstitutionOpt = Annotated[str | None, typer.Option(help="only this institution id")]
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option(help="HTML report path; default .medclear/reports/recon-<day>.html"),
+]
+
+
+def _run(date: str, institution: str | None, report_path: Path | None) -> None:
+    try:
+        day = rules.day_number(date)
+    except ValueError as exc:
+        raise _fail(f"--date {date!r} is not YYYY-MM-DD") from exc
+    settings = get_settings()
+    report = reconcile(settings, day, institution)
+    _print(report)
+    path = report_path or _default_report(settings, day)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(report), encoding="utf-8")
+    console.print(f"report: {path}")
+    if report.differences:
+        raise typer.Exit(code=EXIT_DIFFERENCES)
+
+
+@recon_app.callback()
+def recon(
+    ctx: typer.Context,
+    date: DateOpt = None,
+    institution: InstitutionOpt = None,
+    report: ReportOpt = None,
+) -> None:
+    """Reconcile one Beijing day (--date) or run a subcommand (import, run, check).
+
+    Exit code 0: everything matched; 2: differences found (listed, and in the report);
+    1: the comparison could not run.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if date is None:
+        console.print(ctx.get_help())
+        raise typer.Exit(code=0)
+    _run(date, institution, report)
+
+
+@recon_app.command("run")
+def run(
+    date: Annotated[str, typer.Option("--date", help="Beijing day YYYY-MM-DD")],
+    institution: InstitutionOpt = None,
+    report: ReportOpt = None,
+) -> None:
+    """Compare one Beijing day: medclear's settlement, the ClickHouse log and each
+    institution's imported file; print matched / mismatched / missing per institution and
+    the transactions missing on either side; write a self-contained HTML report with a
+    chart of each institution's flow (approved, reversed, refunded, net).
+
+    Settlement's figures for the day include the adjustment lines of later days that name
+    it (late reversals and refunds after the cut-off). Its total amount (with cash) is
+    not kept by settlement; that column compares the log and the file."""
+    _run(date, institution, report)
+
+
+# ---------------------------------------------------------------------------- check
+
+
+@recon_app.command("check")
+def check() -> None:
+    """Conservation over all persons and institutions: credits − balances = settled + pending.
+
+    credits: every allocation (拨付) in the events topic; balances: each person's balance
+    after their last money event (partition order = decision order); settled / pending:
+    the net of the closed / open days on the settlements topic. Each event counts once
+    (by id). Any difference is reported (exit 2); a difference that goes away on a second
+    run was the settlement job catching up. Per person, the log's own arithmetic is also
+    checked against the balance the worker recorded."""
+    settings = get_settings()
+    bootstrap, _url = _servers(settings)
+    try:
+        accounts = read_accounts(bootstrap)
+        records = read_settlements(bootstrap)
+    except Exception as exc:
+        raise _fail(f"reading the topics: {type(exc).__name__}: {exc}") from exc
+    settled, pending = rules.settled_and_pending(records)
+    result = rules.Conservation(accounts.credits_fen, accounts.balances_fen, settled, pending)
+    table = Table(title="conservation: credits − balances = settled + pending")
+    table.add_column("figure")
+    table.add_column("¥", justify="right")
+    for name, fen in (
+        ("credits (allocations)", result.credits_fen),
+        (f"balances ({accounts.persons:,} persons)", result.balances_fen),
+        (
+            f"settled ({sum(1 for r in records if r.closed):,} closed institution-days)",
+            result.settled_fen,
+        ),
+        (
+            f"pending ({sum(1 for r in records if not r.closed):,} open institution-days)",
+            result.pending_fen,
+        ),
+        ("difference", result.difference_fen),
+    ):
+        table.add_row(name, format_yuan(fen))
+    console.print(table)
+    console.print(
+        f"{accounts.events:,} money events read once ({accounts.redelivered:,} "
+        "redelivered copies skipped)"
+    )
+    people = accounts.person_differences or []
+    for masked, balance, expected in people[:20]:
+        console.print(
+            f"[red]person {masked}: balance {format_yuan(balance)}, the log's "
+            f"arithmetic {format_yuan(expected)}[/]"
+        )
+    if result.holds and not people:
+        console.print("[green]money is conserved[/]")
+        return
+    err.print(
+        f"[bold red]difference:[/] {format_yuan(result.difference_fen)} "
+        f"({len(people)} person(s) inconsistent)"
+    )
+    raise typer.Exit(code=EXIT_DIFFERENCES)
+
+
+# ---------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0}
+th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
+th:first-child,td:first-child{text-align:left}
+.matched{color:#1a7f37}.mismatched{color:#cf222e;font-weight:bold}.missing{color:#9a6700}
+.note{color:#555;text-align:left}
+"""
+BAR_COLOURS = {
+    "approved": "#2da44e",
+    "reversed": "#cf222e",
+    "refunded": "#bf8700",
+    "net": "#0969da",
+}
+CHART_BAR_PX = 14
+CHART_WIDTH_PX = 420
+
+
+def _flow_chart(flows: dict[str, Any]) -> str:
+    """An inline SVG: per institution, horizontal bars for approved, reversed, refunded
+    (paid from / returned to accounts) and the net owed."""
+    if not flows:
+        return "<p>No money moved in the log on this day.</p>"
+    series = {
+        inst: {
+            "approved": t.approved_account_fen,
+            "reversed": t.reversed_fen,
+            "refunded": t.refunded_fen,
+            "net": t.net_fen,
+        }
+        for inst, t in sorted(flows.items())
+    }
+    scale = max(1, max(abs(v) for s in series.values() for v in s.values()))
+    label_px, row_px = 130, CHART_BAR_PX * 4 + 14
+    height = row_px * len(series) + 30
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_px + CHART_WIDTH_PX + 120}" '
+        f'height="{height}" role="img" aria-label="flow per institution">'
+    ]
+    for i, (inst, values) in enumerate(series.items()):
+        top = i * row_px + 10
+        parts.append(
+            f'<text x="0" y="{top + 2 * CHART_BAR_PX}" font-size="12">{html.escape(inst)}</text>'
+        )
+        for j, (name, fen) in enumerate(values.items()):
+            y = top + j * CHART_BAR_PX
+            width = round(abs(fen) * CHART_WIDTH_PX / scale)
+            parts.append(
+                f'<rect x="{label_px}" y="{y}" width="{width}" height="{CHART_BAR_PX - 2}" '
+                f'fill="{BAR_COLOURS[name]}"><title>{name} ¥{format_yuan(fen)}</title></rect>'
+            )
+            parts.append(
+                f'<text x="{label_px + width + 4}" y="{y + CHART_BAR_PX - 4}" '
+                f'font-size="10">{name} ¥{format_yuan(fen)}</text>'
+            )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _cells(*values: str) -> str:
+    return "".join(f"<td>{html.escape(v)}</td>" for v in values)
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML page (inline CSS and SVG, no scripts)."""
+    day = rules.iso_day(report.day)
+    rows: list[str] = []
+    for r in report.rows:
+        css = {"matched": "matched", "mismatched": "mismatched"}.get(r.status.value, "missing")
+        rows.append(
+            f'<tr><td>{html.escape(r.institution_id)}</td><td class="{css}">'
+            f"{html.escape(r.status.value)}</td>"
+            + _cells(*("—" if t is None else str(t.count) for t in (r.settlement, r.log, r.file)))
+            + _cells(*(_money(t, "account") for t in (r.settlement, r.log, r.file)))
+            + _cells(*(_money(t, "total") for t in (r.log, r.file)))
+            + f'<td class="note">{html.escape("; ".join(r.notes))}</td></tr>'
+        )
+    diff_rows = [
+        "<tr>"
+        + _cells(
+            d.institution_id,
+            d.request_id,
+            d.kind.value,
+            d.issue.value,
+            _line_money(d.medclear),
+            _line_money(d.institution),
+        )
+        + "</tr>"
+        for d in report.diffs
+    ]
+    details_note = (
+        "Detail lines were compared for: " + ", ".join(sorted(report.detail_institutions)) + "."
+        if report.detail_institutions
+        else "No institution sent detail lines for this day."
+    )
+    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"""<!DOCTYPE html>
+<html lang="zh-CN"><head><meta charset="utf-8">
+<title>medclear reconciliation {day}</title><style>{CSS}</style></head>
+<body>
+<h1>Reconciliation (对账) {day} (Beijing)</h1>
+<p>{html.escape(summary(report))}. Generated {generated}.</p>
+<h2>Totals per institution</h2>
+<table><tr><th>institution</th><th>status</th><th>count settlement</th><th>count log</th>
+<th>count file</th><th>account ¥ settlement</th><th>account ¥ log</th><th>account ¥ file</th>
+<th>total ¥ log</th><th>total ¥ file</th><th>notes</th></tr>
+{"".join(rows)}</table>
+<p>Counts are transactions: swipes that stand (not reversed) plus refunds. Account amounts
+are net: paid from personal accounts − reversed − refunded, what the fund owes. Settlement
+does not keep the cash part, so total amounts compare the log with the file.</p>
+<h2>The day's flow per institution (personal accounts, from the log)</h2>
+{_flow_chart(report.flows)}
+<h2>Detail differences</h2>
+<p>{html.escape(details_note)}</p>
+<table><tr><th>institution</th><th>request id</th><th>kind</th><th>issue</th>
+<th>medclear</th><th>institution</th></tr>
+{"".join(diff_rows) or '<tr><td colspan="6">none</td></tr>'}</table>
+</body></html>
+"""
+
+
+def iter_report_lines(report: Report) -> Iterator[str]:
+    """A plain-text summary of a report (for logs and notes)."""
+    for r in report.rows:
+        yield f"{r.institution_id}: {r.status.value}" + (
+            f" ({'; '.join(r.notes)})" if r.notes else ""
+        )
+    for d in report.diffs:
+        yield f"{d.institution_id} {d.request_id} {d.kind.value}: {d.issue.value}"

@@ -1,0 +1,239 @@
+"""The gRPC side of the command path: send a command to its person's partition and wait
+for the worker's reply.
+
+Reply mechanism (see docs/ARCHITECTURE.md): each gateway/registry process owns a
+one-partition reply topic `medclear.replies.<instance>`. A command record carries the
+reply topic and a fresh correlation id in its headers; the worker sends the reply there
+with the same correlation id; a single consumer task resolves the waiting future. No
+consumer group, no faust `ask()`: measured faster and it does not stall under load.
+
+The same process follows `medclear.card-index` (card token → the social security number,
+sealed under the person data key; the topic holds no card number and no ssn in clear,
+see clearing/redact.py) so that requests which only carry a card number reach the right
+partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from clearing import codec
+from clearing.model import Command, Reply
+from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
+from medclear.infra import topics
+from medclear.infra.kafka_admin import ensure_topics
+from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO
+from medclear.streams.poll import IdleBackoff, Poller
+from monitoring import metrics
+
+log = structlog.get_logger()
+
+INDEX_SYNC_TIMEOUT_S = 2.0  # how long a card-index miss waits for the index to catch up
+PENDING_MAX = 10_000  # requests in flight per process; beyond it requests are refused
+REPLIES_PER_POLL_MAX = 1_000
+INDEX_RECORDS_PER_POLL_MAX = 5_000
+IDLE_REPLY_WAKE_S = 1.0  # with no request in flight, the reply loop looks anyway this often
+REPLY_SPIN_BACKOFF_S = (0.0, 0.0)  # in flight: no back-off at all, replies are due within ms
+REPLY_BACKOFF_S = (0.0005, 0.002)  # … or, not spinning (MEDCLEAR_KAFKA_IDLE_SPIN_MS=0), short
+INDEX_BACKOFF_S = (0.002, 0.5)  # new cards are rare; a miss polls at once (sync_index)
+
+
+class BusUnavailable(RuntimeError):
+    """The broker cannot take the command now."""
+
+
+class CommandBus:
+    def __init__(
+        self,
+        bootstrap: str,
+        instance_id: str,
+        tokens: CardTokens,
+        person: Sealer,
+        spin_replies: bool = True,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.tokens = tokens
+        self.person = person  # opens the card index's sealed ssn and the sealed replies
+        self._asked = asyncio.Event()  # a request was sent: replies are due
+        self._index_poller: Poller | None = None
+        self._reply_backoff_s = REPLY_SPIN_BACKOFF_S if spin_replies else REPLY_BACKOFF_S
+        self._index_backoff_s = INDEX_BACKOFF_S
+        self.reply_topic = topics.reply_topic(instance_id)
+        self._pending: dict[bytes, asyncio.Future[Reply]] = {}
+        self._card_index: dict[str, str] = {}  # card token → ssn
+        self._index_tps: list[TopicPartition] = []
+        self._producer: AIOKafkaProducer | None = None
+        self._replies: AIOKafkaConsumer | None = None
+        self._index: AIOKafkaConsumer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await ensure_topics(self.bootstrap, {self.reply_topic: 1})
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, enable_idempotence=False
+        )
+        await self._producer.start()
+        self._replies = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
+        )
+        await self._replies.start()
+        reply_tp = TopicPartition(self.reply_topic, 0)
+        self._replies.assign([reply_tp])
+        await self._replies.seek_to_end(reply_tp)
+        self._index = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
+        )
+        await self._index.start()
+        await self._index.topics()  # refreshes metadata
+        parts = self._index.partitions_for_topic(topics.CARD_INDEX.name) or {0}
+        self._index_tps = [TopicPartition(topics.CARD_INDEX.name, p) for p in sorted(parts)]
+        self._index.assign(self._index_tps)
+        await self._index.seek_to_beginning(*self._index_tps)
+        self._tasks = [
+            asyncio.create_task(self._reply_loop(), name="replies"),
+            asyncio.create_task(self._index_loop(), name="card-index"),
+        ]
+        await self.sync_index(timeout_s=60.0)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for client in (self._producer, self._replies, self._index):
+            if client is not None:
+                await client.stop()
+        for fut in self._pending.values():
+            fut.cancel()
+
+    # ------------------------------------------------------------------ commands
+    async def request(self, command: Command, timeout_s: float) -> Reply | None:
+        """Send a command and wait for its reply; None when the deadline passed first
+        (the outcome is then unknown to the caller: the command may still be decided)."""
+        if self._producer is None:
+            raise BusUnavailable("bus not started")
+        if len(self._pending) >= PENDING_MAX:
+            raise BusUnavailable("too many requests in flight")
+        correlation = uuid.uuid4().hex.encode()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = future
+        self._asked.set()  # wakes the reply loop
+        try:
+            await self._producer.send_and_wait(
+                topics.COMMANDS.name,
+                key=command.ssn.encode(),
+                value=codec.encode(command),
+                headers=[
+                    (HEADER_REPLY_TO, self.reply_topic.encode()),
+                    (HEADER_CORRELATION, correlation),
+                ],
+            )
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return None
+        except Exception as exc:  # the broker refused or is gone
+            raise BusUnavailable(str(exc)) from exc
+        finally:
+            self._pending.pop(correlation, None)
+
+    async def _reply_loop(self) -> None:
+        """Replies arrive only for requests in flight: with none, the reply partition is
+        paused and the loop sleeps until a request is sent (no fetch at all while idle);
+        with some, it polls with the short, flat back-off of the decision path."""
+        assert self._replies is not None
+        poller = Poller(self._replies, REPLIES_PER_POLL_MAX, IdleBackoff(*self._reply_backoff_s))
+        while True:
+            if not self._pending:
+                await self._sleep_until_asked()
+                continue
+            fetched = await poller.fetch()
+            for records in fetched.values():
+                for record in records:
+                    self._resolve(record)
+            if not fetched:
+                await poller.idle()
+
+    async def _sleep_until_asked(self) -> None:
+        assert self._replies is not None
+        paused = [tp for tp in self._replies.assignment() if tp not in self._replies.paused()]
+        self._replies.pause(*paused)
+        self._asked.clear()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._asked.wait(), IDLE_REPLY_WAKE_S)
+        finally:
+            self._replies.resume(*paused)
+
+    def _resolve(self, record: Any) -> None:
+        correlation = next((v for k, v in record.headers or () if k == HEADER_CORRELATION), None)
+        future = self._pending.get(correlation) if correlation else None
+        if future is None or future.done():
+            return  # a reply for a request that timed out, or of an earlier process
+        try:
+            future.set_result(codec.decode(self.person.open_bytes(record.value)))
+        except (codec.CodecError, SealError) as exc:
+            metrics.UNDECODABLE.labels(self.reply_topic).inc()
+            future.set_exception(exc)
+
+    # ------------------------------------------------------------------ card index
+    async def resolve_ssn(self, card_no: str) -> str | None:
+        """The person a card belongs to; on a miss, first let the index catch up."""
+        ref = self.tokens.card_ref(card_no)
+        ssn = self._card_index.get(ref)
+        if ssn is None:
+            await self.sync_index(INDEX_SYNC_TIMEOUT_S)
+            ssn = self._card_index.get(ref)
+        return ssn
+
+    def card_owner(self, card_no: str) -> str | None:
+        """The person the index holds for a card now, without waiting for it to catch up
+        (so a card issued a moment ago elsewhere may not be in it yet)."""
+        return self._card_index.get(self.tokens.card_ref(card_no))
+
+    async def sync_index(self, timeout_s: float) -> None:
+        """Wait until the index holds everything on the broker now (bounded wait)."""
+        assert self._index is not None
+        if self._index_poller is not None:
+            self._index_poller.backoff.reset()  # a miss: poll at the shortest wait again
+        ends = await self._index.end_offsets(self._index_tps)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            positions = [await self._position(tp) for tp in ends]
+            if all(pos >= end for pos, end in zip(positions, ends.values(), strict=True)):
+                return
+            await asyncio.sleep(0.005)
+        log.warning("card index did not catch up", timeout_s=timeout_s)
+
+    async def _position(self, tp: TopicPartition) -> int:
+        assert self._index is not None
+        return int(await self._index.position(tp))
+
+    async def _index_loop(self) -> None:
+        assert self._index is not None
+        poller = Poller(
+            self._index, INDEX_RECORDS_PER_POLL_MAX, IdleBackoff(*self._index_backoff_s)
+        )
+        while True:
+            fetched = await poller.fetch()
+            for records in fetched.values():
+                for record in records:
+                    if record.key and record.value:
+                        self._index_record(record.key, record.value)
+            if not fetched:
+                await poller.idle()
+
+    def _index_record(self, key: bytes, value: bytes) -> None:
+        try:
+            self._card_index[key.decode()] = card_index_owner(value, self.person)
+        except SealError as exc:  # not sealed under this key: no card of ours
+            metrics.UNDECODABLE.labels(topics.CARD_INDEX.name).inc()
+            log.warning("card index record not opened", error=str(exc))

@@ -1,0 +1,71 @@
+"""Topics created on the broker: each missing one with its partition count, the compacted
+ones with cleanup.policy=compact. The names live in medclear.infra.topics, which imports
+no Kafka client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from medclear.infra.topics import COMPACTED
+
+TOPIC_VISIBLE_WAIT_S = 10.0  # after creation, until every topic is described
+TOPIC_VISIBLE_POLL_S = 0.1
+ADMIN_REQUEST_TIMEOUT_MS = 15_000
+ERROR_NONE = 0
+ERROR_TOPIC_ALREADY_EXISTS = 36  # a concurrent creator
+
+
+class TopicError(RuntimeError):
+    """A topic could not be created as asked, or exists with another partition count."""
+
+
+async def ensure_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
+    """Create each missing topic with its partition count (replication 1) and wait until
+    all are visible. Idempotent; an existing topic with another count is a TopicError."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                name=name,
+                num_partitions=count,
+                replication_factor=1,
+                topic_configs={"cleanup.policy": "compact"} if name in COMPACTED else {},
+            )
+            for name, count in partitions.items()
+            if name not in existing
+        ]
+        if missing:
+            response = await admin.create_topics(missing)
+            for entry in response.topic_errors:
+                name, code = entry[0], entry[1]
+                if code not in (ERROR_NONE, ERROR_TOPIC_ALREADY_EXISTS):
+                    message = entry[2] if len(entry) > 2 else ""
+                    raise TopicError(f"creating topic {name} failed: error {code} {message}")
+        deadline = time.monotonic() + TOPIC_VISIBLE_WAIT_S
+        while True:
+            found: dict[str, int] = {}
+            for topic in await admin.describe_topics(list(partitions)):
+                if topic["error_code"] == ERROR_NONE:
+                    found[topic["topic"]] = len(topic["partitions"])
+            for name, count in partitions.items():
+                if name in found and found[name] != count:
+                    raise TopicError(
+                        f"topic {name} exists with {found[name]} partitions, "
+                        f"expected {count} (delete it or change the setting)"
+                    )
+            if all(name in found for name in partitions):
+                return
+            if time.monotonic() >= deadline:
+                absent = sorted(set(partitions) - set(found))
+                raise TopicError(f"topics not visible after creation: {absent}")
+            await asyncio.sleep(TOPIC_VISIBLE_POLL_S)
+    finally:
+        await admin.close()

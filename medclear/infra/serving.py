@@ -1,0 +1,49 @@
+"""A gRPC server in front of the command topic (the gateway, the card registry): the
+command bus started first, health and reflection served, READY set while serving."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import structlog
+
+from clearing.redact import PERSON
+from medclear.infra.bus import CommandBus
+from medclear.infra.rpc import create_server
+from medclear.infra.settings import get_settings
+from medclear.infra.tokens import load_card_tokens, load_sealer
+from monitoring import metrics
+
+
+async def serve_commands(
+    process: str,
+    bootstrap: str,
+    instance_id: str,
+    address: str,
+    service_name: str,
+    register: Callable[[CommandBus, grpc.aio.Server], None],
+    pki_dir: Path | None = None,
+) -> None:
+    """Run a gRPC server whose servicer talks to the command bus, until terminated:
+    start the bus, serve with health and reflection, mark the process ready; on the way
+    out, not ready first, then stop the server (2 s grace) and the bus."""
+    settings = get_settings()
+    bus = CommandBus(bootstrap, instance_id, load_card_tokens(settings),
+                     load_sealer(settings, PERSON),
+                     spin_replies=settings.kafka_idle_spin_ms != 0)  # fmt: skip
+    await bus.start()
+    server, bound, _health = await create_server(
+        address, lambda s: register(bus, s), [service_name], pki_dir
+    )
+    metrics.READY.set(1)
+    structlog.get_logger(process=process).info(
+        f"{process} serving", port=bound, reply_topic=bus.reply_topic
+    )
+    try:
+        await server.wait_for_termination()
+    finally:
+        metrics.READY.set(0)
+        await server.stop(grace=2)
+        await bus.stop()

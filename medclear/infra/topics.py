@@ -1,0 +1,76 @@
+"""Every Kafka topic medclear uses, with its key and partitioning, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medclear.infra.settings import Settings
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    key: str
+    purpose: str
+
+
+COMMANDS = Topic(
+    "medclear.commands",
+    key="social security number",
+    purpose="every command on a person's aggregate (swipes, window operations, credits)",
+)
+EVENTS = Topic(
+    "medclear.events",
+    key="person token (keyed hash of the ssn, clearing/redact.py): one partition per person",
+    purpose="what the clearing workers decided, as published: no card number, ssn, name or "
+    "phone in clear; read by every downstream job",
+)
+CARD_INDEX = Topic(
+    "medclear.card-index",
+    key="card token (keyed hash of the card number, clearing/redact.py)",
+    purpose="card token -> the owner's ssn sealed under the person data key, for requests "
+    "that lack the ssn",
+)
+ALERTS = Topic(
+    "medclear.alerts",
+    key="person token",
+    purpose="abnormal transactions flagged by the abnormal job (clearing/abnormal.py)",
+)
+SETTLEMENT_INPUT = Topic(
+    "medclear.settlement-input",
+    key="institution id",
+    purpose="settlement's events re-keyed by institution, and its close ticks",
+)
+SETTLEMENTS = Topic(
+    "medclear.settlements",
+    key="institution:YYYY-MM-DD",
+    purpose="an institution's day: open updates, then the closed record (compacted)",
+)
+COMPACTED = {SETTLEMENTS.name}  # created with cleanup.policy=compact: the latest record per key
+SMS_OUTCOMES = Topic(
+    "medclear.sms-outcomes",
+    key="event id",
+    purpose="what became of each event's SMS (submitted, failed, suppressed, receipts)",
+)
+REPLY_PREFIX = "medclear.replies."  # + gateway instance id; one partition each
+# Headers of a command record: where the worker sends the reply, and the id the waiting
+# gateway or registry matches it by (medclear/infra/bus.py).
+HEADER_REPLY_TO = "reply-to"
+HEADER_CORRELATION = "correlation-id"
+
+
+def reply_topic(instance_id: str) -> str:
+    return REPLY_PREFIX + instance_id
+
+
+def partitions(settings: Settings) -> dict[str, int]:
+    """The topics `medclear up` creates before any worker starts, with partition counts."""
+    return {
+        COMMANDS.name: settings.command_partitions,
+        EVENTS.name: settings.event_partitions,
+        SMS_OUTCOMES.name: settings.event_partitions,
+        CARD_INDEX.name: 1,
+        ALERTS.name: settings.event_partitions,
+        SETTLEMENT_INPUT.name: settings.event_partitions,
+        SETTLEMENTS.name: settings.event_partitions,
+    }

@@ -1,0 +1,364 @@
+"""The demo's traffic: a day at the counters of a city, compressed into a few minutes.
+
+Many terminals at pharmacies and hospitals swipe seeded cards (some with a wrong PIN);
+now and then a terminal reverses or refunds one of its approved swipes; service windows
+take loss reports (a thief then tries the card at other counters: declined, flagged,
+one SMS), release some of them, and leave others to lapse through the pre-loss timer
+(the demo district's pre-loss lives 90 seconds); a regular customer keeps buying at
+pharmacies until the daily pharmacy limit refuses. A live panel shows swipes/s, p99,
+declines by code and SMS sent. Everything the terminals were told is kept, so at the
+end each institution's own totals file (what its POS saw) is written and imported, and
+the day is reconciled against medclear's settlement and the ClickHouse log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
+from clearing.codes import InstitutionType, ResultCode
+from clearing.model import Institution
+from medclear.infra.pki import Role
+from medclear.infra.rpc import aio_channel
+from medclear.infra.terminals import Keyring
+from medclear.sim.city import Resident
+from medclear.sim.traffic import RPC_TIMEOUT_S, Swipe, authorize_request
+from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+DEMO_DISTRICT = "310115"  # pre-loss lifetime 90 s in medclear/data/pre_loss_policy_demo.csv
+REVERSAL_RATE = 0.02
+REFUND_RATE = 0.02
+LOSS_EVERY_S = 8.0  # a window takes a loss report this often
+THIEF_ATTEMPTS = 3  # swipes tried on a reported card, at different terminals
+RELEASE_SHARE = 0.5  # reports released at the window; the rest lapse or stay
+WRONG_PIN_RATE = 0.02
+APPROVED = (ResultCode.OK, ResultCode.PARTIALLY_APPROVED)
+
+
+@dataclass
+class Sale:
+    """An approved swipe as the terminal saw it (for reversals, refunds, its own file)."""
+
+    terminal_id: str
+    trace: int
+    card_no: str
+    institution_id: str
+    amount_fen: int
+    account_fen: int
+    day: str
+    refunded_fen: int = 0
+    refund_trace: int = 0
+    reversed: bool = False
+
+
+@dataclass
+class DemoStats:
+    started: float = field(default_factory=time.perf_counter)
+    results: Counter[str] = field(default_factory=Counter)
+    ops: Counter[str] = field(default_factory=Counter)
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=20_000))
+    latencies_ms: list[float] = field(default_factory=list)
+    sales: list[Sale] = field(default_factory=list)
+    sms_sent: float = 0.0
+    alerts: float = 0.0
+
+    def swipe_done(self, latency_ms: float, result: str) -> None:
+        now = time.perf_counter()
+        self.results[result] += 1
+        self.latencies_ms.append(latency_ms)
+        self.recent.append((now, latency_ms))
+
+    def window_figures(self, seconds: float = 10.0) -> tuple[float, float]:
+        """Swipes/s and p99 over the last `seconds`."""
+        now = time.perf_counter()
+        last = [ms for at, ms in self.recent if at >= now - seconds]
+        if not last:
+            return 0.0, 0.0
+        ordered = sorted(last)
+        span = min(seconds, now - self.started) or 1.0
+        return len(last) / span, ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def panel(stats: DemoStats, minutes: float) -> Group:
+    rate, p99 = stats.window_figures()
+    elapsed = time.perf_counter() - stats.started
+    swipes = sum(stats.results.values())
+    approved = sum(stats.results[c.name] for c in APPROVED)
+    head = Table(
+        title=f"medclear demo — {elapsed:,.0f} s of {minutes * 60:,.0f} s", show_header=True
+    )
+    for column in (
+        "swipes",
+        "approved",
+        "declined",
+        "swipes/s (10 s)",
+        "p99 ms (10 s)",
+        "reversals",
+        "refunds",
+        "loss reports",
+        "releases",
+        "SMS sent",
+        "alerts",
+    ):
+        head.add_column(column, justify="right")
+    head.add_row(
+        f"{swipes:,}",
+        f"{approved:,}",
+        f"{swipes - approved:,}",
+        f"{rate:,.0f}",
+        f"{p99:,.1f}",
+        f"{stats.ops['reverse']:,}",
+        f"{stats.ops['refund']:,}",
+        f"{stats.ops['loss_report']:,}",
+        f"{stats.ops['release']:,}",
+        f"{stats.sms_sent:,.0f}",
+        f"{stats.alerts:,.0f}",
+    )
+    codes = Table(title="declines by code")
+    codes.add_column("result")
+    codes.add_column("swipes", justify="right")
+    for code, n in stats.results.most_common():
+        if code not in (c.name for c in APPROVED):
+            codes.add_row(code, f"{n:,}")
+    return Group(head, codes)
+
+
+def prometheus_sum(url: str, metric: str) -> float:
+    query = urllib.parse.urlencode({"query": f"sum({metric})"})
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/query?{query}", timeout=2) as answer:
+            import json
+
+            result = json.load(answer)["data"]["result"]
+        return float(result[0]["value"][1]) if result else 0.0
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0.0
+
+
+class Counters:
+    """Trace numbers per terminal, as a POS keeps them (never reused in a run)."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.next: dict[str, int] = {}
+
+    def take(self, terminal: str) -> int:
+        n = self.next.get(terminal, self.base)
+        self.next[terminal] = n + 1
+        return n
+
+
+async def run(
+    gateway: str,
+    registry: str,
+    prometheus: str,
+    residents: list[Resident],
+    institutions: list[Institution],
+    minutes: float,
+    concurrency: int,
+    keyring: Keyring | None,
+    pki_dir: Path | None,
+    live: Live,
+    stats: DemoStats,
+    seed: int = 2026,
+) -> None:
+    rng = random.Random(seed)
+    deadline = time.perf_counter() + minutes * 60
+    traces = Counters(int(time.time()) % 100_000 * 1_000)
+    payers = [r for r in residents if r.opening_balance_fen > 0]
+    district = [r for i, r in enumerate(residents) if i % 100 == 7]  # the demo district
+    pharmacies = [i for i in institutions if i.type == InstitutionType.PHARMACY]
+    today = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 8 * 3600))
+
+    async with (
+        aio_channel(gateway, Role.TERMINAL, pki_dir) as pos_channel,
+        aio_channel(registry, Role.WINDOW, pki_dir) as window_channel,
+    ):
+        pos = pos_pb2_grpc.PosServiceStub(pos_channel)
+        window = registry_pb2_grpc.CardRegistryServiceStub(window_channel)
+
+        def terminal_of(inst: Institution) -> str:
+            return f"T{inst.institution_id}"
+
+        def sign(terminal: str, request: object) -> object:
+            return keyring.sign(terminal, request) if keyring else request
+
+        async def swipe(r: Resident, inst: Institution, amount: int, pin: str) -> str:
+            terminal = terminal_of(inst)
+            trace = traces.take(terminal)
+            s = Swipe(r.card_no, inst, terminal, trace, amount, pin)
+            started = time.perf_counter()
+            try:
+                reply = await pos.Authorize(authorize_request(s, keyring), timeout=RPC_TIMEOUT_S)
+                code = ResultCode(reply.result)
+            except Exception:  # the deadline passed: a real POS would reverse
+                stats.swipe_done((time.perf_counter() - started) * 1000, "RPC_ERROR")
+                return "RPC_ERROR"
+            stats.swipe_done((time.perf_counter() - started) * 1000, code.name)
+            if code in APPROVED:
+                stats.sales.append(
+                    Sale(
+                        terminal,
+                        trace,
+                        r.card_no,
+                        inst.institution_id,
+                        amount,
+                        reply.paid_from_account_fen,
+                        today,
+                    )
+                )
+            return code.name
+
+        async def after_sale(kind: str) -> None:
+            open_sales = [s for s in stats.sales[-2_000:] if not s.reversed and not s.refunded_fen]
+            if not open_sales:
+                return
+            sale = rng.choice(open_sales)
+            terminal = sale.terminal_id
+            context = common_pb2.TerminalContext(
+                terminal_id=terminal,
+                institution_id=sale.institution_id,
+                trace_number=traces.take(terminal),
+            )
+            if kind == "reverse":
+                reversal = pos_pb2.ReverseRequest(
+                    terminal=context,
+                    original_trace_number=sale.trace,
+                    card_no=sale.card_no,
+                    amount_fen=sale.amount_fen,
+                )
+                reply = await pos.Reverse(sign(terminal, reversal), timeout=RPC_TIMEOUT_S)
+                if ResultCode(reply.result) == ResultCode.OK:
+                    sale.reversed = True
+            else:
+                part = max(1, sale.account_fen // 2)
+                if not sale.account_fen:
+                    return
+                refund = pos_pb2.RefundRequest(
+                    terminal=context,
+                    original_trace_number=sale.trace,
+                    card_no=sale.card_no,
+                    amount_fen=part,
+                )
+                answer = await pos.Refund(sign(terminal, refund), timeout=RPC_TIMEOUT_S)
+                if ResultCode(answer.result) == ResultCode.OK:
+                    sale.refunded_fen, sale.refund_trace = part, context.trace_number
+            stats.ops[kind] += 1
+
+        def window_context(tag: str) -> common_pb2.WindowContext:
+            return common_pb2.WindowContext(
+                window_id="DEMO-W1", operator_id="demo", request_id=f"demo-{tag}-{time.time_ns()}"
+            )
+
+        async def counters() -> None:
+            while time.perf_counter() < deadline:
+                r = rng.choice(payers)
+                roll = rng.random()
+                if roll < REVERSAL_RATE:
+                    await after_sale("reverse")
+                elif roll < REVERSAL_RATE + REFUND_RATE:
+                    await after_sale("refund")
+                else:
+                    inst = rng.choice(institutions)
+                    wrong = rng.random() < WRONG_PIN_RATE
+                    pin = f"{(int(r.pin) + 1) % 10**6:06d}" if wrong else r.pin
+                    await swipe(r, inst, rng.randint(5_00, 120_00), pin)
+
+        async def losses() -> None:
+            while time.perf_counter() < deadline - LOSS_EVERY_S:
+                await asyncio.sleep(LOSS_EVERY_S)
+                victim = rng.choice(district if rng.random() < 0.5 else payers)
+                report = await window.ReportPreLoss(
+                    registry_pb2.CardRequest(window=window_context("loss"), card_no=victim.card_no),
+                    timeout=RPC_TIMEOUT_S,
+                )
+                if ResultCode(report.result) != ResultCode.OK:
+                    continue
+                stats.ops["loss_report"] += 1
+                for inst in rng.sample(institutions, THIEF_ATTEMPTS):  # the thief tries
+                    await swipe(victim, inst, rng.randint(50_00, 300_00), "000000")
+                if victim not in district and rng.random() < RELEASE_SHARE:
+                    await asyncio.sleep(2)
+                    await window.ReleaseLoss(
+                        registry_pb2.CardRequest(
+                            window=window_context("release"), card_no=victim.card_no
+                        ),
+                        timeout=RPC_TIMEOUT_S,
+                    )
+                    stats.ops["release"] += 1
+
+        async def regular() -> None:
+            """One customer buying at pharmacies until the daily limit says no."""
+            r = payers[0]
+            while time.perf_counter() < deadline:
+                inst = rng.choice(pharmacies)
+                if (
+                    await swipe(r, inst, 2_00, r.pin)
+                    == ResultCode.DAILY_PHARMACY_LIMIT_REACHED.name
+                ):
+                    stats.ops["limit_reached"] += 1
+                    return
+                await asyncio.sleep(1)
+
+        async def display() -> None:
+            while time.perf_counter() < deadline:
+                stats.sms_sent = prometheus_sum(prometheus, "medclear_sms_sent_total")
+                stats.alerts = prometheus_sum(prometheus, "medclear_abnormal_alerts_total")
+                live.update(panel(stats, minutes))
+                await asyncio.sleep(1)
+
+        await asyncio.gather(
+            *(counters() for _ in range(concurrency)), losses(), regular(), display()
+        )
+    live.update(panel(stats, minutes))
+
+
+def institution_files(stats: DemoStats, directory: Path) -> list[tuple[Path, Path]]:
+    """What each institution's POS saw today, as its totals and detail files (对总账)."""
+    from clearing.money import format_yuan
+
+    directory.mkdir(parents=True, exist_ok=True)
+    by_inst: dict[str, list[Sale]] = {}
+    for sale in stats.sales:
+        if not sale.reversed:
+            by_inst.setdefault(sale.institution_id, []).append(sale)
+    files: list[tuple[Path, Path]] = []
+    for inst, sales in sorted(by_inst.items()):
+        day = sales[0].day
+        count = len(sales) + sum(1 for s in sales if s.refunded_fen)
+        total = sum(s.amount_fen - s.refunded_fen for s in sales)
+        account = sum(s.account_fen - s.refunded_fen for s in sales)
+        totals = directory / f"{inst}-{day}-totals.csv"
+        totals.write_text(
+            "institution_id,day,count,total_amount,account_amount\n"
+            f"{inst},{day},{count},{format_yuan(total)},{format_yuan(account)}\n"
+        )
+        lines = ["institution_id,day,request_id,kind,amount,account_amount"]
+        for s in sales:
+            lines.append(
+                f"{inst},{day},{s.terminal_id}:{s.trace},swipe,"
+                f"{format_yuan(s.amount_fen)},{format_yuan(s.account_fen)}"
+            )
+            if s.refunded_fen:
+                lines.append(
+                    f"{inst},{day},{s.terminal_id}:{s.refund_trace},refund,"
+                    f"{format_yuan(s.refunded_fen)},{format_yuan(s.refunded_fen)}"
+                )
+        detail = directory / f"{inst}-{day}-detail.csv"
+        detail.write_text("\n".join(lines) + "\n")
+        files.append((totals, detail))
+    return files
