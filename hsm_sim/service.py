@@ -23,8 +23,17 @@ from clearing.codes import ResultCode
 from clearing.validate import mask_card
 from hsm_sim import crypto
 from hsm_sim.crypto import CryptoError, KeyAlgorithm, PinBlockError, PinBlockFormat
-from hsm_sim.keystore import KeyInfo, KeyNotFound, KeyStore, KeyStoreError, KeyType, wrap_key
-from medclear.infra.rpc import create_server, pb_enum, result_pb, shanghai_iso
+from hsm_sim.keystore import (
+    KeyInfo,
+    KeyNotFound,
+    KeyStore,
+    KeyStoreError,
+    KeyType,
+    load_lmk,
+    wrap_key,
+)
+from medclear.infra.rpc import create_server, pb_enum, result_pb, shanghai_iso, system_clock_ms
+from medclear.infra.settings import Settings, key_store_file, lmk_file, pki_dir
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 from monitoring import metrics
 
@@ -311,3 +320,12 @@ async def serve(store: KeyStore, address: str, pki_dir: Path | None = None) -> N
 
 def run(store: KeyStore, address: str, pki_dir: Path | None = None) -> None:
     asyncio.run(serve(store, address, pki_dir))
+
+
+def run_with_settings(settings: Settings, port: int) -> None:
+    """The HSM process: the LMK (from the setting, else its file), the key store under it,
+    served on settings.host. KeyStoreError or OSError if either cannot be read."""
+    secret = settings.hsm_lmk.get_secret_value()
+    lmk = load_lmk(hex_value=secret) if secret else load_lmk(path=lmk_file(settings))
+    store = KeyStore(key_store_file(settings), lmk, system_clock_ms)
+    run(store, f"{settings.host}:{port}", pki_dir(settings))

@@ -1,3 +1,3 @@
-from medclear.cli.main import app
+from medclear.cli.main import main
 
-app()
+main()

@@ -60,12 +60,10 @@ IDLE_BACKOFF_MAX_S = 0.2  # … up to this, and never past a batch's wait (strea
 
 
 def clickhouse_url(settings: Settings) -> str:
-    """settings.clickhouse_url, else the embedded stack's."""
-    if settings.clickhouse_url:
-        return settings.clickhouse_url
-    from medclear import stack
-
-    return stack.load_endpoints(settings).clickhouse_url
+    """Where to write (`medclear serve` fills it in from the running stack if unset)."""
+    if not settings.clickhouse_url:
+        raise ValueError("no ClickHouse to write to: set MEDCLEAR_CLICKHOUSE_URL")
+    return settings.clickhouse_url
 
 
 @dataclasses.dataclass

@@ -25,8 +25,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medclear import stack
 from medclear.bench.perfdoc import DOC, replace_section
+from medclear.infra.policy import load_institutions
 from medclear.infra.settings import Settings, get_settings
+from medclear.infra.stack_state import client_pki_dir
+from medclear.infra.terminals import keyring_for
+from medclear.sim import city, load, traffic
 from medclear.sim.traffic import LatencyStats
 
 console = Console()
@@ -55,32 +60,29 @@ COLUMNS = ("config", "pipeline", "load", "swipes", "done /s", "p50 ms", "p95 ms"
            "max ms", "errors")  # fmt: skip
 
 
-def _measure(settings: Settings, persons: int, plan_size: int, load: str, *, closed: int = 0,
+def _measure(settings: Settings, persons: int, plan_size: int, label: str, *, closed: int = 0,
              rate: float = 0.0) -> LatencyStats:  # fmt: skip
-    from medclear import stack
-    from medclear.cli.main import _progress
-    from medclear.cli.support import client_pki as _pki
-    from medclear.cli.support import keyring_for as _keyring
-    from medclear.infra.policy import load_institutions
-    from medclear.sim import city, traffic
-
     residents = city.residents(persons, SEED)
     institutions = list(load_institutions(settings.institutions_file).values())
     plan = traffic.plan_swipes(residents, institutions, plan_size, SEED, time.time_ns() // 1000)
-    keyring = _keyring(settings, traffic.terminal_ids(plan))
+    keyring = keyring_for(settings, traffic.terminal_ids(plan))
     gateway = stack.load_endpoints(settings).gateway
     stats = LatencyStats()
-    with _progress() as progress:
-        task = progress.add_task(load, total=plan_size, info="")
+    with load.progress_bar() as progress:
+        task = progress.add_task(label, total=plan_size, info="")
 
         def done() -> None:
             info = f"{stats.rate_per_s:,.0f}/s  p99 {stats.percentile(0.99):.1f} ms"
             progress.update(task, advance=1, info=info)
 
         if closed:
-            run = traffic.run_swipes(gateway, plan, closed, stats, done, keyring, _pki(settings))
+            run = traffic.run_swipes(
+                gateway, plan, closed, stats, done, keyring, client_pki_dir(settings)
+            )
         else:
-            run = traffic.run_open_loop(gateway, plan, rate, stats, done, keyring, _pki(settings))
+            run = traffic.run_open_loop(
+                gateway, plan, rate, stats, done, keyring, client_pki_dir(settings)
+            )
         asyncio.run(run)
     return stats
 
@@ -104,12 +106,10 @@ def _workers(settings: Settings) -> list[str]:
 
 def _stack_run(settings: Settings, config: str, persons: int, swipes: int, closed: int,
                rates: list[int], seconds: float, null: bool) -> list[Row]:  # fmt: skip
-    from medclear import stack
-    from medclear.cli.main import _seed
 
     stack.up(settings, console)
     try:
-        _seed(persons, SEED, 32, settings)
+        load.seed_city(persons, SEED, 32, settings)
         rows = _series(settings, config, "full", persons, swipes, closed, rates, seconds)
         if null:
             for name in _workers(settings):

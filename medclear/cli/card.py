@@ -15,8 +15,9 @@ from rich.table import Table
 
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.money import format_yuan, parse_yuan
-from medclear.cli.support import DEFAULT_WINDOW, fail, keyring_for, read_pin
+from medclear.cli.support import DEFAULT_WINDOW, fail, read_pin
 from medclear.infra.rpc import pb_enum
+from medclear.infra.terminals import keyring_for
 from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 card_app = typer.Typer(

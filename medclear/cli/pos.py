@@ -21,10 +21,12 @@ from rich.table import Table
 
 from clearing.codes import ResultCode
 from clearing.money import format_yuan, parse_yuan
-from medclear.cli.support import client_pki, fail, keyring_for, read_pin
+from medclear.cli.support import fail, read_pin
 from medclear.infra.pki import Role
 from medclear.infra.rpc import aio_channel
 from medclear.infra.settings import get_settings
+from medclear.infra.stack_state import client_pki_dir, endpoint
+from medclear.infra.terminals import keyring_for
 
 pos_app = typer.Typer(
     help="Act as a POS terminal at a designated institution (swipe, balance, reverse, "
@@ -45,17 +47,6 @@ PinOpt = Annotated[
 ]
 
 
-def endpoint(name: str) -> str:
-    """host:port of a component of the running stack."""
-    from medclear import stack
-
-    try:
-        endpoints = stack.load_endpoints(get_settings())
-    except stack.StackError as exc:
-        raise fail(str(exc)) from exc
-    return str(getattr(endpoints, name))
-
-
 def _terminal(terminal: str, institution: str, trace: int) -> Any:
     """The TerminalContext of a POS request; trace 0 takes one from the clock."""
     from medclear.v1 import common_pb2
@@ -74,7 +65,7 @@ def exchange(method: str, request: Any, pin: str | None = None, gateway: str = "
     from medclear.v1 import pos_pb2_grpc
 
     settings = get_settings()
-    address = gateway or endpoint("gateway")
+    address = gateway or endpoint(settings, "gateway")
     terminal = request.terminal.terminal_id
     keyring = keyring_for(settings, [terminal])
     if keyring is not None:
@@ -87,7 +78,7 @@ def exchange(method: str, request: Any, pin: str | None = None, gateway: str = "
         keyring.sign(terminal, request)
 
     async def call() -> Any:
-        async with aio_channel(address, Role.TERMINAL, client_pki(settings)) as channel:
+        async with aio_channel(address, Role.TERMINAL, client_pki_dir(settings)) as channel:
             return await getattr(pos_pb2_grpc.PosServiceStub(channel), method)(request, timeout=10)
 
     try:

@@ -66,3 +66,8 @@ def load_endpoints(settings: Settings) -> Endpoints:
 def client_pki_dir(settings: Settings) -> Path | None:
     """The certificates a client of the running stack uses; None if it runs without TLS."""
     return state_dir(settings) / "pki" if load_endpoints(settings).tls else None
+
+
+def endpoint(settings: Settings, name: str) -> str:
+    """host:port (or URL) of one server of the running stack, by its Endpoints field."""
+    return str(getattr(load_endpoints(settings), name))

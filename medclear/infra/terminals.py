@@ -13,6 +13,7 @@ empty: every field the terminal sent, nothing left out by a hand-written list.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -32,6 +33,8 @@ from medclear.infra.hsm_client import (
 )
 from medclear.infra.pki import Role
 from medclear.infra.rpc import aio_channel, mac_input, pb_enum
+from medclear.infra.settings import Settings, keyring_file
+from medclear.infra.stack_state import client_pki_dir, load_endpoints
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 
 DEFAULT_WINDOW = "window-1"  # the service window of `medclear card ...`
@@ -152,3 +155,15 @@ async def ensure_pvk(hsm_address: str, pki_dir: Path | None = None) -> None:
                 ),
                 timeout=10,
             )
+
+
+def keyring_for(settings: Settings, ids: list[str]) -> Keyring | None:
+    """The simulated terminals' and windows' keys, provisioned through the running stack's
+    HSM on first use; None when that stack runs with terminal security off (what it does,
+    not what this process's settings say). StackError when no stack runs."""
+    endpoints = load_endpoints(settings)
+    if not endpoints.terminal_security:
+        return None
+    keyring = Keyring(keyring_file(settings))
+    asyncio.run(keyring.provision(endpoints.hsm, ids, client_pki_dir(settings)))
+    return keyring

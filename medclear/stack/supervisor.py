@@ -315,7 +315,7 @@ def _stop_components(components: Sequence[_Component], console: Console | None) 
 
 
 def _serve_argv(role: str, index: int | None, port: int | None, metrics_port: int) -> list[str]:
-    argv = [sys.executable, "-m", "medclear", "serve", role]
+    argv = [sys.executable, "-m", "medclear.cli.serve", role]
     if index is not None:
         argv += ["--index", str(index)]
     if port is not None:

@@ -1,0 +1,200 @@
+"""`medclear bench`: benchmarks of the running stack. Each prints figures (tables) and
+asserts nothing: `swipes` and `run` here; `pipeline`, `state` and `fuzz` in medclear/bench/.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medclear import stack
+from medclear.bench import cpu_use
+from medclear.bench import fuzz as bench_fuzz
+from medclear.bench import pipeline as bench_pipeline
+from medclear.bench import state as bench_state
+from medclear.cli.support import fail
+from medclear.cli.tables import result_codes_table
+from medclear.infra.settings import Settings, get_settings
+from medclear.sim import load
+from medclear.sim.traffic import LatencyStats
+
+bench_app = typer.Typer(
+    help="Measure the running stack (prints figures, asserts nothing).", no_args_is_help=True
+)
+bench_app.command("pipeline")(bench_pipeline.command)
+bench_app.command("state")(bench_state.command)
+bench_app.command("fuzz")(bench_fuzz.command)
+console = Console()
+
+
+def _stats_table(title: str, stats: LatencyStats) -> Table:
+    table = Table(title=title)
+    for column in ("swipes", "rate /s", "p50 ms", "p95 ms", "p99 ms", "max ms"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{stats.count:,}",
+        f"{stats.rate_per_s:,.0f}",
+        f"{stats.percentile(0.50):.2f}",
+        f"{stats.percentile(0.95):.2f}",
+        f"{stats.percentile(0.99):.2f}",
+        f"{max(stats.latencies_ms, default=0):.2f}",
+    )
+    return table
+
+
+@bench_app.command("swipes")
+def bench_swipes(
+    count: Annotated[int, typer.Option(min=1, max=1_000_000, help="swipes to send")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="in flight; 1: sequential")] = 1,
+    persons: Annotated[int, typer.Option(help="the seeded city's size (see `seed`)")] = 1000,
+    seed: Annotated[int, typer.Option(help="the seeded city's seed")] = 2026,
+) -> None:
+    """Swipe seeded cards through the running stack; print p50/p95/p99/max and rate.
+
+    Run `medclear seed` with the same --persons/--seed first. Declines (daily pharmacy
+    limit, balance, green/red cards) are real decisions and count like approvals.
+    """
+    stats = load.swipe_run(persons, seed, count, concurrency, "swiping")
+    console.print(_stats_table(f"{count:,} swipes, {concurrency} in flight", stats))
+    console.print(result_codes_table(stats.results))
+
+
+def _by_process_table(title: str, used: dict[str, dict[str, float]], digits: int) -> Table:
+    """One row per process, one column per measurement, busiest first, then the total."""
+    table = Table(title=title)
+    table.add_column("process")
+    columns = list(used)
+    for column in columns:
+        table.add_column(column, justify="right")
+    busiest = {n: max(f.get(n, 0.0) for f in used.values()) for f in used.values() for n in f}
+    names = sorted(busiest, key=lambda n: -busiest[n])
+    for name in names:
+        table.add_row(name, *(f"{used[c].get(name, 0.0):.{digits}f}" for c in columns))
+    totals = [sum(used[c].values()) for c in columns]
+    table.add_row("[bold]total[/]", *(f"[bold]{t:.{digits}f}[/]" for t in totals))
+    return table
+
+
+def _cpu_table(cpu_ms: dict[str, dict[str, float]]) -> Table:
+    """CPU milliseconds per swipe of each process; the total bounds the rate the
+    machine's cores allow."""
+    table = _by_process_table("CPU ms per swipe, by process (user + system)", cpu_ms, 2)
+    cores = os.cpu_count() or 1
+    totals = [sum(figures.values()) for figures in cpu_ms.values()]
+    table.add_row(f"swipes/s its {cores} cores allow",
+                  *(f"{cores * 1000 / t:,.0f}" if t else "—" for t in totals))  # fmt: skip
+    return table
+
+
+IDLE_SETTLE_S = 2.0  # after READY, before the idle measurement: start-up work ends
+
+
+def _idle_cpu(settings: Settings, seconds: float) -> dict[str, float]:
+    """Each process's CPU over `seconds` of an idle stack, in % of one core."""
+    time.sleep(IDLE_SETTLE_S)
+    processes = [(c.name, c.pid) for c in stack.status(settings)]
+    before = cpu_use.snapshot(processes)
+    with load.progress_bar() as progress:
+        task = progress.add_task("idle stack, CPU", total=seconds, info="")
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.5, left))
+            progress.update(task, completed=seconds - max(0.0, deadline - time.monotonic()))
+    used = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes), 1)
+    used.pop(cpu_use.LOAD_GENERATOR, None)
+    return {name: ms / 1000 / seconds * 100 for name, ms in used.items()}
+
+
+def _idle_table(idle: dict[str, dict[str, float]], seconds: float) -> Table:
+    return _by_process_table(f"idle stack: CPU in % of one core, over {seconds:g} s", idle, 1)
+
+
+@bench_app.command("run")
+def bench_run(
+    persons: Annotated[int, typer.Option(min=1, help="persons to seed")] = 1000,
+    swipes: Annotated[int, typer.Option(min=1, help="swipes per measurement")] = 1000,
+    concurrency: Annotated[str, typer.Option(help="comma-separated in-flight levels")] = "1,8",
+    security: Annotated[
+        str,
+        typer.Option(
+            help="terminal security: off, on, or both (the "
+            "HSM's added latency, measured in one run)"
+        ),
+    ] = "both",
+    idle_seconds: Annotated[
+        float,
+        typer.Option(min=0, help="seconds of idle-stack CPU measured before seeding (0: skip)"),
+    ] = 10.0,
+) -> None:
+    """The swipe benchmark: for each terminal-security setting, start the stack (timed to
+    ready), measure each process's CPU while the stack is idle, seed, swipe at each
+    concurrency level (1 = sequential), then stop the stack and wipe it, so every
+    measurement starts empty (the embedded broker rewrites its whole data file twice a
+    second: old data skews figures). Prints the latencies, the CPU milliseconds each
+    process spent per swipe, and the idle CPU; asserts nothing."""
+    modes = {"off": [False], "on": [True], "both": [False, True]}.get(security)
+    if modes is None:
+        raise fail("--security is off, on or both")
+    table = Table(title=f"medclear bench run: {persons:,} persons, {swipes:,} swipes per row")
+    for column in (
+        "terminal security",
+        "in flight",
+        "rate /s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+    ):
+        table.add_column(column, justify="right")
+    sequential: dict[bool, LatencyStats] = {}
+    notes: list[str] = []
+    cpu_ms: dict[str, dict[str, float]] = {}  # column → process → CPU ms per swipe
+    idle: dict[str, dict[str, float]] = {}  # column → process → % of one core, idle stack
+    for secure in modes:
+        settings = get_settings().model_copy(update={"terminal_security": secure})
+        started = time.perf_counter()
+        try:
+            stack.up(settings, console)
+        except stack.StackError as exc:
+            raise fail(str(exc)) from exc
+        ready_s = time.perf_counter() - started
+        try:
+            if idle_seconds:
+                idle[f"security {'on' if secure else 'off'}"] = _idle_cpu(settings, idle_seconds)
+            seed_s = load.seed_city(persons, 2026, 32, settings)
+            for level in (int(x) for x in concurrency.split(",")):
+                processes = [(c.name, c.pid) for c in stack.status(settings)]
+                before = cpu_use.snapshot(processes)
+                stats = load.swipe_run(persons, 2026, swipes, level, f"{level} in flight", settings)
+                column = f"security {'on' if secure else 'off'}, {level} in flight"
+                cpu_ms[column] = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes), swipes)
+                if level == 1:
+                    sequential[secure] = stats
+                table.add_row("on (MAC + PIN via HSM)" if secure else "off", str(level),
+                              f"{stats.rate_per_s:,.0f}", f"{stats.percentile(0.5):.2f}",
+                              f"{stats.percentile(0.95):.2f}", f"{stats.percentile(0.99):.2f}",
+                              f"{max(stats.latencies_ms, default=0):.2f}")  # fmt: skip
+        finally:
+            stack.down(settings, console, wipe=True)
+        notes.append(
+            f"security {'on' if secure else 'off'}: up ready in {ready_s:.1f} s, "
+            f"seeding {persons:,} persons {seed_s:.1f} s"
+        )
+    console.print(table)
+    console.print(_cpu_table(cpu_ms))
+    if idle:
+        console.print(_idle_table(idle, idle_seconds))
+    for note in notes:
+        console.print(note)
+    if len(sequential) == 2:
+        added_p50 = sequential[True].percentile(0.5) - sequential[False].percentile(0.5)
+        added_p99 = sequential[True].percentile(0.99) - sequential[False].percentile(0.99)
+        console.print(
+            f"HSM checks add to a sequential swipe: p50 {added_p50:+.2f} ms, "
+            f"p99 {added_p99:+.2f} ms"
+        )

@@ -1,0 +1,121 @@
+"""The shape of the house (docs/ARCHITECTURE.md, "Layout"): imports point one way, the pure
+core imports nothing of the application, and the HSM and the reader agent load no Kafka
+client. Read from the source (every import, function-local ones included), or in a fresh
+interpreter where what a process loads is the question."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("clearing", "stream_jobs", "card_registry", "hsm_sim", "reader_agent", "monitoring",
+            "medclear")  # fmt: skip
+GENERATED = ("medclear/v1/",)
+PURE_LIBRARIES = frozenset({"cryptography", "chinese_calendar"})  # pinned, no I/O
+KAFKA_CLIENTS = ("aiokafka", "kafka", "faust")
+
+
+def modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            relative = path.relative_to(REPO).as_posix()
+            if relative.startswith(GENERATED):
+                continue
+            name = relative.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+            found[name] = path
+    return found
+
+
+def imported(path: Path, known: set[str]) -> Iterator[str]:
+    """Every module `path` imports, at any depth of the file (function-local too)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from package import module` names a module
+                both = f"{node.module}.{alias.name}"
+                yield both if both in known else node.module
+
+
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    known = set(found)
+    return {name: {m for m in imported(path, known) if m in known and m != name}
+            for name, path in found.items()}  # fmt: skip
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    assert cycles(graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_pure_core_imports_only_itself_the_standard_library_and_pure_libraries() -> None:
+    found = modules()
+    outside: dict[str, set[str]] = {}
+    for name, path in found.items():
+        if not name.startswith("clearing"):
+            continue
+        for module in imported(path, set(found)):
+            top = module.split(".")[0]
+            if top == "clearing" or top in sys.stdlib_module_names or top in PURE_LIBRARIES:
+                continue
+            outside.setdefault(name, set()).add(module)
+    assert outside == {}
+
+
+def test_the_hsm_and_the_reader_agent_load_no_kafka_client() -> None:
+    """What `medclear up` runs as the HSM (medclear.cli.serve + hsm_sim.service) and what
+    a POS PC runs as the agent (`python -m reader_agent`), in a fresh interpreter."""
+    probe = (
+        "import sys, importlib\n"
+        "for name in sys.argv[1:]: importlib.import_module(name)\n"
+        f"print(sorted({{m for m in sys.modules if m.split('.')[0] in {KAFKA_CLIENTS!r}}}))\n"
+    )
+    for process in (["medclear.cli.serve", "hsm_sim.service", "hsm_sim.keystore"],
+                    ["reader_agent.cli", "reader_agent.agent"]):  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", probe, *process], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        assert done.stdout.strip() == "[]", (process, done.stdout, done.stderr[-2000:])
