@@ -13,6 +13,7 @@ import datetime as dt
 
 import chinese_calendar
 
+from clearing.errors import CalendarError
 from clearing.limits import DAY_MS, SHANGHAI_UTC_OFFSET_MS
 from clearing.model import LifetimeUnit, PreLossLifetime
 
@@ -46,7 +47,7 @@ def pre_loss_deadline_ms(reported_at_ms: int, lifetime: PreLossLifetime) -> int:
     of the N-th working day after the day of the report (the report day does not count).
     """
     if lifetime.amount <= 0:
-        raise ValueError("a pre-loss lifetime is positive")
+        raise CalendarError("a pre-loss lifetime is positive")
     if lifetime.unit == LifetimeUnit.SECONDS:
         return reported_at_ms + lifetime.amount * 1000
     if lifetime.unit == LifetimeUnit.HOURS:
@@ -54,7 +55,7 @@ def pre_loss_deadline_ms(reported_at_ms: int, lifetime: PreLossLifetime) -> int:
     if lifetime.unit == LifetimeUnit.DAYS:
         return reported_at_ms + lifetime.amount * DAY_MS
     if lifetime.unit != LifetimeUnit.WORKING_DAYS:
-        raise ValueError(f"unknown lifetime unit {lifetime.unit!r}")
+        raise CalendarError(f"unknown lifetime unit {lifetime.unit!r}")
     day = shanghai_day(reported_at_ms)
     counted = 0
     for _ in range(WORKING_DAYS_SEARCH_MAX):
@@ -63,4 +64,4 @@ def pre_loss_deadline_ms(reported_at_ms: int, lifetime: PreLossLifetime) -> int:
             counted += 1
             if counted == lifetime.amount:
                 return day_start_ms(day + 1)
-    raise ValueError(f"no {lifetime.amount} working days within {WORKING_DAYS_SEARCH_MAX} days")
+    raise CalendarError(f"no {lifetime.amount} working days within {WORKING_DAYS_SEARCH_MAX} days")

@@ -23,6 +23,7 @@ from enum import Enum, IntEnum
 from typing import Any
 
 from clearing import abnormal, model
+from clearing.errors import ClearingError
 
 RECORD_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -42,7 +43,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
 }  # fmt: skip
 
 
-class CodecError(ValueError):
+class CodecError(ClearingError, ValueError):
     """Bytes that are not a record of this version of medclear."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from clearing.codes import CardState, ResultCode
+from clearing.errors import ClearingError
 from clearing.model import (
     Card,
     CardStateChanged,
@@ -24,7 +25,7 @@ from clearing.model import (
 LIVE_STATES = frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED, CardState.FROZEN})
 
 
-class InvariantError(AssertionError):
+class InvariantError(ClearingError, AssertionError):
     """A broken invariant of the core: a programmer error, never a user's."""
 
 

@@ -33,18 +33,24 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from clearing import validate
+from clearing.errors import ClearingError
 from clearing.model import CardStateChanged, Event, PersonRegistered, PhoneSet
 
 CARD_TOKEN_PREFIX = "ct_"
 PERSON_TOKEN_PREFIX = "pt_"
 CARD_TOKEN_HEX_CHARS = 24  # 96 bits: collisions are out of reach for any card population
 CARD_TOKEN_KEY_BYTES = 32
+CARD_TOKEN_KEY_BYTES_MIN = 16  # a shorter HMAC key is refused
 DATA_KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12
 CONTACT = "contact"  # the data key of names and phones: the worker and the sms job
 PERSON = "person"  # the data key of social security numbers: worker, timer, card index
 
 E = TypeVar("E", bound=Event)
+
+
+class KeyLengthError(ClearingError, ValueError):
+    """A token or data key of the wrong length (the message gives the length, never the key)."""
 
 
 class CardTokens:
@@ -56,8 +62,8 @@ class CardTokens:
     __slots__ = ("_key",)
 
     def __init__(self, key: bytes) -> None:
-        if len(key) < 16:
-            raise ValueError("a card token key has at least 16 bytes")
+        if len(key) < CARD_TOKEN_KEY_BYTES_MIN:
+            raise KeyLengthError(f"a card token key has at least {CARD_TOKEN_KEY_BYTES_MIN} bytes")
         self._key = key
 
     def card_ref(self, card_no: str) -> str:
@@ -77,7 +83,7 @@ class CardTokens:
         return "CardTokens(<key>)"
 
 
-class SealError(ValueError):
+class SealError(ClearingError, ValueError):
     """A sealed value this key cannot open: another key, or changed bytes."""
 
 
@@ -88,7 +94,7 @@ class Sealer:
 
     def __init__(self, purpose: str, key: bytes) -> None:
         if len(key) != DATA_KEY_BYTES:
-            raise ValueError(f"a data key has {DATA_KEY_BYTES} bytes")
+            raise KeyLengthError(f"a data key has {DATA_KEY_BYTES} bytes")
         self.purpose = purpose
         self._aead = AESGCMSIV(key)
         self._nonce_key = hmac.new(key, b"nonce", hashlib.sha256).digest()

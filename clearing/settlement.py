@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Any
 
 from clearing.calendar import EPOCH, HOUR_MS, shanghai_day
+from clearing.errors import ClearingError, RecordError
 from clearing.limits import DAY_MS
 from clearing.model import Event, Refunded, SwipeApproved, SwipeReversed
 from clearing.money import parse_yuan
@@ -46,7 +47,7 @@ OPEN_DAYS_MAX = 64  # open days per institution; more means the clock is not adv
 NO_DAY = -1
 
 
-class SettlementError(RuntimeError):
+class SettlementError(ClearingError):
     """A bound was exceeded or an invariant broke: a programmer or deployment error."""
 
 
@@ -329,7 +330,7 @@ def record_from_json(data: Mapping[str, Any]) -> DaySettlement:
     for name in ("approved", "reversed", "refunded"):
         count, fen = data[name]
         if not isinstance(count, int) or not isinstance(fen, int):
-            raise ValueError(f"{name}: counts and amounts are integers")
+            raise RecordError(f"{name}: counts and amounts are integers")
     record = DaySettlement(
         institution_id=str(data["institution_id"]),
         day=day_number(data["day"]),
@@ -345,7 +346,7 @@ def record_from_json(data: Mapping[str, Any]) -> DaySettlement:
         applied_ids=frozenset(data.get("applied_ids", ())),
     )
     if "net_fen" in data and data["net_fen"] != record.net_fen:
-        raise ValueError(f"{record.key}: net_fen {data['net_fen']} != lines {record.net_fen}")
+        raise RecordError(f"{record.key}: net_fen {data['net_fen']} != lines {record.net_fen}")
     return record
 
 
@@ -674,7 +675,7 @@ def _rows(
 
 def _id(value: str, what: str) -> str:
     if not is_id(value):
-        raise ValueError(f"{what} {value!r} is not an id (printable, no spaces)")
+        raise RecordError(f"{what} {value!r} is not an id (printable, no spaces)")
     return value
 
 
@@ -692,10 +693,10 @@ def parse_totals(text: str, source: str) -> tuple[list[TotalsRow], list[str]]:
             day = day_number(row["day"])
             count = int(row["count"])
             if count < 0:
-                raise ValueError(f"count {count} is negative")
+                raise RecordError(f"count {count} is negative")
             total, account = _signed_yuan(row["total_amount"]), _signed_yuan(row["account_amount"])
             if abs(account) > abs(total):
-                raise ValueError("account amount exceeds the total amount")
+                raise RecordError("account amount exceeds the total amount")
         except ValueError as exc:
             errors.append(f"{source}:{line_no}: {exc}")
             continue
@@ -732,10 +733,10 @@ def parse_details(text: str, source: str) -> tuple[list[DetailLine], list[str]]:
             try:
                 kind = DetailKind(row["kind"].lower())
             except ValueError:
-                raise ValueError(f"kind {row['kind']!r} is not swipe or refund") from None
+                raise RecordError(f"kind {row['kind']!r} is not swipe or refund") from None
             amount, account = parse_yuan(row["amount"]), parse_yuan(row["account_amount"])
             if account > amount:
-                raise ValueError("account amount exceeds the amount")
+                raise RecordError("account amount exceeds the amount")
         except ValueError as exc:
             errors.append(f"{source}:{line_no}: {exc}")
             continue

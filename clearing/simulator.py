@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from clearing import core
 from clearing.calendar import day_start_ms
 from clearing.codes import CardKind, CardState, InstitutionType, InsuranceCategory
+from clearing.errors import ClearingError
 from clearing.limits import DAY_MS
 from clearing.model import (
     AccountCredited,
@@ -65,7 +66,7 @@ def may_pay(person: Person, card_no: str, at_ms: int) -> bool:
     return lapsed and card.state_before_pre_loss == CardState.ACTIVE
 
 
-class SimulationFailure(AssertionError):
+class SimulationFailure(ClearingError, AssertionError):
     def __init__(self, seed: int, step: int, message: str) -> None:
         super().__init__(f"seed {seed}, step {step}: {message} "
                          f"(replay: medclear simulate --seed {seed})")  # fmt: skip

@@ -107,6 +107,8 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import cmac, hashes
 from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm, Cipher, algorithms, modes
 
+from hsm_sim.errors import HsmError
+
 __all__ = [
     "MAC_MIN_BYTES",
     "CryptoError",
@@ -156,7 +158,7 @@ class PinBlockFormat(IntEnum):
     ISO_4 = 4
 
 
-class CryptoError(ValueError):
+class CryptoError(HsmError, ValueError):
     """Base of every error raised here. Messages never carry PINs or key material."""
 
 

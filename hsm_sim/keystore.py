@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from hsm_sim.crypto import CryptoError, KeyAlgorithm, ecb_decrypt, ecb_encrypt, kcv, key_length_ok
+from hsm_sim.errors import HsmError
 
 LMK_BYTES = 32
 KEY_VERSION_GRACE_MS = 30 * 24 * 3600 * 1000  # a replaced key version still verifies
@@ -52,7 +53,7 @@ class KeyType(IntEnum):
     KEY_ENCRYPTION_KEY = 6
 
 
-class KeyStoreError(RuntimeError):
+class KeyStoreError(HsmError):
     """A key store problem a caller can act on; never carries key material."""
 
 

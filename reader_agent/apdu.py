@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from reader_agent.errors import ReaderAgentError
+
 SSSE_AID: Final = bytes.fromhex("7378312E73682EC9E7BBE1B1A3D5CF")
 CLA: Final = 0x00
 INS_SELECT: Final = 0xA4
@@ -119,7 +121,7 @@ class Command:
         return out
 
 
-class MalformedApdu(ValueError):
+class MalformedApdu(ReaderAgentError, ValueError):
     """The bytes are not a short APDU: answered 6700."""
 
 

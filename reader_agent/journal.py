@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from reader_agent.errors import ReaderAgentError
+
 OPEN_REVERSALS_MAX = 1_000  # a terminal with this many unsettled swipes must stop
 PAGE_BYTES = 1024  # small rows; a small page keeps each transaction's WAL frames small
 BUSY_TIMEOUT_S = 5.0  # another process of the same terminal holding the write lock
@@ -56,7 +58,7 @@ INSERT OR IGNORE INTO high_water (id, last_trace) VALUES (1, 0);
 """
 
 
-class JournalFull(RuntimeError):
+class JournalFull(ReaderAgentError):
     """Too many open reversals: the terminal stops taking swipes until they settle."""
 
 

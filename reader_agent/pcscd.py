@@ -17,12 +17,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from reader_agent.errors import ReaderAgentError
+
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 READY_TIMEOUT_S = 10.0
 SOCKET_ENV = "PCSCLITE_CSOCK_NAME"
 
 
-class PcscdUnavailable(RuntimeError):
+class PcscdUnavailable(ReaderAgentError):
     """pcscd or vpcd cannot run here; the message says why."""
 
 

@@ -33,6 +33,7 @@ from medclear.infra.pki import Role
 from medclear.infra.rpc import aio_channel, pb_enum
 from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, registry_pb2, registry_pb2_grpc
 from reader_agent.card import NO_EXPIRY, CardImage
+from reader_agent.errors import ReaderAgentError
 
 PERSO_KEK = "kek-perso"
 CARD_KEY_ALGORITHM = KeyAlgorithm.SM4
@@ -41,7 +42,7 @@ ETHNICITY_HAN = 1  # GB 3304
 RPC_TIMEOUT_S = 10.0
 
 
-class PersonalisationError(RuntimeError):
+class PersonalisationError(ReaderAgentError):
     """The card cannot be personalised; the message says why (masked numbers only)."""
 
 

@@ -7,8 +7,10 @@ import getpass
 from collections.abc import Iterable
 from typing import Protocol
 
+from reader_agent.errors import ReaderAgentError
 
-class PinEntryCancelled(RuntimeError):
+
+class PinEntryCancelled(ReaderAgentError):
     """The cardholder cancelled or the pad has nothing more to give."""
 
 

@@ -12,9 +12,10 @@ from typing import Any, Protocol
 
 from clearing.validate import mask_card, mask_ssn
 from reader_agent import apdu
+from reader_agent.errors import ReaderAgentError
 
 
-class CardError(RuntimeError):
+class CardError(ReaderAgentError):
     """Root of the reader's errors: the message is for the person at the counter."""
 
 

@@ -36,6 +36,7 @@ from clearing.abnormal import Alert
 from clearing.calendar import EPOCH, shanghai_day
 from clearing.codes import ResultCode
 from clearing.redact import CardTokens
+from stream_jobs.errors import StreamJobError
 
 SCHEMA_DIR = Path(__file__).with_name("schema")
 MIGRATION_NAME = re.compile(r"^\d{3}_[a-z0-9_]+\.sql$")
@@ -56,7 +57,7 @@ ORDER BY name
 """
 
 
-class MigrationError(RuntimeError):
+class MigrationError(StreamJobError):
     """A migration file is malformed, or was changed after it was applied."""
 
 

@@ -43,6 +43,7 @@ from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 from stream_jobs import sms_core
+from stream_jobs.errors import StreamJobError
 from stream_jobs.events import decoded
 from stream_jobs.sms_core import Context, Outcome, OutcomeRecord, PersonSms
 from stream_jobs.sms_smpp import Receipt, SmppLink, SmscUnavailable, Submission
@@ -72,7 +73,7 @@ def load_context(settings: Settings) -> Context:
     return Context(templates, contact, {i: inst.name for i, inst in institutions.items()})
 
 
-class StopWithBatchUnfinished(RuntimeError):
+class StopWithBatchUnfinished(StreamJobError):
     """The process stops while the SMSC holds a batch: it is left uncommitted."""
 
 

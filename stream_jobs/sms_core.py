@@ -41,6 +41,7 @@ from clearing.model import (
 from clearing.money import format_yuan
 from clearing.redact import Sealer
 from clearing.validate import mask_phone
+from stream_jobs.errors import StreamJobError
 
 MINUTE_MS = 60_000
 SMS_MAX_AGE_MS = 24 * 60 * MINUTE_MS  # older events (a replay from the topic's start) send none
@@ -55,7 +56,7 @@ MOBILE = re.compile(r"^1[3-9][0-9]{9}$")  # mainland China mobile number, 11 dig
 RECEIPT = re.compile(r"\bid:(?P<id>\S+).*?\bstat:(?P<stat>[A-Z]+)", re.DOTALL)
 
 
-class TemplateError(ValueError):
+class TemplateError(StreamJobError, ValueError):
     """A template file that cannot be used; the message names the entry."""
 
 

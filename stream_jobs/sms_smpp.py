@@ -26,6 +26,7 @@ import smpplib.gsm
 import smpplib.smpp
 import structlog
 
+from stream_jobs.errors import StreamJobError
 from stream_jobs.sms_core import Sms, parse_receipt
 
 RESPONSE_TIMEOUT_S = 10.0  # a window whose answers take longer: the link is dropped
@@ -43,7 +44,7 @@ LINK_ERRORS = (smpplib.exceptions.ConnectionError, smpplib.exceptions.PDUError, 
 DELIVERY_RECEIPT_ESM = 0x04  # esm_class bits 2-5 = 0001: SMSC delivery receipt
 
 
-class SmscUnavailable(Exception):
+class SmscUnavailable(StreamJobError):
     """The SMSC could not be reached, refused the bind, dropped the link, did not answer
     in time, or said it is busy. Answers already received are kept in the Submissions."""
 

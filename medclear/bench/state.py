@@ -64,6 +64,7 @@ from clearing.redact import Redaction, card_index_record
 from clearing.validate import ssn_check_char
 from medclear.bench.perfdoc import DOC as PERFORMANCE_DOC
 from medclear.bench.perfdoc import replace_section
+from medclear.errors import MedclearError
 from medclear.infra.settings import Settings, get_settings
 from medclear.sim.city import GIVEN, REGION_CODE, SURNAMES, category_of
 
@@ -142,7 +143,7 @@ def seed_commands(h: Holder, at_ms: int = SEED_AT_MS) -> list[Command]:
     return commands
 
 
-class SeedRefused(RuntimeError):
+class SeedRefused(MedclearError):
     """The core refused a seeding command: the bench city would not be genuine."""
 
 

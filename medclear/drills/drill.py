@@ -72,6 +72,7 @@ from clearing.model import Institution
 from clearing.money import format_yuan
 from clearing.validate import ssn_check_char
 from medclear import stack
+from medclear.errors import MedclearError
 from medclear.infra.pki import Role
 from medclear.infra.rpc import aio_channel, pb_enum, sync_channel
 from medclear.infra.settings import Settings, get_settings, keyring_file
@@ -125,7 +126,7 @@ DRILL_TERMINALS = 8
 SEED_ATTEMPTS = 5  # seeding again after a timeout (the same request ids)
 
 
-class DrillError(RuntimeError):
+class DrillError(MedclearError):
     """The drill could not run (no stack, a component missing, a repair failed)."""
 
 

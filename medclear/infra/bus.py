@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from clearing import codec
 from clearing.model import Command, Reply
 from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
+from medclear.errors import MedclearError
 from medclear.infra import topics
 from medclear.infra.kafka_admin import ensure_topics
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO
@@ -45,7 +46,7 @@ REPLY_BACKOFF_S = (0.0005, 0.002)  # … or, not spinning (MEDCLEAR_KAFKA_IDLE_S
 INDEX_BACKOFF_S = (0.002, 0.5)  # new cards are rare; a miss polls at once (sync_index)
 
 
-class BusUnavailable(RuntimeError):
+class BusUnavailable(MedclearError):
     """The broker cannot take the command now."""
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from medclear.errors import MedclearError
 from medclear.infra.topics import COMPACTED
 
 TOPIC_VISIBLE_WAIT_S = 10.0  # after creation, until every topic is described
@@ -19,7 +20,7 @@ ERROR_NONE = 0
 ERROR_TOPIC_ALREADY_EXISTS = 36  # a concurrent creator
 
 
-class TopicError(RuntimeError):
+class TopicError(MedclearError):
     """A topic could not be created as asked, or exists with another partition count."""
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from clearing.codes import InstitutionType
 from clearing.model import Institution, LifetimeUnit, Policy, PreLossLifetime
+from medclear.errors import MedclearError
 from medclear.infra.settings import Settings
 
 
-class PolicyError(ValueError):
+class PolicyError(MedclearError, ValueError):
     """A policy file that cannot be used; the message names the file and line."""
 
 

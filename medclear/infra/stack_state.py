@@ -9,13 +9,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medclear.errors import MedclearError
 from medclear.infra.settings import Settings
 
 STATE_FILE = "stack.json"
 NOT_RUNNING = "stack not running; run `medclear up`"
 
 
-class StackError(Exception):
+class StackError(MedclearError):
     """A component failed; the message names it and ends with the tail of its log."""
 
     def __init__(self, message: str, component: str | None = None, log_tail: str = "") -> None:

@@ -28,10 +28,11 @@ from clearing.redact import (
     Redaction,
     Sealer,
 )
+from medclear.errors import MedclearError
 from medclear.infra.settings import Settings
 
 
-class TokenKeyError(RuntimeError):
+class TokenKeyError(MedclearError):
     """The card-token key is missing or malformed."""
 
 

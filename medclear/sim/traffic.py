@@ -21,6 +21,7 @@ import grpc
 
 from clearing.codes import InsuranceCategory, ResultCode
 from clearing.model import Institution
+from medclear.errors import MedclearError
 from medclear.infra.pki import Role
 from medclear.infra.rpc import aio_channel, pb_enum
 from medclear.infra.terminals import SEED_WINDOW, Keyring
@@ -36,7 +37,7 @@ SEED_RETRIES = 5  # an enrolment answered TIMEOUT / UNAVAILABLE is sent again th
 DEFAULT_REGION = "310101"  # the demo city (medclear/data/pre_loss_policy.csv)
 
 
-class SeedError(RuntimeError):
+class SeedError(MedclearError):
     """A seeding step was refused; the message names the resident and the result."""
 
 

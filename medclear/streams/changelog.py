@@ -20,6 +20,7 @@ from collections.abc import Callable
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from medclear.errors import MedclearError
 from medclear.streams.store import PartitionStore
 from monitoring import metrics
 
@@ -30,7 +31,7 @@ RESTORE_POLL_MS = 200
 RESTORE_STALL_S_MAX = 120.0  # no record for this long while behind: the broker is gone
 
 
-class RestoreError(RuntimeError):
+class RestoreError(MedclearError):
     """A changelog partition could not be read to its end."""
 
 

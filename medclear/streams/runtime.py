@@ -44,7 +44,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from medclear.infra.kafka_admin import ensure_topics
+from medclear.infra.kafka_admin import TopicError, ensure_topics
 from medclear.streams.changelog import changelog_topic, restore
 from medclear.streams.poll import IdleBackoff, Poller
 from medclear.streams.store import PartitionStore
@@ -233,7 +233,7 @@ class Runtime:
             await self._restorer.topics()  # load metadata
             partitions = self._restorer.partitions_for_topic(self.topic)
         if not partitions:
-            raise RuntimeError(f"{self.job}: input topic {self.topic} does not exist")
+            raise TopicError(f"{self.job}: input topic {self.topic} does not exist")
         wanted = {changelog_topic(self.job, t): len(partitions) for t in self.tables}
         await ensure_topics(self.bootstrap, wanted)
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
+from medclear.errors import MedclearError
+
 OFFSET_KEY = b"\x00medclear:next-changelog-offset"  # state keys never start with NUL
 WRITE_BUFFER_BYTES = 16 * 1024**2  # per partition: a memtable of this size at most …
 WRITE_BUFFERS_MAX = 2  # … and this many of them
 BLOCK_CACHE_BYTES = 64 * 1024**2  # shared by every partition store of a process
 
 
-class StoreError(RuntimeError):
+class StoreError(MedclearError):
     """A store that cannot be opened or a key it cannot hold."""
 
 
