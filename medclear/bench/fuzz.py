@@ -1,7 +1,7 @@
 """`medclear bench fuzz`: hostile requests at scale against a stack, counted (a benchmark,
 not a test: `make test` runs `medclear drill fuzz` with a few hundred; this sends 100,000).
 
-The requests are the drill's (medclear.drills.drill.fuzz_cases: malformed fields, oversized and
+The requests are the drill's (medclear.drills.fuzz.fuzz_cases: malformed fields, oversized and
 unicode junk, garbage and real MACs, raw bytes that are no protobuf, the victim's own card
 and social security number without a MAC). Every answer is judged as the drill judges it,
 but counted instead of stopping at the first:
@@ -30,7 +30,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medclear import stack
-from medclear.drills import drill
+from medclear.drills.access import StackAccess
+from medclear.drills.bounds import DrillError
+from medclear.drills.cli import FreshOpt, SecurityOpt
+from medclear.drills.hostile import (
+    FuzzCase,
+    FuzzTarget,
+    fuzz_problem,
+    fuzz_victim,
+    gateway_healthy,
+    snapshot,
+)
+from medclear.drills.run import target_stack
 
 console = Console()
 REQUESTS_DEFAULT = 100_000
@@ -54,7 +65,7 @@ class FuzzBench:
         return not (self.crashes or self.state_changes or self.unclear)
 
 
-def _pids(a: drill.StackAccess) -> dict[str, int | None]:
+def _pids(a: StackAccess) -> dict[str, int | None]:
     return {row.name: row.pid for row in stack.status(a.settings)}
 
 
@@ -62,24 +73,28 @@ SENDERS = 8  # threads sending at once (each its own channel): generation is the
 QUEUE_CASES_MAX = 2_000  # generated cases waiting for a sender at most
 
 
-def run(a: drill.StackAccess, requests: int) -> FuzzBench:
+def run(a: StackAccess, requests: int) -> FuzzBench:
     """Send `requests` hostile requests and count what came back. Hypothesis generates
     them (generation only: no shrinking, no replay) on this thread; SENDERS threads send
     them, each over its own channel."""
+    # local: hypothesis, a development dependency, loads only when this benchmark runs:
+    # `medclear` (whose bench commands import this module) runs without it
     from hypothesis import HealthCheck, Phase, given
     from hypothesis import settings as hsettings
 
-    result = FuzzBench()
-    victim = drill.fuzz_victim(a)
-    before, pids_before = drill.snapshot(a, victim.ssn), _pids(a)
-    cases: queue.Queue[drill.FuzzCase | None] = queue.Queue(QUEUE_CASES_MAX)
-    lock = threading.Lock()
-    targets = [drill.FuzzTarget(a) for _ in range(SENDERS)]
+    from medclear.drills.fuzz import fuzz_cases
 
-    def send(target: drill.FuzzTarget) -> None:
+    result = FuzzBench()
+    victim = fuzz_victim(a)
+    before, pids_before = snapshot(a, victim.ssn), _pids(a)
+    cases: queue.Queue[FuzzCase | None] = queue.Queue(QUEUE_CASES_MAX)
+    lock = threading.Lock()
+    targets = [FuzzTarget(a) for _ in range(SENDERS)]
+
+    def send(target: FuzzTarget) -> None:
         while (case := cases.get()) is not None:
             answer = target.send(case)
-            problem = drill.fuzz_problem(case, answer)
+            problem = fuzz_problem(case, answer)
             with lock:
                 result.requests += 1
                 if answer.status == grpc.StatusCode.UNAVAILABLE:
@@ -96,8 +111,8 @@ def run(a: drill.StackAccess, requests: int) -> FuzzBench:
 
         @hsettings(max_examples=requests, deadline=None, database=None,
                    phases=[Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(drill.fuzz_cases(victim.card_no, victim.ssn))
-        def generate(case: drill.FuzzCase) -> None:
+        @given(fuzz_cases(victim.card_no, victim.ssn))
+        def generate(case: FuzzCase) -> None:
             cases.put(case)
             if cases.qsize() % 50 == 0:
                 rate = result.requests / max(1e-9, time.monotonic() - started)
@@ -118,13 +133,13 @@ def run(a: drill.StackAccess, requests: int) -> FuzzBench:
     result.seconds = time.monotonic() - started
     for target in targets:
         result.answers.update(target.results)
-    after, pids_after = drill.snapshot(a, victim.ssn), _pids(a)
+    after, pids_after = snapshot(a, victim.ssn), _pids(a)
     if before != after:
         result.state_changes.append(f"{before} → {after}")
     for name, pid in pids_before.items():
         if pids_after.get(name) != pid:
             result.crashes.append(f"{name}: pid {pid} → {pids_after.get(name)}")
-    if not drill.gateway_healthy(a):
+    if not gateway_healthy(a):
         result.crashes.append("the gateway is not healthy after the run")
     return result
 
@@ -156,17 +171,17 @@ def command(
     requests: Annotated[int, typer.Option(min=1, max=10_000_000, help="hostile requests")] = (
         REQUESTS_DEFAULT
     ),
-    fresh: drill.FreshOpt = False,
-    security: drill.SecurityOpt = True,
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
 ) -> None:
     """Hostile requests at scale against the gateway (TLS and terminal security on with
     --fresh, else the running stack): requests, distinct result codes, crashes, state
     changes and time, as a table. Exit 1 if a crash, an unclear answer or a state change
     was seen."""
     try:
-        with drill.target_stack(fresh, security, console) as a:
+        with target_stack(fresh, security, console) as a:
             result = run(a, requests)
-    except (drill.DrillError, stack.StackError) as exc:
+    except (DrillError, stack.StackError) as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=1) from exc
     console.print(table(result))

@@ -15,7 +15,13 @@ import grpc
 import pytest
 from rich.console import Console
 
-from medclear.drills import drill
+from medclear.drills.access import StackAccess, access
+from medclear.drills.bounds import PERSON_SPACE
+from medclear.drills.checks import SmsCount, count_sms, sms_key
+from medclear.drills.hostile import FuzzAnswer, FuzzCase, fuzz_problem
+from medclear.drills.persons import drill_persons
+from medclear.drills.report import DrillResult, results_table, verdicts
+from medclear.drills.run import DrillSpec, run_specs, spec
 from medclear.infra.settings import Settings
 from tests.integration.running import running_stack
 
@@ -38,57 +44,55 @@ PERSONS = 20
 def test_drill_persons_are_distinct_and_well_formed() -> None:
     from clearing import validate
 
-    people = drill.drill_persons(3000, drill.PERSON_SPACE - 3000)
+    people = drill_persons(3000, PERSON_SPACE - 3000)
     assert len({p.ssn for p in people}) == len({p.card_no for p in people}) == 3000
     assert all(validate.is_ssn(p.ssn) and validate.is_card_no(p.card_no) for p in people)
     assert all(validate.is_phone(p.phone) for p in people)
     with pytest.raises(ValueError):
-        drill.drill_persons(2, drill.PERSON_SPACE - 1)
+        drill_persons(2, PERSON_SPACE - 1)
 
 
 def test_sms_are_matched_by_phone_amount_and_balance() -> None:
-    key = drill.sms_key("19000000001", 12_50, 987_50)
+    key = sms_key("19000000001", 12_50, 987_50)
     text = (
         "【医保】您尾号0001的社保卡于11月23日10:31在瑞金医院医保个人账户支出12.50元，余额987.50元。"
     )
-    other = drill.sms_key("19000000001", 12_50, 975_00)
+    other = sms_key("19000000001", 12_50, 975_00)
     messages = [
         {"kind": "part", "destination": key[0], "text": text},
         {"kind": "message", "destination": key[0], "text": text},
         {"kind": "message", "destination": key[0], "text": text},
         {"kind": "message", "destination": "8619000000002", "text": text},
     ]
-    assert drill.count_sms(messages, [key, other]) == drill.SmsCount(2, 1, 1, 1)
+    assert count_sms(messages, [key, other]) == SmsCount(2, 1, 1, 1)
 
 
 def test_a_failed_check_is_a_problem() -> None:
-    ok = drill.DrillResult("x", "y", injected=1, recovery_s=[1.0], drained_s=2.0, sent=3,
-                           approved=2, verified_in_state=2, in_clickhouse_once=2,
-                           sms=drill.SmsCount(2, 2, 0, 0), conservation_ok=True)  # fmt: skip
-    assert drill.verdicts(ok) == []
-    ok.in_clickhouse_once, ok.sms = 1, drill.SmsCount(2, 2, 1, 0)
-    assert len(drill.verdicts(ok)) == 2
+    ok = DrillResult("x", "y", injected=1, recovery_s=[1.0], drained_s=2.0, sent=3,
+                     approved=2, verified_in_state=2, in_clickhouse_once=2,
+                     sms=SmsCount(2, 2, 0, 0), conservation_ok=True)  # fmt: skip
+    assert verdicts(ok) == []
+    ok.in_clickhouse_once, ok.sms = 1, SmsCount(2, 2, 1, 0)
+    assert len(verdicts(ok)) == 2
 
 
 def test_fuzz_answers_are_judged() -> None:
-    case = drill.FuzzCase("Authorize")
+    case = FuzzCase("Authorize")
     ok, internal = grpc.StatusCode.OK, grpc.StatusCode.INTERNAL
-    assert drill.fuzz_problem(case, drill.FuzzAnswer(ok, "", 10)) is None
-    assert drill.fuzz_problem(case, drill.FuzzAnswer(ok, "", 0)) is not None  # UNSPECIFIED
-    assert drill.fuzz_problem(case, drill.FuzzAnswer(ok, "", 1)) is not None  # approved
-    assert drill.fuzz_problem(case, drill.FuzzAnswer(ok, "", 100)) is not None  # TIMEOUT
-    assert drill.fuzz_problem(case, drill.FuzzAnswer(internal, "boom", None)) is not None
-    raw = drill.FuzzCase("Authorize", raw=b"\xff")
-    assert (
-        drill.fuzz_problem(raw, drill.FuzzAnswer(internal, "Exception deserializing", None)) is None
-    )
+    assert fuzz_problem(case, FuzzAnswer(ok, "", 10)) is None
+    assert fuzz_problem(case, FuzzAnswer(ok, "", 0)) is not None  # UNSPECIFIED
+    assert fuzz_problem(case, FuzzAnswer(ok, "", 1)) is not None  # approved
+    assert fuzz_problem(case, FuzzAnswer(ok, "", 100)) is not None  # TIMEOUT
+    assert fuzz_problem(case, FuzzAnswer(internal, "boom", None)) is not None
+    raw = FuzzCase("Authorize", raw=b"\xff")
+    assert fuzz_problem(raw, FuzzAnswer(internal, "Exception deserializing", None)) is None
 
 
 # ---------------------------------------------------------------------------- the drills
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[drill.StackAccess]:
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackAccess]:
     settings = Settings(
         tls=False,
         terminal_security=True,
@@ -98,13 +102,13 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[drill.StackAcce
         jobs="clickhouse-sink,settlement,sms",
     )
     with running_stack(settings):
-        yield drill.access(settings)
+        yield access(settings)
 
 
-def run(target: drill.StackAccess, spec: drill.DrillSpec) -> drill.DrillResult:
+def run(target: StackAccess, spec: DrillSpec) -> DrillResult:
     out = Console(stderr=True, width=160)
-    [result] = drill.run_specs(target, [spec], RATE_PER_S, PERSONS, out)
-    out.print(drill.results_table([result]))
+    [result] = run_specs(target, [spec], RATE_PER_S, PERSONS, out)
+    out.print(results_table([result]))
     assert not result.skipped
     assert result.ok, result.problems
     assert result.approved > 0 and result.verified_in_state == result.approved
@@ -116,25 +120,25 @@ def run(target: drill.StackAccess, spec: drill.DrillSpec) -> drill.DrillResult:
     return result
 
 
-def test_worker_killed_twice(target: drill.StackAccess) -> None:
-    result = run(target, drill.spec("worker-kill", times=2))
+def test_worker_killed_twice(target: StackAccess) -> None:
+    result = run(target, spec("worker-kill", times=2))
     assert result.injected == 2
 
 
-def test_clickhouse_outage(target: drill.StackAccess) -> None:
-    run(target, drill.spec("clickhouse-outage", seconds=OUTAGE_S))
+def test_clickhouse_outage(target: StackAccess) -> None:
+    run(target, spec("clickhouse-outage", seconds=OUTAGE_S))
 
 
-def test_smsc_outage(target: drill.StackAccess) -> None:
+def test_smsc_outage(target: StackAccess) -> None:
     """No SMS doubled: the SMSC stops gracefully (unbind, every recorded submit_sm answered;
     before it did, 1 SMS of ~40 was doubled in every run)."""
-    run(target, drill.spec("smsc-outage", seconds=OUTAGE_S))
+    run(target, spec("smsc-outage", seconds=OUTAGE_S))
 
 
-def test_hsm_outage(target: drill.StackAccess) -> None:
-    result = run(target, drill.spec("hsm-outage", seconds=OUTAGE_S))
+def test_hsm_outage(target: StackAccess) -> None:
+    result = run(target, spec("hsm-outage", seconds=OUTAGE_S))
     assert result.undecided_answers, "the HSM outage did not reach the swipes"
 
 
-def test_broker_restart(target: drill.StackAccess) -> None:
-    run(target, drill.spec("broker-restart"))
+def test_broker_restart(target: StackAccess) -> None:
+    run(target, spec("broker-restart"))

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
-from medclear.drills import drill
+from medclear.drills.access import StackAccess, access
+from medclear.drills.fuzz import fuzz_cases
+from medclear.drills.hostile import FuzzCase, FuzzTarget, fuzz_victim, gateway_healthy, snapshot
 from medclear.infra.settings import Settings
 from medclear.sim.city import Resident
 from tests.integration.running import running_stack
@@ -31,7 +33,7 @@ EXAMPLES = 300
 @pytest.fixture(scope="module")
 def target(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[drill.StackAccess, Resident]]:
+) -> Iterator[tuple[StackAccess, Resident]]:
     config = Settings(
         tls=False,
         terminal_security=True,
@@ -41,31 +43,31 @@ def target(
         jobs="abnormal",
     )
     with running_stack(config):
-        a = drill.access(config)
-        yield a, drill.fuzz_victim(a)
+        a = access(config)
+        yield a, fuzz_victim(a)
 
 
 def test_hostile_requests_get_clear_codes_and_change_nothing(
-    target: tuple[drill.StackAccess, Resident],
+    target: tuple[StackAccess, Resident],
 ) -> None:
     a, victim = target
-    before = drill.snapshot(a, victim.ssn)
-    fuzz = drill.FuzzTarget(a)
+    before = snapshot(a, victim.ssn)
+    fuzz = FuzzTarget(a)
     wide = "Ｓ" * 100_000
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(drill.fuzz_cases(victim.card_no, victim.ssn))
-    @example(drill.FuzzCase("Authorize", raw=b"\xff\xff\xff\xff"))
-    @example(drill.FuzzCase("Refund", raw=b"\x0a\x05\x12\x03\xff\xfe\xfd"))  # bad UTF-8
-    @example(drill.FuzzCase("Authorize", (("card_no", victim.card_no),
-                                          ("amount_fen", -(2**63))), mac="signed"))  # fmt: skip
-    @example(drill.FuzzCase("Authorize", (("amount_fen", 1_00), ("card_no", victim.card_no)),
-                            (("institution_id", "310101H00001"), ("terminal_id", "TFUZZ1"),
-                             ("trace_number", 1)), mac="none"))  # fmt: skip
-    @example(drill.FuzzCase("Reverse", (("card_no", wide), ("ssn", wide)), mac="signed"))
-    @example(drill.FuzzCase("BalanceInquiry"))
-    def hostile(case: drill.FuzzCase) -> None:
+    @given(fuzz_cases(victim.card_no, victim.ssn))
+    @example(FuzzCase("Authorize", raw=b"\xff\xff\xff\xff"))
+    @example(FuzzCase("Refund", raw=b"\x0a\x05\x12\x03\xff\xfe\xfd"))  # bad UTF-8
+    @example(FuzzCase("Authorize", (("card_no", victim.card_no),
+                                    ("amount_fen", -(2**63))), mac="signed"))  # fmt: skip
+    @example(FuzzCase("Authorize", (("amount_fen", 1_00), ("card_no", victim.card_no)),
+                      (("institution_id", "310101H00001"), ("terminal_id", "TFUZZ1"),
+                       ("trace_number", 1)), mac="none"))  # fmt: skip
+    @example(FuzzCase("Reverse", (("card_no", wide), ("ssn", wide)), mac="signed"))
+    @example(FuzzCase("BalanceInquiry"))
+    def hostile(case: FuzzCase) -> None:
         fuzz.check(case)
 
     try:
@@ -73,5 +75,5 @@ def test_hostile_requests_get_clear_codes_and_change_nothing(
     finally:
         fuzz.close()
     print(dict(fuzz.results))
-    assert drill.gateway_healthy(a)
-    assert drill.snapshot(a, victim.ssn) == before
+    assert gateway_healthy(a)
+    assert snapshot(a, victim.ssn) == before

@@ -1,0 +1,128 @@
+"""The faults a drill injects under traffic, each a Fault that breaks one part of the
+stack, records when (Marks), repairs it and waits until a swipe sent after the fault is
+approved: kill -9 of workers and jobs (worker_kill, kill_loop), a component stopped or
+frozen for a while (outage), and the broker stopped and started (broker_restart).
+
+The broker is restarted as `medclear down` stops it, never with kill -9: noida-db (the
+embedded broker) keeps its data as one JSON file rewritten about every half second and
+loses writes it acknowledged just before a kill -9 (medclear/stack/servers.py).
+A bare SIGTERM loses some too: noida-db goes on acknowledging writes while it shuts down,
+after its last save. So its own `noida-db stop kafka` comes first (it closes the Kafka
+service and saves), then the SIGTERM (stack.broker_stop_argv). Production runs Apache
+Kafka with acks=all and min.insync.replicas 2, where a broker kill loses nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from medclear import stack
+from medclear.drills.access import (
+    StackAccess,
+    pid_gone,
+    restart,
+    signal_component,
+    stop_component,
+)
+from medclear.drills.bounds import AFTER_RECOVERY_S, RECOVERY_WAIT_S, DrillError
+from medclear.drills.traffic import SteadyTraffic
+
+
+@dataclass
+class Marks:
+    """What a fault did, in time.monotonic()."""
+
+    injected: list[float] = field(default_factory=list)
+    repaired: list[float] = field(default_factory=list)
+
+
+Log = Callable[[str], None]
+Fault = Callable[[StackAccess, SteadyTraffic, Marks, Log], None]
+
+
+def wait_recovered(traffic: SteadyTraffic, since: float) -> float:
+    deadline = time.monotonic() + RECOVERY_WAIT_S
+    while True:
+        first = traffic.first_approval_after(since)
+        if first is not None:
+            return first
+        if time.monotonic() > deadline:
+            raise DrillError(f"no swipe approved within {RECOVERY_WAIT_S:.0f} s of the fault")
+        time.sleep(0.05)
+
+
+def worker_kill(times: int) -> Fault:
+    return kill_loop(times, ())
+
+
+KILL_LOOP_COMPONENTS = ("worker-0", "sms", "settlement")  # the jobs whose loss costs money
+
+
+def kill_loop(times: int, names: Sequence[str] = KILL_LOOP_COMPONENTS) -> Fault:
+    """kill -9 each of `names` in turn (no names: the clearing workers), restart it, wait
+    for an approval after it; `times` rounds."""
+
+    def fault(a: StackAccess, traffic: SteadyTraffic, marks: Marks, log: Log) -> None:
+        running = sorted(r.name for r in stack.status(a.settings))
+        targets = list(names) or [n for n in running if n.startswith("worker-")]
+        missing = [n for n in targets if n not in running]
+        if not targets or missing:
+            raise DrillError(f"the stack has no {', '.join(missing) or 'clearing worker'}")
+        rounds = times if names else 1
+        kills = [t for _ in range(rounds) for t in targets] if names else [
+            targets[n % len(targets)] for n in range(times)]  # fmt: skip
+        for n, name in enumerate(kills):
+            pid = signal_component(a, name, signal.SIGKILL)
+            while not pid_gone(pid):
+                time.sleep(0.01)
+            marks.injected.append(time.monotonic())  # from here no reply can come from it
+            log(f"kill -9 {name} (pid {pid}) [{n + 1}/{len(kills)}]")
+            restart(a, name)
+            marks.repaired.append(time.monotonic())
+            log(f"{name} restarted and ready")
+            wait_recovered(traffic, marks.injected[-1])
+            time.sleep(AFTER_RECOVERY_S)
+
+    return fault
+
+
+def outage(name: str, seconds: float, freeze: bool = False) -> Fault:
+    """Stop a component (SIGTERM, or SIGSTOP with `freeze`) for `seconds`, then start it
+    again with `medclear restart` (or SIGCONT)."""
+
+    def fault(a: StackAccess, traffic: SteadyTraffic, marks: Marks, log: Log) -> None:
+        if freeze:
+            pid = signal_component(a, name, signal.SIGSTOP)
+            log(f"SIGSTOP {name} (pid {pid}) for {seconds:g} s")
+        else:
+            stop_component(a, name)
+            log(f"stopped {name} (SIGTERM); down for {seconds:g} s")
+        marks.injected.append(time.monotonic())  # the fault has taken effect
+        time.sleep(max(0.0, marks.injected[-1] + seconds - time.monotonic()))
+        if freeze:
+            signal_component(a, name, signal.SIGCONT)
+        else:
+            restart(a, name)
+        marks.repaired.append(time.monotonic())
+        log(f"{name} {'resumed' if freeze else 'started again and ready'}")
+        wait_recovered(traffic, marks.injected[-1])
+        time.sleep(AFTER_RECOVERY_S)
+
+    return fault
+
+
+def broker_restart() -> Fault:
+    def fault(a: StackAccess, traffic: SteadyTraffic, marks: Marks, log: Log) -> None:
+        stop_component(a, "broker")  # noida-db: its stop command (it saves), then SIGTERM
+        marks.injected.append(time.monotonic())
+        log("broker stopped (its stop command, then SIGTERM); starting it again")
+        restart(a, "broker")
+        marks.repaired.append(time.monotonic())
+        log("broker ready again")
+        wait_recovered(traffic, marks.injected[-1])
+        time.sleep(AFTER_RECOVERY_S)
+
+    return fault
