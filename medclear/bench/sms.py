@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from clearing import codec
 from clearing.codes import InstitutionType, InsuranceCategory
@@ -32,7 +32,7 @@ from clearing.model import Event, PersonRegistered, SwipeApproved
 from clearing.redact import Redaction, published
 from medclear import stack
 from medclear.infra import topics
-from medclear.infra.kafka_admin import ensure_topics
+from medclear.infra.kafka_admin import ensure_topics, read_topic
 from medclear.infra.settings import BrokerKind, Settings
 from medclear.infra.tokens import load_redaction
 from medclear.stack.smsc import Smsc, start_smsc
@@ -154,7 +154,7 @@ class SmsRig:
         asyncio.run(publish(self.bootstrap, [published(e, self.redaction()) for e in events]))
 
     def outcomes(self) -> list[dict[str, Any]]:
-        return asyncio.run(read_topic(self.bootstrap, topics.SMS_OUTCOMES.name))
+        return asyncio.run(read_json_topic(self.bootstrap, topics.SMS_OUTCOMES.name))
 
     def messages(self) -> list[dict[str, Any]]:
         return self.smsc.messages() if self.smsc is not None else []
@@ -214,28 +214,9 @@ async def publish_at_rate(
         await producer.stop()
 
 
-async def read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+async def read_json_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     """Every JSON record of `topic` now on the broker, read once from the beginning."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        if not parts:
-            return []
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all([await consumer.position(tp) >= end for tp, end in ends.items()]):
-                break
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                out.extend(json.loads(r.value) for r in batch if r.value)
-        return out
-    finally:
-        await consumer.stop()
+    return [json.loads(value) for _key, value in await read_topic(bootstrap, topic) if value]
 
 
 # ---------------------------------------------------------------------------- benchmark

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import typer
@@ -13,10 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medclear import stack
-from medclear.bench import cpu_use
-from medclear.bench import fuzz as bench_fuzz
-from medclear.bench import pipeline as bench_pipeline
-from medclear.bench import state as bench_state
+from medclear.bench import cpu_use, fuzz, pipeline, state
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
 from medclear.infra.settings import Settings, get_settings
@@ -26,9 +24,9 @@ from medclear.sim.traffic import LatencyStats
 bench_app = typer.Typer(
     help="Measure the running stack (prints figures, asserts nothing).", no_args_is_help=True
 )
-bench_app.command("pipeline")(bench_pipeline.command)
-bench_app.command("state")(bench_state.command)
-bench_app.command("fuzz")(bench_fuzz.command)
+bench_app.command("pipeline")(pipeline.command)
+bench_app.command("state")(state.command)
+bench_app.command("fuzz")(fuzz.command)
 console = Console()
 
 
@@ -114,6 +112,82 @@ def _idle_table(idle: dict[str, dict[str, float]], seconds: float) -> Table:
     return _by_process_table(f"idle stack: CPU in % of one core, over {seconds:g} s", idle, 1)
 
 
+SEED = 2026  # the seeded city's seed in `bench run`
+RUN_COLUMNS = ("terminal security", "in flight", "rate /s", "p50 ms", "p95 ms", "p99 ms",
+               "max ms")  # fmt: skip
+
+
+@dataclass
+class _RunFigures:
+    """What `bench run` gathers over its stacks, printed at the end."""
+
+    table: Table  # one row a (security, in-flight level)
+    sequential: dict[bool, LatencyStats] = field(default_factory=dict)  # security → 1 in flight
+    notes: list[str] = field(default_factory=list)
+    # column → process → CPU ms per swipe
+    cpu_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    # column → process → % of one core, idle stack
+    idle: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _swipe_level(settings: Settings, secure: bool, level: int, persons: int, swipes: int,
+                 figures: _RunFigures) -> None:  # fmt: skip
+    """`swipes` swipes at `level` in flight on the running stack: a row of the table, and
+    each process's CPU ms per swipe."""
+    processes = [(c.name, c.pid) for c in stack.status(settings)]
+    before = cpu_use.snapshot(processes)
+    stats = load.swipe_run(persons, SEED, swipes, level, f"{level} in flight", settings)
+    column = f"security {'on' if secure else 'off'}, {level} in flight"
+    figures.cpu_ms[column] = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes), swipes)
+    if level == 1:
+        figures.sequential[secure] = stats
+    figures.table.add_row("on (MAC + PIN via HSM)" if secure else "off", str(level),
+                          f"{stats.rate_per_s:,.0f}", f"{stats.percentile(0.5):.2f}",
+                          f"{stats.percentile(0.95):.2f}", f"{stats.percentile(0.99):.2f}",
+                          f"{max(stats.latencies_ms, default=0):.2f}")  # fmt: skip
+
+
+def _run_stack(secure: bool, persons: int, swipes: int, concurrency: str, idle_seconds: float,
+               figures: _RunFigures) -> None:  # fmt: skip
+    """One terminal-security setting: start the stack (timed to ready), measure it idle,
+    seed, swipe at each concurrency level, then stop the stack and wipe it."""
+    settings = get_settings().model_copy(update={"terminal_security": secure})
+    started = time.perf_counter()
+    stack.up(settings, console)
+    ready_s = time.perf_counter() - started
+    try:
+        if idle_seconds:
+            label = f"security {'on' if secure else 'off'}"
+            figures.idle[label] = _idle_cpu(settings, idle_seconds)
+        seed_s = load.seed_city(persons, SEED, 32, settings)
+        for level in (int(x) for x in concurrency.split(",")):
+            _swipe_level(settings, secure, level, persons, swipes, figures)
+    finally:
+        stack.down(settings, console, wipe=True)
+    figures.notes.append(
+        f"security {'on' if secure else 'off'}: up ready in {ready_s:.1f} s, "
+        f"seeding {persons:,} persons {seed_s:.1f} s"
+    )
+
+
+def _print_run(figures: _RunFigures, idle_seconds: float) -> None:
+    """The latencies, CPU per swipe, idle CPU, notes, and what the HSM checks add."""
+    console.print(figures.table)
+    console.print(_cpu_table(figures.cpu_ms))
+    if figures.idle:
+        console.print(_idle_table(figures.idle, idle_seconds))
+    for note in figures.notes:
+        console.print(note)
+    sequential = figures.sequential
+    if len(sequential) == 2:
+        added_p50 = sequential[True].percentile(0.5) - sequential[False].percentile(0.5)
+        added_p99 = sequential[True].percentile(0.99) - sequential[False].percentile(0.99)
+        console.print(
+            f"HSM checks add to a sequential swipe: p50 {added_p50:+.2f} ms, "
+            f"p99 {added_p99:+.2f} ms"
+        )
+
+
 @bench_app.command("run")
 def bench_run(
     persons: Annotated[int, typer.Option(min=1, help="persons to seed")] = 1000,
@@ -141,60 +215,9 @@ def bench_run(
     if modes is None:
         raise fail("--security is off, on or both")
     table = Table(title=f"medclear bench run: {persons:,} persons, {swipes:,} swipes per row")
-    for column in (
-        "terminal security",
-        "in flight",
-        "rate /s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "max ms",
-    ):
+    for column in RUN_COLUMNS:
         table.add_column(column, justify="right")
-    sequential: dict[bool, LatencyStats] = {}
-    notes: list[str] = []
-    cpu_ms: dict[str, dict[str, float]] = {}  # column → process → CPU ms per swipe
-    idle: dict[str, dict[str, float]] = {}  # column → process → % of one core, idle stack
+    figures = _RunFigures(table)
     for secure in modes:
-        settings = get_settings().model_copy(update={"terminal_security": secure})
-        started = time.perf_counter()
-        try:
-            stack.up(settings, console)
-        except stack.StackError as exc:
-            raise fail(str(exc)) from exc
-        ready_s = time.perf_counter() - started
-        try:
-            if idle_seconds:
-                idle[f"security {'on' if secure else 'off'}"] = _idle_cpu(settings, idle_seconds)
-            seed_s = load.seed_city(persons, 2026, 32, settings)
-            for level in (int(x) for x in concurrency.split(",")):
-                processes = [(c.name, c.pid) for c in stack.status(settings)]
-                before = cpu_use.snapshot(processes)
-                stats = load.swipe_run(persons, 2026, swipes, level, f"{level} in flight", settings)
-                column = f"security {'on' if secure else 'off'}, {level} in flight"
-                cpu_ms[column] = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes), swipes)
-                if level == 1:
-                    sequential[secure] = stats
-                table.add_row("on (MAC + PIN via HSM)" if secure else "off", str(level),
-                              f"{stats.rate_per_s:,.0f}", f"{stats.percentile(0.5):.2f}",
-                              f"{stats.percentile(0.95):.2f}", f"{stats.percentile(0.99):.2f}",
-                              f"{max(stats.latencies_ms, default=0):.2f}")  # fmt: skip
-        finally:
-            stack.down(settings, console, wipe=True)
-        notes.append(
-            f"security {'on' if secure else 'off'}: up ready in {ready_s:.1f} s, "
-            f"seeding {persons:,} persons {seed_s:.1f} s"
-        )
-    console.print(table)
-    console.print(_cpu_table(cpu_ms))
-    if idle:
-        console.print(_idle_table(idle, idle_seconds))
-    for note in notes:
-        console.print(note)
-    if len(sequential) == 2:
-        added_p50 = sequential[True].percentile(0.5) - sequential[False].percentile(0.5)
-        added_p99 = sequential[True].percentile(0.99) - sequential[False].percentile(0.99)
-        console.print(
-            f"HSM checks add to a sequential swipe: p50 {added_p50:+.2f} ms, "
-            f"p99 {added_p99:+.2f} ms"
-        )
+        _run_stack(secure, persons, swipes, concurrency, idle_seconds, figures)
+    _print_run(figures, idle_seconds)
