@@ -1,14 +1,74 @@
 """The clearing core: decide(person, command, policy) and apply(person, event).
 
-Pure: no I/O, no clock, no randomness; time comes from the command. The stream worker,
-the unit tests and the simulator all run these same functions. `handle` is the one
-entry point adapters call: decide, apply every event, check invariants, remember the
-reply.
+Pure: no I/O, no clock, no randomness. The stream worker, the unit tests and the
+simulator all run these same functions. `handle` is the one entry point adapters call:
+decide, apply every event, check the invariants (the reply's version is the state's,
+the balance is ≥ 0), remember the reply.
 
 Every command: a malformed request id or social security number is refused first, then a
-repeat of a remembered request id gets the original reply (`replayed`). Swipes and balance
-enquiries are then decided by `clearing.pos`, one ordered list of checks in result-code
-order (the lowest number wins).
+repeat of a remembered request id is answered (below). Swipes and balance enquiries are
+then decided by `clearing.pos`, one ordered list of checks in result-code order (the
+lowest number wins).
+
+Repeats. A command that made events has its reply remembered, per person, at most 64
+replies for at most 7 days; a repeat of its request id gets that reply with
+`replayed = true` and makes no event. A refusal that changes nothing (malformed, unknown
+person) is not remembered: deciding it again gives the same answer. Every bound is a
+named constant in clearing/limits.py (replies remembered, swipes kept, PIN tries, the
+amount range).
+
+Time and event ids. Time is the command's `at_ms`, stamped once at ingress. The calendar
+day is Asia/Shanghai (UTC+8 all year, `limits.SHANGHAI_UTC_OFFSET_MS`), so the daily
+pharmacy limit resets at Beijing midnight. Event ids are `<request_id>@<at_ms>#<n>`: a
+redelivered command (the same bytes) decided again yields the same ids, which every sink
+dedupes; two commands that share a request id (a terminal's trace numbers wrap around)
+never share an event id.
+
+PINs. The core is told the PIN check's outcome (CORRECT, WRONG or INVALID_BLOCK from the
+HSM; NOT_VERIFIED, accepted only while `Policy.pin_verification_required` is false) and
+owns the try counter and the lock.
+- A balance is personal data: an enquiry needs the right PIN. A wrong one is logged
+  (`SwipeDeclined`, `inquiry`) and counts towards the lock; a repeat of its request id is
+  answered from memory, so it counts once.
+- A right PIN restarts the count of consecutive wrong ones: an approved swipe, a swipe
+  declined after its PIN check (for the amount or the limit), `PinTriesReset` at an
+  enquiry.
+- A declined swipe tells no balance before its PIN check.
+- A temporary card is made with its PIN (`IssueCard.pvv`, from the HSM) and is active at
+  once; without one, when PINs are verified, it is not made.
+
+Colours. Green and red cards have no personal account: a personal-account payment with
+one is COLOUR_NOT_ALLOWED at any institution (not only pharmacies), and a credit to such
+a person is refused with the same code.
+
+The card state machine (`CARD_TRANSITIONS`; a refused step answers with its code in
+`CARD_REFUSALS`, else TRANSITION_NOT_ALLOWED)::
+
+    ISSUED --activate--> ACTIVE        (a temporary card is born ACTIVE, lives one year)
+    live (ISSUED|ACTIVE|LOCKED|FROZEN) --report_pre_loss--> PRE_LOST (deadline: region)
+    PRE_LOST --release | lapse--> the state it came from
+    live or PRE_LOST --confirm_loss--> LOST    (a release: RELEASE_AFTER_FORMAL_LOSS)
+    PRE_LOST|LOST --apply_replacement--> REPLACED (a release: RELEASE_AFTER_REPLACEMENT)
+    REPLACED --issue replacement--> CANCELLED, new card ISSUED (same person, same account)
+    live --change card (换卡)--> CANCELLED, new card ISSUED
+    ACTIVE --3rd wrong PIN--> LOCKED --unlock--> ACTIVE with the initial PIN
+    ISSUED|ACTIVE|LOCKED --freeze--> FROZEN
+    FROZEN --unfreeze--> ACTIVE;  FROZEN --another card activated--> CANCELLED
+    temporary --social card issued--> SUPERSEDED;  person --cancel--> every card CANCELLED
+
+Pre-loss. Lifetimes are data (medclear/data/pre_loss_policy.csv: region → seconds, hours,
+days or working days; working days: clearing/calendar.py). A swipe after the deadline is
+decided on the lapsed state even before the timer's expiry command arrives. An expiry for
+a different (earlier) pre-loss, or after a formal loss or a release, changes nothing.
+
+Reversals and refunds. A reversal is idempotent by its own request id and returns what
+the swipe paid from the account and has not been refunded. A reversal of a swipe never
+seen is answered ORIGINAL_NOT_FOUND and remembered, so the original arriving later is
+refused (ALREADY_REVERSED) rather than approved. Refunds never exceed what was paid; a
+reversed swipe cannot be refunded.
+
+The daily pharmacy limit counts per card (a replacement card starts its own count):
+reversed and declined swipes do not count; refunded ones do (the swipe happened).
 """
 
 from __future__ import annotations
@@ -589,6 +649,21 @@ def apply(person: Person | None, event: Event) -> Person | None:
         raise InvariantError("event applied to another person")
     person = replace(person, version=person.version + 1)
     match event:
+        case PhoneSet():
+            return replace(person, phone=event.phone)
+        case PersonCancelled():
+            return replace(person, cancelled=True)
+    changed = _apply_card_event(person, event)
+    if changed is None:
+        changed = _apply_money_event(person, event)
+    if changed is None:
+        raise InvariantError(f"unknown event {type(event).__name__}")
+    return changed
+
+
+def _apply_card_event(person: Person, event: Event) -> Person | None:
+    """A card's life and its PIN; None for an event of another kind."""
+    match event:
         case CardIssued():
             card = Card(event.card_no, event.kind, event.colour, event.state, event.at_ms,
                         initial_pin=not event.pin_set, pvv=event.pvv,
@@ -608,6 +683,24 @@ def apply(person: Person | None, event: Event) -> Person | None:
             return _with_card(
                 person, event.card_no, initial_pin=False, pin_failures=0, pvv=event.pvv
             )
+        case SwipeDeclined():
+            declined_card = person.card(event.card_no)
+            if event.pin_wrong and declined_card is not None:
+                failures = declined_card.pin_failures + 1
+                return _with_card(person, event.card_no, pin_failures=failures)
+            if event.pin_verified and declined_card is not None:
+                return _with_card(person, event.card_no, pin_failures=0)
+            return person
+        case PinTriesReset():
+            return _with_card(person, event.card_no, pin_failures=0)
+        case PharmacyLimitSet():
+            return _with_card(person, event.card_no, pharmacy_swipes_per_day=event.swipes_per_day)
+    return None
+
+
+def _apply_money_event(person: Person, event: Event) -> Person | None:
+    """The account: credits, swipes, reversals, refunds; None for an event of another kind."""
+    match event:
         case AccountCredited():
             credit = CreditRecord(event.source_id, event.amount_fen, event.at_ms)
             credits = (*person.credits, credit)[-CREDIT_SOURCES_REMEMBERED_MAX:]
@@ -622,16 +715,6 @@ def apply(person: Person | None, event: Event) -> Person | None:
                                  event.day, event.at_ms, amount_fen=event.amount_fen)  # fmt: skip
             swipes = (*person.swipes, record)[-SWIPES_REMEMBERED_MAX:]
             person = replace(person, balance_fen=event.balance_after_fen, swipes=swipes)
-            return _with_card(person, event.card_no, pin_failures=0)
-        case SwipeDeclined():
-            declined_card = person.card(event.card_no)
-            if event.pin_wrong and declined_card is not None:
-                failures = declined_card.pin_failures + 1
-                return _with_card(person, event.card_no, pin_failures=failures)
-            if event.pin_verified and declined_card is not None:
-                return _with_card(person, event.card_no, pin_failures=0)
-            return person
-        case PinTriesReset():
             return _with_card(person, event.card_no, pin_failures=0)
         case SwipeReversed():
             person = _with_swipe(person, event.original_request_id, reversed=True)
@@ -648,13 +731,7 @@ def apply(person: Person | None, event: Event) -> Person | None:
             person = _with_swipe(person, event.original_request_id,
                                  refunded_fen=refunded.refunded_fen + event.amount_fen)  # fmt: skip
             return replace(person, balance_fen=event.balance_after_fen)
-        case PharmacyLimitSet():
-            return _with_card(person, event.card_no, pharmacy_swipes_per_day=event.swipes_per_day)
-        case PhoneSet():
-            return replace(person, phone=event.phone)
-        case PersonCancelled():
-            return replace(person, cancelled=True)
-    raise InvariantError(f"unknown event {type(event).__name__}")
+    return None
 
 
 def remember(person: Person, reply: Reply) -> Person:

@@ -1,22 +1,33 @@
 """What a POS terminal asks of an account: a swipe (Authorize) and a balance enquiry.
 
 Each is decided by one ordered list of small checks. A check looks at the swipe and
-either passes or refuses with its result code; the first refusal is the answer. The lists
-are in the result codes' numeric order, so "the lowest number wins" (clearing/codes.py)
-is true by construction: `_in_code_order` asserts it when this module is imported, and
-tests/unit/test_precedence.py tries every pair of refusals.
+either passes or refuses with its result code; the first refusal is the answer. Each
+entry of a list names the lowest code its check can answer, and the lists are in the
+result codes' numeric order, so "the lowest number wins" (clearing/codes.py) is true by
+construction: `_in_code_order` asserts it when this module is imported, and
+tests/unit/test_precedence.py tries every pair of refusals and any set of them
+(hypothesis).
 
 Before either list runs, `core.decide` has answered a malformed request id or social
 security number, and a repeat of a remembered request id (the original reply).
 
-    swipe:   malformed → PIN block → institution unknown / not designated → card unknown
-             → card state → colour → initial PIN → wrong PIN (3rd locks) → daily pharmacy
-             limit → balance → approved
-    enquiry: malformed → PIN block → institution unknown / not designated → card unknown
-             → card state → initial PIN → wrong PIN (3rd locks) → the balance
+    swipe:   malformed (10) → PIN block (12) → institution unknown / not designated
+             (20, 21) → card unknown (30) → card state (31–38) → colour (39) → initial
+             PIN (50) → wrong PIN (51; the 3rd locks: 52) → daily pharmacy limit (60)
+             → balance (61) → approved
+    enquiry: the same list without the payment checks (colour, pharmacy limit,
+             balance) → the balance
 
-A malformed PIN block is a malformed request: it is refused before anything of the
-account is looked at. A right PIN restarts the count of consecutive wrong ones.
+A malformed PIN block is a malformed request, decided once: it is refused before
+anything of the account is looked at. A right PIN restarts the count of consecutive
+wrong ones.
+
+The gateway (medclear/gateway.py) keeps the same order for what it decides before the
+worker: form (10) → request MAC (11; 14 for a terminal without keys) → chip cryptogram
+(13; but when it fails the PIN block's form is asked first, so 12 wins) → the worker. A
+card the card index does not know is decided at the gateway by these same lists on no
+person (the PIN block's form checked through the HSM's `CheckPinBlock`), so an unknown
+institution (20) still wins over the unknown card (30).
 """
 
 from __future__ import annotations

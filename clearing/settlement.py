@@ -1,21 +1,27 @@
 """Daily settlement per designated institution, and reconciliation (对账): pure, no I/O.
 
-Settlement. For each institution and Asia/Shanghai day, what the fund owes it:
-    approved − reversed − refunded, paid from personal accounts (integer fen).
-Which day an event settles on:
+Settlement. For each designated institution and Asia/Shanghai day, what the fund owes it:
+    approved − reversed − refunded, paid from personal accounts (integer fen),
+with counts and fen sums per kind. Which day an event settles on:
 - an approved swipe: its own day (`SwipeApproved.day`);
 - a reversal (冲正): the day of the swipe it undoes (`SwipeReversed.original_day`);
 - a refund (退费): its own day. A refund is a transaction of the day it is made, as the
   institution books it; the event carries no original day.
-A day closes at a cut-off after its end (CUTOFF_AFTER_DAY_END_MS_DEFAULT: 02:00 Beijing
-the next day; a setting). The clock is injected: `close_due(state, now_ms)`. An event for a
-day that is already closed (a late reversal, a refund or swipe that reached settlement
-after the cut-off) never rewrites that day: it becomes an adjustment line of the next
-open day, naming the day it belongs to.
 
-Idempotent by event id: each kept day holds the ids applied to it (bounded), and a
-redelivered event changes nothing. Closed days keep their ids for CLOSED_DAYS_KEPT days
-(redeliveries come from the uncommitted tail of a partition: seconds to minutes).
+Cut-off. Day D closes at a cut-off after its end (CUTOFF_AFTER_DAY_END_MS_DEFAULT: 02:00
+Beijing on D+1; MEDCLEAR_SETTLEMENT_CUTOFF_S, 7200). The clock is injected:
+`close_due(state, now_ms)`. A closed record is final. An event for a day that is already
+closed (a late reversal, or any event that reached settlement after the cut-off) never
+rewrites that day: it goes into an adjustment line of the next open day, naming the day
+it belongs to.
+
+Idempotent by event id: each kept day holds the ids applied to it (at most
+APPLIED_IDS_PER_DAY_MAX, 2,000,000, per institution-day), and a redelivered event
+changes nothing and publishes nothing. Closed days keep their ids for CLOSED_DAYS_KEPT
+(3) more days, then are forgotten (redeliveries come from the uncommitted tail of a
+partition: seconds to minutes). Cost: an institution's state, ids included, is one
+changelog record rewritten per event, so a busy hospital writes O(n) bytes per event;
+per-event keys in a second table are the remedy if the issue-7 benchmark shows it.
 
 Reconciliation compares three views of one day per institution: medclear's settlement
 (this module's records), the ClickHouse event log, and the institution's own file

@@ -1,11 +1,19 @@
 """A deterministic simulation of a city's terminals, cards and service windows, run
 against the pure core with a simulated clock: across midnights, weekends and holidays.
 
-Everything random comes from one seeded generator, so a seed replays a run exactly. The
-simulator also injects the faults the real system meets: commands delivered twice
-(redelivery after a crash), reversals sent before or instead of their swipe, swipes of
-lost cards, wrong PINs. After every step it checks the invariants; the first violation
-stops the run with a SimulationFailure that names the seed and the step.
+`medclear simulate --seed S --persons N --days D` runs it on a seeded city from
+2026-09-28 (a Monday), through National Day and its adjusted workday. Everything random
+comes from one seeded generator, so a seed replays a run exactly. The simulator also
+injects the faults the real system meets: commands delivered twice (redelivery after a
+crash), reversals sent before or instead of their swipe, swipes of lost cards, wrong
+PINs.
+
+After every step it checks: the balance is ≥ 0; money is conserved per person (credits −
+approved + returned = balance); no approval on a card that could not pay (`may_pay`, an
+oracle restated from DOMAIN.md rather than reusing the core's code); the daily pharmacy
+limit holds; a repeat changes nothing. The first violation stops the run with a
+SimulationFailure that names the seed and the step, and prints the command that replays
+it.
 """
 
 from __future__ import annotations

@@ -93,7 +93,9 @@ Card keys (``derive_card_key``) and cryptograms (``card_cryptogram``)
     (the size of an EMV ARQC) of ``generate_mac`` under the card key over the canonical
     encoding ``"MCAC" 01 || len(challenge) || challenge || amount_fen (8 bytes, big
     endian, >= 0) || len(terminal_id) || terminal_id (UTF-8) || counter (4 bytes)``; each
-    length is one byte, so challenge and terminal id are 1..255 bytes.
+    length is one byte, so challenge and terminal id are 1..255 bytes. It is the
+    anti-cloning check of chip swipes: the card computes it (reader_agent/card.py) and
+    the gateway has the HSM verify it (``VerifyCardCryptogram``).
 """
 
 from __future__ import annotations

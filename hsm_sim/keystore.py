@@ -1,18 +1,26 @@
 """The HSM's key store: every key encrypted under the local master key (LMK), in one file.
 
+The HSM is a separate process with a gRPC service (hsm_sim/service.py): clear PINs and
+clear keys exist only inside it, for one call at a time.
+
 - The LMK is 32 bytes (AES-256), given at start from a file or the environment; it is
-  never written into the store. Each key is wrapped with AES-256-GCM under the LMK, with
-  its identity (id, version, type, algorithm) as associated data, so a wrapped key moved
-  to another entry does not decrypt.
+  never written into the store. `medclear up` generates the embedded stack's LMK at
+  `.medclear/hsm/lmk.hex` (`new_lmk_file`), readable by its owner only. Each key is
+  wrapped with AES-256-GCM under the LMK, with its identity (id, version, type,
+  algorithm) as associated data, so a wrapped key moved to another entry does not
+  decrypt.
 - The store file also holds a check value of the LMK: opening it with another LMK fails
   at once with a clear error, not later with garbage keys.
 - Keys have versions. Rotation makes a new current version; an older version keeps
-  verifying for KEY_VERSION_GRACE_MS after it was replaced, then is refused.
+  verifying for KEY_VERSION_GRACE_MS (30 days) after it was replaced, then is refused.
+- Keys move under a key-encryption key (KEK): RFC 3394 key wrap for an AES KEK, ECB for
+  a TDES or SM4 KEK (`wrap_key`). A KEK is formed at a key ceremony (`FormKey`) from 2 or
+  3 clear components, XORed, each checked against its KCV.
 - Writes are atomic (temporary file, fsync, rename): a crash leaves the old or the new
   store, never half of one.
 
-Clear keys exist only in this process's memory; `KeyInfo` (what is listed and logged)
-has no key material, only the key check value (KCV).
+`KeyInfo` (what is listed and logged) has no key material, only the key check value
+(KCV).
 """
 
 from __future__ import annotations

@@ -4,7 +4,48 @@ Adapter only: it checks the request's form and (with terminal security) its MAC 
 cryptogram, routes it by card or social security number, stamps the ingress time, and
 translates the core's Reply into the proto reply, which it MACs. The account's decisions
 are the clearing worker's; a card the index does not know is answered here by the same
-pure checks (clearing/pos.py) on no person.
+pure checks (clearing/pos.py, which gives the whole order of the checks) on no person.
+The roles table of medclear/infra/pki.py lets only role `terminal` call the POS service.
+
+Bounds first. Every string and bytes field of every POS and registry request has a named
+bound (medclear/infra/bounds.py; a unit test walks every request type of both services),
+checked before any HSM call: a 1 MB card number is MALFORMED_REQUEST naming `card_no`,
+not whatever the HSM's own size limit made of it. An empty terminal id is 10 at every
+POS call.
+
+Terminal security (MEDCLEAR_TERMINAL_SECURITY, on by default; off: no HSM on the path
+and nothing below is checked):
+- Request MAC: every POS request carries a MAC under its terminal's MAC key
+  (`tak-<terminal>`) over its deterministic protobuf serialization with `mac` empty
+  (`medclear.infra.rpc.mac_input`), so every field the terminal sent is covered, with no
+  hand-kept list of fields. It is verified through the HSM before routing: a bad MAC is
+  MAC_INVALID (11), a terminal without keys TERMINAL_UNKNOWN (14), and neither reaches an
+  aggregate.
+- Reply MAC: every POS reply is MACed through the HSM under the same key, over the same
+  serialization. The reader agent and `medclear pos` take a reply without a valid MAC as
+  no answer, and the agent reverses the swipe. Each reply costs one `GenerateMac`: no
+  reply is known before the request's MAC is verified (checking it later would give
+  unauthenticated requests the card-index wait and the HSM's PIN-block check), so there
+  is no round trip to share.
+- PIN blocks: a PIN travels as an ISO 9564 format-4 block under the terminal's PIN key
+  (`tpk-<terminal>`). The gateway passes it on; the clearing worker
+  (stream_jobs/worker.py) has the HSM verify it against the card's PIN verification value
+  (PVV) and hands the core CORRECT, WRONG or INVALID_BLOCK. A repeat of a decided request
+  is answered from memory without asking the HSM again; with the HSM down the worker
+  waits, deciding nothing without the check. Here only an unrouted card's block is
+  checked, for its form. (At a service window, ChangePin has the HSM turn the new PIN
+  block into the card's PVV, which the card keeps.)
+- Chip cryptogram (`TerminalSecurity.cryptogram`), after the MAC: a request carrying one
+  is checked through the HSM's `VerifyCardCryptogram` under `cmk-cards`. A wrong one, or
+  a challenge or counter without a cryptogram, is CRYPTOGRAM_INVALID (13) and reaches no
+  aggregate; a cloned card (EF05/EF06 copied, another key) is refused this way. A swipe
+  without a cryptogram is accepted by default: the simulated fleet, `medclear pos swipe
+  --card` and the benchmarks are key-entered (no chip).
+  MEDCLEAR_CARD_CRYPTOGRAM_REQUIRED=true makes it mandatory, which a deployment of chip
+  readers should set: without it, a cloner who leaves the cryptogram out is not stopped
+  by this check. Not done: the server does not keep the card's counter, so a replayed
+  cryptogram is stopped only by the challenge being the terminal's; a server-issued
+  challenge or a per-card counter high-water mark would close that.
 """
 
 from __future__ import annotations

@@ -1,12 +1,28 @@
 """The POS reader agent: card → PIN → Authorize → receipt, with reversals that survive.
 
-A swipe: read EF05/EF06 through PC/SC, take the PIN from the PIN pad, ask the card for
-its cryptogram over a fresh terminal challenge, the amount and the terminal id, build the
-PIN block under the terminal PIN key, MAC the request, record it in the journal, send it
-with a deadline. A decision closes the journal entry. No decision (deadline passed,
-connection lost, or the gateway's own TIMEOUT) leaves the outcome unknown: the agent sends
-a Reverse for that trace until one is answered, and an agent that crashes meanwhile does
-it when it starts again (the journal entry is still open).
+It runs at one counter: PC/SC through pyscard (reader.py), a PIN pad (pinpad.py: the
+console via getpass, never echoed; scripted for tests), and the terminal's keys from the
+simulated secure element (`medclear.infra.terminals.Keyring`). Reader events (card in or
+out, reader added or unplugged) come from pyscard's CardMonitor and ReaderMonitor
+(events.py).
+
+A swipe: SELECT the SSSE application by its AID, read EF05 and EF06 record by record, take
+the PIN, then INTERNAL AUTHENTICATE (`00 88`) over a fresh 8-byte terminal challenge, the
+amount and the terminal id; the card answers its counter and an 8-byte cryptogram
+(`hsm_sim.crypto.card_cryptogram`). The request carries the card number and the social
+security number from the chip (no card-index lookup at the gateway), the PIN block under
+the terminal PIN key, the cryptogram fields (`card_challenge`, `card_counter`,
+`card_cryptogram`) and the MAC, which covers them because it covers the whole
+deterministic serialization. Every status word other than 9000 is a `CardError` naming
+the step and the status; a card taken out mid-read is `CardRemoved`, and nothing is sent.
+Receipts (receipt.py) mask the card and the name.
+
+The swipe is recorded in the journal before it is sent with a deadline. A decision closes
+the journal entry. No decision (deadline passed, connection lost, the gateway's own
+TIMEOUT, or a reply without a valid MAC, which is no answer) leaves the outcome unknown:
+the agent sends a Reverse for that trace until one is answered, before the next swipe and
+with `medclear agent reversals`; an agent that crashes meanwhile does it when it starts
+again (the journal entry is still open).
 """
 
 from __future__ import annotations

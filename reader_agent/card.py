@@ -1,6 +1,21 @@
 """A 社保卡 chip: its personalised contents (`CardImage`) and the SSSE application that
 answers command APDUs (`SsseApplet`). Pure: no sockets, no clock; the emulator puts it
 behind vpcd, the unit tests call it directly.
+
+The applet: SELECT by AID and by EF, READ RECORD (answered `<tag> <len> <value>`), and
+INTERNAL AUTHENTICATE with the card's own counter, counted up before every cryptogram.
+Status words other than 9000:
+
+    6A82     unknown AID or file
+    6A83     unknown record
+    6C<len>  Le too short (SW2 is the record's exact length)
+    6986     READ RECORD with no EF selected
+    6985     INTERNAL AUTHENTICATE before SELECT (or the counter worn out)
+    6A80     bad INTERNAL AUTHENTICATE data
+    6A86     wrong P1/P2
+    6700     wrong length
+    6D00     unknown INS
+    6E00     unknown CLA
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""A virtual 社保卡 in a virtual reader: a TCP client of pcscd's vpcd driver.
+"""A virtual 社保卡 in a virtual reader: a TCP client of pcscd's vpcd driver, serving the
+pure applet of reader_agent/card.py. `medclear card-emulator run --card C` serves a card.
 
 vpcd framing (../shared/INFRA.md): every frame is a 2-byte big-endian length, then the
 payload. A 1-byte payload is control (0 power off, 1 power on, 2 reset, 4 send the ATR
 back); a longer one is a command APDU, answered with the response APDU. Connecting is
-inserting the card; closing the connection is pulling it out.
+inserting the card; closing the connection is pulling it out. The socket sets
+TCP_NODELAY and TCP_QUICKACK, so an answer is neither held back nor its ACK delayed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ log = structlog.get_logger(process="card-emulator")
 
 VPCD_PORT_DEFAULT = 35963  # reader "Virtual PCD 00 00"; the next port is "00 01"
 CONNECT_TIMEOUT_S = 10.0
+CONNECT_ATTEMPT_S = 1.0  # one connection attempt to vpcd
+THREAD_JOIN_S = 2.0
 FRAME_BYTES_MAX = 65_535
 POWER_OFF, POWER_ON, RESET, GET_ATR = 0, 1, 2, 4
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux: answer without delayed ACK
@@ -80,7 +84,7 @@ class VirtualCard:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                sock = socket.create_connection((self.host, self.port), timeout=1.0)
+                sock = socket.create_connection((self.host, self.port), timeout=CONNECT_ATTEMPT_S)
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:
@@ -105,7 +109,7 @@ class VirtualCard:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
+            self._thread.join(timeout=THREAD_JOIN_S)
         self._thread = None
 
     @property

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from smartcard.CardMonitoring import CardMonitor, CardObserver
+from smartcard.ReaderMonitoring import ReaderMonitor, ReaderObserver
 
 EVENTS_QUEUED_MAX = 1_000
 
@@ -17,6 +22,34 @@ class ReaderEvent:
     kind: str  # "card inserted", "card removed", "reader added", "reader unplugged"
     reader: str
     atr: str = ""
+
+
+class _Cards(CardObserver):  # type: ignore[misc]
+    """Cards inserted and removed, as events."""
+
+    def __init__(self, put: Callable[[ReaderEvent], None]) -> None:
+        self._put = put
+
+    def update(self, observable: Any, handlers: Any) -> None:
+        added, removed = handlers
+        for card in added:
+            self._put(ReaderEvent("card inserted", str(card.reader), bytes(card.atr).hex().upper()))
+        for card in removed:
+            self._put(ReaderEvent("card removed", str(card.reader)))
+
+
+class _Readers(ReaderObserver):  # type: ignore[misc]
+    """Readers plugged in and unplugged, as events."""
+
+    def __init__(self, put: Callable[[ReaderEvent], None]) -> None:
+        self._put = put
+
+    def update(self, observable: Any, handlers: Any) -> None:
+        added, removed = handlers
+        for reader in added:
+            self._put(ReaderEvent("reader added", str(reader)))
+        for reader in removed:
+            self._put(ReaderEvent("reader unplugged", str(reader)))
 
 
 class ReaderEvents:
@@ -34,40 +67,16 @@ class ReaderEvents:
             self.events.put_nowait(event)
 
     def start(self) -> ReaderEvents:
-        from smartcard.CardMonitoring import CardMonitor, CardObserver
-        from smartcard.ReaderMonitoring import ReaderMonitor, ReaderObserver
-
-        outer = self
-
-        class Cards(CardObserver):  # type: ignore[misc]
-            def update(self, observable: Any, handlers: Any) -> None:
-                added, removed = handlers
-                for card in added:
-                    atr = bytes(card.atr).hex().upper()
-                    outer._put(ReaderEvent("card inserted", str(card.reader), atr))
-                for card in removed:
-                    outer._put(ReaderEvent("card removed", str(card.reader)))
-
-        class Readers(ReaderObserver):  # type: ignore[misc]
-            def update(self, observable: Any, handlers: Any) -> None:
-                added, removed = handlers
-                for reader in added:
-                    outer._put(ReaderEvent("reader added", str(reader)))
-                for reader in removed:
-                    outer._put(ReaderEvent("reader unplugged", str(reader)))
-
         self._reader_monitor = ReaderMonitor()
-        self._reader_observer = Readers()
+        self._reader_observer = _Readers(self._put)
         self._reader_monitor.addObserver(self._reader_observer)
         self._card_monitor = CardMonitor()
-        self._card_observer = Cards()
+        self._card_observer = _Cards(self._put)
         self._card_monitor.addObserver(self._card_observer)
         return self
 
     def wait(self, kind: str, timeout_s: float) -> ReaderEvent:
         """The next event of `kind` (others are dropped); TimeoutError if none comes."""
-        import time
-
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()

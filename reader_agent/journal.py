@@ -8,10 +8,13 @@ one transaction, on disk (fsynced) before the agent acts on it.
     done(trace)           a decision arrived: nothing to undo;
     reversed(trace, r)    the reversal was acknowledged.
 
-A swipe that is `sent` and neither `done` nor `reversed` is an open reversal: the agent
-sends a Reverse with its own reversal trace until one is answered (reversals are
-idempotent by that trace, so sending one again is harmless). The highest trace ever used
-is kept too, so a restarted agent never reuses one.
+A swipe that is `sent` and neither `done` nor `reversed` is an open reversal (deadline
+passed, link lost, gateway TIMEOUT, a reply without a valid MAC, or the agent died
+waiting): the agent sends a Reverse with its own reversal trace, before the next swipe
+and with `medclear agent reversals`, until one is answered (reversals are idempotent by
+that trace, so sending one again is harmless). Bounded: OPEN_REVERSALS_MAX (1,000) open
+reversals stop the terminal until they settle. Trace numbers never go back: a new one is
+above every trace ever used (the highest is kept) and at least the clock in milliseconds.
 
 Why SQLite and not appended lines: a crash in the middle of a line left it without its
 newline, the next entry was glued onto it, and the next start skipped both, so an open

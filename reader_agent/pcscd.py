@@ -1,11 +1,16 @@
 """A private pcscd with vpcd readers, for tests, benchmarks and the demo.
 
-pcsc-lite 1.9.9's daemon always listens on /run/pcscd/pcscd.comm; its client library
-(pyscard, opensc-tool) honours PCSCLITE_CSOCK_NAME. So the daemon runs in its own mount
-namespace (`unshare -m`) with a private directory bound over /run/pcscd, and a reader
-configuration of its own (`-c`) whose vpcd readers listen on a chosen TCP port (and the
-next one). Nothing of the machine's own pcscd, if any, is touched. Where a mount
-namespace is not allowed, `PrivatePcscd.start` raises `PcscdUnavailable` with the reason.
+pcsc-lite 1.9.9's daemon ignores PCSCLITE_CSOCK_NAME and always listens on
+/run/pcscd/pcscd.comm; only its client library (pyscard, opensc-tool) reads it. So the
+daemon runs in its own mount namespace (`unshare -m`) with a private directory bound over
+/run/pcscd, and a reader configuration of its own (`-c`) whose vpcd readers listen on a
+chosen TCP port and the next one (`free_port_pair` finds two free ones). Nothing of the
+machine's own pcscd, if any, is touched. Where a mount namespace is not allowed,
+`PrivatePcscd.start` raises `PcscdUnavailable` with the reason.
+
+Found: when a card's connection closes during a command, vpcd takes no new card until
+pcscd's poll (every 0.4 s) has seen the removal. `PrivatePcscd.wait_card` waits for
+pcscd's own event before the next card is inserted.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from reader_agent.errors import ReaderAgentError
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 READY_TIMEOUT_S = 10.0
 SOCKET_ENV = "PCSCLITE_CSOCK_NAME"
+STOP_TIMEOUT_S = 5.0  # after SIGTERM, before SIGKILL
 
 
 class PcscdUnavailable(ReaderAgentError):
@@ -140,7 +146,7 @@ class PrivatePcscd:
             return
         process.terminate()
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=5)
+            process.wait(timeout=STOP_TIMEOUT_S)

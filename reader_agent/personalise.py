@@ -1,15 +1,21 @@
 """Card personalisation (个人化), simulated: what the issuer's card bureau writes into a chip.
 
-The card's data come from medclear's issuance records (GetPerson: the holder's name, the
-card's issue and expiry dates; the social security number from the issuer's own records,
-e.g. the seeded city), so a virtual card and the registry agree.
+The card's data come from medclear's issuance records, so a virtual card and the
+registry agree: GetPerson gives the holder's name and the card's issue and expiry dates
+(`CardInfo.issued_at`, `expires_at`); the social security number comes from the issuer's
+own records (the seeded city, or `--ssn`); sex, birth date and birthplace follow from it.
 
-The card's key: the card master key (`CMK_ID`, SM4) lives in the HSM and never leaves it.
-The HSM derives the card's key from it and exports only that, wrapped under the
-personalisation KEK (`ExportCardKey`); this module unwraps it and writes it into the card
-image, as a personalisation machine loads it into the chip. The personalisation KEK is
-formed at a key ceremony from two components; the simulated bureau keeps its clear value
-in an owner-only file, as the simulated terminals keep theirs (medclear.infra.terminals).
+The card's key: the card master key (`CMK_ID`, `cmk-cards`, SM4, made on the first
+personalisation) lives in the HSM and never leaves it. An operator-only HSM call,
+`ExportCardKey`, derives the card's key (EMV option A, `hsm_sim.crypto.derive_card_key`)
+and returns only that, wrapped under the personalisation KEK `kek-perso`, with its KCV;
+this module unwraps it, checks the KCV and writes it into the card image, as a
+personalisation machine loads it into the chip. The image (`<state_dir>/cards/<card>.json`,
+owner-only) stands in for the chip. The personalisation KEK is formed at a key ceremony
+from two components, like the fleet KEK; the simulated bureau keeps its clear value in an
+owner-only file, as the simulated terminals keep theirs (medclear.infra.terminals).
+
+Rejected alternative: exporting the CMK to the bureau (every card's key outside the HSM).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from hsm_sim.crypto import KeyAlgorithm
 from hsm_sim.keystore import KeyType, unwrap_key
 from medclear.infra.hsm_client import CMK_ID
 from medclear.infra.pki import Role
-from medclear.infra.rpc import aio_channel, pb_enum
+from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel, pb_enum
 from medclear.v1 import common_pb2, hsm_pb2, hsm_pb2_grpc, registry_pb2, registry_pb2_grpc
 from reader_agent.card import NO_EXPIRY, CardImage
 from reader_agent.errors import ReaderAgentError
@@ -39,7 +45,6 @@ PERSO_KEK = "kek-perso"
 CARD_KEY_ALGORITHM = KeyAlgorithm.SM4
 KEK_ALGORITHM = KeyAlgorithm.AES_256
 ETHNICITY_HAN = 1  # GB 3304
-RPC_TIMEOUT_S = 10.0
 
 
 class PersonalisationError(ReaderAgentError):
@@ -110,7 +115,7 @@ class Personaliser:
                     ssn=ssn,
                     card_no=card_no,
                 ),
-                timeout=RPC_TIMEOUT_S,
+                timeout=CALL_TIMEOUT_S,
             )
         if view.result != ResultCode.OK:
             raise PersonalisationError(
@@ -128,7 +133,7 @@ class Personaliser:
                     card_no=card_no,
                     kek=hsm_pb2.KeyRef(key_id=PERSO_KEK),
                 ),
-                timeout=RPC_TIMEOUT_S,
+                timeout=CALL_TIMEOUT_S,
             )
         assert self._kek is not None
         card_key = unwrap_key(KEK_ALGORITHM, self._kek, exported.wrapped)
@@ -157,7 +162,7 @@ class Personaliser:
                 components=parts,
                 component_kcvs=[crypto.kcv(KEK_ALGORITHM, p) for p in parts],
             ),
-            timeout=RPC_TIMEOUT_S,
+            timeout=CALL_TIMEOUT_S,
         )
         self._kek = bytes(a ^ b for a, b in zip(*parts, strict=True))
         kek_file.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +177,7 @@ async def _generate(hsm: Any, key_id: str, key_type: KeyType, algorithm: KeyAlgo
             hsm_pb2.GenerateKeyRequest(
                 key_id=key_id, type=pb_enum(key_type), algorithm=pb_enum(algorithm)
             ),
-            timeout=RPC_TIMEOUT_S,
+            timeout=CALL_TIMEOUT_S,
         )
     except grpc.aio.AioRpcError as exc:
         raise PersonalisationError(f"HSM refused {key_id}: {exc.details()}") from exc

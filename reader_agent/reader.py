@@ -10,6 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from smartcard.Exceptions import CardConnectionException, NoCardException, SmartcardException
+from smartcard.pcsc.PCSCExceptions import BaseSCardException
+from smartcard.System import readers
+
 from clearing.validate import mask_card, mask_ssn
 from reader_agent import apdu
 from reader_agent.errors import ReaderAgentError
@@ -149,7 +153,6 @@ class PcscTransport:
         self.apdu_seconds = 0.0
 
     def transmit(self, command: bytes) -> tuple[bytes, int]:
-        from smartcard.Exceptions import CardConnectionException
 
         started = time.perf_counter()
         try:
@@ -161,16 +164,12 @@ class PcscTransport:
         return bytes(data), (sw1 << 8) | sw2
 
     def close(self) -> None:
-        from smartcard.Exceptions import CardConnectionException
 
         with contextlib.suppress(CardConnectionException):  # already gone
             self._connection.disconnect()
 
 
 def reader_names() -> list[str]:
-    from smartcard.Exceptions import SmartcardException
-    from smartcard.pcsc.PCSCExceptions import BaseSCardException
-    from smartcard.System import readers
 
     try:
         return [str(r) for r in readers()]
@@ -185,8 +184,6 @@ class PcscReader:
         self.name = name
 
     def connect(self) -> PcscTransport:
-        from smartcard.Exceptions import CardConnectionException, NoCardException
-        from smartcard.System import readers
 
         found = [r for r in readers() if str(r) == self.name] if reader_names() else []
         if not found:

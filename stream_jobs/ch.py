@@ -1,17 +1,30 @@
 """ClickHouse helpers: connection, migrations, the event row, the reconciliation queries.
 
-The schema lives in `stream_jobs/schema/NNN_name.sql`, applied in name order by
-`migrate`, which records each applied file in `schema_migrations` (name, checksum). Every
-statement is written to run on Debian's ClickHouse 18.16 and on current ClickHouse (the
-subset in shared/INFRA.md) and is idempotent on its own (IF NOT EXISTS), so a run that
-stops half-way is simply run again. Any *.sql in the directory takes part: another job
-may add its own table with a higher number.
+Migrations. The schema lives in `stream_jobs/schema/NNN_name.sql`; `migrate` applies
+every such file of the directory in name order (another job may add its own table with a
+higher number) and records each in `schema_migrations` with its checksum: an applied file
+that has changed since is an error. Every statement is idempotent on its own (IF NOT
+EXISTS), so a run that stops half-way is simply run again. The ClickHouse sink runs them
+at start. The SQL is written to run on Debian's ClickHouse 18.16 and on current
+ClickHouse (the subset in shared/INFRA.md); a test runs it on chdb 26.9 when
+`.[current-clickhouse]` is installed.
 
-`event_row` is the pure mapping from a published event (clearing.model) to a row of
-`events`: tokens and masked numbers only, never a card or social security number.
+The event row. `event_row` is the pure mapping from a published event (clearing.model)
+to a row of `events`, columns per the contract: times as `DateTime('Asia/Shanghai')`
+plus the exact `at_ms`, money as Int64 fen, the `result` code, `original_day` (the
+reversed swipe's day); the rest of the event goes to `detail` (JSON). No card or social
+security number: `person_ref` / `card_ref` tokens and masked numbers; names and phones
+masked; a PIN's verification value is never stored.
 
-The queries (`daily_totals`, `day_events`) read `events FINAL`, so a redelivered event,
-inserted twice and not merged yet, is counted once.
+Reconciliation queries, all reading `events FINAL`, so a redelivered event inserted twice
+and not merged yet is counted once:
+- the view `institution_daily_totals` and `daily_totals(client, day, institution=None)`
+  (the same select, with the filter applied inside): per institution per Beijing day,
+  approved count / amount / paid from account, reversed (by the day of the swipe they
+  undo), refunded (by the day of the refund), and the net;
+- `day_events`: the day's lines.
+The institutions' imported files (`institution_totals`, `institution_details`) are
+written by `insert_institution_files`; a reader takes the latest `imported_at_ms`.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ from typing import Any
 
 from clickhouse_driver import Client
 
-from clearing import model, validate
+from clearing import model, settlement, validate
 from clearing.abnormal import Alert
 from clearing.calendar import EPOCH, shanghai_day
 from clearing.codes import ResultCode
@@ -412,3 +425,60 @@ def present_event_ids(client: Client, event_ids: Sequence[str]) -> set[str]:
         {"ids": tuple(event_ids)},
     )
     return {str(row[0]) for row in rows}
+
+
+# ---------------------------------------------------------------------------- institutions' files
+
+
+def insert_institution_files(client: Client, totals: Sequence[settlement.TotalsRow],
+                             details: Sequence[settlement.DetailLine], totals_source: str,
+                             details_source: str, imported_at_ms: int) -> None:  # fmt: skip
+    """Store an institution's imported totals and detail lines (`institution_totals`,
+    `institution_details`); a later import of the same day supersedes it (readers take the
+    latest `imported_at_ms`)."""
+    client.execute(
+        "INSERT INTO institution_totals (institution_id, day, count, total_fen, account_fen,"
+        " source_file, line, imported_at_ms) VALUES",
+        [(r.institution_id, day_date(r.day), r.totals.count, r.totals.amount_fen,
+          r.totals.account_fen, totals_source, r.line_no, imported_at_ms) for r in totals],
+    )  # fmt: skip
+    if details:
+        client.execute(
+            "INSERT INTO institution_details (institution_id, day, request_id, kind, amount_fen,"
+            " account_fen, source_file, line, imported_at_ms) VALUES",
+            [(d.institution_id, day_date(d.day), d.request_id, d.kind.value, d.amount_fen,
+              d.account_fen, details_source, d.line_no, imported_at_ms) for d in details],
+        )  # fmt: skip
+
+
+def institution_files(
+    client: Client, day: int, institution: str | None
+) -> tuple[dict[str, settlement.Totals], list[settlement.DetailLine], set[str]]:
+    """The latest import per institution of the day's totals and detail lines, and the
+    institutions that sent detail lines."""
+    params: dict[str, Any] = {"day": day_date(day)}
+    where = "day = %(day)s"
+    if institution is not None:
+        where += " AND institution_id = %(institution)s"
+        params["institution"] = institution
+    totals: dict[str, settlement.Totals] = {}
+    for inst, count, total, account in client.execute(
+        "SELECT institution_id, argMax(count, imported_at_ms), argMax(total_fen, imported_at_ms),"
+        f" argMax(account_fen, imported_at_ms) FROM institution_totals WHERE {where}"
+        " GROUP BY institution_id",
+        params,
+    ):
+        totals[str(inst)] = settlement.Totals(int(count), int(total), int(account))
+    rows = client.execute(
+        "SELECT institution_id, request_id, kind, amount_fen, account_fen, line, imported_at_ms"
+        f" FROM institution_details WHERE {where}",
+        params,
+    )
+    latest: dict[str, int] = {}
+    for row in rows:
+        latest[row[0]] = max(latest.get(row[0], 0), int(row[6]))
+    lines = [settlement.DetailLine(str(inst), day, str(request_id), settlement.DetailKind(kind),
+                                   int(amount), int(account), int(line))
+             for inst, request_id, kind, amount, account, line, imported in rows
+             if int(imported) == latest[inst]]  # fmt: skip
+    return totals, lines, set(latest)

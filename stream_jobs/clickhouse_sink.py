@@ -1,23 +1,43 @@
 """The ClickHouse sink: every record of `medclear.events` becomes one row of `events`.
 
-A plain aiokafka consumer with manual commits (polling with the stream runtime's poller):
-the offsets to commit are exactly those of the rows ClickHouse has acknowledged, and
-nothing else commits behind the job's back (docs/ARCHITECTURE.md, "ClickHouse sink").
+One process, three feeds, each with its own consumer group and the same batching rules:
+events (the primary: migrations, READY and the lag gauges follow it), alerts and SMS
+outcomes. Each feed is a plain aiokafka consumer with manual commits, not the stream
+runtime (it needs no state, and its batches follow ClickHouse's insert size, not the
+runtime's): the offsets committed are exactly those of rows ClickHouse has acknowledged,
+and nothing else commits behind the job's back. It polls with the runtime's poller
+(medclear/streams/poll.py) and uses static membership (`clickhouse-sink-0`), as every
+job does on noida-db.
 
-- Batches are bounded by size (`clickhouse_sink_batch_rows`, 5,000) and time
-  (`clickhouse_sink_batch_wait_ms`, 200 ms from the batch's first record); rows go to
-  ClickHouse as parameters of one INSERT (clickhouse-driver, native protocol).
-- Offsets are committed only after the insert returned. If ClickHouse fails, the
-  partitions are paused, nothing is committed, and the same batch is retried with an
-  exponential back-off (capped); then the sink catches up.
+- Batches are bounded by size (MEDCLEAR_CLICKHOUSE_SINK_BATCH_ROWS, 5,000) and time
+  (MEDCLEAR_CLICKHOUSE_SINK_BATCH_WAIT_MS, 200 ms from the batch's first record); rows
+  go to ClickHouse as parameters of one INSERT per batch (clickhouse-driver, native
+  protocol), run in a thread so that heartbeats go on.
+- ClickHouse down: the partitions are paused, nothing is committed, and the same batch
+  is retried with a back-off of 0.1 s doubling to 2 s; then the backlog is read from the
+  broker. A rebalance drops the pending batch and seeks back to the committed offsets.
 - Exactly one row per event id: a batch retried after a timeout, or records redelivered
-  after a restart, are inserted again with the same event ids, and every query reads
-  `events FINAL` (stream_jobs/ch.py).
+  after a restart, are inserted again with the same event ids. `events` is a
+  ReplacingMergeTree ORDER BY event_id (PARTITION BY the month of the event's day, so
+  duplicates share a partition), and every query reads `events FINAL` (stream_jobs/ch.py).
+  A materialised view into a SummingMergeTree was rejected: each duplicate insert would
+  add to it. Tested by re-publishing every event, and by a second consumer group reading
+  from offset 0.
 - A record that is not a decodable event is counted
-  (`medclear_clickhouse_sink_skipped_total`), logged by partition and offset (never its
-  content) and skipped: its offset is committed with its batch.
+  (`medclear_clickhouse_sink_skipped_total`, by reason), logged by partition and offset
+  (never its content) and skipped: its offset is committed with its batch.
 - Migrations (stream_jobs/schema) run at start; READY is 1 once they have run and the
-  consumer has partitions.
+  consumer has partitions, and `medclear up` waits for it.
+
+Metrics: rows, batches, insert seconds, retries, skipped records by reason, and the lag:
+`medclear_clickhouse_sink_lag_seconds` is the age (Kafka timestamp) of the oldest event
+read but not yet in ClickHouse, 0 when the pending batch is empty;
+`medclear_clickhouse_sink_lag_records` is end offsets minus inserted offsets.
+
+Throughput (one process, on a 2-core machine shared with other test runs): about
+7,000–7,700 rows/s, most of the cost in `clearing.codec.decode` (~0.1–0.4 ms a record); a
+20,000-event burst was in ClickHouse 2.8 s after its first send (lag at most 2.2 s);
+after a 7 s outage the backlog was in 3.3 s after ClickHouse was ready again.
 """
 
 from __future__ import annotations
@@ -56,6 +76,7 @@ RETRY_BACKOFF_S_MAX = 2.0  # a returning ClickHouse is noticed within 2 s
 LAG_REFRESH_S = 1.0
 STOP_FLUSH_ATTEMPTS_MAX = 3  # on SIGTERM: try the pending batch this often, then leave it
 IDLE_BACKOFF_S = 0.05  # after an empty poll, doubling while idle …
+MIGRATION_POLL_S = 0.05  # the other sinks start once the first has migrated
 IDLE_BACKOFF_MAX_S = 0.2  # … up to this, and never past a batch's wait (streams/poll.py)
 
 
@@ -419,7 +440,7 @@ def run(settings: Settings, bootstrap: str) -> None:
                 loop.add_signal_handler(sig, sink.stopping.set)
         first = asyncio.ensure_future(primary.run())
         while not primary.migrated and not first.done():  # one migration, then the rest
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(MIGRATION_POLL_S)
         await asyncio.gather(first, *(sink.run() for sink in others))
 
     asyncio.run(main())

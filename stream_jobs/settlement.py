@@ -1,10 +1,11 @@
 """The settlement job: state by institution, on medclear's stream runtime.
 
-Events are keyed by person, settlement by institution, so the job runs two runtimes:
+Events are keyed by person, settlement by institution, so the job runs two runtimes in one
+process:
 - `route` (group medclear-settlement-route) reads `medclear.events` and forwards each
   settlement event (approved swipe, reversal, refund) unchanged to
-  `medclear.settlement-input`, keyed by institution id: one partition, hence one owner,
-  per institution;
+  `medclear.settlement-input` (a through topic, created by `medclear up`), keyed by
+  institution id: one partition, hence one owner, per institution;
 - `settle` (group medclear-settlement) reads that topic and keeps each institution's state
   in the table `settlements` (key institution id, changelog `medclear-settlement-
   settlements-changelog`), applies the pure rules of clearing/settlement.py and publishes

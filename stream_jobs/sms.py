@@ -2,24 +2,60 @@
 
 Decisions are stream_jobs.sms_core's (pure); SMPP is stream_jobs.sms_smpp's; this module
 orders the steps so that an SMS is neither lost nor sent twice across redelivery, an SMSC
-outage, or a kill -9 of this process:
+outage, or a kill -9 of this process. The runtime runs it unpipelined:
 
 1. take a batch of events; decide each against the person's row of the `sms-persons`
    table (phone book, settled ids, ids in flight, rate-limit times), keyed by the person
    token;
 2. write the rows, now naming the SMS to send as *in flight*, and make them durable
    (`batch.flush()`: changelog acknowledged, store written);
-3. per window of at most SMS_IN_FLIGHT_MAX SMS: submit_sm every part, retrying with a
-   capped exponential back-off until the SMSC has answered every part (an SMSC that is
-   down holds the batch: nothing is committed, nothing is skipped);
-4. settle those SMS in their rows and publish their outcome records, durably;
-5. only then does the runtime commit the batch's offsets.
+3. per window of at most SMS_IN_FLIGHT_MAX (64) SMS: submit_sm every part and wait for
+   every submit_sm_resp;
+4. settle the window's SMS in their rows and publish their outcome records, durably;
+   then the next window;
+5. only when the handler has finished the batch does the runtime commit its offsets. A
+   stop while the SMSC holds a batch leaves it uncommitted (read again after the
+   restart).
 
-A redelivered event whose id is settled sends nothing. One whose id is in flight was
-handed to the SMSC by a process that died before step 4 was durable: SMPP has no
-idempotent submit, so it is sent again and counted (`medclear_sms_resent_uncertain_total`,
-outcome `resent_uncertain`). At most SMS_IN_FLIGHT_MAX SMS can be doubled per kill -9, and
-only if the kill falls between a window's submit and its settlement.
+No loss. An SMSC that is down, refuses the bind, drops the link, is silent for 10 s or
+answers "throttled / queue full / system error" holds the batch: the parts it has not
+accepted are sent again with a capped exponential back-off (0.2 s doubling to 10 s), and
+nothing is settled or committed meanwhile. Other refusals (an invalid destination, say)
+are permanent: the SMS is settled as `failed` and counted.
+
+No duplicates. A redelivered event whose id is settled sends nothing. The residual window:
+SMPP 3.4 has no idempotent submit. An id found *in flight* on redelivery was handed to
+the SMSC by a process that died before the window's settlement reached the broker; it is
+sent again, because losing a consumption SMS is worse than doubling one, flagged
+`resent_uncertain` in its outcome record and counted. So a kill -9 can double at most one
+window (64 SMS), and only if it lands between a window's submit and its flush (two broker
+round trips). A part whose submit_sm_resp was lost with a dropped link is sent again too.
+Measured with `medclear drill kill-loop --times 20` (20 swipes/s, the job killed 20
+times), three runs: 3, 4 and 6 SMS doubled of ~4,000 (the run that counted flags: 6 of 6
+flagged); the drill fails on them (DESIGN.md: no SMS twice) and says how many were
+flagged. Closing the window needs an SMSC that deduplicates by a key of ours; SMPP 3.4
+defines none. A graceful SMSC stop doubles nothing (tested, and in the smsc-outage drill):
+the loopback SMSC unbinds its sessions, answers every submit_sm it recorded and refuses
+(ESME_RSYSERR, retried after a back-off) what still comes. When it closed its sessions at
+once, a submit_sm arriving meanwhile was recorded but never answered, and the drill
+doubled 1 SMS of ~40 in every run. tests/integration/test_sms.py kills the job too:
+nothing skipped, nothing committed past what is settled.
+
+Outcomes go to `medclear.sms-outcomes` (key: the event id; JSON `sms_core.OutcomeRecord`):
+`submitted` (SMSC message ids, parts, masked phone, event time, answer time), `failed`,
+`no_phone`, `stale`, `rate_limited`, and `receipt` (stat, SMSC message id, and the event
+id while the job remembers it). No phone number in clear and no ssn, so the ClickHouse
+sink stores them. Delivery receipts are read during submits and by a poll every 1 s.
+
+Metrics: `medclear_sms_sent_total{kind}`, `_failed_total{status}`, `_retries_total`,
+`_suppressed_total{reason}`, `_resent_uncertain_total`, `_receipts_total{stat}`,
+`medclear_sms_submit_seconds` (event at_ms → the last part's submit_sm_resp),
+`medclear_smsc_bound`.
+
+Settings: MEDCLEAR_SMS_ENABLED (false: the job idles, consuming nothing),
+MEDCLEAR_SMSC_HOST, _PORT, _SYSTEM_ID, _PASSWORD (SMPP allows 8 characters),
+_SOURCE_ADDR (12393), MEDCLEAR_SMS_TEMPLATES_FILE. `python -m medclear.bench.sms`
+measures the job alone.
 """
 
 from __future__ import annotations
@@ -59,6 +95,7 @@ BACKOFF_MAX_S = 10.0
 RECEIPT_POLL_S = 1.0
 SMSC_IDS_REMEMBERED_MAX = 200_000  # SMSC message id → event id, for receipts (memory only)
 TEMPLATES_FILE = Path(__file__).parent / "templates" / "sms.toml"
+LINK_CLOSE_TIMEOUT_S = 5.0  # unbind and close the SMPP link at a stop
 
 
 def now_ms() -> int:
@@ -126,7 +163,7 @@ class Sender:
         return receipts
 
     def close(self) -> None:
-        self.executor.submit(self.link.close).result(timeout=5)
+        self.executor.submit(self.link.close).result(timeout=LINK_CLOSE_TIMEOUT_S)
         self.executor.shutdown(wait=False)
 
 

@@ -1,16 +1,37 @@
 """The consumption SMS, decided purely: which published event gets which text, to whom.
 
-No I/O and no clock: the adapter (stream_jobs/sms.py) passes the wall-clock time in
-(`now_ms`, used for one thing only: not sending SMS about events older than
+The feature second-generation cards lost: an SMS in Chinese for every approved swipe,
+reversal and refund; for card-status changes (pre-loss, formal loss, release, lapse,
+replacement applied, lock after the third wrong PIN, unlock, freeze, a replacement card
+issued); and an alert when a lost, locked, frozen or cancelled card is tried.
+
+`decide(person_sms, event, context, now_ms)` → the person's SMS state, an outcome and the
+SMS to send. No I/O and no clock: the adapter (stream_jobs/sms.py) passes the wall-clock
+time in (`now_ms`, used for one thing only: not sending SMS about events older than
 SMS_MAX_AGE_MS), and everything else follows from the events themselves, so a
 redelivered event is decided the same way again.
 
-Per person (keyed by social security number, like the events) the job keeps a
-`PersonSms`: the phone book entry (from PersonRegistered / PhoneSet / PersonCancelled;
-an empty phone means no SMS: the model has no separate opt-out, so opting out is
-SetPhone with ""), the ids of the events whose SMS is settled (sent, refused by the SMSC
-for good, or suppressed), the ids in flight (handed to the SMSC, no answer recorded yet),
-and what the rate limits need. An SMS is identified by its event's id.
+Texts come from stream_jobs/templates/sms.toml (every placeholder is checked when the
+file is loaded), with the card's last 4 from `card_masked` (never the number), Beijing
+time (`11月22日10:31`), yuan from integer fen, and the institution's name from the policy
+file.
+
+Limits (named constants; the rate limits go by event time, so a redelivery is decided
+the same way):
+- one refused-swipe alert per person per 10 min: a stolen card tried twenty times sends
+  one SMS;
+- at most 30 SMS per person per hour (card-status changes exempt);
+- no SMS for an event more than 24 h old when seen: reading `events` from the start
+  sends no history;
+- 64 settled event ids remembered per person.
+
+Identity and state. An SMS is identified by its event's id. Per person (keyed by the
+person token, in the partition of the person's events) the job keeps a `PersonSms`: the
+phone book entry (from PersonRegistered / PhoneSet / PersonCancelled), the phone kept as
+the event sealed it and opened only to address an SMS; the ids of the events whose SMS is
+settled (sent, refused by the SMSC for good, or suppressed); the ids in flight (handed to
+the SMSC, no answer recorded yet); and what the rate limits need. The model has no
+opt-out flag, so an empty phone means no SMS (opting out is SetPhone with "").
 """
 
 from __future__ import annotations
@@ -315,7 +336,7 @@ def decide(state: PersonSms | None, event: Event, context: Context, now_ms: int)
 
     Order of the checks: phone book events → an event that sends nothing → settled before
     (duplicate) → no phone / opted out / cancelled → in flight before (sent again: see
-    docs/ARCHITECTURE.md, residual window) → too old → alert interval → flood guard → send."""
+    stream_jobs/sms.py, residual window) → too old → alert interval → flood guard → send."""
     person = state or PersonSms()
     match event:
         case PersonRegistered() | PhoneSet():

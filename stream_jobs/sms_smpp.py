@@ -1,14 +1,21 @@
-"""The SMPP 3.4 side of the sms job: one bound transceiver session with smpplib.
+"""The SMPP 3.4 side of the sms job: one bound transceiver session (bind_transceiver) with
+smpplib 2.2.4.
 
 Blocking code: the job calls it from one dedicated thread only (stream_jobs/sms.py), so
 the socket is never shared. A window of SMS is sent as pipelined submit_sm PDUs (every
-part of every message), then the answers are read, matched by sequence number; delivery
-receipts (deliver_sm) that arrive meanwhile are collected and acknowledged.
+part of every message), then the answers are read, matched by sequence number. Every part
+asks for a delivery receipt (registered_delivery 1); receipts (deliver_sm) that arrive
+during submits are collected and acknowledged, and the job polls for the rest every 1 s.
 
 Text is always UCS2 (data_coding 8): `smpplib.gsm.make_parts` splits a text longer than
 70 characters into parts of 67 with a concatenation UDH (esm_class 0x40). The parts of a
 message are made once, so a part re-sent after a dropped link carries the same
 concatenation reference as its siblings.
+
+`SmscUnavailable` (the job retries the parts not yet accepted): no connection, a refused
+bind, a dropped link, no answer within RESPONSE_TIMEOUT_S (10 s; the link is dropped),
+or a transient status (ESME_RTHROTTLED, ESME_RMSGQFUL, ESME_RSYSERR). Any other status
+refuses the SMS for good.
 """
 
 from __future__ import annotations

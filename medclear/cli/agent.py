@@ -1,10 +1,15 @@
 """`medclear card-emulator ...` (virtual 社保卡 on a vpcd reader) and `medclear agent ...`
-(the POS reader agent: swipe, balance, refund, reversals, reader events, benchmark)."""
+(the POS reader agent: swipe, balance, refund, reversals, reader events, benchmark).
+
+A POS PC runs the agent alone as `python -m medclear.cli.agent ...`: this module loads the
+reader agent, the simulated terminal keys and gRPC, and no Kafka client nor stream
+runtime (tests/unit/test_layout.py checks it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import tempfile
 import time
 from collections import Counter
@@ -17,6 +22,7 @@ import grpc
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from clearing.codes import InstitutionType, ResultCode
@@ -24,11 +30,20 @@ from clearing.money import format_yuan, parse_yuan
 from clearing.validate import mask_card
 from medclear.cli.tables import result_codes_table
 from medclear.infra.pki import Role
+from medclear.infra.policy import load_institutions
+from medclear.infra.rpc import sync_channel
 from medclear.infra.settings import Settings, get_settings, keyring_file
+from medclear.infra.stack_state import StackError, client_pki_dir, load_endpoints
 from medclear.infra.terminals import Keyring
+from medclear.sim import city, traffic
+from medclear.v1 import pos_pb2_grpc
 from reader_agent.agent import Agent, Terminal
 from reader_agent.card import CardImage
+from reader_agent.emulator import VirtualCard
+from reader_agent.events import ReaderEvents
 from reader_agent.journal import Journal
+from reader_agent.pcscd import PcscdUnavailable, PrivatePcscd
+from reader_agent.personalise import PersonalisationError, Personaliser, clone_of
 from reader_agent.pinpad import ConsolePinPad, PinEntryCancelled, PinPad, ScriptedPinPad
 from reader_agent.reader import CardError, PcscReader, reader_names
 
@@ -70,14 +85,13 @@ class StackAccess:
 
 
 def stack_access(settings: Settings | None = None) -> StackAccess:
-    from medclear import stack
 
     settings = settings or get_settings()
     try:
-        e = stack.load_endpoints(settings)
-    except stack.StackError as exc:
+        e = load_endpoints(settings)
+    except StackError as exc:
         raise _fail(str(exc)) from exc
-    pki = stack.client_pki_dir(settings)
+    pki = client_pki_dir(settings)
     return StackAccess(settings, e.gateway, e.registry, e.hsm, pki, e.terminal_security)
 
 
@@ -91,7 +105,6 @@ def keyring_for(access: StackAccess, terminals: Sequence[str]) -> Keyring | None
 
 
 def institution_type(institution_id: str, settings: Settings) -> InstitutionType:
-    from medclear.infra.policy import load_institutions
 
     found = load_institutions(settings.institutions_file).get(institution_id)
     return found.type if found is not None else InstitutionType.PHARMACY
@@ -99,8 +112,6 @@ def institution_type(institution_id: str, settings: Settings) -> InstitutionType
 
 @contextlib.contextmanager
 def pos_stub(access: StackAccess) -> Iterator[object]:
-    from medclear.infra.rpc import sync_channel
-    from medclear.v1 import pos_pb2_grpc
 
     channel = sync_channel(access.gateway, Role.TERMINAL, access.pki)
     try:
@@ -111,8 +122,6 @@ def pos_stub(access: StackAccess) -> Iterator[object]:
 
 def personalised(access: StackAccess, ssn: str, card_no: str, fresh: bool = False) -> CardImage:
     """The card's image from disk, or personalised now from the issuance data."""
-    from reader_agent.personalise import PersonalisationError, Personaliser
-
     perso = Personaliser(access.hsm, access.registry, access.pki, access.cards_dir)
     path = perso.image_path(card_no)
     if path.exists() and not fresh:
@@ -128,7 +137,6 @@ def personalised(access: StackAccess, ssn: str, card_no: str, fresh: bool = Fals
 
 
 def ssn_of_city_card(card_no: str, persons: int, seed: int) -> str:
-    from medclear.sim import city
 
     for r in city.residents(persons, seed):
         if r.card_no == card_no:
@@ -168,9 +176,6 @@ def emulator_run(
 ) -> None:
     """Insert the virtual card into a vpcd reader and serve it until Ctrl-C (the card's
     counter is saved on exit)."""
-    from reader_agent.emulator import VirtualCard
-    from reader_agent.personalise import Personaliser, clone_of
-
     access = stack_access()
     image = personalised(access, ssn or ssn_of_city_card(card, persons, seed), card)
     if clone:
@@ -333,10 +338,6 @@ def watch_cmd(
     seconds: Annotated[float, typer.Option(help="how long to watch; 0: until Ctrl-C")] = 0,
 ) -> None:
     """Print reader events: card inserted or removed, reader added or unplugged."""
-    import queue
-
-    from reader_agent.events import ReaderEvents
-
     events = ReaderEvents().start()
     deadline = time.monotonic() + seconds if seconds else float("inf")
     try:
@@ -377,11 +378,6 @@ def run_agent_traffic(
     """The simulated day of swipes (medclear.sim.traffic.plan_swipes), each through the
     agent with the holder's virtual card in a reader of a private pcscd: card read,
     PIN pad, cryptogram, Authorize. Cards are personalised once (kept in <state>/cards)."""
-    from medclear.infra.policy import load_institutions
-    from medclear.sim import city, traffic
-    from reader_agent.emulator import VirtualCard
-    from reader_agent.pcscd import PcscdUnavailable, PrivatePcscd
-
     residents = {r.card_no: r for r in city.residents(persons, seed)}
     institutions = list(load_institutions(access.settings.institutions_file).values())
     plan = traffic.plan_swipes(list(residents.values()), institutions, count, seed,
@@ -441,7 +437,6 @@ def _wait_for_card(reader: PcscReader, timeout_s: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def _progress(label: str, total: int) -> Iterator[Callable[[], None]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), console=console) as p:
         task = p.add_task(label, total=total)
@@ -481,3 +476,7 @@ def bench_cmd(
     stats = run_agent_traffic(access, persons, seed, swipes, "agent swipes")
     console.print(agent_stats_table(f"{swipes:,} agent swipes (card read included)", stats))
     console.print(result_codes_table(stats.results))
+
+
+if __name__ == "__main__":
+    agent_app(prog_name="python -m medclear.cli.agent")

@@ -16,7 +16,10 @@ from rich.table import Table
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.money import format_yuan, parse_yuan
 from medclear.cli.support import DEFAULT_WINDOW, fail, read_pin
-from medclear.infra.rpc import pb_enum
+from medclear.infra.pki import Role
+from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel, pb_enum
+from medclear.infra.settings import get_settings
+from medclear.infra.stack_state import StackError, client_pki_dir, load_endpoints
 from medclear.infra.terminals import keyring_for
 from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
@@ -43,20 +46,16 @@ RequestOpt = Annotated[str, typer.Option("--request-id", help="repeat one to ret
 
 
 def _registry_address() -> str:
-    from medclear import stack
-    from medclear.infra.settings import get_settings
 
     try:
-        return stack.load_endpoints(get_settings()).registry
-    except stack.StackError as exc:
+        return load_endpoints(get_settings()).registry
+    except StackError as exc:
         raise fail(str(exc)) from exc
 
 
 def _new_pin_block(window: str, card: str, pin: str) -> bytes:
     """The new PIN as a PIN block under the window's PIN key (b"" when the running stack
     has terminal security off: no HSM takes PINs then)."""
-    from medclear.infra.settings import get_settings
-
     keyring = keyring_for(get_settings(), [window])
     if keyring is None:
         return b""
@@ -74,17 +73,13 @@ def _window(window: str, request_id: str) -> common_pb2.WindowContext:
 
 
 def _call(method: str, request: Any) -> Any:
-    from medclear import stack
-    from medclear.infra.pki import Role
-    from medclear.infra.rpc import aio_channel
-    from medclear.infra.settings import get_settings
 
-    address, pki = _registry_address(), stack.client_pki_dir(get_settings())
+    address, pki = _registry_address(), client_pki_dir(get_settings())
 
     async def call() -> Any:
         async with aio_channel(address, Role.WINDOW, pki) as channel:
             stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
-            return await getattr(stub, method)(request, timeout=10)
+            return await getattr(stub, method)(request, timeout=CALL_TIMEOUT_S)
 
     try:
         return asyncio.run(call())

@@ -17,11 +17,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from clearing.codes import ResultCode
 from hsm_sim.crypto import KeyAlgorithm
 from hsm_sim.keystore import KeyType
+from medclear.bench import hsm as hsm_bench
 from medclear.infra.pki import Role
-from medclear.infra.rpc import aio_channel, pb_enum
+from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel, pb_enum
+from medclear.infra.settings import get_settings
+from medclear.infra.stack_state import client_pki_dir, load_endpoints
+from medclear.infra.terminals import provision_terminal_keys
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 
 hsm_app = typer.Typer(
@@ -35,20 +38,19 @@ err = Console(stderr=True)
 AlgorithmOpt = Annotated[str, typer.Option(help="TDES | AES_128 | AES_256 | SM4")]
 
 
-def _call(method: str, request: Any) -> Any:
-    from medclear import stack
-    from medclear.infra.settings import get_settings
+def _hsm() -> tuple[str, Path | None]:
+    """The running stack's HSM and the PKI to reach it with."""
+    settings = get_settings()
+    return load_endpoints(settings).hsm, client_pki_dir(settings)
 
-    try:
-        address = stack.load_endpoints(get_settings()).hsm
-        pki = stack.client_pki_dir(get_settings())
-    except stack.StackError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from exc
+
+def _call(method: str, request: Any) -> Any:
+    address, pki = _hsm()
 
     async def call() -> Any:
         async with aio_channel(address, Role.OPERATOR, pki) as channel:
-            return await getattr(hsm_pb2_grpc.HsmServiceStub(channel), method)(request, timeout=10)
+            call_method = getattr(hsm_pb2_grpc.HsmServiceStub(channel), method)
+            return await call_method(request, timeout=CALL_TIMEOUT_S)
 
     try:
         return asyncio.run(call())
@@ -124,12 +126,7 @@ def provision_terminal(
 ) -> None:
     """Make the terminal's PIN key (TPK) and MAC key (TAK) and print each wrapped under
     its KEK with its KCV, for loading into the terminal."""
-    from medclear import stack
-    from medclear.infra.settings import get_settings
-    from medclear.infra.terminals import provision_terminal_keys
-
-    settings = get_settings()
-    address, pki = stack.load_endpoints(settings).hsm, stack.client_pki_dir(settings)
+    address, pki = _hsm()
 
     async def provision() -> dict[str, Any]:
         async with aio_channel(address, Role.OPERATOR, pki) as channel:
@@ -152,101 +149,6 @@ def provision_terminal(
     console.print(table)
 
 
-async def _bench(address: str, count: int, concurrency: int, pki: Path | None) -> dict[str, Any]:
-    import secrets
-    import time
-
-    from hsm_sim import crypto
-    from hsm_sim.crypto import PinBlockFormat
-    from hsm_sim.keystore import unwrap_key
-    from medclear.sim.traffic import LatencyStats, in_flight
-
-    ref = hsm_pb2.KeyRef
-    aes = KeyAlgorithm.AES_128
-    async with aio_channel(address, Role.OPERATOR, pki) as channel, \
-            aio_channel(address, Role.SERVICE, pki) as service_channel:  # fmt: skip
-        hsm = hsm_pb2_grpc.HsmServiceStub(channel)  # key administration: the operator
-        checker = hsm_pb2_grpc.HsmServiceStub(service_channel)  # checks: medclear's services
-        tag = secrets.token_hex(3)
-        # the key ceremony: the bench holds the KEK components, the HSM forms the KEK
-        parts = [secrets.token_bytes(32) for _ in range(2)]
-        await hsm.FormKey(
-            hsm_pb2.FormKeyRequest(
-                key_id=f"bench-kek-{tag}",
-                algorithm=pb_enum(KeyAlgorithm.AES_256),
-                components=parts,
-                component_kcvs=[crypto.kcv(KeyAlgorithm.AES_256, p) for p in parts],
-            )
-        )
-        kek = bytes(a ^ b for a, b in zip(*parts, strict=True))
-        clear: dict[str, bytes] = {}
-        for name, key_type in (
-            ("tpk", KeyType.TERMINAL_PIN_KEY),
-            ("tak", KeyType.TERMINAL_MAC_KEY),
-            ("pvk", KeyType.PIN_VERIFICATION_KEY),
-        ):
-            await hsm.GenerateKey(
-                hsm_pb2.GenerateKeyRequest(
-                    key_id=f"bench-{name}-{tag}", type=pb_enum(key_type), algorithm=pb_enum(aes)
-                )
-            )
-            if name != "pvk":  # the terminal loads its TPK and TAK from under its KEK
-                out = await hsm.ExportKey(
-                    hsm_pb2.ExportKeyRequest(
-                        key=ref(key_id=f"bench-{name}-{tag}"), kek=ref(key_id=f"bench-kek-{tag}")
-                    )
-                )
-                clear[name] = unwrap_key(KeyAlgorithm.AES_256, kek, out.wrapped)
-        pan, pin = "S26000001", "271828"
-
-        def block() -> bytes:
-            return crypto.encrypt_pin_block(
-                PinBlockFormat.ISO_4, pin, pan, aes, clear["tpk"], secrets.token_bytes
-            )
-
-        pvv = (
-            await checker.SetPin(
-                hsm_pb2.SetPinRequest(
-                    pin_key=ref(key_id=f"bench-tpk-{tag}"),
-                    verification_key=ref(key_id=f"bench-pvk-{tag}"),
-                    pin_block=block(),
-                    format=pb_enum(PinBlockFormat.ISO_4),
-                    pan=pan,
-                )
-            )
-        ).pin_verification_value
-        pin_requests = [
-            hsm_pb2.VerifyPinRequest(
-                pin_key=ref(key_id=f"bench-tpk-{tag}"),
-                verification_key=ref(key_id=f"bench-pvk-{tag}"),
-                pin_block=block(),
-                format=pb_enum(PinBlockFormat.ISO_4),
-                pan=pan,
-                pin_verification_value=pvv,
-            )
-            for _ in range(count)
-        ]
-        data = b"AUTH|T1|310101P00001|42|S26000001|1250"
-        mac = crypto.generate_mac(aes, clear["tak"], data)
-        mac_request = hsm_pb2.MacRequest(key=ref(key_id=f"bench-tak-{tag}"), data=data, mac=mac)
-        results: dict[str, Any] = {}
-        for label, method, requests in (
-            ("VerifyPin", checker.VerifyPin, pin_requests),
-            ("VerifyMac", checker.VerifyMac, [mac_request] * count),
-        ):
-            stats = LatencyStats()
-
-            async def one(request: Any, method: Any = method, stats: LatencyStats = stats) -> None:
-                started = time.perf_counter()
-                reply = await method(request, timeout=10)
-                stats.add((time.perf_counter() - started) * 1000, ResultCode(reply.result).name)
-
-            await in_flight(requests, concurrency, one)
-            stats.ended = time.perf_counter()
-            results[label] = stats
-        return results
-
-
 @hsm_app.command("bench")
 def bench(
     count: Annotated[
@@ -256,16 +158,12 @@ def bench(
 ) -> None:
     """PIN verifications/s and MAC verifications/s of the running HSM over gRPC, with
     p50/p99 per call, at each concurrency. Forms its own keys (bench-*); asserts nothing."""
-    from medclear import stack
-    from medclear.infra.settings import get_settings
-
-    address = stack.load_endpoints(get_settings()).hsm
-    pki = stack.client_pki_dir(get_settings())
+    address, pki = _hsm()
     table = Table(title=f"HSM over gRPC ({address}), {count:,} calls per row")
     for column in ("operation", "in flight", "ops/s", "p50 ms", "p99 ms", "results"):
         table.add_column(column, justify="right")
     for level in (int(x) for x in concurrency.split(",")):
-        for label, stats in asyncio.run(_bench(address, count, level, pki)).items():
+        for label, stats in asyncio.run(hsm_bench.run(address, count, level, pki)).items():
             results = ", ".join(f"{k}: {v}" for k, v in stats.results.items())
             table.add_row(
                 label,

@@ -14,24 +14,33 @@ from typing import Annotated
 import grpc
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from clearing import settlement
+from clearing.limits import SHANGHAI_UTC_OFFSET_MS
 from clearing.money import format_yuan
+from clearing.simulator import SimulationFailure, Simulator, Summary
+from medclear import stack
+from medclear.cli import agent as agent_cli
+from medclear.cli import recon as cli_recon
+from medclear.cli.agent import agent_app, emulator_app
 from medclear.cli.bench import bench_app
 from medclear.cli.card import card_app
 from medclear.cli.hsm import hsm_app
 from medclear.cli.pos import pos_app
-from medclear.cli.recon import recon_app
+from medclear.cli.recon import import_, print_report, recon_app, reconcile, render_html, summary
 from medclear.cli.serve import serve_app
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
-from medclear.drills.drill import drill_app
+from medclear.drills.cli import drill_app
+from medclear.infra.policy import load_institutions, load_policy
 from medclear.infra.settings import Settings, get_settings
 from medclear.infra.stack_state import StackError, client_pki_dir
 from medclear.infra.terminals import SEED_WINDOW, keyring_for
-from medclear.sim import load
-from reader_agent.cli import agent_app, emulator_app
+from medclear.sim import city, demo, load
+from medclear.sim.traffic import SeedError
 
 app = typer.Typer(
     help="medclear — real-time clearing of medical-insurance personal accounts on social "
@@ -52,6 +61,10 @@ app.add_typer(drill_app, name="drill")
 console = Console()
 err = Console(stderr=True)
 
+JOBS_CATCH_UP_S = 3.0  # after the demo's last swipe, before SMS and alerts are counted
+RECON_SETTLE_S = 30.0  # the demo's reconciliation is retried this long while the
+RECON_RETRY_S = 2.0  # settlement job and the ClickHouse sink catch up with the last events
+
 
 # ---------------------------------------------------------------------------- stack
 
@@ -66,19 +79,12 @@ def up() -> None:
     (MEDCLEAR_STATE_DIR). With MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL set,
     those external servers are used and not started.
     """
-    from medclear import stack
-
-    try:
-        stack.up(get_settings(), console)
-    except stack.StackError as exc:
-        raise fail(str(exc)) from exc
+    stack.up(get_settings(), console)
 
 
 @app.command()
 def status() -> None:
     """Show every component of the local stack, its address and whether it is healthy."""
-    from medclear import stack
-
     rows = stack.status(get_settings())
     if not rows:
         raise fail("no stack recorded in the state directory; run `medclear up`")
@@ -92,8 +98,6 @@ def down(
     wipe: Annotated[bool, typer.Option(help="also delete all data (topics, tables, logs)")] = False,
 ) -> None:
     """Stop everything `medclear up` started (by recorded PID). Data is kept unless --wipe."""
-    from medclear import stack
-
     stack.down(get_settings(), console, wipe=wipe)
 
 
@@ -103,12 +107,7 @@ def restart(
 ) -> None:
     """Stop one component of the running stack and start it again (same ports, data and
     log), waiting until it is ready. Safe at any time: nothing is lost or applied twice."""
-    from medclear import stack
-
-    try:
-        row = stack.restart_component(get_settings(), component, console)
-    except stack.StackError as exc:
-        raise fail(str(exc)) from exc
+    row = stack.restart_component(get_settings(), component, console)
     console.print(f"[green]✓[/] {row.name} ready again (pid {row.pid})")
 
 
@@ -117,14 +116,6 @@ def restart(
 
 def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency: int) -> None:
     """The demo's day at the counters (medclear/sim/demo.py), then its summary and 对账."""
-    from rich.live import Live
-
-    from medclear import stack
-    from medclear.cli.recon import _print as print_recon
-    from medclear.cli.recon import import_, reconcile, render_html, summary
-    from medclear.infra.policy import load_institutions
-    from medclear.sim import city, demo
-
     endpoints = stack.load_endpoints(settings)
     residents = city.residents(persons, 2026)
     institutions = list(load_institutions(settings.institutions_file).values())
@@ -142,7 +133,7 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency:
                    "loss reports", "releases", "limit reached", "SMS sent", "alerts"):  # fmt: skip
         table.add_column(column, justify="right")
     approved = sum(stats.results[c.name] for c in demo.APPROVED)
-    time.sleep(3)  # the stream jobs catch up with the last swipes
+    time.sleep(JOBS_CATCH_UP_S)
     stats.sms_sent = demo.prometheus_sum(endpoints.prometheus, "medclear_sms_sent_total")
     stats.alerts = demo.prometheus_sum(endpoints.prometheus, "medclear_abnormal_alerts_total")
     table.add_row(f"{sum(stats.results.values()):,}", f"{approved:,}",
@@ -153,21 +144,20 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency:
                   f"{stats.alerts:,.0f}")  # fmt: skip
     console.print(table)
     files = demo.institution_files(stats, settings.state_dir / "reports" / "institution-files")
-    from medclear.cli import recon as cli_recon
 
     with cli_recon.console.capture():  # one line here instead of a table per institution
         for totals, detail in files:
             import_(totals, detail)
     console.print(f"imported the institutions' own files ({len(files)}): what their POS saw")
-    from clearing import settlement
 
-    day = settlement.day_number(time.strftime("%Y-%m-%d", time.gmtime(time.time() + 8 * 3600)))
-    deadline = time.monotonic() + 30
+    beijing_now = time.time() + SHANGHAI_UTC_OFFSET_MS / 1000
+    day = settlement.day_number(time.strftime("%Y-%m-%d", time.gmtime(beijing_now)))
+    deadline = time.monotonic() + RECON_SETTLE_S
     report = reconcile(settings, day, None)
     while report.differences and time.monotonic() < deadline:  # settlement / sink catching up
-        time.sleep(2)
+        time.sleep(RECON_RETRY_S)
         report = reconcile(settings, day, None)
-    print_recon(report)
+    print_report(report)
     path = settings.state_dir / "reports" / "recon-demo.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")
@@ -186,8 +176,6 @@ def seed_cmd(
     activate, change the initial PIN, credit, decided as one), so it is decided and
     logged like any window operation. Seeding the same city twice changes nothing.
     """
-    from medclear.sim.traffic import SeedError
-
     try:
         elapsed = load.seed_city(persons, seed, concurrency)
     except SeedError as exc:
@@ -210,9 +198,6 @@ def simulate(
     window operations, a simulated clock across midnights and holidays (from 2026-09-28,
     through National Day), redelivered commands and early reversals. Invariants are
     checked after every step; a violation prints the seed that replays it. No servers."""
-    from clearing.simulator import SimulationFailure, Simulator, Summary
-    from medclear.infra.policy import load_policy
-
     policy = load_policy(get_settings())
     with load.progress_bar() as progress:
         task = progress.add_task("simulating days", total=days, info="")
@@ -243,8 +228,8 @@ def simulate(
     console.print("[green]all invariants held after every step[/]")
 
 
-@app.command()
-def demo(
+@app.command("demo")
+def demo_cmd(
     persons: Annotated[int, typer.Option(min=10, help="persons in the city")] = 100_000,
     minutes: Annotated[float, typer.Option(min=0.2, help="minutes of traffic")] = 3.0,
     concurrency: Annotated[int, typer.Option(min=1, max=512, help="counters busy at once")] = 32,
@@ -262,19 +247,13 @@ def demo(
     thief trying the card, releases, pre-losses lapsing, a pharmacy limit reached — with a
     live panel, then a summary and the reconciliation of the day. The stack is left
     running (Prometheus, reports) unless --stop; `medclear down` stops it."""
-    from medclear import stack
-
     settings = get_settings()
     if settings.pre_loss_policy_file is None:  # the demo district's pre-loss lasts 90 s
         demo_policy = Path(__file__).resolve().parents[1] / "data" / "pre_loss_policy_demo.csv"
         settings = settings.model_copy(update={"pre_loss_policy_file": demo_policy})
     started = time.perf_counter()
-    try:
-        stack.up(settings, console)
-    except stack.StackError as exc:
-        raise fail(str(exc)) from exc
+    stack.up(settings, console)
     ready_s = time.perf_counter() - started
-    from medclear.sim.traffic import SeedError
 
     try:
         try:
@@ -282,8 +261,6 @@ def demo(
         except SeedError as exc:
             raise fail(f"seeding: {exc}") from exc
         if agents:  # one agent, one card at a time: sequential, card read included
-            from reader_agent import cli as agent_cli
-
             by_agent = agent_cli.run_agent_traffic(
                 agent_cli.stack_access(settings), persons, 2026, swipes, "POS traffic (agent)"
             )

@@ -21,12 +21,14 @@ from rich.table import Table
 
 from clearing.codes import ResultCode
 from clearing.money import format_yuan, parse_yuan
+from medclear.cli.agent import agent_swipe
 from medclear.cli.support import fail, read_pin
 from medclear.infra.pki import Role
-from medclear.infra.rpc import aio_channel
+from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel
 from medclear.infra.settings import get_settings
 from medclear.infra.stack_state import client_pki_dir, endpoint
 from medclear.infra.terminals import keyring_for
+from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc
 
 pos_app = typer.Typer(
     help="Act as a POS terminal at a designated institution (swipe, balance, reverse, "
@@ -49,8 +51,6 @@ PinOpt = Annotated[
 
 def _terminal(terminal: str, institution: str, trace: int) -> Any:
     """The TerminalContext of a POS request; trace 0 takes one from the clock."""
-    from medclear.v1 import common_pb2
-
     return common_pb2.TerminalContext(
         terminal_id=terminal,
         institution_id=institution,
@@ -62,8 +62,6 @@ def exchange(method: str, request: Any, pin: str | None = None, gateway: str = "
     """Send one POS request and return the gateway's reply. With terminal security: the
     PIN (when `pin` is not None; "" asks for it) as a PIN block, the request MAC, and the
     reply's MAC checked; a transport failure or a reply that is not genuine is an error."""
-    from medclear.v1 import pos_pb2_grpc
-
     settings = get_settings()
     address = gateway or endpoint(settings, "gateway")
     terminal = request.terminal.terminal_id
@@ -79,7 +77,9 @@ def exchange(method: str, request: Any, pin: str | None = None, gateway: str = "
 
     async def call() -> Any:
         async with aio_channel(address, Role.TERMINAL, client_pki_dir(settings)) as channel:
-            return await getattr(pos_pb2_grpc.PosServiceStub(channel), method)(request, timeout=10)
+            return await getattr(pos_pb2_grpc.PosServiceStub(channel), method)(
+                request, timeout=CALL_TIMEOUT_S
+            )
 
     try:
         reply = asyncio.run(call())
@@ -121,8 +121,6 @@ def pos_reverse(
 ) -> None:
     """Reverse (冲正) a swipe of this terminal that could not be completed. Send it again
     with the same --trace until answered: it is applied once."""
-    from medclear.v1 import pos_pb2
-
     request = pos_pb2.ReverseRequest(
         terminal=_terminal(terminal, institution, trace),
         original_trace_number=original_trace,
@@ -145,8 +143,6 @@ def pos_refund(
     gateway: GatewayOpt = "",
 ) -> None:
     """Refund (退费) part or all of a completed swipe to the personal account."""
-    from medclear.v1 import pos_pb2
-
     request = pos_pb2.RefundRequest(
         terminal=_terminal(terminal, institution, trace),
         original_trace_number=original_trace,
@@ -170,8 +166,6 @@ def pos_balance(
 ) -> None:
     """Balance enquiry (余额查询) at a hospital or pharmacy terminal: needs the PIN (a
     wrong one counts towards the lock, as at a swipe); counts no swipe."""
-    from medclear.v1 import pos_pb2
-
     request = pos_pb2.BalanceInquiryRequest(terminal=_terminal(terminal, institution, 0),
                                             card_no=card)  # fmt: skip
     reply = exchange("BalanceInquiry", request, pin=pin, gateway=gateway)
@@ -203,9 +197,6 @@ def pos_swipe(
     (marked replayed), never debited twice. With --reader the agent reads the card in
     that PC/SC reader (EF05/EF06 and its cryptogram) and prints a receipt.
     """
-    from medclear.v1 import pos_pb2
-    from reader_agent.cli import agent_swipe
-
     amount_fen = _amount(amount)
     if reader:
         return agent_swipe(reader, amount_fen, institution, terminal, pin, partial)

@@ -1,16 +1,34 @@
 """`medclear recon ...`: reconciliation (对账) of medclear's settlement with the
-institutions' own files, and the conservation check.
+institutions' own files, and the conservation check. The rules and the comparisons are
+pure (clearing/settlement.py); this module reads, prints and writes the HTML report.
 
-Three views of one Beijing day per designated institution are compared:
+`medclear recon import FILE [--detail FILE]` validates an institution's totals CSV
+(对总账) and optionally its detail CSV, reporting every error with file:line and storing
+nothing if there is any, then stores them in ClickHouse `institution_totals` /
+`institution_details` (stream_jobs/schema/510_recon.sql). A re-import supersedes the
+earlier one: readers take the latest `imported_at_ms`.
+
+`medclear recon --date D [--institution I]` (or `recon run`) compares three views of one
+Beijing day per designated institution:
 - medclear's settlement: the latest record of each `institution:YYYY-MM-DD` key on the
-  `medclear.settlements` topic (the settlement job's Kafka state), with the adjustment
-  lines of later days that name the day;
+  `medclear.settlements` topic, plus the adjustment lines of later days that name D;
 - the event log: ClickHouse `events FINAL` (exact before merges), through
   stream_jobs/ch.py;
-- the institution's file (对总账 totals, optionally detail lines), imported with
-  `medclear recon import` into ClickHouse `institution_totals` / `institution_details`.
-The rules and the comparisons are pure (clearing/settlement.py); this module reads,
-prints and writes the HTML report.
+- the institution's imported file.
+It prints matched / mismatched / missing per institution and the transaction-level
+differences (missing in the file, missing in medclear, amount differs), and writes a
+self-contained HTML report with an inline SVG of each institution's flow. Exit 2 means
+differences were found (1: the comparison could not run). Count = transactions (swipes
+that stand + refunds); amounts are net. Settlement keeps no cash part, so total amounts
+compare the log with the file only.
+
+`medclear recon check`: credits − balances = settled + pending, over all persons and
+institutions. Credits and balances come from `medclear.events`, each event once; a
+person's balance is the `balance_after` of their last money event in partition order,
+which is decision order (`at_ms` can tie or run backwards between gateways, and ClickHouse
+has no sequence column, so it cannot say which event was last). Settled and pending are
+the closed and open records of `medclear.settlements`. Per person, the log's own
+arithmetic is checked against the recorded balance.
 """
 
 from __future__ import annotations
@@ -36,7 +54,10 @@ from clearing.money import format_yuan
 from clearing.redact import PERSON_TOKEN_PREFIX
 from clearing.validate import mask_ssn
 from medclear.infra import topics
+from medclear.infra.kafka_admin import read_topic
 from medclear.infra.settings import Settings, get_settings
+from medclear.infra.stack_state import StackError, load_endpoints
+from stream_jobs import ch
 
 recon_app = typer.Typer(
     help="Reconciliation (对账) per designated institution per Beijing day: medclear's "
@@ -49,7 +70,6 @@ recon_app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-TOPIC_READ_TIMEOUT_S = 60.0
 EXIT_DIFFERENCES = 2  # the comparison ran and found differences (1: it could not run)
 
 
@@ -65,11 +85,9 @@ def _servers(settings: Settings) -> tuple[str, str]:
     """(Kafka bootstrap, ClickHouse URL): the settings, else the local stack's."""
     bootstrap, ch_url = settings.kafka_bootstrap, settings.clickhouse_url
     if not bootstrap or not ch_url:
-        from medclear import stack
-
         try:
-            endpoints = stack.load_endpoints(settings)
-        except stack.StackError as exc:
+            endpoints = load_endpoints(settings)
+        except StackError as exc:
             raise _fail(str(exc)) from exc
         bootstrap = bootstrap or endpoints.kafka_bootstrap
         ch_url = ch_url or endpoints.clickhouse_url
@@ -77,8 +95,6 @@ def _servers(settings: Settings) -> tuple[str, str]:
 
 
 def _clickhouse(settings: Settings) -> Any:
-    from stream_jobs import ch
-
     _bootstrap, url = _servers(settings)
     try:
         client = ch.connect(url, settings.clickhouse_database)
@@ -88,39 +104,10 @@ def _clickhouse(settings: Settings) -> Any:
     return client
 
 
-async def _read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
-    """Every record of `topic`, partition by partition in offset order, read once."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        if topic not in await consumer.topics():
-            return []
-        parts = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
-        deadline = time.monotonic() + TOPIC_READ_TIMEOUT_S
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} took longer than {TOPIC_READ_TIMEOUT_S} s")
-            for tp, batch in (await consumer.getmany(timeout_ms=500, max_records=50_000)).items():
-                by_partition.setdefault(tp.partition, []).extend(
-                    (r.key, r.value) for r in batch if r.offset < ends[tp]
-                )
-        return [record for p in sorted(by_partition) for record in by_partition[p]]
-    finally:
-        await consumer.stop()
-
-
 def read_settlements(bootstrap: str) -> list[rules.DaySettlement]:
     """The latest record of each key of the settlements topic."""
     latest: dict[bytes, bytes] = {}
-    for key, value in asyncio.run(_read_topic(bootstrap, topics.SETTLEMENTS.name)):
+    for key, value in asyncio.run(read_topic(bootstrap, topics.SETTLEMENTS.name)):
         if key is not None and value is not None:
             latest[key] = value
     return [rules.decode_record(value) for value in latest.values()]
@@ -151,7 +138,7 @@ def read_accounts(bootstrap: str) -> Accounts:
     last_balance: dict[str, int] = {}
     arithmetic: dict[str, int] = {}
     accounts = Accounts(person_differences=[])
-    for _key, raw in asyncio.run(_read_topic(bootstrap, topics.EVENTS.name)):
+    for _key, raw in asyncio.run(read_topic(bootstrap, topics.EVENTS.name)):
         if raw is None:
             continue
         try:
@@ -190,8 +177,6 @@ def log_figures(
 ) -> tuple[dict[str, rules.Totals], list[rules.DetailLine], dict[str, Any]]:
     """The day from the ClickHouse log: totals and detail lines (clearing.settlement's
     log_view over `events FINAL`), and each institution's flow (stream_jobs.ch)."""
-    from stream_jobs import ch
-
     swipes: list[rules.LogSwipe] = []
     reversals: list[rules.LogReturn] = []
     refunds: list[rules.LogReturn] = []
@@ -209,49 +194,6 @@ def log_figures(
     totals, lines = rules.log_view(day, swipes, reversals, refunds)
     flows = {t.institution_id: t for t in ch.daily_totals(client, day, institution)}
     return totals, lines, flows
-
-
-def _file_view(
-    client: Any, day: int, institution: str | None
-) -> tuple[dict[str, rules.Totals], list[rules.DetailLine], set[str]]:
-    """The latest import per institution of the day's totals and detail lines."""
-    from stream_jobs import ch
-
-    params: dict[str, Any] = {"day": ch.day_date(day)}
-    where = "day = %(day)s"
-    if institution is not None:
-        where += " AND institution_id = %(institution)s"
-        params["institution"] = institution
-    totals: dict[str, rules.Totals] = {}
-    for inst, count, total, account in client.execute(
-        "SELECT institution_id, argMax(count, imported_at_ms), argMax(total_fen, imported_at_ms),"
-        f" argMax(account_fen, imported_at_ms) FROM institution_totals WHERE {where}"
-        " GROUP BY institution_id",
-        params,
-    ):
-        totals[str(inst)] = rules.Totals(int(count), int(total), int(account))
-    rows = client.execute(
-        "SELECT institution_id, request_id, kind, amount_fen, account_fen, line, imported_at_ms"
-        f" FROM institution_details WHERE {where}",
-        params,
-    )
-    latest: dict[str, int] = {}
-    for row in rows:
-        latest[row[0]] = max(latest.get(row[0], 0), int(row[6]))
-    lines = [
-        rules.DetailLine(
-            str(inst),
-            day,
-            str(request_id),
-            rules.DetailKind(kind),
-            int(amount),
-            int(account),
-            int(line),
-        )
-        for inst, request_id, kind, amount, account, line, imported in rows
-        if int(imported) == latest[inst]
-    ]
-    return totals, lines, set(latest)
 
 
 # ---------------------------------------------------------------------------- import
@@ -293,46 +235,13 @@ def import_(
         for message in errors:
             err.print(f"[red]{escape(message)}[/]")
         raise _fail(f"{len(errors)} error(s); nothing imported")
-    from stream_jobs import ch
+    ch.insert_institution_files(_clickhouse(get_settings()), totals, details, str(file),
+                                str(detail), time.time_ns() // 1_000_000)  # fmt: skip
+    console.print(_imported_table(file, detail, totals, details))
 
-    client = _clickhouse(get_settings())
-    imported_at_ms = time.time_ns() // 1_000_000
-    client.execute(
-        "INSERT INTO institution_totals (institution_id, day, count, total_fen, account_fen,"
-        " source_file, line, imported_at_ms) VALUES",
-        [
-            (
-                r.institution_id,
-                ch.day_date(r.day),
-                r.totals.count,
-                r.totals.amount_fen,
-                r.totals.account_fen,
-                str(file),
-                r.line_no,
-                imported_at_ms,
-            )
-            for r in totals
-        ],
-    )
-    if details:
-        client.execute(
-            "INSERT INTO institution_details (institution_id, day, request_id, kind, amount_fen,"
-            " account_fen, source_file, line, imported_at_ms) VALUES",
-            [
-                (
-                    d.institution_id,
-                    ch.day_date(d.day),
-                    d.request_id,
-                    d.kind.value,
-                    d.amount_fen,
-                    d.account_fen,
-                    str(detail),
-                    d.line_no,
-                    imported_at_ms,
-                )
-                for d in details
-            ],
-        )
+
+def _imported_table(file: Path, detail: Path | None, totals: list[rules.TotalsRow],
+                    details: list[rules.DetailLine]) -> Table:  # fmt: skip
     table = Table(title=f"imported {file.name}" + (f" and {detail.name}" if detail else ""))
     for column in ("institution", "day", "count", "total ¥", "account ¥", "detail lines"):
         table.add_column(column, justify="left" if column in ("institution", "day") else "right")
@@ -347,7 +256,7 @@ def import_(
             format_yuan(r.totals.account_fen),
             str(n),
         )
-    console.print(table)
+    return table
 
 
 # ---------------------------------------------------------------------------- run
@@ -377,7 +286,7 @@ def reconcile(settings: Settings, day: int, institution: str | None) -> Report:
     if institution is not None:
         settled = {k: v for k, v in settled.items() if k == institution}
     log_totals, log_lines, flows = log_figures(client, day, institution)
-    file_totals, file_lines, with_details = _file_view(client, day, institution)
+    file_totals, file_lines, with_details = ch.institution_files(client, day, institution)
     rows = rules.compare_totals(settled, log_totals, file_totals)
     diffs = rules.compare_details(log_lines, file_lines, with_details)
     return Report(day, rows, diffs, flows, with_details)
@@ -398,7 +307,7 @@ STATUS_STYLE = {
 }
 
 
-def _print(report: Report) -> None:
+def print_report(report: Report) -> None:
     table = Table(title=f"reconciliation {rules.iso_day(report.day)} (Beijing)")
     table.add_column("institution")
     table.add_column("status")
@@ -427,14 +336,7 @@ def _print(report: Report) -> None:
         for column in ("institution", "request id", "kind", "issue", "medclear ¥", "institution ¥"):
             detail.add_column(column)
         for d in report.diffs:
-            detail.add_row(
-                d.institution_id,
-                d.request_id,
-                d.kind.value,
-                d.issue.value,
-                _line_money(d.medclear),
-                _line_money(d.institution),
-            )
+            detail.add_row(*_diff_fields(d))
         console.print(detail)
     console.print(summary(report))
 
@@ -444,6 +346,12 @@ def summary(report: Report) -> str:
     by_status = {s: sum(1 for r in report.rows if r.status == s) for s in rules.Status}
     head = ", ".join(f"{n} {s.value}" for s, n in by_status.items() if n) or "no institutions"
     return f"{head}; {len(report.diffs)} detail difference(s)"
+
+
+def _diff_fields(d: rules.DetailDiff) -> tuple[str, ...]:
+    """A detail difference as the report's columns (terminal and HTML alike)."""
+    return (d.institution_id, d.request_id, d.kind.value, d.issue.value,
+            _line_money(d.medclear), _line_money(d.institution))  # fmt: skip
 
 
 def _line_money(line: rules.DetailLine | None) -> str:
@@ -471,7 +379,7 @@ def _run(date: str, institution: str | None, report_path: Path | None) -> None:
         raise _fail(f"--date {date!r} is not YYYY-MM-DD") from exc
     settings = get_settings()
     report = reconcile(settings, day, institution)
-    _print(report)
+    print_report(report)
     path = report_path or _default_report(settings, day)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")
@@ -656,19 +564,7 @@ def render_html(report: Report) -> str:
             + _cells(*(_money(t, "total") for t in (r.log, r.file)))
             + f'<td class="note">{html.escape("; ".join(r.notes))}</td></tr>'
         )
-    diff_rows = [
-        "<tr>"
-        + _cells(
-            d.institution_id,
-            d.request_id,
-            d.kind.value,
-            d.issue.value,
-            _line_money(d.medclear),
-            _line_money(d.institution),
-        )
-        + "</tr>"
-        for d in report.diffs
-    ]
+    diff_rows = ["<tr>" + _cells(*_diff_fields(d)) + "</tr>" for d in report.diffs]
     details_note = (
         "Detail lines were compared for: " + ", ".join(sorted(report.detail_institutions)) + "."
         if report.detail_institutions

@@ -1,7 +1,7 @@
 """The gRPC side of the command path: send a command to its person's partition and wait
 for the worker's reply.
 
-Reply mechanism (see docs/ARCHITECTURE.md): each gateway/registry process owns a
+Reply mechanism (docs/ARCHITECTURE.md, decision 1): each gateway/registry process owns a
 one-partition reply topic `medclear.replies.<instance>`. A command record carries the
 reply topic and a fresh correlation id in its headers; the worker sends the reply there
 with the same correlation id; a single consumer task resolves the waiting future. No
@@ -44,6 +44,8 @@ IDLE_REPLY_WAKE_S = 1.0  # with no request in flight, the reply loop looks anywa
 REPLY_SPIN_BACKOFF_S = (0.0, 0.0)  # in flight: no back-off at all, replies are due within ms
 REPLY_BACKOFF_S = (0.0005, 0.002)  # … or, not spinning (MEDCLEAR_KAFKA_IDLE_SPIN_MS=0), short
 INDEX_BACKOFF_S = (0.002, 0.5)  # new cards are rare; a miss polls at once (sync_index)
+INDEX_START_TIMEOUT_S = 60.0  # at start, the whole card index is read before serving
+INDEX_SYNC_POLL_S = 0.005
 
 
 class BusUnavailable(MedclearError):
@@ -102,7 +104,7 @@ class CommandBus:
             asyncio.create_task(self._reply_loop(), name="replies"),
             asyncio.create_task(self._index_loop(), name="card-index"),
         ]
-        await self.sync_index(timeout_s=60.0)
+        await self.sync_index(timeout_s=INDEX_START_TIMEOUT_S)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -211,7 +213,7 @@ class CommandBus:
             positions = [await self._position(tp) for tp in ends]
             if all(pos >= end for pos, end in zip(positions, ends.values(), strict=True)):
                 return
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(INDEX_SYNC_POLL_S)
         log.warning("card index did not catch up", timeout_s=timeout_s)
 
     async def _position(self, tp: TopicPartition) -> int:

@@ -12,6 +12,11 @@ this class, so a gRPC error means the same thing everywhere:
 
 A check that fails is an answer, not an error: MAC_INVALID, PIN_WRONG, PIN_BLOCK_INVALID,
 CRYPTOGRAM_INVALID.
+
+The key ids live here too: a terminal's (or service window's) MAC key `tak-<id>` and PIN
+key `tpk-<id>` (AES-128; PIN blocks in ISO 9564 format 4), the cards' PIN verification
+key `pvk-cards`, the card master key `cmk-cards`, and the simulated fleet's KEK
+`kek-fleet`.
 """
 
 from __future__ import annotations

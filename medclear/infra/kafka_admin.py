@@ -1,6 +1,6 @@
-"""Topics created on the broker: each missing one with its partition count, the compacted
-ones with cleanup.policy=compact. The names live in medclear.infra.topics, which imports
-no Kafka client."""
+"""Topics on the broker: each missing one created with its partition count (the compacted
+ones with cleanup.policy=compact), and a whole topic read once for a report or a check.
+The names live in medclear.infra.topics, which imports no Kafka client."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from medclear.errors import MedclearError
@@ -17,6 +18,9 @@ TOPIC_VISIBLE_WAIT_S = 10.0  # after creation, until every topic is described
 TOPIC_VISIBLE_POLL_S = 0.1
 ADMIN_REQUEST_TIMEOUT_MS = 15_000
 ERROR_NONE = 0
+TOPIC_READ_TIMEOUT_S = 60.0  # read_topic: a whole topic, for a report or a check
+READ_POLL_MS = 500
+READ_RECORDS_MAX = 50_000  # per poll
 ERROR_TOPIC_ALREADY_EXISTS = 36  # a concurrent creator
 
 
@@ -70,3 +74,34 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
             await asyncio.sleep(TOPIC_VISIBLE_POLL_S)
     finally:
         await admin.close()
+
+
+async def read_topic(
+    bootstrap: str, topic: str, timeout_s: float = TOPIC_READ_TIMEOUT_S
+) -> list[tuple[bytes | None, bytes | None]]:
+    """Every record of `topic`, partition by partition in offset order, read once."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            return []
+        parts = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+        deadline = time.monotonic() + timeout_s
+        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} took longer than {timeout_s} s")
+            for tp, batch in (
+                await consumer.getmany(timeout_ms=READ_POLL_MS, max_records=READ_RECORDS_MAX)
+            ).items():
+                by_partition.setdefault(tp.partition, []).extend(
+                    (r.key, r.value) for r in batch if r.offset < ends[tp]
+                )
+        return [record for p in sorted(by_partition) for record in by_partition[p]]
+    finally:
+        await consumer.stop()

@@ -1,10 +1,22 @@
 """The local stack's small certificate authority and the roles at the gRPC boundary.
 
-`medclear up` makes a CA (ECDSA P-256) under `<state_dir>/pki/`, one server certificate
-for 127.0.0.1 / localhost, and one client certificate per role. A client certificate's
-common name is `<role>:<identity>`. Every server requires a client certificate from this
-CA, and `ROLES_OF_METHOD` says which roles may call what. A refusal is PERMISSION_DENIED
-with the reason.
+With MEDCLEAR_TLS (on by default), `medclear up` makes a CA (ECDSA P-256) under
+`<state_dir>/pki/`, one server certificate for 127.0.0.1 / localhost, and one client
+certificate per role. A client certificate's common name is `<role>:<identity>`. Every
+gRPC server requires a client certificate from this CA, and one table
+(`ROLES_OF_METHOD`, then `ROLES_OF_SERVICE`) says who may call what:
+
+- terminal: the POS service;
+- window: the card registry;
+- window, analyst or operator: GetPerson;
+- service (medclear's own processes): the HSM's checks (PINs, MACs, cryptograms);
+- operator: the HSM's key administration (generate, list, export, import, form keys);
+- any role: health checks and reflection.
+
+`RoleInterceptor` refuses anything else with PERMISSION_DENIED and says who may not call
+what. The simulated fleet shares one certificate per role. A real deployment issues one
+per terminal, and the gateway should then bind the certificate's identity to the
+request's terminal id (not done).
 """
 
 from __future__ import annotations

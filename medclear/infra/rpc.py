@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, cast
@@ -14,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clearing.codes import ResultCode, message_of
+from clearing.limits import SHANGHAI_UTC_OFFSET_MS
 from clearing.model import Reply
 from clearing.validate import mask_ssn
 from medclear.infra import pki
@@ -21,6 +23,10 @@ from medclear.infra.pki import Role, channel_credentials
 from medclear.v1 import common_pb2
 
 Clock = Callable[[], int]  # epoch milliseconds
+
+# One call from a console, a tool or a simulated terminal to a medclear server. The swipe
+# path's own HSM calls have shorter bounds (medclear/infra/hsm_client.py).
+CALL_TIMEOUT_S = 10.0
 
 
 def aio_channel(address: str, role: Role, pki_dir: Path | None) -> grpc.aio.Channel:
@@ -41,9 +47,7 @@ def system_clock_ms() -> int:
 
 
 def shanghai_iso(at_ms: int) -> str:
-    from datetime import UTC, datetime, timedelta, timezone
-
-    tz = timezone(timedelta(hours=8), "Asia/Shanghai")
+    tz = timezone(timedelta(milliseconds=SHANGHAI_UTC_OFFSET_MS), "Asia/Shanghai")
     return (
         datetime.fromtimestamp(at_ms / 1000, UTC).astimezone(tz).isoformat(timespec="milliseconds")
     )

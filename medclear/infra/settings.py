@@ -49,9 +49,9 @@ class Settings(BaseSettings):
     kafka_idle_fetch_backoff_max_ms: float | None = Field(
         None,
         ge=0,
-        le=100,
-        description="the wait doubles per further empty fetch up to this; unset: flat on "
-        "the decision path, 50 ms for the stream jobs after it",
+        le=1_000,
+        description="the wait doubles per further empty fetch up to this; unset: 100 ms on "
+        "the decision path, 500 ms for the stream jobs after it (medclear/streams/process.py)",
     )
 
     kafka_idle_spin_ms: float | None = Field(
@@ -129,7 +129,8 @@ def get_settings() -> Settings:
     return Settings()
 
 
-# Never in a child's environment: `up` writes each into a file (stack._write_secrets).
+# Never in a child's environment: `up` writes each into a file
+# (medclear.stack.supervisor._write_secrets).
 SECRET_FIELDS = ("hsm_lmk", "card_token_key", "contact_data_key", "person_data_key",
                  "smsc_password")  # fmt: skip
 SMSC_PASSWORD_DEFAULT = "medclear"  # the loopback SMSC's

@@ -2,13 +2,21 @@
 
 A real terminal holds its PIN key (TPK) and MAC key (TAK) in a secure element, loaded
 from under a key-encryption key at provisioning. The simulated fleet (CLI, tests,
-traffic) keeps them in one keyring file readable by its owner only. Provisioning: a
-fleet KEK is formed in the HSM at a key ceremony from components this module holds;
-each terminal's TPK and TAK are generated in the HSM, exported under that KEK and
-unwrapped here. Clear PINs exist here only long enough to build a PIN block.
+traffic) keeps them in one keyring file readable by its owner only
+(`<state_dir>/terminals/keyring.json`), which stands in for that secure element.
+Provisioning: a fleet KEK is formed in the HSM at a key ceremony from components this
+module holds; each terminal's TPK and TAK are generated in the HSM, exported under that
+KEK and unwrapped here. Clear PINs exist here only long enough to build a PIN block.
+
+Service windows take new PINs under a TPK too. `medclear up` provisions the keys of
+`window-1` (the window of `medclear card ...`) and `window-seed` (where `medclear seed`
+enrols the city), so a PIN change works at once (`WINDOWS_MADE_AT_UP`). `medclear card
+change-pin` and `card issue --temporary` take `--pin`, or ask for it hidden on a terminal
+(in a script, its absence is an error).
 
 The MAC covers the request's deterministic protobuf serialization with the `mac` field
-empty: every field the terminal sent, nothing left out by a hand-written list.
+empty: every field the terminal sent, nothing left out by a hand-written list. A reply
+is checked the same way; one without a valid MAC is no answer.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from medclear.infra.hsm_client import (
     tpk_id,
 )
 from medclear.infra.pki import Role
-from medclear.infra.rpc import aio_channel, mac_input, pb_enum
+from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel, mac_input, pb_enum
 from medclear.infra.settings import Settings, keyring_file
 from medclear.infra.stack_state import client_pki_dir, load_endpoints
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
@@ -108,7 +116,7 @@ class Keyring:
                 components=parts,
                 component_kcvs=[crypto.kcv(KeyAlgorithm.AES_256, p) for p in parts],
             ),
-            timeout=10,
+            timeout=CALL_TIMEOUT_S,
         )
         kek = bytes(a ^ b for a, b in zip(*parts, strict=True))
         self.keys["@kek"] = {"clear": kek.hex()}
@@ -130,13 +138,13 @@ async def provision_terminal_keys(
             hsm_pb2.GenerateKeyRequest(
                 key_id=key_id, type=pb_enum(key_type), algorithm=pb_enum(algorithm)
             ),
-            timeout=10,
+            timeout=CALL_TIMEOUT_S,
         )
         exported[name] = await hsm.ExportKey(
             hsm_pb2.ExportKeyRequest(
                 key=hsm_pb2.KeyRef(key_id=key_id), kek=hsm_pb2.KeyRef(key_id=kek_id)
             ),
-            timeout=10,
+            timeout=CALL_TIMEOUT_S,
         )
     return exported
 
@@ -145,7 +153,7 @@ async def ensure_pvk(hsm_address: str, pki_dir: Path | None = None) -> None:
     """The card PIN verification key exists (made once, by `up`, as the operator)."""
     async with aio_channel(hsm_address, Role.OPERATOR, pki_dir) as channel:
         hsm = hsm_pb2_grpc.HsmServiceStub(channel)
-        keys = await hsm.ListKeys(hsm_pb2.ListKeysRequest(), timeout=10)
+        keys = await hsm.ListKeys(hsm_pb2.ListKeysRequest(), timeout=CALL_TIMEOUT_S)
         if not any(k.key_id == PVK_ID for k in keys.keys):
             await hsm.GenerateKey(
                 hsm_pb2.GenerateKeyRequest(
@@ -153,7 +161,7 @@ async def ensure_pvk(hsm_address: str, pki_dir: Path | None = None) -> None:
                     type=pb_enum(KeyType.PIN_VERIFICATION_KEY),
                     algorithm=pb_enum(KeyAlgorithm.AES_128),
                 ),
-                timeout=10,
+                timeout=CALL_TIMEOUT_S,
             )
 
 

@@ -14,6 +14,7 @@ the day is reconciled against medclear's settlement and the ClickHouse log.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import urllib.parse
@@ -27,12 +28,14 @@ from rich.live import Live
 from rich.table import Table
 
 from clearing.codes import InstitutionType, ResultCode
+from clearing.limits import SHANGHAI_UTC_OFFSET_MS
 from clearing.model import Institution
+from clearing.money import format_yuan
 from medclear.infra.pki import Role
-from medclear.infra.rpc import aio_channel
+from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel
 from medclear.infra.terminals import Keyring
 from medclear.sim.city import Resident
-from medclear.sim.traffic import RPC_TIMEOUT_S, Swipe, authorize_request
+from medclear.sim.traffic import Swipe, authorize_request
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 DEMO_DISTRICT = "310115"  # pre-loss lifetime 90 s in medclear/data/pre_loss_policy_demo.csv
@@ -42,6 +45,14 @@ LOSS_EVERY_S = 8.0  # a window takes a loss report this often
 THIEF_ATTEMPTS = 3  # swipes tried on a reported card, at different terminals
 RELEASE_SHARE = 0.5  # reports released at the window; the rest lapse or stay
 WRONG_PIN_RATE = 0.02
+DISTRICT_EVERY = 100  # one resident in this many lives in the demo district
+SWIPE_MIN_FEN, SWIPE_MAX_FEN = 5_00, 120_00
+THIEF_MIN_FEN, THIEF_MAX_FEN = 50_00, 300_00
+REGULAR_FEN = 2_00  # the regular customer's purchase, until the pharmacy limit
+RELEASE_AFTER_S = 2.0
+PROMETHEUS_TIMEOUT_S = 2.0
+RECENT_SALES = 2_000  # a reversal or refund picks among this many latest sales
+TRACE_BASE_SPAN, TRACE_BASE_STEP = 100_000, 1_000  # trace numbers start from the clock
 APPROVED = (ResultCode.OK, ResultCode.PARTIALLY_APPROVED)
 
 
@@ -140,9 +151,9 @@ def panel(stats: DemoStats, minutes: float) -> Group:
 def prometheus_sum(url: str, metric: str) -> float:
     query = urllib.parse.urlencode({"query": f"sum({metric})"})
     try:
-        with urllib.request.urlopen(f"{url}/api/v1/query?{query}", timeout=2) as answer:
-            import json
-
+        with urllib.request.urlopen(
+            f"{url}/api/v1/query?{query}", timeout=PROMETHEUS_TIMEOUT_S
+        ) as answer:
             result = json.load(answer)["data"]["result"]
         return float(result[0]["value"][1]) if result else 0.0
     except (OSError, ValueError, KeyError, IndexError):
@@ -162,6 +173,133 @@ class Counters:
         return n
 
 
+class _Day:
+    """The demo's actors, each an asyncio task until the deadline: counters (swipes, now
+    and then a reversal or a refund), a service window taking loss reports, the regular
+    customer who reaches the pharmacy limit, and the live panel."""
+
+    def __init__(self, pos: pos_pb2_grpc.PosServiceStub,
+                 window: registry_pb2_grpc.CardRegistryServiceStub, residents: list[Resident],
+                 institutions: list[Institution], keyring: Keyring | None, stats: DemoStats,
+                 deadline: float, seed: int) -> None:  # fmt: skip
+        self.pos, self.window, self.keyring, self.stats = pos, window, keyring, stats
+        self.deadline = deadline
+        self.rng = random.Random(seed)
+        self.traces = Counters(int(time.time()) % TRACE_BASE_SPAN * TRACE_BASE_STEP)
+        self.institutions = institutions
+        self.payers = [r for r in residents if r.opening_balance_fen > 0]
+        self.district = [r for i, r in enumerate(residents) if i % DISTRICT_EVERY == 7]
+        self.pharmacies = [i for i in institutions if i.type == InstitutionType.PHARMACY]
+        self.today = time.strftime(
+            "%Y-%m-%d", time.gmtime(time.time() + SHANGHAI_UTC_OFFSET_MS / 1000)
+        )
+
+    def open(self) -> bool:
+        return time.perf_counter() < self.deadline
+
+    def sign(self, terminal: str, request: object) -> object:
+        return self.keyring.sign(terminal, request) if self.keyring else request
+
+    async def swipe(self, r: Resident, inst: Institution, amount: int, pin: str) -> str:
+        """One swipe at the institution's terminal; returns the result code's name."""
+        terminal = f"T{inst.institution_id}"
+        trace = self.traces.take(terminal)
+        s = Swipe(r.card_no, inst, terminal, trace, amount, pin)
+        started = time.perf_counter()
+        try:
+            reply = await self.pos.Authorize(authorize_request(s, self.keyring),
+                                             timeout=CALL_TIMEOUT_S)  # fmt: skip
+            code = ResultCode(reply.result)
+        except Exception:  # the deadline passed: a real POS would reverse
+            self.stats.swipe_done((time.perf_counter() - started) * 1000, "RPC_ERROR")
+            return "RPC_ERROR"
+        self.stats.swipe_done((time.perf_counter() - started) * 1000, code.name)
+        if code in APPROVED:
+            self.stats.sales.append(Sale(terminal, trace, r.card_no, inst.institution_id, amount,
+                                         reply.paid_from_account_fen, self.today))  # fmt: skip
+        return code.name
+
+    async def after_sale(self, kind: str) -> None:
+        """A reversal or a half refund of a recent sale that stands."""
+        stands = [
+            s for s in self.stats.sales[-RECENT_SALES:] if not s.reversed and not s.refunded_fen
+        ]
+        if not stands:
+            return
+        sale = self.rng.choice(stands)
+        terminal = sale.terminal_id
+        context = common_pb2.TerminalContext(terminal_id=terminal,
+                                              institution_id=sale.institution_id,
+                                              trace_number=self.traces.take(terminal))  # fmt: skip
+        if kind == "reverse":
+            reversal = pos_pb2.ReverseRequest(
+                terminal=context, original_trace_number=sale.trace, card_no=sale.card_no,
+                amount_fen=sale.amount_fen)  # fmt: skip
+            reply = await self.pos.Reverse(self.sign(terminal, reversal), timeout=CALL_TIMEOUT_S)
+            sale.reversed = ResultCode(reply.result) == ResultCode.OK
+        else:
+            if not sale.account_fen:
+                return
+            part = max(1, sale.account_fen // 2)
+            refund = pos_pb2.RefundRequest(terminal=context, original_trace_number=sale.trace,
+                                           card_no=sale.card_no, amount_fen=part)  # fmt: skip
+            answer = await self.pos.Refund(self.sign(terminal, refund), timeout=CALL_TIMEOUT_S)
+            if ResultCode(answer.result) == ResultCode.OK:
+                sale.refunded_fen, sale.refund_trace = part, context.trace_number
+        self.stats.ops[kind] += 1
+
+    async def counter(self) -> None:
+        """One counter: swipes by random payers, a few with a wrong PIN."""
+        rng = self.rng
+        while self.open():
+            r = rng.choice(self.payers)
+            roll = rng.random()
+            if roll < REVERSAL_RATE:
+                await self.after_sale("reverse")
+            elif roll < REVERSAL_RATE + REFUND_RATE:
+                await self.after_sale("refund")
+            else:
+                wrong = rng.random() < WRONG_PIN_RATE
+                pin = f"{(int(r.pin) + 1) % 10**6:06d}" if wrong else r.pin
+                await self.swipe(r, rng.choice(self.institutions),
+                                 rng.randint(SWIPE_MIN_FEN, SWIPE_MAX_FEN), pin)  # fmt: skip
+
+    def _window(self, tag: str, card_no: str) -> registry_pb2.CardRequest:
+        context = common_pb2.WindowContext(window_id="DEMO-W1", operator_id="demo",
+                                           request_id=f"demo-{tag}-{time.time_ns()}")  # fmt: skip
+        return registry_pb2.CardRequest(window=context, card_no=card_no)
+
+    async def losses(self) -> None:
+        """Loss reports at the window; the thief tries each reported card; some reports
+        are released, the demo district's lapse."""
+        rng = self.rng
+        while time.perf_counter() < self.deadline - LOSS_EVERY_S:
+            await asyncio.sleep(LOSS_EVERY_S)
+            victim = rng.choice(self.district if rng.random() < 0.5 else self.payers)
+            report = await self.window.ReportPreLoss(self._window("loss", victim.card_no),
+                                                     timeout=CALL_TIMEOUT_S)  # fmt: skip
+            if ResultCode(report.result) != ResultCode.OK:
+                continue
+            self.stats.ops["loss_report"] += 1
+            for inst in rng.sample(self.institutions, THIEF_ATTEMPTS):
+                await self.swipe(victim, inst, rng.randint(THIEF_MIN_FEN, THIEF_MAX_FEN), "000000")
+            if victim not in self.district and rng.random() < RELEASE_SHARE:
+                await asyncio.sleep(RELEASE_AFTER_S)
+                await self.window.ReleaseLoss(self._window("release", victim.card_no),
+                                              timeout=CALL_TIMEOUT_S)  # fmt: skip
+                self.stats.ops["release"] += 1
+
+    async def regular(self) -> None:
+        """One customer buying at pharmacies until the daily limit says no."""
+        r = self.payers[0]
+        while self.open():
+            result = await self.swipe(r, self.rng.choice(self.pharmacies), REGULAR_FEN, r.pin)
+            if result == ResultCode.DAILY_PHARMACY_LIMIT_REACHED.name:
+                self.stats.ops["limit_reached"] += 1
+                return
+            await asyncio.sleep(1)
+
+
 async def run(
     gateway: str,
     registry: str,
@@ -176,161 +314,31 @@ async def run(
     stats: DemoStats,
     seed: int = 2026,
 ) -> None:
-    rng = random.Random(seed)
+    """The demo's day for `minutes`, `concurrency` counters at once, the panel refreshed
+    every second (SMS and alerts read from Prometheus)."""
     deadline = time.perf_counter() + minutes * 60
-    traces = Counters(int(time.time()) % 100_000 * 1_000)
-    payers = [r for r in residents if r.opening_balance_fen > 0]
-    district = [r for i, r in enumerate(residents) if i % 100 == 7]  # the demo district
-    pharmacies = [i for i in institutions if i.type == InstitutionType.PHARMACY]
-    today = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 8 * 3600))
+
+    async def display() -> None:
+        while time.perf_counter() < deadline:
+            stats.sms_sent = prometheus_sum(prometheus, "medclear_sms_sent_total")
+            stats.alerts = prometheus_sum(prometheus, "medclear_abnormal_alerts_total")
+            live.update(panel(stats, minutes))
+            await asyncio.sleep(1)
 
     async with (
         aio_channel(gateway, Role.TERMINAL, pki_dir) as pos_channel,
         aio_channel(registry, Role.WINDOW, pki_dir) as window_channel,
     ):
-        pos = pos_pb2_grpc.PosServiceStub(pos_channel)
-        window = registry_pb2_grpc.CardRegistryServiceStub(window_channel)
-
-        def terminal_of(inst: Institution) -> str:
-            return f"T{inst.institution_id}"
-
-        def sign(terminal: str, request: object) -> object:
-            return keyring.sign(terminal, request) if keyring else request
-
-        async def swipe(r: Resident, inst: Institution, amount: int, pin: str) -> str:
-            terminal = terminal_of(inst)
-            trace = traces.take(terminal)
-            s = Swipe(r.card_no, inst, terminal, trace, amount, pin)
-            started = time.perf_counter()
-            try:
-                reply = await pos.Authorize(authorize_request(s, keyring), timeout=RPC_TIMEOUT_S)
-                code = ResultCode(reply.result)
-            except Exception:  # the deadline passed: a real POS would reverse
-                stats.swipe_done((time.perf_counter() - started) * 1000, "RPC_ERROR")
-                return "RPC_ERROR"
-            stats.swipe_done((time.perf_counter() - started) * 1000, code.name)
-            if code in APPROVED:
-                stats.sales.append(
-                    Sale(
-                        terminal,
-                        trace,
-                        r.card_no,
-                        inst.institution_id,
-                        amount,
-                        reply.paid_from_account_fen,
-                        today,
-                    )
-                )
-            return code.name
-
-        async def after_sale(kind: str) -> None:
-            open_sales = [s for s in stats.sales[-2_000:] if not s.reversed and not s.refunded_fen]
-            if not open_sales:
-                return
-            sale = rng.choice(open_sales)
-            terminal = sale.terminal_id
-            context = common_pb2.TerminalContext(
-                terminal_id=terminal,
-                institution_id=sale.institution_id,
-                trace_number=traces.take(terminal),
-            )
-            if kind == "reverse":
-                reversal = pos_pb2.ReverseRequest(
-                    terminal=context,
-                    original_trace_number=sale.trace,
-                    card_no=sale.card_no,
-                    amount_fen=sale.amount_fen,
-                )
-                reply = await pos.Reverse(sign(terminal, reversal), timeout=RPC_TIMEOUT_S)
-                if ResultCode(reply.result) == ResultCode.OK:
-                    sale.reversed = True
-            else:
-                part = max(1, sale.account_fen // 2)
-                if not sale.account_fen:
-                    return
-                refund = pos_pb2.RefundRequest(
-                    terminal=context,
-                    original_trace_number=sale.trace,
-                    card_no=sale.card_no,
-                    amount_fen=part,
-                )
-                answer = await pos.Refund(sign(terminal, refund), timeout=RPC_TIMEOUT_S)
-                if ResultCode(answer.result) == ResultCode.OK:
-                    sale.refunded_fen, sale.refund_trace = part, context.trace_number
-            stats.ops[kind] += 1
-
-        def window_context(tag: str) -> common_pb2.WindowContext:
-            return common_pb2.WindowContext(
-                window_id="DEMO-W1", operator_id="demo", request_id=f"demo-{tag}-{time.time_ns()}"
-            )
-
-        async def counters() -> None:
-            while time.perf_counter() < deadline:
-                r = rng.choice(payers)
-                roll = rng.random()
-                if roll < REVERSAL_RATE:
-                    await after_sale("reverse")
-                elif roll < REVERSAL_RATE + REFUND_RATE:
-                    await after_sale("refund")
-                else:
-                    inst = rng.choice(institutions)
-                    wrong = rng.random() < WRONG_PIN_RATE
-                    pin = f"{(int(r.pin) + 1) % 10**6:06d}" if wrong else r.pin
-                    await swipe(r, inst, rng.randint(5_00, 120_00), pin)
-
-        async def losses() -> None:
-            while time.perf_counter() < deadline - LOSS_EVERY_S:
-                await asyncio.sleep(LOSS_EVERY_S)
-                victim = rng.choice(district if rng.random() < 0.5 else payers)
-                report = await window.ReportPreLoss(
-                    registry_pb2.CardRequest(window=window_context("loss"), card_no=victim.card_no),
-                    timeout=RPC_TIMEOUT_S,
-                )
-                if ResultCode(report.result) != ResultCode.OK:
-                    continue
-                stats.ops["loss_report"] += 1
-                for inst in rng.sample(institutions, THIEF_ATTEMPTS):  # the thief tries
-                    await swipe(victim, inst, rng.randint(50_00, 300_00), "000000")
-                if victim not in district and rng.random() < RELEASE_SHARE:
-                    await asyncio.sleep(2)
-                    await window.ReleaseLoss(
-                        registry_pb2.CardRequest(
-                            window=window_context("release"), card_no=victim.card_no
-                        ),
-                        timeout=RPC_TIMEOUT_S,
-                    )
-                    stats.ops["release"] += 1
-
-        async def regular() -> None:
-            """One customer buying at pharmacies until the daily limit says no."""
-            r = payers[0]
-            while time.perf_counter() < deadline:
-                inst = rng.choice(pharmacies)
-                if (
-                    await swipe(r, inst, 2_00, r.pin)
-                    == ResultCode.DAILY_PHARMACY_LIMIT_REACHED.name
-                ):
-                    stats.ops["limit_reached"] += 1
-                    return
-                await asyncio.sleep(1)
-
-        async def display() -> None:
-            while time.perf_counter() < deadline:
-                stats.sms_sent = prometheus_sum(prometheus, "medclear_sms_sent_total")
-                stats.alerts = prometheus_sum(prometheus, "medclear_abnormal_alerts_total")
-                live.update(panel(stats, minutes))
-                await asyncio.sleep(1)
-
-        await asyncio.gather(
-            *(counters() for _ in range(concurrency)), losses(), regular(), display()
-        )
+        day = _Day(pos_pb2_grpc.PosServiceStub(pos_channel),
+                   registry_pb2_grpc.CardRegistryServiceStub(window_channel), residents,
+                   institutions, keyring, stats, deadline, seed)  # fmt: skip
+        await asyncio.gather(*(day.counter() for _ in range(concurrency)), day.losses(),
+                             day.regular(), display())  # fmt: skip
     live.update(panel(stats, minutes))
 
 
 def institution_files(stats: DemoStats, directory: Path) -> list[tuple[Path, Path]]:
     """What each institution's POS saw today, as its totals and detail files (对总账)."""
-    from clearing.money import format_yuan
-
     directory.mkdir(parents=True, exist_ok=True)
     by_inst: dict[str, list[Sale]] = {}
     for sale in stats.sales:

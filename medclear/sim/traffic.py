@@ -23,12 +23,11 @@ from clearing.codes import InsuranceCategory, ResultCode
 from clearing.model import Institution
 from medclear.errors import MedclearError
 from medclear.infra.pki import Role
-from medclear.infra.rpc import aio_channel, pb_enum
+from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel, pb_enum
 from medclear.infra.terminals import SEED_WINDOW, Keyring
 from medclear.sim.city import Resident
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 
-RPC_TIMEOUT_S = 10.0
 WRONG_PIN_RATE = 0.02  # swipes whose PIN is mistyped
 T = TypeVar("T")
 
@@ -104,7 +103,7 @@ async def seed_resident(
     for attempt in range(SEED_RETRIES + 1):
         # The same request id again is safe: a decided enrolment is answered from the
         # aggregate's memory (replayed), an undecided one is decided once.
-        reply = await stub.EnrolPerson(request, timeout=RPC_TIMEOUT_S)
+        reply = await stub.EnrolPerson(request, timeout=CALL_TIMEOUT_S)
         if reply.result not in (ResultCode.TIMEOUT, ResultCode.UNAVAILABLE):
             break
         await asyncio.sleep(0.5 * (attempt + 1))
@@ -120,7 +119,7 @@ async def _enrolled_before(stub: registry_pb2_grpc.CardRegistryServiceStub, r: R
     enrolment reply the aggregate no longer remembers, is seeded again without error."""
     view = await stub.GetPerson(
         registry_pb2.GetPersonRequest(window=_window(f"seed-{r.ssn}-check"), ssn=r.ssn),
-        timeout=RPC_TIMEOUT_S,
+        timeout=CALL_TIMEOUT_S,
     )
     return view.result == ResultCode.OK and any(c.card_no == r.card_no for c in view.cards)
 
@@ -222,7 +221,7 @@ async def run_swipes(
 
         async def one(s: Swipe) -> None:
             started = time.perf_counter()
-            reply = await stub.Authorize(authorize_request(s, keyring), timeout=RPC_TIMEOUT_S)
+            reply = await stub.Authorize(authorize_request(s, keyring), timeout=CALL_TIMEOUT_S)
             stats.add((time.perf_counter() - started) * 1000, ResultCode(reply.result).name)
             on_done()
 
@@ -253,7 +252,7 @@ async def run_open_loop(
 
         async def one(request: pos_pb2.AuthorizeRequest, due: float) -> None:
             try:
-                reply = await stub.Authorize(request, timeout=RPC_TIMEOUT_S)
+                reply = await stub.Authorize(request, timeout=CALL_TIMEOUT_S)
                 result = ResultCode(reply.result).name
             except grpc.aio.AioRpcError as exc:
                 result = f"RPC_{exc.code().name}"

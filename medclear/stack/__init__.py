@@ -1,5 +1,5 @@
-"""The local stack behind `medclear up / status / restart / down` (docs/ARCHITECTURE.md,
-"Processes of the local stack").
+"""The local stack behind `medclear up / status / restart / down` (the processes
+are listed in medclear/stack/supervisor.py).
 
 - `process`: free ports on loopback; a started process that is signalled only while /proc
   still shows the very process that was started.

@@ -14,6 +14,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from aiokafka import AIOKafkaClient
+
 from medclear.infra.stack_state import (
     StackError,
 )
@@ -67,8 +69,6 @@ def _tcp_open(address: str, timeout: float = 0.5) -> bool:
 
 
 async def _kafka_metadata(bootstrap: str, timeout_s: float) -> int:
-    from aiokafka import AIOKafkaClient  # heavy import: only when a broker is involved
-
     client = AIOKafkaClient(
         bootstrap_servers=bootstrap,
         request_timeout_ms=max(1000, int(timeout_s * 1000)),
@@ -112,13 +112,21 @@ def tcp_probe(address: str) -> str | None:
         return f"connect {address}: {exc}"
 
 
-def http_probe(url: str, expect: str | None = None) -> str | None:
+def _fetch(url: str) -> tuple[int, str] | str:
+    """(status, body), or what went wrong as a probe's answer."""
     try:
-        code, body = http_get(url)
+        return http_get(url)
     except urllib.error.HTTPError as exc:
         return f"GET {url}: HTTP {exc.code}"
     except (OSError, ValueError) as exc:
         return f"GET {url}: {exc}"
+
+
+def http_probe(url: str, expect: str | None = None) -> str | None:
+    fetched = _fetch(url)
+    if isinstance(fetched, str):
+        return fetched
+    code, body = fetched
     if code != 200:
         return f"GET {url}: HTTP {code}"
     if expect is not None and expect not in body:
@@ -127,12 +135,10 @@ def http_probe(url: str, expect: str | None = None) -> str | None:
 
 
 def metrics_probe(url: str) -> str | None:
-    try:
-        code, body = http_get(url)
-    except urllib.error.HTTPError as exc:
-        return f"GET {url}: HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        return f"GET {url}: {exc}"
+    fetched = _fetch(url)
+    if isinstance(fetched, str):
+        return fetched
+    code, body = fetched
     if code == 200 and any(line.startswith(READY_LINE) for line in body.splitlines()):
         return None
     ready = [ln for ln in body.splitlines() if ln.startswith("medclear_ready")]

@@ -5,6 +5,12 @@ SMPP 3.4 peer) run by tests/support/smsc/server.js, for the tests and the embedd
     ... MEDCLEAR_SMSC_HOST=127.0.0.1 MEDCLEAR_SMSC_PORT=<port> for the sms job ...
     smsc.stop()
 
+The server binds a client only with the configured system id and password, logs every
+part and every reassembled message as JSON lines before it answers, and sends delivery
+receipts. Stopped (SIGTERM), it stops gracefully: it unbinds its sessions, answers every
+submit_sm it recorded, and refuses (ESME_RSYSERR, which the job retries) what still
+comes, so a stop doubles no SMS.
+
 `npm ci` installs the server's one dependency, pinned by its package-lock.json, the first
 time (make setup does it too).
 """

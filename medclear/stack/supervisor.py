@@ -1,21 +1,27 @@
 """The local stack supervisor behind `medclear up / status / down`.
 
-`up` starts, on 127.0.0.1 only: a Kafka-protocol broker (noida-db, or tansu), a ClickHouse
-server, medclear's own processes (clearing workers, gateway, card registry) and Prometheus,
-each in its own session so that a Ctrl-C on the CLI does not reach them. Everything it
-started is recorded in ``<state_dir>/stack.json`` (pids, argv, ports, logs, start times);
-``down`` stops exactly those processes, and only while ``/proc/<pid>/cmdline`` (and the
-process start time) still match what was recorded, so a recycled PID is never signalled.
+`up` starts, on 127.0.0.1 only and in this order: a Kafka-protocol broker (noida-db, or
+tansu), ClickHouse (Debian's 18.16, or an external server), the HSM, the clearing
+worker(s), the loopback SMSC (npm `smpp` server; when the sms job runs and
+MEDCLEAR_SMSC_EMBEDDED is on), the POS gateway, the card registry, the stream jobs of
+stream_jobs/jobs.py (MEDCLEAR_JOBS picks a subset), and Prometheus, scraping every
+`/metrics` with the alert rules of monitoring/alerts.yml. Each child runs in its own
+session (a Ctrl-C on the CLI does not reach it), logs to ``<state_dir>/logs/<name>.log``
+and keeps its data in ``<state_dir>/data/<name>/`` (kept by `down`, deleted by `down
+--wipe`; the state directory is ``.medclear`` by default). ``<state_dir>/stack.json``
+records what was started (pids, argv, ports, logs, start times); ``down`` stops exactly
+those processes, and only while ``/proc/<pid>/cmdline`` and the start time still match
+the record, so a recycled PID is never signalled.
 
-Layout of the state directory::
-
-    <state_dir>/stack.json          what is running, where, since when
-    <state_dir>/logs/<name>.log     stdout+stderr of each component
-    <state_dir>/data/<name>/        its data (kept by `down`, deleted by `down --wipe`)
-
-The building blocks (``start_broker``, ``start_clickhouse``, ``start_prometheus``,
-``wait_*``, ``Process``) are also what the integration-test fixtures use to start single
-servers without the whole stack.
+Secrets (`SECRET_FIELDS`: the LMK, the card-token key, the two data keys, the SMPP
+password): `_write_secrets` puts each in an owner-only file under the state directory (a
+given value that differs from the file's is an error: the data was made under it), read
+only by the process that needs it (the LMK by the HSM). No child's environment holds any:
+`_child_env` leaves them out of medclear's own processes', `Process.start` strips them
+from every child's (`medclear.stack.process.without_secrets`), and
+tests/integration/test_terminal_security.py reads every /proc/PID/environ to prove it.
+`up` records in the endpoints whether terminal security (and TLS) is on; the CLI follows
+that, not its own default.
 """
 
 from __future__ import annotations
@@ -40,8 +46,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from clearing.redact import CONTACT, DATA_KEY_BYTES, PERSON
+from hsm_sim.keystore import new_lmk_file
 from medclear.infra import topics
-from medclear.infra.settings import SECRET_FIELDS, Settings, smsc_password
+from medclear.infra.pki import ensure_pki
+from medclear.infra.settings import (
+    SECRET_FIELDS,
+    Settings,
+    keyring_file,
+    smsc_password,
+    smsc_password_file,
+)
 from medclear.infra.stack_state import (
     NOT_RUNNING,
     STATE_FILE,
@@ -51,6 +66,8 @@ from medclear.infra.stack_state import (
 from medclear.infra.stack_state import (
     state_dir as state_dir_of,
 )
+from medclear.infra.terminals import WINDOWS_MADE_AT_UP, Keyring, ensure_pvk
+from medclear.infra.tokens import card_token_key_file, data_key_file, ensure_key_file
 from medclear.stack.probes import (
     http_probe,
     kafka_probe,
@@ -76,6 +93,7 @@ from medclear.stack.servers import (
     start_clickhouse,
     start_prometheus,
 )
+from medclear.stack.smsc import SMSC_DIR, ensure_installed, smsc_argv
 from stream_jobs.jobs import JOBS
 
 STATE_VERSION = 1
@@ -329,11 +347,6 @@ def _write_secrets(settings: Settings, state_dir: Path) -> None:
     name cards, the SMPP password by the sms job. A secret given as a setting is written
     there (a file that already holds another value is an error: the data was made under
     it); one not given is made once, at random (the SMPP password excepted)."""
-    from clearing.redact import CONTACT, DATA_KEY_BYTES, PERSON
-    from hsm_sim.keystore import new_lmk_file
-    from medclear.infra.settings import smsc_password_file
-    from medclear.infra.tokens import card_token_key_file, data_key_file, ensure_key_file
-
     local = settings.model_copy(update={"state_dir": state_dir})
     files = {
         "hsm_lmk": settings.hsm_lmk_file or state_dir / "hsm" / "lmk.hex",
@@ -415,238 +428,231 @@ def up(settings: Settings, console: Console) -> Endpoints:
         return _up(settings, console, state_dir)
 
 
-def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
-    t_start = time.monotonic()
-    logs = state_dir / "logs"
-    data = state_dir / "data"
-    logs.mkdir(parents=True, exist_ok=True)
-    data.mkdir(parents=True, exist_ok=True)
-    state = _State(path=state_dir / STATE_FILE)
-    timeout = settings.startup_timeout_s
+class _Starter:
+    """One `up`: starts each component in turn, records it in the state file as soon as
+    it is started (so a failure or Ctrl-C stops exactly what was started), and waits for
+    it to be ready before the next one that needs it."""
 
-    def track(comp: _Component) -> _Component:
-        state.components.append(comp)
-        state.save()
+    def __init__(self, settings: Settings, console: Console, state_dir: Path) -> None:
+        self.settings = settings
+        self.console = console
+        self.state_dir = state_dir
+        self.logs = state_dir / "logs"
+        self.data = state_dir / "data"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.state = _State(path=state_dir / STATE_FILE)
+        self.timeout = settings.startup_timeout_s
+        self.env: dict[str, str] = {}
+        self.metrics_targets: dict[str, list[str]] = {}
+
+    def track(self, comp: _Component) -> _Component:
+        self.state.components.append(comp)
+        self.state.save()
         return comp
 
-    try:
-        # 1. the broker
+    def wait(self, *comps: _Component) -> None:
+        for comp in comps:
+            _wait_component(comp, self.timeout, self.console)
+        self.state.save()  # with the times they took
+
+    def broker(self) -> str:
+        """The broker (embedded, or the one the settings name) and every topic; returns
+        the bootstrap address."""
+        settings, data = self.settings, self.data
         if settings.embedded_kafka:
             port = free_port()
             bootstrap = f"{HOST}:{port}"
-            with console.status(f"starting broker ({settings.broker.value}) …"):
-                proc = start_broker(settings.broker, data / "broker", port, logs / "broker.log")
-            kafka = track(
-                _Component(
-                    "broker",
-                    f"kafka:{settings.broker.value}",
-                    bootstrap,
-                    _Probe("kafka", bootstrap),
-                    proc,
-                    str(data / "broker"),
-                    {"kafka": port},
+            with self.console.status(f"starting broker ({settings.broker.value}) …"):
+                proc = start_broker(
+                    settings.broker, data / "broker", port, self.logs / "broker.log"
                 )
-            )
+            kafka = self.track(_Component("broker", f"kafka:{settings.broker.value}", bootstrap,
+                                          _Probe("kafka", bootstrap), proc, str(data / "broker"),
+                                          {"kafka": port}))  # fmt: skip
         else:
             bootstrap = settings.kafka_bootstrap
-            kafka = track(
+            kafka = self.track(
                 _Component("broker", "kafka:external", bootstrap, _Probe("kafka", bootstrap))
             )
-        _wait_component(kafka, timeout, console)
-        state.save()
+        self.wait(kafka)
         wanted = topics.partitions(settings)
-        with console.status("creating topics …"):
+        with self.console.status("creating topics …"):
             try:
                 create_topics(bootstrap, wanted)
             except Exception as exc:
-                raise StackError(
-                    f"broker: creating topics failed: {type(exc).__name__}: {exc}",
-                    "broker",
-                    kafka.proc.log_tail() if kafka.proc is not None else "",
-                ) from exc
-        console.print(
-            "  [green]✓[/] topics "
-            + ", ".join(f"{name} ({count})" for name, count in wanted.items())
-        )
+                tail = kafka.proc.log_tail() if kafka.proc is not None else ""
+                raise StackError(f"broker: creating topics failed: {type(exc).__name__}: {exc}",
+                                 "broker", tail) from exc  # fmt: skip
+        listed = ", ".join(f"{name} ({count})" for name, count in wanted.items())
+        self.console.print(f"  [green]✓[/] topics {listed}")
+        return bootstrap
 
-        # 2. ClickHouse
+    def clickhouse(self) -> tuple[str, str]:
+        """ClickHouse (embedded, or the one the settings name) and medclear's database;
+        returns its native URL and its HTTP address ("" for an external server)."""
+        settings, data, database = self.settings, self.data, self.settings.clickhouse_database
         if settings.embedded_clickhouse:
             tcp_port, http_port = free_port(), free_port()
-            ch_url = f"clickhouse://{HOST}:{tcp_port}/{settings.clickhouse_database}"
+            ch_url = f"clickhouse://{HOST}:{tcp_port}/{database}"
             ch_http = f"http://{HOST}:{http_port}"
-            with console.status("starting clickhouse …"):
-                proc = start_clickhouse(
-                    data / "clickhouse", tcp_port, http_port, logs / "clickhouse.log"
-                )
-            clickhouse = track(
-                _Component(
-                    "clickhouse",
-                    "clickhouse",
-                    f"{HOST}:{tcp_port} (http {http_port})",
-                    _Probe("http", f"{ch_http}/ping", "Ok."),
-                    proc,
-                    str(data / "clickhouse"),
-                    {"tcp": tcp_port, "http": http_port},
-                )
-            )
+            with self.console.status("starting clickhouse …"):
+                proc = start_clickhouse(data / "clickhouse", tcp_port, http_port,
+                                        self.logs / "clickhouse.log")  # fmt: skip
+            clickhouse = self.track(_Component(
+                "clickhouse", "clickhouse", f"{HOST}:{tcp_port} (http {http_port})",
+                _Probe("http", f"{ch_http}/ping", "Ok."), proc, str(data / "clickhouse"),
+                {"tcp": tcp_port, "http": http_port}))  # fmt: skip
         else:
             ch_url, ch_http = settings.clickhouse_url, ""
-            parts = urllib.parse.urlsplit(ch_url)
-            clickhouse = track(
-                _Component(
-                    "clickhouse",
-                    "clickhouse:external",
-                    parts.netloc.rpartition("@")[2],
-                    _Probe("clickhouse", ch_url),
-                )
-            )
-        _wait_component(clickhouse, timeout, console)
-        with console.status(f"creating database {settings.clickhouse_database} …"):
+            netloc = urllib.parse.urlsplit(ch_url).netloc.rpartition("@")[2]
+            clickhouse = self.track(_Component("clickhouse", "clickhouse:external", netloc,
+                                               _Probe("clickhouse", ch_url)))  # fmt: skip
+        self.wait(clickhouse)
+        with self.console.status(f"creating database {database} …"):
             try:
-                create_database(ch_url, settings.clickhouse_database)
+                create_database(ch_url, database)
             except StackError:
                 raise
             except Exception as exc:
                 tail = clickhouse.proc.log_tail() if clickhouse.proc is not None else ""
-                raise StackError(
-                    f"clickhouse: CREATE DATABASE {settings.clickhouse_database} failed: {exc}",
-                    "clickhouse",
-                    tail,
-                ) from exc
-        console.print(f"  [green]✓[/] database {settings.clickhouse_database}")
-        state.save()
+                raise StackError(f"clickhouse: CREATE DATABASE {database} failed: {exc}",
+                                 "clickhouse", tail) from exc  # fmt: skip
+        self.console.print(f"  [green]✓[/] database {database}")
+        self.state.save()
+        return ch_url, ch_http
 
-        # 3. medclear's own processes
-        env = _child_env(settings, state_dir, bootstrap, ch_url)
-        cwd = Path.cwd()
-        metrics_targets: dict[str, list[str]] = {}
+    def serve(self, name: str, role: str, index: int | None, port: int | None) -> _Component:
+        """One of medclear's own processes (`python -m medclear.cli.serve <role>`)."""
+        metrics_port = free_port()
+        proc = Process(
+            name=name,
+            argv=_serve_argv(role, index, port, metrics_port),
+            log=self.logs / f"{name}.log",
+            env=self.env,
+            cwd=Path.cwd(),
+        ).start()
+        self.metrics_targets.setdefault(f"medclear-{role}", []).append(f"{HOST}:{metrics_port}")
+        address = f"{HOST}:{port}" if port is not None else f"metrics {HOST}:{metrics_port}"
+        ports = {"metrics": metrics_port} | ({"port": port} if port is not None else {})
+        probe = _Probe("metrics", f"http://{HOST}:{metrics_port}/metrics")
+        return self.track(_Component(name, role, address, probe, proc, None, ports))
 
-        def serve(name: str, role: str, index: int | None, port: int | None) -> _Component:
-            metrics_port = free_port()
-            proc = Process(
-                name=name,
-                argv=_serve_argv(role, index, port, metrics_port),
-                log=logs / f"{name}.log",
-                env=env,
-                cwd=cwd,
-            ).start()
-            metrics_targets.setdefault(f"medclear-{role}", []).append(f"{HOST}:{metrics_port}")
-            address = f"{HOST}:{port}" if port is not None else f"metrics {HOST}:{metrics_port}"
-            ports = {"metrics": metrics_port} | ({"port": port} if port is not None else {})
-            return track(
-                _Component(
-                    name,
-                    role,
-                    address,
-                    _Probe("metrics", f"http://{HOST}:{metrics_port}/metrics"),
-                    proc,
-                    None,
-                    ports,
-                )
-            )
-
+    def hsm(self) -> str:
+        """The HSM, then (terminal security on) the card PIN verification key and the
+        service windows' keys, so that `medclear card change-pin` works at once."""
+        settings, state_dir = self.settings, self.state_dir
         hsm_port = settings.hsm_port or free_port()
+        address = f"{HOST}:{hsm_port}"
         _write_secrets(settings, state_dir)  # files each process reads; never the environment
-        env["MEDCLEAR_HSM_ADDRESS"] = f"{HOST}:{hsm_port}"  # for the processes after it
+        self.env["MEDCLEAR_HSM_ADDRESS"] = address  # for the processes after it
         if settings.tls:
-            from medclear.infra.pki import ensure_pki
-
             ensure_pki(state_dir.resolve() / "pki")
-        with console.status("starting the HSM …"):
-            hsm = serve("hsm", "hsm", None, hsm_port)
-        _wait_component(hsm, timeout, console)
-        if settings.terminal_security:  # the operator makes the card PIN verification key
-            from medclear.infra.settings import keyring_file
-            from medclear.infra.terminals import WINDOWS_MADE_AT_UP, Keyring, ensure_pvk
-
+        with self.console.status("starting the HSM …"):
+            hsm = self.serve("hsm", "hsm", None, hsm_port)
+        self.wait(hsm)
+        if settings.terminal_security:
             hsm_pki = state_dir.resolve() / "pki" if settings.tls else None
-            run_sync(ensure_pvk(f"{HOST}:{hsm_port}", hsm_pki))
-            # the service windows' keys, so that `medclear card change-pin` works at once
+            run_sync(ensure_pvk(address, hsm_pki))
             keyring = Keyring(keyring_file(settings.model_copy(update={"state_dir": state_dir})))
-            run_sync(keyring.provision(f"{HOST}:{hsm_port}", list(WINDOWS_MADE_AT_UP), hsm_pki))
-        with console.status(f"starting {settings.workers} worker(s) …"):
-            workers = [serve(f"worker-{i}", "worker", i, None) for i in range(settings.workers)]
-        for comp in workers:
-            _wait_component(comp, timeout, console)
+            run_sync(keyring.provision(address, list(WINDOWS_MADE_AT_UP), hsm_pki))
+        return address
+
+    def smsc(self) -> None:
+        """The loopback SMSC (npm `smpp` server) for the sms job, and its address in the
+        environment of the processes after it."""
+        settings, data = self.settings, self.data
+        port = free_port()
+        with self.console.status("starting the SMSC (npm smpp server) …"):
+            ensure_installed()
+            (data / "smsc").mkdir(parents=True, exist_ok=True)
+            argv = smsc_argv(port, (data / "smsc" / "messages.jsonl").resolve(), HOST,
+                             settings.smsc_system_id, smsc_password(settings))  # fmt: skip
+            proc = Process(name="smsc", argv=argv, log=(self.logs / "smsc.log").resolve(),
+                           cwd=SMSC_DIR).start()  # fmt: skip
+        smsc = self.track(_Component("smsc", "smsc", f"{HOST}:{port}",
+                                     _Probe("tcp", f"{HOST}:{port}"), proc, str(data / "smsc"),
+                                     {"smpp": port}))  # fmt: skip
+        self.wait(smsc)
+        self.env.update(_smsc_env(self.state.components))
+
+    def medclear(self) -> tuple[int, int]:
+        """Workers, then the gateway, the card registry and the stream jobs; returns the
+        gateway's and the registry's ports."""
+        settings = self.settings
+        with self.console.status(f"starting {settings.workers} worker(s) …"):
+            workers = [
+                self.serve(f"worker-{i}", "worker", i, None) for i in range(settings.workers)
+            ]
+        self.wait(*workers)
         jobs = selected_jobs(settings)
         if "sms" in jobs and settings.sms_enabled and settings.smsc_embedded:
-            from medclear.stack.smsc import SMSC_DIR, ensure_installed, smsc_argv
-
-            smsc_port = free_port()
-            with console.status("starting the SMSC (npm smpp server) …"):
-                ensure_installed()
-                (data / "smsc").mkdir(parents=True, exist_ok=True)
-                proc = Process(
-                    name="smsc",
-                    argv=smsc_argv(smsc_port, (data / "smsc" / "messages.jsonl").resolve(), HOST,
-                                   settings.smsc_system_id, smsc_password(settings)),
-                    log=(logs / "smsc.log").resolve(),
-                    cwd=SMSC_DIR,
-                ).start()  # fmt: skip
-            smsc = track(
-                _Component(
-                    "smsc",
-                    "smsc",
-                    f"{HOST}:{smsc_port}",
-                    _Probe("tcp", f"{HOST}:{smsc_port}"),
-                    proc,
-                    str(data / "smsc"),
-                    {"smpp": smsc_port},
-                )
-            )
-            _wait_component(smsc, timeout, console)
-            env.update(_smsc_env(state.components))
+            self.smsc()
         gateway_port = settings.gateway_port or free_port()
         registry_port = settings.registry_port or free_port()
-        with console.status("starting gateway, registry and stream jobs …"):
-            gateway = serve("gateway", "gateway", None, gateway_port)
-            registry = serve("registry", "registry", None, registry_port)
-            stream = [serve(name, name, None, None) for name in jobs]
-        for comp in (gateway, registry, *stream):
-            _wait_component(comp, timeout, console)
-        state.save()
+        with self.console.status("starting gateway, registry and stream jobs …"):
+            front = [self.serve("gateway", "gateway", None, gateway_port),
+                     self.serve("registry", "registry", None, registry_port),
+                     *(self.serve(name, name, None, None) for name in jobs)]  # fmt: skip
+        self.wait(*front)
+        self.state.save()
+        return gateway_port, registry_port
 
-        # 4. Prometheus
-        prom_port = settings.prometheus_port or free_port()
-        prom_url = f"http://{HOST}:{prom_port}"
-        with console.status("starting prometheus …"):
+    def prometheus(self) -> str:
+        """Prometheus scraping every /metrics started so far, with the alert rules."""
+        port = self.settings.prometheus_port or free_port()
+        url = f"http://{HOST}:{port}"
+        with self.console.status("starting prometheus …"):
+            targets = {**self.metrics_targets, "prometheus": [f"{HOST}:{port}"]}
             proc = start_prometheus(
-                data / "prometheus",
-                prom_port,
-                {**metrics_targets, "prometheus": [f"{HOST}:{prom_port}"]},
-                logs / "prometheus.log",
+                self.data / "prometheus",
+                port,
+                targets,
+                self.logs / "prometheus.log",
                 rule_files=[ALERT_RULES],
             )
-        prometheus = track(
+        prometheus = self.track(
             _Component(
                 "prometheus",
                 "prometheus",
-                prom_url,
-                _Probe("http", f"{prom_url}/-/ready"),
+                url,
+                _Probe("http", f"{url}/-/ready"),
                 proc,
-                str(data / "prometheus"),
-                {"http": prom_port},
+                str(self.data / "prometheus"),
+                {"http": port},
             )
         )
-        _wait_component(prometheus, timeout, console)
+        self.wait(prometheus)
+        return url
 
-        endpoints = Endpoints(
-            kafka_bootstrap=bootstrap,
-            clickhouse_url=ch_url,
-            clickhouse_http=ch_http,
-            gateway=f"{HOST}:{gateway_port}",
-            registry=f"{HOST}:{registry_port}",
-            prometheus=prom_url,
-            hsm=f"{HOST}:{hsm_port}",
-            terminal_security=settings.terminal_security,
-            tls=settings.tls,
-        )
-        state.endpoints = endpoints
-        state.settings_env = {k: v for k, v in env.items()
+    def run(self) -> Endpoints:
+        t_start = time.monotonic()
+        bootstrap = self.broker()
+        ch_url, ch_http = self.clickhouse()
+        self.env = _child_env(self.settings, self.state_dir, bootstrap, ch_url)
+        hsm = self.hsm()
+        gateway_port, registry_port = self.medclear()
+        prom_url = self.prometheus()
+        state = self.state
+        state.endpoints = Endpoints(
+            kafka_bootstrap=bootstrap, clickhouse_url=ch_url, clickhouse_http=ch_http,
+            gateway=f"{HOST}:{gateway_port}", registry=f"{HOST}:{registry_port}",
+            prometheus=prom_url, hsm=hsm, terminal_security=self.settings.terminal_security,
+            tls=self.settings.tls,
+        )  # fmt: skip
+        state.settings_env = {k: v for k, v in self.env.items()
                               if k.startswith("MEDCLEAR_") and k not in SECRET_ENV}  # fmt: skip
         state.complete = True
         state.ready_s = time.monotonic() - t_start
         state.save()
+        return state.endpoints
+
+
+def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
+    starter = _Starter(settings, console, state_dir)
+    state = starter.state
+    try:
+        endpoints = starter.run()
     except BaseException as exc:  # also Ctrl-C: leave nothing running behind
         first_line = (str(exc) or repr(exc)).splitlines()[0]
         console.print(f"[red]stack start failed[/]: {escape(first_line)}")
@@ -655,18 +661,9 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
         if not failed:
             state.path.unlink(missing_ok=True)
         raise
-    rows = [
-        ComponentStatus(
-            c.name,
-            c.proc.pid if c.proc is not None else None,
-            c.address,
-            True,
-            "ready",
-            str(c.proc.log) if c.proc is not None else "",
-            c.ready_s,
-        )
-        for c in state.components
-    ]
+    rows = [ComponentStatus(c.name, c.proc.pid if c.proc is not None else None, c.address, True,
+                            "ready", str(c.proc.log) if c.proc is not None else "", c.ready_s)
+            for c in state.components]  # fmt: skip
     table = status_table(rows)
     table.caption = f"ready in {state.ready_s:.1f} s · state in {_relative(str(state_dir))}"
     console.print(table)

@@ -4,7 +4,7 @@ changelog, on aiokafka's public API only.
 Every job whose loss costs money or an SMS runs on it (the clearing worker, settlement,
 the sms job, the pre-loss timer, the abnormal-transaction job). It replaces faust-streaming,
 whose record loss after a restart and early producer flush medclear could only stop by
-patching faust's private code (docs/ARCHITECTURE.md, "The stream runtime").
+patching faust's private code (docs/ARCHITECTURE.md, decision 2).
 
 - `poll.Poller`: getmany in batches under named limits, with the empty-fetch back-off
   noida-db needs done by pausing the partitions (the fetcher then sends nothing) and

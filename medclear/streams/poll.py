@@ -1,15 +1,27 @@
-"""Fetching in batches, with the idle back-off noida-db needs, on aiokafka's public API.
+"""Fetching in batches, with the idle back-off noida-db needs, on aiokafka's public API
+(pause, resume, end offsets).
 
-noida-db answers an empty fetch at once (fetch.max.wait.ms ignored), and aiokafka's
+noida-db 0.2.3 answers an empty fetch at once (fetch.max.wait.ms ignored), and aiokafka's
 fetcher sends the next fetch as soon as one comes back, so an idle consumer asks the
-broker ~1,500 times a second (tests/integration/test_broker_conformance.py, test i).
-After a poll that brought nothing, the assigned partitions are *paused* (the fetcher
-sends nothing for a paused partition) and the poller sleeps; the sleep doubles with each
-further empty poll up to a cap and is back to the first as soon as records come. While
-paused, a poll asks the broker only for the partitions' end offsets (one request) and
+broker ~1,500 times a second (tests/integration/test_broker_conformance.py: test i pins
+the defect as a strict xfail, test j checks this back-off). After a poll that brought
+nothing, the assigned partitions are *paused* (the fetcher sends nothing for a paused
+partition) and the poller sleeps; the sleep doubles with each further empty poll up to a
+cap and is back to the first as soon as records come. While paused, a poll asks the
+broker only for the partitions' end offsets (one ListOffsets request per sleep) and
 resumes them when one has records past the consumer's position: an idle consumer sends
-one small request per back-off, not a burst of fetches. With a broker that holds empty
-fetches (Apache Kafka) set the first wait to 0: no pause at all.
+one small request per back-off, not a burst of fetches.
+
+The waits (medclear/streams/process.py, `idle_backoff`):
+- the decision path (the worker): 2 ms doubling to 100 ms, and no sleep and no pause at
+  all for 25 ms after the last records (`IdleBackoff.spin_s`), so a counter's next swipe
+  is taken within a fetch round trip;
+- the stream jobs after the decision: 50 ms doubling to 500 ms;
+- a broker that holds empty fetches (Apache Kafka): MEDCLEAR_KAFKA_IDLE_FETCH_BACKOFF_MS=0,
+  no pause at all.
+The gateway's reply consumer (medclear/infra/bus.py) keeps its partition paused and
+sleeps while no request is in flight, and polls with a short back-off of its own while
+one is.
 
 Records fetched for a partition that is paused are dropped by aiokafka without moving its
 position, so the next fetch after the resume reads them again: nothing is skipped. So a

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from clearing.codes import InstitutionType, InsuranceCategory, ResultCode
 from medclear import stack
+from medclear.cli.agent import StackAccess
 from medclear.infra.pki import Role
 from medclear.infra.rpc import sync_channel
 from medclear.infra.settings import Settings
@@ -31,7 +32,6 @@ from medclear.v1 import common_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grp
 from reader_agent import apdu
 from reader_agent.agent import Agent, Terminal
 from reader_agent.card import CardImage
-from reader_agent.cli import StackAccess
 from reader_agent.emulator import VirtualCard
 from reader_agent.events import ReaderEvents
 from reader_agent.journal import Journal

@@ -6,6 +6,7 @@ interpreter where what a process loads is the question."""
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -108,14 +109,75 @@ def test_the_pure_core_imports_only_itself_the_standard_library_and_pure_librari
 
 def test_the_hsm_and_the_reader_agent_load_no_kafka_client() -> None:
     """What `medclear up` runs as the HSM (medclear.cli.serve + hsm_sim.service) and what
-    a POS PC runs as the agent (`python -m reader_agent`), in a fresh interpreter."""
+    a POS PC runs as the agent (`python -m medclear.cli.agent`), in a fresh interpreter."""
     probe = (
         "import sys, importlib\n"
         "for name in sys.argv[1:]: importlib.import_module(name)\n"
         f"print(sorted({{m for m in sys.modules if m.split('.')[0] in {KAFKA_CLIENTS!r}}}))\n"
     )
     for process in (["medclear.cli.serve", "hsm_sim.service", "hsm_sim.keystore"],
-                    ["reader_agent.cli", "reader_agent.agent"]):  # fmt: skip
+                    ["medclear.cli.agent", "reader_agent.agent"]):  # fmt: skip
         done = subprocess.run([sys.executable, "-c", probe, *process], cwd=REPO,
                               capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
         assert done.stdout.strip() == "[]", (process, done.stdout, done.stderr[-2000:])
+
+
+FILE_LINES_MAX = 800
+FUNCTION_LINES_MAX = 70  # from `def` to its last line, decorators excluded
+ROOT_ERRORS = {
+    "clearing": "clearing.errors:ClearingError",
+    "stream_jobs": "stream_jobs.errors:StreamJobError",
+    "hsm_sim": "hsm_sim.errors:HsmError",
+    "reader_agent": "reader_agent.errors:ReaderAgentError",
+    "medclear": "medclear.errors:MedclearError",
+}
+
+
+def over_limits(path: Path) -> list[str]:
+    """The file if it is over FILE_LINES_MAX lines, and each function over
+    FUNCTION_LINES_MAX (from `def` to its last line, decorators excluded)."""
+    source = path.read_text()
+    found = (
+        [f"{path.name}: {source.count(chr(10))} lines"]
+        if source.count("\n") > FILE_LINES_MAX
+        else []
+    )
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            assert node.end_lineno is not None
+            lines = node.end_lineno - node.lineno + 1
+            if lines > FUNCTION_LINES_MAX:
+                found.append(f"{path.name}:{node.lineno} {node.name}: {lines} lines")
+    return found
+
+
+def test_no_file_and_no_function_is_over_the_limits() -> None:
+    """docs/ARCHITECTURE.md, "Layout": no exception is listed there, so none here."""
+    assert [problem for path in modules().values() for problem in over_limits(path)] == []
+
+
+def test_the_size_check_sees_a_long_function_and_a_long_file(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(FUNCTION_LINES_MAX))
+    (tmp_path / "ok.py").write_text(f"def short():\n{body[: body.rindex(chr(10))]}\n")
+    (tmp_path / "long.py").write_text(f"def long():\n{body}\n" + "y = 1\n" * FILE_LINES_MAX)
+    assert over_limits(tmp_path / "ok.py") == []
+    assert over_limits(tmp_path / "long.py") == [f"long.py: {FILE_LINES_MAX + 71} lines",
+                                                 "long.py:1 long: 71 lines"]  # fmt: skip
+
+
+def test_every_error_a_package_defines_derives_from_its_root() -> None:
+    """One root exception per package, so a caller can catch everything one package raises
+    (card_registry and monitoring define none)."""
+    strays: list[str] = []
+    for name in sorted(modules()):
+        package = name.split(".")[0]
+        if package not in ROOT_ERRORS or name.endswith("__main__"):  # runs when imported
+            continue
+        module = importlib.import_module(name)
+        root_module, root_name = ROOT_ERRORS[package].split(":")
+        root = getattr(importlib.import_module(root_module), root_name)
+        for value in vars(module).values():
+            if (isinstance(value, type) and issubclass(value, BaseException)
+                    and value.__module__ == name and not issubclass(value, root)):  # fmt: skip
+                strays.append(f"{name}.{value.__name__}")
+    assert strays == []
