@@ -435,9 +435,13 @@ def run(settings: Settings, bootstrap: str) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+
+        def stop_all() -> None:  # one handler per signal: a second add_signal_handler replaces it
             for sink in sinks:
-                loop.add_signal_handler(sig, sink.stopping.set)
+                sink.stopping.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_all)
         first = asyncio.ensure_future(primary.run())
         while not primary.migrated and not first.done():  # one migration, then the rest
             await asyncio.sleep(MIGRATION_POLL_S)

@@ -130,7 +130,7 @@ def get_settings() -> Settings:
 
 
 # Never in a child's environment: `up` writes each into a file
-# (medclear.stack.supervisor._write_secrets).
+# (medclear.stack.secrets.write_secrets).
 SECRET_FIELDS = ("hsm_lmk", "card_token_key", "contact_data_key", "person_data_key",
                  "smsc_password")  # fmt: skip
 SMSC_PASSWORD_DEFAULT = "medclear"  # the loopback SMSC's

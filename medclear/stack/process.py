@@ -33,7 +33,7 @@ SECRET_ENV = frozenset(f"MEDCLEAR_{name.upper()}" for name in SECRET_FIELDS)
 
 def without_secrets(env: dict[str, str] | None) -> dict[str, str]:
     """A child's environment (None: this process's) without any medclear secret: whoever
-    started `up` with MEDCLEAR_HSM_LMK set, no child inherits it (_write_secrets)."""
+    started `up` with MEDCLEAR_HSM_LMK set, no child inherits it (medclear.stack.secrets)."""
     return {k: v for k, v in (os.environ if env is None else env).items() if k not in SECRET_ENV}
 
 
@@ -141,6 +141,7 @@ class Process:
     start_ticks: int | None = None
     log_offset: int = 0  # where this run's output starts in `log`
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+    killed: bool = field(default=False, compare=False)  # the last stop needed SIGKILL
 
     def start(self) -> Process:
         if self.pid is not None:
@@ -227,6 +228,11 @@ class Process:
         self.run_stop_first()
         self._signal(signal.SIGTERM)
         if not self._wait_gone(timeout):
+            self.killed = True
+            with open(self.log, "ab") as out:
+                out.write(
+                    f"=== {self.name}: no exit {timeout:g} s after SIGTERM; SIGKILL\n".encode()
+                )
             self._signal(signal.SIGKILL)
             if not self._wait_gone(5.0):
                 raise StackError(f"{self.name} (pid {pid}) survived SIGKILL", self.name)

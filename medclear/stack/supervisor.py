@@ -13,13 +13,7 @@ records what was started (pids, argv, ports, logs, start times); ``down`` stops 
 those processes, and only while ``/proc/<pid>/cmdline`` and the start time still match
 the record, so a recycled PID is never signalled.
 
-Secrets (`SECRET_FIELDS`: the LMK, the card-token key, the two data keys, the SMPP
-password): `_write_secrets` puts each in an owner-only file under the state directory (a
-given value that differs from the file's is an error: the data was made under it), read
-only by the process that needs it (the LMK by the HSM). No child's environment holds any:
-`_child_env` leaves them out of medclear's own processes', `Process.start` strips them
-from every child's (`medclear.stack.process.without_secrets`), and
-tests/integration/test_terminal_security.py reads every /proc/PID/environ to prove it.
+Secrets are written by medclear/stack/secrets.py; no child's environment holds any.
 `up` records in the endpoints whether terminal security (and TLS) is on; the CLI follows
 that, not its own default.
 """
@@ -38,7 +32,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,16 +39,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from clearing.redact import CONTACT, DATA_KEY_BYTES, PERSON
-from hsm_sim.keystore import new_lmk_file
 from medclear.infra import topics
 from medclear.infra.pki import ensure_pki
 from medclear.infra.settings import (
-    SECRET_FIELDS,
     Settings,
     keyring_file,
     smsc_password,
-    smsc_password_file,
 )
 from medclear.infra.stack_state import (
     NOT_RUNNING,
@@ -67,7 +56,6 @@ from medclear.infra.stack_state import (
     state_dir as state_dir_of,
 )
 from medclear.infra.terminals import WINDOWS_MADE_AT_UP, Keyring, ensure_pvk
-from medclear.infra.tokens import card_token_key_file, data_key_file, ensure_key_file
 from medclear.stack.probes import (
     http_probe,
     kafka_probe,
@@ -84,6 +72,7 @@ from medclear.stack.process import (
     free_port,
     proc_cmdline,
 )
+from medclear.stack.secrets import child_env, write_secrets
 from medclear.stack.servers import (
     broker_env,
     clickhouse_probe,
@@ -299,8 +288,11 @@ def status(settings: Settings) -> list[ComponentStatus]:
     return [_component_status(c) for c in state.components]
 
 
-def _stop_components(components: Sequence[_Component], console: Console | None) -> list[str]:
-    """Stop in reverse order; returns the names that could not be stopped."""
+def _stop_components(components: Sequence[_Component], console: Console | None,
+                     killed: list[str] | None = None) -> list[str]:  # fmt: skip
+    """Stop in reverse order; returns the names that could not be stopped, and adds to
+    `killed` those that needed SIGKILL."""
+    killed = killed if killed is not None else []
     failed: list[str] = []
     for comp in reversed(components):
         proc = comp.proc
@@ -324,11 +316,16 @@ def _stop_components(components: Sequence[_Component], console: Console | None) 
             if console is not None:
                 console.print(f"  [red]x[/] {escape(str(exc))}")
             continue
-        if console is not None:
+        if console is not None and proc.killed:
+            console.print(f"  [yellow]![/] {comp.name} (pid {proc.pid}) did not stop within "
+                          f"{STOP_TIMEOUT_S:g} s of SIGTERM: killed (see its log)")  # fmt: skip
+        elif console is not None:
             console.print(
                 f"  [green]✓[/] stopped {comp.name} (pid {proc.pid}) "
                 f"in {time.monotonic() - t0:.1f} s"
             )
+        if proc.killed:
+            killed.append(comp.name)
     return failed
 
 
@@ -339,60 +336,6 @@ def _serve_argv(role: str, index: int | None, port: int | None, metrics_port: in
     if port is not None:
         argv += ["--port", str(port)]
     return [*argv, "--metrics-port", str(metrics_port)]
-
-
-def _write_secrets(settings: Settings, state_dir: Path) -> None:
-    """Every secret in an owner-only file under the state directory, read only by the
-    process that needs it: the LMK by the HSM, the card-token key by the processes that
-    name cards, the SMPP password by the sms job. A secret given as a setting is written
-    there (a file that already holds another value is an error: the data was made under
-    it); one not given is made once, at random (the SMPP password excepted)."""
-    local = settings.model_copy(update={"state_dir": state_dir})
-    files = {
-        "hsm_lmk": settings.hsm_lmk_file or state_dir / "hsm" / "lmk.hex",
-        "card_token_key": card_token_key_file(local),
-        "contact_data_key": data_key_file(local, CONTACT),
-        "person_data_key": data_key_file(local, PERSON),
-        "smsc_password": smsc_password_file(local),
-    }
-    for name, path in files.items():
-        given = getattr(settings, name).get_secret_value()
-        if given:
-            _write_secret_file(path, given, f"MEDCLEAR_{name.upper()}")
-    if not files["hsm_lmk"].exists():
-        new_lmk_file(files["hsm_lmk"])  # the embedded stack's own LMK
-    ensure_key_file(files["card_token_key"])
-    for name in ("contact_data_key", "person_data_key"):
-        ensure_key_file(files[name], DATA_KEY_BYTES)
-
-
-def _write_secret_file(path: Path, value: str, setting: str) -> None:
-    if path.exists():
-        if path.read_text().strip() != value.strip():
-            raise StackError(f"{setting} differs from the one in {path}, which the data "
-                             "of this state directory was made under; use that file")  # fmt: skip
-        return
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value.strip() + "\n")
-
-
-def _child_env(settings: Settings, state_dir: Path, bootstrap: str, ch_url: str) -> dict[str, str]:
-    """The environment of medclear's own processes: this `up`'s settings, as MEDCLEAR_*,
-    without any secret (each is in a file only the process that needs it reads)."""
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-    for name, value in settings.model_dump(exclude=set(SECRET_FIELDS)).items():
-        if value is None:
-            continue
-        if isinstance(value, Enum):
-            value = value.value
-        env[f"MEDCLEAR_{name.upper()}"] = str(value)
-    env["MEDCLEAR_KAFKA_BOOTSTRAP"] = bootstrap
-    env["MEDCLEAR_CLICKHOUSE_URL"] = ch_url
-    env["MEDCLEAR_STATE_DIR"] = str(state_dir)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _wait_component(comp: _Component, timeout_s: float, console: Console) -> None:
@@ -544,7 +487,7 @@ class _Starter:
         settings, state_dir = self.settings, self.state_dir
         hsm_port = settings.hsm_port or free_port()
         address = f"{HOST}:{hsm_port}"
-        _write_secrets(settings, state_dir)  # files each process reads; never the environment
+        write_secrets(settings, state_dir)  # files each process reads; never the environment
         self.env["MEDCLEAR_HSM_ADDRESS"] = address  # for the processes after it
         if settings.tls:
             ensure_pki(state_dir.resolve() / "pki")
@@ -629,7 +572,7 @@ class _Starter:
         t_start = time.monotonic()
         bootstrap = self.broker()
         ch_url, ch_http = self.clickhouse()
-        self.env = _child_env(self.settings, self.state_dir, bootstrap, ch_url)
+        self.env = child_env(self.settings, self.state_dir, bootstrap, ch_url)
         hsm = self.hsm()
         gateway_port, registry_port = self.medclear()
         prom_url = self.prometheus()
@@ -728,18 +671,18 @@ def restart_component(
         if while_stopped is not None:
             while_stopped()
         if comp.kind in MEDCLEAR_ROLES:
-            child_env = _child_env(
+            own_env = child_env(
                 settings,
                 state_dir,
                 state.endpoints.kafka_bootstrap,
                 state.endpoints.clickhouse_url,
             )
-            child_env["MEDCLEAR_HSM_ADDRESS"] = state.endpoints.hsm
-            child_env.update(_smsc_env(state.components))
+            own_env["MEDCLEAR_HSM_ADDRESS"] = state.endpoints.hsm
+            own_env.update(_smsc_env(state.components))
             # What `up` ran with (TLS, terminal security, partitions, …), not the caller's.
-            child_env.update(state.settings_env)
-            child_env.update(env_overrides or {})  # on purpose, e.g. the bench's echo worker
-            env: dict[str, str] | None = child_env
+            own_env.update(state.settings_env)
+            own_env.update(env_overrides or {})  # on purpose, e.g. the bench's echo worker
+            env: dict[str, str] | None = own_env
         elif comp.kind.startswith("kafka:"):
             env = broker_env()
         else:
@@ -769,19 +712,21 @@ def _safe_to_wipe(path: Path) -> bool:
     return path not in protected and path not in Path.cwd().resolve().parents
 
 
-def down(settings: Settings, console: Console, wipe: bool = False) -> None:
-    """Stop every recorded process in reverse order (data kept); `wipe` deletes state_dir."""
+def down(settings: Settings, console: Console, wipe: bool = False) -> list[str]:
+    """Stop every recorded process in reverse order (data kept); `wipe` deletes state_dir.
+    Returns the components that had to be killed (none should: each stops on SIGTERM)."""
+    killed: list[str] = []
     state_dir = state_dir_of(settings)
     if not state_dir.exists():
         console.print(f"nothing to stop: {_relative(str(state_dir))} does not exist")
-        return
+        return killed
     with _locked(state_dir):
         state = _State.load(state_dir / STATE_FILE)
         failed: list[str] = []
         if state is None:
             console.print("no stack recorded; nothing to stop")
         else:
-            failed = _stop_components(state.components, console)
+            failed = _stop_components(state.components, console, killed)
             if failed:
                 state.components = [c for c in state.components if c.name in failed]
                 state.complete = False
@@ -795,3 +740,4 @@ def down(settings: Settings, console: Console, wipe: bool = False) -> None:
             raise StackError(f"refusing to delete {state_dir}: not a dedicated state directory")
         shutil.rmtree(state_dir)
         console.print(f"  [green]✓[/] deleted {_relative(str(state_dir))}")
+    return killed

@@ -456,3 +456,24 @@ def test_docker_backed_fixtures(
         assert client.execute("SELECT 1") == [(1,)]
     finally:
         client.disconnect()
+
+
+DOWN_S_MAX = 10.0  # issue 18: `medclear down` in at most this, nothing killed
+
+
+def test_down_stops_every_real_component_on_sigterm_and_in_time(tmp_path: Path) -> None:
+    """The real stack (every stream job, the SMSC, Prometheus), idle for a few seconds:
+    each component exits on its SIGTERM; none needs the SIGKILL after the stop timeout.
+    (The ClickHouse sink used to: its three feeds each set a signal handler, and each
+    replaced the one before, so two feeds never heard SIGTERM.)"""
+    settings = Settings(state_dir=tmp_path / "state", startup_timeout_s=60)
+    console = Console(stderr=True)
+    try:
+        stack.up(settings, console)
+        time.sleep(3)  # every consumer in its group, polling
+    finally:
+        started = time.monotonic()
+        killed = stack.down(settings, console, wipe=True)
+        took = time.monotonic() - started
+    assert killed == []
+    assert took < DOWN_S_MAX
