@@ -1,10 +1,14 @@
 """`medclear bench`: benchmarks of the running stack. Each prints figures (tables) and
-asserts nothing: `swipes` and `run` here; `pipeline`, `state` and `fuzz` in medclear/bench/.
+asserts nothing: `swipes`, `run` and `startup` (the CLI's own start-up, each command line
+in a fresh interpreter) here; `pipeline`, `state` and `fuzz` in medclear/bench/.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -15,6 +19,7 @@ from rich.table import Table
 
 from medclear import stack
 from medclear.bench import cpu_use, fuzz, pipeline, state
+from medclear.cli.main import COMMANDS
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
 from medclear.infra.settings import Settings, get_settings
@@ -221,3 +226,38 @@ def bench_run(
     for secure in modes:
         _run_stack(secure, persons, swipes, concurrency, idle_seconds, figures)
     _print_run(figures, idle_seconds)
+
+
+# ---------------------------------------------------------------------------- start-up
+
+HELP_TARGET_S = 0.5
+COMMAND_TARGET_S = 1.0
+RUNS_DEFAULT = 5
+
+
+def time_command(args: list[str], runs: int) -> float:
+    """Median wall seconds of `medclear <args>` in a fresh interpreter."""
+    taken = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "medclear", *args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        taken.append(time.perf_counter() - started)
+    return statistics.median(taken)
+
+
+@bench_app.command("startup")
+def bench_startup(
+    runs: Annotated[int, typer.Option(min=1, max=50, help="runs per command line")] = RUNS_DEFAULT,
+) -> None:
+    """CLI start-up: `medclear --help` and each command's `--help`, median of fresh runs."""
+    table = Table(title=f"CLI start-up, median of {runs} runs (fresh interpreter, --help)")
+    for column in ("command line", "seconds", "target", "met"):
+        table.add_column(column, justify="left" if column == "command line" else "right")
+    lines = [(["--help"], HELP_TARGET_S)] + [([name, "--help"], COMMAND_TARGET_S)
+                                             for name in COMMANDS]  # fmt: skip
+    for args, target in lines:
+        seconds = time_command(args, runs)
+        met = "[green]yes[/]" if seconds <= target else "[red]no[/]"
+        table.add_row("medclear " + " ".join(args), f"{seconds:.2f}", f"≤ {target:g}", met)
+    console.print(table)

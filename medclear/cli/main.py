@@ -2,293 +2,161 @@
 
 Every command explains itself with --help. Commands that talk to the stack find it
 through the state directory written by `medclear up` (or MEDCLEAR_* settings).
+
+This module is only the router: each command's module is imported when that command
+runs, so `medclear --help` loads typer and rich, not gRPC, Kafka or ClickHouse clients.
+`COMMANDS` says where each command lives and the line `--help` shows for it;
+tests/unit/test_cli.py checks that line against the command's own help.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from pathlib import Path
-from typing import Annotated
+import importlib
+import inspect
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Annotated, Any
 
-import grpc
 import typer
+import typer.main
 from rich.console import Console
-from rich.live import Live
 from rich.markup import escape
-from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
-from clearing import settlement
-from clearing.limits import SHANGHAI_UTC_OFFSET_MS
-from clearing.money import format_yuan
-from clearing.simulator import SimulationFailure, Simulator, Summary
-from medclear import stack
-from medclear.cli import agent as agent_cli
-from medclear.cli import recon as cli_recon
-from medclear.cli.agent import agent_app, emulator_app
-from medclear.cli.bench import bench_app
-from medclear.cli.card import card_app
-from medclear.cli.hsm import hsm_app
-from medclear.cli.pos import pos_app
-from medclear.cli.recon import import_, print_report, recon_app, reconcile, render_html, summary
-from medclear.cli.serve import serve_app
-from medclear.cli.support import fail
-from medclear.cli.tables import result_codes_table
-from medclear.drills.cli import drill_app
-from medclear.infra.policy import load_institutions, load_policy
-from medclear.infra.settings import Settings, get_settings
-from medclear.infra.stack_state import StackError, client_pki_dir
-from medclear.infra.terminals import SEED_WINDOW, keyring_for
-from medclear.sim import city, demo, load
-from medclear.sim.traffic import SeedError
+from medclear.errors import MedclearError
+
+EXIT_ERROR = 1  # an error the message explains (2 is a usage error, as click has it)
+
+
+@dataclass(frozen=True)
+class Entry:
+    target: str  # "module:attribute" of the typer app that holds the command
+    help: str  # the first sentence of the command's help, shown by `medclear --help`
+    command: str | None = None  # one command of that app; None: the app is the group
+    panel: str = "Commands"
+
+
+STACK = "The local stack"
+CITY = "The simulated city"
+COUNTERS = "At the counters and windows"
+OPERATIONS = "Operations and analysis"
+
+COMMANDS: dict[str, Entry] = {
+    "up": Entry("medclear.cli.stack:stack_app", "Start the whole local stack on 127.0.0.1 "
+                "and wait until every part is ready.", "up", STACK),
+    "status": Entry("medclear.cli.stack:stack_app", "Show every component of the local stack, "
+                    "its address and whether it is healthy.", "status", STACK),
+    "down": Entry("medclear.cli.stack:stack_app", "Stop everything `medclear up` started (by "
+                  "recorded PID).", "down", STACK),
+    "restart": Entry("medclear.cli.stack:stack_app", "Stop one component of the running stack "
+                     "and start it again (same ports, data and log), waiting until it is "
+                     "ready.", "restart", STACK),
+    "serve": Entry("medclear.cli.serve:serve_app", "Run one medclear process in the foreground "
+                   "(used by `up`).", None, STACK),
+    "demo": Entry("medclear.cli.city:city_app", "The main job: start the whole stack, seed a "
+                  "city, run a few minutes of a day at its counters — swipes (some with a wrong "
+                  "PIN), reversals, refunds, loss reports with a thief trying the card, "
+                  "releases, pre-losses lapsing, a pharmacy limit reached — with a live panel, "
+                  "then a summary and the reconciliation of the day.", "demo", CITY),
+    "seed": Entry("medclear.cli.city:city_app", "Create a synthetic city through the card "
+                  "registry: persons, cards, opening balances.", "seed", CITY),
+    "simulate": Entry("medclear.cli.city:city_app", "Run the pure clearing core against a "
+                      "simulated city: many terminals, cards and window operations, a simulated "
+                      "clock across midnights and holidays (from 2026-09-28, through National "
+                      "Day), redelivered commands and early reversals.", "simulate", CITY),
+    "pos": Entry("medclear.cli.pos:pos_app", "Act as a POS terminal at a designated "
+                 "institution (swipe, balance, reverse, refund).", None, COUNTERS),
+    "card": Entry("medclear.cli.card:card_app", "Service-window operations on a person's cards "
+                  "(loss reports, replacement, …).", None, COUNTERS),
+    "agent": Entry("medclear.cli.agent:agent_app", "The POS reader agent: the card through "
+                   "PC/SC, the PIN on the pad, then medclear.", None, COUNTERS),
+    "card-emulator": Entry("medclear.cli.agent:emulator_app", "A virtual 社保卡 in a vpcd reader "
+                           "of pcscd, personalised from the issuance data.", None, COUNTERS),
+    "recon": Entry("medclear.cli.recon:recon_app", "Reconciliation (对账) per designated "
+                   "institution per Beijing day: medclear's settlement (topic "
+                   "medclear.settlements), the ClickHouse event log and the institution's "
+                   "file.", None, OPERATIONS),
+    "hsm": Entry("medclear.cli.hsm:hsm_app", "Keys of the HSM (加密机): list, generate, rotate, "
+                 "provision terminals.", None, OPERATIONS),
+    "bench": Entry("medclear.cli.bench:bench_app", "Measure the running stack (prints figures, "
+                   "asserts nothing).", None, OPERATIONS),
+    "drill": Entry("medclear.drills.cli:drill_app", "Fault drills under steady POS traffic: "
+                   "kill or stop one part of the stack, repair it, then check conservation, "
+                   "state, ClickHouse (exactly once), SMS (no doubles) and print the time to "
+                   "recover.", None, OPERATIONS),
+}  # fmt: skip
+
+
+def first_sentence(text: str) -> str:
+    """The help's first sentence on one line: what `medclear --help` shows for a command."""
+    paragraph = inspect.cleandoc(text).split("\n\n")[0].replace("\n", " ")
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
+def load(name: str) -> Any:
+    """The command `name` (a typer group or one command of a typer app), imported now."""
+    entry = COMMANDS[name]
+    module, attribute = entry.target.split(":")
+    group = typer.main.get_group(getattr(importlib.import_module(module), attribute))
+    if entry.command is None:
+        group.name = name
+        return group
+    return group.commands[entry.command]
+
+
+class _Router(TyperGroup):
+    """Lists every command from COMMANDS and imports a command's module only to run it."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        placeholder = TyperCommand(name=cmd_name, help=entry.help)
+        placeholder.rich_help_panel = entry.panel
+        return placeholder
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] in COMMANDS:
+            return args[0], load(args[0]), args[1:]
+        return super().resolve_command(ctx, args)  # an unknown name: click's message
+
 
 app = typer.Typer(
+    cls=_Router,
     help="medclear — real-time clearing of medical-insurance personal accounts on social "
-    "security cards. Start with `medclear up`, then `medclear seed` and `medclear pos swipe`.",
+    "security cards. Start with `medclear demo`, or `medclear up`, then `medclear seed` and "
+    "`medclear pos swipe`.",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-app.add_typer(serve_app, name="serve")
-app.add_typer(pos_app, name="pos")
-app.add_typer(bench_app, name="bench")
-app.add_typer(card_app, name="card")
-app.add_typer(hsm_app, name="hsm")
-app.add_typer(recon_app, name="recon")
-app.add_typer(agent_app, name="agent")
-app.add_typer(emulator_app, name="card-emulator")
-app.add_typer(drill_app, name="drill")
-
-console = Console()
-err = Console(stderr=True)
-
-JOBS_CATCH_UP_S = 3.0  # after the demo's last swipe, before SMS and alerts are counted
-RECON_SETTLE_S = 30.0  # the demo's reconciliation is retried this long while the
-RECON_RETRY_S = 2.0  # settlement job and the ClickHouse sink catch up with the last events
 
 
-# ---------------------------------------------------------------------------- stack
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"medclear {version('medclear')}")
+        raise typer.Exit()
 
 
-@app.command()
-def up() -> None:
-    """Start the whole local stack on 127.0.0.1 and wait until every part is ready.
-
-    Starts the Kafka-protocol broker (noida-db; MEDCLEAR_BROKER=tansu for tansu), creates
-    the topics, starts ClickHouse, the clearing worker(s), the POS gateway, the card
-    registry and Prometheus, then prints where each runs. State lives in .medclear/
-    (MEDCLEAR_STATE_DIR). With MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL set,
-    those external servers are used and not started.
-    """
-    stack.up(get_settings(), console)
-
-
-@app.command()
-def status() -> None:
-    """Show every component of the local stack, its address and whether it is healthy."""
-    rows = stack.status(get_settings())
-    if not rows:
-        raise fail("no stack recorded in the state directory; run `medclear up`")
-    console.print(stack.status_table(rows))
-    if not all(r.healthy for r in rows):
-        raise typer.Exit(code=1)
-
-
-@app.command()
-def down(
-    wipe: Annotated[bool, typer.Option(help="also delete all data (topics, tables, logs)")] = False,
-) -> None:
-    """Stop everything `medclear up` started (by recorded PID). Data is kept unless --wipe."""
-    stack.down(get_settings(), console, wipe=wipe)
-
-
-@app.command()
-def restart(
-    component: Annotated[str, typer.Argument(help="a name from `medclear status`, e.g. worker-0")],
-) -> None:
-    """Stop one component of the running stack and start it again (same ports, data and
-    log), waiting until it is ready. Safe at any time: nothing is lost or applied twice."""
-    row = stack.restart_component(get_settings(), component, console)
-    console.print(f"[green]✓[/] {row.name} ready again (pid {row.pid})")
-
-
-# ---------------------------------------------------------------------------- seed, demo
-
-
-def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency: int) -> None:
-    """The demo's day at the counters (medclear/sim/demo.py), then its summary and 对账."""
-    endpoints = stack.load_endpoints(settings)
-    residents = city.residents(persons, 2026)
-    institutions = list(load_institutions(settings.institutions_file).values())
-    terminals = sorted({f"T{i.institution_id}" for i in institutions} | {SEED_WINDOW})
-    keyring = keyring_for(settings, terminals)
-    stats = demo.DemoStats()
-    with Live(demo.panel(stats, minutes), console=console, refresh_per_second=2) as live:
-        asyncio.run(
-            demo.run(endpoints.gateway, endpoints.registry, endpoints.prometheus, residents,
-                     institutions, minutes, concurrency, keyring, client_pki_dir(settings), live,
-                     stats)
-        )  # fmt: skip
-    table = Table(title="the demo day")
-    for column in ("swipes", "approved", "p50 ms", "p99 ms", "reversals", "refunds",
-                   "loss reports", "releases", "limit reached", "SMS sent", "alerts"):  # fmt: skip
-        table.add_column(column, justify="right")
-    approved = sum(stats.results[c.name] for c in demo.APPROVED)
-    time.sleep(JOBS_CATCH_UP_S)
-    stats.sms_sent = demo.prometheus_sum(endpoints.prometheus, "medclear_sms_sent_total")
-    stats.alerts = demo.prometheus_sum(endpoints.prometheus, "medclear_abnormal_alerts_total")
-    table.add_row(f"{sum(stats.results.values()):,}", f"{approved:,}",
-                  f"{stats.percentile(0.5):.1f}", f"{stats.percentile(0.99):.1f}",
-                  f"{stats.ops['reverse']:,}", f"{stats.ops['refund']:,}",
-                  f"{stats.ops['loss_report']:,}", f"{stats.ops['release']:,}",
-                  "yes" if stats.ops["limit_reached"] else "no", f"{stats.sms_sent:,.0f}",
-                  f"{stats.alerts:,.0f}")  # fmt: skip
-    console.print(table)
-    files = demo.institution_files(stats, settings.state_dir / "reports" / "institution-files")
-
-    with cli_recon.console.capture():  # one line here instead of a table per institution
-        for totals, detail in files:
-            import_(totals, detail)
-    console.print(f"imported the institutions' own files ({len(files)}): what their POS saw")
-
-    beijing_now = time.time() + SHANGHAI_UTC_OFFSET_MS / 1000
-    day = settlement.day_number(time.strftime("%Y-%m-%d", time.gmtime(beijing_now)))
-    deadline = time.monotonic() + RECON_SETTLE_S
-    report = reconcile(settings, day, None)
-    while report.differences and time.monotonic() < deadline:  # settlement / sink catching up
-        time.sleep(RECON_RETRY_S)
-        report = reconcile(settings, day, None)
-    print_report(report)
-    path = settings.state_dir / "reports" / "recon-demo.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(report), encoding="utf-8")
-    console.print(f"reconciliation: {summary(report)} — report {path}")
-
-
-@app.command("seed")
-def seed_cmd(
-    persons: Annotated[int, typer.Option(min=1, max=10_000_000, help="how many persons")] = 1000,
-    seed: Annotated[int, typer.Option(help="city seed; the same seed gives the same city")] = 2026,
-    concurrency: Annotated[int, typer.Option(min=1, max=512, help="requests in flight")] = 32,
-) -> None:
-    """Create a synthetic city through the card registry: persons, cards, opening balances.
-
-    Everything goes through commands: one EnrolPerson per person (register, issue,
-    activate, change the initial PIN, credit, decided as one), so it is decided and
-    logged like any window operation. Seeding the same city twice changes nothing.
-    """
-    try:
-        elapsed = load.seed_city(persons, seed, concurrency)
-    except SeedError as exc:
-        raise fail(str(exc)) from exc
-    except grpc.RpcError as exc:
-        raise fail(f"registry: {exc.code().name} {exc.details()}") from exc
-    console.print(
-        f"seeded {persons:,} persons in {elapsed:.1f} s "
-        f"({persons / elapsed:,.0f} persons/s, one EnrolPerson command each)"
-    )
-
-
-@app.command()
-def simulate(
-    seed: Annotated[int, typer.Option(help="the run's seed; the same seed replays it")] = 1,
-    persons: Annotated[int, typer.Option(min=1, max=1_000_000, help="insured persons")] = 2000,
-    days: Annotated[int, typer.Option(min=1, max=3650, help="simulated days")] = 14,
-) -> None:
-    """Run the pure clearing core against a simulated city: many terminals, cards and
-    window operations, a simulated clock across midnights and holidays (from 2026-09-28,
-    through National Day), redelivered commands and early reversals. Invariants are
-    checked after every step; a violation prints the seed that replays it. No servers."""
-    policy = load_policy(get_settings())
-    with load.progress_bar() as progress:
-        task = progress.add_task("simulating days", total=days, info="")
-
-        def on_day(day: int, summary: Summary) -> None:
-            progress.update(task, completed=day, info=f"{summary.decisions:,} decisions")
-
-        try:
-            summary = Simulator(policy, seed, persons, days, on_day).run()
-        except SimulationFailure as exc:
-            raise fail(str(exc)) from exc
-    table = Table(title=f"simulation: seed {seed}, {persons:,} persons, {days} days")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, value in [
-        ("decisions", f"{summary.decisions:,}"),
-        ("events", f"{summary.events:,}"),
-        ("redelivered commands (no effect)", f"{summary.redeliveries:,}"),
-        ("paid from accounts", format_yuan(summary.approved_fen)),
-        ("returned by reversals and refunds", format_yuan(summary.returned_fen)),
-        ("credited", format_yuan(summary.credited_fen)),
-        ("core decisions/s (one core)", f"{summary.decisions_per_s:,.0f}"),
-        ("wall time", f"{summary.wall_seconds:.1f} s"),
-    ]:
-        table.add_row(name, value)
-    console.print(table)
-    console.print(result_codes_table(summary.results, "count"))
-    console.print("[green]all invariants held after every step[/]")
-
-
-@app.command("demo")
-def demo_cmd(
-    persons: Annotated[int, typer.Option(min=10, help="persons in the city")] = 100_000,
-    minutes: Annotated[float, typer.Option(min=0.2, help="minutes of traffic")] = 3.0,
-    concurrency: Annotated[int, typer.Option(min=1, max=512, help="counters busy at once")] = 32,
-    stop: Annotated[bool, typer.Option(help="stop the stack at the end (default: leave it)")] = (
-        False
-    ),
-    agents: Annotated[
+@app.callback()
+def _root(
+    show_version: Annotated[
         bool,
-        typer.Option(help="instead: swipe through the reader agent and virtual cards (pcscd)"),
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
     ] = False,
-    swipes: Annotated[int, typer.Option(min=1, help="--agents: swipes through the agent")] = 400,
 ) -> None:
-    """The main job: start the whole stack, seed a city, run a few minutes of a day at its
-    counters — swipes (some with a wrong PIN), reversals, refunds, loss reports with a
-    thief trying the card, releases, pre-losses lapsing, a pharmacy limit reached — with a
-    live panel, then a summary and the reconciliation of the day. The stack is left
-    running (Prometheus, reports) unless --stop; `medclear down` stops it."""
-    settings = get_settings()
-    if settings.pre_loss_policy_file is None:  # the demo district's pre-loss lasts 90 s
-        demo_policy = Path(__file__).resolve().parents[1] / "data" / "pre_loss_policy_demo.csv"
-        settings = settings.model_copy(update={"pre_loss_policy_file": demo_policy})
-    started = time.perf_counter()
-    stack.up(settings, console)
-    ready_s = time.perf_counter() - started
-
-    try:
-        try:
-            seed_s = load.seed_city(persons, 2026, 64, settings, district=True)
-        except SeedError as exc:
-            raise fail(f"seeding: {exc}") from exc
-        if agents:  # one agent, one card at a time: sequential, card read included
-            by_agent = agent_cli.run_agent_traffic(
-                agent_cli.stack_access(settings), persons, 2026, swipes, "POS traffic (agent)"
-            )
-            console.print(agent_cli.agent_stats_table("POS traffic through the agent", by_agent))
-            console.print(result_codes_table(by_agent.results))
-        else:
-            _demo_traffic(settings, persons, minutes, concurrency)
-        console.print(
-            f"stack ready in {ready_s:.1f} s; seeded {persons:,} persons in {seed_s:.1f} s"
-        )
-    finally:
-        if not stop:
-            endpoints = stack.load_endpoints(settings)
-            console.print(
-                f"[bold]stack left running[/]: Prometheus {endpoints.prometheus} · "
-                f"gateway {endpoints.gateway} · registry {endpoints.registry} · reports in "
-                f"{settings.state_dir / 'reports'} · logs in {settings.state_dir / 'logs'}. "
-                "Stop it with `medclear down` (`--wipe` also deletes the data)."
-            )
-        else:
-            stack.down(settings, console)
+    """The group itself does nothing; a command runs."""
 
 
 def main() -> None:
-    """The `medclear` command. An error about the stack (not running, a component that
-    failed) is printed once, without a traceback, and exits 1."""
+    """The `medclear` command. An error medclear can explain (the stack not running, a
+    component that failed, a file it cannot use) is printed once, without a traceback,
+    and exits 1."""
     try:
         app()
-    except StackError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise SystemExit(1) from None
+    except MedclearError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise SystemExit(EXIT_ERROR) from None

@@ -1,0 +1,57 @@
+"""`medclear up / status / down / restart`: the local stack (medclear/stack)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from medclear import stack
+from medclear.cli.support import fail
+from medclear.infra.settings import get_settings
+
+stack_app = typer.Typer(rich_markup_mode="rich")
+console = Console()
+
+
+@stack_app.command()
+def up() -> None:
+    """Start the whole local stack on 127.0.0.1 and wait until every part is ready.
+
+    Starts the Kafka-protocol broker (noida-db; MEDCLEAR_BROKER=tansu for tansu), creates
+    the topics, starts ClickHouse, the clearing worker(s), the POS gateway, the card
+    registry and Prometheus, then prints where each runs. State lives in .medclear/
+    (MEDCLEAR_STATE_DIR). With MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL set,
+    those external servers are used and not started.
+    """
+    stack.up(get_settings(), console)
+
+
+@stack_app.command()
+def status() -> None:
+    """Show every component of the local stack, its address and whether it is healthy."""
+    rows = stack.status(get_settings())
+    if not rows:
+        raise fail("no stack recorded in the state directory; run `medclear up`")
+    console.print(stack.status_table(rows))
+    if not all(r.healthy for r in rows):
+        raise typer.Exit(code=1)
+
+
+@stack_app.command()
+def down(
+    wipe: Annotated[bool, typer.Option(help="also delete all data (topics, tables, logs)")] = False,
+) -> None:
+    """Stop everything `medclear up` started (by recorded PID). Data is kept unless --wipe."""
+    stack.down(get_settings(), console, wipe=wipe)
+
+
+@stack_app.command()
+def restart(
+    component: Annotated[str, typer.Argument(help="a name from `medclear status`, e.g. worker-0")],
+) -> None:
+    """Stop one component of the running stack and start it again (same ports, data and
+    log), waiting until it is ready. Safe at any time: nothing is lost or applied twice."""
+    row = stack.restart_component(get_settings(), component, console)
+    console.print(f"[green]✓[/] {row.name} ready again (pid {row.pid})")
