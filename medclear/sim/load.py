@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from medclear.infra import progress as infra_progress
 from medclear.infra.policy import load_institutions
+from medclear.infra.progress import LineProgress
 from medclear.infra.settings import Settings, get_settings
 from medclear.infra.stack_state import client_pki_dir, endpoint
 from medclear.infra.terminals import SEED_WINDOW, keyring_for
@@ -22,15 +25,10 @@ from medclear.sim.traffic import LatencyStats
 console = Console()
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-    )
+def progress_bar() -> AbstractContextManager[Progress | LineProgress]:
+    """Progress on this module's console: a bar on a terminal, a line every few seconds
+    otherwise."""
+    return infra_progress.progress_bar(console)
 
 
 def seed_city(
