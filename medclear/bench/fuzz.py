@@ -42,6 +42,7 @@ from medclear.drills.hostile import (
     snapshot,
 )
 from medclear.drills.run import target_stack
+from medclear.infra.exits import Exit
 
 console = Console()
 REQUESTS_DEFAULT = 100_000
@@ -176,7 +177,7 @@ def command(
 ) -> None:
     """Hostile requests at scale against the gateway (TLS and terminal security on with
     --fresh, else the running stack): requests, distinct result codes, crashes, state
-    changes and time, as a table. Exit 1 if a crash, an unclear answer or a state change
+    changes and time, as a table. Exit 5 if a crash, an unclear answer or a state change
     was seen."""
     try:
         with target_stack(fresh, security, console) as a:
@@ -190,4 +191,4 @@ def command(
                     *(f"{n} × {p}" for p, n in result.unclear.items())]:  # fmt: skip
         console.print(f"[red]{problem}[/]")
     if not result.passed:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=Exit.CHECK_FAILED)

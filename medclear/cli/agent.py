@@ -29,6 +29,7 @@ from clearing.codes import InstitutionType, ResultCode
 from clearing.money import format_yuan, parse_yuan
 from clearing.validate import mask_card
 from medclear.cli.tables import result_codes_table
+from medclear.infra.exits import Exit
 from medclear.infra.pki import Role
 from medclear.infra.policy import load_institutions
 from medclear.infra.rpc import sync_channel
@@ -240,7 +241,7 @@ def agent_swipe(
         state = "acknowledged" if result.reversal.acknowledged else "open (retried later)"
         console.print(f"reversal of trace {result.trace}: {state}")
     if not result.result.approved:
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=Exit.DECLINED)
 
 
 @agent_app.command("swipe")
@@ -304,7 +305,7 @@ def refund_cmd(
                   f"{format_yuan(reply.refunded_amount_fen)} to {mask_card(card.card_no)}, "
                   f"balance {format_yuan(reply.balance_after_fen)}")  # fmt: skip
     if code != ResultCode.OK:
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=Exit.DECLINED)
 
 
 @agent_app.command("reversals")
@@ -319,7 +320,7 @@ def reversals_cmd(terminal: TerminalOpt, institution: InstitutionOpt) -> None:
         console.print(f"trace {o.trace}: {o.result.name} — {state}")
     console.print(f"{len(agent.journal.open)} reversal(s) open")
     if agent.journal.open:
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=Exit.ERROR)
 
 
 @agent_app.command("readers")

@@ -16,6 +16,7 @@ from rich.table import Table
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.money import format_yuan, parse_yuan
 from medclear.cli.support import DEFAULT_WINDOW, fail, read_pin
+from medclear.infra.exits import Exit
 from medclear.infra.pki import Role
 from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel, pb_enum
 from medclear.infra.settings import get_settings
@@ -100,7 +101,7 @@ def _show(method: str, reply: registry_pb2.RegistryReply) -> None:
         f"  v{reply.state.version}{replayed}"
     )
     if code != ResultCode.OK:
-        raise typer.Exit(2)
+        raise typer.Exit(Exit.DECLINED)
 
 
 def _card_command(method: str, doc: str) -> Callable[..., None]:
@@ -342,7 +343,7 @@ def show(
     code = ResultCode(view.result)
     if code != ResultCode.OK:
         err.print(f"[bold red]{code.name}[/] ({int(code)})")
-        raise typer.Exit(2)
+        raise typer.Exit(Exit.DECLINED)
     console.print(
         f"[bold]{view.name}[/] {view.state.person_key} "
         f"{InsuranceCategory(view.category).name}  region {view.region}  "

@@ -24,8 +24,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from medclear.errors import MedclearError
-
-EXIT_ERROR = 1  # an error the message explains (2 is a usage error, as click has it)
+from medclear.infra.exits import EPILOG, Exit
 
 
 @dataclass(frozen=True)
@@ -130,6 +129,7 @@ app = typer.Typer(
     help="medclear — real-time clearing of medical-insurance personal accounts on social "
     "security cards. Start with `medclear demo`, or `medclear up`, then `medclear seed` and "
     "`medclear pos swipe`.",
+    epilog=EPILOG,
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
@@ -159,4 +159,4 @@ def main() -> None:
         app()
     except MedclearError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise SystemExit(EXIT_ERROR) from None
+        raise SystemExit(Exit.ERROR) from None

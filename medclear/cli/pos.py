@@ -23,6 +23,7 @@ from clearing.codes import ResultCode
 from clearing.money import format_yuan, parse_yuan
 from medclear.cli.agent import agent_swipe
 from medclear.cli.support import fail, read_pin
+from medclear.infra.exits import Exit
 from medclear.infra.pki import Role
 from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel
 from medclear.infra.settings import get_settings
@@ -32,7 +33,7 @@ from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc
 
 pos_app = typer.Typer(
     help="Act as a POS terminal at a designated institution (swipe, balance, reverse, "
-    "refund). Exit status: 0 approved, 2 declined, 1 an error.",
+    "refund). Exit status: 0 approved, 3 declined, 1 an error.",
     no_args_is_help=True,
 )
 console = Console()
@@ -100,7 +101,7 @@ def _result(what: str, reply: Any, detail: str) -> None:
         f"  request {reply.request_id}{replayed}"
     )
     if code != ResultCode.OK:
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=Exit.DECLINED)
 
 
 def _amount(yuan: str) -> int:
@@ -174,7 +175,7 @@ def pos_balance(
         wrong = code == ResultCode.PIN_WRONG
         tries = f", {reply.pin_tries_remaining} PIN tries left" if wrong else ""
         console.print(f"[red]balance: {code.name} ({int(code)})[/] {reply.message}{tries}")
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=Exit.DECLINED)
     console.print(f"balance of {card}: [bold]{format_yuan(reply.balance_fen)}[/]")
 
 
@@ -232,4 +233,4 @@ def pos_swipe(
     style = "green" if code.approved else "red"
     console.print(Panel(table, title=f"swipe {card}", border_style=style, expand=False))
     if not code.approved:
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=Exit.DECLINED)

@@ -17,7 +17,7 @@ Beijing day per designated institution:
 - the institution's imported file.
 It prints matched / mismatched / missing per institution and the transaction-level
 differences (missing in the file, missing in medclear, amount differs), and writes a
-self-contained HTML report with an inline SVG of each institution's flow. Exit 2 means
+self-contained HTML report with an inline SVG of each institution's flow. Exit 4 means
 differences were found (1: the comparison could not run). Count = transactions (swipes
 that stand + refunds); amounts are net. Settlement keeps no cash part, so total amounts
 compare the log with the file only.
@@ -54,6 +54,7 @@ from clearing.money import format_yuan
 from clearing.redact import PERSON_TOKEN_PREFIX
 from clearing.validate import mask_ssn
 from medclear.infra import topics
+from medclear.infra.exits import Exit
 from medclear.infra.kafka_admin import read_topic
 from medclear.infra.settings import Settings, get_settings
 from medclear.infra.stack_state import StackError, load_endpoints
@@ -69,8 +70,6 @@ recon_app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
-
-EXIT_DIFFERENCES = 2  # the comparison ran and found differences (1: it could not run)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -385,7 +384,7 @@ def _run(date: str, institution: str | None, report_path: Path | None) -> None:
     path.write_text(render_html(report), encoding="utf-8")
     console.print(f"report: {path}")
     if report.differences:
-        raise typer.Exit(code=EXIT_DIFFERENCES)
+        raise typer.Exit(code=Exit.DIFFERENCES)
 
 
 @recon_app.callback()
@@ -435,7 +434,7 @@ def check() -> None:
     credits: every allocation (拨付) in the events topic; balances: each person's balance
     after their last money event (partition order = decision order); settled / pending:
     the net of the closed / open days on the settlements topic. Each event counts once
-    (by id). Any difference is reported (exit 2); a difference that goes away on a second
+    (by id). Any difference is reported (exit 4); a difference that goes away on a second
     run was the settlement job catching up. Per person, the log's own arithmetic is also
     checked against the balance the worker recorded."""
     settings = get_settings()
@@ -482,7 +481,7 @@ def check() -> None:
         f"[bold red]difference:[/] {format_yuan(result.difference_fen)} "
         f"({len(people)} person(s) inconsistent)"
     )
-    raise typer.Exit(code=EXIT_DIFFERENCES)
+    raise typer.Exit(code=Exit.DIFFERENCES)
 
 
 # ---------------------------------------------------------------------------- HTML

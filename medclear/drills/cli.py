@@ -1,6 +1,6 @@
 """`medclear drill`: the fault drills as commands. Each breaks one part of the running
 stack under steady POS traffic, repairs it, and proves afterwards that nothing was lost or
-doubled; one table at the end, exit 1 if a check fails.
+doubled; one table at the end, exit 5 if a check fails.
 
     medclear drill worker-kill --times 3     kill -9 a clearing worker, restart it, repeat
     medclear drill kill-loop --times 20      kill -9 worker, sms and settlement in turn
@@ -25,12 +25,13 @@ from medclear import stack
 from medclear.drills.bounds import PERSONS_MIN, RATE_PER_S_DEFAULT, DrillError
 from medclear.drills.report import DrillResult, results_table
 from medclear.drills.run import DRILLS, run_specs, spec, target_stack
+from medclear.infra.exits import Exit
 
 drill_app = typer.Typer(
     help="Fault drills under steady POS traffic: kill or stop one part of the stack, "
     "repair it, then check conservation, state, ClickHouse (exactly once), SMS (no "
     "doubles) and print the time to recover. `medclear drill all` runs every drill; "
-    "`medclear drill fuzz` sends hostile requests to the gateway. Exit 1 if a check fails.",
+    "`medclear drill fuzz` sends hostile requests to the gateway. Exit 5 if a check fails.",
     no_args_is_help=True,
 )
 console = Console()
@@ -52,7 +53,7 @@ def _finish(results: Sequence[DrillResult]) -> None:
         for note in r.notes:
             console.print(f"[dim]{r.name}: {escape(note)}[/]")
     if not all(r.ok for r in results):
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=Exit.CHECK_FAILED)
 
 
 def _drills(names: Sequence[str], fresh: bool, security: bool, rate: float, persons: int,
@@ -166,4 +167,4 @@ def fuzz_cmd(
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(code=1) from exc
     if not ok:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=Exit.CHECK_FAILED)

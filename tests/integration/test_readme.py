@@ -1,7 +1,7 @@
 """Every shell example of the README, run in order as a new user would, on the default
 stack (mutual TLS and terminal security on), in a fresh directory: each must work as
 printed. A command shown with a leading `!` is one the README says is refused: it must
-exit 2 (declined), not 0 and not 1 (an error)."""
+exit 3 (declined), not 0 and not 1 (an error)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from medclear.infra.exits import Exit
+
 pytestmark = [pytest.mark.stack, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.smsc,
               pytest.mark.timeout(900)]  # fmt: skip
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SKIPPED = ("make ", ". .venv/bin/activate")  # the whole-job commands and the venv: done
-DECLINED_EXIT = 2
+DECLINED_EXIT = int(Exit.DECLINED)
 
 
 def readme_commands(text: str) -> list[str]:

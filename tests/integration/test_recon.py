@@ -21,6 +21,7 @@ from clearing.codes import ResultCode
 from clearing.money import format_yuan
 from medclear import stack
 from medclear.cli.recon import log_figures, read_settlements, reconcile, summary
+from medclear.infra.exits import Exit
 from medclear.infra.settings import Settings
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2_grpc
 from stream_jobs import ch
@@ -229,7 +230,7 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
 
     html_path = tmp_path / "recon.html"
     ran = medclear(settings, "recon", "--date", rules.iso_day(day), "--report", str(html_path))
-    assert ran.returncode == 2, ran.stdout + ran.stderr  # differences found
+    assert ran.returncode == Exit.DIFFERENCES, ran.stdout + ran.stderr
     assert "1 matched, 1 mismatched; 3 detail difference(s)" in ran.stdout, ran.stdout
     page = html_path.read_text(encoding="utf-8")
     assert "<svg" in page and dropped.request_id in page and "missing in medclear" in page

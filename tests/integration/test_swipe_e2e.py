@@ -23,6 +23,7 @@ from clearing.abnormal import Alert, AlertKind
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
 from medclear import stack
 from medclear.infra import topics
+from medclear.infra.exits import Exit
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_card_tokens
 from medclear.sim.city import make_ssn
@@ -525,7 +526,7 @@ def test_card_commands_drive_the_window_operations(
     registry: registry_pb2_grpc.CardRegistryServiceStub, settings: Settings
 ) -> None:
     """`medclear card ...` reaches the registry: report a loss, confirm it, see it refused
-    to release (exit 2 with the code), and show the person."""
+    to release (exit 3, declined, with the code), and show the person."""
     _ssn, card = enrol(registry, 40, 12_34)
     env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir), "COLUMNS": "160"}
 
@@ -543,7 +544,9 @@ def test_card_commands_drive_the_window_operations(
     assert done.returncode == 0 and "PRE_LOST" in done.stdout, done.stdout + done.stderr
     assert medclear("card", "confirm-loss", "--card", card).returncode == 0
     refused = medclear("card", "release", "--card", card)
-    assert refused.returncode == 2 and "RELEASE_AFTER_FORMAL_LOSS (71)" in refused.stdout
+    assert (
+        refused.returncode == Exit.DECLINED and "RELEASE_AFTER_FORMAL_LOSS (71)" in refused.stdout
+    )
     shown = medclear("card", "show", "--card", card)
     assert shown.returncode == 0 and "LOST" in shown.stdout and "12.34" in shown.stdout
     assert "allocation" in shown.stdout  # the opening credit is among the records
