@@ -6,8 +6,12 @@ counters. Each process calls `serve(port)` to expose /metrics.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import platform
+from importlib.metadata import PackageNotFoundError, version
 
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+BUILD = Info("medclear_build", "The running medclear: version, Python and the process's role")
 READY = Gauge("medclear_ready", "1 once this process can serve (partitions assigned, caught up)")
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -24,8 +28,10 @@ SWIPES = Counter(
 )
 INSTITUTION_SWIPES = Counter(
     "medclear_institution_swipes_total",
-    "Swipe decisions per designated institution and result code",
-    ["institution", "result"],
+    "Swipe decisions per designated institution (\"unknown\" for any other id): approved or "
+    "declined. Bounded: the designated institutions × 2; the result codes are in "
+    "medclear_swipes_total",
+    ["institution", "outcome"],
 )
 INSTITUTION_PAID_FEN = Counter(
     "medclear_institution_paid_fen_total",
@@ -141,7 +147,13 @@ ABNORMAL_ALERTS = Counter(
 )
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
+def serve(port: int, host: str = "127.0.0.1", role: str = "") -> None:
+    """/metrics on `port`, with `medclear_build_info{version, python, role}` = 1."""
+    try:
+        medclear_version = version("medclear")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        medclear_version = "unknown"
+    BUILD.info({"version": medclear_version, "python": platform.python_version(), "role": role})
     start_http_server(port, addr=host)
 
 

@@ -222,7 +222,8 @@ class Worker:
                 label = institution.type.name.lower() if institution else "unknown"
                 metrics.SWIPES.labels(d.reply.result.name, label).inc()
                 metrics.INSTITUTION_SWIPES.labels(
-                    d.command.institution_id if institution else "unknown", d.reply.result.name
+                    d.command.institution_id if institution else "unknown",
+                    "approved" if d.reply.result.approved else "declined",
                 ).inc()
             for e in d.events:
                 if isinstance(e, SwipeApproved):

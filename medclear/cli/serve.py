@@ -46,7 +46,7 @@ def _prepare(name: str, metrics_port: int) -> Settings:
     record (a process started by hand beside `medclear up`)."""
     log.configure(name)
     settings = get_settings()
-    metrics.serve(metrics_port, settings.host)
+    metrics.serve(metrics_port, settings.host, name)
     if settings.kafka_bootstrap and settings.clickhouse_url:
         return settings
     try:
@@ -108,7 +108,7 @@ def serve_hsm(
     """The HSM simulator: key store under the LMK, PIN / MAC / cryptogram operations."""
     log.configure("hsm")
     settings = get_settings()
-    metrics.serve(metrics_port, settings.host)
+    metrics.serve(metrics_port, settings.host, "hsm")
     try:
         _role("hsm").run_with_settings(settings, port)
     except (KeyStoreError, OSError) as exc:

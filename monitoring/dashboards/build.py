@@ -103,15 +103,15 @@ OVERVIEW = dashboard("medclear-overview", "medclear — operators' overview", [
 ])  # fmt: skip
 
 INSTITUTION = dashboard("medclear-institution", "medclear — institutions", [
-    panel("Swipes by institution and result", {
-        "{{institution}} {{result}}": "sum by (institution, result) (rate("
+    panel("Swipes by institution, approved and declined", {
+        "{{institution}} {{outcome}}": "sum by (institution, outcome) (rate("
         'medclear_institution_swipes_total{institution=~"$institution"}[5m]))'}, "reqps", width=24),
     panel("Paid from accounts (yuan per minute)", {
         "{{institution}}": "sum by (institution) (rate(medclear_institution_paid_fen_total"
         '{institution=~"$institution"}[5m])) * 60 / 100'}, "currencyCNY"),
-    panel("Declines by code", {
-        "{{result}}": "sum by (result) (rate(medclear_institution_swipes_total"
-        '{institution=~"$institution", result!~"OK|PARTIALLY_APPROVED"}[5m]))'}, "reqps"),
+    panel("Declined swipes (codes for all institutions: overview)", {
+        "{{institution}}": "sum by (institution) (rate(medclear_institution_swipes_total"
+        '{institution=~"$institution", outcome="declined"}[5m]))'}, "reqps"),
 ], [INSTITUTION_VAR])  # fmt: skip
 
 RECONCILIATION = dashboard("medclear-reconciliation", "medclear — reconciliation", [
@@ -123,7 +123,7 @@ RECONCILIATION = dashboard("medclear-reconciliation", "medclear — reconciliati
         "currencyCNY"),
     panel("Approved swipes today by institution", {
         "{{institution}}": "sum by (institution) (increase("
-        'medclear_institution_swipes_total{result=~"OK|PARTIALLY_APPROVED"}[1d]))'},
+        'medclear_institution_swipes_total{outcome="approved"}[1d]))'},
         kind="bargauge"),
 ])  # fmt: skip
 

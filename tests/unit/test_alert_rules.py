@@ -44,3 +44,16 @@ def test_every_alert_is_tested_and_has_a_runbook_section() -> None:
     assert len(alerts) >= 8
     assert set(alerts) <= tested, set(alerts) - tested
     assert {a.lower() for a in alerts} <= headings, {a.lower() for a in alerts} - headings
+
+
+def test_every_alert_has_a_summary_a_description_and_its_runbook_url() -> None:
+    """Prometheus's conventions: `summary` (one line, may template), `description` (what
+    it means for the cardholders or the operators), `runbook_url` (its section)."""
+    blocks = re.split(r"(?m)^\s+- alert: ", RULES.read_text())[1:]
+    assert len(blocks) >= 8
+    for block in blocks:
+        name = block.split("\n")[0].strip()
+        annotations = block.split("annotations:", 1)[1]
+        for key in ("summary", "description", "runbook_url"):
+            assert re.search(rf"(?m)^\s+{key}: \S", annotations), (name, key)
+        assert f"runbook_url: docs/RUNBOOK.md#{name.lower()}\n" in annotations, name
