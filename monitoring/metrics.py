@@ -28,7 +28,7 @@ SWIPES = Counter(
 )
 INSTITUTION_SWIPES = Counter(
     "medclear_institution_swipes_total",
-    "Swipe decisions per designated institution (\"unknown\" for any other id): approved or "
+    'Swipe decisions per designated institution ("unknown" for any other id): approved or '
     "declined. Bounded: the designated institutions × 2; the result codes are in "
     "medclear_swipes_total",
     ["institution", "outcome"],
@@ -231,4 +231,19 @@ SETTLEMENT_DAYS_CLOSED = Counter(
 )
 SETTLEMENT_OPEN_INSTITUTIONS = Gauge(
     "medclear_settlement_open_institutions", "Institutions with at least one open day"
+)
+
+# The stack's watcher (medclear/stack/watch.py)
+COMPONENT_UP = Gauge(
+    "medclear_component_up", "1 while a component the watcher follows is running", ["component"]
+)
+COMPONENT_RESTARTS = Counter(
+    "medclear_component_restarts_total",
+    "Restarts by the watcher of a component that exited on its own",
+    ["component"],
+)
+COMPONENT_GAVE_UP = Gauge(
+    "medclear_component_gave_up",
+    "1 once the watcher stopped restarting a component (too many restarts in a window)",
+    ["component"],
 )

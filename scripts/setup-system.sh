@@ -7,6 +7,8 @@ packages=(
   prometheus                            # scraping and alert rules (promtool)
   pcscd libpcsclite-dev vsmartcard-vpcd swig  # PC/SC stack + what pyscard builds with
   opensc                                # opensc-tool: a third-party PC/SC client in the tests
+  chromium                              # headless: the operator console and recon report as seen
+  fonts-wqy-zenhei                      # CJK glyphs for those pages (异常交易, 对账)
 )
 missing=()
 for p in "${packages[@]}"; do

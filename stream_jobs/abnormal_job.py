@@ -14,7 +14,7 @@ from __future__ import annotations
 import structlog
 
 from clearing import codec
-from clearing.abnormal import BlockWatch, Detector
+from clearing.abnormal import AlertKind, BlockWatch, Detector
 from medclear.infra import topics
 from medclear.infra.settings import Settings
 from medclear.streams.process import idle_backoff, run_in_foreground
@@ -54,4 +54,6 @@ def create(settings: Settings, bootstrap: str) -> Runtime:
 
 def run(settings: Settings, bootstrap: str) -> None:
     log.info("abnormal job starting")
+    for kind in AlertKind:  # every kind at 0 from the start: the first alert is an increase
+        metrics.ABNORMAL_ALERTS.labels(kind.value)
     run_in_foreground([create(settings, bootstrap)])

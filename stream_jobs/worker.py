@@ -30,7 +30,7 @@ import structlog
 
 from clearing import codec
 from clearing.batch import PinAnswer, Step, malformed, needs_pin, pin_card, step
-from clearing.codes import ResultCode
+from clearing.codes import InstitutionType, ResultCode
 from clearing.model import (
     Authorize,
     BalanceInquiry,
@@ -274,8 +274,22 @@ def data_dir(settings: Settings, index: int) -> Path:
     return settings.state_dir.resolve() / "data" / f"worker-{index}"
 
 
+def zero_swipe_series(policy: Policy) -> None:
+    """Every swipe series at 0 from the start (result codes × institution types, the
+    designated institutions × outcome: bounded), so the first decline of a kind is an
+    increase Prometheus sees, not a series that appears already at 1."""
+    types = [t.name.lower() for t in InstitutionType if t] + ["unknown"]
+    for code in ResultCode:
+        for kind in types:
+            metrics.SWIPES.labels(code.name, kind)
+    for institution_id in [*policy.institutions, "unknown"]:
+        for outcome in ("approved", "declined"):
+            metrics.INSTITUTION_SWIPES.labels(institution_id, outcome)
+
+
 def run(settings: Settings, policy: Policy, bootstrap: str, index: int) -> None:
     """Run one worker in the foreground until SIGTERM."""
     log.info("worker starting", index=index, bootstrap=bootstrap,
              partitions=settings.command_partitions)  # fmt: skip
+    zero_swipe_series(policy)
     run_in_foreground([create(settings, policy, bootstrap, index)])

@@ -28,6 +28,7 @@ ROLE_MODULES = {
     "gateway": "medclear.gateway",
     "registry": "card_registry.service",
     "hsm": "hsm_sim.service",
+    "watch": "medclear.stack.watch",
 }
 
 serve_app = typer.Typer(
@@ -113,6 +114,13 @@ def serve_hsm(
         _role("hsm").run_with_settings(settings, port)
     except (KeyStoreError, OSError) as exc:
         raise fail(f"hsm: {exc}") from exc
+
+
+@serve_app.command("watch")
+def serve_watch(metrics_port: MetricsPort = 0) -> None:
+    """The stack's watcher: restarts a component that exits on its own, with back-off."""
+    settings = _prepare("watch", metrics_port)
+    _role("watch").run(settings)
 
 
 def _job_command(name: str) -> None:

@@ -51,6 +51,7 @@ from medclear.drills.traffic import SteadyTraffic, SwipeRecord
 from medclear.infra.settings import get_settings
 from medclear.infra.terminals import SEED_WINDOW
 from medclear.sim.city import Resident
+from medclear.stack.supervisor import watcher_paused
 
 # ---------------------------------------------------------------------------- one drill
 
@@ -266,7 +267,8 @@ def target_stack(fresh: bool, security: bool, out: Console) -> Iterator[StackAcc
     (stopped and wiped afterwards)."""
     settings = get_settings()
     if not fresh:
-        yield access(settings)
+        with watcher_paused(settings):  # the drill breaks and repairs parts itself
+            yield access(settings)
         return
     state_dir = Path(tempfile.mkdtemp(prefix="medclear-drill-")) / ".medclear"
     update: dict[str, Any] = {"state_dir": state_dir}
@@ -275,7 +277,8 @@ def target_stack(fresh: bool, security: bool, out: Console) -> Iterator[StackAcc
     settings = settings.model_copy(update=update)
     try:
         stack.up(settings, out)
-        yield access(settings)
+        with watcher_paused(settings):
+            yield access(settings)
     finally:
         stack.down(settings, out, wipe=True)
         with contextlib.suppress(OSError):

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
 
     decision_deadline_ms: int = Field(3_000, ge=10, le=60_000)
     startup_timeout_s: float = Field(60.0, gt=0, le=3600)
+    restart_on_exit: bool = Field(
+        True,
+        description="`up` starts a watcher that restarts a component which exits on its own, "
+        "with back-off and a bound (medclear/stack/restarts.py)",
+    )
 
     institutions_file: Path | None = Field(None, description="CSV of designated institutions")
     pre_loss_policy_file: Path | None = Field(None, description="CSV: region → pre-loss lifetime")

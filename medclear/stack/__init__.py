@@ -27,12 +27,12 @@ from medclear.stack.process import free_port as free_port
 from medclear.stack.process import proc_cmdline as proc_cmdline
 from medclear.stack.process import proc_start_ticks as proc_start_ticks
 from medclear.stack.process import reap as reap
+from medclear.stack.record import ComponentStatus as ComponentStatus
 from medclear.stack.servers import broker_stop_argv as broker_stop_argv
 from medclear.stack.servers import create_topics as create_topics
 from medclear.stack.servers import start_broker as start_broker
 from medclear.stack.servers import start_clickhouse as start_clickhouse
 from medclear.stack.servers import start_prometheus as start_prometheus
-from medclear.stack.supervisor import ComponentStatus as ComponentStatus
 from medclear.stack.supervisor import down as down
 from medclear.stack.supervisor import restart_component as restart_component
 from medclear.stack.supervisor import run_stop_first as run_stop_first

@@ -295,6 +295,11 @@ def clickhouse_probe(url: str) -> str | None:
 PROMETHEUS_BIN = "prometheus"
 
 
+MONITORING_DIR = Path(__file__).resolve().parents[2] / "monitoring"
+CONSOLES_DIR = MONITORING_DIR / "consoles"
+CONSOLE_LIBRARIES_DIR = MONITORING_DIR / "console_libraries"
+
+
 def start_prometheus(
     data_dir: Path,
     port: int,
@@ -331,6 +336,9 @@ def start_prometheus(
             f"--config.file={config_file}",
             f"--storage.tsdb.path={data_dir / 'tsdb'}",
             f"--web.listen-address={HOST}:{port}",
+            # the operator console: /consoles/medclear.html (monitoring/consoles/)
+            f"--web.console.templates={CONSOLES_DIR}",
+            f"--web.console.libraries={CONSOLE_LIBRARIES_DIR}",
         ],
         log=log.resolve(),
         cwd=data_dir,

@@ -21,9 +21,6 @@ that, not its own default.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import os
 import shutil
 import sys
 import time
@@ -31,9 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 from rich.console import Console
 from rich.markup import escape
@@ -57,11 +52,7 @@ from medclear.infra.stack_state import (
 )
 from medclear.infra.terminals import WINDOWS_MADE_AT_UP, Keyring, ensure_pvk
 from medclear.stack.probes import (
-    http_probe,
-    kafka_probe,
-    metrics_probe,
     run_sync,
-    tcp_probe,
     wait_until,
 )
 from medclear.stack.process import (
@@ -72,10 +63,17 @@ from medclear.stack.process import (
     free_port,
     proc_cmdline,
 )
+from medclear.stack.record import (
+    Component,
+    ComponentStatus,
+    Probe,
+    State,
+    component_status,
+    locked,
+)
 from medclear.stack.secrets import child_env, write_secrets
 from medclear.stack.servers import (
     broker_env,
-    clickhouse_probe,
     create_database,
     create_topics,
     start_broker,
@@ -84,169 +82,6 @@ from medclear.stack.servers import (
 )
 from medclear.stack.smsc import SMSC_DIR, ensure_installed, smsc_argv
 from stream_jobs.jobs import JOBS
-
-STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ComponentStatus:
-    name: str
-    pid: int | None  # None: not started by us (an external server)
-    address: str
-    healthy: bool
-    detail: str
-    log: str = ""
-    ready_s: float | None = None  # seconds from its start to ready, as recorded by `up`
-
-
-# --------------------------------------------------------------------------------------
-# the stack and its record
-
-
-ProbeKind = Literal["kafka", "http", "metrics", "clickhouse", "tcp"]
-
-
-@dataclass(frozen=True)
-class _Probe:
-    kind: ProbeKind
-    target: str
-    expect: str | None = None
-
-    def check(self) -> str | None:
-        if self.kind == "kafka":
-            return kafka_probe(self.target)
-        if self.kind == "metrics":
-            return metrics_probe(self.target)
-        if self.kind == "clickhouse":
-            return clickhouse_probe(self.target)
-        if self.kind == "tcp":
-            return tcp_probe(self.target)
-        return http_probe(self.target, self.expect)
-
-
-@dataclass
-class _Component:
-    name: str
-    kind: str
-    address: str
-    probe: _Probe
-    proc: Process | None = None  # None: an external server we only probe
-    data_dir: str | None = None
-    ports: dict[str, int] = field(default_factory=dict)
-    ready_s: float | None = None
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "address": self.address,
-            "probe": asdict(self.probe),
-            "process": self.proc.to_record() if self.proc is not None else None,
-            "data_dir": self.data_dir,
-            "ports": dict(self.ports),
-            "ready_s": self.ready_s,
-        }
-
-    @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> _Component:
-        probe = rec["probe"]
-        return cls(
-            name=str(rec["name"]),
-            kind=str(rec["kind"]),
-            address=str(rec["address"]),
-            probe=_Probe(kind=probe["kind"], target=probe["target"], expect=probe.get("expect")),
-            proc=Process.from_record(rec["process"]) if rec.get("process") else None,
-            data_dir=rec.get("data_dir"),
-            ports={str(k): int(v) for k, v in (rec.get("ports") or {}).items()},
-            ready_s=rec.get("ready_s"),
-        )
-
-
-@dataclass
-class _State:
-    path: Path
-    components: list[_Component] = field(default_factory=list)
-    endpoints: Endpoints | None = None
-    complete: bool = False
-    created_at: float = field(default_factory=time.time)
-    ready_s: float | None = None
-    settings_env: dict[str, str] = field(default_factory=dict)  # MEDCLEAR_* of `up`, no secrets
-
-    def save(self) -> None:
-        data = {
-            "version": STATE_VERSION,
-            "complete": self.complete,
-            "settings_env": self.settings_env,
-            "created_at": self.created_at,
-            "ready_s": self.ready_s,
-            "endpoints": asdict(self.endpoints) if self.endpoints is not None else None,
-            "components": [c.to_record() for c in self.components],
-        }
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.path)
-
-    @classmethod
-    def load(cls, path: Path) -> _State | None:
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise StackError(f"cannot read {path}: {exc}") from exc
-        endpoints = data.get("endpoints")
-        return cls(
-            path=path,
-            components=[_Component.from_record(c) for c in data.get("components", [])],
-            endpoints=Endpoints(**endpoints) if endpoints else None,
-            complete=bool(data.get("complete")),
-            created_at=float(data.get("created_at") or 0.0),
-            ready_s=data.get("ready_s"),
-            settings_env=dict(data.get("settings_env") or {}),
-        )
-
-
-@contextlib.contextmanager
-def _locked(state_dir: Path, timeout_s: float = 5.0) -> Iterator[None]:
-    """One `up`/`down` at a time per state directory."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / ".lock", "w") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StackError(
-                        f"another `medclear up/down` holds {state_dir / '.lock'}"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _component_status(comp: _Component) -> ComponentStatus:
-    log = str(comp.proc.log) if comp.proc is not None else ""
-    pid = comp.proc.pid if comp.proc is not None else None
-    if comp.proc is not None and not comp.proc.alive():
-        if comp.proc.pid is not None and proc_cmdline(comp.proc.pid) is not None:
-            detail = f"pid {comp.proc.pid} now belongs to another program"
-        else:
-            detail = "process not running"
-        return ComponentStatus(comp.name, pid, comp.address, False, detail, log, comp.ready_s)
-    problem = comp.probe.check()
-    return ComponentStatus(
-        comp.name,
-        pid,
-        comp.address,
-        problem is None,
-        "ready" if problem is None else problem,
-        log,
-        comp.ready_s,
-    )
 
 
 def _relative(path: str) -> str:
@@ -264,6 +99,7 @@ def status_table(rows: list[ComponentStatus]) -> Table:
     table.add_column("address")
     table.add_column("state")
     table.add_column("ready in", justify="right")
+    table.add_column("restarts", justify="right")
     table.add_column("log file", overflow="fold")
     for row in rows:
         state = "[green]ok[/]" if row.healthy else f"[red]{escape(row.detail)}[/]"
@@ -273,6 +109,7 @@ def status_table(rows: list[ComponentStatus]) -> Table:
             row.address,
             state,
             f"{row.ready_s:.2f} s" if row.ready_s is not None else "",
+            str(row.restarts) if row.restarts else "",
             _relative(row.log),
         )
     if not rows:
@@ -282,13 +119,13 @@ def status_table(rows: list[ComponentStatus]) -> Table:
 
 def status(settings: Settings) -> list[ComponentStatus]:
     """Each recorded component: its process is alive and its readiness probe passes."""
-    state = _State.load(state_dir_of(settings) / STATE_FILE)
+    state = State.load(state_dir_of(settings) / STATE_FILE)
     if state is None:
         return []
-    return [_component_status(c) for c in state.components]
+    return [component_status(c) for c in state.components]
 
 
-def _stop_components(components: Sequence[_Component], console: Console | None,
+def _stop_components(components: Sequence[Component], console: Console | None,
                      killed: list[str] | None = None) -> list[str]:  # fmt: skip
     """Stop in reverse order; returns the names that could not be stopped, and adds to
     `killed` those that needed SIGKILL."""
@@ -338,7 +175,7 @@ def _serve_argv(role: str, index: int | None, port: int | None, metrics_port: in
     return [*argv, "--metrics-port", str(metrics_port)]
 
 
-def _wait_component(comp: _Component, timeout_s: float, console: Console) -> None:
+def _wait_component(comp: Component, timeout_s: float, console: Console) -> None:
     with console.status(f"waiting for {comp.name} at {comp.address} …"):
         waited = wait_until(comp.name, comp.probe.check, timeout_s, comp.proc)
     started = comp.proc.started_at if comp.proc is not None else None
@@ -352,10 +189,10 @@ def _wait_component(comp: _Component, timeout_s: float, console: Console) -> Non
 def up(settings: Settings, console: Console) -> Endpoints:
     """Start the whole local stack (or report the one already running) and return where."""
     state_dir = state_dir_of(settings)
-    with _locked(state_dir):
-        previous = _State.load(state_dir / STATE_FILE)
+    with locked(state_dir):
+        previous = State.load(state_dir / STATE_FILE)
         if previous is not None:
-            rows = [_component_status(c) for c in previous.components]
+            rows = [component_status(c) for c in previous.components]
             if (
                 previous.complete
                 and previous.endpoints is not None
@@ -384,17 +221,17 @@ class _Starter:
         self.data = state_dir / "data"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.data.mkdir(parents=True, exist_ok=True)
-        self.state = _State(path=state_dir / STATE_FILE)
+        self.state = State(path=state_dir / STATE_FILE)
         self.timeout = settings.startup_timeout_s
         self.env: dict[str, str] = {}
         self.metrics_targets: dict[str, list[str]] = {}
 
-    def track(self, comp: _Component) -> _Component:
+    def track(self, comp: Component) -> Component:
         self.state.components.append(comp)
         self.state.save()
         return comp
 
-    def wait(self, *comps: _Component) -> None:
+    def wait(self, *comps: Component) -> None:
         for comp in comps:
             _wait_component(comp, self.timeout, self.console)
         self.state.save()  # with the times they took
@@ -410,13 +247,13 @@ class _Starter:
                 proc = start_broker(
                     settings.broker, data / "broker", port, self.logs / "broker.log"
                 )
-            kafka = self.track(_Component("broker", f"kafka:{settings.broker.value}", bootstrap,
-                                          _Probe("kafka", bootstrap), proc, str(data / "broker"),
+            kafka = self.track(Component("broker", f"kafka:{settings.broker.value}", bootstrap,
+                                          Probe("kafka", bootstrap), proc, str(data / "broker"),
                                           {"kafka": port}))  # fmt: skip
         else:
             bootstrap = settings.kafka_bootstrap
             kafka = self.track(
-                _Component("broker", "kafka:external", bootstrap, _Probe("kafka", bootstrap))
+                Component("broker", "kafka:external", bootstrap, Probe("kafka", bootstrap))
             )
         self.wait(kafka)
         wanted = topics.partitions(settings)
@@ -442,15 +279,15 @@ class _Starter:
             with self.console.status("starting clickhouse …"):
                 proc = start_clickhouse(data / "clickhouse", tcp_port, http_port,
                                         self.logs / "clickhouse.log")  # fmt: skip
-            clickhouse = self.track(_Component(
+            clickhouse = self.track(Component(
                 "clickhouse", "clickhouse", f"{HOST}:{tcp_port} (http {http_port})",
-                _Probe("http", f"{ch_http}/ping", "Ok."), proc, str(data / "clickhouse"),
+                Probe("http", f"{ch_http}/ping", "Ok."), proc, str(data / "clickhouse"),
                 {"tcp": tcp_port, "http": http_port}))  # fmt: skip
         else:
             ch_url, ch_http = settings.clickhouse_url, ""
             netloc = urllib.parse.urlsplit(ch_url).netloc.rpartition("@")[2]
-            clickhouse = self.track(_Component("clickhouse", "clickhouse:external", netloc,
-                                               _Probe("clickhouse", ch_url)))  # fmt: skip
+            clickhouse = self.track(Component("clickhouse", "clickhouse:external", netloc,
+                                               Probe("clickhouse", ch_url)))  # fmt: skip
         self.wait(clickhouse)
         with self.console.status(f"creating database {database} …"):
             try:
@@ -465,7 +302,7 @@ class _Starter:
         self.state.save()
         return ch_url, ch_http
 
-    def serve(self, name: str, role: str, index: int | None, port: int | None) -> _Component:
+    def serve(self, name: str, role: str, index: int | None, port: int | None) -> Component:
         """One of medclear's own processes (`python -m medclear.cli.serve <role>`)."""
         metrics_port = free_port()
         proc = Process(
@@ -478,8 +315,8 @@ class _Starter:
         self.metrics_targets.setdefault(f"medclear-{role}", []).append(f"{HOST}:{metrics_port}")
         address = f"{HOST}:{port}" if port is not None else f"metrics {HOST}:{metrics_port}"
         ports = {"metrics": metrics_port} | ({"port": port} if port is not None else {})
-        probe = _Probe("metrics", f"http://{HOST}:{metrics_port}/metrics")
-        return self.track(_Component(name, role, address, probe, proc, None, ports))
+        probe = Probe("metrics", f"http://{HOST}:{metrics_port}/metrics")
+        return self.track(Component(name, role, address, probe, proc, None, ports))
 
     def hsm(self) -> str:
         """The HSM, then (terminal security on) the card PIN verification key and the
@@ -513,8 +350,8 @@ class _Starter:
                              settings.smsc_system_id, smsc_password(settings))  # fmt: skip
             proc = Process(name="smsc", argv=argv, log=(self.logs / "smsc.log").resolve(),
                            cwd=SMSC_DIR).start()  # fmt: skip
-        smsc = self.track(_Component("smsc", "smsc", f"{HOST}:{port}",
-                                     _Probe("tcp", f"{HOST}:{port}"), proc, str(data / "smsc"),
+        smsc = self.track(Component("smsc", "smsc", f"{HOST}:{port}",
+                                     Probe("tcp", f"{HOST}:{port}"), proc, str(data / "smsc"),
                                      {"smpp": port}))  # fmt: skip
         self.wait(smsc)
         self.env.update(_smsc_env(self.state.components))
@@ -537,6 +374,8 @@ class _Starter:
             front = [self.serve("gateway", "gateway", None, gateway_port),
                      self.serve("registry", "registry", None, registry_port),
                      *(self.serve(name, name, None, None) for name in jobs)]  # fmt: skip
+            if settings.restart_on_exit:
+                front.append(self.serve(WATCH_ROLE, WATCH_ROLE, None, None))
         self.wait(*front)
         self.state.save()
         return gateway_port, registry_port
@@ -555,11 +394,11 @@ class _Starter:
                 rule_files=[ALERT_RULES],
             )
         prometheus = self.track(
-            _Component(
+            Component(
                 "prometheus",
                 "prometheus",
                 url,
-                _Probe("http", f"{url}/-/ready"),
+                Probe("http", f"{url}/-/ready"),
                 proc,
                 str(self.data / "prometheus"),
                 {"http": port},
@@ -613,7 +452,7 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
     return endpoints
 
 
-def _smsc_env(components: Sequence[_Component]) -> dict[str, str]:
+def _smsc_env(components: Sequence[Component]) -> dict[str, str]:
     """Where the embedded SMSC listens, for the sms job (nothing if there is none)."""
     for comp in components:
         if comp.kind == "smsc" and "smpp" in comp.ports:
@@ -631,13 +470,28 @@ def selected_jobs(settings: Settings) -> list[str]:
 
 
 ALERT_RULES = Path(__file__).resolve().parents[2] / "monitoring" / "alerts.yml"
-MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", *JOBS)
+WATCH_ROLE = "watch"  # restarts what exits (medclear/stack/watch.py)
+MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", *JOBS, WATCH_ROLE)
+WATCH_PAUSE_FILE = "watch.paused"  # while it exists, the watcher restarts nothing
+
+
+@contextlib.contextmanager
+def watcher_paused(settings: Settings) -> Iterator[None]:
+    """The watcher restarts nothing meanwhile: the drills and benchmarks stop, freeze and
+    restart components on purpose, and repair them themselves."""
+    marker = state_dir_of(settings) / WATCH_PAUSE_FILE
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def run_stop_first(settings: Settings, name: str) -> None:
     """Run the recorded stop command of one running component (Process.stop_first), and
     nothing else: the caller signals it next (a drill)."""
-    state = _State.load(state_dir_of(settings) / STATE_FILE)
+    state = State.load(state_dir_of(settings) / STATE_FILE)
     if state is None:
         raise StackError(NOT_RUNNING)
     comp = next((c for c in state.components if c.name == name), None)
@@ -651,13 +505,15 @@ def restart_component(
     console: Console | None = None,
     env_overrides: Mapping[str, str] | None = None,
     while_stopped: Callable[[], None] | None = None,
+    only_if_exited: bool = False,
 ) -> ComponentStatus:
     """Stop one recorded component (if it still runs) and start it again with the same
     argv, ports, log and data (`while_stopped` runs in between: the benchmarks delete a
-    worker's stores there); waits until it is ready and updates ``stack.json``."""
+    worker's stores there); waits until it is ready and updates ``stack.json``. With
+    `only_if_exited` (the watcher), a component found running is left as it is."""
     state_dir = state_dir_of(settings)
-    with _locked(state_dir, timeout_s=settings.startup_timeout_s):
-        state = _State.load(state_dir / STATE_FILE)
+    with locked(state_dir, timeout_s=settings.startup_timeout_s):
+        state = State.load(state_dir / STATE_FILE)
         if state is None or not state.complete or state.endpoints is None:
             raise StackError(NOT_RUNNING)
         comp = next((c for c in state.components if c.name == name), None)
@@ -667,6 +523,11 @@ def restart_component(
         old = comp.proc
         if old is None:
             raise StackError(f"{name} is an external server; medclear does not run it", name)
+        if only_if_exited and old.alive():
+            return component_status(comp)
+        if not old.alive():
+            comp.restarts += 1
+            comp.gave_up = False
         old.stop(STOP_TIMEOUT_S)
         if while_stopped is not None:
             while_stopped()
@@ -703,7 +564,7 @@ def restart_component(
         console.print(
             f"  [green]✓[/] restarted {name} (pid {comp.proc.pid}), ready in {waited:.2f} s"
         )
-    return _component_status(comp)
+    return component_status(comp)
 
 
 def _safe_to_wipe(path: Path) -> bool:
@@ -720,8 +581,8 @@ def down(settings: Settings, console: Console, wipe: bool = False) -> list[str]:
     if not state_dir.exists():
         console.print(f"nothing to stop: {_relative(str(state_dir))} does not exist")
         return killed
-    with _locked(state_dir):
-        state = _State.load(state_dir / STATE_FILE)
+    with locked(state_dir):
+        state = State.load(state_dir / STATE_FILE)
         failed: list[str] = []
         if state is None:
             console.print("no stack recorded; nothing to stop")
@@ -741,3 +602,25 @@ def down(settings: Settings, console: Console, wipe: bool = False) -> list[str]:
         shutil.rmtree(state_dir)
         console.print(f"  [green]✓[/] deleted {_relative(str(state_dir))}")
     return killed
+
+
+def exited(settings: Settings) -> list[str]:
+    """The components medclear started that are not running now (read without the lock:
+    the record is replaced atomically); none while the stack is not complete."""
+    state = State.load(state_dir_of(settings) / STATE_FILE)
+    if state is None or not state.complete:
+        return []
+    return [c.name for c in state.components
+            if c.proc is not None and c.kind != WATCH_ROLE and not c.proc.alive()]  # fmt: skip
+
+
+def mark_gave_up(settings: Settings, name: str) -> None:
+    """Record that the watcher no longer restarts `name` (shown by `medclear status`)."""
+    state_dir = state_dir_of(settings)
+    with locked(state_dir, timeout_s=settings.startup_timeout_s):
+        state = State.load(state_dir / STATE_FILE)
+        for comp in state.components if state is not None else []:
+            if comp.name == name:
+                comp.gave_up = True
+        if state is not None:
+            state.save()

@@ -28,6 +28,10 @@ from medclear.v1 import pos_pb2_grpc, registry_pb2_grpc
 
 READY_TIMEOUT_S = 30.0
 
+# Tests kill, stop and restart components on purpose and check what follows; the stack's
+# watcher (which restarts what exits) would race them. Its own test turns it on.
+os.environ.setdefault("MEDCLEAR_RESTART_ON_EXIT", "false")
+
 
 @functools.cache
 def docker_problem() -> str | None:

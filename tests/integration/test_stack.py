@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from rich.console import Console
 from medclear import stack
 from medclear.infra.settings import Settings
 from medclear.stack import supervisor
+from medclear.stack.record import Component, Probe, State
+from medclear.stack.watch import WATCH_INTERVAL_S
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(90)]
 
@@ -292,10 +295,10 @@ def test_down_never_signals_a_pid_whose_cmdline_or_start_differs(
             pid=twin.pid,
             start_ticks=(stack.proc_start_ticks(twin.pid) or 0) - 1,
         )
-        state = supervisor._State(path=state_dir / stack.STATE_FILE)
-        probe = supervisor._Probe("http", "http://127.0.0.1:9/")
+        state = State(path=state_dir / stack.STATE_FILE)
+        probe = Probe("http", "http://127.0.0.1:9/")
         state.components = [
-            supervisor._Component(p.name, "test", "-", probe, proc=p)
+            Component(p.name, "test", "-", probe, proc=p)
             for p in (recorded_stranger, recorded_twin, ours)
         ]
         state.save()
@@ -375,7 +378,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
 
         # the children got the stack's addresses in their environment
         worker = record["components"][2]
-        _, metrics = stack.http_get(supervisor._Probe(**worker["probe"]).target)
+        _, metrics = stack.http_get(Probe(**worker["probe"]).target)
         assert f'bootstrap="{endpoints.kafka_bootstrap}"' in metrics
         assert f'clickhouse="{endpoints.clickhouse_url}"' in metrics
         assert f'state="{state_dir.resolve()}"' in metrics and 'workers="2"' in metrics
@@ -477,3 +480,50 @@ def test_down_stops_every_real_component_on_sigterm_and_in_time(tmp_path: Path) 
         took = time.monotonic() - started
     assert killed == []
     assert took < DOWN_S_MAX
+
+
+def _pid_of(settings: Settings, name: str) -> int | None:
+    return next((row.pid for row in stack.status(settings) if row.name == name), None)
+
+
+def _wait_for(check: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_the_watcher_restarts_a_component_that_exits_and_not_while_paused(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a stream job: the watcher starts it again (one restart, shown by
+    `status` and counted in its metrics); while the drills' pause file exists, nothing."""
+    settings = Settings(state_dir=tmp_path / "state", startup_timeout_s=60, jobs="abnormal",
+                        restart_on_exit=True, tls=False, terminal_security=False)  # fmt: skip
+    console = Console(stderr=True)
+    try:
+        stack.up(settings, console)
+        first = _pid_of(settings, "abnormal")
+        assert first is not None
+        with supervisor.watcher_paused(settings):
+            os.kill(first, signal.SIGKILL)
+            time.sleep(3 * WATCH_INTERVAL_S + 1)
+            assert "abnormal" in supervisor.exited(settings)  # paused: left down
+
+        def restarted() -> bool:
+            row = next(r for r in stack.status(settings) if r.name == "abnormal")
+            return row.healthy and row.pid != first
+
+        assert _wait_for(restarted, 30)
+        row = next(r for r in stack.status(settings) if r.name == "abnormal")
+        assert row.restarts == 1
+        watch = next(c for c in json.loads((settings.state_dir / "stack.json").read_text())
+                     ["components"] if c["name"] == "watch")  # fmt: skip
+        url = f"http://127.0.0.1:{watch['ports']['metrics']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+        assert 'medclear_component_restarts_total{component="abnormal"} 1.0' in text
+    finally:
+        stack.down(settings, console, wipe=True)

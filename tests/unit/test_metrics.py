@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import urllib.request
 
+from clearing.model import Policy
 from monitoring import metrics
+from stream_jobs.worker import zero_swipe_series
 
 
 def free_port() -> int:
@@ -28,3 +30,12 @@ def test_the_per_institution_series_have_two_outcomes_not_every_result_code() ->
     metrics.INSTITUTION_SWIPES.labels("310101P00001", "declined").inc()
     samples = [s for family in metrics.INSTITUTION_SWIPES.collect() for s in family.samples]
     assert samples and all(set(s.labels) == {"institution", "outcome"} for s in samples)
+
+
+def test_every_swipe_series_exists_at_zero_before_the_first_swipe() -> None:
+    zero_swipe_series(Policy())
+    samples = {(s.labels["result"], s.labels["institution_type"]): s.value
+               for family in metrics.SWIPES.collect() for s in family.samples
+               if s.name == "medclear_swipes_total"}  # fmt: skip
+    assert samples[("CARD_LOST", "pharmacy")] == 0.0
+    assert samples[("PIN_TRIES_EXCEEDED", "unknown")] == 0.0
