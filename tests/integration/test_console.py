@@ -102,8 +102,9 @@ def wait_scraped(prometheus: str, timeout_s: float = 30.0) -> None:
 
 @needs_chromium
 def test_every_console_page_renders_with_data_in_every_panel(tmp_path: Path) -> None:
-    settings = Settings(state_dir=tmp_path / "state", tls=False, startup_timeout_s=90,
-                        restart_on_exit=True)  # terminal security on: PINs are checked
+    settings = Settings(
+        state_dir=tmp_path / "state", tls=False, startup_timeout_s=90, restart_on_exit=True
+    )  # terminal security on: PINs are checked
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with running_stack(settings) as endpoints:
         wait_scraped(endpoints.prometheus)  # the counters' zeros first, then the traffic
