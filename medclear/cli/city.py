@@ -39,7 +39,8 @@ RECON_SETTLE_S = 30.0  # the demo's reconciliation is retried this long while th
 RECON_RETRY_S = 2.0  # settlement job and the ClickHouse sink catch up with the last events
 
 
-def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency: int) -> None:
+def _demo_traffic(settings: Settings, persons: int, minutes: float,
+                  concurrency: int) -> demo.DemoStats:  # fmt: skip
     """The demo's day at the counters (medclear/sim/demo.py), then its summary and 对账."""
     endpoints = stack.load_endpoints(settings)
     residents = city.residents(persons, 2026)
@@ -48,11 +49,21 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency:
     keyring = keyring_for(settings, terminals)
     stats = demo.DemoStats()
     with Live(demo.panel(stats, minutes), console=console, refresh_per_second=2) as live:
-        asyncio.run(
-            demo.run(endpoints.gateway, endpoints.registry, endpoints.prometheus, residents,
-                     institutions, minutes, concurrency, keyring, client_pki_dir(settings), live,
-                     stats)
-        )  # fmt: skip
+        try:
+            asyncio.run(
+                demo.run(endpoints.gateway, endpoints.registry, endpoints.prometheus, residents,
+                         institutions, minutes, concurrency, keyring, client_pki_dir(settings),
+                         live, stats)
+            )  # fmt: skip
+        except SeedError as exc:
+            raise fail(f"enrolling the city: {exc}") from exc
+    pool = stats.pool
+    if pool is not None:
+        path = load.seed_cards_file(settings)
+        load.write_private(path, city.cards_csv(pool.members))
+        console.print(f"enrolled {pool.enrolled:,} of {pool.total:,} persons while the counters "
+                      f"served; their cards and PINs: {path} (the rest: `medclear seed "
+                      f"--persons {pool.total}`, which skips those enrolled)")  # fmt: skip
     table = Table(title="the demo day")
     for column in ("swipes", "approved", "p50 ms", "p99 ms", "reversals", "refunds",
                    "loss reports", "releases", "limit reached", "SMS sent", "alerts"):  # fmt: skip
@@ -87,6 +98,7 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float, concurrency:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")
     console.print(f"reconciliation: {summary(report)} — report {path}")
+    return stats
 
 
 @city_app.command("seed")
@@ -181,21 +193,23 @@ def demo_cmd(
     ready_s = time.perf_counter() - started
 
     try:
-        try:
-            seed_s = load.seed_city(persons, 2026, 64, settings, district=True)
-        except SeedError as exc:
-            raise fail(f"seeding: {exc}") from exc
         if agents:  # one agent, one card at a time: sequential, card read included
+            try:
+                load.seed_city(persons, 2026, 64, settings, district=True)
+            except SeedError as exc:
+                raise fail(f"seeding: {exc}") from exc
             by_agent = agent_cli.run_agent_traffic(
                 agent_cli.stack_access(settings), persons, 2026, swipes, "POS traffic (agent)"
             )
             console.print(agent_cli.agent_stats_table("POS traffic through the agent", by_agent))
             console.print(result_codes_table(by_agent.results))
+            console.print(f"stack ready in {ready_s:.1f} s")
         else:
-            _demo_traffic(settings, persons, minutes, concurrency)
-        console.print(
-            f"stack ready in {ready_s:.1f} s; seeded {persons:,} persons in {seed_s:.1f} s"
-        )
+            stats = _demo_traffic(settings, persons, minutes, concurrency)
+            first = stats.first_answer_at
+            console.print(f"stack ready in {ready_s:.1f} s; the first swipe answered "
+                          + (f"{first - started:.1f} s after `medclear demo` started"
+                             if first is not None else "never"))  # fmt: skip
     finally:
         if not stop:
             endpoints = stack.load_endpoints(settings)

@@ -84,7 +84,7 @@ async def seed_and_read(
     requests are idempotent); their balances before any swipe."""
     for attempt in range(SEED_ATTEMPTS):
         try:
-            await sim_traffic.seed(a.endpoints.registry, persons, concurrency, lambda: None,
+            await sim_traffic.seed(a.endpoints.registry, persons, concurrency, lambda _r: None,
                                    a.keyring, a.pki_dir)  # fmt: skip
             break
         except (sim_traffic.SeedError, grpc.aio.AioRpcError) as exc:

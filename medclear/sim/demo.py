@@ -14,6 +14,7 @@ the day is reconciled against medclear's settlement and the ClickHouse log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -32,8 +33,10 @@ from clearing.limits import SHANGHAI_UTC_OFFSET_MS
 from clearing.model import Institution
 from clearing.money import format_yuan
 from medclear.infra.pki import Role
+from medclear.infra.progress import PLAIN_LINE_EVERY_S
 from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel
 from medclear.infra.terminals import Keyring
+from medclear.sim import traffic
 from medclear.sim.city import Resident
 from medclear.sim.traffic import Swipe, authorize_request
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -45,7 +48,11 @@ LOSS_EVERY_S = 8.0  # a window takes a loss report this often
 THIEF_ATTEMPTS = 3  # swipes tried on a reported card, at different terminals
 RELEASE_SHARE = 0.5  # reports released at the window; the rest lapse or stay
 WRONG_PIN_RATE = 0.02
-DISTRICT_EVERY = 100  # one resident in this many lives in the demo district
+DISTRICT_EVERY = 100  # one resident in this many lives in the demo district …
+DISTRICT_INDEX = 7  # … the one at this index modulo DISTRICT_EVERY
+OPEN_AFTER_PAYERS = 200  # the counters open once this many residents can pay
+ENROL_CONCURRENCY = 64  # enrolments in flight while the counters serve
+PANEL_REFRESH_S = 1.0
 SWIPE_MIN_FEN, SWIPE_MAX_FEN = 5_00, 120_00
 THIEF_MIN_FEN, THIEF_MAX_FEN = 50_00, 300_00
 REGULAR_FEN = 2_00  # the regular customer's purchase, until the pharmacy limit
@@ -73,6 +80,28 @@ class Sale:
 
 
 @dataclass
+class CityPool:
+    """The residents enrolled so far: the counters serve only them, while the rest of the
+    city is still being enrolled (the demo opens its counters within seconds)."""
+
+    total: int
+    payers: list[Resident] = field(default_factory=list)  # an opening balance to pay from
+    district: list[Resident] = field(default_factory=list)  # the demo district's (90 s pre-loss)
+    members: list[Resident] = field(default_factory=list)  # every one enrolled
+
+    @property
+    def enrolled(self) -> int:
+        return len(self.members)
+
+    def add(self, index: int, resident: Resident) -> None:
+        self.members.append(resident)
+        if resident.opening_balance_fen > 0:
+            self.payers.append(resident)
+        if index % DISTRICT_EVERY == DISTRICT_INDEX:
+            self.district.append(resident)
+
+
+@dataclass
 class DemoStats:
     started: float = field(default_factory=time.perf_counter)
     results: Counter[str] = field(default_factory=Counter)
@@ -82,9 +111,14 @@ class DemoStats:
     sales: list[Sale] = field(default_factory=list)
     sms_sent: float = 0.0
     alerts: float = 0.0
+    pool: CityPool | None = None  # the city being enrolled meanwhile
+    first_answer_at: float | None = None  # perf_counter of the first swipe's answer
+    last_line_at: float = 0.0
 
     def swipe_done(self, latency_ms: float, result: str) -> None:
         now = time.perf_counter()
+        if self.first_answer_at is None:
+            self.first_answer_at = now
         self.results[result] += 1
         self.latencies_ms.append(latency_ms)
         self.recent.append((now, latency_ms))
@@ -102,6 +136,27 @@ class DemoStats:
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def line(stats: DemoStats) -> str:
+    """The panel in one line, for a log (output that is not a terminal)."""
+    rate, p99 = stats.window_figures()
+    swipes = sum(stats.results.values())
+    approved = sum(stats.results[c.name] for c in APPROVED)
+    pool = stats.pool
+    enrolled = f"; enrolled {pool.enrolled:,}/{pool.total:,}" if pool is not None else ""
+    return (f"demo: {swipes:,} swipes ({approved:,} approved), {rate:,.0f}/s, p99 {p99:,.1f} ms, "
+            f"SMS {stats.sms_sent:,.0f}, alerts {stats.alerts:,.0f}{enrolled}")  # fmt: skip
+
+
+def show(live: Live, stats: DemoStats, minutes: float) -> None:
+    """Refresh the live panel; when the output is not a terminal, a line every few
+    seconds instead (the panel itself would only be printed at the end)."""
+    live.update(panel(stats, minutes))
+    now = time.perf_counter()
+    if not live.console.is_terminal and now - stats.last_line_at >= PLAIN_LINE_EVERY_S:
+        stats.last_line_at = now
+        live.console.print(line(stats), highlight=False, soft_wrap=True)
 
 
 def panel(stats: DemoStats, minutes: float) -> Group:
@@ -139,6 +194,10 @@ def panel(stats: DemoStats, minutes: float) -> Group:
         f"{stats.sms_sent:,.0f}",
         f"{stats.alerts:,.0f}",
     )
+    pool = stats.pool
+    if pool is not None and pool.enrolled < pool.total:
+        head.caption = (f"enrolling the city meanwhile: {pool.enrolled:,} of {pool.total:,} "
+                        "persons; the counters serve those enrolled")  # fmt: skip
     codes = Table(title="declines by code")
     codes.add_column("result")
     codes.add_column("swipes", justify="right")
@@ -179,7 +238,7 @@ class _Day:
     customer who reaches the pharmacy limit, and the live panel."""
 
     def __init__(self, pos: pos_pb2_grpc.PosServiceStub,
-                 window: registry_pb2_grpc.CardRegistryServiceStub, residents: list[Resident],
+                 window: registry_pb2_grpc.CardRegistryServiceStub, pool: CityPool,
                  institutions: list[Institution], keyring: Keyring | None, stats: DemoStats,
                  deadline: float, seed: int) -> None:  # fmt: skip
         self.pos, self.window, self.keyring, self.stats = pos, window, keyring, stats
@@ -187,8 +246,8 @@ class _Day:
         self.rng = random.Random(seed)
         self.traces = Counters(int(time.time()) % TRACE_BASE_SPAN * TRACE_BASE_STEP)
         self.institutions = institutions
-        self.payers = [r for r in residents if r.opening_balance_fen > 0]
-        self.district = [r for i, r in enumerate(residents) if i % DISTRICT_EVERY == 7]
+        self.payers = pool.payers  # grows while the city is enrolled
+        self.district = pool.district
         self.pharmacies = [i for i in institutions if i.type == InstitutionType.PHARMACY]
         self.today = time.strftime(
             "%Y-%m-%d", time.gmtime(time.time() + SHANGHAI_UTC_OFFSET_MS / 1000)
@@ -275,7 +334,8 @@ class _Day:
         rng = self.rng
         while time.perf_counter() < self.deadline - LOSS_EVERY_S:
             await asyncio.sleep(LOSS_EVERY_S)
-            victim = rng.choice(self.district if rng.random() < 0.5 else self.payers)
+            district = self.district if self.district and rng.random() < 0.5 else None
+            victim = rng.choice(district or self.payers)
             report = await self.window.ReportPreLoss(self._window("loss", victim.card_no),
                                                      timeout=CALL_TIMEOUT_S)  # fmt: skip
             if ResultCode(report.result) != ResultCode.OK:
@@ -314,27 +374,57 @@ async def run(
     stats: DemoStats,
     seed: int = 2026,
 ) -> None:
-    """The demo's day for `minutes`, `concurrency` counters at once, the panel refreshed
-    every second (SMS and alerts read from Prometheus)."""
-    deadline = time.perf_counter() + minutes * 60
+    """The demo's day: the city is enrolled through the registry while the counters serve
+    whoever is enrolled already. They open once OPEN_AFTER_PAYERS residents can pay, and
+    stay open `minutes`, `concurrency` at once; the panel is refreshed every second (SMS
+    and alerts read from Prometheus). Enrolment stops with the day (what is left is
+    enrolled by `medclear seed` later: enrolling is idempotent)."""
+    pool = stats.pool = CityPool(len(residents))
+    index = {r.ssn: i for i, r in enumerate(residents)}
+    enrolling = asyncio.create_task(
+        traffic.seed(registry, residents, ENROL_CONCURRENCY,
+                     lambda r: pool.add(index[r.ssn], r), keyring, pki_dir,
+                     lambda i: DEMO_DISTRICT if i % DISTRICT_EVERY == DISTRICT_INDEX
+                     else traffic.DEFAULT_REGION)
+    )  # fmt: skip
+    while len(pool.payers) < min(OPEN_AFTER_PAYERS, len(residents)) and not enrolling.done():
+        show(live, stats, minutes)
+        await asyncio.sleep(PANEL_REFRESH_S)
+    if enrolling.done():
+        enrolling.result()  # the enrolment's error, if it failed
+    stats.started = time.perf_counter()
+    deadline = stats.started + minutes * 60
+    try:
+        await _open_counters(gateway, registry, prometheus, pool, institutions, minutes,
+                             concurrency, keyring, pki_dir, live, stats, deadline,
+                             seed)  # fmt: skip
+    finally:
+        enrolling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await enrolling
+    live.update(panel(stats, minutes))
 
+
+async def _open_counters(gateway: str, registry: str, prometheus: str, pool: CityPool,
+                         institutions: list[Institution], minutes: float, concurrency: int,
+                         keyring: Keyring | None, pki_dir: Path | None, live: Live,
+                         stats: DemoStats, deadline: float, seed: int) -> None:  # fmt: skip
     async def display() -> None:
         while time.perf_counter() < deadline:
             stats.sms_sent = prometheus_sum(prometheus, "medclear_sms_sent_total")
             stats.alerts = prometheus_sum(prometheus, "medclear_abnormal_alerts_total")
-            live.update(panel(stats, minutes))
-            await asyncio.sleep(1)
+            show(live, stats, minutes)
+            await asyncio.sleep(PANEL_REFRESH_S)
 
     async with (
         aio_channel(gateway, Role.TERMINAL, pki_dir) as pos_channel,
         aio_channel(registry, Role.WINDOW, pki_dir) as window_channel,
     ):
         day = _Day(pos_pb2_grpc.PosServiceStub(pos_channel),
-                   registry_pb2_grpc.CardRegistryServiceStub(window_channel), residents,
+                   registry_pb2_grpc.CardRegistryServiceStub(window_channel), pool,
                    institutions, keyring, stats, deadline, seed)  # fmt: skip
         await asyncio.gather(*(day.counter() for _ in range(concurrency)), day.losses(),
                              day.regular(), display())  # fmt: skip
-    live.update(panel(stats, minutes))
 
 
 def institution_files(stats: DemoStats, directory: Path) -> list[tuple[Path, Path]]:

@@ -53,10 +53,16 @@ def seed_city(
                 registry,
                 residents,
                 concurrency,
-                lambda: progress.advance(task),
+                lambda _resident: progress.advance(task),
                 keyring,
                 client_pki_dir(settings),
-                (lambda i: demo.DEMO_DISTRICT if i % 100 == 7 else traffic.DEFAULT_REGION)
+                (
+                    lambda i: (
+                        demo.DEMO_DISTRICT
+                        if i % demo.DISTRICT_EVERY == demo.DISTRICT_INDEX
+                        else traffic.DEFAULT_REGION
+                    )
+                )
                 if district
                 else None,
             )

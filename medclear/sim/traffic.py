@@ -141,7 +141,7 @@ async def seed(
     registry: str,
     residents: Sequence[Resident],
     concurrency: int,
-    on_done: Callable[[], None],
+    on_done: Callable[[Resident], None],
     keyring: Keyring | None = None,
     pki_dir: Path | None = None,
     region_of: Callable[[int], str] | None = None,
@@ -155,7 +155,7 @@ async def seed(
         async def one(r: Resident) -> None:
             region = region_of(index[r.ssn]) if region_of else DEFAULT_REGION
             await seed_resident(stub, r, keyring, region)
-            on_done()
+            on_done(r)
 
         await in_flight(residents, concurrency, one)
 

@@ -85,7 +85,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         pki = stack.client_pki_dir(settings)
         keyring = Keyring(settings.state_dir / "terminals" / "keyring.json")
         asyncio.run(keyring.provision(endpoints.hsm, [traffic.SEED_WINDOW, TERMINAL], pki))
-        asyncio.run(traffic.seed(endpoints.registry, RESIDENTS, 4, lambda: None, keyring, pki))
+        asyncio.run(traffic.seed(endpoints.registry, RESIDENTS, 4, lambda _r: None, keyring, pki))
         access = StackAccess(settings, endpoints.gateway, endpoints.registry, endpoints.hsm,
                              pki, True)  # fmt: skip
         perso = Personaliser(access.hsm, access.registry, pki, access.cards_dir)
