@@ -3,6 +3,7 @@ and every alert has a runbook section."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -57,3 +58,18 @@ def test_every_alert_has_a_summary_a_description_and_its_runbook_url() -> None:
         for key in ("summary", "description", "runbook_url"):
             assert re.search(rf"(?m)^\s+{key}: \S", annotations), (name, key)
         assert f"runbook_url: docs/RUNBOOK.md#{name.lower()}\n" in annotations, name
+
+
+def test_the_dashboards_keep_beijing_time_and_grafana_rate_windows() -> None:
+    """Grafana conventions of monitoring/dashboards: the time zone is Asia/Shanghai (so
+    "today" is the Beijing day), rates use $__rate_interval, and "today" panels read
+    $__range from the start of the day."""
+    for path in sorted((ROOT / "monitoring" / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        assert board["timezone"] == "Asia/Shanghai", path.name
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"]
+                assert not re.search(r"\brate\([^)]*\[\d+[smh]\]", expr), (path.name, expr)
+                if "$__range" in expr:
+                    assert panel.get("timeFrom") == "now/d", (path.name, panel["title"])
