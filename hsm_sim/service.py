@@ -32,7 +32,14 @@ from hsm_sim.keystore import (
     load_lmk,
     wrap_key,
 )
-from medclear.infra.rpc import create_server, pb_enum, result_pb, shanghai_iso, system_clock_ms
+from medclear.infra.rpc import (
+    create_server,
+    pb_enum,
+    result_pb,
+    serve_until_stopped,
+    shanghai_iso,
+    system_clock_ms,
+)
 from medclear.infra.settings import Settings, key_store_file, lmk_file, pki_dir
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 from monitoring import metrics
@@ -306,16 +313,15 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
 
 async def serve(store: KeyStore, address: str, pki_dir: Path | None = None) -> None:
     hsm = Hsm(store)
-    server, bound, _health = await create_server(
+    server, bound, health_servicer = await create_server(
         address, lambda s: hsm_pb2_grpc.add_HsmServiceServicer_to_server(hsm, s),
         [hsm_pb2.DESCRIPTOR.services_by_name["HsmService"].full_name], pki_dir)  # fmt: skip
     metrics.READY.set(1)
     log.info("hsm serving", port=bound, keys=len(store.list_keys()))
     try:
-        await server.wait_for_termination()
+        await serve_until_stopped(server, health_servicer, lambda: metrics.READY.set(0))
     finally:
         metrics.READY.set(0)
-        await server.stop(grace=2)
 
 
 def run(store: KeyStore, address: str, pki_dir: Path | None = None) -> None:

@@ -3,6 +3,8 @@ reflection, translation of core replies into proto messages, the ingress clock."
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
@@ -27,6 +29,8 @@ Clock = Callable[[], int]  # epoch milliseconds
 # One call from a console, a tool or a simulated terminal to a medclear server. The swipe
 # path's own HSM calls have shorter bounds (medclear/infra/hsm_client.py).
 CALL_TIMEOUT_S = 10.0
+NOT_SERVING_DRAIN_S = 0.5  # NOT_SERVING is announced this long before the server stops
+STOP_GRACE_S = 2.0  # calls in flight at a stop may finish within this
 
 
 def aio_channel(address: str, role: Role, pki_dir: Path | None) -> grpc.aio.Channel:
@@ -105,3 +109,24 @@ def result_pb(code: ResultCode) -> common_pb2.ResultCode.ValueType:
 def pb_enum(value: IntEnum) -> Any:
     """A core enum as the proto enum field value (the numbers are the same by design)."""
     return int(value)
+
+
+async def serve_until_stopped(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                              on_stopping: Callable[[], None]) -> None:  # fmt: skip
+    """Serve until SIGTERM or SIGINT (or the server ends). A graceful stop then goes in
+    order: every service NOT_SERVING on the health service (a balancer or a client
+    watching health moves away), `on_stopping` (the process's READY to 0), a short
+    drain, and the server's stop with a grace for the calls in flight."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    ended = asyncio.ensure_future(server.wait_for_termination())
+    asked = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({ended, asked}, return_when=asyncio.FIRST_COMPLETED)
+    asked.cancel()
+    await health_servicer.enter_graceful_shutdown()
+    on_stopping()
+    await asyncio.sleep(NOT_SERVING_DRAIN_S)
+    await server.stop(grace=STOP_GRACE_S)
+    ended.cancel()

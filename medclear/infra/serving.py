@@ -11,7 +11,7 @@ import structlog
 
 from clearing.redact import PERSON
 from medclear.infra.bus import CommandBus
-from medclear.infra.rpc import create_server
+from medclear.infra.rpc import create_server, serve_until_stopped
 from medclear.infra.settings import get_settings
 from medclear.infra.tokens import load_card_tokens, load_sealer
 from monitoring import metrics
@@ -27,14 +27,15 @@ async def serve_commands(
     pki_dir: Path | None = None,
 ) -> None:
     """Run a gRPC server whose servicer talks to the command bus, until terminated:
-    start the bus, serve with health and reflection, mark the process ready; on the way
-    out, not ready first, then stop the server (2 s grace) and the bus."""
+    start the bus, serve with health and reflection, mark the process ready; at SIGTERM,
+    NOT_SERVING and not ready first, then stop the server (calls in flight may finish)
+    and the bus."""
     settings = get_settings()
     bus = CommandBus(bootstrap, instance_id, load_card_tokens(settings),
                      load_sealer(settings, PERSON),
                      spin_replies=settings.kafka_idle_spin_ms != 0)  # fmt: skip
     await bus.start()
-    server, bound, _health = await create_server(
+    server, bound, health_servicer = await create_server(
         address, lambda s: register(bus, s), [service_name], pki_dir
     )
     metrics.READY.set(1)
@@ -42,8 +43,7 @@ async def serve_commands(
         f"{process} serving", port=bound, reply_topic=bus.reply_topic
     )
     try:
-        await server.wait_for_termination()
+        await serve_until_stopped(server, health_servicer, lambda: metrics.READY.set(0))
     finally:
         metrics.READY.set(0)
-        await server.stop(grace=2)
         await bus.stop()

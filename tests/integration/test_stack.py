@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from clickhouse_driver import Client
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from medclear import stack
@@ -525,5 +527,27 @@ def test_the_watcher_restarts_a_component_that_exits_and_not_while_paused(
         with urllib.request.urlopen(url, timeout=5) as answer:
             text = answer.read().decode()
         assert 'medclear_component_restarts_total{component="abnormal"} 1.0' in text
+    finally:
+        stack.down(settings, console, wipe=True)
+
+
+def test_a_graceful_stop_says_not_serving_before_the_server_goes(tmp_path: Path) -> None:
+    """SIGTERM to the gateway: a client watching its health sees NOT_SERVING first (so a
+    balancer moves traffic away), then the process exits cleanly."""
+    settings = Settings(state_dir=tmp_path / "state", startup_timeout_s=60, jobs="abnormal",
+                        tls=False, terminal_security=False)  # fmt: skip
+    console = Console(stderr=True)
+    try:
+        endpoints = stack.up(settings, console)
+        gateway = _pid_of(settings, "gateway")
+        assert gateway is not None
+        with grpc.insecure_channel(endpoints.gateway) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="medclear.v1.PosService"), timeout=30
+            )
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            os.kill(gateway, signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert gone(gateway)
     finally:
         stack.down(settings, console, wipe=True)
