@@ -34,8 +34,10 @@ arithmetic is checked against the recorded balance.
 from __future__ import annotations
 
 import asyncio
+import csv
 import datetime as dt
 import html
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -369,20 +371,109 @@ ReportOpt = Annotated[
     Path | None,
     typer.Option(help="HTML report path; default .medclear/reports/recon-<day>.html"),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the comparison as JSON (fen)")]
+CsvOpt = Annotated[
+    Path | None,
+    typer.Option("--csv", help="also write institutions.csv and details.csv (yuan) here",
+                 file_okay=False),
+]  # fmt: skip
 
 
-def _run(date: str, institution: str | None, report_path: Path | None) -> None:
+def _totals_fields(prefix: str, totals: rules.Totals | None) -> dict[str, int | None]:
+    if totals is None:
+        return {f"{prefix}_count": None, f"{prefix}_amount_fen": None,
+                f"{prefix}_account_fen": None}  # fmt: skip
+    return {f"{prefix}_count": totals.count, f"{prefix}_amount_fen": totals.amount_fen,
+            f"{prefix}_account_fen": totals.account_fen}  # fmt: skip
+
+
+def institution_records(report: Report) -> list[dict[str, Any]]:
+    """One record per institution: its status and the three views' figures (fen)."""
+    return [{"institution_id": r.institution_id, "status": r.status.value,
+             **_totals_fields("settlement", r.settlement), **_totals_fields("log", r.log),
+             **_totals_fields("file", r.file), "notes": list(r.notes)}
+            for r in report.rows]  # fmt: skip
+
+
+def detail_records(report: Report) -> list[dict[str, Any]]:
+    """One record per transaction-level difference (fen)."""
+
+    def fen(line: rules.DetailLine | None, what: str) -> int | None:
+        return getattr(line, what) if line is not None else None
+
+    return [{"institution_id": d.institution_id, "request_id": d.request_id,
+             "kind": d.kind.value, "issue": d.issue.value,
+             "medclear_amount_fen": fen(d.medclear, "amount_fen"),
+             "medclear_account_fen": fen(d.medclear, "account_fen"),
+             "institution_amount_fen": fen(d.institution, "amount_fen"),
+             "institution_account_fen": fen(d.institution, "account_fen"),
+             "institution_line": d.institution.line_no if d.institution is not None else None}
+            for d in report.diffs]  # fmt: skip
+
+
+def _as_yuan(record: dict[str, Any]) -> dict[str, Any]:
+    """The CSV's columns: every *_fen as yuan with two decimals (Excel reads it)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key.endswith("_fen"):
+            out[key.removesuffix("_fen") + "_yuan"] = "" if value is None else format_yuan(value)
+        else:
+            out[key] = "; ".join(value) if isinstance(value, list) else value
+    return out
+
+
+def write_csv(report: Report, directory: Path) -> list[Path]:
+    """institutions.csv and details.csv (UTF-8 with a BOM, for Excel) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, records, columns in (
+        ("institutions.csv", institution_records(report), INSTITUTION_COLUMNS),
+        ("details.csv", detail_records(report), DETAIL_COLUMNS),
+    ):
+        path = directory / name
+        with path.open("w", encoding="utf-8-sig", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=[_yuan_name(c) for c in columns])
+            writer.writeheader()
+            writer.writerows(_as_yuan(r) for r in records)
+        written.append(path)
+    return written
+
+
+def _yuan_name(column: str) -> str:
+    return column.removesuffix("_fen") + "_yuan" if column.endswith("_fen") else column
+
+
+INSTITUTION_COLUMNS = ("institution_id", "status", "settlement_count", "settlement_amount_fen",
+                       "settlement_account_fen", "log_count", "log_amount_fen",
+                       "log_account_fen", "file_count", "file_amount_fen", "file_account_fen",
+                       "notes")  # fmt: skip
+DETAIL_COLUMNS = ("institution_id", "request_id", "kind", "issue", "medclear_amount_fen",
+                  "medclear_account_fen", "institution_amount_fen", "institution_account_fen",
+                  "institution_line")  # fmt: skip
+
+
+def _run(date: str, institution: str | None, report_path: Path | None, as_json: bool = False,
+         csv_dir: Path | None = None) -> None:  # fmt: skip
     try:
         day = rules.day_number(date)
     except ValueError as exc:
         raise _fail(f"--date {date!r} is not YYYY-MM-DD") from exc
     settings = get_settings()
     report = reconcile(settings, day, institution)
-    print_report(report)
     path = report_path or _default_report(settings, day)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")
-    console.print(f"report: {path}")
+    written = write_csv(report, csv_dir) if csv_dir is not None else []
+    if as_json:  # stdout is the JSON alone; what was written goes to stderr
+        print(json.dumps({"day": date, "differences": report.differences,
+                          "institutions": institution_records(report),
+                          "details": detail_records(report), "report": str(path)},
+                         ensure_ascii=False, indent=2))  # fmt: skip
+        for file in written:
+            err.print(f"wrote {file}")
+    else:
+        print_report(report)
+        console.print(f"report: {path}" + "".join(f" · {file}" for file in written))
     if report.differences:
         raise typer.Exit(code=Exit.DIFFERENCES)
 
@@ -393,10 +484,12 @@ def recon(
     date: DateOpt = None,
     institution: InstitutionOpt = None,
     report: ReportOpt = None,
+    as_json: JsonOpt = False,
+    csv_dir: CsvOpt = None,
 ) -> None:
     """Reconcile one Beijing day (--date) or run a subcommand (import, run, check).
 
-    Exit code 0: everything matched; 2: differences found (listed, and in the report);
+    Exit code 0: everything matched; 4: differences found (listed, and in the report);
     1: the comparison could not run.
     """
     if ctx.invoked_subcommand is not None:
@@ -404,7 +497,7 @@ def recon(
     if date is None:
         console.print(ctx.get_help())
         raise typer.Exit(code=0)
-    _run(date, institution, report)
+    _run(date, institution, report, as_json, csv_dir)
 
 
 @recon_app.command("run")
@@ -412,6 +505,8 @@ def run(
     date: Annotated[str, typer.Option("--date", help="Beijing day YYYY-MM-DD")],
     institution: InstitutionOpt = None,
     report: ReportOpt = None,
+    as_json: JsonOpt = False,
+    csv_dir: CsvOpt = None,
 ) -> None:
     """Compare one Beijing day: medclear's settlement, the ClickHouse log and each
     institution's imported file; print matched / mismatched / missing per institution and
@@ -420,8 +515,9 @@ def run(
 
     Settlement's figures for the day include the adjustment lines of later days that name
     it (late reversals and refunds after the cut-off). Its total amount (with cash) is
-    not kept by settlement; that column compares the log and the file."""
-    _run(date, institution, report)
+    not kept by settlement; that column compares the log and the file. --json prints the
+    comparison as JSON (amounts in fen); --csv DIR writes it as two CSV files (yuan)."""
+    _run(date, institution, report, as_json, csv_dir)
 
 
 # ---------------------------------------------------------------------------- check

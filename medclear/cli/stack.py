@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Annotated
 
 import typer
@@ -29,12 +31,18 @@ def up() -> None:
 
 
 @stack_app.command()
-def status() -> None:
-    """Show every component of the local stack, its address and whether it is healthy."""
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print the components as JSON")] = False,
+) -> None:
+    """Show every component of the local stack, its address and whether it is healthy.
+    Exit 1 if any is not."""
     rows = stack.status(get_settings())
     if not rows:
         raise fail("no stack recorded in the state directory; run `medclear up`")
-    console.print(stack.status_table(rows))
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+    else:
+        console.print(stack.status_table(rows))
     if not all(r.healthy for r in rows):
         raise typer.Exit(code=1)
 

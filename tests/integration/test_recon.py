@@ -5,6 +5,8 @@ mismatches, which `medclear recon` finds, and nothing else; the conservation che
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -235,6 +237,24 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
     page = html_path.read_text(encoding="utf-8")
     assert "<svg" in page and dropped.request_id in page and "missing in medclear" in page
     print("\n" + ran.stdout)  # the text summary of the report (pytest -s)
+
+    # the same comparison for a script (--json, fen) and for a spreadsheet (--csv, yuan)
+    as_json = medclear(settings, "recon", "--date", rules.iso_day(day), "--json",
+                       "--csv", str(tmp_path / "csv"), "--report", str(html_path))  # fmt: skip
+    assert as_json.returncode == Exit.DIFFERENCES, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert {i["institution_id"]: i["status"] for i in data["institutions"]} == {
+        HOSPITAL: "matched", PHARMACY: "mismatched"}  # fmt: skip
+    by_id = {d["request_id"]: d for d in data["details"]}
+    assert by_id[changed.request_id]["institution_amount_fen"] == changed.amount_fen + 1_00
+    assert by_id[changed.request_id]["medclear_amount_fen"] == changed.amount_fen
+    assert by_id[extra.request_id]["medclear_amount_fen"] is None
+    with (tmp_path / "csv" / "details.csv").open(encoding="utf-8-sig", newline="") as f:
+        rows = {r["request_id"]: r for r in csv.DictReader(f)}
+    assert rows[changed.request_id]["institution_amount_yuan"] == format_yuan(
+        changed.amount_fen + 1_00)  # fmt: skip
+    with (tmp_path / "csv" / "institutions.csv").open(encoding="utf-8-sig", newline="") as f:
+        assert {r["institution_id"] for r in csv.DictReader(f)} == {HOSPITAL, PHARMACY}
 
     only_hospital = medclear(
         settings,

@@ -527,6 +527,11 @@ def test_the_watcher_restarts_a_component_that_exits_and_not_while_paused(
         with urllib.request.urlopen(url, timeout=5) as answer:
             text = answer.read().decode()
         assert 'medclear_component_restarts_total{component="abnormal"} 1.0' in text
+        env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir)}
+        shown = subprocess.run([sys.executable, "-m", "medclear", "status", "--json"], env=env,
+                               capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        rows = {r["name"]: r for r in json.loads(shown.stdout)}
+        assert rows["abnormal"]["restarts"] == 1 and rows["abnormal"]["healthy"]
     finally:
         stack.down(settings, console, wipe=True)
 
