@@ -8,11 +8,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -38,6 +41,7 @@ pytestmark = [
 ]
 
 PHARMACY = "310101P00002"
+REPO = Path(__file__).resolve().parents[2]
 HOSPITAL = "310101H00002"
 CAUGHT_UP_TIMEOUT_S = 40.0
 
@@ -195,7 +199,7 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
     assert records[PHARMACY].refunded == rules.Line(1, 5_30)
 
     # the institution files, made from the truth (the log's lines) ...
-    truth_totals, truth_lines, _flows = log_figures(client, day, None)
+    truth_totals, truth_lines, flows = log_figures(client, day, None)
     lines = list(truth_lines)
     pharmacy_swipes = [x for x in lines if x.institution_id == PHARMACY and x.kind == "swipe"]
     dropped, changed = pharmacy_swipes[0], pharmacy_swipes[1]
@@ -237,6 +241,7 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
     page = html_path.read_text(encoding="utf-8")
     assert "<svg" in page and dropped.request_id in page and "missing in medclear" in page
     print("\n" + ran.stdout)  # the text summary of the report (pytest -s)
+    check_report_in_chromium(html_path, flows, tmp_path)
 
     # the same comparison for a script (--json, fen) and for a spreadsheet (--csv, yuan)
     as_json = medclear(settings, "recon", "--date", rules.iso_day(day), "--json",
@@ -310,3 +315,30 @@ def _details_csv(lines: list[rules.DetailLine]) -> str:
         for x in lines
     ]
     return "\n".join(out) + "\n"
+
+
+def check_report_in_chromium(page: Path, flows: dict[str, Any], tmp_path: Path) -> None:
+    """The HTML report as a browser renders it: one chart bar per kind and institution,
+    each bar's label the log's own amount, the widest bar the largest amount; a
+    screenshot kept in test-artifacts/recon/."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed")
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
+               "--window-size=1200,1400"]  # fmt: skip
+    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True,
+                         text=True, timeout=90, check=True).stdout  # fmt: skip
+    bars = re.findall(r'<rect[^>]*width="(\d+)"[^>]*><title>(\w+) ¥(-?[\d.]+)</title>', dom)
+    assert len(bars) == 4 * len(flows), dom[:2000]
+    shown = {(kind, amount) for _w, kind, amount in bars}
+    for totals in flows.values():
+        assert ("approved", format_yuan(totals.approved_account_fen)) in shown
+        assert ("net", format_yuan(totals.net_fen)) in shown
+    widest = max(bars, key=lambda b: int(b[0]))
+    assert abs(float(widest[2])) == max(abs(float(b[2])) for b in bars)
+    artifacts = REPO / "test-artifacts" / "recon"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*browser, f"--screenshot={artifacts / 'recon-report.png'}", page.as_uri()],
+                   capture_output=True, text=True, timeout=90, check=True)  # fmt: skip
