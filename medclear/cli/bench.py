@@ -117,6 +117,17 @@ def _idle_table(idle: dict[str, dict[str, float]], seconds: float) -> Table:
     return _by_process_table(f"idle stack: CPU in % of one core, over {seconds:g} s", idle, 1)
 
 
+@bench_app.command("idle")
+def bench_idle(
+    seconds: Annotated[float, typer.Option(min=5, max=3600, help="how long to watch")] = 30.0,
+) -> None:
+    """CPU of the running stack while nothing happens: each process and the whole, in %
+    of one core (issue 18's target: the whole idle stack at most 30 % of one core)."""
+    idle = _idle_cpu(get_settings(), seconds)
+    console.print(_idle_table({"idle": idle}, seconds))
+    console.print(f"whole stack: {sum(idle.values()):.1f} % of one core")
+
+
 SEED = 2026  # the seeded city's seed in `bench run`
 RUN_COLUMNS = ("terminal security", "in flight", "rate /s", "p50 ms", "p95 ms", "p99 ms",
                "max ms")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Annotated
 
 import typer
@@ -51,8 +52,13 @@ def status(
 def down(
     wipe: Annotated[bool, typer.Option(help="also delete all data (topics, tables, logs)")] = False,
 ) -> None:
-    """Stop everything `medclear up` started (by recorded PID). Data is kept unless --wipe."""
-    stack.down(get_settings(), console, wipe=wipe)
+    """Stop everything `medclear up` started (by recorded PID). Data is kept unless --wipe.
+    Each component is asked to stop (SIGTERM) and given STOP_TIMEOUT_S; one that needs
+    SIGKILL is named."""
+    started = time.monotonic()
+    killed = stack.down(get_settings(), console, wipe=wipe)
+    note = f"; killed: {', '.join(killed)}" if killed else "; nothing killed"
+    console.print(f"down in {time.monotonic() - started:.1f} s{note}")
 
 
 @stack_app.command()
