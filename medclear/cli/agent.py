@@ -21,13 +21,13 @@ from typing import Annotated
 import grpc
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from clearing.codes import InstitutionType, ResultCode
 from clearing.money import format_yuan, parse_yuan
 from clearing.validate import mask_card
+from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
 from medclear.infra.exits import Exit
 from medclear.infra.pki import Role
@@ -60,11 +60,6 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}")
-    return typer.Exit(code=1)
-
-
 # ---------------------------------------------------------------------------- stack access
 
 
@@ -91,7 +86,7 @@ def stack_access(settings: Settings | None = None) -> StackAccess:
     try:
         e = load_endpoints(settings)
     except StackError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     pki = client_pki_dir(settings)
     return StackAccess(settings, e.gateway, e.registry, e.hsm, pki, e.terminal_security)
 
@@ -130,9 +125,9 @@ def personalised(access: StackAccess, ssn: str, card_no: str, fresh: bool = Fals
     try:
         return asyncio.run(perso.personalise(ssn, card_no))
     except PersonalisationError as exc:
-        raise _fail(f"personalising {mask_card(card_no)}: {exc}") from exc
+        raise fail(f"personalising {mask_card(card_no)}: {exc}") from exc
     except grpc.RpcError as exc:
-        raise _fail(
+        raise fail(
             f"personalising {mask_card(card_no)}: {exc.code().name} {exc.details()}"
         ) from exc
 
@@ -142,7 +137,7 @@ def ssn_of_city_card(card_no: str, persons: int, seed: int) -> str:
     for r in city.residents(persons, seed):
         if r.card_no == card_no:
             return r.ssn
-    raise _fail(f"card {mask_card(card_no)} is not in the seeded city ({persons} persons, "
+    raise fail(f"card {mask_card(card_no)} is not in the seeded city ({persons} persons, "
                 f"seed {seed}); pass --ssn")  # fmt: skip
 
 
@@ -186,7 +181,7 @@ def emulator_run(
     try:
         virtual.insert()
     except ConnectionError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     console.print(f"card {mask_card(card)} in the reader on {host}:{port}; Ctrl-C to pull it out")
     try:
         while virtual.inserted:
@@ -234,7 +229,7 @@ def agent_swipe(
         try:
             result = agent.swipe(amount_fen, partial)
         except (CardError, PinEntryCancelled) as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
         finally:
             agent.journal.close()
     if result.reversal is not None:
@@ -256,7 +251,7 @@ def swipe_cmd(
     try:
         amount_fen = parse_yuan(amount)
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     agent_swipe(reader, amount_fen, institution, terminal, partial=partial)
 
 
@@ -269,10 +264,10 @@ def balance_cmd(reader: ReaderOpt, institution: InstitutionOpt, terminal: Termin
         try:
             card, reply = agent.balance()
         except (CardError, PinEntryCancelled) as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
     code = ResultCode(reply.result)
     if code != ResultCode.OK:
-        raise _fail(f"{code.name} ({int(code)}) {reply.message}")
+        raise fail(f"{code.name} ({int(code)}) {reply.message}")
     console.print(
         f"balance of {mask_card(card.card_no)}: [bold]{format_yuan(reply.balance_fen)}[/]"
     )
@@ -292,13 +287,13 @@ def refund_cmd(
     try:
         amount_fen = parse_yuan(amount)
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     with pos_stub(access) as stub:
         agent = make_agent(access, reader, terminal, institution, ScriptedPinPad([]), stub)
         try:
             card, reply = agent.refund(original_trace, amount_fen, original_terminal)
         except CardError as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
     code = ResultCode(reply.result)
     style = "green" if code == ResultCode.OK else "red"
     console.print(f"[{style}]refund {code.name} ({int(code)})[/] {reply.message}: "
@@ -329,7 +324,7 @@ def readers_cmd() -> None:
     try:
         names = reader_names()
     except CardError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     for name in names:
         console.print(name)
 
@@ -393,7 +388,7 @@ def run_agent_traffic(
         try:
             daemon = PrivatePcscd(Path(base)).start()
         except PcscdUnavailable as exc:
-            raise _fail(f"pcscd: {exc}") from exc
+            raise fail(f"pcscd: {exc}") from exc
         daemon.activate()
         virtual = VirtualCard(images[plan[0].card_no], port=daemon.port).insert()
         reader = PcscReader(daemon.readers[0])

@@ -55,6 +55,7 @@ from clearing.model import AccountCredited, Refunded, SwipeApproved, SwipeRevers
 from clearing.money import format_yuan
 from clearing.redact import PERSON_TOKEN_PREFIX
 from clearing.validate import mask_ssn
+from medclear.cli.support import fail
 from medclear.infra import topics
 from medclear.infra.exits import Exit
 from medclear.infra.kafka_admin import read_topic
@@ -74,11 +75,6 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}")
-    return typer.Exit(code=1)
-
-
 # ---------------------------------------------------------------------------- sources
 
 
@@ -89,7 +85,7 @@ def _servers(settings: Settings) -> tuple[str, str]:
         try:
             endpoints = load_endpoints(settings)
         except StackError as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
         bootstrap = bootstrap or endpoints.kafka_bootstrap
         ch_url = ch_url or endpoints.clickhouse_url
     return bootstrap, ch_url
@@ -101,7 +97,7 @@ def _clickhouse(settings: Settings) -> Any:
         client = ch.connect(url, settings.clickhouse_database)
         ch.migrate(client)  # the recon tables (stream_jobs/schema/510_recon.sql) and the log's
     except Exception as exc:
-        raise _fail(f"ClickHouse {url}: {type(exc).__name__}: {exc}") from exc
+        raise fail(f"ClickHouse {url}: {type(exc).__name__}: {exc}") from exc
     return client
 
 
@@ -235,7 +231,7 @@ def import_(
     if errors:
         for message in errors:
             err.print(f"[red]{escape(message)}[/]")
-        raise _fail(f"{len(errors)} error(s); nothing imported")
+        raise fail(f"{len(errors)} error(s); nothing imported")
     ch.insert_institution_files(_clickhouse(get_settings()), totals, details, str(file),
                                 str(detail), time.time_ns() // 1_000_000)  # fmt: skip
     console.print(_imported_table(file, detail, totals, details))
@@ -282,7 +278,7 @@ def reconcile(settings: Settings, day: int, institution: str | None) -> Report:
     try:
         records = read_settlements(bootstrap)
     except Exception as exc:
-        raise _fail(f"reading {topics.SETTLEMENTS.name}: {type(exc).__name__}: {exc}") from exc
+        raise fail(f"reading {topics.SETTLEMENTS.name}: {type(exc).__name__}: {exc}") from exc
     settled = rules.settlement_totals(records, day)
     if institution is not None:
         settled = {k: v for k, v in settled.items() if k == institution}
@@ -457,7 +453,7 @@ def _run(date: str, institution: str | None, report_path: Path | None, as_json: 
     try:
         day = rules.day_number(date)
     except ValueError as exc:
-        raise _fail(f"--date {date!r} is not YYYY-MM-DD") from exc
+        raise fail(f"--date {date!r} is not YYYY-MM-DD") from exc
     settings = get_settings()
     report = reconcile(settings, day, institution)
     path = report_path or _default_report(settings, day)
@@ -539,7 +535,7 @@ def check() -> None:
         accounts = read_accounts(bootstrap)
         records = read_settlements(bootstrap)
     except Exception as exc:
-        raise _fail(f"reading the topics: {type(exc).__name__}: {exc}") from exc
+        raise fail(f"reading the topics: {type(exc).__name__}: {exc}") from exc
     settled, pending = rules.settled_and_pending(records)
     result = rules.Conservation(accounts.credits_fen, accounts.balances_fen, settled, pending)
     table = Table(title="conservation: credits − balances = settled + pending")
