@@ -47,7 +47,7 @@ from clickhouse_driver import Client
 from clearing import model, settlement, validate
 from clearing.abnormal import Alert
 from clearing.calendar import EPOCH, shanghai_day
-from clearing.codes import ResultCode
+from clearing.codes import InstitutionType, ResultCode, message_of
 from clearing.redact import CardTokens
 from stream_jobs.errors import StreamJobError
 
@@ -180,7 +180,22 @@ def migrate(client: Client, directory: Path = SCHEMA_DIR) -> list[str]:
             [(migration.name, migration.checksum, dt.datetime.now(dt.UTC))],
         )
         applied.append(migration.name)
+    if "result_codes" in {row[0] for row in client.execute("SHOW TABLES")}:
+        sync_lookups(client)
     return applied
+
+
+def sync_lookups(client: Client) -> None:
+    """The names of the result codes and institution types (520_analysts.sql), from
+    clearing/codes.py: one row per code, replaced on every run (ReplacingMergeTree)."""
+    client.execute(
+        "INSERT INTO result_codes (code, name, message, approved) VALUES",
+        [(int(code), code.name, message_of(code), int(code.approved)) for code in ResultCode],
+    )
+    client.execute(
+        "INSERT INTO institution_types (type, name) VALUES",
+        [(int(kind), kind.name.lower()) for kind in InstitutionType],
+    )
 
 
 # ---------------------------------------------------------------------------- the event row

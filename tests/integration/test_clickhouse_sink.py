@@ -28,8 +28,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from clickhouse_driver import Client
 from rich.console import Console
 
+from clearing import model
 from clearing.calendar import shanghai_day
-from clearing.codes import CardKind, InsuranceCategory, ResultCode
+from clearing.codes import CardKind, InstitutionType, InsuranceCategory, ResultCode
+from clearing.redact import CONTACT, PERSON, CardTokens, Redaction, Sealer, published
 from medclear import stack
 from medclear.infra import topics
 from medclear.infra.settings import Settings
@@ -416,6 +418,19 @@ def test_migrations_are_idempotent_and_any_new_file_is_applied(
         assert ch.migrate(client) == []
         recorded = client.execute("SELECT name FROM schema_migrations ORDER BY name")
         assert [r[0] for r in recorded] == names
+        # the analysts' lookups: one row per code however often migrate ran, and the log
+        # in yuan with the codes' names beside it
+        codes = client.execute("SELECT count(), countIf(approved = 1) FROM result_codes FINAL")
+        assert codes == [(len(ResultCode), sum(1 for c in ResultCode if c.approved))]
+        client.execute(f"INSERT INTO events ({', '.join(ch.COLUMNS)}) VALUES", [_sample_row()])
+        named = client.execute(
+            "SELECT amount_yuan, result_name, type_name FROM ("
+            " SELECT amount_yuan, institution_type, name AS result_name FROM events_yuan"
+            " ANY LEFT JOIN (SELECT code AS result, name FROM result_codes FINAL) USING result)"
+            " ANY LEFT JOIN (SELECT type AS institution_type, name AS type_name"
+            " FROM institution_types FINAL) USING institution_type"
+        )  # fmt: skip
+        assert named == [(35.2, "OK", "pharmacy")]
         for migration in ch.migrations():  # every statement is idempotent on its own
             for statement in migration.statements():
                 client.execute(statement)
@@ -465,16 +480,13 @@ def test_migrations_run_on_a_current_clickhouse(tmp_path: Path) -> None:
 
 
 def _sample_row() -> tuple[object, ...]:
-    from clearing import model
-    from clearing.codes import InstitutionType
-    from clearing.redact import CardTokens, published
-
     tokens = CardTokens(b"s" * 32)
+    redaction = Redaction(tokens, Sealer(CONTACT, b"c" * 32), Sealer(PERSON, b"p" * 32))
     event = model.SwipeApproved(
         "T9:1#0", 1_795_000_000_000, "11010519491231002X", "T9:1", "A00000009", PHARMACY,
         InstitutionType.PHARMACY, 35_20, 35_20, 0, 64_80, shanghai_day(1_795_000_000_000),
     )  # fmt: skip
-    return ch.event_row(published(event, tokens), tokens)
+    return ch.event_row(published(event, redaction), tokens)
 
 
 def test_alerts_reach_clickhouse_once_with_masked_cards_only(
