@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import grpc
 import typer
+from google.protobuf.json_format import MessageToJson
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -335,6 +336,9 @@ def credit(
 def show(
     ssn: SsnOpt = "",
     card: Annotated[str, typer.Option("--card", help="or look up by card number")] = "",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the person as JSON (the service's fields; fen)")
+    ] = False,
 ) -> None:
     """A person's cards, balance and recent transactions."""
     view: registry_pb2.PersonView = _call(
@@ -344,6 +348,9 @@ def show(
     if code != ResultCode.OK:
         err.print(f"[bold red]{code.name}[/] ({int(code)})")
         raise typer.Exit(Exit.DECLINED)
+    if as_json:
+        print(MessageToJson(view, preserving_proto_field_name=True, ensure_ascii=False))
+        return
     console.print(
         f"[bold]{view.name}[/] {view.state.person_key} "
         f"{InsuranceCategory(view.category).name}  region {view.region}  "

@@ -5,6 +5,7 @@ window operations and swipes over gRPC, then `medclear down --wipe`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -549,4 +550,7 @@ def test_card_commands_drive_the_window_operations(
     )
     shown = medclear("card", "show", "--card", card)
     assert shown.returncode == 0 and "LOST" in shown.stdout and "12.34" in shown.stdout
+    as_json = json.loads(medclear("card", "show", "--card", card, "--json").stdout)
+    assert int(as_json["balance_fen"]) == 12_34
+    assert [c["state"] for c in as_json["cards"] if c["card_no"] == card] == ["LOST"]
     assert "allocation" in shown.stdout  # the opening credit is among the records
