@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from openpyxl import Workbook
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -368,6 +369,11 @@ ReportOpt = Annotated[
     typer.Option(help="HTML report path; default .medclear/reports/recon-<day>.html"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the comparison as JSON (fen)")]
+XlsxOpt = Annotated[
+    Path | None,
+    typer.Option("--xlsx", help="also write the comparison as an Excel workbook (yuan)",
+                 dir_okay=False),
+]  # fmt: skip
 CsvOpt = Annotated[
     Path | None,
     typer.Option("--csv", help="also write institutions.csv and details.csv (yuan) here",
@@ -435,6 +441,42 @@ def write_csv(report: Report, directory: Path) -> list[Path]:
     return written
 
 
+def write_xlsx(report: Report, path: Path) -> Path:
+    """One workbook, a sheet per view (institutions, details): yuan as numbers formatted
+    with two decimals, a header row frozen and filtered."""
+    book = Workbook()
+    sheets = (("institutions", institution_records(report), INSTITUTION_COLUMNS),
+              ("details", detail_records(report), DETAIL_COLUMNS))  # fmt: skip
+    for index, (title, records, columns) in enumerate(sheets):
+        sheet = book.active if index == 0 else book.create_sheet()
+        assert sheet is not None
+        sheet.title = title
+        sheet.append([_yuan_name(c) for c in columns])
+        for record in records:
+            sheet.append([_cell(record[c], c) for c in columns])
+        for number, column in enumerate(columns, start=1):
+            if column.endswith("_fen"):
+                for (cell,) in sheet.iter_rows(min_row=2, min_col=number, max_col=number):
+                    cell.number_format = "0.00"
+        sheet.freeze_panes = "A2"
+        sheet.auto_filter.ref = sheet.dimensions
+    path.parent.mkdir(parents=True, exist_ok=True)
+    book.save(path)
+    return path
+
+
+def _cell(value: Any, column: str) -> Any:
+    """A workbook cell: fen as yuan (a number), notes joined, None left empty."""
+    if isinstance(value, list):
+        return "; ".join(value)
+    if column.endswith("_fen") and value is not None:
+        return value / FEN_PER_YUAN
+    return value
+
+
+FEN_PER_YUAN = 100
+
+
 def _yuan_name(column: str) -> str:
     return column.removesuffix("_fen") + "_yuan" if column.endswith("_fen") else column
 
@@ -449,7 +491,7 @@ DETAIL_COLUMNS = ("institution_id", "request_id", "kind", "issue", "medclear_amo
 
 
 def _run(date: str, institution: str | None, report_path: Path | None, as_json: bool = False,
-         csv_dir: Path | None = None) -> None:  # fmt: skip
+         csv_dir: Path | None = None, xlsx: Path | None = None) -> None:  # fmt: skip
     try:
         day = rules.day_number(date)
     except ValueError as exc:
@@ -460,6 +502,8 @@ def _run(date: str, institution: str | None, report_path: Path | None, as_json: 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")
     written = write_csv(report, csv_dir) if csv_dir is not None else []
+    if xlsx is not None:
+        written.append(write_xlsx(report, xlsx))
     if as_json:  # stdout is the JSON alone; what was written goes to stderr
         print(json.dumps({"day": date, "differences": report.differences,
                           "institutions": institution_records(report),
@@ -482,6 +526,7 @@ def recon(
     report: ReportOpt = None,
     as_json: JsonOpt = False,
     csv_dir: CsvOpt = None,
+    xlsx: XlsxOpt = None,
 ) -> None:
     """Reconcile one Beijing day (--date) or run a subcommand (import, run, check).
 
@@ -493,7 +538,7 @@ def recon(
     if date is None:
         console.print(ctx.get_help())
         raise typer.Exit(code=0)
-    _run(date, institution, report, as_json, csv_dir)
+    _run(date, institution, report, as_json, csv_dir, xlsx)
 
 
 @recon_app.command("run")
@@ -503,6 +548,7 @@ def run(
     report: ReportOpt = None,
     as_json: JsonOpt = False,
     csv_dir: CsvOpt = None,
+    xlsx: XlsxOpt = None,
 ) -> None:
     """Compare one Beijing day: medclear's settlement, the ClickHouse log and each
     institution's imported file; print matched / mismatched / missing per institution and
@@ -512,8 +558,9 @@ def run(
     Settlement's figures for the day include the adjustment lines of later days that name
     it (late reversals and refunds after the cut-off). Its total amount (with cash) is
     not kept by settlement; that column compares the log and the file. --json prints the
-    comparison as JSON (amounts in fen); --csv DIR writes it as two CSV files (yuan)."""
-    _run(date, institution, report, as_json, csv_dir)
+    comparison as JSON (amounts in fen); --csv DIR writes it as two CSV files and --xlsx
+    FILE as a workbook (yuan)."""
+    _run(date, institution, report, as_json, csv_dir, xlsx)
 
 
 # ---------------------------------------------------------------------------- check

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openpyxl
 import pytest
 
 from clearing import settlement as rules
@@ -245,7 +246,8 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
 
     # the same comparison for a script (--json, fen) and for a spreadsheet (--csv, yuan)
     as_json = medclear(settings, "recon", "--date", rules.iso_day(day), "--json",
-                       "--csv", str(tmp_path / "csv"), "--report", str(html_path))  # fmt: skip
+                       "--csv", str(tmp_path / "csv"), "--xlsx", str(tmp_path / "recon.xlsx"),
+                       "--report", str(html_path))  # fmt: skip
     assert as_json.returncode == Exit.DIFFERENCES, as_json.stderr
     data = json.loads(as_json.stdout)
     assert {i["institution_id"]: i["status"] for i in data["institutions"]} == {
@@ -260,6 +262,15 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
         changed.amount_fen + 1_00)  # fmt: skip
     with (tmp_path / "csv" / "institutions.csv").open(encoding="utf-8-sig", newline="") as f:
         assert {r["institution_id"] for r in csv.DictReader(f)} == {HOSPITAL, PHARMACY}
+    book = openpyxl.load_workbook(tmp_path / "recon.xlsx")
+    details = list(book["details"].iter_rows(values_only=True))
+    header, lines_in_book = details[0], {row[1]: row for row in details[1:]}
+    changed_row = lines_in_book[changed.request_id]
+    assert changed_row[header.index("institution_amount_yuan")] == (changed.amount_fen + 1_00) / 100
+    statuses = {
+        row[0]: row[1] for row in book["institutions"].iter_rows(min_row=2, values_only=True)
+    }
+    assert statuses == {HOSPITAL: "matched", PHARMACY: "mismatched"}
 
     only_hospital = medclear(
         settings,
