@@ -42,7 +42,7 @@ from clearing.calendar import EPOCH, HOUR_MS, shanghai_day
 from clearing.errors import ClearingError, RecordError
 from clearing.limits import DAY_MS
 from clearing.model import Event, Refunded, SwipeApproved, SwipeReversed
-from clearing.money import parse_yuan
+from clearing.money import format_yuan, parse_yuan
 from clearing.validate import is_id
 
 CUTOFF_AFTER_DAY_END_MS_DEFAULT = 2 * HOUR_MS  # day D closes at 02:00 Beijing on D+1
@@ -589,18 +589,24 @@ def compare_totals(
                 if mine.count != f.count:
                     notes.append(f"count: {name} {mine.count}, file {f.count}")
                 if mine.account_fen != f.account_fen:
-                    notes.append(f"account fen: {name} {mine.account_fen}, file {f.account_fen}")
+                    notes.append(
+                        f"account ¥: {name} {format_yuan(mine.account_fen)}, "
+                        f"file {format_yuan(f.account_fen)}"
+                    )
                 if (
                     mine.amount_fen is not None
                     and f.amount_fen is not None
                     and (mine.amount_fen != f.amount_fen)
                 ):
-                    notes.append(f"amount fen: {name} {mine.amount_fen}, file {f.amount_fen}")
+                    notes.append(
+                        f"amount ¥: {name} {format_yuan(mine.amount_fen)}, "
+                        f"file {format_yuan(f.amount_fen)}"
+                    )
             status = Status.MISMATCHED if notes else Status.MATCHED
         if s is not None and g is not None and (s.count, s.account_fen) != (g.count, g.account_fen):
             notes.append(
-                f"settlement and log differ: {s.count}/{s.account_fen} vs "
-                f"{g.count}/{g.account_fen} fen (settlement job behind?)"
+                f"settlement and log differ: {s.count} / ¥{format_yuan(s.account_fen)} vs "
+                f"{g.count} / ¥{format_yuan(g.account_fen)} (settlement job behind?)"
             )
             if status == Status.MATCHED:
                 status = Status.MISMATCHED
