@@ -5,6 +5,7 @@ in a fresh interpreter) here; `pipeline`, `state` and `fuzz` in medclear/bench/.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -22,6 +23,7 @@ from medclear.bench import cpu_use, fuzz, pipeline, state
 from medclear.cli.main import COMMANDS
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
+from medclear.infra.progress import progress_bar
 from medclear.infra.settings import Settings, get_settings
 from medclear.sim import load
 from medclear.sim.traffic import LatencyStats
@@ -33,6 +35,7 @@ bench_app.command("pipeline")(pipeline.command)
 bench_app.command("state")(state.command)
 bench_app.command("fuzz")(fuzz.command)
 console = Console()
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the figures as JSON")]
 
 
 def _stats_table(title: str, stats: LatencyStats) -> Table:
@@ -97,12 +100,14 @@ def _cpu_table(cpu_ms: dict[str, dict[str, float]]) -> Table:
 IDLE_SETTLE_S = 2.0  # after READY, before the idle measurement: start-up work ends
 
 
-def _idle_cpu(settings: Settings, seconds: float) -> dict[str, float]:
-    """Each process's CPU over `seconds` of an idle stack, in % of one core."""
+def _idle_cpu(settings: Settings, seconds: float,
+              out: Console | None = None) -> dict[str, float]:  # fmt: skip
+    """Each process's CPU over `seconds` of an idle stack, in % of one core (progress on
+    `out`, stdout by default)."""
     time.sleep(IDLE_SETTLE_S)
     processes = [(c.name, c.pid) for c in stack.status(settings)]
     before = cpu_use.snapshot(processes)
-    with load.progress_bar() as progress:
+    with progress_bar(out or console) as progress:
         task = progress.add_task("idle stack, CPU", total=seconds, info="")
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
@@ -120,10 +125,15 @@ def _idle_table(idle: dict[str, dict[str, float]], seconds: float) -> Table:
 @bench_app.command("idle")
 def bench_idle(
     seconds: Annotated[float, typer.Option(min=5, max=3600, help="how long to watch")] = 30.0,
+    as_json: JsonOpt = False,
 ) -> None:
     """CPU of the running stack while nothing happens: each process and the whole, in %
     of one core (issue 18's target: the whole idle stack at most 30 % of one core)."""
-    idle = _idle_cpu(get_settings(), seconds)
+    idle = _idle_cpu(get_settings(), seconds, Console(stderr=True) if as_json else None)
+    if as_json:
+        print(json.dumps({"seconds": seconds, "percent_of_one_core": idle,
+                          "whole_stack": sum(idle.values())}, indent=2))  # fmt: skip
+        return
     console.print(_idle_table({"idle": idle}, seconds))
     console.print(f"whole stack: {sum(idle.values()):.1f} % of one core")
 
@@ -260,6 +270,7 @@ def time_command(args: list[str], runs: int) -> float:
 @bench_app.command("startup")
 def bench_startup(
     runs: Annotated[int, typer.Option(min=1, max=50, help="runs per command line")] = RUNS_DEFAULT,
+    as_json: JsonOpt = False,
 ) -> None:
     """CLI start-up: `medclear --help` and each command's `--help`, median of fresh runs."""
     table = Table(title=f"CLI start-up, median of {runs} runs (fresh interpreter, --help)")
@@ -267,8 +278,14 @@ def bench_startup(
         table.add_column(column, justify="left" if column == "command line" else "right")
     lines = [(["--help"], HELP_TARGET_S)] + [([name, "--help"], COMMAND_TARGET_S)
                                              for name in COMMANDS]  # fmt: skip
+    figures = []
     for args, target in lines:
         seconds = time_command(args, runs)
+        figures.append({"command": "medclear " + " ".join(args), "seconds": round(seconds, 3),
+                        "target_s": target, "met": seconds <= target})  # fmt: skip
         met = "[green]yes[/]" if seconds <= target else "[red]no[/]"
         table.add_row("medclear " + " ".join(args), f"{seconds:.2f}", f"≤ {target:g}", met)
-    console.print(table)
+    if as_json:
+        print(json.dumps({"runs": runs, "commands": figures}, indent=2))
+    else:
+        console.print(table)

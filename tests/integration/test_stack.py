@@ -546,6 +546,13 @@ def test_a_graceful_stop_says_not_serving_before_the_server_goes(tmp_path: Path)
         endpoints = stack.up(settings, console)
         gateway = _pid_of(settings, "gateway")
         assert gateway is not None
+        env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir)}
+        idle = subprocess.run([sys.executable, "-m", "medclear", "bench", "idle", "--seconds",
+                               "5", "--json"], env=env, capture_output=True, text=True,
+                              timeout=60, check=True)  # fmt: skip
+        figures = json.loads(idle.stdout)  # the JSON alone on stdout, progress on stderr
+        assert {"gateway", "worker-0", "broker"} <= set(figures["percent_of_one_core"])
+        assert figures["whole_stack"] == sum(figures["percent_of_one_core"].values())
         with grpc.insecure_channel(endpoints.gateway) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service="medclear.v1.PosService"), timeout=30
