@@ -44,6 +44,9 @@ TABLE = "settlements"
 TICK_PREFIX = b"close-tick:"  # + institution id; any other value on the input is an event
 CLOSE_CHECK_INTERVAL_S = 5.0  # how often the timer looks for days past their cut-off
 BATCH_MAX = 512
+# The stages an event goes through before settlement counts it, in order: what a report
+# waits for (medclear.infra.kafka_admin.wait_caught_up) before it reads the settlements.
+STAGES = ((ROUTE_ID, topics.EVENTS.name), (APP_ID, topics.SETTLEMENT_INPUT.name))
 
 
 def wall_clock_ms() -> int:

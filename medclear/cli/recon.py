@@ -29,6 +29,10 @@ which is decision order (`at_ms` can tie or run backwards between gateways, and 
 has no sequence column, so it cannot say which event was last). Settled and pending are
 the closed and open records of `medclear.settlements`. Per person, the log's own
 arithmetic is checked against the recorded balance.
+
+Both commands first wait (`await_jobs`, up to 30 s) until the jobs that count an event
+have committed every event on their topics (the settlement route and settle groups, and
+for `run` the ClickHouse sink), so a report made right after a swipe includes it.
 """
 
 from __future__ import annotations
@@ -59,10 +63,12 @@ from clearing.validate import mask_ssn
 from medclear.cli.support import fail
 from medclear.infra import topics
 from medclear.infra.exits import Exit
-from medclear.infra.kafka_admin import read_topic
+from medclear.infra.kafka_admin import read_topic, wait_caught_up
 from medclear.infra.settings import Settings, get_settings
 from medclear.infra.stack_state import StackError, load_endpoints
 from stream_jobs import ch
+from stream_jobs import settlement as settlement_job
+from stream_jobs.clickhouse_sink import GROUP_ID as SINK_GROUP
 
 recon_app = typer.Typer(
     help="Reconciliation (对账) per designated institution per Beijing day: medclear's "
@@ -100,6 +106,20 @@ def _clickhouse(settings: Settings) -> Any:
     except Exception as exc:
         raise fail(f"ClickHouse {url}: {type(exc).__name__}: {exc}") from exc
     return client
+
+
+def await_jobs(bootstrap: str, stages: tuple[tuple[str, str], ...]) -> None:
+    """Wait until the jobs that count an event (settlement, the sink) have committed every
+    event on the topics now, so a report made right after a swipe includes it. If they do
+    not catch up in time, say how far behind they are and go on: a difference may be that."""
+    with err.status("waiting for the settlement job and the sink to catch up"):
+        try:
+            behind = asyncio.run(wait_caught_up(bootstrap, stages))
+        except Exception as exc:
+            raise fail(f"reading the jobs' offsets: {type(exc).__name__}: {exc}") from exc
+    for group, lag in behind.items():
+        err.print(f"[yellow]{group} is {lag:,} records behind; what it has not counted "
+                  "yet shows as a difference[/]")  # fmt: skip
 
 
 def read_settlements(bootstrap: str) -> list[rules.DaySettlement]:
@@ -276,6 +296,7 @@ class Report:
 def reconcile(settings: Settings, day: int, institution: str | None) -> Report:
     bootstrap, _url = _servers(settings)
     client = _clickhouse(settings)
+    await_jobs(bootstrap, (*settlement_job.STAGES, (SINK_GROUP, topics.EVENTS.name)))
     try:
         records = read_settlements(bootstrap)
     except Exception as exc:
@@ -573,11 +594,13 @@ def check() -> None:
     credits: every allocation (拨付) in the events topic; balances: each person's balance
     after their last money event (partition order = decision order); settled / pending:
     the net of the closed / open days on the settlements topic. Each event counts once
-    (by id). Any difference is reported (exit 4); a difference that goes away on a second
-    run was the settlement job catching up. Per person, the log's own arithmetic is also
-    checked against the balance the worker recorded."""
+    (by id). It first waits (up to 30 s) until the settlement job has counted every event
+    on the topic, so a check right after a swipe includes it. Any difference is reported
+    (exit 4); under traffic, the swipes still in flight show as one. Per person, the
+    log's own arithmetic is also checked against the balance the worker recorded."""
     settings = get_settings()
     bootstrap, _url = _servers(settings)
+    await_jobs(bootstrap, settlement_job.STAGES)
     try:
         accounts = read_accounts(bootstrap)
         records = read_settlements(bootstrap)

@@ -1,12 +1,14 @@
 """Topics on the broker: each missing one created with its partition count (the compacted
-ones with cleanup.policy=compact), and a whole topic read once for a report or a check.
-The names live in medclear.infra.topics, which imports no Kafka client."""
+ones with cleanup.policy=compact), a whole topic read once for a report or a check, and a
+wait until consumer groups have committed what their topics held (a report made right after
+a swipe must not race the jobs that count it). The names live in medclear.infra.topics,
+which imports no Kafka client."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -22,6 +24,8 @@ TOPIC_READ_TIMEOUT_S = 60.0  # read_topic: a whole topic, for a report or a chec
 READ_POLL_MS = 500
 READ_RECORDS_MAX = 50_000  # per poll
 ERROR_TOPIC_ALREADY_EXISTS = 36  # a concurrent creator
+CATCH_UP_WAIT_S = 30.0  # wait_caught_up: the whole wait, all stages
+CATCH_UP_POLL_S = 0.1
 
 
 class TopicError(MedclearError):
@@ -105,3 +109,56 @@ async def read_topic(
         return [record for p in sorted(by_partition) for record in by_partition[p]]
     finally:
         await consumer.stop()
+
+
+async def group_lag(admin: AIOKafkaAdminClient, group: str, ends: Mapping[TopicPartition, int]
+                    ) -> int:  # fmt: skip
+    """Records before `ends` that `group` has not committed (a partition it never committed
+    counts from offset 0)."""
+    committed = await admin.list_consumer_group_offsets(group, partitions=list(ends))
+    lag = 0
+    for tp, end in ends.items():
+        done = committed.get(tp)
+        offset = done.offset if done is not None and done.offset >= 0 else 0
+        lag += max(0, end - offset)
+    return lag
+
+
+async def _end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            return {}
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return dict(await consumer.end_offsets(parts))
+    finally:
+        await consumer.stop()
+
+
+async def wait_caught_up(bootstrap: str, stages: Sequence[tuple[str, str]],
+                         timeout_s: float = CATCH_UP_WAIT_S) -> dict[str, int]:  # fmt: skip
+    """For each (consumer group, topic) in order: take the topic's end offsets, then wait
+    until the group has committed up to them. In order, because a stage's topic is fed by
+    the stage before it. Returns the records each group still lacked when `timeout_s` ran
+    out (empty: every stage caught up)."""
+    deadline = time.monotonic() + timeout_s
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS
+    )
+    await admin.start()
+    try:
+        for index, (group, topic) in enumerate(stages):
+            ends = await _end_offsets(bootstrap, topic)
+            while (lag := await group_lag(admin, group, ends)) > 0:
+                if time.monotonic() >= deadline:
+                    behind = {group: lag}
+                    for later, later_topic in stages[index + 1 :]:
+                        behind[later] = await group_lag(
+                            admin, later, await _end_offsets(bootstrap, later_topic)
+                        )
+                    return behind
+                await asyncio.sleep(CATCH_UP_POLL_S)
+        return {}
+    finally:
+        await admin.close()

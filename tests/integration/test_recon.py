@@ -296,6 +296,11 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
         refused.returncode == 1 and f"{bad}:2:" in refused.stderr and f"{bad}:3:" in refused.stderr
     )
 
+    # a check right after a swipe waits for settlement to count it (it raced before)
+    with grpc.insecure_channel(endpoints.gateway) as channel:
+        late = authorize(pos_pb2_grpc.PosServiceStub(channel), people[0][1], 3_50, 8,
+                         HOSPITAL, "TR-H1")  # fmt: skip
+        assert ResultCode(late.result) == ResultCode.OK, late.message
     check = medclear(settings, "recon", "check")
     assert check.returncode == 0 and "money is conserved" in check.stdout, (
         check.stdout + check.stderr
