@@ -450,6 +450,40 @@ def test_migrations_are_idempotent_and_any_new_file_is_applied(
         client.disconnect()
 
 
+def test_the_event_log_is_reordered_by_day_and_institution_keeping_every_row(
+    endpoints: stack.Endpoints, tmp_path: Path
+) -> None:
+    """530 rebuilds `events` ordered (day, institution_id, event_id) for analysts: the
+    rows of a log made under the old order are all kept, still one per event id, and the
+    views that name `events` read the new table."""
+    url = endpoints.clickhouse_url.rsplit("/", 1)[0] + "/migrations_reorder"
+    client = ch.connect(url)
+    try:
+        before = tmp_path / "before"
+        before.mkdir()
+        for migration in ch.migrations():
+            if migration.name < "530":
+                (before / migration.name).write_text(migration.sql)
+        ch.migrate(client, before)
+        row = _sample_row()
+        other = (f"{row[0]}-2", *row[1:])
+        client.execute(ch.INSERT_SQL, [row, row, other])  # a copy of the first: redelivered
+        assert "ORDER BY event_id" in client.execute("SHOW CREATE TABLE events")[0][0]
+
+        assert ch.migrate(client) == ["530_events_by_day.sql"]
+        create = client.execute("SHOW CREATE TABLE events")[0][0]
+        assert "ORDER BY (day, institution_id, event_id)" in create, create
+        assert client.execute("SELECT count() FROM events FINAL") == [(2,)]
+        assert client.execute("SELECT count() FROM events_yuan") == [(2,)]
+        totals = client.execute("SELECT approved_count, net_fen FROM institution_daily_totals")
+        assert totals == [(2, 2 * 35_20)]
+        tables = {r[0] for r in client.execute("SHOW TABLES")}
+        assert not {"events_by_event_id", "events_reordering"} & tables
+    finally:
+        client.execute("DROP DATABASE IF EXISTS migrations_reorder")
+        client.disconnect()
+
+
 def test_migrations_run_on_a_current_clickhouse(tmp_path: Path) -> None:
     """The same files on chdb (an in-process current ClickHouse), then one event inserted
     twice: FINAL counts it once there too."""
