@@ -4,7 +4,8 @@ the duration of one call; nothing here logs, returns or raises them.
 
 Results: a check that fails is a result code (PIN_WRONG, MAC_INVALID, PIN_BLOCK_INVALID,
 CRYPTOGRAM_INVALID); a request the HSM cannot serve is a gRPC status (NOT_FOUND for an
-unknown key, INVALID_ARGUMENT for a key of the wrong type or a malformed field).
+unknown key, INVALID_ARGUMENT for a key of the wrong type or a malformed field) with
+google.rpc.Status details: the reason, the key id, the field (medclear/infra/status.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hsm_sim.keystore import (
     load_lmk,
     wrap_key,
 )
+from medclear.infra import status
 from medclear.infra.rpc import (
     create_server,
     pb_enum,
@@ -55,16 +57,19 @@ def key_info_pb(info: KeyInfo) -> hsm_pb2.KeyInfo:
                            created_at=shanghai_iso(info.created_at_ms))  # fmt: skip
 
 
-async def _refuse(context: Ctx, exc: Exception) -> NoReturn:
+async def _refuse(context: Ctx, exc: Exception, bad_field: str = "",
+                  key_id: str = "") -> NoReturn:  # fmt: skip
     """A request the HSM cannot serve: NOT_FOUND for an unknown key, INVALID_ARGUMENT for
-    the rest (a key of the wrong type, a malformed field). Never carries key material."""
-    code = (
-        grpc.StatusCode.NOT_FOUND
-        if isinstance(exc, KeyNotFound)
-        else (grpc.StatusCode.INVALID_ARGUMENT)
-    )
-    await context.abort(code, str(exc))
-    raise AssertionError("unreachable") from exc
+    the rest (a key of the wrong type, a malformed field), with google.rpc.Status details
+    naming the field and the key id (medclear/infra/status.py). Never carries key
+    material."""
+    metadata = {"key_id": key_id} if key_id else {}
+    if isinstance(exc, KeyNotFound):
+        await status.abort(context, grpc.StatusCode.NOT_FOUND, str(exc),
+                           status.Reason.KEY_NOT_FOUND, metadata=metadata)  # fmt: skip
+    reason = status.Reason.FIELD_INVALID if bad_field else status.Reason.REQUEST_REFUSED
+    await status.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), reason,
+                       metadata=metadata, bad_field=bad_field)  # fmt: skip
 
 
 class Hsm(hsm_pb2_grpc.HsmServiceServicer):
@@ -73,12 +78,14 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         self.rng = rng
 
     async def _key(
-        self, context: Ctx, ref: hsm_pb2.KeyRef, key_type: KeyType
+        self, context: Ctx, ref: hsm_pb2.KeyRef, key_type: KeyType, bad_field: str
     ) -> tuple[KeyAlgorithm, bytes]:
+        """The key `ref` names, of `key_type`; `bad_field` is the request field holding
+        `ref`, named in the error when it cannot be used."""
         try:
             info, key = self.store.key(ref.key_id, ref.version, key_type)
         except (KeyStoreError, ValueError) as exc:
-            await _refuse(context, exc)
+            await _refuse(context, exc, bad_field, ref.key_id)
         return info.algorithm, key
 
     @staticmethod
@@ -92,8 +99,12 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         context: Ctx,
     ) -> hsm_pb2.TranslatePinReply:
         started = time.perf_counter()
-        src_alg, src = await self._key(context, request.source_key, KeyType.TERMINAL_PIN_KEY)
-        dst_alg, dst = await self._key(context, request.target_key, KeyType.ZONE_PIN_KEY)
+        src_alg, src = await self._key(
+            context, request.source_key, KeyType.TERMINAL_PIN_KEY, "source_key"
+        )
+        dst_alg, dst = await self._key(
+            context, request.target_key, KeyType.ZONE_PIN_KEY, "target_key"
+        )
         try:
             block = crypto.translate_pin_block(
                 request.pin_block,
@@ -115,7 +126,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
     async def _clear_pin(
         self, context: Ctx, ref: hsm_pb2.KeyRef, block: bytes, fmt: int, pan: str
     ) -> str | ResultCode:
-        alg, key = await self._key(context, ref, KeyType.TERMINAL_PIN_KEY)
+        alg, key = await self._key(context, ref, KeyType.TERMINAL_PIN_KEY, "pin_key")
         try:
             return crypto.decrypt_pin_block(PinBlockFormat(fmt), block, pan, alg, key)
         except (PinBlockError, CryptoError, ValueError):
@@ -131,8 +142,9 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                                     request.format, request.pan)  # fmt: skip
         result = pin if isinstance(pin, ResultCode) else ResultCode.OK
         if not isinstance(pin, ResultCode):
-            alg, pvk = await self._key(context, request.verification_key,
-                                       KeyType.PIN_VERIFICATION_KEY)  # fmt: skip
+            alg, pvk = await self._key(
+                context, request.verification_key, KeyType.PIN_VERIFICATION_KEY, "verification_key"
+            )
             if not crypto.verify_pin(alg, pvk, request.pan, pin,
                                      request.pin_verification_value):  # fmt: skip
                 result = ResultCode.PIN_WRONG
@@ -165,15 +177,16 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
             self._observe("SetPin", started, pin)
             return hsm_pb2.SetPinReply(result=result_pb(pin))
         alg, pvk = await self._key(context, request.verification_key,
-                                   KeyType.PIN_VERIFICATION_KEY)  # fmt: skip
+                                   KeyType.PIN_VERIFICATION_KEY, "verification_key")  # fmt: skip
         pvv = crypto.pin_verification_value(alg, pvk, request.pan, pin)
         self._observe("SetPin", started, ResultCode.OK)
         return hsm_pb2.SetPinReply(result=result_pb(ResultCode.OK), pin_verification_value=pvv)
 
     async def _mac_data(self, context: Ctx, data: bytes) -> None:
         if len(data) > DATA_BYTES_MAX:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"data longer than {DATA_BYTES_MAX} bytes")  # fmt: skip
+            await status.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"data longer than {DATA_BYTES_MAX} bytes",
+                               status.Reason.FIELD_INVALID, bad_field="data")  # fmt: skip
 
     async def GenerateMac(
         self,
@@ -182,7 +195,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
     ) -> hsm_pb2.MacReply:
         started = time.perf_counter()
         await self._mac_data(context, request.data)
-        alg, key = await self._key(context, request.key, KeyType.TERMINAL_MAC_KEY)
+        alg, key = await self._key(context, request.key, KeyType.TERMINAL_MAC_KEY, "key")
         mac = crypto.generate_mac(alg, key, request.data)
         self._observe("GenerateMac", started, ResultCode.OK)
         return hsm_pb2.MacReply(result=result_pb(ResultCode.OK), mac=mac)
@@ -194,7 +207,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
     ) -> hsm_pb2.HsmReply:
         started = time.perf_counter()
         await self._mac_data(context, request.data)
-        alg, key = await self._key(context, request.key, KeyType.TERMINAL_MAC_KEY)
+        alg, key = await self._key(context, request.key, KeyType.TERMINAL_MAC_KEY, "key")
         ok = crypto.verify_mac(alg, key, request.data, request.mac)
         result = ResultCode.OK if ok else ResultCode.MAC_INVALID
         self._observe("VerifyMac", started, result)
@@ -206,7 +219,9 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         context: Ctx,
     ) -> hsm_pb2.HsmReply:
         started = time.perf_counter()
-        alg, master = await self._key(context, request.master_key, KeyType.CARD_MASTER_KEY)
+        alg, master = await self._key(
+            context, request.master_key, KeyType.CARD_MASTER_KEY, "master_key"
+        )
         try:
             card_key = crypto.derive_card_key(alg, master, request.card_no)
             ok = crypto.verify_card_cryptogram(alg, card_key, request.challenge,
@@ -235,7 +250,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
             info = self.store.generate(request.key_id, KeyType(request.type),
                                        KeyAlgorithm(request.algorithm))  # fmt: skip
         except (KeyStoreError, ValueError) as exc:
-            await _refuse(context, exc)
+            await _refuse(context, exc, key_id=request.key_id)
         log.info("key generated", key_id=info.key_id, version=info.version, kcv=info.kcv)
         return key_info_pb(info)
 
@@ -247,7 +262,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                 request.key.key_id, request.key.version, request.kek.key_id
             )
         except (KeyStoreError, ValueError) as exc:
-            await _refuse(context, exc)
+            await _refuse(context, exc, key_id=request.key.key_id)
         log.info("key exported", key_id=info.key_id, kek=request.kek.key_id, kcv=info.kcv)
         return hsm_pb2.ExportKeyReply(wrapped=wrapped, kcv=info.kcv, key=key_info_pb(info))
 
@@ -263,7 +278,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                                           KeyType.CARD_MASTER_KEY)  # fmt: skip
             card_key = crypto.derive_card_key(info.algorithm, master, request.card_no)
         except (KeyStoreError, ValueError) as exc:
-            await _refuse(context, exc)
+            await _refuse(context, exc, key_id=request.master_key.key_id)
         log.info("card key exported", master=info.key_id, version=info.version,
                  kek=kek_info.key_id, card=mask_card(request.card_no))  # fmt: skip
         return hsm_pb2.ExportKeyReply(wrapped=wrap_key(kek_info.algorithm, kek, card_key),
@@ -281,7 +296,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                 request.kcv,
             )
         except (KeyStoreError, ValueError) as exc:
-            await _refuse(context, exc)
+            await _refuse(context, exc, key_id=request.key_id)
         log.info("key imported", key_id=info.key_id, version=info.version, kcv=info.kcv)
         return key_info_pb(info)
 
@@ -294,7 +309,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                 list(request.component_kcvs),
             )
         except (KeyStoreError, ValueError) as exc:
-            await _refuse(context, exc)
+            await _refuse(context, exc, key_id=request.key_id)
         log.info(
             "key formed from components",
             key_id=info.key_id,

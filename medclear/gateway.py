@@ -64,7 +64,7 @@ from google.protobuf.message import DecodeError, Message
 from clearing import model, pos, validate
 from clearing.codes import ResultCode
 from clearing.model import PinOutcome, Policy, Reply
-from medclear.infra import bounds
+from medclear.infra import bounds, status
 from medclear.infra.bounds import CRYPTOGRAM_BYTES_MAX
 from medclear.infra.bus import BusUnavailable, CommandBus
 from medclear.infra.hsm_client import HsmClient
@@ -399,9 +399,12 @@ def _decoding(
         try:
             request = request_type.FromString(data)
         except DecodeError as exc:
-            await context.abort(
+            await status.abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"not a valid {request_type.DESCRIPTOR.full_name}: {exc}",
+                status.Reason.REQUEST_UNDECODABLE,
+                metadata={"message": request_type.DESCRIPTOR.full_name},
             )
         return await behaviour(request, context)
 

@@ -29,6 +29,7 @@ from clearing.money import format_yuan, parse_yuan
 from clearing.validate import mask_card
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
+from medclear.infra import status
 from medclear.infra.exits import Exit
 from medclear.infra.pki import Role
 from medclear.infra.policy import load_institutions
@@ -127,9 +128,7 @@ def personalised(access: StackAccess, ssn: str, card_no: str, fresh: bool = Fals
     except PersonalisationError as exc:
         raise fail(f"personalising {mask_card(card_no)}: {exc}") from exc
     except grpc.RpcError as exc:
-        raise fail(
-            f"personalising {mask_card(card_no)}: {exc.code().name} {exc.details()}"
-        ) from exc
+        raise fail(f"personalising {mask_card(card_no)}: {status.describe(exc)}") from exc
 
 
 def ssn_of_city_card(card_no: str, persons: int, seed: int) -> str:

@@ -17,6 +17,7 @@ from rich.table import Table
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.money import format_yuan, parse_yuan
 from medclear.cli.support import DEFAULT_WINDOW, fail, read_pin
+from medclear.infra import status
 from medclear.infra.exits import Exit
 from medclear.infra.pki import Role
 from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel, pb_enum
@@ -86,7 +87,7 @@ def _call(method: str, request: Any) -> Any:
     try:
         return asyncio.run(call())
     except grpc.RpcError as exc:
-        err.print(f"[bold red]error:[/] registry: {exc.code().name} {escape(exc.details() or '')}")
+        err.print(f"[bold red]error:[/] registry: {escape(status.describe(exc))}")
         raise typer.Exit(1) from exc
 
 

@@ -24,6 +24,7 @@ from medclear.cli import recon as cli_recon
 from medclear.cli.recon import import_, print_report, reconcile, render_html, summary
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
+from medclear.infra import status
 from medclear.infra.policy import load_institutions, load_policy
 from medclear.infra.settings import Settings, get_settings
 from medclear.infra.stack_state import client_pki_dir
@@ -118,7 +119,7 @@ def seed_cmd(
     except SeedError as exc:
         raise fail(str(exc)) from exc
     except grpc.RpcError as exc:
-        raise fail(f"registry: {exc.code().name} {exc.details()}") from exc
+        raise fail(f"registry: {status.describe(exc)}") from exc
     console.print(
         f"seeded {persons:,} persons in {elapsed:.1f} s "
         f"({persons / elapsed:,.0f} persons/s, one EnrolPerson command each)"

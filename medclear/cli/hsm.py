@@ -20,6 +20,7 @@ from rich.table import Table
 from hsm_sim.crypto import KeyAlgorithm
 from hsm_sim.keystore import KeyType
 from medclear.bench import hsm as hsm_bench
+from medclear.infra import status
 from medclear.infra.pki import Role
 from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel, pb_enum
 from medclear.infra.settings import get_settings
@@ -55,7 +56,7 @@ def _call(method: str, request: Any) -> Any:
     try:
         return asyncio.run(call())
     except grpc.RpcError as exc:
-        err.print(f"[bold red]error:[/] hsm: {exc.code().name} {escape(exc.details() or '')}")
+        err.print(f"[bold red]error:[/] hsm: {escape(status.describe(exc))}")
         raise typer.Exit(1) from exc
 
 
@@ -137,7 +138,7 @@ def provision_terminal(
     try:
         exported = asyncio.run(provision())
     except grpc.RpcError as exc:
-        err.print(f"[bold red]error:[/] hsm: {exc.code().name} {escape(exc.details() or '')}")
+        err.print(f"[bold red]error:[/] hsm: {escape(status.describe(exc))}")
         raise typer.Exit(1) from exc
     table = Table(title=f"terminal {terminal}: keys under KEK {kek}")
     for column in ("key", "id", "version", "wrapped under KEK (hex)", "KCV"):

@@ -23,6 +23,7 @@ from clearing.codes import ResultCode
 from clearing.money import format_yuan, parse_yuan
 from medclear.cli.agent import agent_swipe
 from medclear.cli.support import fail, read_pin
+from medclear.infra import status
 from medclear.infra.exits import Exit
 from medclear.infra.pki import Role
 from medclear.infra.rpc import CALL_TIMEOUT_S, aio_channel
@@ -85,7 +86,7 @@ def exchange(method: str, request: Any, pin: str | None = None, gateway: str = "
     try:
         reply = asyncio.run(call())
     except grpc.RpcError as exc:
-        raise fail(f"gateway {address}: {exc.code().name} {exc.details()}") from exc
+        raise fail(f"gateway {address}: {status.describe(exc)}") from exc
     if keyring is not None and not keyring.reply_is_genuine(terminal, reply):
         raise fail(f"the reply to {reply.request_id or method} carries no valid MAC: it is not "
                    "the gateway's answer; for a swipe, reverse it")  # fmt: skip

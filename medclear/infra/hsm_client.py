@@ -4,6 +4,8 @@ The gateway (request and reply MACs, chip cryptograms), the clearing worker (PIN
 of swipes and balance enquiries) and the card registry (new PINs) call the HSM through
 this class, so a gRPC error means the same thing everywhere:
 
+    (the reason of the error's google.rpc.Status details decides when it has one:
+    KEY_NOT_FOUND → TERMINAL_UNKNOWN, any other → MALFORMED_REQUEST, logged)
     NOT_FOUND          the key does not exist: an unprovisioned terminal or window
                        → TERMINAL_UNKNOWN
     INVALID_ARGUMENT   a field the HSM refuses (callers bound every field first, so this
@@ -25,12 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import structlog
 
 from clearing.codes import ResultCode
 from hsm_sim.crypto import KeyAlgorithm, PinBlockFormat
+from medclear.infra import status
 from medclear.infra.pki import Role
 from medclear.infra.rpc import aio_channel, pb_enum
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
+
+log = structlog.get_logger(module="hsm_client")
 
 HSM_CALL_TIMEOUT_S = 2.0  # one operation on the swipe path
 HSM_WINDOW_CALL_TIMEOUT_S = 5.0  # one operation for a service window
@@ -53,6 +59,14 @@ def tak_id(terminal_id: str) -> str:
 
 
 def code_of_error(exc: grpc.aio.AioRpcError) -> ResultCode:
+    """What an HSM error means, by the reason of its google.rpc.Status details when it has
+    them (medclear/infra/status.py), else by its gRPC code."""
+    found = status.details_of(exc)
+    if found is not None and found.domain == status.DOMAIN:
+        if found.reason == status.Reason.KEY_NOT_FOUND:
+            return ResultCode.TERMINAL_UNKNOWN
+        log.warning("the HSM refused a request", error=status.describe(exc))
+        return ResultCode.MALFORMED_REQUEST
     if exc.code() == grpc.StatusCode.NOT_FOUND:
         return ResultCode.TERMINAL_UNKNOWN
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from medclear.infra import status
+
 CERT_VALIDITY_DAYS = 825
 
 
@@ -176,8 +178,11 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             role = caller_role(context)
             if role is None or role not in allowed:
                 who = role.value if role else "a caller without a medclear role"
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{who} may not call {details.method}")  # fmt: skip
+                await status.abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                                   f"{who} may not call {details.method}",
+                                   status.Reason.ROLE_NOT_ALLOWED,
+                                   metadata={"method": details.method,
+                                             "role": role.value if role else ""})  # fmt: skip
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(

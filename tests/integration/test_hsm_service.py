@@ -16,7 +16,8 @@ from clearing.codes import ResultCode
 from hsm_sim import crypto
 from hsm_sim.crypto import KeyAlgorithm, PinBlockFormat
 from hsm_sim.keystore import KeyStore, KeyType
-from hsm_sim.service import Hsm
+from hsm_sim.service import DATA_BYTES_MAX, Hsm
+from medclear.infra import status
 from medclear.infra.rpc import create_server, pb_enum, system_clock_ms
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
 
@@ -171,9 +172,26 @@ def test_keys_are_listed_without_material_and_wrong_keys_are_refused(
     with pytest.raises(grpc.RpcError) as missing:
         stub.GenerateMac(hsm_pb2.MacRequest(key=hsm_pb2.KeyRef(key_id="nope"), data=b"x"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    # google.rpc.Status details: why, and which key; for a field, which field
+    assert status.details_of(missing.value) == status.ErrorDetails(
+        "KEY_NOT_FOUND", status.DOMAIN, {"key_id": "nope"}
+    )
     with pytest.raises(grpc.RpcError) as wrong_type:
         stub.GenerateMac(hsm_pb2.MacRequest(key=hsm_pb2.KeyRef(key_id="pvk"), data=b"x"))
     assert wrong_type.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wrong = status.details_of(wrong_type.value)
+    assert wrong is not None and (wrong.reason, wrong.metadata) == (
+        "FIELD_INVALID",
+        {"key_id": "pvk"},
+    )
+    assert [name for name, _why in wrong.fields] == ["key"], wrong
+    with pytest.raises(grpc.RpcError) as too_long:
+        stub.GenerateMac(hsm_pb2.MacRequest(key=hsm_pb2.KeyRef(key_id="tak-T1"),
+                                            data=b"x" * (DATA_BYTES_MAX + 1)))  # fmt: skip
+    long_data = status.details_of(too_long.value)
+    assert long_data is not None and long_data.reason == "FIELD_INVALID"
+    assert long_data.fields == ((("data", f"data longer than {DATA_BYTES_MAX} bytes"),))
+    assert "field data: data longer than" in status.describe(too_long.value)
     rotated = stub.GenerateKey(
         hsm_pb2.GenerateKeyRequest(
             key_id="tak-T1",
@@ -217,3 +235,6 @@ def test_a_kek_is_formed_from_checked_components(
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "component 2" in (refused.value.details() or "")
+    formed_not = status.details_of(refused.value)
+    assert formed_not is not None and formed_not.reason == "REQUEST_REFUSED"
+    assert formed_not.metadata == {"key_id": "kek-bad"}

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from medclear import stack
+from medclear.infra import status
 from medclear.infra.pki import Role
 from medclear.infra.rpc import result_pb, sync_channel
 from medclear.infra.settings import Settings
@@ -443,12 +444,35 @@ def test_roles_are_checked_at_every_grpc_boundary(
     for error in refused:
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
         assert "may not call" in (error.details() or "")  # type: ignore[attr-defined]
+        found = status.details_of(error)  # the reason and who was refused what, as data
+        assert found is not None and found.reason == "ROLE_NOT_ALLOWED", found
+        assert set(found.metadata) == {"method", "role"} and found.domain == status.DOMAIN
+    assert status.details_of(refused[0]) == status.ErrorDetails(
+        "ROLE_NOT_ALLOWED", status.DOMAIN,
+        {"method": "/medclear.v1.CardRegistryService/ReportPreLoss", "role": "terminal"},
+    )  # fmt: skip
     assert "terminal may not call /medclear.v1.CardRegistryService/ReportPreLoss" in (
         refused[0].details() or ""
     )  # type: ignore[attr-defined]
     with grpc.insecure_channel(endpoints.gateway) as channel, pytest.raises(grpc.RpcError) as exc:
         pos_pb2_grpc.PosServiceStub(channel).Authorize(pos_pb2.AuthorizeRequest(), timeout=5)
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # no certificate: no entry
+
+
+def test_bytes_that_are_no_request_get_invalid_argument_with_its_details(
+    secured: tuple[stack.Endpoints, Keyring],
+) -> None:
+    """The gateway decodes requests itself: bytes that are no AuthorizeRequest are an
+    INVALID_ARGUMENT whose google.rpc.Status says why and which message was expected."""
+    endpoints, _keyring = secured
+    with channel_to(endpoints.gateway, Role.TERMINAL) as channel:
+        call = channel.unary_unary("/medclear.v1.PosService/Authorize")
+        with pytest.raises(grpc.RpcError) as exc:
+            call(b"\xff\xff\xff", timeout=10)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert status.details_of(exc.value) == status.ErrorDetails(
+        "REQUEST_UNDECODABLE", status.DOMAIN, {"message": "medclear.v1.AuthorizeRequest"}
+    )
 
 
 def test_every_dashboard_query_returns_data(secured: tuple[stack.Endpoints, Keyring]) -> None:
