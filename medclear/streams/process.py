@@ -1,10 +1,14 @@
-"""Running stream runtimes as a process: settings, signals, periodic tasks."""
+"""Running stream runtimes as a process: settings, signals, periodic tasks.
+
+SIGTERM / SIGINT stop the process gracefully; SIGUSR1 writes the stack of every asyncio
+task to stderr (the component's log), for an operator who sees a job make no progress."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -41,6 +45,25 @@ def idle_backoff(settings: Settings, decision_path: bool) -> IdleBackoff:
     return IdleBackoff(first_ms / 1000, max(first_ms, cap_ms) / 1000, spin_ms / 1000)
 
 
+def dump_tasks() -> None:
+    """Every asyncio task and the chain of awaits it is suspended in, to stderr (a task's
+    own stack shows only its outermost frame while it is suspended)."""
+    tasks = asyncio.all_tasks()
+    print(f"--- {len(tasks)} asyncio tasks (SIGUSR1)", file=sys.stderr)
+    for task in tasks:
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                print(f"    awaiting {awaited!r}"[:300], file=sys.stderr)
+                break
+            print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
+                  file=sys.stderr)  # fmt: skip
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    sys.stderr.flush()
+
+
 def run_in_foreground(runtimes: Sequence[Runtime], tasks: Sequence[Periodic] = ()) -> None:
     """Run runtimes (and tasks given the stop event) until SIGTERM or SIGINT; then each
     runtime finishes what is in flight, commits and stops."""
@@ -50,6 +73,7 @@ def run_in_foreground(runtimes: Sequence[Runtime], tasks: Sequence[Periodic] = (
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         others = [asyncio.create_task(task(stopping)) for task in tasks]
         try:
             await asyncio.gather(*(runtime.run(stopping) for runtime in runtimes))

@@ -185,6 +185,7 @@ class Runtime:
         self._ready = False
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.reply_producer: AIOKafkaProducer | None = None  # see start()
         self._restorer: AIOKafkaConsumer | None = None
         self.stopping = asyncio.Event()  # set when the process is asked to stop
         _set_ready(self, False)
@@ -215,6 +216,17 @@ class Runtime:
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
                                          linger_ms=0, enable_idempotence=False)  # fmt: skip
         await self.producer.start()
+        # A topic added to a producer's metadata while other batches wait for their
+        # partitions' leaders: seen on noida-db 0.2.3 at a cold start under a burst of
+        # enrolments (batch 1's first changelog write while batch 2's outputs waited),
+        # the waiting partitions lost their leaders until they expired
+        # (NotLeaderForPartitionError: the job exited, nothing lost, restarted). So the
+        # changelog topics are known to the producer before the first batch
+        # (_ensure_changelogs), and replies, whose topics appear while the job runs (one
+        # per gateway or registry process), have a producer of their own.
+        self.reply_producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                                               linger_ms=0, enable_idempotence=False)  # fmt: skip
+        await self.reply_producer.start()
         self._restorer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
                                           enable_auto_commit=False)  # fmt: skip
         await self._restorer.start()
@@ -242,12 +254,15 @@ class Runtime:
             raise TopicError(f"{self.job}: input topic {self.topic} does not exist")
         wanted = {changelog_topic(self.job, t): len(partitions) for t in self.tables}
         await ensure_topics(self.bootstrap, wanted)
+        assert self.producer is not None
+        for topic in wanted:  # known to the producer before any output waits (see start())
+            await self.producer.partitions_for(topic)
 
     async def stop(self) -> None:
         """Finish what is in flight, commit, leave (static members stay in the group)."""
         async with self._lock:
             await self._drain()
-        for client in (self.consumer, self._restorer, self.producer):
+        for client in (self.consumer, self._restorer, self.producer, self.reply_producer):
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.stop()
@@ -356,10 +371,11 @@ class Runtime:
         t0 = time.perf_counter()
         await self._write_state(batch)
         t1 = time.perf_counter()
-        assert self.producer is not None
+        assert self.reply_producer is not None
         for r in batch.replies:
-            self._unacked.append(await self.producer.send(r.topic, r.value, key=r.key,
-                                                          headers=list(r.headers)))  # fmt: skip
+            sent = await self.reply_producer.send(r.topic, r.value, key=r.key,
+                                                  headers=list(r.headers))  # fmt: skip
+            self._unacked.append(sent)
         batch.replies.clear()
         self._observe("state", t1 - t0)
         if commit:
