@@ -21,7 +21,7 @@ from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.limits import PVV_BYTES
 from clearing.model import Command, Policy, Reply
 from clearing.validate import mask_phone
-from medclear.infra import bounds
+from medclear.infra import bounds, status
 from medclear.infra.bus import BusUnavailable, CommandBus
 from medclear.infra.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
 from medclear.infra.rpc import (
@@ -42,6 +42,10 @@ log = structlog.get_logger(process="registry")
 Ctx: TypeAlias = grpc.aio.ServicerContext
 RECENT_TRANSACTIONS_MAX = 20  # shown by GetPerson, newest first
 NO_POLICY = Policy()  # enrolment input checks need no institutions or pre-loss lifetimes
+
+
+def _no_command(rid: str, at_ms: int, ssn: str, pvv: str) -> model.EnrolPerson:
+    raise AssertionError("a refused person has no command")
 
 
 class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
@@ -87,6 +91,12 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             if ssn:
                 reply = await self._ask(make(request_id, self.clock(), ssn))
         metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
+        return self._answer(method, request_id, reply, ssn, detail)
+
+    @staticmethod
+    def _answer(method: str, request_id: str, reply: Reply, ssn: str,
+                detail: str) -> registry_pb2.RegistryReply:  # fmt: skip
+        """The worker's decision (or a refusal made here) as the service's reply."""
         metrics.GATEWAY_RESULTS.labels(method, reply.result.name).inc()
         card = None
         if reply.card_no:
@@ -267,19 +277,13 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             ),
         )
 
-    async def EnrolPerson(
-        self, request: registry_pb2.EnrolPersonRequest, context: Ctx
-    ) -> registry_pb2.RegistryReply:
-        """Register, issue, activate, set the PIN and credit the opening balance as one
-        command. Before anything is sent: the core's own rules on an empty person (the
-        same ones the worker applies: any malformed field is answered here, nothing
-        produced), a card number the card index holds for another person (CARD_EXISTS),
-        and the PIN's verification value from the HSM, as ChangePin gets it."""
-        method = "EnrolPerson"
-        refused = self._bounded(request)
-        if refused is not None:
-            return refused
-        request_id = request.window.request_id
+    def _enrolment(
+        self, request: registry_pb2.EnrolPersonRequest
+    ) -> tuple[ResultCode, Callable[[str, int, str, str], model.EnrolPerson], str]:
+        """What is checked before the HSM is asked: the core's own rules on an empty person
+        (the same ones the worker applies: any malformed field is answered here, nothing
+        produced) and a card number the card index holds for another person
+        (CARD_EXISTS). Returns the code, how to make the command and the malformed field."""
         try:
             category = InsuranceCategory(request.category)
         except ValueError:  # a number this version does not know: malformed, below
@@ -292,13 +296,28 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
                 request.source_id,
             )  # fmt: skip
 
-        code = core.decide(
-            None, make(request_id, self.clock(), request.ssn), NO_POLICY
-        ).reply.result
+        command = make(request.window.request_id, self.clock(), request.ssn)
+        code = core.decide(None, command, NO_POLICY).reply.result
         if code == ResultCode.OK:
             owner = self.bus.card_owner(request.card_no)
             if owner is not None and owner != request.ssn:
                 code = ResultCode.CARD_EXISTS
+        malformed = code == ResultCode.MALFORMED_REQUEST
+        detail = (core.enrolment_fault(command) or "") if malformed else ""
+        return code, make, detail
+
+    async def EnrolPerson(
+        self, request: registry_pb2.EnrolPersonRequest, context: Ctx
+    ) -> registry_pb2.RegistryReply:
+        """Register, issue, activate, set the PIN and credit the opening balance as one
+        command. Before anything is sent: the checks of `_enrolment`, then the PIN's
+        verification value from the HSM, as ChangePin gets it."""
+        method = "EnrolPerson"
+        refused = self._bounded(request)
+        if refused is not None:
+            return refused
+        request_id = request.window.request_id
+        code, make, detail = self._enrolment(request)
         pvv = ""
         if code == ResultCode.OK:
             found = await self._pvv(request.window.window_id, request.new_pin_block,
@@ -306,7 +325,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             code, pvv = (found, "") if isinstance(found, ResultCode) else (code, found)
         if code != ResultCode.OK:
             metrics.GATEWAY_RESULTS.labels(method, code.name).inc()
-            return self._refused(request_id, code)
+            return self._refused(request_id, code, detail)
         return await self._run(
             method,
             request,
@@ -314,6 +333,86 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             "",
             lambda rid, at_ms, ssn: make(rid, at_ms, ssn, pvv),
         )
+
+    async def EnrolPersons(
+        self, request: registry_pb2.EnrolPersonsRequest, context: Ctx
+    ) -> registry_pb2.EnrolPersonsReply:
+        """Bulk enrolment: each person decided as by EnrolPerson, all or nothing per
+        person. The checks of every person first, then one HSM SetPins call for the PINs
+        of a window, then every command at once on the bus; the replies in order."""
+        method = "EnrolPersons"
+        started = time.perf_counter()
+        persons = list(request.persons)
+        if len(persons) > bounds.ENROL_BATCH_MAX:
+            await status.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"at most {bounds.ENROL_BATCH_MAX} persons in one call",
+                               status.Reason.FIELD_INVALID, bad_field="persons")  # fmt: skip
+        replies: dict[int, registry_pb2.RegistryReply] = {}
+        makes: dict[int, Callable[[str, int, str, str], model.EnrolPerson]] = {}
+        claimed: dict[str, str] = {}  # card number → the ssn of this batch that takes it
+        for i, person in enumerate(persons):
+            answer, make = self._enrolment_checked(method, person)
+            if answer is None and claimed.setdefault(person.card_no, person.ssn) != person.ssn:
+                # two persons of one batch with one card: the card index cannot know yet
+                metrics.GATEWAY_RESULTS.labels(method, ResultCode.CARD_EXISTS.name).inc()
+                answer = self._refused(person.window.request_id, ResultCode.CARD_EXISTS)
+            if answer is not None:
+                replies[i] = answer
+            else:
+                makes[i] = make
+        pvvs = await self._batch_pvvs(method, persons, makes, replies)
+        at_ms = self.clock()
+        asked = {i: make(persons[i].window.request_id, at_ms, persons[i].ssn, pvvs.get(i, ""))
+                 for i, make in makes.items()}  # fmt: skip
+        decided = await asyncio.gather(*(self._ask(command) for command in asked.values()))
+        for i, reply in zip(asked, decided, strict=True):
+            replies[i] = self._answer(method, persons[i].window.request_id, reply,
+                                      persons[i].ssn, "")  # fmt: skip
+        metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
+        return registry_pb2.EnrolPersonsReply(replies=[replies[i] for i in range(len(persons))])
+
+    def _enrolment_checked(
+        self, method: str, person: registry_pb2.EnrolPersonRequest
+    ) -> tuple[registry_pb2.RegistryReply | None, Callable[[str, int, str, str], Any]]:
+        """One person of a batch: its refusal, or None and how to make its command."""
+        request_id = person.window.request_id
+        detail = bounds.oversized(person, "persons.")
+        if detail is None and not validate.is_id(request_id):
+            detail = "window.request_id must be an id of 1-64 letters, digits or . _ : / -"
+        if detail is not None:
+            code, make = ResultCode.MALFORMED_REQUEST, None
+        else:
+            code, make, detail = self._enrolment(person)
+        if code == ResultCode.OK and make is not None:
+            return None, make
+        metrics.GATEWAY_RESULTS.labels(method, code.name).inc()
+        return self._refused(request_id, code, detail or ""), _no_command
+
+    async def _batch_pvvs(
+        self, method: str, persons: list[registry_pb2.EnrolPersonRequest],
+        makes: dict[int, Any], replies: dict[int, registry_pb2.RegistryReply],
+    ) -> dict[int, str]:  # fmt: skip
+        """The verification values of the new PINs of the persons still in `makes`, one
+        SetPins call per window; a person whose PIN the HSM refuses leaves `makes` for
+        `replies`. Empty without an HSM (terminal security off)."""
+        if self.hsm is None:
+            return {}
+        by_window: dict[str, list[int]] = {}
+        for i in makes:
+            by_window.setdefault(persons[i].window.window_id, []).append(i)
+        pvvs: dict[int, str] = {}
+        for window_id, chosen in by_window.items():
+            found = await self.hsm.set_pins(
+                window_id, [(persons[i].new_pin_block, persons[i].card_no) for i in chosen]
+            )
+            for i, (code, pvv) in zip(chosen, found, strict=True):
+                if code == ResultCode.OK:
+                    pvvs[i] = pvv
+                    continue
+                del makes[i]
+                metrics.GATEWAY_RESULTS.labels(method, code.name).inc()
+                replies[i] = self._refused(persons[i].window.request_id, code)
+        return pvvs
 
     async def CreditAccount(
         self, request: registry_pb2.CreditRequest, context: Ctx

@@ -498,6 +498,26 @@ def _decide_cancel(person: Person | None, c: CancelPerson) -> Decision:
     return with_events(person, c, events)
 
 
+def enrolment_fault(c: EnrolPerson) -> str | None:
+    """The first field of an enrolment that its deciders refuse as malformed, named for the
+    person at the window (None when no field is). Only words: the decision stays with
+    `decide`, which refuses the same fields."""
+    faults = (
+        (not validate.is_name(c.name), "name"),
+        (c.category not in COLOUR_OF_CATEGORY, "category"),
+        (not validate.is_phone(c.phone), "phone: 11 digits from 13 to 19, or none"),
+        (len(c.region) > REGION_CHARS_MAX, f"region: at most {REGION_CHARS_MAX} characters"),
+        (not validate.is_card_no(c.card_no), "card_no"),
+        (c.kind != CardKind.SOCIAL_SECURITY, "kind: enrolment makes a social security card"),
+        (not validate.is_pvv(c.pvv), "pin_verification_value"),
+        (c.opening_balance_fen < 0, "opening_balance_fen: not below 0"),
+        (c.opening_balance_fen > 0 and not validate.is_amount_fen(c.opening_balance_fen),
+         "opening_balance_fen"),
+        (c.opening_balance_fen > 0 and not validate.is_id(c.source_id), "source_id"),
+    )  # fmt: skip
+    return next((field for fault, field in faults if fault), None)
+
+
 def _enrolment_steps(c: EnrolPerson) -> list[Command]:
     """The window commands an enrolment stands for, in the order they are decided."""
     steps: list[Command] = [

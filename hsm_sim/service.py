@@ -33,7 +33,7 @@ from hsm_sim.keystore import (
     load_lmk,
     wrap_key,
 )
-from medclear.infra import status
+from medclear.infra import bounds, status
 from medclear.infra.rpc import (
     create_server,
     pb_enum,
@@ -180,6 +180,52 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                                    KeyType.PIN_VERIFICATION_KEY, "verification_key")  # fmt: skip
         pvv = crypto.pin_verification_value(alg, pvk, request.pan, pin)
         self._observe("SetPin", started, ResultCode.OK)
+        return hsm_pb2.SetPinReply(result=result_pb(ResultCode.OK), pin_verification_value=pvv)
+
+    async def SetPins(self, request: hsm_pb2.SetPinsRequest, context: Ctx) -> hsm_pb2.SetPinsReply:
+        """SetPin for each request, in order (bulk enrolment). Each request's keys are
+        looked up once per call; a key that is missing or of the wrong type is that
+        request's result, not an error of the call."""
+        started = time.perf_counter()
+        if len(request.requests) > bounds.SET_PINS_MAX:
+            await status.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"at most {bounds.SET_PINS_MAX} requests in one call",
+                               status.Reason.FIELD_INVALID, bad_field="requests")  # fmt: skip
+        keys: dict[tuple[str, int, KeyType], tuple[KeyAlgorithm, bytes] | ResultCode] = {}
+        replies = [self._set_pin_item(item, keys) for item in request.requests]
+        for reply in replies:
+            metrics.HSM_RESULTS.labels("SetPins", ResultCode(reply.result).name).inc()
+        metrics.HSM_SECONDS.labels("SetPins").observe(time.perf_counter() - started)
+        return hsm_pb2.SetPinsReply(replies=replies)
+
+    def _set_pin_item(
+        self, item: hsm_pb2.SetPinRequest,
+        keys: dict[tuple[str, int, KeyType], tuple[KeyAlgorithm, bytes] | ResultCode],
+    ) -> hsm_pb2.SetPinReply:  # fmt: skip
+        """One request of SetPins, as SetPin decides it; `keys` caches this call's keys."""
+        found: list[tuple[KeyAlgorithm, bytes]] = []
+        for ref, key_type in ((item.pin_key, KeyType.TERMINAL_PIN_KEY),
+                              (item.verification_key, KeyType.PIN_VERIFICATION_KEY)):  # fmt: skip
+            slot = (ref.key_id, ref.version, key_type)
+            if slot not in keys:
+                try:
+                    info, key = self.store.key(ref.key_id, ref.version, key_type)
+                    keys[slot] = (info.algorithm, key)
+                except KeyNotFound:
+                    keys[slot] = ResultCode.TERMINAL_UNKNOWN
+                except (KeyStoreError, ValueError):
+                    keys[slot] = ResultCode.MALFORMED_REQUEST
+            usable = keys[slot]
+            if isinstance(usable, ResultCode):
+                return hsm_pb2.SetPinReply(result=result_pb(usable))
+            found.append(usable)
+        (pin_alg, pin_key), (pvk_alg, pvk) = found
+        try:
+            pin = crypto.decrypt_pin_block(PinBlockFormat(item.format), item.pin_block, item.pan,
+                                           pin_alg, pin_key)  # fmt: skip
+        except (PinBlockError, CryptoError, ValueError):
+            return hsm_pb2.SetPinReply(result=result_pb(ResultCode.PIN_BLOCK_INVALID))
+        pvv = crypto.pin_verification_value(pvk_alg, pvk, item.pan, pin)
         return hsm_pb2.SetPinReply(result=result_pb(ResultCode.OK), pin_verification_value=pvv)
 
     async def _mac_data(self, context: Ctx, data: bytes) -> None:

@@ -106,23 +106,38 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float,
 def seed_cmd(
     persons: Annotated[int, typer.Option(min=1, max=10_000_000, help="how many persons")] = 1000,
     seed: Annotated[int, typer.Option(help="city seed; the same seed gives the same city")] = 2026,
-    concurrency: Annotated[int, typer.Option(min=1, max=512, help="requests in flight")] = 32,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            min=1, max=512, help="calls in flight (at most 1,000 persons in flight in all)"
+        ),
+    ] = 4,
+    batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=1000,
+            help="persons per EnrolPersons call; 1: one EnrolPerson call each",
+        ),
+    ] = load.SEED_BATCH,
 ) -> None:
     """Create a synthetic city through the card registry: persons, cards, opening balances.
 
-    Everything goes through commands: one EnrolPerson per person (register, issue,
-    activate, change the initial PIN, credit, decided as one), so it is decided and
-    logged like any window operation. Seeding the same city twice changes nothing.
-    """
+    Everything goes through commands: one EnrolPerson command per person (register,
+    issue, activate, change the initial PIN, credit, decided as one), so it is decided
+    and logged like any window operation; they are sent in EnrolPersons batches (--batch).
+    Seeding the same city twice changes nothing.
+    """  # fmt: skip
     try:
-        elapsed = load.seed_city(persons, seed, concurrency)
+        elapsed = load.seed_city(persons, seed, concurrency, batch=batch)
     except SeedError as exc:
         raise fail(str(exc)) from exc
     except grpc.RpcError as exc:
         raise fail(f"registry: {status.describe(exc)}") from exc
     console.print(
         f"seeded {persons:,} persons in {elapsed:.1f} s "
-        f"({persons / elapsed:,.0f} persons/s, one EnrolPerson command each)"
+        f"({persons / elapsed:,.0f} persons/s, one EnrolPerson command each, "
+        f"{batch} per call)"
     )
 
 

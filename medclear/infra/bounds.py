@@ -30,6 +30,8 @@ PIN_BLOCK_BYTES_MAX = 16  # ISO 9564 format 4 (AES); formats 0, 1 and 3 are 8
 MAC_BYTES_MAX = 16  # AES-CMAC; a TDES retail MAC is 8
 CHALLENGE_BYTES_MAX = 255  # the terminal's unpredictable number (EMV: 4 bytes)
 CRYPTOGRAM_BYTES_MAX = 8
+ENROL_BATCH_MAX = 1_000  # persons in one EnrolPersons call
+SET_PINS_MAX = 1_000  # requests in one HSM SetPins call
 
 # Field name → most characters (strings) or bytes it may hold, wherever it appears.
 FIELD_BOUNDS: dict[str, int] = {

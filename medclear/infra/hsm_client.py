@@ -31,7 +31,7 @@ import structlog
 
 from clearing.codes import ResultCode
 from hsm_sim.crypto import KeyAlgorithm, PinBlockFormat
-from medclear.infra import status
+from medclear.infra import bounds, status
 from medclear.infra.pki import Role
 from medclear.infra.rpc import aio_channel, pb_enum
 from medclear.v1 import hsm_pb2, hsm_pb2_grpc
@@ -138,6 +138,28 @@ class HsmClient:
         if isinstance(reply, ResultCode):
             return reply, ""
         return ResultCode(reply.result), bytes(reply.pin_verification_value).hex()
+
+    async def set_pins(
+        self, window_id: str, blocks: list[tuple[bytes, str]]
+    ) -> list[tuple[ResultCode, str]]:
+        """set_pin for many (PIN block, card number) pairs of one window, in calls of at
+        most SET_PINS_MAX; the results in order (an error of a call is each of its
+        requests' result)."""
+        key = hsm_pb2.KeyRef(key_id=tpk_id(window_id))
+        pvk = hsm_pb2.KeyRef(key_id=PVK_ID)
+        results: list[tuple[ResultCode, str]] = []
+        for start in range(0, len(blocks), bounds.SET_PINS_MAX):
+            chunk = blocks[start : start + bounds.SET_PINS_MAX]
+            reply = await self._call("SetPins", hsm_pb2.SetPinsRequest(requests=[
+                hsm_pb2.SetPinRequest(pin_key=key, verification_key=pvk, pin_block=block,
+                                      format=pb_enum(PIN_BLOCK_FORMAT), pan=card_no)
+                for block, card_no in chunk]))  # fmt: skip
+            if isinstance(reply, ResultCode):
+                results += [(reply, "")] * len(chunk)
+                continue
+            results += [(ResultCode(r.result), bytes(r.pin_verification_value).hex())
+                        for r in reply.replies]  # fmt: skip
+        return results
 
     async def verify_cryptogram(
         self,

@@ -60,8 +60,8 @@ ROLES_OF_METHOD: dict[str, frozenset[Role]] = {
     "/medclear.v1.CardRegistryService/GetPerson": frozenset(
         {Role.WINDOW, Role.ANALYST, Role.OPERATOR}),
     **{f"/medclear.v1.HsmService/{m}": frozenset({Role.SERVICE}) for m in (
-        "VerifyPin", "CheckPinBlock", "TranslatePin", "SetPin", "GenerateMac", "VerifyMac",
-        "VerifyCardCryptogram", "Digest")},
+        "VerifyPin", "CheckPinBlock", "TranslatePin", "SetPin", "SetPins", "GenerateMac",
+        "VerifyMac", "VerifyCardCryptogram", "Digest")},
     **{f"/medclear.v1.HsmService/{m}": frozenset({Role.OPERATOR}) for m in (
         "GenerateKey", "ListKeys", "ExportKey", "ImportKey", "FormKey", "ExportCardKey")},
 }  # fmt: skip

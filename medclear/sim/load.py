@@ -23,6 +23,8 @@ from medclear.sim import city, demo, traffic
 from medclear.sim.traffic import LatencyStats
 
 console = Console()
+SEED_BATCH = 250  # residents per EnrolPersons call
+SEED_IN_FLIGHT_MAX = 1_000  # residents in flight: each waits its decision (3 s deadline)
 
 
 def progress_bar() -> AbstractContextManager[Progress | LineProgress]:
@@ -38,9 +40,12 @@ def seed_city(
     settings: Settings | None = None,
     *,
     district: bool = False,
+    batch: int = SEED_BATCH,
 ) -> float:
-    """Enrol a synthetic city through the registry; with `district`, every 100th resident
-    (index 7 mod 100) lives in the demo district (short pre-loss, see demo.py)."""
+    """Enrol a synthetic city through the registry, `concurrency` calls in flight of
+    `batch` residents each (1: one EnrolPerson per resident), never more than
+    SEED_IN_FLIGHT_MAX residents in flight; with `district`, every 100th resident (index
+    7 mod 100) lives in the demo district (short pre-loss, see demo.py)."""
     settings = settings or get_settings()
     residents = city.residents(persons, seed)
     registry = endpoint(settings, "registry")
@@ -52,7 +57,7 @@ def seed_city(
             traffic.seed(
                 registry,
                 residents,
-                concurrency,
+                max(1, min(concurrency, SEED_IN_FLIGHT_MAX // max(1, batch))),
                 lambda _resident: progress.advance(task),
                 keyring,
                 client_pki_dir(settings),
@@ -65,6 +70,7 @@ def seed_city(
                 )
                 if district
                 else None,
+                batch,
             )
         )
     elapsed = time.perf_counter() - started

@@ -1,9 +1,11 @@
 """Simulated POS and service-window traffic over real gRPC: seeding, swipes, latency stats.
 
 Seeding goes through the card registry as commands, never by writing state: one
-EnrolPerson per resident (register, issue, activate, change the initial PIN, credit the
-opening balance, decided as one). Request ids are derived from the resident, so seeding
-twice changes nothing: the repeats are answered with the original replies.
+EnrolPerson command per resident (register, issue, activate, change the initial PIN,
+credit the opening balance, decided as one), sent one per call or in EnrolPersons
+batches (the PINs of a batch in one HSM SetPins call). Request ids are derived from the
+resident, so seeding twice changes nothing: the repeats are answered with the original
+replies.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ T = TypeVar("T")
 
 
 SEED_RETRIES = 5  # an enrolment answered TIMEOUT / UNAVAILABLE is sent again this often
+RETRIED = (ResultCode.TIMEOUT, ResultCode.UNAVAILABLE)
+RETRY_PAUSE_S = 0.5  # times the attempt number
 DEFAULT_REGION = "310101"  # the demo city (medclear/data/pre_loss_policy.csv)
 
 
@@ -76,15 +80,11 @@ def _window(request_id: str) -> common_pb2.WindowContext:
     )
 
 
-async def seed_resident(
-    stub: registry_pb2_grpc.CardRegistryServiceStub,
-    r: Resident,
-    keyring: Keyring | None = None,
-    region: str = DEFAULT_REGION,
-) -> None:
-    """Enrol one resident with ONE EnrolPerson command: register, issue and activate the
-    social security card, set the PIN (a PIN block under the seeding window's PIN key
-    when terminal security is on), credit the opening balance (employees)."""
+def _enrol_request(r: Resident, keyring: Keyring | None,
+                   region: str) -> registry_pb2.EnrolPersonRequest:  # fmt: skip
+    """One resident's EnrolPerson: register, issue and activate the social security card,
+    set the PIN (a PIN block under the seeding window's PIN key when terminal security is
+    on), credit the opening balance (employees)."""
     request = registry_pb2.EnrolPersonRequest(
         # ssn and card: a resident of another city who shares the ssn (cities are drawn
         # independently) is refused PERSON_EXISTS, not answered with that person's reply
@@ -100,17 +100,60 @@ async def seed_resident(
     if r.category == InsuranceCategory.EMPLOYEE and r.opening_balance_fen > 0:
         request.opening_balance_fen = r.opening_balance_fen
         request.source_id = f"opening-{r.ssn}"
+    return request
+
+
+async def _settled(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident,
+                   code: ResultCode) -> None:  # fmt: skip
+    """An enrolment's final answer: OK, or PERSON_EXISTS for a resident enrolled before;
+    anything else is a SeedError."""
+    if code == ResultCode.PERSON_EXISTS and await _enrolled_before(stub, r):
+        return  # seeded earlier: by the five separate commands, or its reply forgotten
+    if code != ResultCode.OK:
+        raise SeedError(f"enrol of {r.card_no}: {ResultCode(code).name}")
+
+
+async def seed_resident(
+    stub: registry_pb2_grpc.CardRegistryServiceStub,
+    r: Resident,
+    keyring: Keyring | None = None,
+    region: str = DEFAULT_REGION,
+) -> None:
+    """Enrol one resident with ONE EnrolPerson command."""
+    request = _enrol_request(r, keyring, region)
     for attempt in range(SEED_RETRIES + 1):
         # The same request id again is safe: a decided enrolment is answered from the
         # aggregate's memory (replayed), an undecided one is decided once.
         reply = await stub.EnrolPerson(request, timeout=CALL_TIMEOUT_S)
-        if reply.result not in (ResultCode.TIMEOUT, ResultCode.UNAVAILABLE):
+        if reply.result not in RETRIED:
             break
-        await asyncio.sleep(0.5 * (attempt + 1))
-    if reply.result == ResultCode.PERSON_EXISTS and await _enrolled_before(stub, r):
-        return  # seeded earlier: by the five separate commands, or its reply forgotten
-    if reply.result != ResultCode.OK:
-        raise SeedError(f"enrol of {r.card_no}: {ResultCode(reply.result).name}")
+        await asyncio.sleep(RETRY_PAUSE_S * (attempt + 1))
+    await _settled(stub, r, ResultCode(reply.result))
+
+
+async def seed_batch(
+    stub: registry_pb2_grpc.CardRegistryServiceStub,
+    chunk: Sequence[tuple[Resident, str]],
+    keyring: Keyring | None = None,
+) -> None:
+    """Enrol (resident, region) pairs with one EnrolPersons call; the persons answered
+    TIMEOUT or UNAVAILABLE are sent again (the same request ids: safe, as above)."""
+    pending = [(r, _enrol_request(r, keyring, region)) for r, region in chunk]
+    for attempt in range(SEED_RETRIES + 1):
+        reply = await stub.EnrolPersons(
+            registry_pb2.EnrolPersonsRequest(persons=[request for _r, request in pending]),
+            timeout=CALL_TIMEOUT_S,
+        )
+        again = []
+        for (r, request), answer in zip(pending, reply.replies, strict=True):
+            if answer.result in RETRIED and attempt < SEED_RETRIES:
+                again.append((r, request))
+            else:
+                await _settled(stub, r, ResultCode(answer.result))
+        if not again:
+            return
+        pending = again
+        await asyncio.sleep(RETRY_PAUSE_S * (attempt + 1))
 
 
 async def _enrolled_before(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident) -> bool:
@@ -145,19 +188,32 @@ async def seed(
     keyring: Keyring | None = None,
     pki_dir: Path | None = None,
     region_of: Callable[[int], str] | None = None,
+    batch: int = 1,
 ) -> None:
-    """Enrol every resident through the registry; `region_of(index)` picks a resident's
-    region (default: the demo city's)."""
+    """Enrol every resident through the registry, `concurrency` calls in flight, each of
+    `batch` residents (1: EnrolPerson each; more: EnrolPersons); `region_of(index)` picks
+    a resident's region (default: the demo city's)."""
+    regions = [region_of(i) if region_of else DEFAULT_REGION for i in range(len(residents))]
     async with aio_channel(registry, Role.WINDOW, pki_dir) as channel:
         stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
-        index = {r.ssn: i for i, r in enumerate(residents)}
+        if batch <= 1:
+            index = {r.ssn: i for i, r in enumerate(residents)}
 
-        async def one(r: Resident) -> None:
-            region = region_of(index[r.ssn]) if region_of else DEFAULT_REGION
-            await seed_resident(stub, r, keyring, region)
-            on_done(r)
+            async def one(r: Resident) -> None:
+                await seed_resident(stub, r, keyring, regions[index[r.ssn]])
+                on_done(r)
 
-        await in_flight(residents, concurrency, one)
+            await in_flight(residents, concurrency, one)
+            return
+        chunks = [list(zip(residents[i : i + batch], regions[i : i + batch], strict=True))
+                  for i in range(0, len(residents), batch)]  # fmt: skip
+
+        async def chunk_of(chunk: list[tuple[Resident, str]]) -> None:
+            await seed_batch(stub, chunk, keyring)
+            for r, _region in chunk:
+                on_done(r)
+
+        await in_flight(chunks, concurrency, chunk_of)
 
 
 @dataclass(frozen=True)

@@ -293,6 +293,59 @@ def test_one_enrol_person_rpc_makes_a_person_who_pays_with_the_pin(
     assert ResultCode(wrong.result) == ResultCode.PIN_WRONG and wrong.pin_tries_remaining == 2
 
 
+def test_enrol_persons_decides_each_person_alone_in_one_call(
+    secured: tuple[stack.Endpoints, Keyring],
+) -> None:
+    """EnrolPersons: each person decided as by EnrolPerson, replies in order. In one batch:
+    two who enrol, a malformed one, one whose card another of the batch takes, one whose PIN
+    block is not under the window's key; the good ones pay with their PIN, the others are
+    made nothing; the same batch again is replayed; over the bound is INVALID_ARGUMENT."""
+    endpoints, keyring = secured
+    people = [(make_ssn(random.Random(120 + i), 920 + i), f"SEC00012{i}") for i in range(5)]
+
+    def person(i: int, **fields: object) -> registry_pb2.EnrolPersonRequest:
+        who, card = people[i]
+        request = registry_pb2.EnrolPersonRequest(
+            window=window(f"batch{i}"), ssn=who, name="批量办卡", phone="13700000060",
+            category=int(InsuranceCategory.EMPLOYEE), region="310101", card_no=card,
+            new_pin_block=keyring.pin_block("WIN1", PIN, card), opening_balance_fen=50_00,
+            source_id=f"sec-batch-{who}",
+        )  # fmt: skip
+        for name, value in fields.items():
+            setattr(request, name, value)
+        return request
+
+    batch = registry_pb2.EnrolPersonsRequest(persons=[
+        person(0), person(1), person(2, phone="12345"),
+        person(3, card_no=people[0][1]),  # the card person 0 takes in this batch
+        person(4, new_pin_block=b"\x5a" * 16),  # no block under WIN1's PIN key
+    ])  # fmt: skip
+    with channel_to(endpoints.registry, Role.WINDOW) as channel:
+        reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        replies = reg.EnrolPersons(batch, timeout=15).replies
+        assert [ResultCode(r.result) for r in replies] == [
+            ResultCode.OK, ResultCode.OK, ResultCode.MALFORMED_REQUEST,
+            ResultCode.CARD_EXISTS, ResultCode.PIN_BLOCK_INVALID,
+        ], [r.message for r in replies]  # fmt: skip
+        assert [r.request_id for r in replies] == [p.window.request_id for p in batch.persons]
+        assert "phone" in replies[2].message
+        assert replies[0].balance_fen == 50_00 and replies[0].state.version == 5
+        again = reg.EnrolPersons(batch, timeout=15).replies
+        assert [r.replayed for r in again[:2]] == [True, True]
+        for who, _card in people[2:]:
+            nobody = reg.GetPerson(registry_pb2.GetPersonRequest(ssn=who), timeout=15)
+            assert ResultCode(nobody.result) == ResultCode.PERSON_UNKNOWN
+        too_many = registry_pb2.EnrolPersonsRequest(persons=[person(0)] * 1_001)
+        with pytest.raises(grpc.RpcError) as exc:
+            reg.EnrolPersons(too_many, timeout=15)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        found = status.details_of(exc.value)
+        assert found is not None and found.fields[0][0] == "persons"
+    for _who, card in people[:2]:
+        paid = swipe(secured, card, PIN, amount_fen=10_00)
+        assert ResultCode(paid.result) == ResultCode.OK and paid.balance_after_fen == 40_00
+
+
 def appears(secret: str, haystack: str | bytes) -> bool:
     """`secret` is in `haystack` as itself, not as a run of digits inside a longer number
     (a request id holds a nanosecond clock, whose digits may spell any PIN)."""

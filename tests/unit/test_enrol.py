@@ -243,3 +243,17 @@ def test_enrolment_decides_exactly_as_its_steps_would(
     assert without_ids(decision.events) == without_ids(expected_events)
     assert replace(person, replies=()) == replace(expected, replies=())
     assert len({e.event_id for e in decision.events}) == len(decision.events)
+
+
+@settings(max_examples=300, deadline=None)
+@given(valid, st.lists(st.sampled_from(SPOILS), max_size=2))
+def test_a_malformed_enrolment_names_its_field_and_only_a_malformed_one(
+    command: EnrolPerson, spoils: list[dict[str, object]]
+) -> None:
+    """The window is told which field to correct: `enrolment_fault` names one exactly when
+    the deciders refuse the enrolment of a new person as malformed."""
+    for spoil in spoils:
+        command = replace(command, **spoil)  # type: ignore[arg-type]
+    _, decision = at_once(command)
+    fault = core.enrolment_fault(command)
+    assert (decision.reply.result == ResultCode.MALFORMED_REQUEST) == (fault is not None), fault
