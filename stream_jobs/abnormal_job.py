@@ -11,13 +11,15 @@ in clearing/abnormal.py.
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
 from clearing import codec
 from clearing.abnormal import AlertKind, BlockWatch, Detector
 from medclear.infra import topics
 from medclear.infra.settings import Settings
-from medclear.streams.process import idle_backoff, run_in_foreground
+from medclear.streams.process import idle_backoff, serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 from stream_jobs.events import decoded
@@ -52,8 +54,8 @@ def create(settings: Settings, bootstrap: str) -> Runtime:
                    backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
 
 
-def run(settings: Settings, bootstrap: str) -> None:
+async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
     log.info("abnormal job starting")
     for kind in AlertKind:  # every kind at 0 from the start: the first alert is an increase
         metrics.ABNORMAL_ALERTS.labels(kind.value)
-    run_in_foreground([create(settings, bootstrap)])
+    await serve_runtimes([create(settings, bootstrap)], [], stopping)

@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +63,7 @@ from medclear.infra import topics
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_card_tokens
 from medclear.streams.poll import IdleBackoff, Poller
+from medclear.streams.runtime import set_ready
 from monitoring import metrics
 from stream_jobs import ch
 
@@ -175,13 +175,13 @@ class _Assignments(ConsumerRebalanceListener):  # type: ignore[misc]
         # dropped (its offsets are not committed) and re-read from the committed offsets.
         self.sink.epoch += 1
         if self.sink.feed.primary:
-            metrics.READY.set(0)
+            set_ready(self.sink, False)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.sink.epoch += 1
         self.sink.assigned = set(assigned)
         if self.sink.feed.primary:
-            metrics.READY.set(1 if assigned and self.sink.migrated else 0)
+            set_ready(self.sink, bool(assigned) and self.sink.migrated)
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
@@ -217,6 +217,8 @@ class ClickHouseSink:
         self.migrated = False
         self.inserted_to: dict[TopicPartition, int] = {}  # next offset not yet in ClickHouse
         self.stopping = asyncio.Event()
+        if feed.primary:
+            set_ready(self, False)
         self._client: Client | None = None
         self._lag_checked = 0.0
 
@@ -407,14 +409,14 @@ class ClickHouseSink:
                 await self._flush(consumer, batch)
         finally:
             if self.feed.primary:
-                metrics.READY.set(0)
+                set_ready(self, False)
             await consumer.stop()
             self._drop_client()
 
 
-def run(settings: Settings, bootstrap: str) -> None:
-    """Three feeds in one process: events (the primary: migrations, READY, lag), alerts
-    and SMS outcomes, each with its own consumer group and the same batching rules."""
+async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
+    """Three feeds: events (the primary: migrations, READY, lag), alerts and SMS outcomes,
+    each with its own consumer group and the same batching rules."""
     tokens = load_card_tokens(settings)
     sinks = [
         ClickHouseSink(
@@ -433,19 +435,17 @@ def run(settings: Settings, bootstrap: str) -> None:
              batch_rows_max=primary.batch_rows_max,
              batch_wait_ms=settings.clickhouse_sink_batch_wait_ms)  # fmt: skip
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
+    async def stop_all() -> None:
+        await stopping.wait()
+        for sink in sinks:
+            sink.stopping.set()
 
-        def stop_all() -> None:  # one handler per signal: a second add_signal_handler replaces it
-            for sink in sinks:
-                sink.stopping.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_all)
+    stopper = asyncio.create_task(stop_all())
+    try:
         first = asyncio.ensure_future(primary.run())
         while not primary.migrated and not first.done():  # one migration, then the rest
             await asyncio.sleep(MIGRATION_POLL_S)
         await asyncio.gather(first, *(sink.run() for sink in others))
-
-    asyncio.run(main())
+    finally:
+        stopper.cancel()
     log.info("clickhouse sink stopped")

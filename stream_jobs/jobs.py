@@ -1,23 +1,31 @@
 """The stream jobs `medclear up` starts: name → "module:function".
 
-Each function is `run(settings, bootstrap)` and blocks (its stream runtimes, medclear/streams,
-until SIGTERM). For every entry `medclear serve <name>` exists and `medclear up` starts it
-after the gateway and registry, then waits for its READY gauge. Adding a job is one line
-here.
+Each function is `serve(settings, bootstrap, stopping)`, a coroutine that runs the job (its
+stream runtimes, medclear/streams) until `stopping` is set, then finishes what is in flight
+and commits. `medclear serve <name>` runs one job as a process; `medclear serve jobs` runs
+the chosen ones (MEDCLEAR_JOBS, default all) in one process and one event loop, which is
+how `medclear up` starts them unless MEDCLEAR_JOBS_IN_ONE_PROCESS=false (one process per
+job: what production runs, and what isolates a job's crash); stream_jobs/host.py runs
+them. This module imports no Kafka client: `medclear serve hsm` reads it too. Adding a job
+is one line here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+from medclear.infra.settings import Settings
+from stream_jobs.errors import StreamJobError
+
 JOBS: dict[str, str] = {
-    "pre-loss-timer": "stream_jobs.pre_loss_timer:run",
-    "clickhouse-sink": "stream_jobs.clickhouse_sink:run",
-    "sms": "stream_jobs.sms:run",
-    "abnormal": "stream_jobs.abnormal_job:run",
-    "settlement": "stream_jobs.settlement:run",
+    "pre-loss-timer": "stream_jobs.pre_loss_timer:serve",
+    "clickhouse-sink": "stream_jobs.clickhouse_sink:serve",
+    "sms": "stream_jobs.sms:serve",
+    "abnormal": "stream_jobs.abnormal_job:serve",
+    "settlement": "stream_jobs.settlement:serve",
 }
 
 JOB_HELP: dict[str, str] = {
@@ -28,7 +36,23 @@ JOB_HELP: dict[str, str] = {
     "settlement": "daily settlement per institution (medclear.settlements)",
 }
 
+JOBS_IN_ONE = "jobs"  # the component (and `medclear serve` role) that runs them in one process
 
-def runner(name: str) -> Callable[..., Any]:
+ServeJob = Callable[[Settings, str, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def selected(settings: Settings) -> list[str]:
+    """The jobs to run: all of JOBS, or those MEDCLEAR_JOBS names, in JOBS's order."""
+    wanted = [name.strip() for name in settings.jobs.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in JOBS]
+    if unknown:
+        raise StreamJobError(
+            f"unknown stream job(s) {', '.join(unknown)}; known: {', '.join(JOBS)}"
+        )
+    return [name for name in JOBS if not wanted or name in wanted]
+
+
+def server(name: str) -> ServeJob:
+    """A job's `serve` coroutine function, imported only when it is asked for."""
     module, _, function = JOBS[name].partition(":")
     return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]

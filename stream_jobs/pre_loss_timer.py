@@ -22,7 +22,7 @@ from clearing.redact import PERSON, Sealer
 from medclear.infra import topics
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_sealer
-from medclear.streams.process import idle_backoff, run_in_foreground
+from medclear.streams.process import idle_backoff, serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 from stream_jobs.events import decoded
@@ -87,7 +87,7 @@ def create(settings: Settings, bootstrap: str) -> tuple[Runtime, Ticker]:
                            settings.pre_loss_timer_interval_s)  # fmt: skip
 
 
-def run(settings: Settings, bootstrap: str) -> None:
+async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
     runtime, ticker = create(settings, bootstrap)
     log.info("pre-loss timer starting", interval_s=settings.pre_loss_timer_interval_s)
-    run_in_foreground([runtime], [ticker.run])
+    await serve_runtimes([runtime], [ticker.run], stopping)

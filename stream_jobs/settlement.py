@@ -32,7 +32,7 @@ from clearing import codec
 from clearing import settlement as rules
 from medclear.infra import topics
 from medclear.infra.settings import Settings
-from medclear.streams.process import idle_backoff, run_in_foreground
+from medclear.streams.process import idle_backoff, serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 from stream_jobs.events import decoded
@@ -170,8 +170,9 @@ def create(
     return router, settler, settle
 
 
-def run(settings: Settings, bootstrap: str) -> None:
+async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
     router, settler, settle = create(settings, bootstrap)
     log.info("settlement starting", cutoff_s=settings.settlement_cutoff_s)
-    run_in_foreground([router, settler],
-                      [lambda stopping: settle.close_ticks(settler, stopping)])  # fmt: skip
+    await serve_runtimes([router, settler],
+                         [lambda stopping: settle.close_ticks(settler, stopping)],
+                         stopping)  # fmt: skip

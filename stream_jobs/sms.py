@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,8 +74,8 @@ from medclear.infra.kafka_admin import ensure_topics
 from medclear.infra.policy import load_institutions
 from medclear.infra.settings import Settings, smsc_password
 from medclear.infra.tokens import load_sealer
-from medclear.streams.process import idle_backoff, run_in_foreground
-from medclear.streams.runtime import Batch, Runtime
+from medclear.streams.process import idle_backoff, serve_runtimes
+from medclear.streams.runtime import Batch, Runtime, set_ready
 from monitoring import metrics
 from stream_jobs import sms_core
 from stream_jobs.errors import StreamJobError
@@ -283,18 +282,17 @@ def outcome_of(submission: Submission, uncertain: bool) -> OutcomeRecord:
                          status)  # fmt: skip
 
 
-def run(settings: Settings, bootstrap: str) -> None:
+async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
     if not settings.sms_enabled:
         log.info("sms disabled (MEDCLEAR_SMS_ENABLED=false): idle, nothing consumed")
-        metrics.READY.set(1)
-        threading.Event().wait()
+        set_ready(serve, True)
+        await stopping.wait()
         return
-    asyncio.run(ensure_topics(bootstrap, {topics.SMS_OUTCOMES.name:
-                                                 settings.event_partitions}))  # fmt: skip
+    await ensure_topics(bootstrap, {topics.SMS_OUTCOMES.name: settings.event_partitions})
     runtime, job = create(settings, bootstrap)
     log.info("sms job starting", smsc=f"{settings.smsc_host}:{settings.smsc_port}",
              in_flight_max=SMS_IN_FLIGHT_MAX)  # fmt: skip
     try:
-        run_in_foreground([runtime], [job.poll_receipts])
+        await serve_runtimes([runtime], [job.poll_receipts], stopping)
     finally:
         job.sender.close()

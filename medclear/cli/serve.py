@@ -22,6 +22,7 @@ from medclear.infra.settings import Settings, get_settings, pki_dir
 from medclear.infra.stack_state import StackError, load_endpoints
 from monitoring import metrics
 from stream_jobs import jobs
+from stream_jobs.errors import StreamJobError
 
 ROLE_MODULES = {
     "worker": "stream_jobs.worker",
@@ -29,6 +30,7 @@ ROLE_MODULES = {
     "registry": "card_registry.service",
     "hsm": "hsm_sim.service",
     "watch": "medclear.stack.watch",
+    "jobs": "stream_jobs.host",
 }
 
 serve_app = typer.Typer(
@@ -123,10 +125,22 @@ def serve_watch(metrics_port: MetricsPort = 0) -> None:
     _role("watch").run(settings)
 
 
+@serve_app.command(jobs.JOBS_IN_ONE)
+def serve_jobs(metrics_port: MetricsPort = 0) -> None:
+    """Every stream job (or those MEDCLEAR_JOBS names) in one process and one event loop,
+    as `up` runs them by default; one job's failure restarts them all."""
+    settings = _prepare(jobs.JOBS_IN_ONE, metrics_port)
+    try:
+        names = jobs.selected(settings)
+    except StreamJobError as exc:
+        raise fail(str(exc)) from exc
+    _role("jobs").run(settings, settings.kafka_bootstrap, names)
+
+
 def _job_command(name: str) -> None:
     def serve_job(metrics_port: MetricsPort = 0) -> None:
         settings = _prepare(name, metrics_port)
-        jobs.runner(name)(settings, settings.kafka_bootstrap)
+        _role("jobs").run(settings, settings.kafka_bootstrap, [name])
 
     serve_job.__doc__ = f"The {name} stream job: {jobs.JOB_HELP.get(name, 'see stream_jobs/')}."
     serve_app.command(name)(serve_job)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from medclear import stack
@@ -29,6 +29,7 @@ from medclear.drills.access import (
 )
 from medclear.drills.bounds import AFTER_RECOVERY_S, RECOVERY_WAIT_S, DrillError
 from medclear.drills.traffic import SteadyTraffic
+from stream_jobs.jobs import JOBS_IN_ONE
 
 
 @dataclass
@@ -58,22 +59,33 @@ def worker_kill(times: int) -> Fault:
     return kill_loop(times, ())
 
 
-KILL_LOOP_COMPONENTS = ("worker-0", "sms", "settlement")  # the jobs whose loss costs money
+KILL_LOOP_JOBS = ("sms", "settlement")  # beside the worker, the jobs whose loss costs money
 
 
-def kill_loop(times: int, names: Sequence[str] = KILL_LOOP_COMPONENTS) -> Fault:
-    """kill -9 each of `names` in turn (no names: the clearing workers), restart it, wait
-    for an approval after it; `times` rounds."""
+def kill_loop_targets(running: Collection[str]) -> list[str]:
+    """worker-0, then the process(es) of the sms and settlement jobs: their own
+    (MEDCLEAR_JOBS_IN_ONE_PROCESS=false) or the one process of every job (`jobs`)."""
+    hosts = [job if job in running else JOBS_IN_ONE for job in KILL_LOOP_JOBS]
+    return ["worker-0", *dict.fromkeys(hosts)]
+
+
+def kill_loop(times: int, names: Sequence[str] | None = None) -> Fault:
+    """kill -9 each of `names` in turn (None: kill_loop_targets; empty: the clearing
+    workers), restart it, wait for an approval after it; `times` rounds."""
 
     def fault(a: StackAccess, traffic: SteadyTraffic, marks: Marks, log: Log) -> None:
         running = sorted(r.name for r in stack.status(a.settings))
-        targets = list(names) or [n for n in running if n.startswith("worker-")]
+        if names is None:
+            targets = kill_loop_targets(running)
+        else:
+            targets = list(names) or [n for n in running if n.startswith("worker-")]
         missing = [n for n in targets if n not in running]
         if not targets or missing:
             raise DrillError(f"the stack has no {', '.join(missing) or 'clearing worker'}")
-        rounds = times if names else 1
-        kills = [t for _ in range(rounds) for t in targets] if names else [
-            targets[n % len(targets)] for n in range(times)]  # fmt: skip
+        if names is None or names:  # every target, `times` rounds
+            kills = [t for _ in range(times) for t in targets]
+        else:  # the workers, `times` kills in all
+            kills = [targets[n % len(targets)] for n in range(times)]
         for n, name in enumerate(kills):
             pid = signal_component(a, name, signal.SIGKILL)
             while not pid_gone(pid):

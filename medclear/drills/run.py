@@ -36,7 +36,7 @@ from medclear.drills.checks import (
     wait_drained,
 )
 from medclear.drills.faults import (
-    KILL_LOOP_COMPONENTS,
+    KILL_LOOP_JOBS,
     Fault,
     Log,
     Marks,
@@ -224,10 +224,10 @@ def spec(name: str, times: int = 2, seconds: float = 10.0, freeze: bool = False)
         return DrillSpec(name, f"kill -9 a clearing worker, restart it ({times}×)",
                          worker_kill(times), times * 15.0, "worker-0")  # fmt: skip
     if name == "kill-loop":
-        components = ", ".join(KILL_LOOP_COMPONENTS)
-        return DrillSpec(name, f"kill -9 {components} in turn, {times}× each",
-                         kill_loop(times), times * len(KILL_LOOP_COMPONENTS) * 6.0,
-                         "sms")  # fmt: skip
+        jobs = " and ".join(KILL_LOOP_JOBS)
+        return DrillSpec(name, f"kill -9 worker-0 and the process of the {jobs} jobs in turn, "
+                         f"{times}× each", kill_loop(times),
+                         times * (1 + len(KILL_LOOP_JOBS)) * 6.0, "worker-0")  # fmt: skip
     if name == "broker-restart":
         return DrillSpec(name, "broker stop + start (noida-db: not kill -9)",
                          broker_restart(), 15.0, "broker")  # fmt: skip

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     jobs: str = Field(
         "", description="comma-separated stream jobs `up` starts (stream_jobs/jobs.py); empty: all"
     )
+    jobs_in_one_process: bool = Field(
+        True,
+        description="`up` runs the stream jobs in one process, component `jobs` (false: one "
+        "process per job, as in production, so one job's crash stops no other)",
+    )
     pre_loss_timer_interval_s: float = Field(5.0, gt=0, le=3600, description="timer job tick")
     settlement_cutoff_s: int = Field(
         7200, ge=0, le=7 * 86400, description="a settlement day closes this long after its end"

@@ -81,7 +81,8 @@ from medclear.stack.servers import (
     start_prometheus,
 )
 from medclear.stack.smsc import SMSC_DIR, ensure_installed, smsc_argv
-from stream_jobs.jobs import JOBS
+from stream_jobs.errors import StreamJobError
+from stream_jobs.jobs import JOBS, JOBS_IN_ONE, selected
 
 
 def _relative(path: str) -> str:
@@ -368,6 +369,8 @@ class _Starter:
         jobs = selected_jobs(settings)
         if "sms" in jobs and settings.sms_enabled and settings.smsc_embedded:
             self.smsc()
+        if settings.jobs_in_one_process and jobs:
+            jobs = [JOBS_IN_ONE]  # `serve jobs` reads MEDCLEAR_JOBS itself
         gateway_port = settings.gateway_port or free_port()
         registry_port = settings.registry_port or free_port()
         with self.console.status("starting gateway, registry and stream jobs …"):
@@ -461,17 +464,17 @@ def _smsc_env(components: Sequence[Component]) -> dict[str, str]:
 
 
 def selected_jobs(settings: Settings) -> list[str]:
-    """The stream jobs `up` starts: all of stream_jobs/jobs.py, or those MEDCLEAR_JOBS names."""
-    wanted = [name.strip() for name in settings.jobs.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in JOBS]
-    if unknown:
-        raise StackError(f"unknown stream job(s) {', '.join(unknown)}; known: {', '.join(JOBS)}")
-    return [name for name in JOBS if not wanted or name in wanted]
+    """The stream jobs `up` starts: all of stream_jobs/jobs.py, or those MEDCLEAR_JOBS names
+    (in one process, component `jobs`, unless MEDCLEAR_JOBS_IN_ONE_PROCESS=false)."""
+    try:
+        return selected(settings)
+    except StreamJobError as exc:
+        raise StackError(str(exc)) from exc
 
 
 ALERT_RULES = Path(__file__).resolve().parents[2] / "monitoring" / "alerts.yml"
 WATCH_ROLE = "watch"  # restarts what exits (medclear/stack/watch.py)
-MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", *JOBS, WATCH_ROLE)
+MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", *JOBS, JOBS_IN_ONE, WATCH_ROLE)
 WATCH_PAUSE_FILE = "watch.paused"  # while it exists, the watcher restarts nothing
 
 

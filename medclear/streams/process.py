@@ -1,5 +1,7 @@
 """Running stream runtimes as a process: settings, signals, periodic tasks.
 
+A job is served by a coroutine given the process's stop event (`Served`); a process serves
+one job or several (`medclear serve jobs`: every downstream job in one event loop).
 SIGTERM / SIGINT stop the process gracefully; SIGUSR1 writes the stack of every asyncio
 task to stderr (the component's log), for an operator who sees a job make no progress."""
 
@@ -22,6 +24,7 @@ DOWNSTREAM_BACKOFF_FIRST_MS = 50.0  # the stream jobs after the decision only ne
 DOWNSTREAM_BACKOFF_MAX_MS = 500.0  # up: a poll at most every 50 ms unless records wait
 
 Periodic = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+Served = Periodic  # a job: runs until the event is set, then finishes and commits
 
 
 def idle_backoff(settings: Settings, decision_path: bool) -> IdleBackoff:
@@ -64,9 +67,25 @@ def dump_tasks() -> None:
     sys.stderr.flush()
 
 
-def run_in_foreground(runtimes: Sequence[Runtime], tasks: Sequence[Periodic] = ()) -> None:
-    """Run runtimes (and tasks given the stop event) until SIGTERM or SIGINT; then each
-    runtime finishes what is in flight, commits and stops."""
+async def serve_runtimes(
+    runtimes: Sequence[Runtime], tasks: Sequence[Periodic], stopping: asyncio.Event
+) -> None:
+    """Run runtimes (and tasks given the stop event) until `stopping` is set; then each
+    runtime finishes what is in flight, commits and stops, and the tasks are cancelled."""
+    others = [asyncio.create_task(task(stopping)) for task in tasks]
+    try:
+        await asyncio.gather(*(runtime.run(stopping) for runtime in runtimes))
+    finally:
+        for other in others:
+            other.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await other
+
+
+def run_until_signal(jobs: Sequence[Served]) -> None:
+    """Serve jobs in one event loop until SIGTERM or SIGINT. A job that fails stops the
+    others gracefully (they commit what is done), then its error ends the process, so
+    whoever runs it (the stack's watcher) starts all of them again."""
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -74,14 +93,18 @@ def run_in_foreground(runtimes: Sequence[Runtime], tasks: Sequence[Periodic] = (
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
-        others = [asyncio.create_task(task(stopping)) for task in tasks]
+        served = [asyncio.create_task(job(stopping)) for job in jobs]
         try:
-            await asyncio.gather(*(runtime.run(stopping) for runtime in runtimes))
+            await asyncio.wait(served, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             stopping.set()
-            for other in others:
-                other.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await other
+            await asyncio.wait(served)
+        for task in served:
+            task.result()  # the first failure, if any, raised here
 
     asyncio.run(main())
+
+
+def run_in_foreground(runtimes: Sequence[Runtime], tasks: Sequence[Periodic] = ()) -> None:
+    """One job of runtimes and periodic tasks as the whole process (run_until_signal)."""
+    run_until_signal([lambda stopping: serve_runtimes(runtimes, tasks, stopping)])

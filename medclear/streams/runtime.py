@@ -40,6 +40,7 @@ import contextlib
 import os
 import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -138,12 +139,13 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.runtime.assigned(list(assigned))
 
 
-_READINESS: dict[int, bool] = {}  # id(runtime) → ready; a process may run several
+_READINESS: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
 
 
-def _set_ready(runtime: Runtime, ready: bool) -> None:
-    """`medclear_ready` 1 only while every runtime of this process is ready."""
-    _READINESS[id(runtime)] = ready
+def set_ready(part: object, ready: bool) -> None:
+    """`medclear_ready` 1 only while every part of this process (each runtime, the
+    ClickHouse sink, …: every job when they share a process) is ready."""
+    _READINESS[part] = ready
     metrics.READY.set(1 if all(_READINESS.values()) else 0)
 
 
@@ -188,7 +190,7 @@ class Runtime:
         self.reply_producer: AIOKafkaProducer | None = None  # see start()
         self._restorer: AIOKafkaConsumer | None = None
         self.stopping = asyncio.Event()  # set when the process is asked to stop
-        _set_ready(self, False)
+        set_ready(self, False)
 
     # ------------------------------------------------------------------ state
 
@@ -269,7 +271,7 @@ class Runtime:
         for store in self.stores.values():
             store.close()
         self.stores.clear()
-        _set_ready(self, False)
+        set_ready(self, False)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Poll, decide, hand over, until `stopping` is set; then stop cleanly."""
@@ -441,7 +443,7 @@ class Runtime:
         metrics.STREAM_REBALANCES.labels(self.job, "revoked").inc(len(revoked))
         async with self._lock:
             self._ready = False
-            _set_ready(self, False)
+            set_ready(self, False)
             await self._drain()  # every batch in flight finished and committed
             for tp in revoked:
                 for table in self.tables:
@@ -461,7 +463,7 @@ class Runtime:
                      partitions=sorted(tp.partition for tp in assigned))  # fmt: skip
         if self._ready and self.on_ready is not None:
             await self.on_ready()
-        _set_ready(self, self._ready)
+        set_ready(self, self._ready)
 
     async def _open_and_restore(self, table: str, partition: int) -> None:
         if (table, partition) in self.stores:

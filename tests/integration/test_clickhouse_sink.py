@@ -64,6 +64,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         command_partitions=2,
         event_partitions=2,
         jobs=f"{SINK},abnormal",  # the other stream jobs have their own tests
+        jobs_in_one_process=False,  # the sink is its own component: production's layout
     )
 
 

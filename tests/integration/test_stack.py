@@ -29,6 +29,7 @@ from medclear.infra.settings import Settings
 from medclear.stack import supervisor
 from medclear.stack.record import Component, Probe, State
 from medclear.stack.watch import WATCH_INTERVAL_S
+from stream_jobs.jobs import JOBS_IN_ONE
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(90)]
 
@@ -366,8 +367,9 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         rows = stack.status(settings)
         jobs = stack.selected_jobs(settings)
         smsc = ["smsc"] if "sms" in jobs and settings.sms_enabled else []
+        hosts = [JOBS_IN_ONE] if settings.jobs_in_one_process else jobs
         expected = ["broker", "clickhouse", "hsm", "worker-0", "worker-1", *smsc, "gateway",
-                    "registry", *jobs, "prometheus"]  # fmt: skip
+                    "registry", *hosts, "prometheus"]  # fmt: skip
         assert [r.name for r in rows] == expected
         assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows]
         record = json.loads((state_dir / "stack.json").read_text())
@@ -500,38 +502,38 @@ def _wait_for(check: Any, timeout_s: float) -> bool:
 def test_the_watcher_restarts_a_component_that_exits_and_not_while_paused(
     tmp_path: Path,
 ) -> None:
-    """kill -9 of a stream job: the watcher starts it again (one restart, shown by
-    `status` and counted in its metrics); while the drills' pause file exists, nothing."""
+    """kill -9 of the stream jobs' process: the watcher starts it again (one restart, shown
+    by `status` and counted in its metrics); while the drills' pause file exists, nothing."""
     settings = Settings(state_dir=tmp_path / "state", startup_timeout_s=60, jobs="abnormal",
                         restart_on_exit=True, tls=False, terminal_security=False)  # fmt: skip
     console = Console(stderr=True)
     try:
         stack.up(settings, console)
-        first = _pid_of(settings, "abnormal")
+        first = _pid_of(settings, JOBS_IN_ONE)
         assert first is not None
         with supervisor.watcher_paused(settings):
             os.kill(first, signal.SIGKILL)
             time.sleep(3 * WATCH_INTERVAL_S + 1)
-            assert "abnormal" in supervisor.exited(settings)  # paused: left down
+            assert JOBS_IN_ONE in supervisor.exited(settings)  # paused: left down
 
         def restarted() -> bool:
-            row = next(r for r in stack.status(settings) if r.name == "abnormal")
+            row = next(r for r in stack.status(settings) if r.name == JOBS_IN_ONE)
             return row.healthy and row.pid != first
 
         assert _wait_for(restarted, 30)
-        row = next(r for r in stack.status(settings) if r.name == "abnormal")
+        row = next(r for r in stack.status(settings) if r.name == JOBS_IN_ONE)
         assert row.restarts == 1
         watch = next(c for c in json.loads((settings.state_dir / "stack.json").read_text())
                      ["components"] if c["name"] == "watch")  # fmt: skip
         url = f"http://127.0.0.1:{watch['ports']['metrics']}/metrics"
         with urllib.request.urlopen(url, timeout=5) as answer:
             text = answer.read().decode()
-        assert 'medclear_component_restarts_total{component="abnormal"} 1.0' in text
+        assert 'medclear_component_restarts_total{component="jobs"} 1.0' in text
         env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir)}
         shown = subprocess.run([sys.executable, "-m", "medclear", "status", "--json"], env=env,
                                capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
         rows = {r["name"]: r for r in json.loads(shown.stdout)}
-        assert rows["abnormal"]["restarts"] == 1 and rows["abnormal"]["healthy"]
+        assert rows[JOBS_IN_ONE]["restarts"] == 1 and rows[JOBS_IN_ONE]["healthy"]
     finally:
         stack.down(settings, console, wipe=True)
 

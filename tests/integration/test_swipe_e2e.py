@@ -305,7 +305,7 @@ def test_status_reports_every_component_healthy(
         "worker-0",
         "gateway",
         "registry",
-        "pre-loss-timer",
+        "jobs",  # every stream job, in one process
         "prometheus",
     } <= names
     assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows if not r.healthy]

@@ -1,0 +1,16 @@
+"""Serving stream jobs in this process: one (`medclear serve <job>`) or several in one
+event loop (`medclear serve jobs`), until SIGTERM (medclear/streams/process.py)."""
+
+from __future__ import annotations
+
+import functools
+
+from medclear.infra.settings import Settings
+from medclear.streams.process import Served, run_until_signal
+from stream_jobs.jobs import server
+
+
+def run(settings: Settings, bootstrap: str, names: list[str]) -> None:
+    """The named jobs (stream_jobs/jobs.py) until SIGTERM; one's failure ends them all."""
+    served: list[Served] = [functools.partial(server(name), settings, bootstrap) for name in names]
+    run_until_signal(served)
