@@ -28,6 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -126,45 +127,67 @@ def status(settings: Settings) -> list[ComponentStatus]:
     return [component_status(c) for c in state.components]
 
 
-def _stop_components(components: Sequence[Component], console: Console | None,
-                     killed: list[str] | None = None) -> list[str]:  # fmt: skip
-    """Stop in reverse order; returns the names that could not be stopped, and adds to
-    `killed` those that needed SIGKILL."""
+def _stop_waves(components: Sequence[Component]) -> list[list[Component]]:
+    """The order of a stop: the watcher first (it would restart the others), then every
+    other process at once, then the broker and ClickHouse at once (the processes commit
+    to them while they stop)."""
+    servers = [c for c in components if c.kind.startswith(SERVER_KINDS)]
+    watch = [c for c in components if c.kind == WATCH_ROLE]
+    rest = [c for c in components if c not in servers and c not in watch]
+    return [watch, list(reversed(rest)), list(reversed(servers))]
+
+
+def _stop_components(
+    components: Sequence[Component], console: Console | None, killed: list[str] | None = None
+) -> list[str]:
+    """Stop in waves (`_stop_waves`), each wave's components in parallel; returns the names
+    that could not be stopped, and adds to `killed` those that needed SIGKILL."""
     killed = killed if killed is not None else []
     failed: list[str] = []
-    for comp in reversed(components):
-        proc = comp.proc
-        if proc is None or proc.pid is None:
+    for wave in _stop_waves(components):
+        if not wave:
             continue
-        if not proc.alive():
-            if console is not None:
-                if proc_cmdline(proc.pid) is not None:
-                    console.print(
-                        f"  [yellow]![/] {comp.name}: pid {proc.pid} now runs another "
-                        "program; not touching it"
-                    )
-                else:
-                    console.print(f"  [dim]-[/] {comp.name}: not running")
-            continue
-        t0 = time.monotonic()
-        try:
-            proc.stop(STOP_TIMEOUT_S)
-        except StackError as exc:
-            failed.append(comp.name)
-            if console is not None:
-                console.print(f"  [red]x[/] {escape(str(exc))}")
-            continue
-        if console is not None and proc.killed:
-            console.print(f"  [yellow]![/] {comp.name} (pid {proc.pid}) did not stop within "
-                          f"{STOP_TIMEOUT_S:g} s of SIGTERM: killed (see its log)")  # fmt: skip
-        elif console is not None:
-            console.print(
-                f"  [green]✓[/] stopped {comp.name} (pid {proc.pid}) "
-                f"in {time.monotonic() - t0:.1f} s"
-            )
-        if proc.killed:
-            killed.append(comp.name)
+        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+            outcomes = list(pool.map(lambda comp: _stop_one(comp, console), wave))
+        for comp, outcome in zip(wave, outcomes, strict=True):
+            if outcome == "failed":
+                failed.append(comp.name)
+            elif outcome == "killed":
+                killed.append(comp.name)
     return failed
+
+
+def _stop_one(comp: Component, console: Console | None) -> str:
+    """Stop one component: "stopped", "killed" (it needed SIGKILL), "failed" or "" (not
+    running, or its pid now another program's)."""
+    proc = comp.proc
+    if proc is None or proc.pid is None:
+        return ""
+    if not proc.alive():
+        if console is not None:
+            if proc_cmdline(proc.pid) is not None:
+                console.print(
+                    f"  [yellow]![/] {comp.name}: pid {proc.pid} now runs another "
+                    "program; not touching it"
+                )
+            else:
+                console.print(f"  [dim]-[/] {comp.name}: not running")
+        return ""
+    t0 = time.monotonic()
+    try:
+        proc.stop(STOP_TIMEOUT_S)
+    except StackError as exc:
+        if console is not None:
+            console.print(f"  [red]x[/] {escape(str(exc))}")
+        return "failed"
+    if console is not None and proc.killed:
+        console.print(f"  [yellow]![/] {comp.name} (pid {proc.pid}) did not stop within "
+                      f"{STOP_TIMEOUT_S:g} s of SIGTERM: killed (see its log)")  # fmt: skip
+    elif console is not None:
+        console.print(
+            f"  [green]✓[/] stopped {comp.name} (pid {proc.pid}) in {time.monotonic() - t0:.1f} s"
+        )
+    return "killed" if proc.killed else "stopped"
 
 
 def _serve_argv(role: str, index: int | None, port: int | None, metrics_port: int) -> list[str]:
@@ -474,6 +497,7 @@ def selected_jobs(settings: Settings) -> list[str]:
 
 ALERT_RULES = Path(__file__).resolve().parents[2] / "monitoring" / "alerts.yml"
 WATCH_ROLE = "watch"  # restarts what exits (medclear/stack/watch.py)
+SERVER_KINDS = ("kafka:", "clickhouse")  # stopped last: every process writes to them
 MEDCLEAR_ROLES = ("hsm", "worker", "gateway", "registry", *JOBS, JOBS_IN_ONE, WATCH_ROLE)
 WATCH_PAUSE_FILE = "watch.paused"  # while it exists, the watcher restarts nothing
 
