@@ -37,6 +37,7 @@ APPROVED = frozenset({ResultCode.OK, ResultCode.PARTIALLY_APPROVED})
 PERSON_SPACE = 50 * 12 * 28 * 1000  # distinct drill social security numbers
 DRILL_TERMINALS = 8
 SEED_ATTEMPTS = 5  # seeding again after a timeout (the same request ids)
+LOOKUP_PAUSE_S = 1.0  # times the attempt: before a person lookup that timed out is asked again
 
 
 class DrillError(MedclearError):

@@ -18,6 +18,7 @@ from clearing.validate import ssn_check_char
 from medclear.drills.access import StackAccess
 from medclear.drills.bounds import (
     DRILL_TERMINALS,
+    LOOKUP_PAUSE_S,
     OPENING_BALANCE_FEN,
     PERSON_SPACE,
     PERSONS_MIN,
@@ -94,10 +95,17 @@ async def seed_and_read(
             if attempt == SEED_ATTEMPTS - 1:
                 raise DrillError(f"seeding did not finish: {exc}") from exc
     views = await person_views(a, [p.ssn for p in persons])
+    for attempt in range(1, SEED_ATTEMPTS):  # a lookup not decided in time is asked again
+        again = [ssn for ssn, view in views.items() if ResultCode(view.result) in UNDECIDED]
+        if not again:
+            break
+        await asyncio.sleep(attempt * LOOKUP_PAUSE_S)
+        views.update(await person_views(a, again))
     before = {}
     for ssn, view in views.items():
-        consumptions = [t for t in view.transactions if t.kind == "consumption"]
-        if ResultCode(view.result) != ResultCode.OK or consumptions:
+        if ResultCode(view.result) != ResultCode.OK:
+            raise DrillError(f"person {ssn[:6]}… after seeding: {ResultCode(view.result).name}")
+        if any(t.kind == "consumption" for t in view.transactions):
             raise DrillError(f"person {ssn[:6]}… already swiped: a drill person reused")
         before[ssn] = view.balance_fen
     return before
