@@ -79,6 +79,28 @@ def window(tag: str) -> common_pb2.WindowContext:
     )
 
 
+def enrol_request(
+    keyring: Keyring,
+    tag: str,
+    ssn: str,
+    card: str,
+    name: str,
+    balance_fen: int,
+    source: str,
+    **fields: object,
+) -> registry_pb2.EnrolPersonRequest:
+    """An employee's enrolment at window WIN1 with PIN, `fields` changed."""
+    request = registry_pb2.EnrolPersonRequest(
+        window=window(tag), ssn=ssn, name=name, phone="13700000041",
+        category=int(InsuranceCategory.EMPLOYEE), region="310101", card_no=card,
+        new_pin_block=keyring.pin_block("WIN1", PIN, card), opening_balance_fen=balance_fen,
+        source_id=f"{source}-{ssn}",
+    )  # fmt: skip
+    for field, value in fields.items():
+        setattr(request, field, value)
+    return request
+
+
 def enrol(secured: tuple[stack.Endpoints, Keyring], index: int, card_no: str) -> str:
     """A person with an active card whose PIN was set at window WIN1, and 100 yuan."""
     endpoints, keyring = secured
@@ -247,15 +269,7 @@ def test_one_enrol_person_rpc_makes_a_person_who_pays_with_the_pin(
     def enrolment(
         tag: str, who: str = ssn, card: str = card_no, **fields: object
     ) -> registry_pb2.EnrolPersonRequest:
-        request = registry_pb2.EnrolPersonRequest(
-            window=window(tag), ssn=who, name="一次办结", phone="13700000041",
-            category=int(InsuranceCategory.EMPLOYEE), region="310101", card_no=card,
-            new_pin_block=keyring.pin_block("WIN1", PIN, card), opening_balance_fen=80_00,
-            source_id=f"sec-enrol-{who}",
-        )  # fmt: skip
-        for name, value in fields.items():
-            setattr(request, name, value)
-        return request
+        return enrol_request(keyring, tag, who, card, "一次办结", 80_00, "sec-enrol", **fields)
 
     with channel_to(endpoints.registry, Role.WINDOW) as channel:
         reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
@@ -307,15 +321,8 @@ def test_enrol_persons_decides_each_person_alone_in_one_call(
 
     def person(i: int, **fields: object) -> registry_pb2.EnrolPersonRequest:
         who, card = people[i]
-        request = registry_pb2.EnrolPersonRequest(
-            window=window(f"batch{i}"), ssn=who, name="批量办卡", phone="13700000060",
-            category=int(InsuranceCategory.EMPLOYEE), region="310101", card_no=card,
-            new_pin_block=keyring.pin_block("WIN1", PIN, card), opening_balance_fen=50_00,
-            source_id=f"sec-batch-{who}",
-        )  # fmt: skip
-        for name, value in fields.items():
-            setattr(request, name, value)
-        return request
+        return enrol_request(keyring, f"batch{i}", who, card, "批量办卡", 50_00, "sec-batch",
+                             **fields)  # fmt: skip
 
     batch = registry_pb2.EnrolPersonsRequest(persons=[
         person(0), person(1), person(2, phone="12345"),
