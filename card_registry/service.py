@@ -44,8 +44,16 @@ RECENT_TRANSACTIONS_MAX = 20  # shown by GetPerson, newest first
 NO_POLICY = Policy()  # enrolment input checks need no institutions or pre-loss lifetimes
 
 
-def _no_command(rid: str, at_ms: int, ssn: str, pvv: str) -> model.EnrolPerson:
-    raise AssertionError("a refused person has no command")
+MakeEnrolment = Callable[[str, int, str, str], model.EnrolPerson]
+
+
+def _request_fault(request: Any, prefix: str = "") -> str | None:
+    """What makes a window request malformed before anything else is looked at: a field
+    over its bound, or a request id that is not an id (None: neither)."""
+    detail = bounds.oversized(request, prefix)
+    if detail is None and not validate.is_id(request.window.request_id):
+        detail = "window.request_id must be an id of 1-64 letters, digits or . _ : / -"
+    return detail
 
 
 class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
@@ -79,9 +87,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         window: common_pb2.WindowContext = request.window
         request_id = window.request_id
         reply = Reply(request_id, ResultCode.MALFORMED_REQUEST)
-        detail = bounds.oversized(request) or ""
-        if not detail and not validate.is_id(request_id):
-            detail = "window.request_id must be an id of 1-64 letters, digits or . _ : / -"
+        detail = _request_fault(request) or ""
         if not detail and not (ssn or card_no):
             detail = "give the ssn or the card number"
         if not detail:
@@ -279,7 +285,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
 
     def _enrolment(
         self, request: registry_pb2.EnrolPersonRequest
-    ) -> tuple[ResultCode, Callable[[str, int, str, str], model.EnrolPerson], str]:
+    ) -> tuple[ResultCode, MakeEnrolment, str]:
         """What is checked before the HSM is asked: the core's own rules on an empty person
         (the same ones the worker applies: any malformed field is answered here, nothing
         produced) and a card number the card index holds for another person
@@ -348,18 +354,18 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
                                f"at most {bounds.ENROL_BATCH_MAX} persons in one call",
                                status.Reason.FIELD_INVALID, bad_field="persons")  # fmt: skip
         replies: dict[int, registry_pb2.RegistryReply] = {}
-        makes: dict[int, Callable[[str, int, str, str], model.EnrolPerson]] = {}
+        makes: dict[int, MakeEnrolment] = {}
         claimed: dict[str, str] = {}  # card number → the ssn of this batch that takes it
         for i, person in enumerate(persons):
-            answer, make = self._enrolment_checked(method, person)
-            if answer is None and claimed.setdefault(person.card_no, person.ssn) != person.ssn:
+            checked = self._enrolment_checked(method, person)
+            if isinstance(checked, registry_pb2.RegistryReply):
+                replies[i] = checked
+            elif claimed.setdefault(person.card_no, person.ssn) != person.ssn:
                 # two persons of one batch with one card: the card index cannot know yet
                 metrics.GATEWAY_RESULTS.labels(method, ResultCode.CARD_EXISTS.name).inc()
-                answer = self._refused(person.window.request_id, ResultCode.CARD_EXISTS)
-            if answer is not None:
-                replies[i] = answer
+                replies[i] = self._refused(person.window.request_id, ResultCode.CARD_EXISTS)
             else:
-                makes[i] = make
+                makes[i] = checked
         pvvs = await self._batch_pvvs(method, persons, makes, replies)
         at_ms = self.clock()
         asked = {i: make(persons[i].window.request_id, at_ms, persons[i].ssn, pvvs.get(i, ""))
@@ -373,24 +379,21 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
 
     def _enrolment_checked(
         self, method: str, person: registry_pb2.EnrolPersonRequest
-    ) -> tuple[registry_pb2.RegistryReply | None, Callable[[str, int, str, str], Any]]:
-        """One person of a batch: its refusal, or None and how to make its command."""
-        request_id = person.window.request_id
-        detail = bounds.oversized(person, "persons.")
-        if detail is None and not validate.is_id(request_id):
-            detail = "window.request_id must be an id of 1-64 letters, digits or . _ : / -"
+    ) -> registry_pb2.RegistryReply | MakeEnrolment:
+        """One person of a batch: its refusal, or how to make its command."""
+        detail = _request_fault(person, "persons.")
         if detail is not None:
-            code, make = ResultCode.MALFORMED_REQUEST, None
+            code = ResultCode.MALFORMED_REQUEST
         else:
             code, make, detail = self._enrolment(person)
-        if code == ResultCode.OK and make is not None:
-            return None, make
+            if code == ResultCode.OK:
+                return make
         metrics.GATEWAY_RESULTS.labels(method, code.name).inc()
-        return self._refused(request_id, code, detail or ""), _no_command
+        return self._refused(person.window.request_id, code, detail)
 
     async def _batch_pvvs(
         self, method: str, persons: list[registry_pb2.EnrolPersonRequest],
-        makes: dict[int, Any], replies: dict[int, registry_pb2.RegistryReply],
+        makes: dict[int, MakeEnrolment], replies: dict[int, registry_pb2.RegistryReply],
     ) -> dict[int, str]:  # fmt: skip
         """The verification values of the new PINs of the persons still in `makes`, one
         SetPins call per window; a person whose PIN the HSM refuses leaves `makes` for

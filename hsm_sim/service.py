@@ -72,6 +72,14 @@ async def _refuse(context: Ctx, exc: Exception, bad_field: str = "",
                        metadata=metadata, bad_field=bad_field)  # fmt: skip
 
 
+def _decrypted(alg: KeyAlgorithm, key: bytes, block: bytes, fmt: int, pan: str) -> str | ResultCode:
+    """The clear PIN of a block, or PIN_BLOCK_INVALID for one that does not decrypt."""
+    try:
+        return crypto.decrypt_pin_block(PinBlockFormat(fmt), block, pan, alg, key)
+    except (PinBlockError, CryptoError, ValueError):
+        return ResultCode.PIN_BLOCK_INVALID
+
+
 class Hsm(hsm_pb2_grpc.HsmServiceServicer):
     def __init__(self, store: KeyStore, rng: Callable[[int], bytes] = secrets.token_bytes):
         self.store = store
@@ -127,10 +135,7 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         self, context: Ctx, ref: hsm_pb2.KeyRef, block: bytes, fmt: int, pan: str
     ) -> str | ResultCode:
         alg, key = await self._key(context, ref, KeyType.TERMINAL_PIN_KEY, "pin_key")
-        try:
-            return crypto.decrypt_pin_block(PinBlockFormat(fmt), block, pan, alg, key)
-        except (PinBlockError, CryptoError, ValueError):
-            return ResultCode.PIN_BLOCK_INVALID
+        return _decrypted(alg, key, block, fmt, pan)
 
     async def VerifyPin(
         self,
@@ -220,11 +225,9 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
                 return hsm_pb2.SetPinReply(result=result_pb(usable))
             found.append(usable)
         (pin_alg, pin_key), (pvk_alg, pvk) = found
-        try:
-            pin = crypto.decrypt_pin_block(PinBlockFormat(item.format), item.pin_block, item.pan,
-                                           pin_alg, pin_key)  # fmt: skip
-        except (PinBlockError, CryptoError, ValueError):
-            return hsm_pb2.SetPinReply(result=result_pb(ResultCode.PIN_BLOCK_INVALID))
+        pin = _decrypted(pin_alg, pin_key, item.pin_block, item.format, item.pan)
+        if isinstance(pin, ResultCode):
+            return hsm_pb2.SetPinReply(result=result_pb(pin))
         pvv = crypto.pin_verification_value(pvk_alg, pvk, item.pan, pin)
         return hsm_pb2.SetPinReply(result=result_pb(ResultCode.OK), pin_verification_value=pvv)
 

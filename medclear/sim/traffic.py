@@ -196,17 +196,16 @@ async def seed(
     regions = [region_of(i) if region_of else DEFAULT_REGION for i in range(len(residents))]
     async with aio_channel(registry, Role.WINDOW, pki_dir) as channel:
         stub = registry_pb2_grpc.CardRegistryServiceStub(channel)
+        placed = list(zip(residents, regions, strict=True))
         if batch <= 1:
-            index = {r.ssn: i for i, r in enumerate(residents)}
 
-            async def one(r: Resident) -> None:
-                await seed_resident(stub, r, keyring, regions[index[r.ssn]])
-                on_done(r)
+            async def one(pair: tuple[Resident, str]) -> None:
+                await seed_resident(stub, pair[0], keyring, pair[1])
+                on_done(pair[0])
 
-            await in_flight(residents, concurrency, one)
+            await in_flight(placed, concurrency, one)
             return
-        chunks = [list(zip(residents[i : i + batch], regions[i : i + batch], strict=True))
-                  for i in range(0, len(residents), batch)]  # fmt: skip
+        chunks = [placed[i : i + batch] for i in range(0, len(placed), batch)]
 
         async def chunk_of(chunk: list[tuple[Resident, str]]) -> None:
             await seed_batch(stub, chunk, keyring)
