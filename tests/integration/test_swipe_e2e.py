@@ -363,6 +363,9 @@ def test_a_pre_loss_lapses_through_the_timer_job(
     assert ResultCode(authorize(pos, card, 1_00, trace=1).result) == ResultCode.OK
 
 
+SENT_BEFORE_REPORT = 10  # of the 50 racing swipes; the others are sent after the report
+
+
 def test_no_swipe_is_approved_after_the_loss_report_is_decided(
     registry: registry_pb2_grpc.CardRegistryServiceStub, endpoints: stack.Endpoints
 ) -> None:
@@ -383,10 +386,17 @@ def test_no_swipe_is_approved_after_the_loss_report_is_decided(
             pos_stub = pos_pb2_grpc.PosServiceStub(pos_channel)
             reg_stub = registry_pb2_grpc.CardRegistryServiceStub(reg_channel)
 
-            answered = asyncio.Event()  # some swipes are decided: now the report races the rest
+            answered = asyncio.Event()  # some swipes are decided: now the report is sent
+            reporting = asyncio.Event()  # the report is on its way: the other swipes race it
 
             async def swipe(terminal: int, trace: int) -> pos_pb2.AuthorizeReply:
-                await asyncio.sleep(terminal * 0.004)
+                # The first ones go before the report, the rest only once it is sent (timed
+                # from the start, a slow first answer let all 50 pass before the report).
+                if terminal < SENT_BEFORE_REPORT:
+                    await asyncio.sleep(terminal * 0.004)
+                else:
+                    await reporting.wait()
+                    await asyncio.sleep((terminal - SENT_BEFORE_REPORT) * 0.004)
                 reply: pos_pb2.AuthorizeReply = await pos_stub.Authorize(
                     pos_pb2.AuthorizeRequest(
                         terminal=common_pb2.TerminalContext(
@@ -406,6 +416,7 @@ def test_no_swipe_is_approved_after_the_loss_report_is_decided(
 
             async def report() -> registry_pb2.RegistryReply:
                 await answered.wait()
+                reporting.set()
                 reply: registry_pb2.RegistryReply = await reg_stub.ReportPreLoss(
                     registry_pb2.CardRequest(window=window("race"), card_no=card), timeout=20
                 )
