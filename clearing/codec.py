@@ -1,8 +1,14 @@
 """Commands, events, replies and person state to bytes and back (JSON, type-tagged).
 
-The records are the frozen dataclasses of clearing.model; this module walks their type
-hints once per class, so adding a field needs no codec change. Unknown fields are
-ignored and missing ones take their default: old changelogs stay readable.
+The records are the frozen dataclasses of clearing.model. Each class's type hints are
+read once, at its first use, into a plan: which fields need converting (enums, nested
+records, tuples, optional records) and which may be left out. Encoding and decoding then
+follow the plan, with no reflection per record, and orjson writes and reads the JSON
+(compact, UTF-8, the bytes `json.dumps(..., ensure_ascii=False, separators=(",", ":"))`
+gave; 3.5x faster to encode and 4.9x to decode than the reflective codec on the stdlib's
+json: docs/PERFORMANCE.md). Adding a field needs no codec change.
+Unknown fields are ignored and missing ones take their default: old changelogs stay
+readable.
 
 A field that holds its default is left out when that default is empty (0, "", False,
 None, (), an enum's 0 member). Most of a person's bytes were such zeros: the 64 replies
@@ -16,11 +22,13 @@ always written, so a stored record never takes a new value from a changed consta
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
+from collections.abc import Callable
 from enum import Enum, IntEnum
 from typing import Any
+
+import orjson
 
 from clearing import abnormal, model
 from clearing.errors import ClearingError
@@ -42,22 +50,13 @@ RECORD_TYPES: dict[str, type[Any]] = {
     )
 }  # fmt: skip
 
+TYPE_KEY = "@"  # the key of an encoded record that names its class
+
+Convert = Callable[[Any], Any] | None  # None: the value is taken as it is
+
 
 class CodecError(ClearingError, ValueError):
     """Bytes that are not a record of this version of medclear."""
-
-
-_HINTS: dict[type[Any], dict[str, Any]] = {}
-
-
-def _hints(cls: type[Any]) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
-
-
-_EMPTY_DEFAULTS: dict[type[Any], tuple[tuple[str, bool], ...]] = {}
 
 
 def _is_empty(value: Any) -> bool:
@@ -68,65 +67,104 @@ def _is_empty(value: Any) -> bool:
     return type(value) in (int, str, bool, tuple) and not value
 
 
-def _fields(cls: type[Any]) -> tuple[tuple[str, bool], ...]:
-    """(name, may be left out) for each field of a record class."""
-    fields = _EMPTY_DEFAULTS.get(cls)
-    if fields is None:
-        fields = _EMPTY_DEFAULTS[cls] = tuple(
-            (f.name, f.default is not dataclasses.MISSING and _is_empty(f.default))
-            for f in dataclasses.fields(cls)
-        )
-    return fields
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one record class is written and read."""
 
+    out: tuple[tuple[str, bool, Convert], ...]  # (field, may be left out, to plain)
+    into: dict[str, Convert]  # field → from plain
 
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        plain = {}
-        for name, omittable in _fields(type(value)):
-            item = getattr(value, name)
-            if omittable and _is_empty(item):
+    def to_plain(self, record: Any) -> dict[str, Any]:
+        plain: dict[str, Any] = {}
+        for name, omittable, convert in self.out:
+            value = getattr(record, name)
+            if omittable and not value:  # an empty default: see the module's docstring
                 continue
-            plain[name] = _to_plain(item)
+            plain[name] = value if convert is None else convert(value)
         return plain
-    if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, IntEnum):
-        return int(value)
-    return value
+
+    def from_plain(self, cls: type[Any], data: dict[str, Any]) -> Any:
+        into = self.into
+        kwargs = {}
+        for name, value in data.items():
+            if name in into:
+                convert = into[name]
+                kwargs[name] = value if convert is None else convert(value)
+        return cls(**kwargs)
 
 
-def _from_plain(hint: Any, value: Any) -> Any:
+_PLANS: dict[type[Any], _Plan] = {}
+
+
+def _plan(cls: type[Any]) -> _Plan:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        out = tuple(
+            (f.name, f.default is not dataclasses.MISSING and _is_empty(f.default),
+             _writer(hints[f.name]))
+            for f in fields
+        )  # fmt: skip
+        plan = _PLANS[cls] = _Plan(out, {f.name: _reader(hints[f.name]) for f in fields})
+    return plan
+
+
+def _writer(hint: Any) -> Convert:
+    """How a value of this type becomes JSON's (None: as it is)."""
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _from_plain(args[0], value)
+        inner = _writer(_optional_of(hint))
+        return None if inner is None else (lambda v: None if v is None else inner(v))
     if origin is tuple:
-        (item, _ellipsis) = typing.get_args(hint)
-        return tuple(_from_plain(item, v) for v in value)
+        item = _writer(typing.get_args(hint)[0])
+        return list if item is None else (lambda v: [item(x) for x in v])
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _build(hint, value)
+        record_cls = hint  # its plan is looked up when first needed: records may nest
+        return lambda v: _plan(record_cls).to_plain(v)
+    if isinstance(hint, type) and issubclass(hint, IntEnum):
+        return int
     if isinstance(hint, type) and issubclass(hint, Enum):
-        return hint(value)
-    return value
+        return _enum_value
+    return None
 
 
-def _build(cls: type[Any], data: dict[str, Any]) -> Any:
-    hints = _hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: _from_plain(hints[k], v) for k, v in data.items() if k in known}
-    return cls(**kwargs)
+def _enum_value(member: Enum) -> Any:
+    return member.value
+
+
+def _reader(hint: Any) -> Convert:
+    """How JSON's value becomes one of this type (None: as it is)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        inner = _reader(_optional_of(hint))
+        return None if inner is None else (lambda v: None if v is None else inner(v))
+    if origin is tuple:
+        item = _reader(typing.get_args(hint)[0])
+        return tuple if item is None else (lambda v: tuple(item(x) for x in v))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        record_cls = hint
+        return lambda v: _plan(record_cls).from_plain(record_cls, v)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return hint
+    return None
+
+
+def _optional_of(hint: Any) -> Any:
+    (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return inner
 
 
 def encode(record: Any) -> bytes:
-    body = _to_plain(record)
-    body["@"] = type(record).__name__
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    body = _plan(type(record)).to_plain(record)
+    body[TYPE_KEY] = type(record).__name__
+    return orjson.dumps(body)
 
 
 def decode(raw: bytes) -> Any:
     try:
-        data = json.loads(raw)
-        cls = RECORD_TYPES[data.pop("@")]
-        return _build(cls, data)
-    except (ValueError, KeyError, TypeError) as exc:
+        data = orjson.loads(raw)
+        cls = RECORD_TYPES[data.pop(TYPE_KEY)]
+        return _plan(cls).from_plain(cls, data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CodecError(f"undecodable record: {exc}") from exc

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import re
 import typing
 import urllib.parse
@@ -42,6 +41,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+import orjson
 from clickhouse_driver import Client
 
 from clearing import model, settlement, validate
@@ -245,7 +245,7 @@ def _detail(event: model.Event) -> str:
         elif isinstance(value, IntEnum):
             value = value.name
         rest[name] = value
-    return json.dumps(rest, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return orjson.dumps(rest, option=orjson.OPT_SORT_KEYS).decode()  # compact, UTF-8
 
 
 def _result(event: model.Event) -> ResultCode:

@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from enum import Enum, IntEnum
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clearing import codec, core
+from clearing import codec, core, simulator
+from clearing.abnormal import Alert, AlertKind
+from clearing.model import Command, Person, Policy
 from clearing.money import format_yuan, parse_yuan
 from clearing.validate import is_ssn, mask_card, mask_ssn, ssn_check_char
 from tests.unit.conftest import POLICY, make_person, swipe
@@ -36,6 +40,53 @@ def test_empty_defaults_are_left_out_and_others_always_written() -> None:
     # a record with every empty field written (the format before) still reads the same
     verbose = {**dataclasses.asdict(decision.reply), "@": "Reply"}
     assert codec.decode(json.dumps(verbose).encode()) == decision.reply
+
+
+def _reference_plain(value: object) -> object:
+    """The format as the first codec wrote it, by reflection on every value: the planned
+    codec must write the same bytes, so every stored changelog and event stays readable."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        plain = {}
+        for field in dataclasses.fields(value):
+            item = getattr(value, field.name)
+            default = field.default
+            empty_default = default is not dataclasses.MISSING and (
+                default is None or (isinstance(default, Enum) and default.value == 0)
+                or (type(default) in (int, str, bool, tuple) and not default))  # fmt: skip
+            empty_item = item is None or (isinstance(item, Enum) and item.value == 0) or (
+                type(item) in (int, str, bool, tuple) and not item)  # fmt: skip
+            if not (empty_default and empty_item):
+                plain[field.name] = _reference_plain(item)
+        return plain
+    if isinstance(value, tuple):
+        return [_reference_plain(v) for v in value]
+    return int(value) if isinstance(value, IntEnum) else value
+
+
+def test_the_planned_codec_writes_the_reference_format_for_a_simulated_city() -> None:
+    records: list[object] = []
+
+    def handle(before: Person | None, command: Command, policy: Policy) -> Any:
+        after, decision = core_handle(before, command, policy)
+        records.extend((command, decision.reply, *decision.events))
+        if after is not None:
+            records.append(after)
+        return after, decision
+
+    core_handle = core.handle
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core, "handle", handle)
+        simulator.Simulator(POLICY, seed=11, persons=60, days=3).run()
+    records.append(Alert("e1/blocked", AlertKind.BLOCKED_CARD_USED, 1, "pt_1", "ct_1",
+                         "S0****01", "310101P00001", "T1", "挂失卡刷卡"))  # fmt: skip
+    kinds = {type(r).__name__ for r in records}
+    assert kinds >= {"Person", "Reply", "Authorize", "SwipeApproved", "SwipeDeclined",
+                     "CardStateChanged", "AccountCredited", "Alert"}  # fmt: skip
+    for record in records:
+        expected = {**_reference_plain(record), "@": type(record).__name__}  # type: ignore[dict-item]
+        raw = codec.encode(record)
+        assert raw == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode()
+        assert codec.decode(raw) == record
 
 
 def test_garbage_is_a_codec_error() -> None:

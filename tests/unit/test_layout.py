@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("clearing", "stream_jobs", "card_registry", "hsm_sim", "reader_agent", "monitoring",
             "medclear")  # fmt: skip
 GENERATED = ("medclear/v1/",)
-PURE_LIBRARIES = frozenset({"cryptography", "chinese_calendar"})  # pinned, no I/O
+PURE_LIBRARIES = frozenset({"cryptography", "chinese_calendar", "orjson"})  # pinned, no I/O
 KAFKA_CLIENTS = ("aiokafka", "kafka", "faust")
 
 
