@@ -24,6 +24,9 @@ from enum import StrEnum
 from clearing.codes import CardState, ResultCode
 from clearing.model import CardStateChanged, Event, SwipeApproved, SwipeDeclined
 
+# the events Detector and BlockWatch read; any other leaves them as they were
+EVENTS_READ = (SwipeApproved, SwipeDeclined, CardStateChanged)
+
 BLOCKED_RESULTS = frozenset(
     {
         ResultCode.CARD_PRE_LOST,

@@ -92,6 +92,9 @@ class Entry:
     request_id: str = ""
 
 
+ENTRY_EVENTS = (SwipeApproved, SwipeReversed, Refunded)  # the events entry_of reads
+
+
 def entry_of(event: Event) -> Entry | None:
     """The settlement entry of an event, or None for events that move no money between
     the fund and an institution (credits, declines, card events)."""

@@ -16,7 +16,7 @@ import asyncio
 import structlog
 
 from clearing import codec
-from clearing.abnormal import AlertKind, BlockWatch, Detector
+from clearing.abnormal import EVENTS_READ, AlertKind, BlockWatch, Detector
 from medclear.infra import topics
 from medclear.infra.settings import Settings
 from medclear.streams.process import idle_backoff, serve_runtimes
@@ -35,7 +35,7 @@ class Watch:
         self.blocks = BlockWatch()
 
     async def handle(self, batch: Batch) -> None:
-        for _record, event in decoded(batch.records, topics.EVENTS.name):
+        for _record, event in decoded(batch.records, topics.EVENTS.name, EVENTS_READ):
             propagation_ms = self.blocks.observe(event)
             if propagation_ms is not None:
                 metrics.CARD_BLOCK_TO_REFUSAL_SECONDS.observe(propagation_ms / 1000)

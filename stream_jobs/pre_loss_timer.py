@@ -36,7 +36,7 @@ BATCH_MAX = 512
 
 async def follow(batch: Batch) -> None:
     """Every card-state change: a pre-loss report is pending until anything else happens."""
-    for record, event in decoded(batch.records, topics.EVENTS.name):
+    for record, event in decoded(batch.records, topics.EVENTS.name, (CardStateChanged,)):
         if not isinstance(event, CardStateChanged):
             continue
         key = event.card_ref.encode()

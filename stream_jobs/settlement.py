@@ -55,7 +55,7 @@ def wall_clock_ms() -> int:
 
 async def route(batch: Batch) -> None:
     """medclear.events → medclear.settlement-input, keyed by institution."""
-    for record, event in decoded(batch.records, topics.EVENTS.name):
+    for record, event in decoded(batch.records, topics.EVENTS.name, rules.ENTRY_EVENTS):
         entry = rules.entry_of(event)
         if entry is not None:
             batch.send(topics.SETTLEMENT_INPUT.name, record.value,

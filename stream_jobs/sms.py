@@ -184,7 +184,7 @@ class Job:
         to_send: list[tuple[sms_core.Sms, bool]] = []
         queued: set[str] = set()
         suppressed: list[OutcomeRecord] = []
-        for record, event in decoded(batch.records, topics.EVENTS.name):
+        for record, event in decoded(batch.records, topics.EVENTS.name, sms_core.EVENTS_READ):
             if not getattr(event, "person_ref", ""):  # not a published event of the worker
                 continue
             key = event.person_ref.encode()

@@ -73,6 +73,10 @@ SETTLED_IDS_REMEMBERED_MAX = 64  # event ids remembered per person against redel
 IN_FLIGHT_IDS_MAX = 64  # a person's SMS handed to the SMSC and not yet answered
 TEXT_CHARS_MAX = 670  # 10 UCS2 parts of 67 characters
 COUNTRY_CODE = "86"
+# the events `decide` reads: the phone book's and those `render` may write an SMS for; any
+# other leaves a person's SMS state as it was and sends nothing
+EVENTS_READ = (PersonRegistered, PhoneSet, PersonCancelled, SwipeApproved, SwipeReversed,
+               Refunded, CardStateChanged, CardIssued, SwipeDeclined)  # fmt: skip
 MOBILE = re.compile(r"^1[3-9][0-9]{9}$")  # mainland China mobile number, 11 digits
 RECEIPT = re.compile(r"\bid:(?P<id>\S+).*?\bstat:(?P<stat>[A-Z]+)", re.DOTALL)
 

@@ -50,7 +50,7 @@ from medclear.infra import topics
 from medclear.infra.hsm_client import HsmClient
 from medclear.infra.settings import Settings, pki_dir
 from medclear.infra.tokens import load_redaction
-from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO
+from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE, HEADER_REPLY_TO
 from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
@@ -208,7 +208,8 @@ class Worker:
 
     def _publish(self, batch: Batch, event: Event) -> None:
         out = published(event, self.redaction)  # keyed by the person token: no ssn
-        batch.send(topics.EVENTS.name, codec.encode(out), key=out.person_ref.encode())
+        batch.send(topics.EVENTS.name, codec.encode(out), key=out.person_ref.encode(),
+                   headers=((HEADER_EVENT_TYPE, type(out).__name__.encode()),))  # fmt: skip
         if isinstance(event, CardIssued):
             ref, owner = card_index_record(event.card_no, event.ssn, self.redaction)
             batch.send(topics.CARD_INDEX.name, owner, key=ref)

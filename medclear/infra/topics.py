@@ -57,6 +57,9 @@ REPLY_PREFIX = "medclear.replies."  # + gateway instance id; one partition each
 # gateway or registry matches it by (medclear/infra/bus.py).
 HEADER_REPLY_TO = "reply-to"
 HEADER_CORRELATION = "correlation-id"
+# Header of an event record: the event's class name (codec.RECORD_TYPES), so a job skips
+# the events it does not read without decoding them (stream_jobs/events.py).
+HEADER_EVENT_TYPE = "event-type"
 
 
 def reply_topic(instance_id: str) -> str:
