@@ -51,7 +51,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from medclear.infra.kafka_admin import TopicError, ensure_topics
+from medclear.infra.kafka_admin import TopicError, ensure_topics, new_producer
 from medclear.streams.changelog import changelog_topic, restore
 from medclear.streams.poll import IdleBackoff, Poller
 from medclear.streams.store import PartitionStore
@@ -215,8 +215,7 @@ class Runtime:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                         linger_ms=0, enable_idempotence=False)  # fmt: skip
+        self.producer = new_producer(self.bootstrap)
         await self.producer.start()
         # A topic added to a producer's metadata while other batches wait for their
         # partitions' leaders: seen on noida-db 0.2.3 at a cold start under a burst of
@@ -226,8 +225,7 @@ class Runtime:
         # changelog topics are known to the producer before the first batch
         # (_ensure_changelogs), and replies, whose topics appear while the job runs (one
         # per gateway or registry process), have a producer of their own.
-        self.reply_producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                               linger_ms=0, enable_idempotence=False)  # fmt: skip
+        self.reply_producer = new_producer(self.bootstrap)
         await self.reply_producer.start()
         self._restorer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
                                           enable_auto_commit=False)  # fmt: skip
