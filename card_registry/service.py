@@ -19,10 +19,10 @@ import structlog
 from clearing import core, model, validate
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.limits import PVV_BYTES
-from clearing.model import Command, Policy, Reply
+from clearing.model import Command, Reply
 from clearing.validate import mask_phone
 from medclear.infra import bounds, status
-from medclear.infra.bus import BusUnavailable, CommandBus
+from medclear.infra.bus import WINDOW_REPLY_BACKOFF_S, BusUnavailable, CommandBus
 from medclear.infra.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
 from medclear.infra.rpc import (
     Clock,
@@ -41,7 +41,6 @@ log = structlog.get_logger(process="registry")
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 RECENT_TRANSACTIONS_MAX = 20  # shown by GetPerson, newest first
-NO_POLICY = Policy()  # enrolment input checks need no institutions or pre-loss lifetimes
 
 
 MakeEnrolment = Callable[[str, int, str, str], model.EnrolPerson]
@@ -286,8 +285,9 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     def _enrolment(
         self, request: registry_pb2.EnrolPersonRequest
     ) -> tuple[ResultCode, MakeEnrolment, str]:
-        """What is checked before the HSM is asked: the core's own rules on an empty person
-        (the same ones the worker applies: any malformed field is answered here, nothing
+        """What is checked before the HSM is asked: the answer the core's deciders give a
+        person not yet registered (core.new_person_enrolment, the worker's own rules
+        without building the person: any malformed field is answered here, nothing
         produced) and a card number the card index holds for another person
         (CARD_EXISTS). Returns the code, how to make the command and the malformed field."""
         try:
@@ -303,7 +303,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             )  # fmt: skip
 
         command = make(request.window.request_id, self.clock(), request.ssn)
-        code = core.decide(None, command, NO_POLICY).reply.result
+        code = core.new_person_enrolment(command)
         if code == ResultCode.OK:
             owner = self.bus.card_owner(request.card_no)
             if owner is not None and owner != request.ssn:
@@ -584,5 +584,6 @@ def run(
                 CardRegistry(bus, deadline_ms, hsm_address=hsm_address, pki_dir=pki_dir), server
             ),
             pki_dir,
+            WINDOW_REPLY_BACKOFF_S,
         )
     )

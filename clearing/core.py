@@ -518,6 +518,21 @@ def enrolment_fault(c: EnrolPerson) -> str | None:
     return next((field for fault, field in faults if fault), None)
 
 
+def new_person_enrolment(c: EnrolPerson) -> ResultCode:
+    """What `decide` answers an enrolment of a person not yet registered, without deciding
+    it (no person is built): the card registry's check before it asks the HSM. Equal to
+    decide(None, c, policy).reply.result for every input (tests/unit/test_enrol.py): the
+    malformed fields, then the opening credit's rule that only a blue card has an
+    account (a new person's balance is the credit itself: never above BALANCE_FEN_MAX)."""
+    well_formed = (validate.is_id(c.request_id) and c.at_ms > 0 and validate.is_ssn(c.ssn)
+                   and enrolment_fault(c) is None)  # fmt: skip
+    if not well_formed:
+        return ResultCode.MALFORMED_REQUEST
+    if c.opening_balance_fen > 0 and COLOUR_OF_CATEGORY[c.category] != CardColour.BLUE:
+        return ResultCode.COLOUR_NOT_ALLOWED
+    return ResultCode.OK
+
+
 def _enrolment_steps(c: EnrolPerson) -> list[Command]:
     """The window commands an enrolment stands for, in the order they are decided."""
     steps: list[Command] = [

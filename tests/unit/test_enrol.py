@@ -28,6 +28,7 @@ from clearing.model import (
     PersonRegistered,
     PinChanged,
     PinOutcome,
+    Policy,
     RegisterPerson,
 )
 from tests.unit.conftest import CARD, POLICY, SSN, T0_MS, make_person, rid, run, swipe
@@ -212,7 +213,8 @@ SPOILS: list[dict[str, object]] = [
     {"name": ""}, {"name": " 王"}, {"name": "X" * 31}, {"phone": "12345"},
     {"card_no": "a0000001"}, {"card_no": "A000000012"}, {"region": "r" * 33},
     {"category": InsuranceCategory.INSURANCE_CATEGORY_UNSPECIFIED},
-    {"category": InsuranceCategory.RESIDENT}, {"kind": CardKind.CARD_KIND_UNSPECIFIED},
+    {"category": InsuranceCategory.RESIDENT}, {"category": InsuranceCategory.SPECIAL},
+    {"kind": CardKind.CARD_KIND_UNSPECIFIED},
     {"opening_balance_fen": -1}, {"opening_balance_fen": AMOUNT_FEN_MAX + 1},
     {"opening_balance_fen": 1}, {"source_id": ""}, {"source_id": "bad id"},
 ]  # fmt: skip
@@ -257,3 +259,28 @@ def test_a_malformed_enrolment_names_its_field_and_only_a_malformed_one(
     _, decision = at_once(command)
     fault = core.enrolment_fault(command)
     assert (decision.reply.result == ResultCode.MALFORMED_REQUEST) == (fault is not None), fault
+
+
+NOT_IDS = ["", "bad id", "x" * 200]
+NOT_SSNS = ["", "31010119900101001", "X" * 18]
+
+
+@settings(max_examples=400, deadline=None)
+@given(valid, st.lists(st.sampled_from(SPOILS), max_size=2),
+       st.sampled_from([None, *NOT_IDS]), st.sampled_from([None, *NOT_SSNS]),
+       st.sampled_from([None, 0, -5]))  # fmt: skip
+def test_the_registry_check_answers_as_deciding_a_new_person_would(
+    command: EnrolPerson, spoils: list[dict[str, object]], request_id: str | None,
+    ssn: str | None, at_ms: int | None,
+) -> None:  # fmt: skip
+    """The registry checks an enrolment with `new_person_enrolment` instead of deciding it:
+    the answer must be the one the deciders give a person not yet registered, under any
+    policy (the registry holds none)."""
+    for spoil in spoils:
+        command = replace(command, **spoil)  # type: ignore[arg-type]
+    for name, value in (("request_id", request_id), ("ssn", ssn), ("at_ms", at_ms)):
+        if value is not None:
+            command = replace(command, **{name: value})  # type: ignore[arg-type]
+    expected = core.new_person_enrolment(command)
+    for policy in (POLICY, Policy()):
+        assert core.decide(None, command, policy).reply.result == expected
