@@ -23,7 +23,8 @@ GIVEN = (
     "伟芳娜秀英敏静丽强磊军洋勇艳杰娟涛明超秀兰霞平刚桂英华玉兰萍建华红梅鑫波斌宇浩凯"
     "健俊帆帅旭宁欣怡佳琪雪晨阳"
 )
-REGION_CODE = "310101"  # the city's district code, first six digits of every id
+REGION_CODE = "310101"  # a district code, the first six digits of an id (tests, drills)
+CITY_REGION_PREFIX = "3102"  # a city's district is this and its seed mod 100: 310200-310299
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,19 @@ def category_of(roll: float) -> InsuranceCategory:
     return InsuranceCategory.RESIDENT if roll < 0.95 else InsuranceCategory.SPECIAL
 
 
-def make_ssn(rng: random.Random, index: int) -> str:
+def city_region(seed: int) -> str:
+    """The district code of the city of `seed`. Cities whose seeds differ mod 100 share no
+    ssn and no card number (cards are numbered S<seed mod 100><index>), so several can be
+    seeded on one stack; none shares its district with the drills' and tests' persons."""
+    return f"{CITY_REGION_PREFIX}{seed % 100:02d}"
+
+
+def make_ssn(rng: random.Random, index: int, region: str = REGION_CODE) -> str:
     year = rng.randint(1940, 2005)
     month = rng.randint(1, 12)
     day = rng.randint(1, 28)
     seq = index % 1000
-    first17 = f"{REGION_CODE}{year:04d}{month:02d}{day:02d}{seq:03d}"
+    first17 = f"{region}{year:04d}{month:02d}{day:02d}{seq:03d}"
     return first17 + ssn_check_char(first17)
 
 
@@ -58,10 +66,11 @@ def residents(count: int, seed: int = 2026) -> list[Resident]:
     rng = random.Random(seed)
     result: list[Resident] = []
     seen: set[str] = set()
+    region = city_region(seed)
     for index in range(count):
-        ssn = make_ssn(rng, index)
+        ssn = make_ssn(rng, index, region)
         while ssn in seen:
-            ssn = make_ssn(rng, index)
+            ssn = make_ssn(rng, index, region)
         seen.add(ssn)
         category = category_of(rng.random())
         name = rng.choice(SURNAMES) + "".join(rng.choice(GIVEN) for _ in range(rng.randint(1, 2)))
