@@ -93,11 +93,37 @@ def first_sentence(text: str) -> str:
     return paragraph if end < 0 else paragraph[: end + 1]
 
 
+def unwrapped(text: str | None) -> str | None:
+    """A help text with each paragraph on one line, for the terminal to wrap. typer 0.29
+    keeps a docstring's single line breaks, so rich wrapped its ~90-character lines again
+    at the terminal's width and left every other line a word or two long. A line that
+    starts a list item ("- ", "1. ") or is indented keeps its own line."""
+    if not text:
+        return text
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        lines = paragraph.split("\n")
+        joined = lines[0]
+        for line in lines[1:]:
+            own_line = line[:1].isspace() or line.startswith(("- ", "* ")) or (
+                line.split(". ", 1)[0].isdigit())  # fmt: skip
+            joined += ("\n" if own_line else " ") + (line if own_line else line.strip())
+        paragraphs.append(joined)
+    return "\n\n".join(paragraphs)
+
+
+def _unwrap_help(command: Any) -> None:
+    command.help = unwrapped(command.help)
+    for sub in getattr(command, "commands", {}).values():
+        _unwrap_help(sub)
+
+
 def load(name: str) -> Any:
     """The command `name` (a typer group or one command of a typer app), imported now."""
     entry = COMMANDS[name]
     module, attribute = entry.target.split(":")
     group = typer.main.get_group(getattr(importlib.import_module(module), attribute))
+    _unwrap_help(group)
     if entry.command is None:
         group.name = name
         return group

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medclear.cli.main import COMMANDS, first_sentence, load
+from medclear.cli.main import COMMANDS, first_sentence, load, unwrapped
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("grpc", "aiokafka", "clickhouse_driver", "rocksdict", "smartcard", "hypothesis")
@@ -49,3 +49,23 @@ def test_an_unknown_command_is_a_usage_error_naming_it() -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2
     assert "No such command 'swipe-it'" in done.stderr
+
+
+def test_help_paragraphs_are_unwrapped_for_the_terminal_and_lists_keep_their_lines() -> None:
+    text = """First line
+    goes on.
+
+    A paragraph written
+    over three
+    lines.
+    - an item
+      continued
+    - another
+    1. numbered
+    """
+    assert unwrapped(text) == (
+        "First line goes on.\n\nA paragraph written over three lines.\n"
+        "- an item\n  continued\n- another\n1. numbered"
+    )
+    command = load("up")
+    assert command.help is not None and "\n" not in command.help.split("\n\n")[1]
