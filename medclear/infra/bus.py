@@ -7,6 +7,12 @@ reply topic and a fresh correlation id in its headers; the worker sends the repl
 with the same correlation id; a single consumer task resolves the waiting future. No
 consumer group, no faust `ask()`: measured faster and it does not stall under load.
 
+Replies read are deleted from the broker (DeleteRecords, every REPLY_TRIM_INTERVAL_S) but
+for the newest REPLIES_KEPT: nobody reads a reply twice (a restarted process starts at
+the topic's end), and noida-db, which rewrites its whole data file twice a second, spent
+a quarter of its bytes on them while seeding (sealed replies do not compress). A broker
+that refuses DeleteRecords keeps them; production sets retention on the reply topics.
+
 The same process follows `medclear.card-index` (card token → the social security number,
 sealed under the person data key; the topic holds no card number and no ssn in clear,
 see clearing/redact.py) so that requests which only carry a card number reach the right
@@ -23,6 +29,8 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.errors import KafkaError
 
 from clearing import codec
 from clearing.model import Command, Reply
@@ -49,6 +57,8 @@ WINDOW_REPLY_BACKOFF_S = (0.001, 0.008)
 INDEX_BACKOFF_S = (0.002, 0.5)  # new cards are rare; a miss polls at once (sync_index)
 INDEX_START_TIMEOUT_S = 60.0  # at start, the whole card index is read before serving
 INDEX_SYNC_POLL_S = 0.005
+REPLY_TRIM_INTERVAL_S = 10.0  # how often replies already read are deleted from the broker
+REPLIES_KEPT = 1_000  # … but for the newest, for an operator to look at
 
 
 class BusUnavailable(MedclearError):
@@ -104,6 +114,7 @@ class CommandBus:
         self._tasks = [
             asyncio.create_task(self._reply_loop(), name="replies"),
             asyncio.create_task(self._index_loop(), name="card-index"),
+            asyncio.create_task(self._trim_loop(), name="reply-trim"),
         ]
         await self.sync_index(timeout_s=INDEX_START_TIMEOUT_S)
 
@@ -165,6 +176,27 @@ class CommandBus:
                     self._resolve(record)
             if not fetched:
                 await poller.idle()
+
+    async def _trim_loop(self) -> None:
+        """Every REPLY_TRIM_INTERVAL_S, delete the replies read but the newest REPLIES_KEPT;
+        on a broker without DeleteRecords, stop trying (logged once)."""
+        assert self._replies is not None
+        reply_tp = TopicPartition(self.reply_topic, 0)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        trimmed_to = 0
+        try:
+            await admin.start()
+            while True:
+                await asyncio.sleep(REPLY_TRIM_INTERVAL_S)
+                before = await self._replies.position(reply_tp) - REPLIES_KEPT
+                if before <= trimmed_to:
+                    continue
+                await admin.delete_records({reply_tp: RecordsToDelete(before)})
+                trimmed_to = before
+        except (KafkaError, AssertionError) as exc:  # refused, or the partition reassigned
+            log.info("replies are not trimmed", topic=self.reply_topic, error=repr(exc))
+        finally:
+            await admin.close()
 
     async def _sleep_until_asked(self) -> None:
         assert self._replies is not None

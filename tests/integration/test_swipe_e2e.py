@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rich.console import Console
@@ -22,11 +24,15 @@ from rich.console import Console
 from clearing import codec
 from clearing.abnormal import Alert, AlertKind
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
+from clearing.model import QueryPerson
+from clearing.redact import PERSON
 from medclear import stack
+from medclear.infra import bus as bus_module
 from medclear.infra import topics
+from medclear.infra.bus import CommandBus
 from medclear.infra.exits import Exit
 from medclear.infra.settings import Settings
-from medclear.infra.tokens import load_card_tokens
+from medclear.infra.tokens import load_card_tokens, load_sealer
 from medclear.sim.city import make_ssn
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.integration.kafka_read import all_records
@@ -565,3 +571,45 @@ def test_card_commands_drive_the_window_operations(
     assert int(as_json["balance_fen"]) == 12_34
     assert [c["state"] for c in as_json["cards"] if c["card_no"] == card] == ["LOST"]
     assert "allocation" in shown.stdout  # the opening credit is among the records
+
+
+def test_replies_read_are_trimmed_from_the_broker_but_the_newest(
+    settings: Settings, endpoints: stack.Endpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command bus deletes the replies it has read (DeleteRecords) but for the newest
+    REPLIES_KEPT; every request is still answered."""
+    monkeypatch.setattr(bus_module, "REPLY_TRIM_INTERVAL_S", 0.2)
+    monkeypatch.setattr(bus_module, "REPLIES_KEPT", 5)
+    asked = 25
+
+    async def scenario() -> tuple[list[ResultCode], int, int]:
+        bus = CommandBus(endpoints.kafka_bootstrap, "trim-test", load_card_tokens(settings),
+                         load_sealer(settings, PERSON))  # fmt: skip
+        await bus.start()
+        try:
+            results = []
+            for i in range(asked):  # persons nobody enrolled: a read, answered PERSON_UNKNOWN
+                ssn = make_ssn(random.Random(5_000 + i), 5_000 + i)
+                reply = await bus.request(QueryPerson(f"trim-{i}", int(time.time() * 1000), ssn),
+                                          timeout_s=5)  # fmt: skip
+                results.append(reply.result if reply else ResultCode.TIMEOUT)
+            reply_tp = TopicPartition(bus.reply_topic, 0)
+            consumer = AIOKafkaConsumer(bootstrap_servers=endpoints.kafka_bootstrap)
+            await consumer.start()
+            try:
+                deadline = time.monotonic() + 10
+                while True:
+                    first = (await consumer.beginning_offsets([reply_tp]))[reply_tp]
+                    if first > 0 or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
+                end = (await consumer.end_offsets([reply_tp]))[reply_tp]
+            finally:
+                await consumer.stop()
+            return results, first, end
+        finally:
+            await bus.stop()
+
+    results, first, end = asyncio.run(scenario())
+    assert results == [ResultCode.PERSON_UNKNOWN] * asked
+    assert end == asked and first == asked - 5, (first, end)
