@@ -103,51 +103,40 @@ def _plan(cls: type[Any]) -> _Plan:
         fields = dataclasses.fields(cls)
         out = tuple(
             (f.name, f.default is not dataclasses.MISSING and _is_empty(f.default),
-             _writer(hints[f.name]))
+             _converter(hints[f.name], writing=True))
             for f in fields
         )  # fmt: skip
-        plan = _PLANS[cls] = _Plan(out, {f.name: _reader(hints[f.name]) for f in fields})
+        plan = _PLANS[cls] = _Plan(
+            out, {f.name: _converter(hints[f.name], writing=False) for f in fields}
+        )
     return plan
 
 
-def _writer(hint: Any) -> Convert:
-    """How a value of this type becomes JSON's (None: as it is)."""
+def _converter(hint: Any, writing: bool) -> Convert:
+    """How a value of this type becomes JSON's (writing) or JSON's value becomes one of
+    this type (reading); None: taken as it is."""
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
-        inner = _writer(_optional_of(hint))
+        inner = _converter(_optional_of(hint), writing)
         return None if inner is None else (lambda v: None if v is None else inner(v))
     if origin is tuple:
-        item = _writer(typing.get_args(hint)[0])
-        return list if item is None else (lambda v: [item(x) for x in v])
+        item = _converter(typing.get_args(hint)[0], writing)
+        sequence: type[Any] = list if writing else tuple
+        return sequence if item is None else (lambda v: sequence(map(item, v)))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         record_cls = hint  # its plan is looked up when first needed: records may nest
-        return lambda v: _plan(record_cls).to_plain(v)
-    if isinstance(hint, type) and issubclass(hint, IntEnum):
-        return int
+        if writing:
+            return lambda v: _plan(record_cls).to_plain(v)
+        return lambda v: _plan(record_cls).from_plain(record_cls, v)
     if isinstance(hint, type) and issubclass(hint, Enum):
-        return _enum_value
+        if not writing:
+            return hint
+        return int if issubclass(hint, IntEnum) else _enum_value
     return None
 
 
 def _enum_value(member: Enum) -> Any:
     return member.value
-
-
-def _reader(hint: Any) -> Convert:
-    """How JSON's value becomes one of this type (None: as it is)."""
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        inner = _reader(_optional_of(hint))
-        return None if inner is None else (lambda v: None if v is None else inner(v))
-    if origin is tuple:
-        item = _reader(typing.get_args(hint)[0])
-        return tuple if item is None else (lambda v: tuple(item(x) for x in v))
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        record_cls = hint
-        return lambda v: _plan(record_cls).from_plain(record_cls, v)
-    if isinstance(hint, type) and issubclass(hint, Enum):
-        return hint
-    return None
 
 
 def _optional_of(hint: Any) -> Any:
