@@ -109,6 +109,13 @@ async def _settled(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident,
     anything else is a SeedError."""
     if code == ResultCode.PERSON_EXISTS and await _enrolled_before(stub, r):
         return  # seeded earlier: by the five separate commands, or its reply forgotten
+    if code in (ResultCode.CARD_EXISTS, ResultCode.PERSON_EXISTS):
+        raise SeedError(
+            f"enrol of {r.card_no}: {ResultCode(code).name}: this stack already holds another "
+            "person with this card or ssn (a city whose --seed agrees with this one mod 100, "
+            "or one seeded by an earlier medclear, whose ssns differ): seed with another "
+            "--seed, or start afresh with `medclear down --wipe`"
+        )
     if code != ResultCode.OK:
         raise SeedError(f"enrol of {r.card_no}: {ResultCode(code).name}")
 
