@@ -63,8 +63,9 @@ lock: $(INSTALLED)  ## rewrite requirements.lock from the installed venv
 clean:  ## remove the venv and generated code (keeps .medclear state)
 	rm -rf $(VENV) medclear/v1 .system-packages.stamp
 
-bench: setup  ## benchmarks (minutes): CLI start-up; HSM added latency; full vs null pipeline, open loop, scaling; 100,000 hostile requests
+bench: setup  ## benchmarks (minutes): CLI start-up; seeding 100,000 and down; HSM added latency; full vs null pipeline, open loop, scaling; 100,000 hostile requests
 	$(BIN)/medclear bench startup
+	$(BIN)/medclear bench seed --persons 100000
 	$(BIN)/medclear bench run --persons 1000 --swipes 2000 --concurrency 1,64
 	$(BIN)/medclear bench pipeline
 	$(BIN)/medclear bench fuzz --fresh --requests 100000

@@ -1,6 +1,7 @@
 """`medclear bench`: benchmarks of the running stack. Each prints figures (tables) and
 asserts nothing: `swipes`, `run` and `startup` (the CLI's own start-up, each command line
-in a fresh interpreter) here; `pipeline`, `state`, `fuzz` and `codec` in medclear/bench/.
+in a fresh interpreter) here; `pipeline`, `state`, `fuzz`, `codec` and `seed` in
+medclear/bench/.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medclear import stack
-from medclear.bench import codec, cpu_use, fuzz, pipeline, state
+from medclear.bench import codec, cpu_use, fuzz, pipeline, seeding, state
 from medclear.cli.main import COMMANDS
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
@@ -35,6 +36,7 @@ bench_app.command("pipeline")(pipeline.command)
 bench_app.command("state")(state.command)
 bench_app.command("fuzz")(fuzz.command)
 bench_app.command("codec")(codec.command)
+bench_app.command("seed")(seeding.command)
 console = Console()
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the figures as JSON")]
 
