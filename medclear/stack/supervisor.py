@@ -147,7 +147,12 @@ def _stop_components(
     for wave in _stop_waves(components):
         if not wave:
             continue
-        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+        waiting = f"stopping {', '.join(c.name for c in wave)}"
+        if any(c.kind.startswith(SERVER_KINDS) for c in wave):
+            waiting += " (the broker saves its log)"
+        # a spinner while a wave stops (on a terminal only): the broker's save takes seconds
+        status = console.status(waiting) if console is not None else contextlib.nullcontext()
+        with status, ThreadPoolExecutor(max_workers=len(wave)) as pool:
             outcomes = list(pool.map(lambda comp: _stop_one(comp, console), wave))
         for comp, outcome in zip(wave, outcomes, strict=True):
             if outcome == "failed":
