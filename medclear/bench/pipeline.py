@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medclear import stack
+from medclear.bench.fresh import own_state_dir
 from medclear.bench.perfdoc import DOC, replace_section
 from medclear.bench.procstat import describe_machine
 from medclear.infra.policy import load_institutions
@@ -102,9 +103,14 @@ def _workers(settings: Settings) -> list[str]:
     return [f"worker-{i}" for i in range(settings.workers)]
 
 
-def _stack_run(settings: Settings, config: str, persons: int, swipes: int, closed: int,
+def _stack_run(base: Settings, config: str, persons: int, swipes: int, closed: int,
                rates: list[int], seconds: float, null: bool) -> list[Row]:  # fmt: skip
+    with own_state_dir(base, "pipeline") as settings:
+        return _stack_series(settings, config, persons, swipes, closed, rates, seconds, null)
 
+
+def _stack_series(settings: Settings, config: str, persons: int, swipes: int, closed: int,
+                  rates: list[int], seconds: float, null: bool) -> list[Row]:  # fmt: skip
     stack.up(settings, console)
     try:
         load.seed_city(persons, SEED, 32, settings)

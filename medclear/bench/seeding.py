@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,10 +21,11 @@ from rich.table import Table
 
 from medclear import stack
 from medclear.bench import cpu_use
+from medclear.bench.fresh import own_state_dir
 from medclear.bench.procstat import human, tree_bytes
 from medclear.infra import topics
 from medclear.infra.kafka_admin import wait_caught_up
-from medclear.infra.settings import get_settings
+from medclear.infra.settings import Settings, get_settings
 from medclear.sim import load
 from stream_jobs import abnormal_job, clickhouse_sink, pre_loss_timer, settlement, sms, worker
 
@@ -66,8 +64,11 @@ class SeedFigures:
 
 def measure(persons: int, batch: int, concurrency: int) -> SeedFigures:
     """up, seed, measure, down, wipe."""
-    root = Path(tempfile.mkdtemp(prefix="medclear-bench-seed-"))
-    settings = get_settings().model_copy(update={"state_dir": root / ".medclear"})
+    with own_state_dir(get_settings(), "seed") as settings:
+        return _measure(settings, persons, batch, concurrency)
+
+
+def _measure(settings: Settings, persons: int, batch: int, concurrency: int) -> SeedFigures:
     figures = SeedFigures(persons)
     try:
         started = time.perf_counter()
@@ -86,7 +87,6 @@ def measure(persons: int, batch: int, concurrency: int) -> SeedFigures:
     finally:
         if figures.down_s == 0.0:  # failed before the measured stop: stop it anyway
             stack.down(settings, console)
-        shutil.rmtree(root, ignore_errors=True)
     return figures
 
 

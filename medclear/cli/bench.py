@@ -21,6 +21,7 @@ from rich.table import Table
 
 from medclear import stack
 from medclear.bench import codec, cpu_use, fuzz, pipeline, seeding, state
+from medclear.bench.fresh import own_state_dir
 from medclear.cli.main import COMMANDS
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
@@ -180,7 +181,14 @@ def _run_stack(secure: bool, persons: int, swipes: int, concurrency: str, idle_s
                figures: _RunFigures) -> None:  # fmt: skip
     """One terminal-security setting: start the stack (timed to ready), measure it idle,
     seed, swipe at each concurrency level, then stop the stack and wipe it."""
-    settings = get_settings().model_copy(update={"terminal_security": secure})
+    with own_state_dir(get_settings(), "run") as settings:
+        _run_one_stack(settings.model_copy(update={"terminal_security": secure}), persons,
+                       swipes, concurrency, idle_seconds, figures)  # fmt: skip
+
+
+def _run_one_stack(settings: Settings, persons: int, swipes: int, concurrency: str,
+                   idle_seconds: float, figures: _RunFigures) -> None:  # fmt: skip
+    secure = settings.terminal_security
     started = time.perf_counter()
     stack.up(settings, console)
     ready_s = time.perf_counter() - started

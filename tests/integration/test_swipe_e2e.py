@@ -613,3 +613,20 @@ def test_replies_read_are_trimmed_from_the_broker_but_the_newest(
     results, first, end = asyncio.run(scenario())
     assert results == [ResultCode.PERSON_UNKNOWN] * asked
     assert end == asked and first == asked - 5, (first, end)
+
+
+def test_a_benchmark_leaves_the_running_stack_alone(
+    registry: registry_pb2_grpc.CardRegistryServiceStub, settings: Settings
+) -> None:
+    """`medclear bench run` brings up a stack of its own: run beside this one (the same
+    MEDCLEAR_STATE_DIR), it used to take this stack as its own and wipe it at the end."""
+    ssn, card = enrol(registry, 61, 10_00)
+    env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir)}
+    argv = [sys.executable, "-m", "medclear", "bench", "run", "--persons", "30", "--swipes",
+            "30", "--concurrency", "1", "--security", "off", "--idle-seconds", "0"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (settings.state_dir / "stack.json").exists()
+    found = registry.GetPerson(registry_pb2.GetPersonRequest(card_no=card), timeout=10)
+    assert ResultCode(found.result) == ResultCode.OK and found.balance_fen == 10_00, ssn
