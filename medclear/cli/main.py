@@ -52,7 +52,7 @@ COMMANDS: dict[str, Entry] = {
                      "ready.", "restart", STACK),
     "serve": Entry("medclear.cli.serve:serve_app", "Run one medclear process in the foreground "
                    "(used by `up`).", None, STACK),
-    "demo": Entry("medclear.cli.city:city_app", "The main job: start the whole stack, seed a "
+    "demo": Entry("medclear.cli.demo:demo_app", "The main job: start the whole stack, seed a "
                   "city, run a few minutes of a day at its counters — swipes (some with a wrong "
                   "PIN), reversals, refunds, loss reports with a thief trying the card, "
                   "releases, pre-losses lapsing, a pharmacy limit reached — with a live panel, "
