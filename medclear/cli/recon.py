@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from openpyxl import Workbook
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -465,6 +464,10 @@ def write_csv(report: Report, directory: Path) -> list[Path]:
 def write_xlsx(report: Report, path: Path) -> Path:
     """One workbook, a sheet per view (institutions, details): yuan as numbers formatted
     with two decimals, a header row frozen and filtered."""
+    # imported here, when a workbook is written: openpyxl takes ~0.06 s to import, and the
+    # commands that reach this module (demo, bench, drill) paid it for their --help
+    from openpyxl import Workbook
+
     book = Workbook()
     sheets = (("institutions", institution_records(report), INSTITUTION_COLUMNS),
               ("details", detail_records(report), DETAIL_COLUMNS))  # fmt: skip
