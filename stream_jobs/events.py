@@ -13,16 +13,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from clearing import codec
-from medclear.infra.topics import HEADER_EVENT_TYPE
+from medclear.infra.topics import HEADER_EVENT_TYPE, header
 from monitoring import metrics
-
-
-def event_type(record: Any) -> bytes | None:
-    """The class name the worker put in the record's header, if any."""
-    for name, value in record.headers or ():
-        if name == HEADER_EVENT_TYPE:
-            return bytes(value)
-    return None
 
 
 def decoded(
@@ -34,7 +26,7 @@ def decoded(
     wanted = None if reads is None else {cls.__name__.encode() for cls in reads}
     for record in records:
         if wanted is not None:
-            named = event_type(record)
+            named = header(record.headers, HEADER_EVENT_TYPE)
             if named is not None and named not in wanted:
                 continue
         try:

@@ -50,7 +50,7 @@ from medclear.infra import topics
 from medclear.infra.hsm_client import HsmClient
 from medclear.infra.settings import Settings, pki_dir
 from medclear.infra.tokens import load_redaction
-from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE, HEADER_REPLY_TO
+from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE, HEADER_REPLY_TO, header
 from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
@@ -66,13 +66,6 @@ HSM_RETRY_BACKOFF_MAX_S = 5.0
 PIN_OUTCOME_OF = {ResultCode.OK: PinOutcome.CORRECT, ResultCode.PIN_WRONG: PinOutcome.WRONG}
 STEP_NAMES = {"decide": "decide", "outputs": "events", "state": "state", "replies": "reply"}
 PERSONS_DECODED_MAX = 10_000  # decoded persons kept, keyed by their stored bytes
-
-
-def header(headers: Any, name: str) -> bytes | None:
-    for key, value in headers or ():
-        if key == name:
-            return bytes(value) if value is not None else None
-    return None
 
 
 class PinChecker:

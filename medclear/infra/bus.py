@@ -38,7 +38,7 @@ from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
 from medclear.errors import MedclearError
 from medclear.infra import topics
 from medclear.infra.kafka_admin import ensure_topics, new_producer
-from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO
+from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO, header
 from medclear.streams.poll import IdleBackoff, Poller
 from monitoring import metrics
 
@@ -210,7 +210,7 @@ class CommandBus:
             self._replies.resume(*paused)
 
     def _resolve(self, record: Any) -> None:
-        correlation = next((v for k, v in record.headers or () if k == HEADER_CORRELATION), None)
+        correlation = header(record.headers, HEADER_CORRELATION)
         future = self._pending.get(correlation) if correlation else None
         if future is None or future.done():
             return  # a reply for a request that timed out, or of an earlier process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from medclear.infra.settings import Settings
@@ -60,6 +61,14 @@ HEADER_CORRELATION = "correlation-id"
 # Header of an event record: the event's class name (codec.RECORD_TYPES), so a job skips
 # the events it does not read without decoding them (stream_jobs/events.py).
 HEADER_EVENT_TYPE = "event-type"
+
+
+def header(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
+    """The value of a record's header `name` (its first), None if it has none."""
+    for key, value in headers or ():
+        if key == name:
+            return bytes(value) if value is not None else None
+    return None
 
 
 def reply_topic(instance_id: str) -> str:
