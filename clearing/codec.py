@@ -5,8 +5,8 @@ read once, at its first use, into a plan: which fields need converting (enums, n
 records, tuples, optional records) and which may be left out. Encoding and decoding then
 follow the plan, with no reflection per record, and orjson writes and reads the JSON
 (compact, UTF-8, the bytes `json.dumps(..., ensure_ascii=False, separators=(",", ":"))`
-gave; 3.5x faster to encode and 4.9x to decode than the reflective codec on the stdlib's
-json: docs/PERFORMANCE.md). Adding a field needs no codec change.
+gave; 3.1x faster to encode and to decode than the reflective codec on the stdlib's json,
+`medclear bench codec`: docs/PERFORMANCE.md). Adding a field needs no codec change.
 Unknown fields are ignored and missing ones take their default: old changelogs stay
 readable.
 

@@ -70,10 +70,10 @@ def measure(persons: int, batch: int, concurrency: int) -> SeedFigures:
 
 def _measure(settings: Settings, persons: int, batch: int, concurrency: int) -> SeedFigures:
     figures = SeedFigures(persons)
+    started = time.perf_counter()
+    endpoints = stack.up(settings, console)
+    figures.up_s = time.perf_counter() - started
     try:
-        started = time.perf_counter()
-        endpoints = stack.up(settings, console)
-        figures.up_s = time.perf_counter() - started
         processes = [(c.name, c.pid) for c in stack.status(settings)]
         before = cpu_use.snapshot(processes)
         figures.seed_s = load.seed_city(persons, SEED, concurrency, settings, batch=batch)
@@ -81,12 +81,12 @@ def _measure(settings: Settings, persons: int, batch: int, concurrency: int) -> 
         figures.cpu_ms_per_person = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes),
                                                         persons)  # fmt: skip
         figures.broker_disk_bytes = tree_bytes(settings.state_dir / "data" / "broker")
-        started = time.perf_counter()
-        figures.killed = stack.down(settings, console)
-        figures.down_s = time.perf_counter() - started
-    finally:
-        if figures.down_s == 0.0:  # failed before the measured stop: stop it anyway
-            stack.down(settings, console)
+    except BaseException:  # failed before the measured stop: stop the stack anyway
+        stack.down(settings, console)
+        raise
+    started = time.perf_counter()
+    figures.killed = stack.down(settings, console)
+    figures.down_s = time.perf_counter() - started
     return figures
 
 

@@ -37,7 +37,7 @@ from clearing.model import Command, Reply
 from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
 from medclear.errors import MedclearError
 from medclear.infra import topics
-from medclear.infra.kafka_admin import ensure_topics, new_producer
+from medclear.infra.kafka_admin import ADMIN_REQUEST_TIMEOUT_MS, ensure_topics, new_producer
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO, header
 from medclear.streams.poll import IdleBackoff, Poller
 from monitoring import metrics
@@ -182,7 +182,8 @@ class CommandBus:
         on a broker without DeleteRecords, stop trying (logged once)."""
         assert self._replies is not None
         reply_tp = TopicPartition(self.reply_topic, 0)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap,
+                                    request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS)  # fmt: skip
         trimmed_to = 0
         try:
             await admin.start()
