@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 
-from clearing import core
+from clearing import core, simulator
 from clearing.codes import CardKind, InstitutionType, InsuranceCategory, ResultCode
 from clearing.model import (
     Authorize,
@@ -85,3 +86,22 @@ def swipe(
 @pytest.fixture
 def person() -> Person:
     return make_person()
+
+
+def simulated_records(seed: int, persons: int, days: int) -> list[Any]:
+    """Every command, reply and event of a simulated city (clearing.simulator), in order,
+    each decision's person after it too: a broad sample of the core's records."""
+    records: list[Any] = []
+    core_handle = core.handle
+
+    def handle(before: Person | None, command: Command, policy: Policy) -> Any:
+        after, decision = core_handle(before, command, policy)
+        records.extend((command, decision.reply, *decision.events))
+        if after is not None:
+            records.append(after)
+        return after, decision
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core, "handle", handle)
+        simulator.Simulator(POLICY, seed=seed, persons=persons, days=days).run()
+    return records

@@ -3,18 +3,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from enum import Enum, IntEnum
-from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clearing import codec, core, simulator
+from clearing import codec, core
 from clearing.abnormal import Alert, AlertKind
-from clearing.model import Command, Person, Policy
 from clearing.money import format_yuan, parse_yuan
 from clearing.validate import is_ssn, mask_card, mask_ssn, ssn_check_char
-from tests.unit.conftest import POLICY, make_person, swipe
+from tests.unit.conftest import POLICY, make_person, simulated_records, swipe
 
 
 def test_person_and_every_event_round_trip() -> None:
@@ -64,19 +62,7 @@ def _reference_plain(value: object) -> object:
 
 
 def test_the_planned_codec_writes_the_reference_format_for_a_simulated_city() -> None:
-    records: list[object] = []
-
-    def handle(before: Person | None, command: Command, policy: Policy) -> Any:
-        after, decision = core_handle(before, command, policy)
-        records.extend((command, decision.reply, *decision.events))
-        if after is not None:
-            records.append(after)
-        return after, decision
-
-    core_handle = core.handle
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(core, "handle", handle)
-        simulator.Simulator(POLICY, seed=11, persons=60, days=3).run()
+    records = simulated_records(seed=11, persons=60, days=3)
     records.append(Alert("e1/blocked", AlertKind.BLOCKED_CARD_USED, 1, "pt_1", "ct_1",
                          "S0****01", "310101P00001", "T1", "挂失卡刷卡"))  # fmt: skip
     kinds = {type(r).__name__ for r in records}

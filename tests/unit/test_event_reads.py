@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from clearing import abnormal, codec, core, model, settlement, simulator
+from clearing import abnormal, codec, core, model, settlement
 from clearing.codes import ResultCode
-from clearing.model import CancelPerson, Command, Event, Person, Policy, SetPhone
+from clearing.model import CancelPerson, Event, Person, SetPhone
 from medclear.infra.topics import HEADER_EVENT_TYPE
 from stream_jobs import sms_core
 from stream_jobs.events import decoded
-from tests.unit.conftest import POLICY, SSN, T0_MS, make_person, rid
+from tests.unit.conftest import POLICY, SSN, T0_MS, make_person, rid, simulated_records
 from tests.unit.test_redact import _lifecycle
 from tests.unit.test_sms_core import CONTEXT, PERSON, T0
 
@@ -28,17 +28,8 @@ EVENT_TYPES = typing.get_args(Event)
 def events() -> list[Event]:
     """Every event of a small simulated city over a few days, then of one person's whole
     history (refund, limit, loss, replacement, new phone, cancellation)."""
-    seen: list[Event] = []
-    core_handle = core.handle
-
-    def handle(before: Person | None, command: Command, policy: Policy) -> Any:
-        after, decision = core_handle(before, command, policy)
-        seen.extend(decision.events)
-        return after, decision
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(core, "handle", handle)
-        simulator.Simulator(POLICY, seed=5, persons=80, days=3).run()
+    seen: list[Event] = [r for r in simulated_records(seed=5, persons=80, days=3)
+                         if isinstance(r, EVENT_TYPES)]  # fmt: skip
     seen.extend(_lifecycle())
     person: Person | None = make_person()
     for command in (SetPhone(rid(), T0_MS, SSN, "13900000001"),
