@@ -8,14 +8,39 @@ INSTALLED := $(VENV)/.installed
 GENERATED := medclear/v1/.generated
 PROTOS := $(wildcard proto/medclear/v1/*.proto)
 SMSC_DEPS := tests/support/smsc/node_modules/.installed
+# Apache Kafka from Maven Central (kafka/pom.xml), every jar pinned by kafka/jars.sha256
+KAFKA_DIR := .kafka
+KAFKA_INSTALLED := $(KAFKA_DIR)/lib/.installed
+KAFKA_CDS := $(KAFKA_DIR)/kafka.jsa
+MVN := mvn -B -q --strict-checksums -Dmaven.repo.local=$(abspath $(KAFKA_DIR)/m2) -f kafka/pom.xml
 
-.PHONY: setup demo test test-unit lint typecheck proto lock clean help bench
+.PHONY: setup demo test test-unit lint typecheck proto lock kafka-lock clean help bench
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(INSTALLED) $(GENERATED) $(SMSC_DEPS)  ## apt packages, .venv, pinned install, generated code, SMSC (npm ci)
+setup: $(INSTALLED) $(GENERATED) $(SMSC_DEPS) $(KAFKA_CDS)  ## apt packages, .venv, pinned install, generated code, SMSC (npm ci), Apache Kafka (Maven)
+
+# the broker's jars, resolved by Maven (checksums checked against Maven Central's), then
+# each checked against the committed list: a jar that differs stops the install
+$(KAFKA_INSTALLED): kafka/pom.xml kafka/jars.sha256 .system-packages.stamp
+	@echo "medclear setup: Apache Kafka from Maven Central (kafka/pom.xml)"
+	rm -rf $(KAFKA_DIR)/lib
+	$(MVN) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(KAFKA_DIR)/lib)
+	cd $(KAFKA_DIR)/lib && sha256sum --quiet --strict -c ../../kafka/jars.sha256
+	test "$$(ls $(KAFKA_DIR)/lib/*.jar | wc -l)" -eq "$$(wc -l < kafka/jars.sha256)"
+	@touch $@
+
+# the classes a broker loads, archived once (AppCDS): every start of a node is ~2 s quicker
+$(KAFKA_CDS): $(KAFKA_INSTALLED) $(INSTALLED)
+	$(BIN)/medclear kafka class-archive
+
+kafka-lock: .system-packages.stamp  ## after changing kafka/pom.xml: resolve it, rewrite kafka/jars.sha256
+	rm -rf $(KAFKA_DIR)/lib
+	$(MVN) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(KAFKA_DIR)/lib)
+	cd $(KAFKA_DIR)/lib && sha256sum *.jar | sort -k2 > ../../kafka/jars.sha256
+	@touch $(KAFKA_INSTALLED)
 
 # the loopback SMSC of the tests and the embedded stack (npm `smpp`, pinned by its lock file)
 $(SMSC_DEPS): tests/support/smsc/package.json tests/support/smsc/package-lock.json
@@ -60,8 +85,8 @@ lock: $(INSTALLED)  ## rewrite requirements.lock from the installed venv
 	  echo '# Regenerate: make lock'; \
 	  $(BIN)/python -m pip freeze --exclude-editable | sort -f; } > requirements.lock
 
-clean:  ## remove the venv and generated code (keeps .medclear state)
-	rm -rf $(VENV) medclear/v1 .system-packages.stamp
+clean:  ## remove the venv, the broker's jars and generated code (keeps .medclear state)
+	rm -rf $(VENV) medclear/v1 .system-packages.stamp $(KAFKA_DIR)
 
 bench: setup  ## benchmarks (minutes): CLI start-up; seeding 100,000 and down; HSM added latency; full vs null pipeline, open loop, scaling; 100,000 hostile requests
 	$(BIN)/medclear bench startup

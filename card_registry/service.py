@@ -24,6 +24,7 @@ from clearing.validate import mask_phone
 from medclear.infra import bounds, status
 from medclear.infra.bus import WINDOW_REPLY_BACKOFF_S, BusUnavailable, CommandBus
 from medclear.infra.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.rpc import (
     Clock,
     message,
@@ -563,7 +564,7 @@ def person_view(person: model.Person, reply: Reply) -> registry_pb2.PersonView:
 
 
 def run(
-    bootstrap: str,
+    kafka: KafkaAccess,
     host: str,
     port: int,
     deadline_ms: int,
@@ -576,7 +577,7 @@ def run(
     asyncio.run(
         serve_commands(
             "registry",
-            bootstrap,
+            kafka,
             instance_id,
             f"{host}:{port}",
             registry_pb2.DESCRIPTOR.services_by_name["CardRegistryService"].full_name,

@@ -68,6 +68,7 @@ from medclear.infra import bounds, status
 from medclear.infra.bounds import CRYPTOGRAM_BYTES_MAX
 from medclear.infra.bus import BusUnavailable, CommandBus
 from medclear.infra.hsm_client import HsmClient
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.policy import load_policy
 from medclear.infra.rpc import (
     Clock,
@@ -412,7 +413,7 @@ def _decoding(
 
 
 def run(
-    bootstrap: str,
+    kafka: KafkaAccess,
     host: str,
     port: int,
     deadline_ms: int,
@@ -436,7 +437,7 @@ def run(
     asyncio.run(
         serve_commands(
             "gateway",
-            bootstrap,
+            kafka,
             instance_id,
             f"{host}:{port}",
             pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name,

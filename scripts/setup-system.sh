@@ -3,6 +3,8 @@
 # Idempotent: does nothing (and asks no registry) when every package is present.
 set -euo pipefail
 packages=(
+  openjdk-17-jre-headless maven         # Apache Kafka's broker (from Maven Central: kafka/pom.xml)
+  kcat                                  # a third-party Kafka client: the tests check the ACLs with it
   clickhouse-server clickhouse-client   # the analytical event store (18.16 on Debian 12)
   prometheus                            # scraping and alert rules (promtool)
   pcscd libpcsclite-dev vsmartcard-vpcd swig  # PC/SC stack + what pyscard builds with

@@ -18,14 +18,16 @@ import structlog
 from clearing import codec
 from clearing.abnormal import EVENTS_READ, AlertKind, BlockWatch, Detector
 from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from medclear.streams.process import idle_backoff, serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
+from stream_jobs import jobs
 from stream_jobs.events import decoded
 
 log = structlog.get_logger(process="abnormal")
-APP_ID = "medclear-abnormal"
+APP_ID = jobs.KAFKA["abnormal"].prefix
 BATCH_MAX = 512
 
 
@@ -46,16 +48,16 @@ class Watch:
                          terminal=alert.terminal_id, institution=alert.institution_id)  # fmt: skip
 
 
-def create(settings: Settings, bootstrap: str) -> Runtime:
-    return Runtime(job=APP_ID, member_id="abnormal-0", bootstrap=bootstrap,
+def create(settings: Settings, kafka: KafkaAccess) -> Runtime:
+    return Runtime(job=APP_ID, member_id="abnormal-0", kafka=kafka,
                    topic=topics.EVENTS.name, handler=Watch().handle,
                    data_dir=settings.state_dir.resolve() / "data" / "abnormal-0",
                    batch_max=BATCH_MAX,
                    backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
 
 
-async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
+async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:
     log.info("abnormal job starting")
     for kind in AlertKind:  # every kind at 0 from the start: the first alert is an increase
         metrics.ABNORMAL_ALERTS.labels(kind.value)
-    await serve_runtimes([create(settings, bootstrap)], [], stopping)
+    await serve_runtimes([create(settings, kafka)], [], stopping)

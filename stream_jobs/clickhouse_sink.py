@@ -60,16 +60,17 @@ from clearing.abnormal import Alert
 from clearing.model import Event
 from clearing.redact import CardTokens
 from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_card_tokens
 from medclear.streams.poll import IdleBackoff, Poller
 from medclear.streams.runtime import set_ready
 from monitoring import metrics
-from stream_jobs import ch
+from stream_jobs import ch, jobs
 
 log = structlog.get_logger(process="clickhouse-sink")
 
-GROUP_ID = "medclear-clickhouse-sink"
+GROUP_ID = jobs.KAFKA["clickhouse-sink"].prefix
 MEMBER_ID = "clickhouse-sink-0"  # static membership (noida-db never evicts a killed member)
 RETRY_BACKOFF_S_MIN = 0.1
 RETRY_BACKOFF_S_MAX = 2.0  # a returning ClickHouse is noticed within 2 s
@@ -188,7 +189,7 @@ class _Assignments(ConsumerRebalanceListener):  # type: ignore[misc]
 class ClickHouseSink:
     def __init__(
         self,
-        bootstrap: str,
+        kafka: KafkaAccess,
         url: str,
         tokens: CardTokens,
         *,
@@ -203,7 +204,7 @@ class ClickHouseSink:
     ) -> None:
         if batch_rows_max < 1 or batch_wait_ms < 1:
             raise ValueError("batch bounds are positive")
-        self.bootstrap, self.url, self.tokens, self.database = bootstrap, url, tokens, database
+        self.kafka, self.url, self.tokens, self.database = kafka, url, tokens, database
         self.feed = feed
         if feed is not EVENTS_FEED:  # another feed: its own topic and consumer group
             topic, group_id, member_id = feed.topic, feed.group_id, feed.member_id
@@ -286,15 +287,19 @@ class ClickHouseSink:
         self._lag_checked = now
         partitions = sorted(self.assigned, key=lambda tp: tp.partition)
         try:
-            ends = await consumer.end_offsets(partitions)
             behind = 0
             for tp in partitions:
+                # the high-water mark of the last fetch answer: no request, which would
+                # wait behind the fetch the broker holds on this connection
+                end = consumer.highwater(tp)
+                if end is None:
+                    continue
                 done = self.inserted_to.get(tp)
                 if done is None:
                     committed = await consumer.committed(tp)
                     done = committed if committed is not None else 0
                     self.inserted_to[tp] = done
-                behind += max(0, ends[tp] - done)
+                behind += max(0, end - done)
         except KafkaError as exc:
             log.warning("end offsets unavailable", error=type(exc).__name__)
             return
@@ -367,7 +372,7 @@ class ClickHouseSink:
         self.migrated = True
         log.info("migrations done", database=self.database)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **self.kafka.options(),
             group_id=self.group_id,
             group_instance_id=self.member_id,
             enable_auto_commit=False,
@@ -414,13 +419,13 @@ class ClickHouseSink:
             self._drop_client()
 
 
-async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
+async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:
     """Three feeds: events (the primary: migrations, READY, lag), alerts and SMS outcomes,
     each with its own consumer group and the same batching rules."""
     tokens = load_card_tokens(settings)
     sinks = [
         ClickHouseSink(
-            bootstrap,
+            kafka,
             clickhouse_url(settings),
             tokens,
             database=settings.clickhouse_database,

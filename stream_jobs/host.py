@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import functools
 
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from medclear.streams.process import Served, run_until_signal
 from stream_jobs.jobs import server
 
 
-def run(settings: Settings, bootstrap: str, names: list[str]) -> None:
-    """The named jobs (stream_jobs/jobs.py) until SIGTERM; one's failure ends them all."""
-    served: list[Served] = [functools.partial(server(name), settings, bootstrap) for name in names]
+def run(settings: Settings, kafka: KafkaAccess, names: list[str]) -> None:
+    """The named jobs (stream_jobs/jobs.py) until SIGTERM; one's failure ends them all. Each
+    job talks to the broker as itself: its own principal and certificate, whatever process
+    it shares."""
+    served: list[Served] = [functools.partial(server(name), settings, kafka.as_principal(name))
+                            for name in names]  # fmt: skip
     run_until_signal(served)

@@ -1,6 +1,6 @@
 """The stream jobs `medclear up` starts: name → "module:function".
 
-Each function is `serve(settings, bootstrap, stopping)`, a coroutine that runs the job (its
+Each function is `serve(settings, kafka, stopping)`, a coroutine that runs the job (its
 stream runtimes, medclear/streams) until `stopping` is set, then finishes what is in flight
 and commits. `medclear serve <name>` runs one job as a process; `medclear serve jobs` runs
 the chosen ones (MEDCLEAR_JOBS, default all) in one process and one event loop, which is
@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
+from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from stream_jobs.errors import StreamJobError
 
@@ -38,7 +41,36 @@ JOB_HELP: dict[str, str] = {
 
 JOBS_IN_ONE = "jobs"  # the component (and `medclear serve` role) that runs them in one process
 
-ServeJob = Callable[[Settings, str, asyncio.Event], Coroutine[Any, Any, None]]
+
+@dataclass(frozen=True)
+class KafkaNeeds:
+    """What a job (its principal, `User:medclear-<job>`) may do on the broker, and no more
+    (medclear/stack/acls.py grants exactly this): read `reads`, write `writes`, and own
+    the consumer groups and changelog topics whose names start with `prefix` (its
+    runtimes' application ids)."""
+
+    prefix: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...] = ()
+
+
+KAFKA: dict[str, KafkaNeeds] = {
+    "pre-loss-timer": KafkaNeeds("medclear-pre-loss-timer", (topics.EVENTS.name,),
+                                 (topics.COMMANDS.name,)),
+    "clickhouse-sink": KafkaNeeds("medclear-clickhouse-sink", (
+        topics.EVENTS.name, topics.ALERTS.name, topics.SMS_OUTCOMES.name)),
+    "sms": KafkaNeeds("medclear-sms", (topics.EVENTS.name,), (topics.SMS_OUTCOMES.name,)),
+    "abnormal": KafkaNeeds("medclear-abnormal", (topics.EVENTS.name,), (topics.ALERTS.name,)),
+    "settlement": KafkaNeeds("medclear-settlement", (
+        topics.EVENTS.name, topics.SETTLEMENT_INPUT.name),
+        (topics.SETTLEMENT_INPUT.name, topics.SETTLEMENTS.name)),
+}  # fmt: skip
+# The clearing worker (stream_jobs/worker.py, a process of its own): the commands in, the
+# events and the card index out, and a reply to whichever topic a command names.
+WORKER_KAFKA = KafkaNeeds("medclear-clearing", (topics.COMMANDS.name,),
+                          (topics.EVENTS.name, topics.CARD_INDEX.name))  # fmt: skip
+
+ServeJob = Callable[[Settings, KafkaAccess, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def selected(settings: Settings) -> list[str]:

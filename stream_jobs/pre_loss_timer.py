@@ -20,16 +20,18 @@ from clearing import codec
 from clearing.model import CardStateChanged
 from clearing.redact import PERSON, Sealer
 from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_sealer
 from medclear.streams.process import idle_backoff, serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
+from stream_jobs import jobs
 from stream_jobs.events import decoded
 from stream_jobs.pre_loss import Pending, due, track
 
 log = structlog.get_logger(process="pre-loss-timer")
-APP_ID = "medclear-pre-loss-timer"
+APP_ID = jobs.KAFKA["pre-loss-timer"].prefix
 TABLE = "pre-losses"
 BATCH_MAX = 512
 
@@ -77,8 +79,8 @@ class Ticker:
         metrics.PRE_LOSSES_PENDING.set(len(entries))
 
 
-def create(settings: Settings, bootstrap: str) -> tuple[Runtime, Ticker]:
-    runtime = Runtime(job=APP_ID, member_id="pre-loss-timer-0", bootstrap=bootstrap,
+def create(settings: Settings, kafka: KafkaAccess) -> tuple[Runtime, Ticker]:
+    runtime = Runtime(job=APP_ID, member_id="pre-loss-timer-0", kafka=kafka,
                       topic=topics.EVENTS.name, handler=follow,
                       data_dir=settings.state_dir.resolve() / "data" / "pre-loss-timer-0",
                       tables=[TABLE], batch_max=BATCH_MAX,
@@ -87,7 +89,7 @@ def create(settings: Settings, bootstrap: str) -> tuple[Runtime, Ticker]:
                            settings.pre_loss_timer_interval_s)  # fmt: skip
 
 
-async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
-    runtime, ticker = create(settings, bootstrap)
+async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:
+    runtime, ticker = create(settings, kafka)
     log.info("pre-loss timer starting", interval_s=settings.pre_loss_timer_interval_s)
     await serve_runtimes([runtime], [ticker.run], stopping)

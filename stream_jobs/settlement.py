@@ -31,15 +31,17 @@ import structlog
 from clearing import codec
 from clearing import settlement as rules
 from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from medclear.streams.process import idle_backoff, serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
+from stream_jobs import jobs
 from stream_jobs.events import decoded
 
 log = structlog.get_logger(process="settlement")
-APP_ID = "medclear-settlement"
-ROUTE_ID = "medclear-settlement-route"
+APP_ID = jobs.KAFKA["settlement"].prefix
+ROUTE_ID = f"{APP_ID}-route"
 TABLE = "settlements"
 TICK_PREFIX = b"close-tick:"  # + institution id; any other value on the input is an event
 CLOSE_CHECK_INTERVAL_S = 5.0  # how often the timer looks for days past their cut-off
@@ -150,15 +152,15 @@ class Settle:
 
 
 def create(
-    settings: Settings, bootstrap: str, clock_ms: Callable[[], int] = wall_clock_ms
+    settings: Settings, kafka: KafkaAccess, clock_ms: Callable[[], int] = wall_clock_ms
 ) -> tuple[Runtime, Runtime, Settle]:
     settle = Settle(settings.settlement_cutoff_s * 1000, clock_ms)
     data = settings.state_dir.resolve() / "data" / "settlement-0"
-    router = Runtime(job=ROUTE_ID, member_id="settlement-route-0", bootstrap=bootstrap,
+    router = Runtime(job=ROUTE_ID, member_id="settlement-route-0", kafka=kafka,
                      topic=topics.EVENTS.name, handler=route, data_dir=data / "route",
                      batch_max=BATCH_MAX,
                      backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
-    settler = Runtime(job=APP_ID, member_id="settlement-0", bootstrap=bootstrap,
+    settler = Runtime(job=APP_ID, member_id="settlement-0", kafka=kafka,
                       topic=topics.SETTLEMENT_INPUT.name, handler=settle.handle,
                       data_dir=data, tables=[TABLE], batch_max=BATCH_MAX,
                       backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
@@ -170,8 +172,8 @@ def create(
     return router, settler, settle
 
 
-async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
-    router, settler, settle = create(settings, bootstrap)
+async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:
+    router, settler, settle = create(settings, kafka)
     log.info("settlement starting", cutoff_s=settings.settlement_cutoff_s)
     await serve_runtimes([router, settler],
                          [lambda stopping: settle.close_ticks(settler, stopping)],

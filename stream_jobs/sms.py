@@ -70,6 +70,7 @@ import structlog
 
 from clearing.redact import CONTACT
 from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import ensure_topics
 from medclear.infra.policy import load_institutions
 from medclear.infra.settings import Settings, smsc_password
@@ -77,14 +78,14 @@ from medclear.infra.tokens import load_sealer
 from medclear.streams.process import idle_backoff, serve_runtimes
 from medclear.streams.runtime import Batch, Runtime, set_ready
 from monitoring import metrics
-from stream_jobs import sms_core
+from stream_jobs import jobs, sms_core
 from stream_jobs.errors import StreamJobError
 from stream_jobs.events import decoded
 from stream_jobs.sms_core import Context, Outcome, OutcomeRecord, PersonSms
 from stream_jobs.sms_smpp import Receipt, SmppLink, SmscUnavailable, Submission
 
 log = structlog.get_logger(process="sms")
-APP_ID = "medclear-sms"
+APP_ID = jobs.KAFKA["sms"].prefix
 MEMBER_ID = "sms-0"
 TABLE = "sms-persons"
 BATCH_MAX = 1_000  # events taken at once
@@ -251,9 +252,9 @@ class Job:
             await asyncio.gather(*sent)
 
 
-def create(settings: Settings, bootstrap: str, app_id: str = APP_ID) -> tuple[Runtime, Job]:
+def create(settings: Settings, kafka: KafkaAccess, app_id: str = APP_ID) -> tuple[Runtime, Job]:
     job = Job(load_context(settings), Sender(settings))
-    runtime = Runtime(job=app_id, member_id=MEMBER_ID, bootstrap=bootstrap,
+    runtime = Runtime(job=app_id, member_id=MEMBER_ID, kafka=kafka,
                       topic=topics.EVENTS.name, handler=job.handle,
                       data_dir=settings.state_dir.resolve() / "data" / MEMBER_ID, tables=[TABLE],
                       batch_max=BATCH_MAX,
@@ -282,14 +283,14 @@ def outcome_of(submission: Submission, uncertain: bool) -> OutcomeRecord:
                          status)  # fmt: skip
 
 
-async def serve(settings: Settings, bootstrap: str, stopping: asyncio.Event) -> None:
+async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:
     if not settings.sms_enabled:
         log.info("sms disabled (MEDCLEAR_SMS_ENABLED=false): idle, nothing consumed")
         set_ready(serve, True)
         await stopping.wait()
         return
-    await ensure_topics(bootstrap, {topics.SMS_OUTCOMES.name: settings.event_partitions})
-    runtime, job = create(settings, bootstrap)
+    await ensure_topics(kafka, {topics.SMS_OUTCOMES.name: settings.event_partitions})
+    runtime, job = create(settings, kafka)
     log.info("sms job starting", smsc=f"{settings.smsc_host}:{settings.smsc_port}",
              in_flight_max=SMS_IN_FLIGHT_MAX)  # fmt: skip
     try:

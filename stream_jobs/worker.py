@@ -48,16 +48,18 @@ from clearing.model import (
 from clearing.redact import Redaction, card_index_record, published
 from medclear.infra import topics
 from medclear.infra.hsm_client import HsmClient
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings, pki_dir
 from medclear.infra.tokens import load_redaction
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE, HEADER_REPLY_TO, header
 from medclear.streams.process import idle_backoff, run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
+from stream_jobs import jobs
 
 log = structlog.get_logger(process="worker")
 
-APP_ID = "medclear-clearing"
+APP_ID = jobs.WORKER_KAFKA.prefix
 PERSONS_TABLE = "persons"
 BATCH_MAX = 256  # commands decided together at most
 IN_FLIGHT_MAX = 2  # the next batch is decided while this one's acknowledgements are pending
@@ -248,7 +250,7 @@ def observe_step(step_name: str, seconds: float) -> None:
         metrics.WORKER_STEP_SECONDS.labels(STEP_NAMES[step_name]).observe(seconds)
 
 
-def create(settings: Settings, policy: Policy, bootstrap: str, index: int = 0) -> Runtime:
+def create(settings: Settings, policy: Policy, kafka: KafkaAccess, index: int = 0) -> Runtime:
     redaction = load_redaction(settings)  # no card number, ssn, name or phone leaves in clear
     pins = (PinChecker(HsmClient(settings.hsm_address, pki_dir(settings)))
             if settings.terminal_security else None)  # fmt: skip
@@ -256,7 +258,7 @@ def create(settings: Settings, policy: Policy, bootstrap: str, index: int = 0) -
     if echo:
         log.warning("echo mode: commands are answered OK without being decided (benchmark)")
     handler = (Echo if echo else Worker)(policy, redaction, pins)
-    return Runtime(job=APP_ID, member_id=f"worker-{index}", bootstrap=bootstrap,
+    return Runtime(job=APP_ID, member_id=f"worker-{index}", kafka=kafka,
                    topic=topics.COMMANDS.name, handler=handler.handle,
                    data_dir=data_dir(settings, index), tables=[] if echo else [PERSONS_TABLE],
                    batch_max=BATCH_MAX, in_flight_max=IN_FLIGHT_MAX, observe_step=observe_step,
@@ -281,9 +283,9 @@ def zero_swipe_series(policy: Policy) -> None:
             metrics.INSTITUTION_SWIPES.labels(institution_id, outcome)
 
 
-def run(settings: Settings, policy: Policy, bootstrap: str, index: int) -> None:
+def run(settings: Settings, policy: Policy, kafka: KafkaAccess, index: int) -> None:
     """Run one worker in the foreground until SIGTERM."""
-    log.info("worker starting", index=index, bootstrap=bootstrap,
-             partitions=settings.command_partitions)  # fmt: skip
+    log.info("worker starting", index=index, bootstrap=kafka.bootstrap,
+             principal=kafka.principal, partitions=settings.command_partitions)  # fmt: skip
     zero_swipe_series(policy)
-    run_in_foreground([create(settings, policy, bootstrap, index)])
+    run_in_foreground([create(settings, policy, kafka, index)])

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from clearing import codec, core
@@ -51,6 +51,8 @@ from clearing.model import (
 from clearing.redact import Redaction, card_index_record
 from clearing.validate import ssn_check_char
 from medclear.errors import MedclearError
+from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.kafka_admin import partitions_of
 from medclear.infra.settings import Settings
 from medclear.sim.city import GIVEN, REGION_CODE, SURNAMES, category_of
 from medclear.streams.store import PartitionStore
@@ -260,7 +262,7 @@ class _Batches:
 
 
 async def load(
-    bootstrap: str,
+    kafka: KafkaAccess,
     city: City,
     persons: int,
     partitions: int,
@@ -271,7 +273,7 @@ async def load(
 ) -> LoadResult:
     """Produce `persons` changelog records and as many card-index records."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **kafka.options(),
         acks="all",
         linger_ms=20,
         max_batch_size=512 * 1024,
@@ -346,12 +348,12 @@ def seed_store(
 
 
 async def index_cards(
-    bootstrap: str, holders: Sequence[Holder], redaction: Redaction, topic: str
+    kafka: KafkaAccess, holders: Sequence[Holder], redaction: Redaction, topic: str
 ) -> None:
     """Card-index records (card token → sealed ssn) for these holders only: what the
     gateway needs to route their swipes when the persons were seeded into the store
     (`seed_store`)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(**kafka.options(), acks="all")
     await producer.start()
     try:
         for h in holders:
@@ -362,16 +364,12 @@ async def index_cards(
         await producer.stop()
 
 
-async def topic_records(bootstrap: str, topic: str) -> tuple[int, int]:
+async def topic_records(kafka: KafkaAccess, topic: str) -> tuple[int, int]:
     """(partitions, records) of a topic: end offsets minus beginning offsets."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka.options(), enable_auto_commit=False)
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer.topics()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = await partitions_of(kafka, topic)
         if not tps:
             return 0, 0
         ends = await consumer.end_offsets(tps)

@@ -77,7 +77,7 @@ def _measure(settings: Settings, persons: int, batch: int, concurrency: int) -> 
         processes = [(c.name, c.pid) for c in stack.status(settings)]
         before = cpu_use.snapshot(processes)
         figures.seed_s = load.seed_city(persons, SEED, concurrency, settings, batch=batch)
-        figures.behind = asyncio.run(wait_caught_up(endpoints.kafka_bootstrap, STAGES))
+        figures.behind = asyncio.run(wait_caught_up(endpoints.kafka(), STAGES))
         figures.cpu_ms_per_person = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes),
                                                         persons)  # fmt: skip
         figures.broker_disk_bytes = tree_bytes(settings.state_dir / "data" / "broker")

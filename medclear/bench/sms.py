@@ -32,9 +32,11 @@ from clearing.model import Event, PersonRegistered, SwipeApproved
 from clearing.redact import Redaction, published
 from medclear import stack
 from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import ensure_topics, read_topic
-from medclear.infra.settings import BrokerKind, Settings
+from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_redaction
+from medclear.stack.kafka import Cluster
 from medclear.stack.smsc import Smsc, start_smsc
 
 PARTITIONS = 3
@@ -74,10 +76,9 @@ class SmsRig:
     and restarted on the same ports and data."""
 
     base: Path
-    broker_kind: BrokerKind = BrokerKind.NOIDA
-    bootstrap: str = ""
+    kafka: KafkaAccess | None = None
     institutions_file: Path | None = None
-    broker: stack.Process | None = None
+    broker: Cluster | None = None
     smsc: Smsc | None = None
     job: stack.Process | None = None
     smsc_port: int = field(default_factory=stack.free_port)
@@ -86,19 +87,21 @@ class SmsRig:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, bootstrap: str = "") -> SmsRig:
+    @property
+    def access(self) -> KafkaAccess:
+        if self.kafka is None:
+            raise RuntimeError("the rig is not started")
+        return self.kafka
+
+    def start(self, kafka: KafkaAccess | None = None) -> SmsRig:
+        """On `kafka` (with no TLS), or a one-node cluster of its own."""
         self.base.mkdir(parents=True, exist_ok=True)
-        if bootstrap:
-            self.bootstrap = bootstrap
-        else:
-            port = stack.free_port()
-            self.broker = stack.start_broker(
-                self.broker_kind, self.base / "broker", port, self.base / "broker.log"
-            )
-            self.bootstrap = f"127.0.0.1:{port}"
-            stack.wait_kafka_ready(self.bootstrap, READY_TIMEOUT_S, proc=self.broker)
+        if kafka is None:
+            self.broker = Cluster(self.base / "kafka").start()
+            kafka = self.broker.access
+        self.kafka = kafka
         wanted = {topics.EVENTS.name: PARTITIONS, topics.SMS_OUTCOMES.name: PARTITIONS}
-        asyncio.run(ensure_topics(self.bootstrap, wanted))
+        asyncio.run(ensure_topics(kafka, wanted))
         self.start_smsc()
         self.start_job()
         return self
@@ -114,7 +117,8 @@ class SmsRig:
     def job_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            MEDCLEAR_KAFKA_BOOTSTRAP=self.bootstrap,
+            MEDCLEAR_KAFKA_BOOTSTRAP=self.access.bootstrap,
+            MEDCLEAR_KAFKA_SECURITY="plaintext",
             MEDCLEAR_STATE_DIR=str(self.base / "state"),
             MEDCLEAR_EVENT_PARTITIONS=str(PARTITIONS),
             MEDCLEAR_SMSC_HOST="127.0.0.1",
@@ -139,9 +143,11 @@ class SmsRig:
         self.job.stop(timeout=5)  # reaps it
 
     def stop(self) -> None:
-        for process in (self.job, self.smsc.process if self.smsc else None, self.broker):
+        for process in (self.job, self.smsc.process if self.smsc else None):
             if process is not None:
                 process.stop()
+        if self.broker is not None:
+            self.broker.stop()
 
     # ------------------------------------------------------------------ traffic
 
@@ -151,10 +157,10 @@ class SmsRig:
         return load_redaction(Settings(state_dir=self.base / "state"))
 
     def publish(self, events: Iterable[Event]) -> None:
-        asyncio.run(publish(self.bootstrap, [published(e, self.redaction()) for e in events]))
+        asyncio.run(publish(self.access, [published(e, self.redaction()) for e in events]))
 
     def outcomes(self) -> list[dict[str, Any]]:
-        return asyncio.run(read_json_topic(self.bootstrap, topics.SMS_OUTCOMES.name))
+        return asyncio.run(read_json_topic(self.access, topics.SMS_OUTCOMES.name))
 
     def messages(self) -> list[dict[str, Any]]:
         return self.smsc.messages() if self.smsc is not None else []
@@ -178,8 +184,8 @@ class SmsRig:
             time.sleep(0.1)
 
 
-async def publish(bootstrap: str, events: Sequence[Event]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+async def publish(kafka: KafkaAccess, events: Sequence[Event]) -> None:
+    producer = AIOKafkaProducer(**kafka.options(), acks="all", linger_ms=2)
     await producer.start()
     try:
         for start in range(0, len(events), PRODUCE_CHUNK):
@@ -192,10 +198,10 @@ async def publish(bootstrap: str, events: Sequence[Event]) -> None:
 
 
 async def publish_at_rate(
-    bootstrap: str, events: Sequence[Event], rate: float, redaction: Redaction
+    kafka: KafkaAccess, events: Sequence[Event], rate: float, redaction: Redaction
 ) -> None:
     """Each event stamped with the time it is handed to the producer, `rate` a second."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    producer = AIOKafkaProducer(**kafka.options(), acks="all", linger_ms=2)
     await producer.start()
     try:
         t0 = time.monotonic()
@@ -214,9 +220,9 @@ async def publish_at_rate(
         await producer.stop()
 
 
-async def read_json_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+async def read_json_topic(kafka: KafkaAccess, topic: str) -> list[dict[str, Any]]:
     """Every JSON record of `topic` now on the broker, read once from the beginning."""
-    return [json.loads(value) for _key, value in await read_topic(bootstrap, topic) if value]
+    return [json.loads(value) for _key, value in await read_topic(kafka, topic) if value]
 
 
 # ---------------------------------------------------------------------------- benchmark
@@ -240,7 +246,7 @@ def bench(rate: float, seconds: float, persons: int, base: Path) -> dict[str, An
         count = int(rate * seconds)
         events = [swipe(i, i % persons, 0) for i in range(1, count + 1)]
         started = time.monotonic()
-        asyncio.run(publish_at_rate(rig.bootstrap, events, rate, rig.redaction()))
+        asyncio.run(publish_at_rate(rig.access, events, rate, rig.redaction()))
         published_s = time.monotonic() - started
         messages = rig.wait_messages(count + 1, timeout_s=120)
         drained_s = time.monotonic() - started

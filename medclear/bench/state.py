@@ -59,6 +59,7 @@ from medclear.bench.city import (
 from medclear.bench.perfdoc import DOC, replace_section
 from medclear.bench.procstat import describe_machine, human, proc_cpu_s, proc_memory, tree_bytes
 from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.policy import load_institutions, load_policy
 from medclear.infra.settings import Settings, get_settings
 from medclear.infra.tokens import load_redaction
@@ -251,11 +252,11 @@ def _empty_start(settings: Settings, run: Run) -> None:
 
 
 def _load_onto_broker(
-    settings: Settings, bootstrap: str, persons: int, compression: str | None, run: Run
+    settings: Settings, kafka: KafkaAccess, persons: int, compression: str | None, run: Run
 ) -> City:
     """Write the city onto the changelog and the card index (`load`), and count what the
     broker then holds; the city, for the swipes."""
-    partitions, _ = asyncio.run(topic_records(bootstrap, CHANGELOG_TOPIC))
+    partitions, _ = asyncio.run(topic_records(kafka, CHANGELOG_TOPIC))
     if partitions != settings.command_partitions:
         raise stack.StackError(
             f"{CHANGELOG_TOPIC} has {partitions} partitions, expected {settings.command_partitions}"
@@ -264,7 +265,7 @@ def _load_onto_broker(
     with _progress("loading persons", persons) as advance:
         run.load = asyncio.run(
             load(
-                bootstrap,
+                kafka,
                 city,
                 persons,
                 partitions,
@@ -279,8 +280,8 @@ def _load_onto_broker(
         f"({persons / run.load.seconds:,.0f}/s; {run.load.verified:,} checked "
         f"byte for byte against core.handle)"
     )
-    _, run.changelog_records = asyncio.run(topic_records(bootstrap, CHANGELOG_TOPIC))
-    _, run.index_records = asyncio.run(topic_records(bootstrap, topics.CARD_INDEX.name))
+    _, run.changelog_records = asyncio.run(topic_records(kafka, CHANGELOG_TOPIC))
+    _, run.index_records = asyncio.run(topic_records(kafka, topics.CARD_INDEX.name))
     return city
 
 
@@ -332,7 +333,7 @@ def run_store(
     endpoints = stack.up(settings, console)
     try:
         _empty_start(settings, run)
-        city = _load_onto_broker(settings, endpoints.kafka_bootstrap, persons, compression, run)
+        city = _load_onto_broker(settings, endpoints.kafka(), persons, compression, run)
         _cold_then_warm_restart(settings, state_dir, run)
         _gateway_and_swipes(settings, state_dir, _sample(persons, swipes, city.seed), run)
     except Exception as exc:  # a failed size is a finding: keep what was measured
@@ -369,7 +370,7 @@ def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> R
         run.worker_rss, run.worker_peak = proc_memory(status.pid)
         run.recovery_cpu_s = proc_cpu_s(status.pid)
         sample = _sample(persons, swipes, city.seed)
-        asyncio.run(index_cards(endpoints.kafka_bootstrap, sample, load_redaction(settings),
+        asyncio.run(index_cards(endpoints.kafka(), sample, load_redaction(settings),
                                 topics.CARD_INDEX.name))  # fmt: skip
         gateway = stack.restart_component(settings, "gateway", console)
         run.gateway_ready_s = gateway.ready_s or 0.0
@@ -378,9 +379,7 @@ def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> R
         run.warm_recovery_s = status.ready_s
         run.warm_worker_rss, peak = proc_memory(status.pid)
         run.worker_peak = max(run.worker_peak, peak)
-        _, run.changelog_records = asyncio.run(
-            topic_records(endpoints.kafka_bootstrap, CHANGELOG_TOPIC)
-        )
+        _, run.changelog_records = asyncio.run(topic_records(endpoints.kafka(), CHANGELOG_TOPIC))
         run.store_disk = tree_bytes(state_dir / "data" / "worker-0")
         run.gateway_rss, _ = proc_memory(_pid(settings, "gateway"))
         run.broker_rss, run.broker_peak = proc_memory(_pid(settings, "broker"))

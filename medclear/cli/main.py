@@ -77,6 +77,9 @@ COMMANDS: dict[str, Entry] = {
                    "file.", None, OPERATIONS),
     "hsm": Entry("medclear.cli.hsm:hsm_app", "Keys of the HSM (加密机): list, generate, rotate, "
                  "provision terminals.", None, OPERATIONS),
+    "kafka": Entry("medclear.cli.kafka:kafka_app", "The broker: the ACLs of medclear's "
+                   "principals (print, or apply to an existing cluster), a third-party "
+                   "client's settings for a principal.", None, OPERATIONS),
     "bench": Entry("medclear.cli.bench:bench_app", "Measure the running stack (prints figures, "
                    "asserts nothing).", None, OPERATIONS),
     "drill": Entry("medclear.drills.cli:drill_app", "Fault drills under steady POS traffic: "

@@ -60,8 +60,9 @@ from clearing.money import format_yuan
 from clearing.redact import PERSON_TOKEN_PREFIX
 from clearing.validate import mask_ssn
 from medclear.cli.support import fail
-from medclear.infra import topics
+from medclear.infra import kafka_access, topics
 from medclear.infra.exits import Exit
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import read_topic, wait_caught_up
 from medclear.infra.settings import Settings, get_settings
 from medclear.infra.stack_state import StackError, load_endpoints
@@ -84,17 +85,20 @@ err = Console(stderr=True)
 # ---------------------------------------------------------------------------- sources
 
 
-def _servers(settings: Settings) -> tuple[str, str]:
-    """(Kafka bootstrap, ClickHouse URL): the settings, else the local stack's."""
-    bootstrap, ch_url = settings.kafka_bootstrap, settings.clickhouse_url
-    if not bootstrap or not ch_url:
+def _servers(settings: Settings) -> tuple[KafkaAccess, str]:
+    """(the broker, as the recon principal; the ClickHouse URL): the settings, else the
+    local stack's."""
+    kafka = kafka_access.from_settings(settings, kafka_access.RECON)
+    ch_url = settings.clickhouse_url
+    if not kafka.bootstrap or not ch_url:
         try:
             endpoints = load_endpoints(settings)
         except StackError as exc:
             raise fail(str(exc)) from exc
-        bootstrap = bootstrap or endpoints.kafka_bootstrap
+        if not kafka.bootstrap:
+            kafka = endpoints.kafka(kafka_access.RECON)
         ch_url = ch_url or endpoints.clickhouse_url
-    return bootstrap, ch_url
+    return kafka, ch_url
 
 
 def _clickhouse(settings: Settings) -> Any:
@@ -107,13 +111,13 @@ def _clickhouse(settings: Settings) -> Any:
     return client
 
 
-def await_jobs(bootstrap: str, stages: tuple[tuple[str, str], ...]) -> None:
+def await_jobs(kafka: KafkaAccess, stages: tuple[tuple[str, str], ...]) -> None:
     """Wait until the jobs that count an event (settlement, the sink) have committed every
     event on the topics now, so a report made right after a swipe includes it. If they do
     not catch up in time, say how far behind they are and go on: a difference may be that."""
     with err.status("waiting for the settlement job and the sink to catch up"):
         try:
-            behind = asyncio.run(wait_caught_up(bootstrap, stages))
+            behind = asyncio.run(wait_caught_up(kafka, stages))
         except Exception as exc:
             raise fail(f"reading the jobs' offsets: {type(exc).__name__}: {exc}") from exc
     for group, lag in behind.items():
@@ -121,10 +125,10 @@ def await_jobs(bootstrap: str, stages: tuple[tuple[str, str], ...]) -> None:
                   "yet shows as a difference[/]")  # fmt: skip
 
 
-def read_settlements(bootstrap: str) -> list[rules.DaySettlement]:
+def read_settlements(kafka: KafkaAccess) -> list[rules.DaySettlement]:
     """The latest record of each key of the settlements topic."""
     latest: dict[bytes, bytes] = {}
-    for key, value in asyncio.run(read_topic(bootstrap, topics.SETTLEMENTS.name)):
+    for key, value in asyncio.run(read_topic(kafka, topics.SETTLEMENTS.name)):
         if key is not None and value is not None:
             latest[key] = value
     return [rules.decode_record(value) for value in latest.values()]
@@ -142,7 +146,7 @@ class Accounts:
     person_differences: list[tuple[str, int, int]] | None = None  # person token, log, expected
 
 
-def read_accounts(bootstrap: str) -> Accounts:
+def read_accounts(kafka: KafkaAccess) -> Accounts:
     """Credits and current balances from `medclear.events`, each event once (by id).
 
     A person's balance is the balance_after of their last money event in partition order:
@@ -155,7 +159,7 @@ def read_accounts(bootstrap: str) -> Accounts:
     last_balance: dict[str, int] = {}
     arithmetic: dict[str, int] = {}
     accounts = Accounts(person_differences=[])
-    for _key, raw in asyncio.run(read_topic(bootstrap, topics.EVENTS.name)):
+    for _key, raw in asyncio.run(read_topic(kafka, topics.EVENTS.name)):
         if raw is None:
             continue
         try:
@@ -293,11 +297,11 @@ class Report:
 
 
 def reconcile(settings: Settings, day: int, institution: str | None) -> Report:
-    bootstrap, _url = _servers(settings)
+    kafka, _url = _servers(settings)
     client = _clickhouse(settings)
-    await_jobs(bootstrap, (*settlement_job.STAGES, (SINK_GROUP, topics.EVENTS.name)))
+    await_jobs(kafka, (*settlement_job.STAGES, (SINK_GROUP, topics.EVENTS.name)))
     try:
-        records = read_settlements(bootstrap)
+        records = read_settlements(kafka)
     except Exception as exc:
         raise fail(f"reading {topics.SETTLEMENTS.name}: {type(exc).__name__}: {exc}") from exc
     settled = rules.settlement_totals(records, day)
@@ -602,11 +606,11 @@ def check() -> None:
     (exit 4); under traffic, the swipes still in flight show as one. Per person, the
     log's own arithmetic is also checked against the balance the worker recorded."""
     settings = get_settings()
-    bootstrap, _url = _servers(settings)
-    await_jobs(bootstrap, settlement_job.STAGES)
+    kafka, _url = _servers(settings)
+    await_jobs(kafka, settlement_job.STAGES)
     try:
-        accounts = read_accounts(bootstrap)
-        records = read_settlements(bootstrap)
+        accounts = read_accounts(kafka)
+        records = read_settlements(kafka)
     except Exception as exc:
         raise fail(f"reading the topics: {type(exc).__name__}: {exc}") from exc
     settled, pending = rules.settled_and_pending(records)

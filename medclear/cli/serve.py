@@ -9,6 +9,7 @@ the HSM and the card registry load no Kafka client nor stream runtime they do no
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 from typing import Annotated
 
@@ -16,9 +17,10 @@ import typer
 
 from hsm_sim.keystore import KeyStoreError
 from medclear.cli.support import fail
-from medclear.infra import log
+from medclear.infra import kafka_access, log, topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.policy import load_policy
-from medclear.infra.settings import Settings, get_settings, pki_dir
+from medclear.infra.settings import KafkaSecurity, Settings, get_settings, pki_dir
 from medclear.infra.stack_state import StackError, load_endpoints
 from monitoring import metrics
 from stream_jobs import jobs
@@ -58,10 +60,20 @@ def _prepare(name: str, metrics_port: int) -> Settings:
         if settings.kafka_bootstrap:  # ClickHouse only for the roles that write to it
             return settings
         raise fail(f"{exc} (or set MEDCLEAR_KAFKA_BOOTSTRAP and MEDCLEAR_CLICKHOUSE_URL)") from exc
-    return settings.model_copy(update={
-        "kafka_bootstrap": settings.kafka_bootstrap or endpoints.kafka_bootstrap,
-        "clickhouse_url": settings.clickhouse_url or endpoints.clickhouse_url,
-    })  # fmt: skip
+    update: dict[str, object] = {"clickhouse_url": settings.clickhouse_url
+                                 or endpoints.clickhouse_url}  # fmt: skip
+    if not settings.kafka_bootstrap:  # the broker of the running stack, as it is secured
+        update |= {"kafka_bootstrap": endpoints.kafka_bootstrap,
+                   "kafka_replication": endpoints.kafka_replication,
+                   "kafka_security": KafkaSecurity.SSL if endpoints.kafka_ssl_dir
+                   else KafkaSecurity.PLAINTEXT,
+                   "kafka_ssl_dir": Path(endpoints.kafka_ssl_dir) if endpoints.kafka_ssl_dir
+                   else None}  # fmt: skip
+    return settings.model_copy(update=update)
+
+
+def _kafka(settings: Settings, principal: str) -> KafkaAccess:
+    return kafka_access.from_settings(settings, principal)
 
 
 @serve_app.command("worker")
@@ -71,7 +83,7 @@ def serve_worker(
 ) -> None:
     """A clearing worker: consumes commands, decides them, emits events and replies."""
     settings = _prepare(f"worker-{index}", metrics_port)
-    _role("worker").run(settings, load_policy(settings), settings.kafka_bootstrap, index)
+    _role("worker").run(settings, load_policy(settings), _kafka(settings, "worker"), index)
 
 
 def _command_server(role: str, port: int, metrics_port: int, instance: str) -> None:
@@ -79,7 +91,7 @@ def _command_server(role: str, port: int, metrics_port: int, instance: str) -> N
     terminal security is on, mutual TLS when there is a PKI."""
     settings = _prepare(role, metrics_port)
     hsm = settings.hsm_address if settings.terminal_security else ""
-    _role(role).run(settings.kafka_bootstrap, settings.host, port, settings.decision_deadline_ms,
+    _role(role).run(_kafka(settings, role), settings.host, port, settings.decision_deadline_ms,
                     instance, hsm, pki_dir(settings))  # fmt: skip
 
 
@@ -87,7 +99,9 @@ def _command_server(role: str, port: int, metrics_port: int, instance: str) -> N
 def serve_gateway(
     port: Annotated[int, typer.Option(help="gRPC port of the POS service")] = 0,
     metrics_port: MetricsPort = 0,
-    instance: Annotated[str, typer.Option(help="names this gateway's reply topic")] = "gw-0",
+    instance: Annotated[str, typer.Option(help="names this gateway's reply topic")] = (
+        f"{topics.GATEWAY_INSTANCE_PREFIX}0"
+    ),
 ) -> None:
     """The POS gateway: gRPC PosService in front of the command topic."""
     _command_server("gateway", port, metrics_port, instance)
@@ -97,7 +111,9 @@ def serve_gateway(
 def serve_registry(
     port: Annotated[int, typer.Option(help="gRPC port of the card registry service")] = 0,
     metrics_port: MetricsPort = 0,
-    instance: Annotated[str, typer.Option(help="names this registry's reply topic")] = "reg-0",
+    instance: Annotated[str, typer.Option(help="names this registry's reply topic")] = (
+        f"{topics.REGISTRY_INSTANCE_PREFIX}0"
+    ),
 ) -> None:
     """The card registry: gRPC service for service windows and the 12333 hotline."""
     _command_server("registry", port, metrics_port, instance)
@@ -134,13 +150,13 @@ def serve_jobs(metrics_port: MetricsPort = 0) -> None:
         names = jobs.selected(settings)
     except StreamJobError as exc:
         raise fail(str(exc)) from exc
-    _role("jobs").run(settings, settings.kafka_bootstrap, names)
+    _role("jobs").run(settings, _kafka(settings, kafka_access.OPERATOR), names)
 
 
 def _job_command(name: str) -> None:
     def serve_job(metrics_port: MetricsPort = 0) -> None:
         settings = _prepare(name, metrics_port)
-        _role("jobs").run(settings, settings.kafka_bootstrap, [name])
+        _role("jobs").run(settings, _kafka(settings, name), [name])
 
     serve_job.__doc__ = f"The {name} stream job: {jobs.JOB_HELP.get(name, 'see stream_jobs/')}."
     serve_app.command(name)(serve_job)

@@ -192,8 +192,8 @@ def sms_resent_uncertain(a: StackAccess) -> int:
 
 def conservation(a: StackAccess) -> tuple[bool, int]:
     """`medclear recon check`'s figures: (holds, difference in fen)."""
-    accounts = read_accounts(a.endpoints.kafka_bootstrap)
-    settled, pending = rules.settled_and_pending(read_settlements(a.endpoints.kafka_bootstrap))
+    accounts = read_accounts(a.endpoints.kafka())
+    settled, pending = rules.settled_and_pending(read_settlements(a.endpoints.kafka()))
     result = rules.Conservation(accounts.credits_fen, accounts.balances_fen, settled, pending)
     return result.holds and not accounts.person_differences, result.difference_fen
 

@@ -145,7 +145,7 @@ def snapshot(a: StackAccess, victim_ssn: str) -> Snapshot:
     """The victim's balance and state version, and the approvals on the events topic."""
     view = asyncio.run(person_views(a, [victim_ssn]))[victim_ssn]
     approvals = 0
-    for _key, raw in asyncio.run(read_topic(a.endpoints.kafka_bootstrap, topics.EVENTS.name)):
+    for _key, raw in asyncio.run(read_topic(a.endpoints.kafka(), topics.EVENTS.name)):
         with contextlib.suppress(codec.CodecError):
             if raw is not None and isinstance(codec.decode(raw), SwipeApproved):
                 approvals += 1

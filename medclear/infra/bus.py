@@ -7,11 +7,8 @@ reply topic and a fresh correlation id in its headers; the worker sends the repl
 with the same correlation id; a single consumer task resolves the waiting future. No
 consumer group, no faust `ask()`: measured faster and it does not stall under load.
 
-Replies read are deleted from the broker (DeleteRecords, every REPLY_TRIM_INTERVAL_S) but
-for the newest REPLIES_KEPT: nobody reads a reply twice (a restarted process starts at
-the topic's end), and noida-db, which rewrites its whole data file twice a second, spent
-a quarter of its bytes on them while seeding (sealed replies do not compress). A broker
-that refuses DeleteRecords keeps them; production sets retention on the reply topics.
+Nobody reads a reply twice (a restarted process starts at the topic's end), so a reply
+topic keeps its records for an hour only (medclear.infra.topics.config).
 
 The same process follows `medclear.card-index` (card token → the social security number,
 sealed under the person data key; the topic holds no card number and no ssn in clear,
@@ -29,15 +26,14 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
-from aiokafka.errors import KafkaError
 
 from clearing import codec
 from clearing.model import Command, Reply
 from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
 from medclear.errors import MedclearError
 from medclear.infra import topics
-from medclear.infra.kafka_admin import ADMIN_REQUEST_TIMEOUT_MS, ensure_topics, new_producer
+from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.kafka_admin import ensure_topics, new_producer, new_reader, partitions_of
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO, header
 from medclear.streams.poll import IdleBackoff, Poller
 from monitoring import metrics
@@ -57,8 +53,6 @@ WINDOW_REPLY_BACKOFF_S = (0.001, 0.008)
 INDEX_BACKOFF_S = (0.002, 0.5)  # new cards are rare; a miss polls at once (sync_index)
 INDEX_START_TIMEOUT_S = 60.0  # at start, the whole card index is read before serving
 INDEX_SYNC_POLL_S = 0.005
-REPLY_TRIM_INTERVAL_S = 10.0  # how often replies already read are deleted from the broker
-REPLIES_KEPT = 1_000  # … but for the newest, for an operator to look at
 
 
 class BusUnavailable(MedclearError):
@@ -68,13 +62,13 @@ class BusUnavailable(MedclearError):
 class CommandBus:
     def __init__(
         self,
-        bootstrap: str,
+        kafka: KafkaAccess,
         instance_id: str,
         tokens: CardTokens,
         person: Sealer,
         reply_backoff_s: tuple[float, float] = REPLY_SPIN_BACKOFF_S,
     ) -> None:
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.tokens = tokens
         self.person = person  # opens the card index's sealed ssn and the sealed replies
         self._asked = asyncio.Event()  # a request was sent: replies are due
@@ -88,33 +82,32 @@ class CommandBus:
         self._producer: AIOKafkaProducer | None = None
         self._replies: AIOKafkaConsumer | None = None
         self._index: AIOKafkaConsumer | None = None
+        self._offsets: AIOKafkaConsumer | None = None  # the card index's end offsets
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        await ensure_topics(self.bootstrap, {self.reply_topic: 1})
-        self._producer = new_producer(self.bootstrap)
+        await ensure_topics(self.kafka, {self.reply_topic: 1})
+        self._producer = new_producer(self.kafka)
         await self._producer.start()
-        self._replies = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
-        )
+        self._replies = new_reader(self.kafka)
         await self._replies.start()
         reply_tp = TopicPartition(self.reply_topic, 0)
         self._replies.assign([reply_tp])
         await self._replies.seek_to_end(reply_tp)
-        self._index = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
-        )
+        self._index = new_reader(self.kafka)
         await self._index.start()
-        await self._index.topics()  # refreshes metadata
-        parts = self._index.partitions_for_topic(topics.CARD_INDEX.name) or {0}
-        self._index_tps = [TopicPartition(topics.CARD_INDEX.name, p) for p in sorted(parts)]
+        self._offsets = new_reader(self.kafka)
+        await self._offsets.start()
+        self._index_tps = await partitions_of(self.kafka, topics.CARD_INDEX.name)
+        if not self._index_tps:
+            raise BusUnavailable(f"{topics.CARD_INDEX.name} does not exist or is not readable "
+                                 f"by {self.kafka.principal}")  # fmt: skip
         self._index.assign(self._index_tps)
         await self._index.seek_to_beginning(*self._index_tps)
         self._tasks = [
             asyncio.create_task(self._reply_loop(), name="replies"),
             asyncio.create_task(self._index_loop(), name="card-index"),
-            asyncio.create_task(self._trim_loop(), name="reply-trim"),
         ]
         await self.sync_index(timeout_s=INDEX_START_TIMEOUT_S)
 
@@ -124,7 +117,7 @@ class CommandBus:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for client in (self._producer, self._replies, self._index):
+        for client in (self._producer, self._replies, self._index, self._offsets):
             if client is not None:
                 await client.stop()
         for fut in self._pending.values():
@@ -177,28 +170,6 @@ class CommandBus:
             if not fetched:
                 await poller.idle()
 
-    async def _trim_loop(self) -> None:
-        """Every REPLY_TRIM_INTERVAL_S, delete the replies read but the newest REPLIES_KEPT;
-        on a broker without DeleteRecords, stop trying (logged once)."""
-        assert self._replies is not None
-        reply_tp = TopicPartition(self.reply_topic, 0)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap,
-                                    request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS)  # fmt: skip
-        trimmed_to = 0
-        try:
-            await admin.start()
-            while True:
-                await asyncio.sleep(REPLY_TRIM_INTERVAL_S)
-                before = await self._replies.position(reply_tp) - REPLIES_KEPT
-                if before <= trimmed_to:
-                    continue
-                await admin.delete_records({reply_tp: RecordsToDelete(before)})
-                trimmed_to = before
-        except (KafkaError, AssertionError) as exc:  # refused, or the partition reassigned
-            log.info("replies are not trimmed", topic=self.reply_topic, error=repr(exc))
-        finally:
-            await admin.close()
-
     async def _sleep_until_asked(self) -> None:
         assert self._replies is not None
         paused = [tp for tp in self._replies.assignment() if tp not in self._replies.paused()]
@@ -241,7 +212,10 @@ class CommandBus:
         assert self._index is not None
         if self._index_poller is not None:
             self._index_poller.backoff.reset()  # a miss: poll at the shortest wait again
-        ends = await self._index.end_offsets(self._index_tps)
+        # asked on a consumer that fetches nothing: the index consumer's own connection is
+        # busy with the fetch the broker holds until a card is issued
+        assert self._offsets is not None
+        ends = await self._offsets.end_offsets(self._index_tps)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             positions = [await self._position(tp) for tp in ends]

@@ -1,20 +1,25 @@
-"""Topics on the broker: each missing one created with its partition count (the compacted
-ones with cleanup.policy=compact), a whole topic read once for a report or a check, and a
-wait until consumer groups have committed what their topics held (a report made right after
-a swipe must not race the jobs that count it), and the producer every service and job
-writes with. The names live in medclear.infra.topics, which imports no Kafka client."""
+"""Topics on the broker: each missing one created with its partition count, the cluster's
+replication factor and its configuration (medclear.infra.topics.config: compacted tables,
+short-lived replies), a whole topic read once for a report or a check, and a wait until
+consumer groups have committed what their topics held (a report made right after a swipe
+must not race the jobs that count it), and the producer every service and job writes
+with. Every client here is made from a KafkaAccess (medclear/infra/kafka_access.py): the
+servers and the principal it acts as. The names live in medclear.infra.topics, which
+imports no Kafka client."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from medclear.errors import MedclearError
-from medclear.infra.topics import COMPACTED
+from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 
 TOPIC_VISIBLE_WAIT_S = 10.0  # after creation, until every topic is described
 TOPIC_VISIBLE_POLL_S = 0.1
@@ -26,32 +31,34 @@ READ_RECORDS_MAX = 50_000  # per poll
 ERROR_TOPIC_ALREADY_EXISTS = 36  # a concurrent creator
 CATCH_UP_WAIT_S = 30.0  # wait_caught_up: the whole wait, all stages
 CATCH_UP_POLL_S = 0.1
-# lz4 on every batch: noida-db keeps batches as they come and rewrites its whole data file
-# about twice a second and at its stop, so bytes on the broker cost CPU while the stack
-# runs and seconds at `down`. Seeding 30,000 persons: 293 → 105 MB on its disk, its CPU
-# 0.51 → 0.34 ms a person, `down` 4.2 → 1.8 s (docs/PERFORMANCE.md).
-COMPRESSION = "lz4"
+FETCH_WAIT_MS = 500  # aiokafka's default: how long the broker holds a fetch that finds nothing
+COMPRESSION = "lz4"  # bytes on the disks and between the brokers (docs/PERFORMANCE.md)
 
 
-def new_producer(bootstrap: str) -> AIOKafkaProducer:
-    """The producer of every service and job: acks from all in-sync replicas, no linger (a
-    decision's outputs leave at once; records that pile up behind a request in flight are
-    batched anyway), no idempotence (not every broker here has it: the runtime's offsets
-    and the commands' request ids make redelivery harmless), lz4."""
-    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,
-                            enable_idempotence=False, compression_type=COMPRESSION)  # fmt: skip
+def new_producer(kafka: KafkaAccess) -> AIOKafkaProducer:
+    """The producer of every service and job: idempotent (a batch the broker wrote but
+    whose acknowledgement was lost is not written twice when it is sent again: retries
+    after a broker fails over cannot reorder or double a partition's records), acks from
+    all in-sync replicas (min.insync.replicas 2 on a cluster), no linger (a decision's
+    outputs leave at once; records that pile up behind a request in flight are batched
+    anyway), lz4. No transactions: docs/ARCHITECTURE.md, decision 12."""
+    return AIOKafkaProducer(**kafka.options(), acks="all", linger_ms=0, enable_idempotence=True,
+                            compression_type=COMPRESSION)  # fmt: skip
 
 
 class TopicError(MedclearError):
     """A topic could not be created as asked, or exists with another partition count."""
 
 
-async def ensure_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
-    """Create each missing topic with its partition count (replication 1) and wait until
-    all are visible. Idempotent; an existing topic with another count is a TopicError."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS
-    )
+def new_admin(kafka: KafkaAccess) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**kafka.options(), request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS)
+
+
+async def ensure_topics(kafka: KafkaAccess, partitions: Mapping[str, int]) -> None:
+    """Create each missing topic with its partition count, the access's replication factor
+    and medclear's configuration for it, and wait until all are visible. Idempotent; an
+    existing topic with another count is a TopicError."""
+    admin = new_admin(kafka)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -59,8 +66,8 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
             NewTopic(
                 name=name,
                 num_partitions=count,
-                replication_factor=1,
-                topic_configs={"cleanup.policy": "compact"} if name in COMPACTED else {},
+                replication_factor=kafka.replication,
+                topic_configs=topics.config(name),
             )
             for name, count in partitions.items()
             if name not in existing
@@ -94,18 +101,48 @@ async def ensure_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
         await admin.close()
 
 
+async def describe(kafka: KafkaAccess, topic: str) -> dict[str, Any] | None:
+    """The broker's metadata of `topic` (partitions, leaders, replicas, in-sync replicas),
+    None if it does not exist or this principal may not see it."""
+    admin = new_admin(kafka)
+    await admin.start()
+    try:
+        for found in await admin.describe_topics([topic]):
+            if found["topic"] == topic and found["error_code"] == ERROR_NONE:
+                return dict(found)
+        return None
+    finally:
+        await admin.close()
+
+
+async def partitions_of(kafka: KafkaAccess, topic: str) -> list[TopicPartition]:
+    """The partitions of `topic`, in order ([] if it does not exist or is not visible).
+    A consumer's `topics()` does not load a topic into its own metadata, and a broker
+    answers a consumer's first metadata request with no topic: so ask an admin."""
+    found = await describe(kafka, topic)
+    parts = sorted(p["partition"] for p in found["partitions"]) if found else []
+    return [TopicPartition(topic, p) for p in parts]
+
+
+def new_reader(kafka: KafkaAccess, fetch_wait_ms: int = FETCH_WAIT_MS) -> AIOKafkaConsumer:
+    """A consumer of no group (assigned partitions, nothing committed). The broker holds a
+    fetch that finds nothing for `fetch_wait_ms`, and answers nothing else on that
+    connection meanwhile (a broker serves a connection's requests one at a time): a reader
+    that also asks for offsets or metadata waits up to that long for each answer."""
+    return AIOKafkaConsumer(**kafka.options(), enable_auto_commit=False,
+                            fetch_max_wait_ms=fetch_wait_ms)  # fmt: skip
+
+
 async def read_topic(
-    bootstrap: str, topic: str, timeout_s: float = TOPIC_READ_TIMEOUT_S
+    kafka: KafkaAccess, topic: str, timeout_s: float = TOPIC_READ_TIMEOUT_S
 ) -> list[tuple[bytes | None, bytes | None]]:
     """Every record of `topic`, partition by partition in offset order, read once."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = new_reader(kafka)
     await consumer.start()
     try:
-        if topic not in await consumer.topics():
+        parts = await partitions_of(kafka, topic)
+        if not parts:
             return []
-        parts = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)
@@ -138,38 +175,36 @@ async def group_lag(admin: AIOKafkaAdminClient, group: str, ends: Mapping[TopicP
     return lag
 
 
-async def _end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+async def _end_offsets(kafka: KafkaAccess, topic: str) -> dict[TopicPartition, int]:
+    consumer = new_reader(kafka)
     await consumer.start()
     try:
-        if topic not in await consumer.topics():
+        parts = await partitions_of(kafka, topic)
+        if not parts:
             return {}
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         return dict(await consumer.end_offsets(parts))
     finally:
         await consumer.stop()
 
 
-async def wait_caught_up(bootstrap: str, stages: Sequence[tuple[str, str]],
+async def wait_caught_up(kafka: KafkaAccess, stages: Sequence[tuple[str, str]],
                          timeout_s: float = CATCH_UP_WAIT_S) -> dict[str, int]:  # fmt: skip
     """For each (consumer group, topic) in order: take the topic's end offsets, then wait
     until the group has committed up to them. In order, because a stage's topic is fed by
     the stage before it. Returns the records each group still lacked when `timeout_s` ran
     out (empty: every stage caught up)."""
     deadline = time.monotonic() + timeout_s
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS
-    )
+    admin = new_admin(kafka)
     await admin.start()
     try:
         for index, (group, topic) in enumerate(stages):
-            ends = await _end_offsets(bootstrap, topic)
+            ends = await _end_offsets(kafka, topic)
             while (lag := await group_lag(admin, group, ends)) > 0:
                 if time.monotonic() >= deadline:
                     behind = {group: lag}
                     for later, later_topic in stages[index + 1 :]:
                         behind[later] = await group_lag(
-                            admin, later, await _end_offsets(bootstrap, later_topic)
+                            admin, later, await _end_offsets(kafka, later_topic)
                         )
                     return behind
                 await asyncio.sleep(CATCH_UP_POLL_S)

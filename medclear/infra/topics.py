@@ -47,13 +47,20 @@ SETTLEMENTS = Topic(
     key="institution:YYYY-MM-DD",
     purpose="an institution's day: open updates, then the closed record (compacted)",
 )
-COMPACTED = {SETTLEMENTS.name}  # created with cleanup.policy=compact: the latest record per key
 SMS_OUTCOMES = Topic(
     "medclear.sms-outcomes",
     key="event id",
     purpose="what became of each event's SMS (submitted, failed, suppressed, receipts)",
 )
 REPLY_PREFIX = "medclear.replies."  # + gateway instance id; one partition each
+GATEWAY_INSTANCE_PREFIX = "gw-"  # a gateway's instance id (its reply topic): gw-0, gw-1, …
+REGISTRY_INSTANCE_PREFIX = "reg-"  # a card registry's: reg-0, …
+CHANGELOG_SUFFIX = "-changelog"  # a stream job's table: <job>-<table>-changelog
+# The latest record per key is what these hold: a changelog's value for a key replaces the
+# one before it (an empty value deletes it), so they are compacted, never expired.
+COMPACTED = {SETTLEMENTS.name, CARD_INDEX.name}
+REPLY_RETENTION_MS = 3_600_000  # a reply is read within seconds or never (the caller gave up)
+REPLY_SEGMENT_MS = 600_000  # … so the broker rolls and deletes them in small pieces
 # Headers of a command record: where the worker sends the reply, and the id the waiting
 # gateway or registry matches it by (medclear/infra/bus.py).
 HEADER_REPLY_TO = "reply-to"
@@ -73,6 +80,23 @@ def header(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> byt
 
 def reply_topic(instance_id: str) -> str:
     return REPLY_PREFIX + instance_id
+
+
+def changelog_topic(job: str, table: str) -> str:
+    return f"{job}-{table}{CHANGELOG_SUFFIX}"
+
+
+def config(name: str) -> dict[str, str]:
+    """The topic configuration medclear creates a topic with: compacted tables, short-lived
+    replies, and the events kept for ever (the log of record: ClickHouse, settlement and
+    reconciliation can be rebuilt from it). Anything else keeps the cluster's retention."""
+    if name in COMPACTED or name.endswith(CHANGELOG_SUFFIX):
+        return {"cleanup.policy": "compact"}
+    if name.startswith(REPLY_PREFIX):
+        return {"retention.ms": str(REPLY_RETENTION_MS), "segment.ms": str(REPLY_SEGMENT_MS)}
+    if name == EVENTS.name:
+        return {"retention.ms": "-1"}
+    return {}
 
 
 def partitions(settings: Settings) -> dict[str, int]:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaClient
 
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.stack_state import (
     StackError,
 )
@@ -68,9 +69,9 @@ def _tcp_open(address: str, timeout: float = 0.5) -> bool:
         return False
 
 
-async def _kafka_metadata(bootstrap: str, timeout_s: float) -> int:
+async def _kafka_metadata(kafka: KafkaAccess, timeout_s: float) -> int:
     client = AIOKafkaClient(
-        bootstrap_servers=bootstrap,
+        **kafka.options(),
         request_timeout_ms=max(1000, int(timeout_s * 1000)),
         retry_backoff_ms=50,
     )
@@ -82,17 +83,19 @@ async def _kafka_metadata(bootstrap: str, timeout_s: float) -> int:
         await client.close()
 
 
-def kafka_probe(bootstrap: str, timeout_s: float = 3.0) -> str | None:
-    """None if a metadata request gets an answer listing at least one broker."""
-    hosts = [h.strip() for h in bootstrap.split(",") if h.strip()]
+def kafka_probe(kafka: KafkaAccess, timeout_s: float = 3.0, brokers_min: int = 1) -> str | None:
+    """None if a metadata request gets an answer listing at least `brokers_min` brokers."""
+    hosts = [h.strip() for h in kafka.bootstrap.split(",") if h.strip()]
     if not any(_tcp_open(h) for h in hosts):
-        return f"nothing accepts connections on {bootstrap}"
+        return f"nothing accepts connections on {kafka.bootstrap}"
     try:
         with _quiet_aiokafka():
-            brokers = run_sync(_kafka_metadata(bootstrap, timeout_s))
+            brokers = run_sync(_kafka_metadata(kafka, timeout_s))
     except Exception as exc:  # any failure here means "not ready yet"
         return f"metadata request failed: {type(exc).__name__}: {exc}"
-    return None if brokers > 0 else "metadata lists no broker"
+    if brokers < brokers_min:
+        return f"metadata lists {brokers} of {brokers_min} brokers"
+    return None
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -177,12 +180,15 @@ def wait_until(
         delay = min(delay * 1.5, 0.25)
 
 
-def wait_kafka_ready(bootstrap: str, timeout_s: float, *, proc: Process | None = None) -> None:
-    """Wait until a real metadata round trip (aiokafka) succeeds against `bootstrap`.
+def wait_kafka_ready(kafka: KafkaAccess, timeout_s: float, *, proc: Process | None = None,
+                     brokers_min: int = 1) -> None:  # fmt: skip
+    """Wait until a real metadata round trip (aiokafka) succeeds against the servers of
+    `kafka` and lists at least `brokers_min` brokers.
 
     With `proc`, fail at once (with its log tail) if that process exits meanwhile.
     """
-    wait_until(f"kafka at {bootstrap}", lambda: kafka_probe(bootstrap), timeout_s, proc)
+    wait_until(f"kafka at {kafka.bootstrap}",
+               lambda: kafka_probe(kafka, brokers_min=brokers_min), timeout_s, proc)  # fmt: skip
 
 
 def wait_http_ok(

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medclear.infra.kafka_access import OPERATOR, KafkaAccess
 from medclear.infra.stack_state import Endpoints, StackError
 from medclear.stack.probes import http_probe, kafka_probe, metrics_probe, tcp_probe
 from medclear.stack.process import Process, proc_cmdline
@@ -48,10 +49,12 @@ class Probe:
     kind: ProbeKind
     target: str
     expect: str | None = None
+    ssl_dir: str = ""  # a Kafka probe's certificates (the operator's); "": no TLS
 
     def check(self) -> str | None:
         if self.kind == "kafka":
-            return kafka_probe(self.target)
+            ssl_dir = Path(self.ssl_dir) if self.ssl_dir else None
+            return kafka_probe(KafkaAccess(self.target, OPERATOR, ssl_dir))
         if self.kind == "metrics":
             return metrics_probe(self.target)
         if self.kind == "clickhouse":
@@ -95,7 +98,12 @@ class Component:
             name=str(rec["name"]),
             kind=str(rec["kind"]),
             address=str(rec["address"]),
-            probe=Probe(kind=probe["kind"], target=probe["target"], expect=probe.get("expect")),
+            probe=Probe(
+                kind=probe["kind"],
+                target=probe["target"],
+                expect=probe.get("expect"),
+                ssl_dir=str(probe.get("ssl_dir") or ""),
+            ),
             proc=Process.from_record(rec["process"]) if rec.get("process") else None,
             data_dir=rec.get("data_dir"),
             ports={str(k): int(v) for k, v in (rec.get("ports") or {}).items()},

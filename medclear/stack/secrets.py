@@ -17,7 +17,8 @@ from pathlib import Path
 
 from clearing.redact import CONTACT, DATA_KEY_BYTES, PERSON
 from hsm_sim.keystore import new_lmk_file
-from medclear.infra.settings import SECRET_FIELDS, Settings, smsc_password_file
+from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.settings import SECRET_FIELDS, KafkaSecurity, Settings, smsc_password_file
 from medclear.infra.stack_state import StackError
 from medclear.infra.tokens import card_token_key_file, data_key_file, ensure_key_file
 from medclear.stack.process import SECRET_ENV
@@ -60,9 +61,11 @@ def write_secret_file(path: Path, value: str, setting: str) -> None:
         f.write(value.strip() + "\n")
 
 
-def child_env(settings: Settings, state_dir: Path, bootstrap: str, ch_url: str) -> dict[str, str]:
+def child_env(settings: Settings, state_dir: Path, kafka: KafkaAccess,
+              ch_url: str) -> dict[str, str]:  # fmt: skip
     """The environment of medclear's own processes: this `up`'s settings, as MEDCLEAR_*,
-    without any secret (each is in a file only the process that needs it reads)."""
+    without any secret (each is in a file only the process that needs it reads), and how
+    they reach the broker (each picks its own principal's certificate in the directory)."""
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     for name, value in settings.model_dump(exclude=set(SECRET_FIELDS)).items():
         if value is None:
@@ -70,7 +73,14 @@ def child_env(settings: Settings, state_dir: Path, bootstrap: str, ch_url: str) 
         if isinstance(value, Enum):
             value = value.value
         env[f"MEDCLEAR_{name.upper()}"] = str(value)
-    env["MEDCLEAR_KAFKA_BOOTSTRAP"] = bootstrap
+    env["MEDCLEAR_KAFKA_BOOTSTRAP"] = kafka.bootstrap
+    env["MEDCLEAR_KAFKA_REPLICATION"] = str(kafka.replication)
+    if kafka.ssl_dir is not None:
+        env["MEDCLEAR_KAFKA_SECURITY"] = KafkaSecurity.SSL.value
+        env["MEDCLEAR_KAFKA_SSL_DIR"] = str(kafka.ssl_dir)
+    else:
+        env["MEDCLEAR_KAFKA_SECURITY"] = KafkaSecurity.PLAINTEXT.value
+        env.pop("MEDCLEAR_KAFKA_SSL_DIR", None)
     env["MEDCLEAR_CLICKHOUSE_URL"] = ch_url
     env["MEDCLEAR_STATE_DIR"] = str(state_dir)
     env["PYTHONUNBUFFERED"] = "1"

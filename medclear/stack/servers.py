@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import TopicError, ensure_topics
 from medclear.infra.settings import BrokerKind
 from medclear.infra.stack_state import (
@@ -139,13 +140,13 @@ def broker_env() -> dict[str, str]:
     return env
 
 
-def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
-    """Create each topic with its partition count (replication 1); idempotent.
-
-    An existing topic with the same count is fine; with another count it is an error.
+def create_topics(kafka: KafkaAccess, partitions: dict[str, int]) -> None:
+    """Create each topic with its partition count (and the access's replication factor);
+    idempotent. An existing topic with the same count is fine; with another count it is an
+    error.
     """
     try:
-        run_sync(ensure_topics(bootstrap, partitions))
+        run_sync(ensure_topics(kafka, partitions))
     except TopicError as exc:
         raise StackError(str(exc)) from exc
 

@@ -35,9 +35,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medclear.infra import topics
-from medclear.infra.pki import ensure_pki
+from medclear.infra import kafka_access, topics
+from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.pki import ensure_kafka_pki, ensure_pki
 from medclear.infra.settings import (
+    BrokerKind,
+    KafkaSecurity,
     Settings,
     keyring_file,
     smsc_password,
@@ -52,8 +55,11 @@ from medclear.infra.stack_state import (
     state_dir as state_dir_of,
 )
 from medclear.infra.terminals import WINDOWS_MADE_AT_UP, Keyring, ensure_pvk
+from medclear.stack import acls
+from medclear.stack import kafka as kafka_nodes
 from medclear.stack.probes import (
     run_sync,
+    wait_kafka_ready,
     wait_until,
 )
 from medclear.stack.process import (
@@ -265,37 +271,81 @@ class _Starter:
             _wait_component(comp, self.timeout, self.console)
         self.state.save()  # with the times they took
 
-    def broker(self) -> str:
-        """The broker (embedded, or the one the settings name) and every topic; returns
-        the bootstrap address."""
-        settings, data = self.settings, self.data
-        if settings.embedded_kafka:
-            port = free_port()
-            bootstrap = f"{HOST}:{port}"
-            with self.console.status(f"starting broker ({settings.broker.value}) …"):
-                proc = start_broker(
-                    settings.broker, data / "broker", port, self.logs / "broker.log"
-                )
-            kafka = self.track(Component("broker", f"kafka:{settings.broker.value}", bootstrap,
-                                          Probe("kafka", bootstrap), proc, str(data / "broker"),
-                                          {"kafka": port}))  # fmt: skip
+    def broker(self) -> tuple[KafkaAccess, list[Component]]:
+        """The broker, embedded (started, not yet waited for: ClickHouse and the HSM start
+        meanwhile) or the one the settings name; how the stack reaches it (as the
+        operator) and its components."""
+        settings = self.settings
+        if not settings.embedded_kafka:
+            kafka = kafka_access.from_settings(settings, kafka_access.OPERATOR)
+            comps = [self.track(Component("broker", "kafka:external", kafka.bootstrap,
+                                          Probe("kafka", kafka.bootstrap,
+                                                ssl_dir=str(kafka.ssl_dir or ""))))]  # fmt: skip
+        elif settings.broker == BrokerKind.KAFKA:
+            kafka, comps = self._kafka_cluster()
         else:
-            bootstrap = settings.kafka_bootstrap
-            kafka = self.track(
-                Component("broker", "kafka:external", bootstrap, Probe("kafka", bootstrap))
-            )
-        self.wait(kafka)
-        wanted = topics.partitions(settings)
+            port = free_port()
+            kafka = KafkaAccess(f"{HOST}:{port}")
+            with self.console.status(f"starting broker ({settings.broker.value}) …"):
+                proc = start_broker(settings.broker, self.data / "broker", port,
+                                    self.logs / "broker.log")  # fmt: skip
+            comps = [self.track(Component(
+                "broker", f"kafka:{settings.broker.value}", kafka.bootstrap,
+                Probe("kafka", kafka.bootstrap), proc, str(self.data / "broker"),
+                {"kafka": port}))]  # fmt: skip
+        return kafka, comps
+
+    def broker_ready(self, kafka: KafkaAccess, comps: list[Component]) -> None:
+        """Wait for the broker's nodes (and for them to meet), then the topics and ACLs."""
+        settings = self.settings
+        self.wait(*comps)
+        if settings.embedded_kafka and len(comps) > 1:
+            with self.console.status(f"waiting for the {len(comps)} brokers to meet …"):
+                wait_kafka_ready(kafka, self.timeout, brokers_min=len(comps))
+        self._topics(kafka, comps)
+
+    def _kafka_cluster(self) -> tuple[KafkaAccess, list[Component]]:
+        """Apache Kafka: MEDCLEAR_KAFKA_BROKERS KRaft nodes, with TLS the certificates of
+        every principal from the stack's CA (medclear/stack/kafka.py)."""
+        settings = self.settings
+        ssl_dir = None
+        if settings.kafka_security == KafkaSecurity.SSL:
+            principals = [kafka_access.OPERATOR, *acls.CLIENT_PRINCIPALS]
+            ssl_dir = ensure_kafka_pki(self.state_dir.resolve() / "pki", principals)
+        nodes = kafka_nodes.plan(settings.kafka_brokers)
+        base = self.data / "kafka"
+        how = "TLS, ACLs" if ssl_dir is not None else "PLAINTEXT"
+        with self.console.status(f"starting Apache Kafka: {len(nodes)} KRaft node(s), {how} …"):
+            procs = kafka_nodes.start_nodes(nodes, base, ssl_dir, settings.kafka_heap_mb,
+                                            self.logs)  # fmt: skip
+        comps = [self.track(Component(
+            node.name, "kafka:apache", node.bootstrap,
+            Probe("kafka", node.bootstrap, ssl_dir=str(ssl_dir or "")), proc,
+            str(base / node.name), {"kafka": node.client_port, "internal": node.internal_port,
+                                    "controller": node.controller_port}))
+            for node, proc in zip(nodes, procs, strict=True)]  # fmt: skip
+        replication = kafka_access.replication(settings)
+        return KafkaAccess(kafka_nodes.bootstrap_of(nodes), kafka_access.OPERATOR, ssl_dir,
+                           replication), comps  # fmt: skip
+
+    def _topics(self, kafka: KafkaAccess, comps: list[Component]) -> None:
+        """medclear's topics, and on the embedded cluster with TLS every principal's ACLs."""
+        wanted = topics.partitions(self.settings)
         with self.console.status("creating topics …"):
             try:
-                create_topics(bootstrap, wanted)
+                create_topics(kafka, wanted)
             except Exception as exc:
-                tail = kafka.proc.log_tail() if kafka.proc is not None else ""
+                tail = comps[0].proc.log_tail() if comps[0].proc is not None else ""
                 raise StackError(f"broker: creating topics failed: {type(exc).__name__}: {exc}",
-                                 "broker", tail) from exc  # fmt: skip
+                                 comps[0].name, tail) from exc  # fmt: skip
         listed = ", ".join(f"{name} ({count})" for name, count in wanted.items())
-        self.console.print(f"  [green]✓[/] topics {listed}")
-        return bootstrap
+        self.console.print(f"  [green]✓[/] topics {listed} (replication {kafka.replication})")
+        if self.settings.embedded_kafka and kafka.tls:
+            with self.console.status("granting each principal its ACLs …"):
+                count = acls.apply(kafka, acls.rules())
+                acls.wait_effective(kafka)
+            self.console.print(f"  [green]✓[/] {count} ACLs: each process only its own topics "
+                               "(`medclear kafka acls`)")  # fmt: skip
 
     def clickhouse(self) -> tuple[str, str]:
         """ClickHouse (embedded, or the one the settings name) and medclear's database;
@@ -440,18 +490,20 @@ class _Starter:
 
     def run(self) -> Endpoints:
         t_start = time.monotonic()
-        bootstrap = self.broker()
+        kafka, brokers = self.broker()
         ch_url, ch_http = self.clickhouse()
-        self.env = child_env(self.settings, self.state_dir, bootstrap, ch_url)
+        self.env = child_env(self.settings, self.state_dir, kafka, ch_url)
         hsm = self.hsm()
+        self.broker_ready(kafka, brokers)
         gateway_port, registry_port = self.medclear()
         prom_url = self.prometheus()
         state = self.state
         state.endpoints = Endpoints(
-            kafka_bootstrap=bootstrap, clickhouse_url=ch_url, clickhouse_http=ch_http,
+            kafka_bootstrap=kafka.bootstrap, clickhouse_url=ch_url, clickhouse_http=ch_http,
             gateway=f"{HOST}:{gateway_port}", registry=f"{HOST}:{registry_port}",
             prometheus=prom_url, hsm=hsm, terminal_security=self.settings.terminal_security,
-            tls=self.settings.tls,
+            tls=self.settings.tls, kafka_ssl_dir=str(kafka.ssl_dir or ""),
+            kafka_replication=kafka.replication,
         )  # fmt: skip
         state.settings_env = {k: v for k, v in self.env.items()
                               if k.startswith("MEDCLEAR_") and k not in SECRET_ENV}  # fmt: skip
@@ -564,12 +616,8 @@ def restart_component(
         if while_stopped is not None:
             while_stopped()
         if comp.kind in MEDCLEAR_ROLES:
-            own_env = child_env(
-                settings,
-                state_dir,
-                state.endpoints.kafka_bootstrap,
-                state.endpoints.clickhouse_url,
-            )
+            own_env = child_env(settings, state_dir, state.endpoints.kafka(),
+                                state.endpoints.clickhouse_url)  # fmt: skip
             own_env["MEDCLEAR_HSM_ADDRESS"] = state.endpoints.hsm
             own_env.update(_smsc_env(state.components))
             # What `up` ran with (TLS, terminal security, partitions, …), not the caller's.

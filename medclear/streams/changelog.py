@@ -35,10 +35,6 @@ class RestoreError(MedclearError):
     """A changelog partition could not be read to its end."""
 
 
-def changelog_topic(app_id: str, table: str) -> str:
-    return f"{app_id}-{table}-changelog"
-
-
 async def restore(
     consumer: AIOKafkaConsumer,
     tp: TopicPartition,

@@ -41,6 +41,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 FETCH_WAIT_MS = 1  # one getmany's wait for records
+HELD_FETCH_WAIT_MS = 100  # no back-off (a broker that holds empty fetches): getmany's wait
 ANSWER_WAIT_MS_MAX = 200  # a poll waits this long at most for the broker's first answer
 BACKOFF_DOUBLINGS_MAX = 16
 
@@ -87,6 +88,13 @@ class Poller:
         """Records if the broker had some, else {} once it answered a fetch of every
         assigned partition (or ANSWER_WAIT_MS_MAX passed). While paused, {} at once unless
         the broker's end offsets show records to read."""
+        if self.backoff.first_s <= 0:  # the broker holds an empty fetch: just wait for it
+            held: dict[TopicPartition, list[Any]] = await self.consumer.getmany(
+                timeout_ms=HELD_FETCH_WAIT_MS, max_records=self.batch_max
+            )
+            if held:
+                self.backoff.reset()
+            return held
         self._paused &= self.consumer.paused()  # resumed by someone else: fetching again
         if self._paused:
             if not await self._anything_new():

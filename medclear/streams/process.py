@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from medclear.infra.settings import Settings
+from medclear.infra.settings import BrokerKind, Settings
 from medclear.streams.poll import IdleBackoff
 from medclear.streams.runtime import Runtime
 
@@ -35,6 +35,8 @@ def idle_backoff(settings: Settings, decision_path: bool) -> IdleBackoff:
     (unset: DECISION_PATH_BACKOFF_MAX_MS or DOWNSTREAM_BACKOFF_MAX_MS). 0 for a broker
     that holds empty fetches (Apache Kafka)."""
     first_ms = settings.kafka_idle_fetch_backoff_ms
+    if first_ms is None:
+        first_ms = 2.0 if settings.broker == BrokerKind.NOIDA else 0.0
     if first_ms > 0 and not decision_path:
         first_ms = max(first_ms, DOWNSTREAM_BACKOFF_FIRST_MS)
     cap_ms = settings.kafka_idle_fetch_backoff_max_ms

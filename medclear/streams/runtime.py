@@ -51,8 +51,16 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from medclear.infra.kafka_admin import TopicError, ensure_topics, new_producer
-from medclear.streams.changelog import changelog_topic, restore
+from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.kafka_admin import (
+    TopicError,
+    ensure_topics,
+    new_producer,
+    new_reader,
+    partitions_of,
+)
+from medclear.infra.topics import changelog_topic
+from medclear.streams.changelog import restore
 from medclear.streams.poll import IdleBackoff, Poller
 from medclear.streams.store import PartitionStore
 from monitoring import metrics
@@ -63,6 +71,7 @@ EXIT_STREAM_FAILED = 75  # EX_TEMPFAIL: restart me (a batch could not be complet
 BATCH_RECORDS_MAX = 256  # input records decided together at most
 LAG_INTERVAL_S = 2.0
 COMMIT_INTERVAL_S = 0.1  # finished offsets are committed at most this often
+RESTORE_FETCH_WAIT_MS = 10
 DEFAULT_BACKOFF_S = 0.002  # after an empty poll, doubling …
 DEFAULT_BACKOFF_MAX_S = 0.05  # … up to this
 Headers = Sequence[tuple[str, bytes]]
@@ -155,7 +164,7 @@ class Runtime:
         *,
         job: str,
         member_id: str,
-        bootstrap: str,
+        kafka: KafkaAccess,
         topic: str,
         handler: Handler,
         data_dir: Path,
@@ -168,7 +177,7 @@ class Runtime:
     ) -> None:
         if in_flight_max < 1 or batch_max < 1:
             raise ValueError("in_flight_max and batch_max are at least 1")
-        self.job, self.member_id, self.bootstrap, self.topic = job, member_id, bootstrap, topic
+        self.job, self.member_id, self.kafka, self.topic = job, member_id, kafka, topic
         self.handler = handler
         self.data_dir = data_dir
         self.tables = tuple(tables)
@@ -215,7 +224,7 @@ class Runtime:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.producer = new_producer(self.bootstrap)
+        self.producer = new_producer(self.kafka)
         await self.producer.start()
         # A topic added to a producer's metadata while other batches wait for their
         # partitions' leaders: seen on noida-db 0.2.3 at a cold start under a burst of
@@ -225,14 +234,15 @@ class Runtime:
         # changelog topics are known to the producer before the first batch
         # (_ensure_changelogs), and replies, whose topics appear while the job runs (one
         # per gateway or registry process), have a producer of their own.
-        self.reply_producer = new_producer(self.bootstrap)
+        self.reply_producer = new_producer(self.kafka)
         await self.reply_producer.start()
-        self._restorer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                          enable_auto_commit=False)  # fmt: skip
+        # reads a changelog to its end, with ListOffsets between the partitions: short
+        # fetch waits, so a held fetch does not delay them (kafka_admin.new_reader)
+        self._restorer = new_reader(self.kafka, RESTORE_FETCH_WAIT_MS)
         await self._restorer.start()
         await self._ensure_changelogs()
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **self.kafka.options(),
             group_id=self.job,
             group_instance_id=self.member_id,  # static: a restarted member takes its share back
             enable_auto_commit=False,
@@ -245,15 +255,11 @@ class Runtime:
     async def _ensure_changelogs(self) -> None:
         if not self.tables:
             return
-        assert self._restorer is not None
-        partitions = self._restorer.partitions_for_topic(self.topic)
-        if partitions is None:
-            await self._restorer.topics()  # load metadata
-            partitions = self._restorer.partitions_for_topic(self.topic)
+        partitions = await partitions_of(self.kafka, self.topic)
         if not partitions:
             raise TopicError(f"{self.job}: input topic {self.topic} does not exist")
         wanted = {changelog_topic(self.job, t): len(partitions) for t in self.tables}
-        await ensure_topics(self.bootstrap, wanted)
+        await ensure_topics(self.kafka, wanted)
         assert self.producer is not None
         for topic in wanted:  # known to the producer before any output waits (see start())
             await self.producer.partitions_for(topic)
@@ -412,7 +418,8 @@ class Runtime:
         for (table, partition), changes in batch.changes.items():
             topic = changelog_topic(self.job, table)
             for key, value in changes.items():
-                fut = await self.producer.send(topic, value or b"", key=key, partition=partition)
+                # None deletes: a tombstone, which compaction removes in the end
+                fut = await self.producer.send(topic, value, key=key, partition=partition)
                 sent.append(((table, partition), fut))
         done = await asyncio.gather(*(fut for _where, fut in sent))
         last: dict[tuple[str, int], int] = {}

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from medclear import stack
 from medclear.infra.kafka_admin import ensure_topics
-from medclear.streams.changelog import changelog_topic
+from medclear.infra.topics import changelog_topic
 from monitoring import metrics
 from tests.integration import stream_job
 from tests.integration.kafka_read import all_records
