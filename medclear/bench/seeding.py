@@ -80,7 +80,7 @@ def _measure(settings: Settings, persons: int, batch: int, concurrency: int) -> 
         figures.behind = asyncio.run(wait_caught_up(endpoints.kafka(), STAGES))
         figures.cpu_ms_per_person = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes),
                                                         persons)  # fmt: skip
-        figures.broker_disk_bytes = tree_bytes(settings.state_dir / "data" / "broker")
+        figures.broker_disk_bytes = tree_bytes(settings.state_dir / "data" / "kafka")
     except BaseException:  # failed before the measured stop: stop the stack anyway
         stack.down(settings, console)
         raise

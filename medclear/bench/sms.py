@@ -119,6 +119,7 @@ class SmsRig:
         env.update(
             MEDCLEAR_KAFKA_BOOTSTRAP=self.access.bootstrap,
             MEDCLEAR_KAFKA_SECURITY="plaintext",
+            MEDCLEAR_KAFKA_REPLICATION=str(self.access.replication),
             MEDCLEAR_STATE_DIR=str(self.base / "state"),
             MEDCLEAR_EVENT_PARTITIONS=str(PARTITIONS),
             MEDCLEAR_SMSC_HOST="127.0.0.1",

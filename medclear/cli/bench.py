@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medclear import stack
-from medclear.bench import codec, cpu_use, fuzz, pipeline, seeding, state
+from medclear.bench import codec, cpu_use, fuzz, pipeline, seeding, state, transactions
 from medclear.bench.fresh import own_state_dir
 from medclear.cli.main import COMMANDS
 from medclear.cli.support import fail
@@ -38,6 +38,7 @@ bench_app.command("state")(state.command)
 bench_app.command("fuzz")(fuzz.command)
 bench_app.command("codec")(codec.command)
 bench_app.command("seed")(seeding.command)
+bench_app.command("transactions")(transactions.command)
 console = Console()
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the figures as JSON")]
 

@@ -79,7 +79,8 @@ COMMANDS: dict[str, Entry] = {
                  "provision terminals.", None, OPERATIONS),
     "kafka": Entry("medclear.cli.kafka:kafka_app", "The broker: the ACLs of medclear's "
                    "principals (print, or apply to an existing cluster), a third-party "
-                   "client's settings for a principal.", None, OPERATIONS),
+                   "client's settings for a principal, the embedded broker's class archive.",
+                   None, OPERATIONS),
     "bench": Entry("medclear.cli.bench:bench_app", "Measure the running stack (prints figures, "
                    "asserts nothing).", None, OPERATIONS),
     "drill": Entry("medclear.drills.cli:drill_app", "Fault drills under steady POS traffic: "

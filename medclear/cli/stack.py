@@ -19,16 +19,24 @@ console = Console()
 
 
 @stack_app.command()
-def up() -> None:
+def up(
+    brokers: Annotated[int | None, typer.Option(
+        min=1, max=5, help="Apache Kafka nodes (default 1, MEDCLEAR_KAFKA_BROKERS); with 3, "
+        "every topic has 3 replicas and min.insync.replicas 2")] = None,
+) -> None:  # fmt: skip
     """Start the whole local stack on 127.0.0.1 and wait until every part is ready.
 
-    Starts the Kafka-protocol broker (noida-db; MEDCLEAR_BROKER=tansu for tansu), creates
-    the topics, starts ClickHouse, the clearing worker(s), the POS gateway, the card
-    registry and Prometheus, then prints where each runs. State lives in .medclear/
-    (MEDCLEAR_STATE_DIR). With MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL set,
-    those external servers are used and not started.
+    Starts Apache Kafka (KRaft; TLS on every listener, a certificate per process from the
+    stack's CA, ACLs), creates the topics, starts ClickHouse, the HSM, the clearing
+    worker(s), the POS gateway, the card registry, the stream jobs and Prometheus, then
+    prints where each runs. State lives in .medclear/ (MEDCLEAR_STATE_DIR). With
+    MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL set, those external servers are
+    used and not started (docs/RUNBOOK.md, "An existing Kafka cluster").
     """
-    stack.up(get_settings(), console)
+    settings = get_settings()
+    if brokers is not None:
+        settings = settings.model_copy(update={"kafka_brokers": brokers})
+    stack.up(settings, console)
 
 
 @stack_app.command()

@@ -4,7 +4,9 @@ doubled; one table at the end, exit 5 if a check fails.
 
     medclear drill worker-kill --times 3     kill -9 a clearing worker, restart it, repeat
     medclear drill kill-loop --times 20      kill -9 worker, sms and settlement in turn
-    medclear drill broker-restart            SIGTERM the broker, start it again
+    medclear drill broker-restart            SIGTERM the busiest partition's leader, start it
+    medclear drill broker-kill --fresh --brokers 3   kill -9 it, start it again
+    medclear drill broker-outage --fresh --brokers 3 kill -9 it, 60 s down, start it
     medclear drill clickhouse-outage         stop ClickHouse for --seconds, start it again
     medclear drill smsc-outage               stop the SMSC for --seconds, start it again
     medclear drill hsm-outage                stop (or --freeze) the HSM for --seconds
@@ -24,7 +26,7 @@ from rich.markup import escape
 from medclear import stack
 from medclear.drills.bounds import PERSONS_MIN, RATE_PER_S_DEFAULT, DrillError
 from medclear.drills.report import DrillResult, results_table
-from medclear.drills.run import DRILLS, run_specs, spec, target_stack
+from medclear.drills.run import BROKER_OUTAGE_S, DRILLS, run_specs, spec, target_stack
 from medclear.infra.exits import Exit
 
 drill_app = typer.Typer(
@@ -44,6 +46,9 @@ SecurityOpt = Annotated[
     typer.Option(help="with --fresh: TLS and terminal security (MAC, PIN via the HSM)"),
 ]
 RateOpt = Annotated[float, typer.Option(min=1, max=2000, help="swipes per second")]
+BrokersOpt = Annotated[
+    int, typer.Option(min=1, max=5, help="with --fresh: its Apache Kafka nodes (RF 3 from 3)")
+]
 PersonsOpt = Annotated[int, typer.Option(min=10, help="persons seeded per drill (at least)")]
 
 
@@ -58,11 +63,11 @@ def _finish(results: Sequence[DrillResult]) -> None:
 
 def _drills(names: Sequence[str], fresh: bool, security: bool, rate: float, persons: int,
             times: int = 2, seconds: float = 10.0, freeze: bool = False,
-            ch_seconds: float | None = None) -> None:  # fmt: skip
+            ch_seconds: float | None = None, brokers: int = 1) -> None:  # fmt: skip
     specs = [spec(n, times, ch_seconds if n == "clickhouse-outage" and ch_seconds else seconds,
                   freeze) for n in names]  # fmt: skip
     try:
-        with target_stack(fresh, security, console) as a:
+        with target_stack(fresh, security, console, brokers) as a:
             results = run_specs(a, specs, rate, persons, console)
     except (DrillError, stack.StackError) as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
@@ -94,13 +99,39 @@ def kill_loop_cmd(
 
 @drill_app.command("broker-restart")
 def broker_restart_cmd(
-    fresh: FreshOpt = False, security: SecurityOpt = True,
+    fresh: FreshOpt = False, security: SecurityOpt = True, brokers: BrokersOpt = 1,
     rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
 ) -> None:  # fmt: skip
-    """Restart the broker under traffic: stop it as `medclear down` does (noida-db: its stop
-    command, then SIGTERM; it loses acknowledged writes on a kill -9 or a bare SIGTERM, see
-    medclear/stack/servers.py), then start it."""
-    _drills(["broker-restart"], fresh, security, rate, persons)
+    """Restart a broker under traffic: the leader of the busiest commands partition is
+    stopped as `medclear down` stops it (SIGTERM: a controlled shutdown), then started."""
+    _drills(["broker-restart"], fresh, security, rate, persons, brokers=brokers)
+
+
+@drill_app.command("broker-kill")
+def broker_kill_cmd(
+    fresh: FreshOpt = False, security: SecurityOpt = True, brokers: BrokersOpt = 3,
+    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
+) -> None:  # fmt: skip
+    """kill -9 the broker leading the busiest commands partition under traffic, then start
+    it again. Reports, beside the drill's checks (nothing lost, no debit doubled,
+    conservation), the time to the first approved swipe after the kill and the p99 of
+    the swipes sent during the fail-over. Meant for a cluster: --fresh --brokers 3."""
+    _drills(["broker-kill"], fresh, security, rate, persons, brokers=brokers)
+
+
+@drill_app.command("broker-outage")
+def broker_outage_cmd(
+    seconds: Annotated[float, typer.Option(min=1, help="how long the broker stays down")] = (
+        BROKER_OUTAGE_S
+    ),
+    fresh: FreshOpt = False, security: SecurityOpt = True, brokers: BrokersOpt = 3,
+    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
+) -> None:  # fmt: skip
+    """kill -9 the broker leading the busiest commands partition and keep it down for
+    --seconds while the traffic goes on (the cluster serves with two of three), then start
+    it again: it catches up from the others. Meant for --fresh --brokers 3."""
+    _drills(["broker-outage"], fresh, security, rate, persons, seconds=seconds,
+            brokers=brokers)  # fmt: skip
 
 
 @drill_app.command("clickhouse-outage")

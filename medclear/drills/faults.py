@@ -1,15 +1,15 @@
 """The faults a drill injects under traffic, each a Fault that breaks one part of the
 stack, records when (Marks), repairs it and waits until a swipe sent after the fault is
 approved: kill -9 of workers and jobs (worker_kill, kill_loop), a component stopped or
-frozen for a while (outage), and the broker stopped and started (broker_restart).
+frozen for a while (outage), and a broker stopped or killed, then started (broker).
 
-The broker is restarted as `medclear down` stops it, never with kill -9: noida-db (the
-embedded broker) keeps its data as one JSON file rewritten about every half second and
-loses writes it acknowledged just before a kill -9 (medclear/stack/servers.py).
-A bare SIGTERM loses some too: noida-db goes on acknowledging writes while it shuts down,
-after its last save. So its own `noida-db stop kafka` comes first (it closes the Kafka
-service and saves), then the SIGTERM (stack.broker_stop_argv). Production runs Apache
-Kafka with acks=all and min.insync.replicas 2, where a broker kill loses nothing.
+The broker a broker drill hits is the one leading the busiest partition of the commands
+topic (the most records): the one the most swipes wait on. On a cluster of three
+(`medclear up --brokers 3`: RF 3, min.insync.replicas 2, acks=all, no unclean leader
+election) its partitions' leadership moves to a surviving replica that has every
+acknowledged write; on a single node everything waits until it is back, and it has every
+acknowledged write too (written to the page cache before the acknowledgement, which a
+process kill does not lose).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from medclear.drills.access import (
 )
 from medclear.drills.bounds import AFTER_RECOVERY_S, RECOVERY_WAIT_S, DrillError
 from medclear.drills.traffic import SteadyTraffic
+from medclear.infra import topics
+from medclear.infra.kafka_admin import describe, end_offsets
+from medclear.stack.probes import run_sync
 from stream_jobs.jobs import JOBS_IN_ONE
 
 
@@ -126,14 +129,43 @@ def outage(name: str, seconds: float, freeze: bool = False) -> Fault:
     return fault
 
 
-def broker_restart() -> Fault:
+def busiest_commands_leader(a: StackAccess) -> tuple[str, int]:
+    """The component of the broker leading the commands partition that holds the most
+    records, and that partition."""
+    kafka = a.endpoints.kafka()
+    described = run_sync(describe(kafka, topics.COMMANDS.name))
+    if described is None:
+        raise DrillError(f"{topics.COMMANDS.name} is not on the broker")
+    ends = {
+        tp.partition: end for tp, end in run_sync(end_offsets(kafka, topics.COMMANDS.name)).items()
+    }
+    busiest = max(described["partitions"],
+                  key=lambda p: (ends.get(p["partition"], 0), -p["partition"]))  # fmt: skip
+    if busiest["leader"] < 0:
+        raise DrillError(f"{topics.COMMANDS.name}[{busiest['partition']}] has no leader")
+    return f"broker-{busiest['leader']}", busiest["partition"]
+
+
+def broker(kill: bool, down_s: float = 0.0) -> Fault:
+    """The broker leading the busiest commands partition: kill -9 (or stop, SIGTERM: a
+    controlled shutdown), keep it down `down_s` while the traffic goes on, start it."""
+
     def fault(a: StackAccess, traffic: SteadyTraffic, marks: Marks, log: Log) -> None:
-        stop_component(a, "broker")  # noida-db: its stop command (it saves), then SIGTERM
+        name, partition = busiest_commands_leader(a)
+        if kill:
+            pid = signal_component(a, name, signal.SIGKILL)
+            while not pid_gone(pid):
+                time.sleep(0.01)
+        else:
+            stop_component(a, name)
         marks.injected.append(time.monotonic())
-        log("broker stopped (its stop command, then SIGTERM); starting it again")
-        restart(a, "broker")
+        how = "kill -9" if kill else "stopped (SIGTERM)"
+        log(f"{name} {how}: it led {topics.COMMANDS.name}[{partition}], the busiest; "
+            f"down for {down_s:g} s")  # fmt: skip
+        time.sleep(max(0.0, marks.injected[-1] + down_s - time.monotonic()))
+        restart(a, name)
         marks.repaired.append(time.monotonic())
-        log("broker ready again")
+        log(f"{name} started again and ready")
         wait_recovered(traffic, marks.injected[-1])
         time.sleep(AFTER_RECOVERY_S)
 

@@ -37,6 +37,12 @@ class DrillResult:
     sms: SmsCount | None = None
     conservation_ok: bool = False
     conservation_difference_fen: int = 0
+    # swipes sent while a fault lasted (injected → repaired and a swipe approved again):
+    # how many, how many got no definite answer at the first attempt (asked again after
+    # the traffic stopped), and the latency of those answered at once
+    fault_sent: int = 0
+    fault_retried: int = 0
+    fault_latencies_ms: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     skipped: str = ""
@@ -45,6 +51,27 @@ class DrillResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def fault_percentile_ms(self, q: float) -> float | None:
+        """A percentile of the latencies of the swipes answered at once during a fault."""
+        values = sorted(self.fault_latencies_ms)
+        if not values:
+            return None
+        return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
+
+
+Swipe = tuple[float, float | None, int]  # first sent, answered at (monotonic), attempts
+
+
+def during_faults(
+    windows: Sequence[tuple[float, float]], swipes: Sequence[Swipe]
+) -> tuple[int, int, list[float]]:
+    """Of swipes (first sent, answered at, attempts) those first sent inside a window:
+    (how many, how many needed another attempt, the latencies in ms of the others)."""
+    inside = [s for s in swipes if any(start <= s[0] <= end for start, end in windows)]
+    retried = [s for s in inside if s[2] > 1 or s[1] is None]
+    latencies = [(s[1] - s[0]) * 1000 for s in inside if s[2] == 1 and s[1] is not None]
+    return len(inside), len(retried), latencies
 
 
 def verdicts(r: DrillResult) -> list[str]:
@@ -83,18 +110,27 @@ def format_seconds(values: Sequence[float]) -> str:
     return f"max {max(values):.1f} s, median {statistics.median(values):.1f} s of {len(values)}"
 
 
+def _fault_p99(r: DrillResult) -> str:
+    p99 = r.fault_percentile_ms(0.99)
+    if p99 is None:
+        return "-"
+    again = f", {r.fault_retried} asked again" if r.fault_retried else ""
+    return f"{p99:,.0f} ms ({r.fault_sent}{again})"
+
+
 def results_table(results: Sequence[DrillResult]) -> Table:
     table = Table(title="fault drills", title_justify="left")
     for column, justify in (
         ("drill", "left"), ("fault", "left"), ("repaired after", "right"),
-        ("recovered after", "right"), ("drained after", "right"), ("approved", "right"),
+        ("recovered after", "right"), ("drained after", "right"), ("p99 in fault", "right"),
+        ("approved", "right"),
         ("in state", "right"), ("ClickHouse once", "right"), ("SMS doubled", "right"),
         ("conservation", "center"), ("verdict", "left"),
     ):  # fmt: skip
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for r in results:
         if r.skipped:
-            table.add_row(r.name, escape(r.fault), *["-"] * 8, f"[yellow]skipped[/]: {r.skipped}")
+            table.add_row(r.name, escape(r.fault), *["-"] * 9, f"[yellow]skipped[/]: {r.skipped}")
             continue
         sms = "n/a" if r.sms is None else f"{r.sms.doubled} of {r.sms.expected}"
         table.add_row(
@@ -103,6 +139,7 @@ def results_table(results: Sequence[DrillResult]) -> Table:
             format_seconds(r.repair_s),
             format_seconds(r.recovery_s),
             f"{r.drained_s:.1f} s" if r.drained_s is not None else "-",
+            _fault_p99(r),
             f"{r.approved:,} of {r.sent:,}",
             f"{r.verified_in_state:,}",
             f"{r.in_clickhouse_once:,}",

@@ -40,13 +40,13 @@ from medclear.drills.faults import (
     Fault,
     Log,
     Marks,
-    broker_restart,
+    broker,
     kill_loop,
     outage,
     worker_kill,
 )
 from medclear.drills.persons import drill_persons, drill_terminals, persons_needed, seed_and_read
-from medclear.drills.report import DrillResult, format_seconds, verdicts
+from medclear.drills.report import DrillResult, during_faults, format_seconds, verdicts
 from medclear.drills.traffic import SteadyTraffic, SwipeRecord
 from medclear.infra.settings import get_settings
 from medclear.infra.terminals import SEED_WINDOW
@@ -143,6 +143,11 @@ def _count_traffic(
         first = traffic.first_approval_after(at)
         if first is not None:
             result.recovery_s.append(first - at)
+    windows = [(at, max(repaired, at + recovered)) for at, repaired, recovered
+               in zip(marks.injected, marks.repaired, result.recovery_s, strict=False)]  # fmt: skip
+    result.fault_sent, result.fault_retried, result.fault_latencies_ms = during_faults(
+        windows, [(s.first_sent, s.answered_at, s.attempts) for s in swipes]
+    )
     result.sent = len(swipes)
     result.results = Counter(s.result.name if s.result else "NO_ANSWER" for s in swipes)
     result.undecided_answers = traffic.undecided_answers
@@ -229,8 +234,15 @@ def spec(name: str, times: int = 2, seconds: float = 10.0, freeze: bool = False)
                          f"{times}× each", kill_loop(times),
                          times * (1 + len(KILL_LOOP_JOBS)) * 6.0, "worker-0")  # fmt: skip
     if name == "broker-restart":
-        return DrillSpec(name, "broker stop + start (noida-db: not kill -9)",
-                         broker_restart(), 15.0, "broker")  # fmt: skip
+        return DrillSpec(name, "the busiest commands partition's leader stopped (SIGTERM), "
+                         "then started", broker(kill=False), 15.0, "broker-0")  # fmt: skip
+    if name == "broker-kill":
+        return DrillSpec(name, "kill -9 the busiest commands partition's leader, then start "
+                         "it", broker(kill=True), 15.0, "broker-0")  # fmt: skip
+    if name == "broker-outage":
+        return DrillSpec(name, f"kill -9 the busiest commands partition's leader, keep it "
+                         f"down {seconds:g} s, then start it", broker(kill=True, down_s=seconds),
+                         seconds + 15.0, "broker-0")  # fmt: skip
     if name in ("clickhouse-outage", "smsc-outage", "hsm-outage"):
         component = name.removesuffix("-outage")
         how = "SIGSTOP/SIGCONT" if freeze else "stopped, then started"
@@ -239,9 +251,9 @@ def spec(name: str, times: int = 2, seconds: float = 10.0, freeze: bool = False)
     raise ValueError(f"unknown drill {name!r}")
 
 
-# broker-restart last: on noida-db 0.2.3 with the RocksDB table store it can leave the
-# worker crashed (see tests/integration/test_drills.py), which would fail the rest
-DRILLS = ("worker-kill", "clickhouse-outage", "smsc-outage", "hsm-outage", "broker-restart")
+DRILLS = ("worker-kill", "broker-restart", "broker-kill", "clickhouse-outage", "smsc-outage",
+          "hsm-outage")  # fmt: skip
+BROKER_OUTAGE_S = 60.0  # drill broker-outage: how long one broker stays down
 
 
 def run_specs(
@@ -262,16 +274,17 @@ def run_specs(
 
 
 @contextlib.contextmanager
-def target_stack(fresh: bool, security: bool, out: Console) -> Iterator[StackAccess]:
+def target_stack(fresh: bool, security: bool, out: Console,
+                 brokers: int = 1) -> Iterator[StackAccess]:  # fmt: skip
     """The running stack, or with `fresh` one of its own in a temporary state directory
-    (stopped and wiped afterwards)."""
+    (with `brokers` Apache Kafka nodes; stopped and wiped afterwards)."""
     settings = get_settings()
     if not fresh:
         with watcher_paused(settings):  # the drill breaks and repairs parts itself
             yield access(settings)
         return
     state_dir = Path(tempfile.mkdtemp(prefix="medclear-drill-")) / ".medclear"
-    update: dict[str, Any] = {"state_dir": state_dir}
+    update: dict[str, Any] = {"state_dir": state_dir, "kafka_brokers": brokers}
     if not security:
         update |= {"tls": False, "terminal_security": False}
     settings = settings.model_copy(update=update)

@@ -129,7 +129,10 @@ def new_reader(kafka: KafkaAccess, fetch_wait_ms: int = FETCH_WAIT_MS) -> AIOKaf
     fetch that finds nothing for `fetch_wait_ms`, and answers nothing else on that
     connection meanwhile (a broker serves a connection's requests one at a time): a reader
     that also asks for offsets or metadata waits up to that long for each answer."""
+    # earliest: should a background reset of a new assignment win over a seek (an aiokafka
+    # race, medclear/streams/changelog.py), the reader reads too much, never too little
     return AIOKafkaConsumer(**kafka.options(), enable_auto_commit=False,
+                            auto_offset_reset="earliest",
                             fetch_max_wait_ms=fetch_wait_ms)  # fmt: skip
 
 
@@ -175,7 +178,7 @@ async def group_lag(admin: AIOKafkaAdminClient, group: str, ends: Mapping[TopicP
     return lag
 
 
-async def _end_offsets(kafka: KafkaAccess, topic: str) -> dict[TopicPartition, int]:
+async def end_offsets(kafka: KafkaAccess, topic: str) -> dict[TopicPartition, int]:
     consumer = new_reader(kafka)
     await consumer.start()
     try:
@@ -198,13 +201,13 @@ async def wait_caught_up(kafka: KafkaAccess, stages: Sequence[tuple[str, str]],
     await admin.start()
     try:
         for index, (group, topic) in enumerate(stages):
-            ends = await _end_offsets(kafka, topic)
+            ends = await end_offsets(kafka, topic)
             while (lag := await group_lag(admin, group, ends)) > 0:
                 if time.monotonic() >= deadline:
                     behind = {group: lag}
                     for later, later_topic in stages[index + 1 :]:
                         behind[later] = await group_lag(
-                            admin, later, await _end_offsets(kafka, later_topic)
+                            admin, later, await end_offsets(kafka, later_topic)
                         )
                     return behind
                 await asyncio.sleep(CATCH_UP_POLL_S)

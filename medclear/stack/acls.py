@@ -174,8 +174,11 @@ async def _visible_to(kafka: KafkaAccess, topic: str) -> bool:
 def wait_effective(kafka: KafkaAccess, timeout_s: float = EFFECTIVE_WAIT_S) -> None:
     """Wait until every broker enforces the ACLs just created (each learns them from the
     metadata log a moment after the controller took them): the analyst sees the events
-    topic on each broker's own listener."""
+    topic on each broker's own listener. On a cluster without medclear's topics yet there
+    is nothing to see: by the time they are created, the ACLs are in force."""
     deadline = time.monotonic() + timeout_s
+    if not run_sync(_visible_to(kafka, topics.EVENTS.name)):
+        return
     for server in kafka.bootstrap.split(","):
         analyst = replace(kafka, bootstrap=server, principal=ANALYST)
         while not run_sync(_visible_to(analyst, topics.EVENTS.name)):

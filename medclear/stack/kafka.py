@@ -314,6 +314,12 @@ class Cluster:
         if proc is not None:
             proc.stop()
 
+    def kill_node(self, node_id: int) -> None:
+        """kill -9: no controlled shutdown, nothing flushed by the broker itself."""
+        proc = self.procs.pop(node_id, None)
+        if proc is not None:
+            proc.kill()
+
     def stop(self) -> None:
         for node_id in list(self.procs):
             self.stop_node(node_id)

@@ -244,6 +244,16 @@ class Process:
             os.killpg(pid, signal.SIGKILL)
         return True
 
+    def kill(self) -> None:
+        """SIGKILL to its process group now, no stop command first: a crash."""
+        if self.pid is None or not self.alive():
+            return
+        self._signal(signal.SIGKILL)
+        if not self._wait_gone(5.0):
+            raise StackError(f"{self.name} (pid {self.pid}) survived SIGKILL", self.name)
+        if self._popen is not None:
+            self._popen.wait()
+
     def run_stop_first(self, timeout: float = STOP_FIRST_TIMEOUT_S) -> None:
         """Run `stop_first`, if there is one, while the process is still ours. Its failure
         is written to the process's log and does not keep the SIGTERM from following."""

@@ -44,7 +44,6 @@ async def restore(
     """Apply changelog partition `tp` from the store's next offset to the end; returns the
     records applied. `consumer` belongs to no group and is assigned `tp` alone while this
     runs (and nothing after it: an assigned partition would be fetched for ever)."""
-    consumer.assign([tp])
     try:
         return await _restore(consumer, tp, store, on_chunk)
     finally:
@@ -57,6 +56,10 @@ async def _restore(
     store: PartitionStore,
     on_chunk: Callable[[int], None],
 ) -> int:
+    # The offsets first, then assign and seek with no await between: aiokafka resets a
+    # newly assigned partition's position in the background, and a reset still running
+    # when a later seek is made can win over it (seen with seek_to_beginning after
+    # end_offsets: the reader started at the end and read nothing)
     first = await consumer.beginning_offsets([tp])
     end = (await consumer.end_offsets([tp]))[tp]
     start = max(store.next_offset, first[tp])
@@ -70,6 +73,7 @@ async def _restore(
         return 0
     if start >= end:
         return 0
+    consumer.assign([tp])
     consumer.seek(tp, start)
     applied, position, last_progress = 0, start, time.monotonic()
     while position < end:

@@ -1,13 +1,14 @@
 """Real servers for the integration tests, on 127.0.0.1 only.
 
 By default the fixtures start embedded servers with the same building blocks `medclear up`
-uses (medclear.stack): a noida-db broker (MEDCLEAR_TEST_BROKER=tansu for tansu) and the
-Debian ClickHouse server. With a reachable Docker engine (`docker info` answers within
-5 s) AND MEDCLEAR_TEST_DOCKER=1, `kafka_bootstrap` and `clickhouse_url` come from
-testcontainers instead (real Apache Kafka, a current ClickHouse).
+uses (medclear.stack): Apache Kafka (one KRaft node with TLS on every listener; the tests
+act as its operator, a super user, unless they check the ACLs) and the Debian ClickHouse
+server. With a reachable Docker engine (`docker info` answers within 5 s) AND
+MEDCLEAR_TEST_DOCKER=1, `kafka` and `clickhouse_url` come from testcontainers instead (a
+plaintext Apache Kafka, a current ClickHouse).
 
-`broker_factory` always starts embedded brokers: a test that restarts a broker on the same
-data directory and port needs a process it controls.
+`kafka_cluster` always starts embedded nodes: a test that stops, kills and restarts a
+broker on the same storage and ports needs processes it controls.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from medclear import stack
-from medclear.infra.settings import BrokerKind
+from medclear.infra.kafka_access import OPERATOR, KafkaAccess
+from medclear.infra.pki import ensure_kafka_pki
+from medclear.stack.acls import CLIENT_PRINCIPALS
+from medclear.stack.kafka import Cluster
 from medclear.v1 import pos_pb2_grpc, registry_pb2_grpc
 
 READY_TIMEOUT_S = 30.0
@@ -54,103 +57,50 @@ def use_docker() -> bool:
     return os.environ.get("MEDCLEAR_TEST_DOCKER") == "1" and docker_problem() is None
 
 
-def broker_kind() -> BrokerKind:
-    value = os.environ.get("MEDCLEAR_TEST_BROKER") or os.environ.get("MEDCLEAR_BROKER")
-    return BrokerKind(value) if value else BrokerKind.NOIDA
+def tls_dir(base: Path) -> Path:
+    """Certificates of the stack's principals (and the broker's) under a CA of `base`."""
+    return ensure_kafka_pki(base / "pki", [OPERATOR, *CLIENT_PRINCIPALS])
 
 
-@dataclass
-class Broker:
-    """One embedded broker: a data directory and a port that survive restarts."""
-
-    kind: BrokerKind
-    data_dir: Path
-    port: int
-    log: Path
-    process: stack.Process | None = None
-    starts: int = 0
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = READY_TIMEOUT_S) -> Broker:
-        if self.process is not None and self.process.alive():
-            raise RuntimeError(f"broker on {self.bootstrap} is already running")
-        self.process = stack.start_broker(self.kind, self.data_dir, self.port, self.log)
-        self.starts += 1
-        try:
-            stack.wait_kafka_ready(self.bootstrap, timeout_s, proc=self.process)
-        except BaseException:
-            self.process.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Graceful: SIGTERM (noida-db writes its data then), SIGKILL after 10 s."""
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-
-    def restart(self, timeout_s: float = READY_TIMEOUT_S) -> Broker:
-        self.stop()
-        return self.start(timeout_s)
-
-
-@dataclass
-class BrokerFactory:
-    base: Path
-    kind: BrokerKind
-    brokers: list[Broker] = field(default_factory=list)
-
-    def start(self, data_dir: Path | None = None, port: int | None = None) -> Broker:
-        n = len(self.brokers)
-        broker = Broker(
-            kind=self.kind,
-            data_dir=data_dir or self.base / f"broker-{n}",
-            port=port or stack.free_port(),
-            log=self.base / f"broker-{n}.log",
-        )
-        self.brokers.append(broker)
-        return broker.start()
-
-    def stop_all(self) -> None:
-        for broker in reversed(self.brokers):
-            broker.stop()
+ClusterFactory = Callable[..., Cluster]
 
 
 @pytest.fixture
-def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
-    """Start/stop/restart embedded brokers on a chosen data dir + port (stopped at the end)."""
-    factory = BrokerFactory(tmp_path, broker_kind())
+def kafka_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
+    """Start embedded clusters (`size` nodes, TLS unless tls=False) that a test may stop,
+    kill and restart on their storage and ports; every node is stopped at the end."""
+    started: list[Cluster] = []
+
+    def start(size: int = 1, tls: bool = True) -> Cluster:
+        base = tmp_path / f"kafka-{len(started)}"
+        cluster = Cluster(base, size, tls_dir(base) if tls else None)
+        started.append(cluster)
+        return cluster.start()
+
     try:
-        yield factory
+        yield start
     finally:
-        factory.stop_all()
+        for cluster in reversed(started):
+            cluster.stop()
 
 
 @pytest.fixture(scope="session")
-def session_broker() -> BrokerKind | None:
-    """The embedded broker behind `kafka_bootstrap`; None on the testcontainers path."""
-    return None if use_docker() else broker_kind()
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """ "127.0.0.1:PORT" of a broker shared by the whole session."""
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaAccess]:
+    """A broker shared by the whole session, as its operator."""
     if use_docker():
         from testcontainers.community.kafka import KafkaContainer
 
         with KafkaContainer() as container:
-            bootstrap = container.get_bootstrap_server()
-            stack.wait_kafka_ready(bootstrap, READY_TIMEOUT_S)
-            yield bootstrap
+            access = KafkaAccess(container.get_bootstrap_server())
+            stack.wait_kafka_ready(access, READY_TIMEOUT_S)
+            yield access
         return
-    factory = BrokerFactory(tmp_path_factory.mktemp("kafka"), broker_kind())
+    base = tmp_path_factory.mktemp("kafka")
+    cluster = Cluster(base, 1, tls_dir(base)).start()
     try:
-        yield factory.start().bootstrap
+        yield cluster.access
     finally:
-        factory.stop_all()
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

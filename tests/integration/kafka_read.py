@@ -1,22 +1,27 @@
-"""Reading topics back in tests: every record of the broker, or one topic's, once."""
+"""Reading topics back in tests: every record of the broker, or one topic's, once; and a
+broker's access passed to a process of a test on its command line."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
+
+from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.kafka_admin import partitions_of
 
 
-async def all_records(bootstrap: str, only: str | None = None) -> list[tuple[str, bytes]]:
+async def all_records(kafka: KafkaAccess, only: str | None = None) -> list[tuple[str, bytes]]:
     """Every record (key | value, then headers) of every topic on the broker (or of the
     topic `only`), read once from the beginning."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka.options(), enable_auto_commit=False)
     await consumer.start()
     try:
-        existing = await consumer.topics()  # also loads the partition metadata
+        existing = await consumer.topics()
         names = [only] if only in existing else [] if only else existing
-        parts = [TopicPartition(t, p) for t in names
-                 for p in consumer.partitions_for_topic(t) or ()]  # fmt: skip
+        parts = [tp for t in sorted(names) for tp in await partitions_of(kafka, t)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)
@@ -35,3 +40,16 @@ async def all_records(bootstrap: str, only: str | None = None) -> list[tuple[str
         return out
     finally:
         await consumer.stop()
+
+
+def access_argument(kafka: KafkaAccess) -> str:
+    """The access as one command-line argument (JSON)."""
+    return json.dumps({"bootstrap": kafka.bootstrap, "principal": kafka.principal,
+                       "ssl_dir": str(kafka.ssl_dir) if kafka.ssl_dir else None,
+                       "replication": kafka.replication})  # fmt: skip
+
+
+def access_from(argument: str) -> KafkaAccess:
+    fields = json.loads(argument)
+    ssl_dir = Path(fields["ssl_dir"]) if fields["ssl_dir"] else None
+    return KafkaAccess(fields["bootstrap"], fields["principal"], ssl_dir, fields["replication"])

@@ -6,7 +6,9 @@ to it, which makes a redelivered input a no-op) → output `<prefix>.out` (key
 "<partition>:<offset>" of the input, value "<account>:<balance after>") → reply
 `<prefix>.replies` (the same). Run as a process for the kill -9 tests:
 
-    python -m tests.integration.stream_job BOOTSTRAP PREFIX DATA_DIR MEMBER [IN_FLIGHT]
+    python -m tests.integration.stream_job ACCESS PREFIX DATA_DIR MEMBER [IN_FLIGHT]
+
+(ACCESS: the broker and identity, tests.integration.kafka_read.access_argument)
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import signal
 import sys
 from pathlib import Path
 
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.streams.runtime import Batch, Runtime
+from tests.integration.kafka_read import access_from
 
 TABLE = "balances"
 
@@ -40,18 +44,18 @@ def ledger(prefix: str) -> object:
     return handle
 
 
-def runtime(bootstrap: str, prefix: str, data_dir: Path, member: str, in_flight: int = 2,
+def runtime(kafka: KafkaAccess, prefix: str, data_dir: Path, member: str, in_flight: int = 2,
             batch_max: int = 64) -> Runtime:  # fmt: skip
-    return Runtime(job=f"{prefix}-ledger", member_id=member, bootstrap=bootstrap,
+    return Runtime(job=f"{prefix}-ledger", member_id=member, kafka=kafka,
                    topic=f"{prefix}.in", handler=ledger(prefix),  # type: ignore[arg-type]
                    data_dir=data_dir, tables=[TABLE], in_flight_max=in_flight,
                    batch_max=batch_max)  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
-    bootstrap, prefix, data_dir, member = argv[:4]
+    access, prefix, data_dir, member = argv[:4]
     in_flight = int(argv[4]) if len(argv) > 4 else 2
-    job = runtime(bootstrap, prefix, Path(data_dir), member, in_flight)
+    job = runtime(access_from(access), prefix, Path(data_dir), member, in_flight)
 
     async def run() -> None:
         stopping = asyncio.Event()

@@ -1,4 +1,4 @@
-"""The ClickHouse sink on the real stack (`medclear up`: noida-db, ClickHouse 18.16, worker,
+"""The ClickHouse sink on the real stack (`medclear up`: Apache Kafka, ClickHouse 18.16, worker,
 gateway, registry, the sink job as its own process).
 
 - swipes through the gateway become rows, tokens and masked numbers only;
@@ -34,6 +34,7 @@ from clearing.codes import CardKind, InstitutionType, InsuranceCategory, ResultC
 from clearing.redact import CONTACT, PERSON, CardTokens, Redaction, Sealer, published
 from medclear import stack
 from medclear.infra import topics
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_card_tokens
 from medclear.sim.city import make_ssn
@@ -261,14 +262,12 @@ def test_swipes_through_the_gateway_become_rows_without_clear_identifiers(
     assert [ch.DailyTotals(*r) for r in view] == totals(client)
 
 
-async def _republish_all(bootstrap: str, partition_count: int) -> int:
+async def _republish_all(kafka: KafkaAccess, partition_count: int) -> int:
     """Read every record of the events topic and produce it again, key and value as they
     were: a redelivery as a producer retry or a worker replay would make it."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
-    )
+    consumer = AIOKafkaConsumer(**kafka.options(), group_id=None, enable_auto_commit=False)
     await consumer.start()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=-1)
+    producer = AIOKafkaProducer(**kafka.options(), acks=-1)
     await producer.start()
     try:
         partitions = [TopicPartition(topics.EVENTS.name, p) for p in range(partition_count)]
@@ -300,7 +299,7 @@ def test_redelivered_events_leave_one_row_per_event_id(
     distinct_before, physical_before = ch.event_count(client), ch.event_count(client, final=False)
     totals_before = totals(client)
 
-    republished = asyncio.run(_republish_all(endpoints.kafka_bootstrap, settings.event_partitions))
+    republished = asyncio.run(_republish_all(endpoints.kafka(), settings.event_partitions))
     assert republished >= distinct_before
     # the job inserts every one of them again: the duplicates are really there
     wait_for(
@@ -317,7 +316,7 @@ def test_redelivered_events_leave_one_row_per_event_id(
 
     async def replay() -> None:
         sink = ClickHouseSink(
-            endpoints.kafka_bootstrap,
+            endpoints.kafka(),
             endpoints.clickhouse_url,
             tokens,
             database=settings.clickhouse_database,

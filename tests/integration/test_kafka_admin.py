@@ -8,13 +8,14 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import ensure_topics, wait_caught_up
 
 PARTITIONS = 2
 
 
-async def _produce(bootstrap: str, topic: str, count: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+async def _produce(kafka: KafkaAccess, topic: str, count: int) -> None:
+    producer = AIOKafkaProducer(**kafka.options())
     await producer.start()
     try:
         for i in range(count):
@@ -23,11 +24,9 @@ async def _produce(bootstrap: str, topic: str, count: int) -> None:
         await producer.stop()
 
 
-async def _commit_all(bootstrap: str, group: str, topic: str) -> None:
+async def _commit_all(kafka: KafkaAccess, group: str, topic: str) -> None:
     """Commit the topic's end offsets for `group`, as a job that has handled everything."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
-    )
+    consumer = AIOKafkaConsumer(**kafka.options(), group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
         parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
@@ -38,34 +37,34 @@ async def _commit_all(bootstrap: str, group: str, topic: str) -> None:
         await consumer.stop()
 
 
-def test_wait_caught_up_waits_for_each_stage_in_order(kafka_bootstrap: str) -> None:
+def test_wait_caught_up_waits_for_each_stage_in_order(kafka: KafkaAccess) -> None:
     run = uuid.uuid4().hex[:8]
     first, second = f"ca-in-{run}", f"ca-out-{run}"
     route, settle = f"ca-route-{run}", f"ca-settle-{run}"
     stages = ((route, first), (settle, second))
 
     async def scenario() -> None:
-        await ensure_topics(kafka_bootstrap, {first: PARTITIONS, second: PARTITIONS})
-        assert await wait_caught_up(kafka_bootstrap, stages, timeout_s=1.0) == {}  # empty
-        await _produce(kafka_bootstrap, first, 5)
-        await _produce(kafka_bootstrap, second, 3)
+        await ensure_topics(kafka, {first: PARTITIONS, second: PARTITIONS})
+        assert await wait_caught_up(kafka, stages, timeout_s=1.0) == {}  # empty
+        await _produce(kafka, first, 5)
+        await _produce(kafka, second, 3)
         # nothing committed: both stages are behind by what their topics hold
-        assert await wait_caught_up(kafka_bootstrap, stages, timeout_s=0.5) == {
+        assert await wait_caught_up(kafka, stages, timeout_s=0.5) == {
             route: 5,
             settle: 3,
         }
-        await _commit_all(kafka_bootstrap, route, first)
-        assert await wait_caught_up(kafka_bootstrap, stages, timeout_s=0.5) == {settle: 3}
+        await _commit_all(kafka, route, first)
+        assert await wait_caught_up(kafka, stages, timeout_s=0.5) == {settle: 3}
 
         # the wait waits: the second stage commits while it is waiting
         async def later() -> None:
             await asyncio.sleep(1.0)
-            await _commit_all(kafka_bootstrap, settle, second)
+            await _commit_all(kafka, settle, second)
 
         committer = asyncio.create_task(later())
         loop = asyncio.get_running_loop()
         started = loop.time()
-        assert await wait_caught_up(kafka_bootstrap, stages, timeout_s=20.0) == {}
+        assert await wait_caught_up(kafka, stages, timeout_s=20.0) == {}
         assert loop.time() - started >= 0.9
         await committer
 

@@ -176,7 +176,7 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
 
     # settlement (Kafka state) and the ClickHouse log (sink) both catch up
     def settled() -> object:
-        totals = rules.settlement_totals(read_settlements(endpoints.kafka_bootstrap), day)
+        totals = rules.settlement_totals(read_settlements(endpoints.kafka()), day)
         got = {inst: t.account_fen for inst, t in totals.items()}
         return got == expected_net or got
 
@@ -188,9 +188,7 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
         return got == expected_net or got
 
     wait_for("the ClickHouse log", logged)
-    records = {
-        r.institution_id: r for r in read_settlements(endpoints.kafka_bootstrap) if r.day == day
-    }
+    records = {r.institution_id: r for r in read_settlements(endpoints.kafka()) if r.day == day}
     hospital = records[HOSPITAL]
     assert (hospital.approved.count, hospital.reversed, hospital.closed) == (
         4,

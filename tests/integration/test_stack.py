@@ -368,7 +368,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         jobs = stack.selected_jobs(settings)
         smsc = ["smsc"] if "sms" in jobs and settings.sms_enabled else []
         hosts = [JOBS_IN_ONE] if settings.jobs_in_one_process else jobs
-        expected = ["broker", "clickhouse", "hsm", "worker-0", "worker-1", *smsc, "gateway",
+        expected = ["broker-0", "clickhouse", "hsm", "worker-0", "worker-1", *smsc, "gateway",
                     "registry", *hosts, "prometheus"]  # fmt: skip
         assert [r.name for r in rows] == expected
         assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows]
@@ -377,7 +377,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         for comp in record["components"]:
             assert comp["process"]["pid"] and comp["process"]["argv"]
             assert Path(comp["process"]["log"]).parent == state_dir.resolve() / "logs"
-        assert (state_dir / "data" / "broker").is_dir()
+        assert (state_dir / "data" / "kafka" / "broker-0" / "log" / "meta.properties").is_file()
         assert (state_dir / "data" / "clickhouse" / "config.xml").is_file()
 
         # the children got the stack's addresses in their environment
@@ -391,9 +391,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         client = Client.from_url(endpoints.clickhouse_url)
         assert client.execute("SELECT currentDatabase()") == [("medclear",)]
         client.disconnect()
-        stack.create_topics(
-            endpoints.kafka_bootstrap, {"medclear.commands": 6, "medclear.card-index": 1}
-        )
+        stack.create_topics(endpoints.kafka(), {"medclear.commands": 6, "medclear.card-index": 1})
 
         # `up` again: nothing new is started
         again = stack.up(settings, console)
@@ -413,9 +411,9 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         back = stack.restart_component(settings, "worker-0", console)
         assert back.healthy and back.pid not in (None, worker_pid)
         # the broker restarts on its port and data (topics are still there)
-        broker = stack.restart_component(settings, "broker")
+        broker = stack.restart_component(settings, "broker-0")
         assert broker.healthy and broker.address == endpoints.kafka_bootstrap
-        stack.create_topics(endpoints.kafka_bootstrap, {"medclear.events": 6})
+        stack.create_topics(endpoints.kafka(), {"medclear.events": 6})
         rows = stack.status(settings)
         assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows]
         with pytest.raises(stack.StackError, match="no component named"):
@@ -425,7 +423,9 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
     print(f"up took {took:.2f} s")
     assert all(r.pid is not None and gone(r.pid) for r in rows)
     assert stack.status(settings) == []
-    assert (state_dir / "data" / "broker").is_dir(), "down (without --wipe) keeps the data"
+    assert (state_dir / "data" / "kafka" / "broker-0").is_dir(), (
+        "down (without --wipe) keeps the data"
+    )
 
 
 @pytest.mark.kafka
@@ -553,7 +553,7 @@ def test_a_graceful_stop_says_not_serving_before_the_server_goes(tmp_path: Path)
                                "5", "--json"], env=env, capture_output=True, text=True,
                               timeout=60, check=True)  # fmt: skip
         figures = json.loads(idle.stdout)  # the JSON alone on stdout, progress on stderr
-        assert {"gateway", "worker-0", "broker"} <= set(figures["percent_of_one_core"])
+        assert {"gateway", "worker-0", "broker-0"} <= set(figures["percent_of_one_core"])
         assert figures["whole_stack"] == sum(figures["percent_of_one_core"].values())
         with grpc.insecure_channel(endpoints.gateway) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(

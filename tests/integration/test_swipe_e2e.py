@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rich.console import Console
@@ -24,16 +24,14 @@ from rich.console import Console
 from clearing import codec
 from clearing.abnormal import Alert, AlertKind
 from clearing.codes import CardKind, InsuranceCategory, ResultCode
-from clearing.model import QueryPerson
-from clearing.redact import PERSON
 from medclear import stack
-from medclear.infra import bus as bus_module
 from medclear.infra import topics
-from medclear.infra.bus import CommandBus
 from medclear.infra.exits import Exit
-from medclear.infra.settings import Settings
-from medclear.infra.tokens import load_card_tokens, load_sealer
+from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.settings import KafkaSecurity, Settings
+from medclear.infra.tokens import load_card_tokens
 from medclear.sim.city import make_ssn
+from medclear.stack import acls
 from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.integration.kafka_read import all_records
 from tests.integration.running import running_stack
@@ -88,7 +86,6 @@ def enrol(
     category: InsuranceCategory = InsuranceCategory.EMPLOYEE,
     region: str = "310101",
 ) -> tuple[str, str]:
-    import random
 
     ssn = make_ssn(random.Random(index), 900_000 + index)
     card = f"IT{index:07d}"
@@ -229,7 +226,7 @@ def test_a_swipe_on_a_reported_card_raises_an_alert_naming_only_the_masked_card(
     deadline = time.monotonic() + 45  # the abnormal job's consumer joins when the stack is up
     mine: list[Alert] = []
     while not mine and time.monotonic() < deadline:
-        records = asyncio.run(all_records(endpoints.kafka_bootstrap, topics.ALERTS.name))
+        records = asyncio.run(all_records(endpoints.kafka(), topics.ALERTS.name))
         alerts = [codec.decode(raw.partition(b"|")[2]) for _, raw in records]
         mine = [a for a in alerts if a.person_ref == person]
         time.sleep(0.2)
@@ -306,7 +303,7 @@ def test_status_reports_every_component_healthy(
     rows = stack.status(settings)
     names = {r.name for r in rows}
     assert {
-        "broker",
+        "broker-0",
         "clickhouse",
         "worker-0",
         "gateway",
@@ -318,14 +315,22 @@ def test_status_reports_every_component_healthy(
 
 
 def test_up_with_external_servers_starts_only_medclears_own_processes(
-    kafka_bootstrap: str, clickhouse_url: str, tmp_path_factory: pytest.TempPathFactory
+    kafka: KafkaAccess, clickhouse_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL: the servers are used, not started."""
+    """MEDCLEAR_KAFKA_BOOTSTRAP / MEDCLEAR_CLICKHOUSE_URL: the servers are used, not started.
+    The cluster's operator grants medclear's principals their ACLs first, as the RUNBOOK
+    says (`medclear kafka acls --apply`)."""
+    if kafka.tls:
+        acls.apply(kafka, acls.rules())
+        acls.wait_effective(kafka)
     external = Settings(
         terminal_security=False,
         tls=False,
         state_dir=tmp_path_factory.mktemp("external") / ".medclear",
-        kafka_bootstrap=kafka_bootstrap,
+        kafka_bootstrap=kafka.bootstrap,
+        kafka_security=KafkaSecurity.SSL if kafka.tls else KafkaSecurity.PLAINTEXT,
+        kafka_ssl_dir=kafka.ssl_dir,
+        kafka_replication=kafka.replication,
         clickhouse_url=clickhouse_url,
         command_partitions=2,
         event_partitions=2,
@@ -333,11 +338,11 @@ def test_up_with_external_servers_starts_only_medclears_own_processes(
     console = Console(stderr=True)
     try:
         endpoints = stack.up(external, console)
-        assert endpoints.kafka_bootstrap == kafka_bootstrap
+        assert endpoints.kafka_bootstrap == kafka.bootstrap
         names = {r.name for r in stack.status(external)}
         assert "worker-0" in names and "gateway" in names
         started = {r.name for r in stack.status(external) if r.pid}
-        assert not {"broker", "clickhouse"} & started
+        assert not {"broker", "broker-0", "clickhouse"} & started
         with grpc.insecure_channel(endpoints.registry) as channel:
             registry = registry_pb2_grpc.CardRegistryServiceStub(channel)
             _ssn, card = enrol(registry, 7, 20_00)
@@ -573,46 +578,27 @@ def test_card_commands_drive_the_window_operations(
     assert "allocation" in shown.stdout  # the opening credit is among the records
 
 
-def test_replies_read_are_trimmed_from_the_broker_but_the_newest(
-    settings: Settings, endpoints: stack.Endpoints, monkeypatch: pytest.MonkeyPatch
+def test_topics_keep_what_they_hold_for_as_long_as_it_is_needed(
+    endpoints: stack.Endpoints,
 ) -> None:
-    """A command bus deletes the replies it has read (DeleteRecords) but for the newest
-    REPLIES_KEPT; every request is still answered."""
-    monkeypatch.setattr(bus_module, "REPLY_TRIM_INTERVAL_S", 0.2)
-    monkeypatch.setattr(bus_module, "REPLIES_KEPT", 5)
-    asked = 25
+    """Replies expire within the hour (nobody reads one twice), the tables (changelogs,
+    card index, settlements) are compacted, never expired, and the events are kept for ever:
+    the log of record (medclear.infra.topics.config)."""
+    wanted = {
+        "medclear.replies.gw-0": {"retention.ms": "3600000", "cleanup.policy": "delete"},
+        "medclear.replies.reg-0": {"retention.ms": "3600000", "cleanup.policy": "delete"},
+        "medclear-clearing-persons-changelog": {"cleanup.policy": "compact"},
+        topics.CARD_INDEX.name: {"cleanup.policy": "compact"},
+        topics.SETTLEMENTS.name: {"cleanup.policy": "compact"},
+        topics.EVENTS.name: {"retention.ms": "-1", "cleanup.policy": "delete"},
+    }
 
-    async def scenario() -> tuple[list[ResultCode], int, int]:
-        bus = CommandBus(endpoints.kafka_bootstrap, "trim-test", load_card_tokens(settings),
-                         load_sealer(settings, PERSON))  # fmt: skip
-        await bus.start()
-        try:
-            results = []
-            for i in range(asked):  # persons nobody enrolled: a read, answered PERSON_UNKNOWN
-                ssn = make_ssn(random.Random(5_000 + i), 5_000 + i)
-                reply = await bus.request(QueryPerson(f"trim-{i}", int(time.time() * 1000), ssn),
-                                          timeout_s=5)  # fmt: skip
-                results.append(reply.result if reply else ResultCode.TIMEOUT)
-            reply_tp = TopicPartition(bus.reply_topic, 0)
-            consumer = AIOKafkaConsumer(bootstrap_servers=endpoints.kafka_bootstrap)
-            await consumer.start()
-            try:
-                deadline = time.monotonic() + 10
-                while True:
-                    first = (await consumer.beginning_offsets([reply_tp]))[reply_tp]
-                    if first > 0 or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.1)
-                end = (await consumer.end_offsets([reply_tp]))[reply_tp]
-            finally:
-                await consumer.stop()
-            return results, first, end
-        finally:
-            await bus.stop()
-
-    results, first, end = asyncio.run(scenario())
-    assert results == [ResultCode.PERSON_UNKNOWN] * asked
-    assert end == asked and first == asked - 5, (first, end)
+    admin = AdminClient(acls.admin_config(endpoints.kafka()))
+    found = admin.describe_configs([ConfigResource("topic", name) for name in wanted])
+    got = {resource.name: {key: entry.value for key, entry in future.result(timeout=30).items()}
+           for resource, future in found.items()}  # fmt: skip
+    for name, config in wanted.items():
+        assert {k: got[name].get(k) for k in config} == config, name
 
 
 def test_a_benchmark_leaves_the_running_stack_alone(

@@ -428,7 +428,7 @@ def test_no_log_or_record_downstream_holds_a_pin_card_number_ssn_name_or_phone(
                 continue  # the SMSC (a third party) must see where its SMS go
             assert not appears(secret, text), f"{secret!r} appears in {log.name}"
 
-    records = asyncio.run(all_records(endpoints.kafka_bootstrap))
+    records = asyncio.run(all_records(endpoints.kafka()))
     must_carry = ("medclear.commands", "-persons-changelog")
     seen = {topic for topic, _ in records}
     assert {"medclear.events", "medclear.card-index", "medclear.commands"} <= seen, seen
