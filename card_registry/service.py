@@ -22,7 +22,7 @@ from clearing.limits import PVV_BYTES
 from clearing.model import Command, Reply
 from clearing.validate import mask_phone
 from medclear.infra import bounds, status
-from medclear.infra.bus import WINDOW_REPLY_BACKOFF_S, BusUnavailable, CommandBus
+from medclear.infra.bus import BusUnavailable, CommandBus
 from medclear.infra.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.rpc import (
@@ -585,6 +585,5 @@ def run(
                 CardRegistry(bus, deadline_ms, hsm_address=hsm_address, pki_dir=pki_dir), server
             ),
             pki_dir,
-            WINDOW_REPLY_BACKOFF_S,
         )
     )

@@ -20,7 +20,7 @@ from clearing.abnormal import EVENTS_READ, AlertKind, BlockWatch, Detector
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
-from medclear.streams.process import idle_backoff, serve_runtimes
+from medclear.streams.process import serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 from stream_jobs import jobs
@@ -52,8 +52,7 @@ def create(settings: Settings, kafka: KafkaAccess) -> Runtime:
     return Runtime(job=APP_ID, member_id="abnormal-0", kafka=kafka,
                    topic=topics.EVENTS.name, handler=Watch().handle,
                    data_dir=settings.state_dir.resolve() / "data" / "abnormal-0",
-                   batch_max=BATCH_MAX,
-                   backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
+                   batch_max=BATCH_MAX)  # fmt: skip
 
 
 async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:

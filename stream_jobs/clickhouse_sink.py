@@ -5,9 +5,9 @@ events (the primary: migrations, READY and the lag gauges follow it), alerts and
 outcomes. Each feed is a plain aiokafka consumer with manual commits, not the stream
 runtime (it needs no state, and its batches follow ClickHouse's insert size, not the
 runtime's): the offsets committed are exactly those of rows ClickHouse has acknowledged,
-and nothing else commits behind the job's back. It polls with the runtime's poller
-(medclear/streams/poll.py) and uses static membership (`clickhouse-sink-0`), as every
-job does on noida-db.
+and nothing else commits behind the job's back. It uses static membership
+(`clickhouse-sink-0`), as every job does: a restarted sink takes its partitions back at
+once.
 
 - Batches are bounded by size (MEDCLEAR_CLICKHOUSE_SINK_BATCH_ROWS, 5,000) and time
   (MEDCLEAR_CLICKHOUSE_SINK_BATCH_WAIT_MS, 200 ms from the batch's first record); rows
@@ -61,9 +61,9 @@ from clearing.model import Event
 from clearing.redact import CardTokens
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.kafka_admin import DOWNSTREAM_FETCH_WAIT_MS, POLL_WAIT_MS
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_card_tokens
-from medclear.streams.poll import IdleBackoff, Poller
 from medclear.streams.runtime import set_ready
 from monitoring import metrics
 from stream_jobs import ch, jobs
@@ -71,14 +71,12 @@ from stream_jobs import ch, jobs
 log = structlog.get_logger(process="clickhouse-sink")
 
 GROUP_ID = jobs.KAFKA["clickhouse-sink"].prefix
-MEMBER_ID = "clickhouse-sink-0"  # static membership (noida-db never evicts a killed member)
+MEMBER_ID = "clickhouse-sink-0"  # static membership (streams/runtime.py)
 RETRY_BACKOFF_S_MIN = 0.1
 RETRY_BACKOFF_S_MAX = 2.0  # a returning ClickHouse is noticed within 2 s
 LAG_REFRESH_S = 1.0
 STOP_FLUSH_ATTEMPTS_MAX = 3  # on SIGTERM: try the pending batch this often, then leave it
-IDLE_BACKOFF_S = 0.05  # after an empty poll, doubling while idle …
 MIGRATION_POLL_S = 0.05  # the other sinks start once the first has migrated
-IDLE_BACKOFF_MAX_S = 0.2  # … up to this, and never past a batch's wait (streams/poll.py)
 
 
 def clickhouse_url(settings: Settings) -> str:
@@ -200,7 +198,6 @@ class ClickHouseSink:
         feed: Feed = EVENTS_FEED,
         batch_rows_max: int = 5_000,
         batch_wait_ms: int = 200,
-        backoff: IdleBackoff | None = None,
     ) -> None:
         if batch_rows_max < 1 or batch_wait_ms < 1:
             raise ValueError("batch bounds are positive")
@@ -210,9 +207,6 @@ class ClickHouseSink:
             topic, group_id, member_id = feed.topic, feed.group_id, feed.member_id
         self.topic, self.group_id, self.member_id = topic, group_id, member_id
         self.batch_rows_max, self.batch_wait_s = batch_rows_max, batch_wait_ms / 1000
-        # the idle back-off is bounded by the batch's own wait: a batch is not held longer
-        self.backoff = backoff or IdleBackoff(IDLE_BACKOFF_S, min(IDLE_BACKOFF_MAX_S,
-                                                                  self.batch_wait_s))  # fmt: skip
         self.epoch = 0
         self.assigned: set[TopicPartition] = set()
         self.migrated = False
@@ -378,10 +372,10 @@ class ClickHouseSink:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.batch_rows_max,
+            fetch_max_wait_ms=DOWNSTREAM_FETCH_WAIT_MS,
         )
         consumer.subscribe([self.topic], listener=_Assignments(self))
         await consumer.start()
-        poller = Poller(consumer, self.batch_rows_max, self.backoff)
         seen_epoch = -1
         batch = Batch(self.epoch)
         try:
@@ -393,10 +387,11 @@ class ClickHouseSink:
                 wait_s = self.batch_wait_s
                 if not batch.empty:
                     wait_s = max(0.0, batch.started + self.batch_wait_s - time.monotonic())
-                poller.batch_max = self.batch_rows_max - len(batch.rows)
-                fetched = await poller.fetch()
-                if not fetched and wait_s > 0:
-                    await poller.idle()  # partitions paused: noida-db answers at once
+                # no longer than the batch may wait; at once if records are there
+                fetched = await consumer.getmany(
+                    timeout_ms=max(1, min(POLL_WAIT_MS, int(wait_s * 1000))),
+                    max_records=self.batch_rows_max - len(batch.rows),
+                )
                 if seen_epoch != self.epoch:
                     continue  # a rebalance ran meanwhile: re-read from the committed offsets
                 for tp, records in fetched.items():

@@ -23,7 +23,7 @@ from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_sealer
-from medclear.streams.process import idle_backoff, serve_runtimes
+from medclear.streams.process import serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 from stream_jobs import jobs
@@ -83,8 +83,7 @@ def create(settings: Settings, kafka: KafkaAccess) -> tuple[Runtime, Ticker]:
     runtime = Runtime(job=APP_ID, member_id="pre-loss-timer-0", kafka=kafka,
                       topic=topics.EVENTS.name, handler=follow,
                       data_dir=settings.state_dir.resolve() / "data" / "pre-loss-timer-0",
-                      tables=[TABLE], batch_max=BATCH_MAX,
-                      backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
+                      tables=[TABLE], batch_max=BATCH_MAX)  # fmt: skip
     return runtime, Ticker(runtime, load_sealer(settings, PERSON),
                            settings.pre_loss_timer_interval_s)  # fmt: skip
 

@@ -33,7 +33,7 @@ from clearing import settlement as rules
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
-from medclear.streams.process import idle_backoff, serve_runtimes
+from medclear.streams.process import serve_runtimes
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 from stream_jobs import jobs
@@ -158,12 +158,10 @@ def create(
     data = settings.state_dir.resolve() / "data" / "settlement-0"
     router = Runtime(job=ROUTE_ID, member_id="settlement-route-0", kafka=kafka,
                      topic=topics.EVENTS.name, handler=route, data_dir=data / "route",
-                     batch_max=BATCH_MAX,
-                     backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
+                     batch_max=BATCH_MAX)  # fmt: skip
     settler = Runtime(job=APP_ID, member_id="settlement-0", kafka=kafka,
                       topic=topics.SETTLEMENT_INPUT.name, handler=settle.handle,
-                      data_dir=data, tables=[TABLE], batch_max=BATCH_MAX,
-                      backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
+                      data_dir=data, tables=[TABLE], batch_max=BATCH_MAX)  # fmt: skip
 
     async def ready() -> None:
         settle.rebuild_index(settler)

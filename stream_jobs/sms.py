@@ -75,7 +75,7 @@ from medclear.infra.kafka_admin import ensure_topics
 from medclear.infra.policy import load_institutions
 from medclear.infra.settings import Settings, smsc_password
 from medclear.infra.tokens import load_sealer
-from medclear.streams.process import idle_backoff, serve_runtimes
+from medclear.streams.process import serve_runtimes
 from medclear.streams.runtime import Batch, Runtime, set_ready
 from monitoring import metrics
 from stream_jobs import jobs, sms_core
@@ -257,8 +257,7 @@ def create(settings: Settings, kafka: KafkaAccess, app_id: str = APP_ID) -> tupl
     runtime = Runtime(job=app_id, member_id=MEMBER_ID, kafka=kafka,
                       topic=topics.EVENTS.name, handler=job.handle,
                       data_dir=settings.state_dir.resolve() / "data" / MEMBER_ID, tables=[TABLE],
-                      batch_max=BATCH_MAX,
-                      backoff=idle_backoff(settings, decision_path=False))  # fmt: skip
+                      batch_max=BATCH_MAX)  # fmt: skip
     job.runtime = runtime
     return runtime, job
 

@@ -49,10 +49,11 @@ from clearing.redact import Redaction, card_index_record, published
 from medclear.infra import topics
 from medclear.infra.hsm_client import HsmClient
 from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.kafka_admin import FETCH_WAIT_MS
 from medclear.infra.settings import Settings, pki_dir
 from medclear.infra.tokens import load_redaction
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE, HEADER_REPLY_TO, header
-from medclear.streams.process import idle_backoff, run_in_foreground
+from medclear.streams.process import run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
 from stream_jobs import jobs
@@ -262,7 +263,7 @@ def create(settings: Settings, policy: Policy, kafka: KafkaAccess, index: int = 
                    topic=topics.COMMANDS.name, handler=handler.handle,
                    data_dir=data_dir(settings, index), tables=[] if echo else [PERSONS_TABLE],
                    batch_max=BATCH_MAX, in_flight_max=IN_FLIGHT_MAX, observe_step=observe_step,
-                   backoff=idle_backoff(settings, decision_path=True))  # fmt: skip
+                   fetch_wait_ms=FETCH_WAIT_MS)  # fmt: skip
 
 
 def data_dir(settings: Settings, index: int) -> Path:

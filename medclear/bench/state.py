@@ -314,8 +314,8 @@ def _gateway_and_swipes(
     run.gateway_rss, _ = proc_memory(_pid(settings, "gateway"))
     rss, peak = proc_memory(_pid(settings, "worker-0"))
     run.worker_peak = max(run.worker_peak, peak)
-    run.broker_rss, run.broker_peak = proc_memory(_pid(settings, "broker"))
-    run.broker_disk = tree_bytes(state_dir / "data" / "broker")
+    run.broker_rss, run.broker_peak = proc_memory(_pid(settings, "broker-0"))
+    run.broker_disk = tree_bytes(state_dir / "data" / "kafka")
     console.print(
         f"  worker RSS after {run.swipes} swipes {human(rss)}; results {run.swipe_results}"
     )
@@ -339,7 +339,7 @@ def run_store(
     except Exception as exc:  # a failed size is a finding: keep what was measured
         run.error = f"{type(exc).__name__}: {exc}"
         console.print(f"[red]{store} at {persons:,}: {run.error}[/]")
-        run.broker_rss, run.broker_peak = proc_memory(_pid(settings, "broker"))
+        run.broker_rss, run.broker_peak = proc_memory(_pid(settings, "broker-0"))
     finally:
         stack.down(settings, console, wipe=True)
     return run
@@ -382,8 +382,8 @@ def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> R
         _, run.changelog_records = asyncio.run(topic_records(endpoints.kafka(), CHANGELOG_TOPIC))
         run.store_disk = tree_bytes(state_dir / "data" / "worker-0")
         run.gateway_rss, _ = proc_memory(_pid(settings, "gateway"))
-        run.broker_rss, run.broker_peak = proc_memory(_pid(settings, "broker"))
-        run.broker_disk = tree_bytes(state_dir / "data" / "broker")
+        run.broker_rss, run.broker_peak = proc_memory(_pid(settings, "broker-0"))
+        run.broker_disk = tree_bytes(state_dir / "data" / "kafka")
     except Exception as exc:  # a failed size is a finding: keep what was measured
         run.error = f"{type(exc).__name__}: {exc}"
         console.print(f"[red]rocksdb seeded at {persons:,}: {run.error}[/]")
@@ -438,7 +438,7 @@ NOTES = (
     "issue → activate → change PIN (with a PVV) → credit (employees) leave them; every "
     f"{VERIFY_EVERY:,}th record is rebuilt through `core.handle` and compared byte for byte.",
     "changelog bytes: keys + values as produced (before the producer's compression); "
-    "broker on disk: noida-db's data directory after the run.",
+    "broker on disk: Apache Kafka's data directory after the run.",
     "empty start s: the worker's own start at `up` (empty table), process start to READY: "
     "the floor under the recovery figure on the machine as loaded at that moment.",
     "recovery s: `medclear restart worker-0` with the worker's RocksDB files deleted while "

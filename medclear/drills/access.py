@@ -1,7 +1,7 @@
 """How a drill reaches the running stack and acts on its parts: StackAccess (endpoints,
 TLS material, the terminal keyring, the state directory), and signalling, stopping and
 restarting one component by its recorded pid, as `medclear down` and `medclear restart`
-do (a component's own stop command first: stack.broker_stop_argv)."""
+do."""
 
 from __future__ import annotations
 
@@ -69,16 +69,12 @@ def pid_gone(pid: int) -> bool:
 
 def signal_component(a: StackAccess, name: str, sig: signal.Signals) -> int:
     """Send `sig` to a running component of the stack (its process group when it leads
-    one), as `medclear down` does: a SIGTERM follows the component's recorded stop command
-    (noida-db: `noida-db stop kafka`, without which it acknowledges writes it then loses;
-    stack.broker_stop_argv). Returns its pid."""
+    one), as `medclear down` does. Returns its pid."""
     row = a.component(name)
     if row.pid is None:
         raise DrillError(f"{name} is an external server; a drill cannot stop it")
     if not row.healthy and sig != signal.SIGCONT:
         raise DrillError(f"{name} is not healthy before the drill: {row.detail}")
-    if sig == signal.SIGTERM:
-        stack.run_stop_first(a.settings, name)
     try:
         if os.getpgid(row.pid) == row.pid:
             os.killpg(row.pid, sig)
@@ -90,10 +86,9 @@ def signal_component(a: StackAccess, name: str, sig: signal.Signals) -> int:
 
 
 def stop_component(a: StackAccess, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
-    """Stop a component as `medclear down` does: its stop command if it has one (with
-    SIGTERM), the signal, wait for its leader, then SIGKILL whatever it left in its
-    process group; and wait until its port is free (a restart at once found noida-db's
-    port still taken)."""
+    """Stop a component as `medclear down` does: the signal, wait for its leader, then
+    SIGKILL whatever it left in its process group; and wait until its port is free (a
+    restart at once could find it still taken)."""
     address = a.component(name).address.split(" ")[0]
     pid = signal_component(a, name, sig)
     deadline = time.monotonic() + STOP_WAIT_S

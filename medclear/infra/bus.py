@@ -33,9 +33,16 @@ from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
 from medclear.errors import MedclearError
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
-from medclear.infra.kafka_admin import ensure_topics, new_producer, new_reader, partitions_of
+from medclear.infra.kafka_admin import (
+    DOWNSTREAM_FETCH_WAIT_MS,
+    FETCH_WAIT_MS,
+    POLL_WAIT_MS,
+    ensure_topics,
+    new_producer,
+    new_reader,
+    partitions_of,
+)
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO, header
-from medclear.streams.poll import IdleBackoff, Poller
 from monitoring import metrics
 
 log = structlog.get_logger()
@@ -45,14 +52,9 @@ PENDING_MAX = 10_000  # requests in flight per process; beyond it requests are r
 REPLIES_PER_POLL_MAX = 1_000
 INDEX_RECORDS_PER_POLL_MAX = 5_000
 IDLE_REPLY_WAKE_S = 1.0  # with no request in flight, the reply loop looks anyway this often
-REPLY_SPIN_BACKOFF_S = (0.0, 0.0)  # in flight: no back-off at all, replies are due within ms
-REPLY_BACKOFF_S = (0.0005, 0.002)  # … or, not spinning (MEDCLEAR_KAFKA_IDLE_SPIN_MS=0), short
-# The card registry's: a clerk does not notice 8 ms, and a bulk enrolment keeps requests in
-# flight for long, so spinning there was a quarter of the registry's CPU while seeding.
-WINDOW_REPLY_BACKOFF_S = (0.001, 0.008)
-INDEX_BACKOFF_S = (0.002, 0.5)  # new cards are rare; a miss polls at once (sync_index)
 INDEX_START_TIMEOUT_S = 60.0  # at start, the whole card index is read before serving
 INDEX_SYNC_POLL_S = 0.005
+INDEX_POLL_WAIT_MS = 1_000
 
 
 class BusUnavailable(MedclearError):
@@ -66,15 +68,11 @@ class CommandBus:
         instance_id: str,
         tokens: CardTokens,
         person: Sealer,
-        reply_backoff_s: tuple[float, float] = REPLY_SPIN_BACKOFF_S,
     ) -> None:
         self.kafka = kafka
         self.tokens = tokens
         self.person = person  # opens the card index's sealed ssn and the sealed replies
         self._asked = asyncio.Event()  # a request was sent: replies are due
-        self._index_poller: Poller | None = None
-        self._reply_backoff_s = reply_backoff_s  # (first, cap) while requests are in flight
-        self._index_backoff_s = INDEX_BACKOFF_S
         self.reply_topic = topics.reply_topic(instance_id)
         self._pending: dict[bytes, asyncio.Future[Reply]] = {}
         self._card_index: dict[str, str] = {}  # card token → ssn
@@ -90,12 +88,12 @@ class CommandBus:
         await ensure_topics(self.kafka, {self.reply_topic: 1})
         self._producer = new_producer(self.kafka)
         await self._producer.start()
-        self._replies = new_reader(self.kafka)
+        self._replies = new_reader(self.kafka, FETCH_WAIT_MS)
         await self._replies.start()
         reply_tp = TopicPartition(self.reply_topic, 0)
         self._replies.assign([reply_tp])
         await self._replies.seek_to_end(reply_tp)
-        self._index = new_reader(self.kafka)
+        self._index = new_reader(self.kafka, DOWNSTREAM_FETCH_WAIT_MS)
         await self._index.start()
         self._offsets = new_reader(self.kafka)
         await self._offsets.start()
@@ -156,19 +154,18 @@ class CommandBus:
     async def _reply_loop(self) -> None:
         """Replies arrive only for requests in flight: with none, the reply partition is
         paused and the loop sleeps until a request is sent (no fetch at all while idle);
-        with some, it polls with the short, flat back-off of the decision path."""
-        assert self._replies is not None
-        poller = Poller(self._replies, REPLIES_PER_POLL_MAX, IdleBackoff(*self._reply_backoff_s))
+        with some, the broker holds the fetch until a reply comes."""
+        replies = self._replies
+        assert replies is not None
         while True:
             if not self._pending:
                 await self._sleep_until_asked()
                 continue
-            fetched = await poller.fetch()
+            fetched = await replies.getmany(timeout_ms=POLL_WAIT_MS,
+                                            max_records=REPLIES_PER_POLL_MAX)  # fmt: skip
             for records in fetched.values():
                 for record in records:
                     self._resolve(record)
-            if not fetched:
-                await poller.idle()
 
     async def _sleep_until_asked(self) -> None:
         assert self._replies is not None
@@ -210,8 +207,6 @@ class CommandBus:
     async def sync_index(self, timeout_s: float) -> None:
         """Wait until the index holds everything on the broker now (bounded wait)."""
         assert self._index is not None
-        if self._index_poller is not None:
-            self._index_poller.backoff.reset()  # a miss: poll at the shortest wait again
         # asked on a consumer that fetches nothing: the index consumer's own connection is
         # busy with the fetch the broker holds until a card is issued
         assert self._offsets is not None
@@ -229,18 +224,15 @@ class CommandBus:
         return int(await self._index.position(tp))
 
     async def _index_loop(self) -> None:
-        assert self._index is not None
-        poller = Poller(
-            self._index, INDEX_RECORDS_PER_POLL_MAX, IdleBackoff(*self._index_backoff_s)
-        )
-        while True:
-            fetched = await poller.fetch()
+        index = self._index
+        assert index is not None
+        while True:  # the broker holds the fetch until a card is indexed
+            fetched = await index.getmany(timeout_ms=INDEX_POLL_WAIT_MS,
+                                          max_records=INDEX_RECORDS_PER_POLL_MAX)  # fmt: skip
             for records in fetched.values():
                 for record in records:
                     if record.key and record.value:
                         self._index_record(record.key, record.value)
-            if not fetched:
-                await poller.idle()
 
     def _index_record(self, key: bytes, value: bytes) -> None:
         try:

@@ -31,7 +31,16 @@ READ_RECORDS_MAX = 50_000  # per poll
 ERROR_TOPIC_ALREADY_EXISTS = 36  # a concurrent creator
 CATCH_UP_WAIT_S = 30.0  # wait_caught_up: the whole wait, all stages
 CATCH_UP_POLL_S = 0.1
-FETCH_WAIT_MS = 500  # aiokafka's default: how long the broker holds a fetch that finds nothing
+# How long the broker holds a fetch that finds nothing (fetch.max.wait.ms). A held fetch
+# costs nothing while it waits, and returns as soon as a record comes, so it does not add
+# latency; but a broker answers a connection's requests one at a time, so a metadata or
+# offsets request on the same connection waits behind it (after a broker fails over, the
+# new leader's address is such a metadata request). And each expiry is a request answered:
+# on this machine ~2.5 ms of broker CPU over TLS, so an idle consumer at 500 ms costs the
+# broker ~0.5 % of a core (docs/PERFORMANCE.md).
+FETCH_WAIT_MS = 500  # the decision path (the worker, the replies): fail over quickly
+DOWNSTREAM_FETCH_WAIT_MS = 3_000  # the stream jobs after the decision, the card index
+POLL_WAIT_MS = 100  # one getmany's wait in a loop that has other work (commits) to do
 COMPRESSION = "lz4"  # bytes on the disks and between the brokers (docs/PERFORMANCE.md)
 
 

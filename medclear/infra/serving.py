@@ -10,10 +10,10 @@ import grpc
 import structlog
 
 from clearing.redact import PERSON
-from medclear.infra.bus import REPLY_BACKOFF_S, REPLY_SPIN_BACKOFF_S, CommandBus
+from medclear.infra.bus import CommandBus
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.rpc import create_server, serve_until_stopped
-from medclear.infra.settings import BrokerKind, get_settings
+from medclear.infra.settings import get_settings
 from medclear.infra.tokens import load_card_tokens, load_sealer
 from monitoring import metrics
 
@@ -26,20 +26,14 @@ async def serve_commands(
     service_name: str,
     register: Callable[[CommandBus, grpc.aio.Server], None],
     pki_dir: Path | None = None,
-    reply_backoff_s: tuple[float, float] | None = None,
 ) -> None:
     """Run a gRPC server whose servicer talks to the command bus, until terminated:
     start the bus, serve with health and reflection, mark the process ready; at SIGTERM,
     NOT_SERVING and not ready first, then stop the server (calls in flight may finish)
     and the bus."""
     settings = get_settings()
-    if settings.broker == BrokerKind.KAFKA:
-        reply_backoff_s = (0.0, 0.0)  # the broker holds the fetch until a reply comes
-    if reply_backoff_s is None:  # the POS path: spin while replies are due, unless told not to
-        spin = settings.kafka_idle_spin_ms != 0
-        reply_backoff_s = REPLY_SPIN_BACKOFF_S if spin else REPLY_BACKOFF_S
     bus = CommandBus(kafka, instance_id, load_card_tokens(settings),
-                     load_sealer(settings, PERSON), reply_backoff_s)  # fmt: skip
+                     load_sealer(settings, PERSON))  # fmt: skip
     await bus.start()
     server, bound, health_servicer = await create_server(
         address, lambda s: register(bus, s), [service_name], pki_dir

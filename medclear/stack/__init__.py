@@ -4,7 +4,8 @@ are listed in medclear/stack/supervisor.py).
 - `process`: free ports on loopback; a started process that is signalled only while /proc
   still shows the very process that was started.
 - `probes`: waiting until a server is ready.
-- `servers`: the broker, ClickHouse and Prometheus; `smsc`: the loopback SMPP peer.
+- `kafka`: Apache Kafka's KRaft nodes; `acls`: who may do what on it.
+- `servers`: ClickHouse and Prometheus, medclear's topics; `smsc`: the loopback SMPP peer.
 - `supervisor`: `up`, `status`, `restart_component`, `down`, and the record of what runs
   (``<state_dir>/stack.json``, read by clients through medclear.infra.stack_state).
 
@@ -28,14 +29,11 @@ from medclear.stack.process import proc_cmdline as proc_cmdline
 from medclear.stack.process import proc_start_ticks as proc_start_ticks
 from medclear.stack.process import reap as reap
 from medclear.stack.record import ComponentStatus as ComponentStatus
-from medclear.stack.servers import broker_stop_argv as broker_stop_argv
 from medclear.stack.servers import create_topics as create_topics
-from medclear.stack.servers import start_broker as start_broker
 from medclear.stack.servers import start_clickhouse as start_clickhouse
 from medclear.stack.servers import start_prometheus as start_prometheus
 from medclear.stack.supervisor import down as down
 from medclear.stack.supervisor import restart_component as restart_component
-from medclear.stack.supervisor import run_stop_first as run_stop_first
 from medclear.stack.supervisor import selected_jobs as selected_jobs
 from medclear.stack.supervisor import status as status
 from medclear.stack.supervisor import status_table as status_table

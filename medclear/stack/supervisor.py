@@ -1,10 +1,11 @@
 """The local stack supervisor behind `medclear up / status / down`.
 
-`up` starts, on 127.0.0.1 only and in this order: a Kafka-protocol broker (noida-db, or
-tansu), ClickHouse (Debian's 18.16, or an external server), the HSM, the clearing
-worker(s), the loopback SMSC (npm `smpp` server; when the sms job runs and
-MEDCLEAR_SMSC_EMBEDDED is on), the POS gateway, the card registry, the stream jobs of
-stream_jobs/jobs.py (MEDCLEAR_JOBS picks a subset), and Prometheus, scraping every
+`up` starts, on 127.0.0.1 only: Apache Kafka (one KRaft node, or MEDCLEAR_KAFKA_BROKERS;
+medclear/stack/kafka.py) and, while it boots, ClickHouse (Debian's 18.16, or an external
+server) and the HSM; then medclear's topics and ACLs, the clearing worker(s), the
+loopback SMSC (npm `smpp` server; when the sms job runs and MEDCLEAR_SMSC_EMBEDDED is
+on), the POS gateway, the card registry, the stream jobs of stream_jobs/jobs.py
+(MEDCLEAR_JOBS picks a subset), and Prometheus, scraping every
 `/metrics` with the alert rules of monitoring/alerts.yml. Each child runs in its own
 session (a Ctrl-C on the CLI does not reach it), logs to ``<state_dir>/logs/<name>.log``
 and keeps its data in ``<state_dir>/data/<name>/`` (kept by `down`, deleted by `down
@@ -39,7 +40,6 @@ from medclear.infra import kafka_access, topics
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.pki import ensure_kafka_pki, ensure_pki
 from medclear.infra.settings import (
-    BrokerKind,
     KafkaSecurity,
     Settings,
     keyring_file,
@@ -80,10 +80,8 @@ from medclear.stack.record import (
 )
 from medclear.stack.secrets import child_env, write_secrets
 from medclear.stack.servers import (
-    broker_env,
     create_database,
     create_topics,
-    start_broker,
     start_clickhouse,
     start_prometheus,
 )
@@ -154,8 +152,6 @@ def _stop_components(
         if not wave:
             continue
         waiting = f"stopping {', '.join(c.name for c in wave)}"
-        if any(c.kind.startswith(SERVER_KINDS) for c in wave):
-            waiting += " (the broker saves its log)"
         # a spinner while a wave stops (on a terminal only): the broker's save takes seconds
         status = console.status(waiting) if console is not None else contextlib.nullcontext()
         with status, ThreadPoolExecutor(max_workers=len(wave)) as pool:
@@ -276,23 +272,12 @@ class _Starter:
         meanwhile) or the one the settings name; how the stack reaches it (as the
         operator) and its components."""
         settings = self.settings
-        if not settings.embedded_kafka:
-            kafka = kafka_access.from_settings(settings, kafka_access.OPERATOR)
-            comps = [self.track(Component("broker", "kafka:external", kafka.bootstrap,
-                                          Probe("kafka", kafka.bootstrap,
-                                                ssl_dir=str(kafka.ssl_dir or ""))))]  # fmt: skip
-        elif settings.broker == BrokerKind.KAFKA:
-            kafka, comps = self._kafka_cluster()
-        else:
-            port = free_port()
-            kafka = KafkaAccess(f"{HOST}:{port}")
-            with self.console.status(f"starting broker ({settings.broker.value}) …"):
-                proc = start_broker(settings.broker, self.data / "broker", port,
-                                    self.logs / "broker.log")  # fmt: skip
-            comps = [self.track(Component(
-                "broker", f"kafka:{settings.broker.value}", kafka.bootstrap,
-                Probe("kafka", kafka.bootstrap), proc, str(self.data / "broker"),
-                {"kafka": port}))]  # fmt: skip
+        if settings.embedded_kafka:
+            return self._kafka_cluster()
+        kafka = kafka_access.from_settings(settings, kafka_access.OPERATOR)
+        comps = [self.track(Component("broker", "kafka:external", kafka.bootstrap,
+                                      Probe("kafka", kafka.bootstrap,
+                                            ssl_dir=str(kafka.ssl_dir or ""))))]  # fmt: skip
         return kafka, comps
 
     def broker_ready(self, kafka: KafkaAccess, comps: list[Component]) -> None:
@@ -572,17 +557,6 @@ def watcher_paused(settings: Settings) -> Iterator[None]:
         marker.unlink(missing_ok=True)
 
 
-def run_stop_first(settings: Settings, name: str) -> None:
-    """Run the recorded stop command of one running component (Process.stop_first), and
-    nothing else: the caller signals it next (a drill)."""
-    state = State.load(state_dir_of(settings) / STATE_FILE)
-    if state is None:
-        raise StackError(NOT_RUNNING)
-    comp = next((c for c in state.components if c.name == name), None)
-    if comp is not None and comp.proc is not None and comp.proc.is_ours():
-        comp.proc.run_stop_first()
-
-
 def restart_component(
     settings: Settings,
     name: str,
@@ -624,8 +598,6 @@ def restart_component(
             own_env.update(state.settings_env)
             own_env.update(env_overrides or {})  # on purpose, e.g. the bench's echo worker
             env: dict[str, str] | None = own_env
-        elif comp.kind.startswith("kafka:"):
-            env = broker_env()
         else:
             env = None
         comp.proc = Process(

@@ -6,16 +6,14 @@ the sms job, the pre-loss timer, the abnormal-transaction job). It replaces faus
 whose record loss after a restart and early producer flush medclear could only stop by
 patching faust's private code (docs/ARCHITECTURE.md, decision 2).
 
-- `poll.Poller`: getmany in batches under named limits, with the empty-fetch back-off
-  noida-db needs done by pausing the partitions (the fetcher then sends nothing) and
-  sleeping, doubling while idle, short again as soon as records come.
 - `store.PartitionStore`: one RocksDB per table partition; the next changelog offset to
   apply is written in the same write batch as the values, so a restart that keeps its
   disk reads only the changelog's tail.
 - `changelog.restore`: a partition's changelog read into its store in bulk: chunks of
-  thousands of records, one write batch each, one partition at a time (noida-db answers a
-  fetch with everything it has: memory is bounded by reading one partition at a time).
-- `runtime.Runtime`: the consumer group (static membership, manual commits only), the
+  thousands of records, one write batch each, one partition at a time (memory is bounded
+  by the chunk, whatever the changelog's size).
+- `runtime.Runtime`: the consumer group (static membership, manual commits only; the
+  broker holds an empty fetch, so an idle job neither spins nor waits), the
   rebalance listener (revocation: the batches in flight are finished and committed;
   assignment: state restored before any record is handled), and the batch pipeline:
   per batch, outputs acknowledged → state (changelog acknowledged, then the store) →

@@ -7,8 +7,7 @@ value: the key was deleted).
 
 Restoring reads [store.next_offset, end) in chunks of RESTORE_CHUNK_RECORDS, each applied
 as one RocksDB write batch together with the offset after it. Memory is bounded by reading
-one partition at a time (noida-db answers a fetch with everything it has after the offset,
-whatever the size limits asked) and one chunk of parsed records at a time.
+one partition at a time and one chunk of parsed records at a time.
 """
 
 from __future__ import annotations
@@ -64,8 +63,10 @@ async def _restore(
     end = (await consumer.end_offsets([tp]))[tp]
     start = max(store.next_offset, first[tp])
     if store.next_offset > end:
-        # The broker lost records it had acknowledged (noida-db after a kill -9): the store
-        # holds more than the changelog. Keep the store, write on from the broker's end.
+        # The changelog holds less than the store: the topic was deleted and made again,
+        # or a cluster that allowed an unclean leader election lost acknowledged records
+        # (the embedded one does not; noida-db, the emulator before it, did after a kill
+        # -9). Keep the store, write on from the broker's end.
         metrics.STREAM_CHANGELOG_BEHIND_STORE.labels(tp.topic).inc(store.next_offset - end)
         log.warning("changelog shorter than the store: keeping the store", topic=tp.topic,
                     partition=tp.partition, store_offset=store.next_offset, end=end)  # fmt: skip

@@ -14,40 +14,10 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from medclear.infra.settings import BrokerKind, Settings
-from medclear.streams.poll import IdleBackoff
 from medclear.streams.runtime import Runtime
-
-DECISION_PATH_BACKOFF_MAX_MS = 100.0  # the worker when idle: ~3 % of a core (PERFORMANCE.md)
-DECISION_PATH_SPIN_MS = 25.0  # … but no back-off this soon after the last command
-DOWNSTREAM_BACKOFF_FIRST_MS = 50.0  # the stream jobs after the decision only need to keep
-DOWNSTREAM_BACKOFF_MAX_MS = 500.0  # up: a poll at most every 50 ms unless records wait
 
 Periodic = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 Served = Periodic  # a job: runs until the event is set, then finishes and commits
-
-
-def idle_backoff(settings: Settings, decision_path: bool) -> IdleBackoff:
-    """A runtime's idle back-off (medclear/streams/poll.py): no sleep for a
-    moment after the last records on the decision path, then
-    MEDCLEAR_KAFKA_IDLE_FETCH_BACKOFF_MS (the jobs after the decision: at least
-    DOWNSTREAM_BACKOFF_FIRST_MS) doubling up to MEDCLEAR_KAFKA_IDLE_FETCH_BACKOFF_MAX_MS
-    (unset: DECISION_PATH_BACKOFF_MAX_MS or DOWNSTREAM_BACKOFF_MAX_MS). 0 for a broker
-    that holds empty fetches (Apache Kafka)."""
-    first_ms = settings.kafka_idle_fetch_backoff_ms
-    if first_ms is None:
-        first_ms = 2.0 if settings.broker == BrokerKind.NOIDA else 0.0
-    if first_ms > 0 and not decision_path:
-        first_ms = max(first_ms, DOWNSTREAM_BACKOFF_FIRST_MS)
-    cap_ms = settings.kafka_idle_fetch_backoff_max_ms
-    if cap_ms is None:
-        cap_ms = DECISION_PATH_BACKOFF_MAX_MS if decision_path else DOWNSTREAM_BACKOFF_MAX_MS
-    spin_ms = settings.kafka_idle_spin_ms
-    if spin_ms is None:
-        spin_ms = DECISION_PATH_SPIN_MS
-    if not decision_path or first_ms == 0:
-        spin_ms = 0.0
-    return IdleBackoff(first_ms / 1000, max(first_ms, cap_ms) / 1000, spin_ms / 1000)
 
 
 def dump_tasks() -> None:

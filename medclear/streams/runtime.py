@@ -27,10 +27,13 @@ acknowledgement) ends the process with EXIT_STREAM_FAILED: nothing after it may 
 committed, and a restart reads from the last commit.
 
 Membership is static: a member joins its group with `group.instance.id` = its member id
-(`worker-N` for the clearing workers), as every job does on noida-db. noida-db 0.2.3
-never evicts a member killed with -9, so a dynamic successor would wait forever
-(tests/integration/test_broker_conformance.py: test h, a strict xfail); a restarted
-static member takes its share back at once (test g).
+(`worker-N` for the clearing workers), so a member restarted after a crash or a kill -9
+takes its partitions back at once, with no rebalance of the others and without waiting
+for its session to time out (tests/integration/test_broker_conformance.py, test g).
+
+Fetching: the loop asks for records with a short wait (POLL_WAIT_MS: it also commits
+what is finished); the broker holds each fetch until a record comes or `fetch_wait_ms`
+passes, so an idle runtime neither spins nor adds latency (kafka_admin.FETCH_WAIT_MS).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from aiokafka.errors import KafkaError
 
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import (
+    DOWNSTREAM_FETCH_WAIT_MS,
+    POLL_WAIT_MS,
     TopicError,
     ensure_topics,
     new_producer,
@@ -61,7 +66,6 @@ from medclear.infra.kafka_admin import (
 )
 from medclear.infra.topics import changelog_topic
 from medclear.streams.changelog import restore
-from medclear.streams.poll import IdleBackoff, Poller
 from medclear.streams.store import PartitionStore
 from monitoring import metrics
 
@@ -72,8 +76,7 @@ BATCH_RECORDS_MAX = 256  # input records decided together at most
 LAG_INTERVAL_S = 2.0
 COMMIT_INTERVAL_S = 0.1  # finished offsets are committed at most this often
 RESTORE_FETCH_WAIT_MS = 10
-DEFAULT_BACKOFF_S = 0.002  # after an empty poll, doubling …
-DEFAULT_BACKOFF_MAX_S = 0.05  # … up to this
+NOT_READY_SLEEP_S = 0.01  # the poll loop while the partitions are being restored
 Headers = Sequence[tuple[str, bytes]]
 Handler = Callable[["Batch"], Awaitable[None]]
 StepObserver = Callable[[str, float], None]
@@ -171,7 +174,7 @@ class Runtime:
         tables: Sequence[str] = (),
         batch_max: int = BATCH_RECORDS_MAX,
         in_flight_max: int = 1,
-        backoff: IdleBackoff | None = None,
+        fetch_wait_ms: int = DOWNSTREAM_FETCH_WAIT_MS,
         observe_step: StepObserver | None = None,
         on_ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -182,7 +185,7 @@ class Runtime:
         self.data_dir = data_dir
         self.tables = tuple(tables)
         self.batch_max, self.in_flight_max = batch_max, in_flight_max
-        self.backoff = backoff or IdleBackoff(DEFAULT_BACKOFF_S, DEFAULT_BACKOFF_MAX_S)
+        self.fetch_wait_ms = fetch_wait_ms
         self.observe_step = observe_step
         self.on_ready = on_ready
         self.stores: dict[tuple[str, int], PartitionStore] = {}
@@ -226,14 +229,10 @@ class Runtime:
     async def start(self) -> None:
         self.producer = new_producer(self.kafka)
         await self.producer.start()
-        # A topic added to a producer's metadata while other batches wait for their
-        # partitions' leaders: seen on noida-db 0.2.3 at a cold start under a burst of
-        # enrolments (batch 1's first changelog write while batch 2's outputs waited),
-        # the waiting partitions lost their leaders until they expired
-        # (NotLeaderForPartitionError: the job exited, nothing lost, restarted). So the
-        # changelog topics are known to the producer before the first batch
-        # (_ensure_changelogs), and replies, whose topics appear while the job runs (one
-        # per gateway or registry process), have a producer of their own.
+        # Replies have a producer of their own: a producer keeps one request in flight per
+        # broker, so on a shared one a batch's replies would wait behind the next batch's
+        # events and changelog. The changelog topics are known to the producer before the
+        # first batch (_ensure_changelogs), so no output waits for their metadata.
         self.reply_producer = new_producer(self.kafka)
         await self.reply_producer.start()
         # reads a changelog to its end, with ListOffsets between the partitions: short
@@ -248,6 +247,7 @@ class Runtime:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.batch_max,
+            fetch_max_wait_ms=self.fetch_wait_ms,
         )
         self.consumer.subscribe([self.topic], listener=_Listener(self))
         await self.consumer.start()
@@ -281,15 +281,16 @@ class Runtime:
         """Poll, decide, hand over, until `stopping` is set; then stop cleanly."""
         self.stopping = stopping  # a handler that waits on the outside world watches it
         await self.start()
-        assert self.consumer is not None
-        poller = Poller(self.consumer, self.batch_max, self.backoff)
+        consumer = self.consumer
+        assert consumer is not None
         lag = asyncio.create_task(self._export_lag(stopping))
         try:
             while not stopping.is_set():
                 handled = False
                 async with self._lock:
-                    if self._ready:
-                        fetched = await poller.fetch()
+                    if self._ready:  # the broker holds the fetch until records come
+                        fetched = await consumer.getmany(timeout_ms=POLL_WAIT_MS,
+                                                         max_records=self.batch_max)  # fmt: skip
                         if fetched:
                             await self._handle(fetched)
                             handled = True
@@ -299,7 +300,8 @@ class Runtime:
                     ):
                         async with self._lock:
                             await self._drain()  # idle: what is finished gets committed
-                    await poller.idle(ready=self._ready)
+                    if not self._ready:  # partitions being restored, or none assigned
+                        await asyncio.sleep(NOT_READY_SLEEP_S)
         finally:
             lag.cancel()
             with contextlib.suppress(asyncio.CancelledError):
