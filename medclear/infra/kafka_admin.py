@@ -39,7 +39,7 @@ CATCH_UP_POLL_S = 0.1
 # on this machine ~2.5 ms of broker CPU over TLS, so an idle consumer at 500 ms costs the
 # broker ~0.5 % of a core (docs/PERFORMANCE.md).
 FETCH_WAIT_MS = 500  # the decision path (the worker, the replies): fail over quickly
-DOWNSTREAM_FETCH_WAIT_MS = 3_000  # the stream jobs after the decision, the card index
+DOWNSTREAM_FETCH_WAIT_MS = 5_000  # the stream jobs after the decision, the card index
 POLL_WAIT_MS = 100  # one getmany's wait in a loop that has other work (commits) to do
 COMPRESSION = "lz4"  # bytes on the disks and between the brokers (docs/PERFORMANCE.md)
 

@@ -63,6 +63,9 @@ INTERNAL_TOPIC_PARTITIONS = 8  # __consumer_offsets, __transaction_state: a smal
 # time a swipe waits after a broker dies).
 BROKER_HEARTBEAT_MS = 500
 BROKER_SESSION_MS = 3_000
+# An idle controller appends a no-op record to the metadata log this often (Kafka: 500 ms),
+# each written and replicated: an idle node's CPU 4.3 -> 2.2 % of a core at 5 s.
+METADATA_IDLE_MS = 5_000
 # The certificate's CN is the principal (CN=medclear-worker -> User:medclear-worker).
 PRINCIPAL_RULE = "RULE:^CN=([^,]+)(,.*)?$/$1/,DEFAULT"
 
@@ -152,6 +155,7 @@ def node_config(node: Node, nodes: list[Node], data_dir: Path, ssl_dir: Path | N
         "auto.create.topics.enable=false",  # a mistyped topic is an error, not a new topic
         "group.initial.rebalance.delay.ms=0",
         f"broker.heartbeat.interval.ms={BROKER_HEARTBEAT_MS}",
+        f"metadata.max.idle.interval.ms={METADATA_IDLE_MS}",
         f"broker.session.timeout.ms={BROKER_SESSION_MS}",
         # sized for a 2-core machine: the defaults start 3 network and 8 I/O threads
         "num.network.threads=2",

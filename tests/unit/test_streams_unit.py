@@ -1,4 +1,4 @@
-"""The stream runtime's pure parts: the idle back-off and the per-partition store."""
+"""The stream runtime's pure part: the per-partition store."""
 
 from __future__ import annotations
 
@@ -6,17 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medclear.streams.poll import IdleBackoff
 from medclear.streams.store import OFFSET_KEY, PartitionStore, StoreError
-
-
-def test_the_idle_backoff_doubles_up_to_its_cap_and_starts_over_with_records() -> None:
-    backoff = IdleBackoff(0.002, 0.05)
-    waits = [backoff.next_wait_s() for _ in range(8)]
-    assert waits == [0.002, 0.004, 0.008, 0.016, 0.032, 0.05, 0.05, 0.05]
-    backoff.reset()
-    assert backoff.next_wait_s() == 0.002
-    assert IdleBackoff(0.0, 0.05).next_wait_s() == 0.0  # a broker that holds empty fetches
 
 
 def test_a_store_keeps_its_values_and_changelog_offset_together(tmp_path: Path) -> None:
