@@ -354,10 +354,10 @@ class ClickHouseSink:
         records fetched but not inserted must be read again, not skipped."""
         for tp in consumer.assignment():
             committed = await consumer.committed(tp)
-            if committed is None:
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, committed)
+            # nothing committed: from offset 0, or (auto_offset_reset earliest) the log's
+            # start if records before it are gone. Not seek_to_beginning, which waits for
+            # a ListOffsets answer behind the fetch the broker holds on this connection
+            consumer.seek(tp, committed if committed is not None else 0)
             self.inserted_to.pop(tp, None)
 
     async def run(self) -> None:
