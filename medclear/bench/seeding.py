@@ -22,7 +22,7 @@ from rich.table import Table
 from medclear import stack
 from medclear.bench import cpu_use
 from medclear.bench.fresh import own_state_dir
-from medclear.bench.procstat import human, tree_bytes
+from medclear.bench.procstat import human, proc_memory, tree_bytes
 from medclear.infra import topics
 from medclear.infra.kafka_admin import wait_caught_up
 from medclear.infra.settings import Settings, get_settings
@@ -32,6 +32,7 @@ from stream_jobs import abnormal_job, clickhouse_sink, pre_loss_timer, settlemen
 SEED = 2026
 SEEDING_TARGET_S = 60.0  # issue 18: 100,000 persons in at most 60 s
 DOWN_TARGET_S = 10.0  # issue 18: `down` in at most 10 s, nothing killed
+BROKER_RSS_TARGET_BYTES = 1 << 30  # issue 24: a broker node at most 1 GiB resident
 console = Console(stderr=True)  # progress and the stack's own lines; figures on stdout
 # Every consumer of what enrolment writes: the CPU is read once they have all committed
 # the records on their topics (each waits for the stage before it), not when the seeder
@@ -53,6 +54,10 @@ class SeedFigures:
     seed_s: float = 0.0
     behind: dict[str, int] = field(default_factory=dict)  # consumers not caught up in time
     broker_disk_bytes: int = 0
+    # the largest broker node's resident memory: right after `up`, and once seeded
+    broker_rss_idle_bytes: int = 0
+    broker_rss_bytes: int = 0
+    broker_rss_peak_bytes: int = 0
     down_s: float = 0.0
     killed: list[str] = field(default_factory=list)
     cpu_ms_per_person: dict[str, float] = field(default_factory=dict)
@@ -75,12 +80,14 @@ def _measure(settings: Settings, persons: int, batch: int, concurrency: int) -> 
     figures.up_s = time.perf_counter() - started
     try:
         processes = [(c.name, c.pid) for c in stack.status(settings)]
+        figures.broker_rss_idle_bytes = _broker_rss(processes)[0]
         before = cpu_use.snapshot(processes)
         figures.seed_s = load.seed_city(persons, SEED, concurrency, settings, batch=batch)
         figures.behind = asyncio.run(wait_caught_up(endpoints.kafka(), STAGES))
         figures.cpu_ms_per_person = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes),
                                                         persons)  # fmt: skip
         figures.broker_disk_bytes = tree_bytes(settings.state_dir / "data" / "kafka")
+        figures.broker_rss_bytes, figures.broker_rss_peak_bytes = _broker_rss(processes)
     except BaseException:  # failed before the measured stop: stop the stack anyway
         stack.down(settings, console)
         raise
@@ -88,6 +95,12 @@ def _measure(settings: Settings, persons: int, batch: int, concurrency: int) -> 
     figures.killed = stack.down(settings, console)
     figures.down_s = time.perf_counter() - started
     return figures
+
+
+def _broker_rss(processes: list[tuple[str, int | None]]) -> tuple[int, int]:
+    """(RSS, peak RSS) of the broker node that holds the most."""
+    found = [proc_memory(pid) for name, pid in processes if name.startswith("broker")]
+    return max(found, default=(0, 0))
 
 
 def _print(f: SeedFigures) -> None:
@@ -100,6 +113,10 @@ def _print(f: SeedFigures) -> None:
                   f"100,000 in ≤ {SEEDING_TARGET_S:g} s (here: {scaled:.0f} s)",
                   "yes" if scaled <= SEEDING_TARGET_S else "no")  # fmt: skip
     table.add_row("broker's data on disk", human(f.broker_disk_bytes), "", "")
+    table.add_row("broker's memory (RSS)", f"idle {human(f.broker_rss_idle_bytes)}, seeded "
+                  f"{human(f.broker_rss_bytes)} (peak {human(f.broker_rss_peak_bytes)})",
+                  f"≤ {human(BROKER_RSS_TARGET_BYTES)}",
+                  "yes" if f.broker_rss_peak_bytes <= BROKER_RSS_TARGET_BYTES else "no")  # fmt: skip
     table.add_row("down", f"{f.down_s:.1f} s, killed: {', '.join(f.killed) or 'nothing'}",
                   f"≤ {DOWN_TARGET_S:g} s, nothing killed",
                   "yes" if f.down_s <= DOWN_TARGET_S and not f.killed else "no")  # fmt: skip
