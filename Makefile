@@ -33,7 +33,7 @@ $(KAFKA_INSTALLED): kafka/pom.xml kafka/jars.sha256 .system-packages.stamp
 	@touch $@
 
 # the classes a broker loads, archived once (AppCDS): every start of a node is ~2 s quicker
-$(KAFKA_CDS): $(KAFKA_INSTALLED) $(INSTALLED)
+$(KAFKA_CDS): $(KAFKA_INSTALLED) $(INSTALLED) $(GENERATED)
 	$(BIN)/medclear kafka class-archive
 
 kafka-lock: .system-packages.stamp  ## after changing kafka/pom.xml: resolve it, rewrite kafka/jars.sha256
@@ -88,10 +88,14 @@ lock: $(INSTALLED)  ## rewrite requirements.lock from the installed venv
 clean:  ## remove the venv, the broker's jars and generated code (keeps .medclear state)
 	rm -rf $(VENV) medclear/v1 .system-packages.stamp $(KAFKA_DIR)
 
-bench: setup  ## benchmarks (minutes): CLI start-up; seeding 100,000 and down; HSM added latency; full vs null pipeline, open loop, scaling; 100,000 hostile requests
+bench: setup  ## benchmarks (minutes): CLI start-up; seeding 100,000 and down; HSM added latency; full vs null pipeline, open loop, scaling; 100,000 hostile requests; transactions; broker drills on 3 brokers
 	$(BIN)/medclear bench startup
 	$(BIN)/medclear bench seed --persons 100000
 	$(BIN)/medclear bench run --persons 1000 --swipes 2000 --concurrency 1,64
 	$(BIN)/medclear bench pipeline
 	$(BIN)/medclear bench fuzz --fresh --requests 100000
+	$(BIN)/medclear bench transactions --brokers 1
+	$(BIN)/medclear bench transactions --brokers 3
+	$(BIN)/medclear drill broker-kill --fresh --brokers 3
+	$(BIN)/medclear drill broker-outage --fresh --brokers 3 --seconds 60
 	$(BIN)/medclear drill kill-loop --fresh --times 20
