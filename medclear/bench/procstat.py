@@ -36,15 +36,21 @@ def proc_cpu_s(pid: int | None) -> float:
         return 0.0
 
 
+STAT_BLOCK_BYTES = 512  # st_blocks counts 512-byte units (POSIX)
+
+
 def tree_bytes(path: Path) -> int:
-    """Bytes of the files under a directory (what the broker or RocksDB keep on disk)."""
+    """Bytes the files under a directory take on disk (what the broker or RocksDB keep
+    there), as `du` counts them: allocated blocks, not lengths. Kafka preallocates each
+    segment's offset and time indexes (10 MiB each, sparse): their lengths would count
+    20 MiB for every partition, however few records it holds."""
     if not path.exists():
         return 0
     total = 0
     for child in path.rglob("*"):
         try:
             if child.is_file():
-                total += child.stat().st_size
+                total += child.stat().st_blocks * STAT_BLOCK_BYTES
         except OSError:
             continue
     return total

@@ -222,7 +222,10 @@ def format_storage(config: Path, log_dir: Path, the_cluster: str, log: Path) -> 
     """Format a node's storage on its first start (a node formatted before is left as is)."""
     if (log_dir / "meta.properties").exists():
         return
-    argv = [JAVA, "-Xmx256m", f"-Dlog4j2.configurationFile={config.parent / 'log4j2.properties'}",
+    # a short-lived JVM: the class archive, and the quick compiler only
+    sharing = [f"-XX:SharedArchiveFile={CLASS_ARCHIVE}"] if CLASS_ARCHIVE.exists() else []
+    argv = [JAVA, *sharing, "-XX:TieredStopAtLevel=1", "-Xmx256m",
+            f"-Dlog4j2.configurationFile={config.parent / 'log4j2.properties'}",
             "-cp", f"{KAFKA_LIB}/*", STORAGE_TOOL, "format", "--cluster-id", the_cluster,
             "--config", str(config)]  # fmt: skip
     with open(log, "ab") as out:

@@ -421,14 +421,10 @@ class _Starter:
         self.env.update(_smsc_env(self.state.components))
 
     def medclear(self) -> tuple[int, int]:
-        """Workers, then the gateway, the card registry and the stream jobs; returns the
-        gateway's and the registry's ports."""
+        """The SMSC (the sms job binds to it), then the workers, the gateway, the card
+        registry and the stream jobs all at once (none waits for another: each needs only
+        the broker and its topics); returns the gateway's and the registry's ports."""
         settings = self.settings
-        with self.console.status(f"starting {settings.workers} worker(s) …"):
-            workers = [
-                self.serve(f"worker-{i}", "worker", i, None) for i in range(settings.workers)
-            ]
-        self.wait(*workers)
         jobs = selected_jobs(settings)
         if "sms" in jobs and settings.sms_enabled and settings.smsc_embedded:
             self.smsc()
@@ -436,13 +432,15 @@ class _Starter:
             jobs = [JOBS_IN_ONE]  # `serve jobs` reads MEDCLEAR_JOBS itself
         gateway_port = settings.gateway_port or free_port()
         registry_port = settings.registry_port or free_port()
-        with self.console.status("starting gateway, registry and stream jobs …"):
-            front = [self.serve("gateway", "gateway", None, gateway_port),
-                     self.serve("registry", "registry", None, registry_port),
-                     *(self.serve(name, name, None, None) for name in jobs)]  # fmt: skip
+        with self.console.status("starting workers, gateway, registry and stream jobs …"):
+            started = [self.serve(f"worker-{i}", "worker", i, None)
+                       for i in range(settings.workers)]  # fmt: skip
+            started += [self.serve("gateway", "gateway", None, gateway_port),
+                        self.serve("registry", "registry", None, registry_port),
+                        *(self.serve(name, name, None, None) for name in jobs)]  # fmt: skip
             if settings.restart_on_exit:
-                front.append(self.serve(WATCH_ROLE, WATCH_ROLE, None, None))
-        self.wait(*front)
+                started.append(self.serve(WATCH_ROLE, WATCH_ROLE, None, None))
+        self.wait(*started)
         self.state.save()
         return gateway_port, registry_port
 

@@ -368,7 +368,7 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         jobs = stack.selected_jobs(settings)
         smsc = ["smsc"] if "sms" in jobs and settings.sms_enabled else []
         hosts = [JOBS_IN_ONE] if settings.jobs_in_one_process else jobs
-        expected = ["broker-0", "clickhouse", "hsm", "worker-0", "worker-1", *smsc, "gateway",
+        expected = ["broker-0", "clickhouse", "hsm", *smsc, "worker-0", "worker-1", "gateway",
                     "registry", *hosts, "prometheus"]  # fmt: skip
         assert [r.name for r in rows] == expected
         assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows]
