@@ -34,7 +34,6 @@ from medclear.errors import MedclearError
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import (
-    DOWNSTREAM_FETCH_WAIT_MS,
     FETCH_WAIT_MS,
     POLL_WAIT_MS,
     ensure_topics,
@@ -55,6 +54,8 @@ IDLE_REPLY_WAKE_S = 1.0  # with no request in flight, the reply loop looks anywa
 INDEX_START_TIMEOUT_S = 60.0  # at start, the whole card index is read before serving
 INDEX_SYNC_POLL_S = 0.005
 INDEX_POLL_WAIT_MS = 1_000
+# The card index's held fetch: new cards are rare, but stopping the process waits for it
+INDEX_FETCH_WAIT_MS = 1_000
 
 
 class BusUnavailable(MedclearError):
@@ -93,7 +94,7 @@ class CommandBus:
         reply_tp = TopicPartition(self.reply_topic, 0)
         self._replies.assign([reply_tp])
         await self._replies.seek_to_end(reply_tp)
-        self._index = new_reader(self.kafka, DOWNSTREAM_FETCH_WAIT_MS)
+        self._index = new_reader(self.kafka, INDEX_FETCH_WAIT_MS)
         await self._index.start()
         self._offsets = new_reader(self.kafka)
         await self._offsets.start()
@@ -115,9 +116,14 @@ class CommandBus:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for client in (self._producer, self._replies, self._index, self._offsets):
-            if client is not None:
-                await client.stop()
+        # at once: a consumer's stop waits for the fetch the broker is holding for it
+        await asyncio.gather(
+            *(
+                client.stop()
+                for client in (self._producer, self._replies, self._index, self._offsets)
+                if client is not None
+            )
+        )
         for fut in self._pending.values():
             fut.cancel()
 

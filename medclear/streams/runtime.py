@@ -268,10 +268,10 @@ class Runtime:
         """Finish what is in flight, commit, leave (static members stay in the group)."""
         async with self._lock:
             await self._drain()
-        for client in (self.consumer, self._restorer, self.producer, self.reply_producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+        # at once: a consumer's stop waits for the fetch the broker is holding for it
+        await asyncio.gather(*(client.stop() for client in (
+            self.consumer, self._restorer, self.producer, self.reply_producer)
+            if client is not None), return_exceptions=True)  # fmt: skip
         for store in self.stores.values():
             store.close()
         self.stores.clear()
