@@ -61,7 +61,7 @@ from clearing.model import Event
 from clearing.redact import CardTokens
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
-from medclear.infra.kafka_admin import DOWNSTREAM_FETCH_WAIT_MS, POLL_WAIT_MS
+from medclear.infra.kafka_admin import DOWNSTREAM_FETCH_WAIT_MS, POLL_WAIT_MS, wait_for_topics
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_card_tokens
 from medclear.streams.runtime import set_ready
@@ -365,6 +365,7 @@ class ClickHouseSink:
             return  # asked to stop before ClickHouse answered
         self.migrated = True
         log.info("migrations done", database=self.database)
+        await wait_for_topics(self.kafka, [self.topic])  # started beside its broker: waits
         consumer = AIOKafkaConsumer(
             **self.kafka.options(),
             group_id=self.group_id,

@@ -71,7 +71,7 @@ import structlog
 from clearing.redact import CONTACT
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
-from medclear.infra.kafka_admin import ensure_topics
+from medclear.infra.kafka_admin import wait_for_topics
 from medclear.infra.policy import load_institutions
 from medclear.infra.settings import Settings, smsc_password
 from medclear.infra.tokens import load_sealer
@@ -288,7 +288,7 @@ async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event)
         set_ready(serve, True)
         await stopping.wait()
         return
-    await ensure_topics(kafka, {topics.SMS_OUTCOMES.name: settings.event_partitions})
+    await wait_for_topics(kafka, [topics.SMS_OUTCOMES.name])  # `up` creates it
     runtime, job = create(settings, kafka)
     log.info("sms job starting", smsc=f"{settings.smsc_host}:{settings.smsc_port}",
              in_flight_max=SMS_IN_FLIGHT_MAX)  # fmt: skip

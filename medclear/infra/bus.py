@@ -39,7 +39,7 @@ from medclear.infra.kafka_admin import (
     ensure_topics,
     new_producer,
     new_reader,
-    partitions_of,
+    wait_for_topics,
 )
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_REPLY_TO, header
 from monitoring import metrics
@@ -86,6 +86,8 @@ class CommandBus:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        # started beside its broker (`up` starts the processes while it boots): wait for it
+        found = await wait_for_topics(self.kafka, [topics.COMMANDS.name, topics.CARD_INDEX.name])
         await ensure_topics(self.kafka, {self.reply_topic: 1})
         self._producer = new_producer(self.kafka)
         await self._producer.start()
@@ -98,10 +100,7 @@ class CommandBus:
         await self._index.start()
         self._offsets = new_reader(self.kafka)
         await self._offsets.start()
-        self._index_tps = await partitions_of(self.kafka, topics.CARD_INDEX.name)
-        if not self._index_tps:
-            raise BusUnavailable(f"{topics.CARD_INDEX.name} does not exist or is not readable "
-                                 f"by {self.kafka.principal}")  # fmt: skip
+        self._index_tps = found[topics.CARD_INDEX.name]
         self._index.assign(self._index_tps)
         await self._index.seek_to_beginning(*self._index_tps)
         self._tasks = [

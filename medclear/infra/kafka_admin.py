@@ -10,18 +10,22 @@ imports no Kafka client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from medclear.errors import MedclearError
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
 
 TOPIC_VISIBLE_WAIT_S = 10.0  # after creation, until every topic is described
+BROKER_WAIT_S = 60.0  # a process started beside its broker waits this long for its topics
+BROKER_WAIT_POLL_S = 0.2
 TOPIC_VISIBLE_POLL_S = 0.1
 ADMIN_REQUEST_TIMEOUT_MS = 15_000
 ERROR_NONE = 0
@@ -114,8 +118,8 @@ async def describe(kafka: KafkaAccess, topic: str) -> dict[str, Any] | None:
     """The broker's metadata of `topic` (partitions, leaders, replicas, in-sync replicas),
     None if it does not exist or this principal may not see it."""
     admin = new_admin(kafka)
-    await admin.start()
     try:
+        await admin.start()
         for found in await admin.describe_topics([topic]):
             if found["topic"] == topic and found["error_code"] == ERROR_NONE:
                 return dict(found)
@@ -124,13 +128,60 @@ async def describe(kafka: KafkaAccess, topic: str) -> dict[str, Any] | None:
         await admin.close()
 
 
+async def prepare_groups(kafka: KafkaAccess, group: str) -> None:
+    """Ask for a consumer group's coordinator once: on a new cluster the broker then makes
+    its offsets topic (__consumer_offsets) while medclear's processes start, instead of
+    when the first of them joins its group. The answer (at first, that there is none
+    yet) does not matter."""
+    admin = new_admin(kafka)
+    try:
+        await admin.start()
+        with contextlib.suppress(KafkaError):
+            await admin.find_coordinator(group)
+    finally:
+        await admin.close()
+
+
+async def wait_for_topics(
+    kafka: KafkaAccess, names: Sequence[str], timeout_s: float = BROKER_WAIT_S
+) -> dict[str, list[TopicPartition]]:
+    """The partitions of each topic of `names`, once the broker answers and every one is
+    there for this principal (created, and its ACLs in force): a process started before
+    its broker is ready, or restarted while it fails over, waits instead of failing.
+    TopicError if that takes longer than `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            found = await _partitions(kafka, names)
+            missing = [name for name in names if not found.get(name)]
+        except (KafkaError, OSError) as exc:  # the broker is not answering yet
+            found, missing = {}, [f"the broker ({type(exc).__name__})"]
+        if not missing:
+            return found
+        if time.monotonic() >= deadline:
+            raise TopicError(f"{kafka.principal}: after {timeout_s:g} s still no "
+                             f"{', '.join(missing)} on {kafka.bootstrap}")  # fmt: skip
+        await asyncio.sleep(BROKER_WAIT_POLL_S)
+
+
+async def _partitions(kafka: KafkaAccess, names: Sequence[str]) -> dict[str, list[TopicPartition]]:
+    """The partitions of each of `names` that exists and is visible, one request."""
+    admin = new_admin(kafka)
+    try:
+        await admin.start()
+        return {found["topic"]: [TopicPartition(found["topic"], p["partition"]) for p in
+                                 sorted(found["partitions"], key=lambda p: p["partition"])]
+                for found in await admin.describe_topics(list(names))
+                if found["error_code"] == ERROR_NONE}  # fmt: skip
+    finally:
+        await admin.close()
+
+
 async def partitions_of(kafka: KafkaAccess, topic: str) -> list[TopicPartition]:
     """The partitions of `topic`, in order ([] if it does not exist or is not visible).
     A consumer's `topics()` does not load a topic into its own metadata, and a broker
     answers a consumer's first metadata request with no topic: so ask an admin."""
-    found = await describe(kafka, topic)
-    parts = sorted(p["partition"] for p in found["partitions"]) if found else []
-    return [TopicPartition(topic, p) for p in parts]
+    return (await _partitions(kafka, [topic])).get(topic, [])
 
 
 def new_reader(kafka: KafkaAccess, fetch_wait_ms: int = FETCH_WAIT_MS) -> AIOKafkaConsumer:

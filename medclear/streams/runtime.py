@@ -58,11 +58,10 @@ from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import (
     DOWNSTREAM_FETCH_WAIT_MS,
     POLL_WAIT_MS,
-    TopicError,
     ensure_topics,
     new_producer,
     new_reader,
-    partitions_of,
+    wait_for_topics,
 )
 from medclear.infra.topics import changelog_topic
 from medclear.streams.changelog import restore
@@ -227,6 +226,9 @@ class Runtime:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        # waits for the broker and the topic if they are not there yet (a restart while
+        # the broker fails over)
+        inputs = (await wait_for_topics(self.kafka, [self.topic]))[self.topic]
         self.producer = new_producer(self.kafka)
         await self.producer.start()
         # Replies have a producer of their own: a producer keeps one request in flight per
@@ -239,7 +241,7 @@ class Runtime:
         # fetch waits, so a held fetch does not delay them (kafka_admin.new_reader)
         self._restorer = new_reader(self.kafka, RESTORE_FETCH_WAIT_MS)
         await self._restorer.start()
-        await self._ensure_changelogs()
+        await self._ensure_changelogs(len(inputs))
         self.consumer = AIOKafkaConsumer(
             **self.kafka.options(),
             group_id=self.job,
@@ -252,13 +254,11 @@ class Runtime:
         self.consumer.subscribe([self.topic], listener=_Listener(self))
         await self.consumer.start()
 
-    async def _ensure_changelogs(self) -> None:
+    async def _ensure_changelogs(self, partitions: int) -> None:
+        """A changelog partition for each input partition (changelog.py)."""
         if not self.tables:
             return
-        partitions = await partitions_of(self.kafka, self.topic)
-        if not partitions:
-            raise TopicError(f"{self.job}: input topic {self.topic} does not exist")
-        wanted = {changelog_topic(self.job, t): len(partitions) for t in self.tables}
+        wanted = {changelog_topic(self.job, t): partitions for t in self.tables}
         await ensure_topics(self.kafka, wanted)
         assert self.producer is not None
         for topic in wanted:  # known to the producer before any output waits (see start())
