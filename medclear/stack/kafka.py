@@ -28,6 +28,7 @@ first).
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import tempfile
@@ -206,7 +207,11 @@ def java_argv(config: Path, heap_mb: int, archive_to: Path | None = None) -> lis
 
 
 def cluster_id(base: Path) -> str:
-    """The cluster's id (22 characters of URL-safe base64, as Kafka's), made once."""
+    """The cluster's id (22 characters of URL-safe base64, as Kafka's), made once. The
+    nodes of a new cluster ask for it at once, from threads of their own (start_nodes):
+    the first id written wins, whole (written aside, then linked into place, which fails
+    if the file exists), and every node reads that one. (Checked, then written, two nodes
+    made two ids once, and the second never joined: INCONSISTENT_CLUSTER_ID.)"""
     path = base / "cluster.id"
     if path.exists():
         return path.read_text().strip()
@@ -214,8 +219,15 @@ def cluster_id(base: Path) -> str:
     while value.startswith("-"):  # as Kafka's own ids: a leading "-" reads as an option
         value = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     base.mkdir(parents=True, exist_ok=True)
-    path.write_text(value + "\n")
-    return value
+    aside = base / f"cluster.id.{uuid.uuid4().hex}"
+    aside.write_text(value + "\n")
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        pass  # another node's id won
+    finally:
+        aside.unlink()
+    return path.read_text().strip()
 
 
 def format_storage(config: Path, log_dir: Path, the_cluster: str, log: Path) -> None:
@@ -265,6 +277,7 @@ def start_nodes(nodes: list[Node], base: Path, ssl_dir: Path | None, heap_mb: in
                 logs: Path) -> list[Process]:  # fmt: skip
     """Start every node of the cluster at once (each formats its storage first if new: a
     JVM each, run side by side). Whatever started is stopped if one fails."""
+    cluster_id(base)  # made here, once, before the nodes ask for it side by side
     with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
         futures = [pool.submit(start_node, node, nodes, base, ssl_dir, heap_mb,
                                logs / f"{node.name}.log") for node in nodes]  # fmt: skip
