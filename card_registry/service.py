@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 
 import grpc
 import structlog
+from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 from clearing import core, model, validate
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
@@ -22,9 +23,10 @@ from clearing.limits import PVV_BYTES
 from clearing.model import Command, Reply
 from clearing.validate import mask_phone
 from medclear.infra import bounds, status
-from medclear.infra.bus import BusUnavailable, CommandBus
+from medclear.infra.card_index import CardIndex, CardIndexFull
 from medclear.infra.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
 from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.replies import Requester
 from medclear.infra.rpc import (
     Clock,
     message,
@@ -35,7 +37,6 @@ from medclear.infra.rpc import (
     system_clock_ms,
 )
 from medclear.infra.serving import serve_commands
-from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from monitoring import metrics
 
 log = structlog.get_logger(process="registry")
@@ -59,13 +60,15 @@ def _request_fault(request: Any, prefix: str = "") -> str | None:
 class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     def __init__(
         self,
-        bus: CommandBus,
+        requests: Requester,
+        cards: CardIndex,
         deadline_ms: int,
         clock: Clock = system_clock_ms,
         hsm_address: str = "",
         pki_dir: Path | None = None,
     ):
-        self.bus = bus
+        self.requests = requests
+        self.cards = cards
         self.deadline_s = deadline_ms / 1000
         self.clock = clock
         # With an HSM, a new PIN arrives as a PIN block under the window's PIN key and the
@@ -92,8 +95,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             detail = "give the ssn or the card number"
         if not detail:
             if not ssn:
-                ssn = await self.bus.resolve_ssn(card_no) or ""
-                reply = Reply(request_id, ResultCode.CARD_UNKNOWN)
+                ssn, reply = await self._owner(request_id, card_no)
             if ssn:
                 reply = await self._ask(make(request_id, self.clock(), ssn))
         metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
@@ -121,12 +123,17 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         )
 
     async def _ask(self, command: Command) -> Reply:
+        return await self.requests.ask(command, self.deadline_s)
+
+    async def _owner(self, request_id: str, card_no: str) -> tuple[str, Reply]:
+        """The ssn of a card's owner ("" if none) and the reply if there is none: the card
+        unknown, or UNAVAILABLE when a full card index does not hold it."""
         try:
-            reply = await self.bus.request(command, self.deadline_s)
-        except BusUnavailable as exc:
-            log.warning("bus unavailable", error=str(exc))
-            return Reply(command.request_id, ResultCode.UNAVAILABLE)
-        return reply if reply is not None else Reply(command.request_id, ResultCode.TIMEOUT)
+            owner = await self.cards.resolve(card_no) or ""
+        except CardIndexFull as exc:
+            log.error("card not indexed", error=str(exc))
+            return "", Reply(request_id, ResultCode.UNAVAILABLE)
+        return owner, Reply(request_id, ResultCode.CARD_UNKNOWN)
 
     def _card_op(
         self, method: str, op: str
@@ -306,7 +313,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         command = make(request.window.request_id, self.clock(), request.ssn)
         code = core.new_person_enrolment(command)
         if code == ResultCode.OK:
-            owner = self.bus.card_owner(request.card_no)
+            owner = self.cards.owner_now(request.card_no)
             if owner is not None and owner != request.ssn:
                 code = ResultCode.CARD_EXISTS
         malformed = code == ResultCode.MALFORMED_REQUEST
@@ -346,7 +353,7 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
     ) -> registry_pb2.EnrolPersonsReply:
         """Bulk enrolment: each person decided as by EnrolPerson, all or nothing per
         person. The checks of every person first, then one HSM SetPins call for the PINs
-        of a window, then every command at once on the bus; the replies in order."""
+        of a window, then every command at once; the replies in order."""
         method = "EnrolPersons"
         started = time.perf_counter()
         persons = list(request.persons)
@@ -504,11 +511,12 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             code = ResultCode.MALFORMED_REQUEST
             return registry_pb2.PersonView(result=result_pb(code), message=message(code, detail))
         ssn = request.ssn
+        refused = ResultCode.CARD_UNKNOWN if request.card_no else ResultCode.MALFORMED_REQUEST
         if not ssn and request.card_no:
-            ssn = await self.bus.resolve_ssn(request.card_no) or ""
+            ssn, reply = await self._owner("", request.card_no)
+            refused = reply.result
         if not ssn or not validate.is_ssn(ssn):
-            code = ResultCode.CARD_UNKNOWN if request.card_no else ResultCode.MALFORMED_REQUEST
-            return registry_pb2.PersonView(result=result_pb(code))
+            return registry_pb2.PersonView(result=result_pb(refused))
         request_id = request.window.request_id or f"query-{self.clock()}"
         reply = await self._ask(model.QueryPerson(request_id, self.clock(), ssn))
         person = reply.snapshot
@@ -581,8 +589,13 @@ def run(
             instance_id,
             f"{host}:{port}",
             registry_pb2.DESCRIPTOR.services_by_name["CardRegistryService"].full_name,
-            lambda bus, server: registry_pb2_grpc.add_CardRegistryServiceServicer_to_server(
-                CardRegistry(bus, deadline_ms, hsm_address=hsm_address, pki_dir=pki_dir), server
+            lambda requests, cards, server: (
+                registry_pb2_grpc.add_CardRegistryServiceServicer_to_server(
+                    CardRegistry(
+                        requests, cards, deadline_ms, hsm_address=hsm_address, pki_dir=pki_dir
+                    ),
+                    server,
+                )
             ),
             pki_dir,
         )

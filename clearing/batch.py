@@ -1,11 +1,11 @@
 """The clearing worker's step for one batch of commands, pure: (persons, commands, PIN
 answers) → (events, persons, replies).
 
-The worker (clearing/worker.py) asks the HSM about every PIN block of the batch at once,
-before deciding, against the cards as they were before the batch. A command whose card
-had its PIN changed earlier in the same batch cannot use that answer: the step stops
-there (`Step.recheck_from`), the worker asks the HSM again for the rest of the batch on
-the persons the step left, and calls the step again with them.
+The worker (stream_jobs/worker.py) asks the HSM about every PIN block of the batch at
+once, before deciding, against the cards as they were before the batch. A command whose
+card had its PIN changed earlier in the same batch cannot use that answer: the step stops
+there (`BatchStep.recheck_from`), the worker asks the HSM again for the rest of the batch
+on the persons the step left, and calls the step again with them.
 
 Commands are decided in order; a person's second command sees what the first left.
 """
@@ -17,20 +17,32 @@ from dataclasses import dataclass, field, replace
 
 from clearing import core
 from clearing.codes import ResultCode
-from clearing.model import Authorize, BalanceInquiry, Card, Command, Event, Person, Policy, Reply
+from clearing.model import (
+    Authorize,
+    BalanceInquiry,
+    Card,
+    Command,
+    Event,
+    Person,
+    PinOutcome,
+    Policy,
+    Reply,
+)
 
 
 @dataclass(frozen=True, slots=True)
-class PinAnswer:
+class CheckedPin:
     """The HSM's answer about a command's PIN block, and the card PVV it was checked
     against ("" when there was no card or no PIN to check against: the form only)."""
 
-    outcome: int
+    outcome: PinOutcome
     pvv: str
 
 
 @dataclass(frozen=True, slots=True)
-class Decided:
+class BatchDecision:
+    """One command of a batch with the core's Decision of it."""
+
     index: int  # the command's place in the batch
     key: bytes  # the person's key (the ssn)
     reply: Reply
@@ -39,8 +51,11 @@ class Decided:
 
 
 @dataclass
-class Step:
-    decided: list[Decided] = field(default_factory=list)
+class BatchStep:
+    """What `step` did with a batch: its decisions, the persons they changed, and where it
+    stopped if a PIN must be checked again."""
+
+    decided: list[BatchDecision] = field(default_factory=list)
     persons: dict[bytes, Person | None] = field(default_factory=dict)  # changed ones only
     recheck_from: int | None = None  # stopped here: a PIN must be checked again
 
@@ -63,14 +78,14 @@ def needs_pin(person: Person | None, command: Command) -> bool:
 def step(
     persons: Mapping[bytes, Person | None],
     commands: Sequence[tuple[bytes, Command]],
-    pins: Mapping[int, PinAnswer],
+    pins: Mapping[int, CheckedPin],
     policy: Policy,
     first: int = 0,
-) -> Step:
+) -> BatchStep:
     """Decide commands[first:] in order. `pins[i]` answers command i's PIN block when it
     `needs_pin` (the worker asks the HSM only with terminal security on; without it there
     is no answer and the command keeps PinOutcome.NOT_VERIFIED)."""
-    result = Step()
+    result = BatchStep()
     current: dict[bytes, Person | None] = dict(persons)
     for index in range(first, len(commands)):
         key, command = commands[index]
@@ -90,7 +105,7 @@ def step(
         if new_person is not person:
             current[key] = new_person
             result.persons[key] = new_person
-        result.decided.append(Decided(index, key, decision.reply, decision.events, command))
+        result.decided.append(BatchDecision(index, key, decision.reply, decision.events, command))
     return result
 
 

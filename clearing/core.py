@@ -1,4 +1,4 @@
-"""The clearing core: decide(person, command, policy) and apply(person, event).
+"""The clearing core: handle(person, command, policy) → (person', decision).
 
 Pure: no I/O, no clock, no randomness. The stream worker, the unit tests and the
 simulator all run these same functions. `handle` is the one entry point adapters call:
@@ -8,7 +8,7 @@ the balance is ≥ 0), remember the reply.
 Every command: a malformed request id or social security number is refused first, then a
 repeat of a remembered request id is answered (below). Swipes and balance enquiries are
 then decided by `clearing.pos`, one ordered list of checks in result-code order (the
-lowest number wins).
+lowest number wins); reversals and refunds by `clearing.returns`.
 
 Repeats. A command that made events has its reply remembered, per person, at most 64
 replies for at most 7 days; a repeat of its request id gets that reply with
@@ -24,6 +24,11 @@ redelivered command (the same bytes) decided again yields the same ids, which ev
 dedupes; two commands that share a request id (a terminal's trace numbers wrap around)
 never share an event id.
 
+Where each rule is: swipes, balance enquiries, PINs and the daily pharmacy limit in
+`clearing.pos`; reversals and refunds in `clearing.returns`; the service windows' operations
+(the card state machine, pre-loss, colours, enrolment) in `clearing.window`; what each
+event does to a person in `clearing.state`.
+
 PINs. The core is told the PIN check's outcome (CORRECT, WRONG or INVALID_BLOCK from the
 HSM; NOT_VERIFIED, accepted only while `Policy.pin_verification_required` is false) and
 owns the try counter and the lock.
@@ -36,744 +41,58 @@ owns the try counter and the lock.
 - A declined swipe tells no balance before its PIN check.
 - A temporary card is made with its PIN (`IssueCard.pvv`, from the HSM) and is active at
   once; without one, when PINs are verified, it is not made.
-
-Colours. Green and red cards have no personal account: a personal-account payment with
-one is COLOUR_NOT_ALLOWED at any institution (not only pharmacies), and a credit to such
-a person is refused with the same code.
-
-The card state machine (`CARD_TRANSITIONS`; a refused step answers with its code in
-`CARD_REFUSALS`, else TRANSITION_NOT_ALLOWED)::
-
-    ISSUED --activate--> ACTIVE        (a temporary card is born ACTIVE, lives one year)
-    live (ISSUED|ACTIVE|LOCKED|FROZEN) --report_pre_loss--> PRE_LOST (deadline: region)
-    PRE_LOST --release | lapse--> the state it came from
-    live or PRE_LOST --confirm_loss--> LOST    (a release: RELEASE_AFTER_FORMAL_LOSS)
-    PRE_LOST|LOST --apply_replacement--> REPLACED (a release: RELEASE_AFTER_REPLACEMENT)
-    REPLACED --issue replacement--> CANCELLED, new card ISSUED (same person, same account)
-    live --change card (换卡)--> CANCELLED, new card ISSUED
-    ACTIVE --3rd wrong PIN--> LOCKED --unlock--> ACTIVE with the initial PIN
-    ISSUED|ACTIVE|LOCKED --freeze--> FROZEN
-    FROZEN --unfreeze--> ACTIVE;  FROZEN --another card activated--> CANCELLED
-    temporary --social card issued--> SUPERSEDED;  person --cancel--> every card CANCELLED
-
-Pre-loss. Lifetimes are data (medclear/data/pre_loss_policy.csv: region → seconds, hours,
-days or working days; working days: clearing/calendar.py). A swipe after the deadline is
-decided on the lapsed state even before the timer's expiry command arrives. An expiry for
-a different (earlier) pre-loss, or after a formal loss or a release, changes nothing.
-
-Reversals and refunds. A reversal is idempotent by its own request id and returns what
-the swipe paid from the account and has not been refunded. A reversal of a swipe never
-seen is answered ORIGINAL_NOT_FOUND and remembered, so the original arriving later is
-refused (ALREADY_REVERSED) rather than approved. Refunds never exceed what was paid; a
-reversed swipe cannot be refunded.
-
-The daily pharmacy limit counts per card (a replacement card starts its own count):
-reversed and declined swipes do not count; refunded ones do (the swipe happened).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from clearing import pos, validate
-from clearing.calendar import pre_loss_deadline_ms, shanghai_day
-from clearing.codes import (
-    COLOUR_OF_CATEGORY,
-    CardColour,
-    CardKind,
-    CardState,
-    ResultCode,
-)
+from clearing import pos, returns, validate, window
+from clearing.calendar import shanghai_day
+from clearing.codes import ResultCode
 from clearing.decisions import (
-    LIVE_STATES,
     InvariantError,
     effective_state,
-    event_id,
-    refuse,
-    state_change,
-    with_events,
-)
-from clearing.limits import (
-    BALANCE_FEN_MAX,
-    CARDS_PER_PERSON_MAX,
-    CREDIT_SOURCES_REMEMBERED_MAX,
-    PHARMACY_SWIPES_PER_DAY_MAX,
-    REASON_CHARS_MAX,
-    REGION_CHARS_MAX,
-    REQUEST_ID_MEMORY_MS,
-    REQUEST_IDS_REMEMBERED_MAX,
-    SWIPES_REMEMBERED_MAX,
-    TEMPORARY_CARD_VALIDITY_MS,
+    unchanged,
 )
 from clearing.model import (
     READ_ONLY_COMMANDS,
-    AccountCredited,
     Authorize,
     BalanceInquiry,
     CancelPerson,
-    Card,
     CardCommand,
-    CardIssued,
-    CardStateChanged,
     Command,
     CreditAccount,
-    CreditRecord,
     Decision,
     EnrolPerson,
-    Event,
     ExpirePreLoss,
     IssueCard,
     Person,
-    PersonCancelled,
-    PersonRegistered,
-    PharmacyLimitSet,
-    PhoneSet,
-    PinChanged,
-    PinTriesReset,
     Policy,
     QueryPerson,
     Refund,
-    Refunded,
     RegisterPerson,
     ReplaceCard,
-    Reply,
-    ReversalUnmatched,
     Reverse,
     SetPharmacyLimit,
     SetPhone,
-    SwipeApproved,
-    SwipeDeclined,
-    SwipeRecord,
-    SwipeReversed,
 )
+from clearing.state import apply, remember
+from clearing.window import CARD_TRANSITIONS, enrolment_fault, new_person_enrolment
 
 __all__ = [
+    "CARD_TRANSITIONS",
     "InvariantError",
     "apply",
     "decide",
     "effective_state",
+    "enrolment_fault",
     "handle",
+    "new_person_enrolment",
     "pharmacy_swipes_on",
     "shanghai_day",
 ]
 pharmacy_swipes_on = pos.pharmacy_swipes_on
-
-
-# ---------------------------------------------------------------------------- the card
-# state machine of the service window: op -> (states it may start from, state it ends in).
-# A refused step answers with CARD_REFUSALS' code for it, else TRANSITION_NOT_ALLOWED.
-# report_pre_loss and release keep what the card was (active / locked / frozen) so that
-# a release or a lapse restores exactly that.
-
-CARD_TRANSITIONS: dict[str, tuple[frozenset[CardState], CardState]] = {
-    "activate": (frozenset({CardState.ISSUED}), CardState.ACTIVE),
-    "report_pre_loss": (LIVE_STATES, CardState.PRE_LOST),
-    "confirm_loss": (LIVE_STATES | {CardState.PRE_LOST}, CardState.LOST),
-    "release": (frozenset({CardState.PRE_LOST}), CardState.ACTIVE),  # → state before
-    "apply_replacement": (frozenset({CardState.PRE_LOST, CardState.LOST}), CardState.REPLACED),
-    "freeze": (frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED}),
-               CardState.FROZEN),
-    "unfreeze": (frozenset({CardState.FROZEN}), CardState.ACTIVE),
-    "unlock": (frozenset({CardState.LOCKED}), CardState.ACTIVE),
-}  # fmt: skip
-CARD_REFUSALS: dict[tuple[str, CardState], ResultCode] = {
-    ("release", CardState.LOST): ResultCode.RELEASE_AFTER_FORMAL_LOSS,
-    ("release", CardState.REPLACED): ResultCode.RELEASE_AFTER_REPLACEMENT,
-    ("release", CardState.CANCELLED): ResultCode.RELEASE_AFTER_REPLACEMENT,
-}
-PIN_CHANGE_STATES = frozenset({CardState.ISSUED, CardState.ACTIVE})
-# A social security card "is valid" (no temporary card may be issued) in these states.
-SOCIAL_VALID_STATES = LIVE_STATES | {CardState.PRE_LOST}
-# Cards that another card replaces with 换卡 (damaged / data changed).
-CHANGEABLE_STATES = LIVE_STATES
-
-
-# ---------------------------------------------------------------------------- decide
-
-
-def decide(person: Person | None, command: Command, policy: Policy) -> Decision:
-    if not validate.is_id(command.request_id) or command.at_ms <= 0:
-        return refuse(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
-    if not validate.is_ssn(command.ssn):
-        return refuse(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
-    if person is not None and not isinstance(command, READ_ONLY_COMMANDS):
-        original = person.reply_to(command.request_id)
-        if original is not None:
-            return Decision((), replace(original, replayed=True))
-    match command:
-        case Authorize():
-            return pos.decide_authorize(person, command, policy)
-        case Reverse():
-            return _decide_reverse(person, command)
-        case Refund():
-            return _decide_refund(person, command)
-        case BalanceInquiry():
-            return pos.decide_balance(person, command, policy)
-        case QueryPerson():
-            if person is None:
-                return refuse(None, command.request_id, ResultCode.PERSON_UNKNOWN, command.at_ms)
-            return refuse(person, command.request_id, ResultCode.OK, command.at_ms,
-                           snapshot=person)  # fmt: skip
-        case RegisterPerson():
-            return _decide_register(person, command)
-        case IssueCard():
-            return _decide_issue(person, command, policy)
-        case CardCommand():
-            return _decide_card(person, command, policy)
-        case ExpirePreLoss():
-            return _decide_expiry(person, command)
-        case ReplaceCard():
-            return _decide_replace(person, command)
-        case CreditAccount():
-            return _decide_credit(person, command)
-        case SetPharmacyLimit():
-            return _decide_limit(person, command)
-        case SetPhone():
-            return _decide_phone(person, command)
-        case CancelPerson():
-            return _decide_cancel(person, command)
-        case EnrolPerson():
-            return _decide_enrol(person, command, policy)
-    raise InvariantError(f"unknown command {type(command).__name__}")
-
-
-def _decide_register(person: Person | None, c: RegisterPerson) -> Decision:
-    if (
-        not validate.is_name(c.name)
-        or c.category not in COLOUR_OF_CATEGORY
-        or not validate.is_phone(c.phone)
-        or len(c.region) > REGION_CHARS_MAX
-    ):
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    if person is not None:
-        return refuse(person, c.request_id, ResultCode.PERSON_EXISTS, c.at_ms)
-    event = PersonRegistered(event_id(c, 0), c.at_ms, c.ssn, c.name, c.category, c.phone, c.region)
-    return with_events(None, c, [event])
-
-
-def _live_person(person: Person | None, c: Command) -> Decision | None:
-    """The refusal for a window operation on an unknown or cancelled person, if any."""
-    if person is None:
-        return refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
-    if person.cancelled:
-        return refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
-    return None
-
-
-def _new_card_events(
-    person: Person,
-    c: Command,
-    card_no: str,
-    kind: CardKind,
-    index: int,
-    replaces: str = "",
-    pvv: str = "",
-) -> list[Event]:
-    """CardIssued, and for a social card the voiding of every valid temporary card. A
-    temporary card is born active with its PIN set (DOMAIN.md: no activation, PIN set
-    when it is made)."""
-    temporary = kind == CardKind.TEMPORARY
-    state = CardState.ACTIVE if temporary else CardState.ISSUED
-    expires = c.at_ms + TEMPORARY_CARD_VALIDITY_MS if temporary else 0
-    events: list[Event] = [CardIssued(
-        event_id(c, index), c.at_ms, c.ssn, card_no, kind,
-        COLOUR_OF_CATEGORY[person.category], state, expires, replaces,
-        pin_set=temporary, pvv=pvv if temporary else "")]  # fmt: skip
-    if kind == CardKind.SOCIAL_SECURITY:
-        for card in person.cards:
-            if card.kind == CardKind.TEMPORARY and card.state in SOCIAL_VALID_STATES:
-                events.append(
-                    state_change(
-                        c,
-                        card,
-                        index + len(events),
-                        "supersede",
-                        CardState.SUPERSEDED,
-                        "social card issued",
-                    )
-                )
-    return events
-
-
-def _decide_issue(person: Person | None, c: IssueCard, policy: Policy) -> Decision:
-    """A temporary card must come with its PIN (its verification value, when PINs are
-    verified through the HSM); a social security card starts with the initial PIN."""
-    temporary = c.kind == CardKind.TEMPORARY
-    if (
-        not validate.is_card_no(c.card_no)
-        or c.kind not in (CardKind.SOCIAL_SECURITY, CardKind.TEMPORARY)
-        or not validate.is_pvv(c.pvv)
-        or (c.pvv and not temporary)
-        or (temporary and policy.pin_verification_required and not c.pvv)
-    ):
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    refusal = _live_person(person, c)
-    if refusal is not None or person is None:
-        return refusal or refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
-    if person.card(c.card_no) is not None or len(person.cards) >= CARDS_PER_PERSON_MAX:
-        return refuse(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
-    social_valid = any(card.kind == CardKind.SOCIAL_SECURITY and card.state in
-                       SOCIAL_VALID_STATES for card in person.cards)  # fmt: skip
-    if social_valid:  # one valid card at a time; the social security card wins
-        code = (ResultCode.TEMPORARY_CARD_WHILE_SOCIAL_VALID if c.kind == CardKind.TEMPORARY
-                else ResultCode.TRANSITION_NOT_ALLOWED)  # fmt: skip
-        return refuse(person, c.request_id, code, c.at_ms)
-    if c.kind == CardKind.TEMPORARY and any(
-        card.kind == CardKind.TEMPORARY and effective_state(card, c.at_ms) in LIVE_STATES
-        for card in person.cards
-    ):
-        return refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms)
-    events = _new_card_events(person, c, c.card_no, c.kind, 0, pvv=c.pvv)
-    first = events[0]
-    assert isinstance(first, CardIssued)
-    return with_events(person, c, events, card_no=c.card_no, card_state=first.state)
-
-
-def _decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decision:
-    if (
-        not validate.is_card_no(c.card_no)
-        or len(c.reason) > REASON_CHARS_MAX
-        or not validate.is_pvv(c.pvv)
-    ):
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    if c.op != "change_pin" and c.op not in CARD_TRANSITIONS:
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    card = person.card(c.card_no) if person else None
-    if person is None or card is None:
-        return refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    if person.cancelled:
-        return refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
-    state = effective_state(card, c.at_ms)
-    fields: dict[str, object] = {"card_no": card.card_no, "card_state": state}
-    if c.op == "change_pin":
-        if state not in PIN_CHANGE_STATES:
-            return refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
-                           **fields)  # fmt: skip
-        pin_event = PinChanged(event_id(c, 0), c.at_ms, c.ssn, c.card_no, c.pvv)
-        return with_events(person, c, [pin_event], **fields)
-    allowed_from, to_state = CARD_TRANSITIONS[c.op]
-    if state not in allowed_from:
-        code = CARD_REFUSALS.get((c.op, state), ResultCode.TRANSITION_NOT_ALLOWED)
-        return refuse(person, c.request_id, code, c.at_ms, **fields)
-    deadline = 0
-    if c.op == "report_pre_loss":
-        deadline = pre_loss_deadline_ms(c.at_ms, policy.pre_loss_lifetime(person.region))
-    elif c.op == "release":
-        to_state = card.state_before_pre_loss
-    if card.state == CardState.PRE_LOST and state != CardState.PRE_LOST:
-        # the pre-loss has lapsed (no timer recorded it yet): a formal loss or another
-        # report starts from the restored state, which the event records as its origin
-        card = replace(card, state=state)
-    events: list[Event] = [state_change(c, card, 0, c.op, to_state, c.reason,
-                                         deadline)]  # fmt: skip
-    if c.op == "activate":  # activating a new card unfreezes the account (old cards go)
-        for other in person.cards:
-            if other.card_no != card.card_no and other.state == CardState.FROZEN:
-                events.append(
-                    state_change(
-                        c,
-                        other,
-                        len(events),
-                        "cancel",
-                        CardState.CANCELLED,
-                        "new card activated",
-                    )
-                )
-    fields["card_state"] = to_state
-    return with_events(person, c, events, **fields)
-
-
-def _pre_lost_card(person: Person, c: ExpirePreLoss) -> Card | None:
-    """The card an expiry names: by number, or (from the timer, which sees only published
-    events and so only a card token) the card whose pre-loss has exactly that deadline."""
-    if c.card_no:
-        return person.card(c.card_no)
-    for card in person.cards:
-        if card.state == CardState.PRE_LOST and card.pre_loss_deadline_ms == c.deadline_ms:
-            return card
-    return None
-
-
-def _decide_expiry(person: Person | None, c: ExpirePreLoss) -> Decision:
-    """A pre-loss lapses only if the card is still in that same pre-loss (same deadline)
-    and its deadline has passed; after a formal loss, a release or a new report the
-    expiry changes nothing and is answered OK without events."""
-    if (c.card_no and not validate.is_card_no(c.card_no)) or c.deadline_ms <= 0:
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    card = _pre_lost_card(person, c) if person else None
-    if person is not None and card is None and not c.card_no:
-        return refuse(person, c.request_id, ResultCode.OK, c.at_ms)  # nothing left to lapse
-    if person is None or card is None:
-        return refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    if (card.state != CardState.PRE_LOST or card.pre_loss_deadline_ms != c.deadline_ms
-            or c.at_ms < c.deadline_ms):  # fmt: skip
-        return refuse(person, c.request_id, ResultCode.OK, c.at_ms, card_no=card.card_no,
-                       card_state=card.state)  # fmt: skip
-    event = state_change(c, card, 0, "pre_loss_lapsed", card.state_before_pre_loss,
-                          "pre-loss lapsed")  # fmt: skip
-    return with_events(person, c, [event], card_no=card.card_no,
-                   card_state=card.state_before_pre_loss)  # fmt: skip
-
-
-def _decide_replace(person: Person | None, c: ReplaceCard) -> Decision:
-    if (not validate.is_card_no(c.old_card_no) or not validate.is_card_no(c.new_card_no)
-            or c.mode not in ("replacement", "change")):  # fmt: skip
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    old = person.card(c.old_card_no) if person else None
-    if person is None or old is None:
-        return refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    if person.cancelled:
-        return refuse(person, c.request_id, ResultCode.CARD_CANCELLED, c.at_ms)
-    if person.card(c.new_card_no) is not None or len(person.cards) >= CARDS_PER_PERSON_MAX:
-        return refuse(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
-    state = effective_state(old, c.at_ms)
-    allowed = {CardState.REPLACED} if c.mode == "replacement" else CHANGEABLE_STATES
-    if state not in allowed or old.kind != CardKind.SOCIAL_SECURITY:
-        return refuse(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
-                       card_no=old.card_no, card_state=state)  # fmt: skip
-    reason = f"replaced by {validate.mask_card(c.new_card_no)}"
-    events: list[Event] = [state_change(c, old, 0, "cancel", CardState.CANCELLED,
-                                         reason)]  # fmt: skip
-    issued = _new_card_events(replace(person, cards=()), c, c.new_card_no,
-                              CardKind.SOCIAL_SECURITY, 1, replaces=old.card_no)  # fmt: skip
-    return with_events(person, c, events + issued, card_no=c.new_card_no,
-                   card_state=CardState.ISSUED)  # fmt: skip
-
-
-def _decide_credit(person: Person | None, c: CreditAccount) -> Decision:
-    if not validate.is_amount_fen(c.amount_fen) or not validate.is_id(c.source_id):
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    refusal = _live_person(person, c)
-    if refusal is not None or person is None:
-        return refusal or refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
-    if COLOUR_OF_CATEGORY[person.category] != CardColour.BLUE:
-        return refuse(person, c.request_id, ResultCode.COLOUR_NOT_ALLOWED, c.at_ms)
-    if any(r.source_id == c.source_id for r in person.credits):  # already applied
-        return refuse(person, c.request_id, ResultCode.OK, c.at_ms)
-    balance = person.balance_fen + c.amount_fen
-    if balance > BALANCE_FEN_MAX:
-        return refuse(person, c.request_id, ResultCode.AMOUNT_OUT_OF_RANGE, c.at_ms)
-    event = AccountCredited(event_id(c, 0), c.at_ms, c.ssn, c.amount_fen, c.source_id, balance)
-    return with_events(person, c, [event], amount_fen=c.amount_fen, balance_fen=balance)
-
-
-def _decide_limit(person: Person | None, c: SetPharmacyLimit) -> Decision:
-    if not validate.is_card_no(c.card_no) or not 0 <= c.swipes_per_day <= (
-        PHARMACY_SWIPES_PER_DAY_MAX
-    ):
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    card = person.card(c.card_no) if person else None
-    if person is None or card is None:
-        return refuse(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    event = PharmacyLimitSet(event_id(c, 0), c.at_ms, c.ssn, c.card_no,
-                             c.swipes_per_day)  # fmt: skip
-    return with_events(person, c, [event], card_no=c.card_no, card_state=card.state,
-                   pharmacy_swipes_per_day=c.swipes_per_day)  # fmt: skip
-
-
-def _decide_phone(person: Person | None, c: SetPhone) -> Decision:
-    if not validate.is_phone(c.phone):
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    refusal = _live_person(person, c)
-    if refusal is not None or person is None:
-        return refusal or refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
-    return with_events(person, c, [PhoneSet(event_id(c, 0), c.at_ms, c.ssn, c.phone)])
-
-
-def _decide_cancel(person: Person | None, c: CancelPerson) -> Decision:
-    if not c.reason or len(c.reason) > REASON_CHARS_MAX:
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    refusal = _live_person(person, c)
-    if refusal is not None or person is None:
-        return refusal or refuse(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
-    events: list[Event] = [
-        state_change(c, card, i, "cancel", CardState.CANCELLED, c.reason)
-        for i, card in enumerate(
-            card for card in person.cards
-            if card.state not in (CardState.CANCELLED, CardState.SUPERSEDED)
-        )
-    ]  # fmt: skip
-    events.append(PersonCancelled(event_id(c, len(events)), c.at_ms, c.ssn,
-                                  c.reason))  # fmt: skip
-    return with_events(person, c, events)
-
-
-def enrolment_fault(c: EnrolPerson) -> str | None:
-    """The first field of an enrolment that its deciders refuse as malformed, named for the
-    person at the window (None when no field is). Only words: the decision stays with
-    `decide`, which refuses the same fields."""
-    faults = (
-        (not validate.is_name(c.name), "name"),
-        (c.category not in COLOUR_OF_CATEGORY, "category"),
-        (not validate.is_phone(c.phone), "phone: 11 digits from 13 to 19, or none"),
-        (len(c.region) > REGION_CHARS_MAX, f"region: at most {REGION_CHARS_MAX} characters"),
-        (not validate.is_card_no(c.card_no), "card_no"),
-        (c.kind != CardKind.SOCIAL_SECURITY, "kind: enrolment makes a social security card"),
-        (not validate.is_pvv(c.pvv), "pin_verification_value"),
-        (c.opening_balance_fen < 0, "opening_balance_fen: not below 0"),
-        (c.opening_balance_fen > 0 and not validate.is_amount_fen(c.opening_balance_fen),
-         "opening_balance_fen"),
-        (c.opening_balance_fen > 0 and not validate.is_id(c.source_id), "source_id"),
-    )  # fmt: skip
-    return next((field for fault, field in faults if fault), None)
-
-
-def new_person_enrolment(c: EnrolPerson) -> ResultCode:
-    """What `decide` answers an enrolment of a person not yet registered, without deciding
-    it (no person is built): the card registry's check before it asks the HSM. Equal to
-    decide(None, c, policy).reply.result for every input (tests/unit/test_enrol.py): the
-    malformed fields, then the opening credit's rule that only a blue card has an
-    account (a new person's balance is the credit itself: never above BALANCE_FEN_MAX)."""
-    well_formed = (validate.is_id(c.request_id) and c.at_ms > 0 and validate.is_ssn(c.ssn)
-                   and enrolment_fault(c) is None)  # fmt: skip
-    if not well_formed:
-        return ResultCode.MALFORMED_REQUEST
-    if c.opening_balance_fen > 0 and COLOUR_OF_CATEGORY[c.category] != CardColour.BLUE:
-        return ResultCode.COLOUR_NOT_ALLOWED
-    return ResultCode.OK
-
-
-def _enrolment_steps(c: EnrolPerson) -> list[Command]:
-    """The window commands an enrolment stands for, in the order they are decided."""
-    steps: list[Command] = [
-        RegisterPerson(c.request_id, c.at_ms, c.ssn, c.name, c.category, c.phone, c.region),
-        IssueCard(c.request_id, c.at_ms, c.ssn, c.card_no, c.kind),
-        CardCommand(c.request_id, c.at_ms, c.ssn, c.card_no, "activate"),
-        CardCommand(c.request_id, c.at_ms, c.ssn, c.card_no, "change_pin", pvv=c.pvv),
-    ]
-    if c.opening_balance_fen > 0:
-        steps.append(CreditAccount(c.request_id, c.at_ms, c.ssn, c.opening_balance_fen,
-                                   c.source_id))  # fmt: skip
-    return steps
-
-
-def _decide_enrol(person: Person | None, c: EnrolPerson, policy: Policy) -> Decision:
-    """Register → issue → activate → change the initial PIN → credit the opening balance,
-    each step decided by its own decider on the person the earlier steps left. All or
-    nothing: the first refused step's code, and no event at all. The events are those the
-    separate commands make, numbered on through this command's id (`#0`, `#1`, …)."""
-    if c.kind != CardKind.SOCIAL_SECURITY or c.opening_balance_fen < 0:
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    state = person
-    events: list[Event] = []
-    reply: Reply | None = None
-    for step in _enrolment_steps(c):
-        match step:
-            case RegisterPerson():
-                decision = _decide_register(state, step)
-            case IssueCard():
-                decision = _decide_issue(state, step, policy)
-            case CardCommand():
-                decision = _decide_card(state, step, policy)
-            case CreditAccount():
-                decision = _decide_credit(state, step)
-            case _:
-                raise InvariantError(f"no enrolment step {type(step).__name__}")
-        if decision.reply.result != ResultCode.OK:
-            return refuse(person, c.request_id, decision.reply.result, c.at_ms)
-        if not decision.events:  # every step of a new person's enrolment changes it
-            raise InvariantError(f"enrolment step {type(step).__name__} made no event")
-        for event in decision.events:
-            state = apply(state, event)
-            events.append(replace(event, event_id=event_id(c, len(events))))
-        reply = decision.reply
-    card = state.card(c.card_no) if state is not None else None
-    if reply is None or card is None:
-        raise InvariantError("an enrolment without a card")
-    return Decision(tuple(events), replace(reply, card_no=card.card_no, card_state=card.state))
-
-
-def _decide_reverse(person: Person | None, c: Reverse) -> Decision:
-    """Idempotent by its own request id; a reversal of an unknown or declined swipe is
-    answered (ORIGINAL_NOT_FOUND / ORIGINAL_DECLINED), not an error. It returns what the
-    swipe paid from the account and has not been refunded; the swipe stops counting
-    towards the daily pharmacy limit."""
-    if (not validate.is_id(c.original_request_id) or not validate.is_card_no(c.card_no)
-            or c.amount_fen < 0):  # fmt: skip
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    if person is None:
-        return refuse(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
-    record = person.swipe(c.original_request_id)
-    if record is None:
-        original = person.reply_to(c.original_request_id)
-        if original is not None and original.result == ResultCode.ALREADY_REVERSED:
-            return refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
-        if original is not None and not original.result.approved:
-            return refuse(person, c.request_id, ResultCode.ORIGINAL_DECLINED, c.at_ms,
-                           card_no=c.card_no)  # fmt: skip
-        # Never seen: remember it, so the original arriving late is refused, not approved.
-        unmatched = ReversalUnmatched(event_id(c, 0), c.at_ms, c.ssn,
-                                      c.request_id, c.original_request_id, c.card_no)  # fmt: skip
-        return with_events(person, c, [unmatched], ResultCode.ORIGINAL_NOT_FOUND, card_no=c.card_no)
-    if record.card_no != c.card_no or (c.amount_fen and c.amount_fen != record.amount_fen):
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    if record.reversed:
-        return refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms,
-                       card_no=c.card_no)  # fmt: skip
-    returned = record.paid_from_account_fen - record.refunded_fen
-    balance = person.balance_fen + returned
-    event = SwipeReversed(event_id(c, 0), c.at_ms, c.ssn, c.request_id,
-                          c.original_request_id, c.card_no, record.institution_id, returned,
-                          balance, record.day)  # fmt: skip
-    return with_events(person, c, [event], amount_fen=returned, balance_fen=balance,
-                   card_no=c.card_no)  # fmt: skip
-
-
-def _decide_refund(person: Person | None, c: Refund) -> Decision:
-    if (not validate.is_id(c.original_request_id) or not validate.is_card_no(c.card_no)
-            or not validate.is_amount_fen(c.amount_fen)):  # fmt: skip
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    record = person.swipe(c.original_request_id) if person else None
-    if person is None or record is None:
-        return refuse(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
-    if record.card_no != c.card_no:
-        return refuse(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
-    if record.reversed:
-        return refuse(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
-    refundable = record.paid_from_account_fen - record.refunded_fen
-    if c.amount_fen > refundable:
-        return refuse(person, c.request_id, ResultCode.REFUND_EXCEEDS_PAID, c.at_ms,
-                       amount_fen=refundable)  # fmt: skip
-    balance = person.balance_fen + c.amount_fen
-    event = Refunded(event_id(c, 0), c.at_ms, c.ssn, c.request_id,
-                     c.original_request_id, c.card_no, record.institution_id, c.amount_fen,
-                     balance)  # fmt: skip
-    return with_events(
-        person,
-        c,
-        [event],
-        amount_fen=c.amount_fen,
-        balance_fen=balance,
-        paid_from_account_fen=refundable - c.amount_fen,
-        card_no=c.card_no,
-    )
-
-
-# ---------------------------------------------------------------------------- apply
-
-
-def _with_card(person: Person, card_no: str, **changes: object) -> Person:
-    cards = tuple(
-        replace(card, **changes) if card.card_no == card_no else card  # type: ignore[arg-type]
-        for card in person.cards
-    )
-    return replace(person, cards=cards)
-
-
-def _with_swipe(person: Person, request_id: str, **changes: object) -> Person:
-    swipes = tuple(
-        replace(s, **changes) if s.request_id == request_id else s  # type: ignore[arg-type]
-        for s in person.swipes
-    )
-    return replace(person, swipes=swipes)
-
-
-def apply(person: Person | None, event: Event) -> Person | None:
-    """The one way state changes. Every event applied to a person bumps its version."""
-    if isinstance(event, PersonRegistered):
-        if person is not None:
-            raise InvariantError("PersonRegistered for an existing person")
-        return Person(ssn=event.ssn, name=event.name, category=event.category,
-                      phone=event.phone, region=event.region, created_at_ms=event.at_ms,
-                      version=1)  # fmt: skip
-    if person is None:
-        if isinstance(event, SwipeDeclined):  # a swipe of an unknown card: logged, no state
-            return None
-        raise InvariantError(f"{type(event).__name__} for an unknown person")
-    if event.ssn != person.ssn:
-        raise InvariantError("event applied to another person")
-    person = replace(person, version=person.version + 1)
-    match event:
-        case PhoneSet():
-            return replace(person, phone=event.phone)
-        case PersonCancelled():
-            return replace(person, cancelled=True)
-    changed = _apply_card_event(person, event)
-    if changed is None:
-        changed = _apply_money_event(person, event)
-    if changed is None:
-        raise InvariantError(f"unknown event {type(event).__name__}")
-    return changed
-
-
-def _apply_card_event(person: Person, event: Event) -> Person | None:
-    """A card's life and its PIN; None for an event of another kind."""
-    match event:
-        case CardIssued():
-            card = Card(event.card_no, event.kind, event.colour, event.state, event.at_ms,
-                        initial_pin=not event.pin_set, pvv=event.pvv,
-                        expires_at_ms=event.expires_at_ms)  # fmt: skip
-            return replace(person, cards=(*person.cards, card))
-        case CardStateChanged():
-            changes: dict[str, object] = {"state": event.new_state}
-            if event.op == "report_pre_loss":
-                changes.update(pre_loss_deadline_ms=event.deadline_ms,
-                               state_before_pre_loss=event.old_state)  # fmt: skip
-            elif event.old_state == CardState.PRE_LOST:
-                changes.update(pre_loss_deadline_ms=0)
-            if event.op == "unlock":  # back to the initial PIN, to be changed at a window
-                changes.update(initial_pin=True, pin_failures=0, pvv="")
-            return _with_card(person, event.card_no, **changes)
-        case PinChanged():
-            return _with_card(
-                person, event.card_no, initial_pin=False, pin_failures=0, pvv=event.pvv
-            )
-        case SwipeDeclined():
-            declined_card = person.card(event.card_no)
-            if event.pin_wrong and declined_card is not None:
-                failures = declined_card.pin_failures + 1
-                return _with_card(person, event.card_no, pin_failures=failures)
-            if event.pin_verified and declined_card is not None:
-                return _with_card(person, event.card_no, pin_failures=0)
-            return person
-        case PinTriesReset():
-            return _with_card(person, event.card_no, pin_failures=0)
-        case PharmacyLimitSet():
-            return _with_card(person, event.card_no, pharmacy_swipes_per_day=event.swipes_per_day)
-    return None
-
-
-def _apply_money_event(person: Person, event: Event) -> Person | None:
-    """The account: credits, swipes, reversals, refunds; None for an event of another kind."""
-    match event:
-        case AccountCredited():
-            credit = CreditRecord(event.source_id, event.amount_fen, event.at_ms)
-            credits = (*person.credits, credit)[-CREDIT_SOURCES_REMEMBERED_MAX:]
-            return replace(person, balance_fen=event.balance_after_fen, credits=credits)
-        case SwipeApproved():
-            if event.balance_after_fen < 0 or (
-                person.balance_fen - event.paid_from_account_fen != event.balance_after_fen
-            ):
-                raise InvariantError("swipe would break the balance")
-            record = SwipeRecord(event.request_id, event.card_no, event.institution_id,
-                                 event.institution_type, event.paid_from_account_fen,
-                                 event.day, event.at_ms, amount_fen=event.amount_fen)  # fmt: skip
-            swipes = (*person.swipes, record)[-SWIPES_REMEMBERED_MAX:]
-            person = replace(person, balance_fen=event.balance_after_fen, swipes=swipes)
-            return _with_card(person, event.card_no, pin_failures=0)
-        case SwipeReversed():
-            person = _with_swipe(person, event.original_request_id, reversed=True)
-            return replace(person, balance_fen=event.balance_after_fen)
-        case ReversalUnmatched():
-            tombstone = Reply(event.original_request_id, ResultCode.ALREADY_REVERSED,
-                              version=person.version, at_ms=event.at_ms,
-                              card_no=event.card_no)  # fmt: skip
-            return remember(person, tombstone)
-        case Refunded():
-            refunded = person.swipe(event.original_request_id)
-            if refunded is None:
-                raise InvariantError("refund of a swipe the person does not have")
-            person = _with_swipe(person, event.original_request_id,
-                                 refunded_fen=refunded.refunded_fen + event.amount_fen)  # fmt: skip
-            return replace(person, balance_fen=event.balance_after_fen)
-    return None
-
-
-def remember(person: Person, reply: Reply) -> Person:
-    """Keep a reply for repeats of its request id, within the count and time bounds."""
-    horizon = reply.at_ms - REQUEST_ID_MEMORY_MS
-    kept = tuple(r for r in person.replies if r.at_ms >= horizon)
-    return replace(person, replies=(*kept, reply)[-REQUEST_IDS_REMEMBERED_MAX:])
 
 
 def handle(
@@ -793,3 +112,54 @@ def handle(
     if state.balance_fen < 0:
         raise InvariantError("negative balance")
     return remember(state, decision.reply), decision
+
+
+# ---------------------------------------------------------------------------- decide
+
+
+def decide(person: Person | None, command: Command, policy: Policy) -> Decision:
+    """The decision on `command` for `person` (None: no such person yet): the checks of
+    every command, a repeat answered from memory, then the command's own decider."""
+    if not validate.is_id(command.request_id) or command.at_ms <= 0:
+        return unchanged(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
+    if not validate.is_ssn(command.ssn):
+        return unchanged(person, command.request_id, ResultCode.MALFORMED_REQUEST, command.at_ms)
+    if person is not None and not isinstance(command, READ_ONLY_COMMANDS):
+        original = person.reply_to(command.request_id)
+        if original is not None:
+            return Decision((), replace(original, replayed=True))
+    match command:
+        case Authorize():
+            return pos.decide_authorize(person, command, policy)
+        case Reverse():
+            return returns.decide_reverse(person, command)
+        case Refund():
+            return returns.decide_refund(person, command)
+        case BalanceInquiry():
+            return pos.decide_balance(person, command, policy)
+        case QueryPerson():
+            if person is None:
+                return unchanged(None, command.request_id, ResultCode.PERSON_UNKNOWN, command.at_ms)
+            return unchanged(person, command.request_id, ResultCode.OK, command.at_ms,
+                             snapshot=person)  # fmt: skip
+        case RegisterPerson():
+            return window.decide_register(person, command)
+        case IssueCard():
+            return window.decide_issue(person, command, policy)
+        case CardCommand():
+            return window.decide_card(person, command, policy)
+        case ExpirePreLoss():
+            return window.decide_expiry(person, command)
+        case ReplaceCard():
+            return window.decide_replace(person, command)
+        case CreditAccount():
+            return window.decide_credit(person, command)
+        case SetPharmacyLimit():
+            return window.decide_limit(person, command)
+        case SetPhone():
+            return window.decide_phone(person, command)
+        case CancelPerson():
+            return window.decide_cancel(person, command)
+        case EnrolPerson():
+            return window.decide_enrol(person, command, policy)
+    raise InvariantError(f"unknown command {type(command).__name__}")

@@ -1,4 +1,5 @@
-"""How the core's deciders build their answers: event ids, replies, refusals.
+"""How the core's deciders build their decisions: event ids, replies, decisions that
+change nothing.
 
 Shared by `clearing.core` (window operations, reversals, refunds) and `clearing.pos`
 (swipes and balance enquiries). Pure: no I/O, no clock.
@@ -6,7 +7,7 @@ Shared by `clearing.core` (window operations, reversals, refunds) and `clearing.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from typing import TypedDict, Unpack
 
 from clearing.codes import CardState, ResultCode
 from clearing.errors import ClearingError
@@ -20,6 +21,22 @@ from clearing.model import (
     PersonRegistered,
     Reply,
 )
+
+
+class Told(TypedDict, total=False):
+    """What a reply tells beyond its result and version: Reply's optional fields."""
+
+    amount_fen: int
+    paid_from_account_fen: int
+    paid_in_cash_fen: int
+    balance_fen: int  # the person's balance unless said otherwise
+    pin_tries_remaining: int
+    pharmacy_swipes_today: int
+    pharmacy_swipes_per_day: int
+    card_no: str
+    card_state: CardState
+    snapshot: Person | None
+
 
 # The states in which a card is still the person's (not lost, replaced or cancelled).
 LIVE_STATES = frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED, CardState.FROZEN})
@@ -52,21 +69,20 @@ def reply(
     result: ResultCode,
     at_ms: int,
     events: int,
-    **fields: object,
+    **told: Unpack[Told],
 ) -> Reply:
+    """The reply to a request decided on `person` with `events` new events."""
     version = (person.version if person else 0) + events
-    balance = person.balance_fen if person else 0
-    base = Reply(
-        request_id=request_id, result=result, version=version, balance_fen=balance, at_ms=at_ms
-    )
-    return replace(base, **fields)  # type: ignore[arg-type]
+    told.setdefault("balance_fen", person.balance_fen if person else 0)
+    return Reply(request_id=request_id, result=result, version=version, at_ms=at_ms, **told)
 
 
-def refuse(
-    person: Person | None, request_id: str, result: ResultCode, at_ms: int, **fields: object
+def unchanged(
+    person: Person | None, request_id: str, result: ResultCode, at_ms: int, **told: Unpack[Told]
 ) -> Decision:
-    """An answer that changes nothing and makes no event."""
-    return Decision((), reply(person, request_id, result, at_ms, 0, **fields))
+    """A decision that changes nothing and makes no event: a refusal, or an answer that
+    only tells (a balance, a person's record)."""
+    return Decision((), reply(person, request_id, result, at_ms, 0, **told))
 
 
 def with_events(
@@ -75,7 +91,7 @@ def with_events(
     events: list[Event],
     result: ResultCode = ResultCode.OK,
     /,
-    **fields: object,
+    **told: Unpack[Told],
 ) -> Decision:
     """A decision with events (counted into the reply's version)."""
     counted = (
@@ -84,7 +100,7 @@ def with_events(
         else 0
     )
     return Decision(tuple(events), reply(person, command.request_id, result, command.at_ms,
-                                         counted, **fields))  # fmt: skip
+                                         counted, **told))  # fmt: skip
 
 
 def state_change(

@@ -8,6 +8,7 @@ request id, so a redelivered command can never make a second, different event.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 from clearing.codes import (
     CardColour,
@@ -214,11 +215,14 @@ class CreditAccount:
     source_id: str
 
 
-class PinOutcome:
+class PinOutcome(IntEnum):
+    """What the PIN check said of a swipe's or a balance enquiry's PIN block."""
+
     NOT_VERIFIED = 0  # no PIN check on the path (see Policy.pin_verification_required)
     CORRECT = 1
     WRONG = 2
     INVALID_BLOCK = 3  # the PIN block is malformed: refused, no try counted
+    UNAVAILABLE = 4  # the HSM did not answer in time: nothing is decided (UNAVAILABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +234,7 @@ class Authorize:
     institution_id: str
     amount_fen: int
     allow_partial: bool = False
-    pin: int = PinOutcome.NOT_VERIFIED
+    pin: PinOutcome = PinOutcome.NOT_VERIFIED
     terminal_id: str = ""  # whose PIN key encrypted pin_block
     pin_block: str = ""  # hex, ISO 9564 under the terminal's PIN key; checked via the HSM
 
@@ -245,7 +249,7 @@ class BalanceInquiry:
     ssn: str
     card_no: str
     institution_id: str
-    pin: int = PinOutcome.NOT_VERIFIED
+    pin: PinOutcome = PinOutcome.NOT_VERIFIED
     terminal_id: str = ""  # whose PIN key encrypted pin_block
     pin_block: str = ""  # hex, ISO 9564 under the terminal's PIN key; checked via the HSM
 

@@ -4,7 +4,7 @@ Each is decided by one ordered list of small checks. A check looks at the swipe 
 either passes or refuses with its result code; the first refusal is the answer. Each
 entry of a list names the lowest code its check can answer, and the lists are in the
 result codes' numeric order, so "the lowest number wins" (clearing/codes.py) is true by
-construction: `_in_code_order` asserts it when this module is imported, and
+construction: `in_code_order` asserts it when this module is imported, and
 tests/unit/test_precedence.py tries every pair of refusals and any set of them
 (hypothesis).
 
@@ -18,16 +18,19 @@ security number, and a repeat of a remembered request id (the original reply).
     enquiry: the same list without the payment checks (colour, pharmacy limit,
              balance) → the balance
 
+The daily pharmacy limit counts per card (a replacement card starts its own count):
+reversed and declined swipes do not count; refunded ones do (the swipe happened).
+
 A malformed PIN block is a malformed request, decided once: it is refused before
 anything of the account is looked at. A right PIN restarts the count of consecutive
 wrong ones.
 
-The gateway (medclear/gateway.py) keeps the same order for what it decides before the
-worker: form (10) → request MAC (11; 14 for a terminal without keys) → chip cryptogram
-(13; but when it fails the PIN block's form is asked first, so 12 wins) → the worker. A
-card the card index does not know is decided at the gateway by these same lists on no
-person (the PIN block's form checked through the HSM's `CheckPinBlock`), so an unknown
-institution (20) still wins over the unknown card (30).
+What the gateway decides before the worker (form, request MAC, chip cryptogram) is the
+first half of the same order: clearing/ingress.py, which asserts the two halves together.
+A card the card index does not know is decided by these same lists on no person
+(`ingress.decide_unrouted`, with the PIN block's form), so an unknown institution (20)
+still wins over the unknown card (30). A PIN check the HSM did not answer
+(PinOutcome.UNAVAILABLE) stops the list at the PIN block: UNAVAILABLE, nothing recorded.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ from clearing.codes import (
     ResultCode,
 )
 from clearing.decisions import (
+    Told,
     effective_state,
     event_id,
-    refuse,
     state_change,
+    unchanged,
     with_events,
 )
 from clearing.limits import PIN_TRIES_MAX
@@ -67,9 +71,10 @@ from clearing.model import (
     SwipeDeclined,
 )
 
-PIN_OUTCOMES = frozenset(
-    {PinOutcome.NOT_VERIFIED, PinOutcome.CORRECT, PinOutcome.WRONG, PinOutcome.INVALID_BLOCK}
-)
+PIN_OUTCOMES = frozenset(PinOutcome)
+# Refusals of a swipe that record nothing (no SwipeDeclined): a malformed command, and one
+# whose PIN check the HSM did not answer (a repeat of it is decided afresh).
+DECIDES_NOTHING = frozenset({ResultCode.MALFORMED_REQUEST, ResultCode.UNAVAILABLE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +99,7 @@ class Presented:
 @dataclass(frozen=True, slots=True)
 class Refusal:
     code: ResultCode
-    fields: dict[str, object] = field(default_factory=dict)
+    told: Told = field(default_factory=lambda: Told())
     pin_wrong: bool = False  # counts a wrong PIN on the card
     lock: bool = False  # ... and it was the last try
 
@@ -136,6 +141,8 @@ def _malformed(p: Presented) -> Refusal | None:
 def _pin_block(p: Presented) -> Refusal | None:
     if p.command.pin == PinOutcome.INVALID_BLOCK:
         return Refusal(ResultCode.PIN_BLOCK_INVALID)
+    if p.command.pin == PinOutcome.UNAVAILABLE:  # the block's form is not known: stop here
+        return Refusal(ResultCode.UNAVAILABLE)
     return None
 
 
@@ -191,23 +198,21 @@ def _pin(p: Presented) -> Refusal | None:
     return None
 
 
-def _limit_fields(p: Presented) -> dict[str, object]:
+def _limit_told(p: Presented) -> Told:
+    """What a swipe past its PIN check is told: the card, and its pharmacy swipes today."""
     assert p.person is not None and p.card is not None
     today = pharmacy_swipes_on(p.person, p.card.card_no, shanghai_day(p.command.at_ms))
-    return {
-        "card_state": p.state,
-        "pin_tries_remaining": PIN_TRIES_MAX,
-        "pharmacy_swipes_today": today,
-        "pharmacy_swipes_per_day": p.card.pharmacy_swipes_per_day,
-    }
+    return Told(card_state=p.state, pin_tries_remaining=PIN_TRIES_MAX,
+                pharmacy_swipes_today=today,
+                pharmacy_swipes_per_day=p.card.pharmacy_swipes_per_day)  # fmt: skip
 
 
 def _pharmacy_limit(p: Presented) -> Refusal | None:
     assert p.institution is not None and p.card is not None
-    fields = _limit_fields(p)
+    told = _limit_told(p)
     at_pharmacy = p.institution.type == InstitutionType.PHARMACY
-    if at_pharmacy and fields["pharmacy_swipes_today"] >= p.card.pharmacy_swipes_per_day:  # type: ignore[operator]
-        return Refusal(ResultCode.DAILY_PHARMACY_LIMIT_REACHED, fields)
+    if at_pharmacy and told["pharmacy_swipes_today"] >= p.card.pharmacy_swipes_per_day:
+        return Refusal(ResultCode.DAILY_PHARMACY_LIMIT_REACHED, told)
     return None
 
 
@@ -215,22 +220,22 @@ def _balance(p: Presented) -> Refusal | None:
     assert p.person is not None and isinstance(p.command, Authorize)
     c = p.command
     if p.person.balance_fen < c.amount_fen and (not c.allow_partial or p.person.balance_fen == 0):
-        return Refusal(ResultCode.INSUFFICIENT_BALANCE, _limit_fields(p))
+        return Refusal(ResultCode.INSUFFICIENT_BALANCE, _limit_told(p))
     return None
 
 
-def _in_code_order(checks: tuple[tuple[ResultCode, Check], ...]) -> tuple[Check, ...]:
-    """The checks of a list, after asserting that the list is in result-code order."""
-    codes = [code for code, _check in checks]
-    if codes != sorted(codes):
-        raise AssertionError(f"checks out of result-code order: {[c.name for c in codes]}")
-    return tuple(check for _code, check in checks)
+def in_code_order(codes: tuple[ResultCode, ...], what: str) -> tuple[ResultCode, ...]:
+    """`codes`, after asserting that they are in result-code order."""
+    if list(codes) != sorted(codes):
+        raise AssertionError(f"{what} out of result-code order: {[c.name for c in codes]}")
+    return codes
 
 
 # Each entry names the lowest code its check can answer (the card-state check answers
-# 31-38, the PIN check 51-52). A balance enquiry runs the same list without the checks
-# of a payment.
-SWIPE_CHECKS = _in_code_order((
+# 31-38, the PIN check 51-52; the PIN block's check answers UNAVAILABLE when the HSM did
+# not say what the block is, and nothing after it is decided). A balance enquiry runs
+# the same list without the checks of a payment.
+SWIPE_LIST: tuple[tuple[ResultCode, Check], ...] = (
     (ResultCode.MALFORMED_REQUEST, _malformed),
     (ResultCode.PIN_BLOCK_INVALID, _pin_block),
     (ResultCode.INSTITUTION_UNKNOWN, _institution_known),
@@ -242,7 +247,9 @@ SWIPE_CHECKS = _in_code_order((
     (ResultCode.PIN_WRONG, _pin),
     (ResultCode.DAILY_PHARMACY_LIMIT_REACHED, _pharmacy_limit),
     (ResultCode.INSUFFICIENT_BALANCE, _balance),
-))  # fmt: skip
+)  # fmt: skip
+SWIPE_ORDER = in_code_order(tuple(code for code, _check in SWIPE_LIST), "the swipe's checks")
+SWIPE_CHECKS = tuple(check for _code, check in SWIPE_LIST)
 PAYMENT_ONLY: tuple[Check, ...] = (_colour, _pharmacy_limit, _balance)
 ENQUIRY_CHECKS = tuple(check for check in SWIPE_CHECKS if check not in PAYMENT_ONLY)
 
@@ -266,13 +273,13 @@ def _presented(person: Person | None, c: Authorize | BalanceInquiry, policy: Pol
 def decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> Decision:
     p = _presented(person, c, policy)
     refusal = first_refusal(SWIPE_CHECKS, p)
-    if refusal is not None and refusal.code == ResultCode.MALFORMED_REQUEST:
-        return refuse(person, c.request_id, refusal.code, c.at_ms, amount_fen=c.amount_fen,
-                      balance_fen=0)  # fmt: skip
+    if refusal is not None and refusal.code in DECIDES_NOTHING:
+        return unchanged(person, c.request_id, refusal.code, c.at_ms, amount_fen=c.amount_fen,
+                         balance_fen=0)  # fmt: skip
     if refusal is not None:
         return _declined(p, refusal)
     assert person is not None and p.card is not None and p.institution is not None
-    fields = _limit_fields(p)
+    told = _limit_told(p)
     paid, result = c.amount_fen, ResultCode.OK
     if person.balance_fen < c.amount_fen:  # the terminal allows a partial payment
         paid, result = person.balance_fen, ResultCode.PARTIALLY_APPROVED
@@ -284,10 +291,10 @@ def decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> Dec
         terminal_id=terminal_of(c),
     )  # fmt: skip
     if p.institution.type == InstitutionType.PHARMACY:
-        fields["pharmacy_swipes_today"] = fields["pharmacy_swipes_today"] + 1  # type: ignore[operator]
+        told["pharmacy_swipes_today"] += 1
     return with_events(person, c, [event], result, amount_fen=c.amount_fen,
                        paid_from_account_fen=paid, paid_in_cash_fen=c.amount_fen - paid,
-                       balance_fen=balance_after, card_no=c.card_no, **fields)  # fmt: skip
+                       balance_fen=balance_after, card_no=c.card_no, **told)  # fmt: skip
 
 
 def _declined(p: Presented, refusal: Refusal) -> Decision:
@@ -302,11 +309,11 @@ def _declined(p: Presented, refusal: Refusal) -> Decision:
         inquiry=isinstance(c, BalanceInquiry))]  # fmt: skip
     if refusal.lock and p.card is not None:
         events.append(state_change(c, p.card, 1, "lock", CardState.LOCKED, "PIN tries exceeded"))
-    # The balance is told only past the PIN check (an insufficient balance, the limit).
-    told = refusal.code > ResultCode.PIN_TRIES_EXCEEDED
-    return with_events(p.person, c, events, refusal.code, amount_fen=amount_fen,
-                       card_no=c.card_no, **refusal.fields,
-                       **({} if told else {"balance_fen": 0}))  # fmt: skip
+    told = refusal.told.copy()
+    told["amount_fen"], told["card_no"] = amount_fen, c.card_no
+    if refusal.code <= ResultCode.PIN_TRIES_EXCEEDED:  # the balance is told past the PIN only
+        told["balance_fen"] = 0
+    return with_events(p.person, c, events, refusal.code, **told)
 
 
 def decide_balance(person: Person | None, c: BalanceInquiry, policy: Policy) -> Decision:
@@ -318,15 +325,15 @@ def decide_balance(person: Person | None, c: BalanceInquiry, policy: Policy) -> 
     if refusal is not None and refusal.pin_wrong:
         return _declined(p, refusal)
     if refusal is not None:
-        fields = {**refusal.fields, "balance_fen": 0}
+        told = refusal.told.copy()
+        told["balance_fen"] = 0
         if p.card is not None and refusal.code != ResultCode.MALFORMED_REQUEST:
-            fields["card_no"] = p.card.card_no
-        return refuse(person, c.request_id, refusal.code, c.at_ms, **fields)
+            told["card_no"] = p.card.card_no
+        return unchanged(person, c.request_id, refusal.code, c.at_ms, **told)
     assert person is not None and p.card is not None
-    fields = {"card_no": p.card.card_no, "card_state": p.state,
-              "pin_tries_remaining": PIN_TRIES_MAX}  # fmt: skip
+    told = Told(card_no=p.card.card_no, card_state=p.state, pin_tries_remaining=PIN_TRIES_MAX)
     if c.pin == PinOutcome.CORRECT and p.card.pin_failures:
         reset = PinTriesReset(event_id(c, 0), c.at_ms, c.ssn, p.card.card_no)
-        return with_events(person, c, [reset], ResultCode.OK, **fields)
-    fields["pin_tries_remaining"] = p.card.pin_tries_remaining
-    return refuse(person, c.request_id, ResultCode.OK, c.at_ms, **fields)
+        return with_events(person, c, [reset], ResultCode.OK, **told)
+    told["pin_tries_remaining"] = p.card.pin_tries_remaining
+    return unchanged(person, c.request_id, ResultCode.OK, c.at_ms, **told)

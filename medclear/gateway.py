@@ -1,11 +1,12 @@
 """The POS gateway: gRPC PosService → commands on the person's partition → reply.
 
-Adapter only: it checks the request's form and (with terminal security) its MAC and chip
-cryptogram, routes it by card or social security number, stamps the ingress time, and
-translates the core's Reply into the proto reply, which it MACs. The account's decisions
-are the clearing worker's; a card the index does not know is answered here by the same
-pure checks (clearing/pos.py, which gives the whole order of the checks) on no person.
-The roles table of medclear/infra/pki.py lets only role `terminal` call the POS service.
+Adapter only: every POS request goes through the ingress checks (clearing/ingress.py:
+its form, and with terminal security its MAC and chip cryptogram, asked of the HSM as the
+list asks), is routed by card or social security number, stamped with the ingress time,
+and decided by the person's worker; a card the index does not know is decided by the core
+on no person (`ingress.decide_unrouted`). The core's Reply becomes the proto reply, which
+is MACed. The roles table of medclear/infra/pki.py lets only role `terminal` call the POS
+service.
 
 Bounds first. Every string and bytes field of every POS and registry request has a named
 bound (medclear/infra/bounds.py; a unit test walks every request type of both services),
@@ -31,10 +32,11 @@ and nothing below is checked):
   (`tpk-<terminal>`). The gateway passes it on; the clearing worker
   (stream_jobs/worker.py) has the HSM verify it against the card's PIN verification value
   (PVV) and hands the core CORRECT, WRONG or INVALID_BLOCK. A repeat of a decided request
-  is answered from memory without asking the HSM again; with the HSM down the worker
-  waits, deciding nothing without the check. Here only an unrouted card's block is
-  checked, for its form. (At a service window, ChangePin has the HSM turn the new PIN
-  block into the card's PVV, which the card keeps.)
+  is answered from memory without asking the HSM again. Here a block is checked for its
+  form only: an unrouted card's, and a swipe's whose cryptogram failed (12 wins over 13).
+  Both sides ask through medclear/infra/pin_check.py: with the HSM silent for a second,
+  the swipe is answered UNAVAILABLE and nothing is decided. (At a service window,
+  ChangePin has the HSM turn the new PIN block into the card's PVV, which the card keeps.)
 - Chip cryptogram (`TerminalSecurity.cryptogram`), after the MAC: a request carrying one
   is checked through the HSM's `VerifyCardCryptogram` under `cmk-cards`. A wrong one, or
   a challenge or counter without a cryptogram, is CRYPTOGRAM_INVALID (13) and reaches no
@@ -61,15 +63,17 @@ import grpc
 import structlog
 from google.protobuf.message import DecodeError, Message
 
-from clearing import model, pos, validate
+from clearing import ingress, model, validate
 from clearing.codes import ResultCode
 from clearing.model import PinOutcome, Policy, Reply
 from medclear.infra import bounds, status
 from medclear.infra.bounds import CRYPTOGRAM_BYTES_MAX
-from medclear.infra.bus import BusUnavailable, CommandBus
+from medclear.infra.card_index import CardIndex, CardIndexFull
 from medclear.infra.hsm_client import HsmClient
 from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.pin_check import PinCheck
 from medclear.infra.policy import load_policy
+from medclear.infra.replies import Requester
 from medclear.infra.rpc import (
     Clock,
     mac_input,
@@ -93,7 +97,7 @@ def request_id_of(terminal_id: str, trace_number: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class Routed:
     """What the gateway tells a terminal: the decision, the person it was routed to ("" if
     none), and for a malformed request the field that made it so."""
 
@@ -112,6 +116,8 @@ class TerminalSecurity:
     def __init__(self, hsm: HsmClient, cryptogram_required: bool) -> None:
         self.hsm = hsm
         self.cryptogram_required = cryptogram_required
+        self.pins = PinCheck(hsm)
+        self.stopping = asyncio.Event()  # a request in flight at the server's stop is cancelled
 
     async def admit(self, request: Any) -> ResultCode:
         """The request's MAC under its terminal's MAC key: OK, MAC_INVALID, TERMINAL_UNKNOWN."""
@@ -133,16 +139,18 @@ class TerminalSecurity:
             request.terminal.terminal_id, request.card_counter, request.card_cryptogram,
         )  # fmt: skip
 
-    async def pin_form(self, request: Any) -> int | ResultCode:
-        """The PinOutcome of a PIN block checked for its form only (the card has no PIN to
-        verify it against here), or UNAVAILABLE."""
-        if not request.pin_block:
-            return PinOutcome.INVALID_BLOCK
-        code = await self.hsm.check_pin_block(request.terminal.terminal_id, request.pin_block,
-                                              request.card_no)  # fmt: skip
-        if code == ResultCode.UNAVAILABLE:
-            return code
-        return PinOutcome.NOT_VERIFIED if code == ResultCode.OK else PinOutcome.INVALID_BLOCK
+    async def ask(self, ask: ingress.Ask, request: Any) -> ResultCode | PinOutcome:
+        """The HSM's answer to what an ingress check asks of `request`."""
+        if ask is ingress.Ask.MAC:
+            return await self.admit(request)
+        if ask is ingress.Ask.CRYPTOGRAM:
+            return await self.cryptogram(request)
+        return await self.pin_form(request)
+
+    async def pin_form(self, request: Any) -> PinOutcome:
+        """The PIN block's form (the card has no PIN to verify it against here)."""
+        return await self.pins.outcome(request.terminal.terminal_id, request.pin_block,
+                                       request.card_no, "", self.stopping)  # fmt: skip
 
     async def sign(self, terminal_id: str, reply: Any) -> None:
         """Set the reply's MAC under the terminal's MAC key (none for an unknown terminal:
@@ -158,21 +166,20 @@ CHALLENGE_BYTES_MIN = 4  # the terminal's unpredictable number (EMV: 4 bytes)
 
 
 class PosGateway(pos_pb2_grpc.PosServiceServicer):
-    """Checks in result-code order: the form (10), the MAC (11, 14), for a swipe the chip
-    cryptogram (13, after the PIN block's form when it fails: 12 wins), then the person's
-    worker decides the rest. A card the index does not know is decided here by the same
-    pure checks on no person (clearing/pos.py), so an unknown institution (20) still wins
-    over an unknown card (30)."""
+    """The ingress checks (clearing/ingress.py gives their order with the person's), then
+    the person's worker, or the core on no person, decides the rest."""
 
     def __init__(
         self,
-        bus: CommandBus,
+        requests: Requester,
+        cards: CardIndex,
         deadline_ms: int,
         policy: Policy,
         clock: Clock = system_clock_ms,
         security: TerminalSecurity | None = None,
     ):
-        self.bus = bus
+        self.requests = requests
+        self.cards = cards
         self.deadline_s = deadline_ms / 1000
         self.policy = policy
         self.clock = clock
@@ -183,71 +190,55 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         budget = self.deadline_s if remaining is None else min(self.deadline_s, remaining - 0.05)
         return max(0.01, budget)
 
-    async def _checked(self, request: Any) -> Answer | None:
-        """The answer for a malformed or unauthenticated request; None to go on."""
-        request_id = request_id_of(request.terminal.terminal_id, request.terminal.trace_number)
-        detail = bounds.pos_problem(request)
-        if detail is not None:
-            return Answer(Reply(request_id, ResultCode.MALFORMED_REQUEST), detail=detail)
-        if self.security is not None:
-            admitted = await self.security.admit(request)
-            if admitted != ResultCode.OK:
-                return Answer(Reply(request_id, admitted))
-        return None
+    async def _refusal(self, request: Any, request_id: str, swipe: bool) -> Routed | None:
+        """The ingress list's refusal of a request (clearing/ingress.py), asking the HSM
+        what its checks ask; None: the request goes on to its person."""
+        arrival = ingress.Arrival(bounds.pos_problem(request), self.security is not None, swipe)
+        while True:
+            said = ingress.verdict(arrival)
+            if said is None:
+                return None
+            if isinstance(said, ingress.Refused):
+                return Routed(Reply(request_id, said.code), detail=said.detail)
+            assert self.security is not None  # only a secured arrival asks the HSM
+            arrival = arrival.told(said, await self.security.ask(said, request))
 
     async def _person_of(self, request: Any) -> str:
         """The social security number a request is routed by: its own, or the card
-        index's for its card ("" for a card the index does not know)."""
-        return str(request.ssn or await self.bus.resolve_ssn(request.card_no) or "")
+        index's for its card ("" for a card the index does not know; CardIndexFull)."""
+        return str(request.ssn or await self.cards.resolve(request.card_no) or "")
 
-    async def _decide_unrouted(
-        self, command: model.Authorize | model.BalanceInquiry, request: Any
-    ) -> Reply:
-        """A card the index does not know: the pure checks on no person answer it (the PIN
-        block's form, the institution, then CARD_UNKNOWN), as the worker would."""
-        pin: int | ResultCode = PinOutcome.NOT_VERIFIED
-        if self.security is not None:
-            pin = await self.security.pin_form(request)
-            if isinstance(pin, ResultCode):
-                return Reply(command.request_id, pin)
-        command = replace(command, pin=pin)
-        if isinstance(command, model.Authorize):
-            return pos.decide_authorize(None, command, self.policy).reply
-        return pos.decide_balance(None, command, self.policy).reply
+    async def _unrouted(self, command: model.Command, request: Any) -> Reply:
+        """A card the index does not know: decided by the core on no person, with the PIN
+        block's form for a swipe or an enquiry (its first check after the form)."""
+        if self.security is not None and isinstance(
+            command, model.Authorize | model.BalanceInquiry
+        ):
+            command = replace(command, pin=await self.security.pin_form(request))
+        return ingress.decide_unrouted(command, self.policy)
 
-    async def _ask(self, command: model.Command, context: grpc.aio.ServicerContext) -> Reply:
-        try:
-            reply = await self.bus.request(command, self._timeout(context))
-        except BusUnavailable as exc:
-            log.warning("bus unavailable", error=str(exc))
-            return Reply(command.request_id, ResultCode.UNAVAILABLE)
-        if reply is None:
-            return Reply(command.request_id, ResultCode.TIMEOUT)
-        return reply
-
-    async def _swipe(
+    async def _decided(
         self,
-        request: pos_pb2.AuthorizeRequest | pos_pb2.BalanceInquiryRequest,
+        request: Any,
+        request_id: str,
         context: grpc.aio.ServicerContext,
-        make: Callable[[str], model.Authorize | model.BalanceInquiry],
-    ) -> Answer:
-        """Authorize and BalanceInquiry: both carry a PIN block and may reach a person."""
-        checked = await self._checked(request)
-        if checked is not None:
-            return checked
-        request_id = request_id_of(request.terminal.terminal_id, request.terminal.trace_number)
-        if self.security is not None and isinstance(request, pos_pb2.AuthorizeRequest):
-            code = await self.security.cryptogram(request)
-            if code == ResultCode.CRYPTOGRAM_INVALID:  # a malformed PIN block (12) comes first
-                pin = await self.security.pin_form(request)
-                if pin == PinOutcome.INVALID_BLOCK:
-                    code = ResultCode.PIN_BLOCK_INVALID
-            if code != ResultCode.OK:
-                return Answer(Reply(request_id, code))
-        ssn = await self._person_of(request)
+        make: Callable[[str], model.Command],
+    ) -> Routed:
+        """Every POS request: the ingress checks, the route, then the person's worker (or
+        the core on no person) decides."""
+        refused = await self._refusal(
+            request, request_id, isinstance(request, pos_pb2.AuthorizeRequest)
+        )
+        if refused is not None:
+            return refused
+        try:
+            ssn = await self._person_of(request)
+        except CardIndexFull as exc:
+            log.error("card not indexed", error=str(exc))
+            return Routed(Reply(request_id, ResultCode.UNAVAILABLE))
         if not ssn:
-            return Answer(await self._decide_unrouted(make(""), request))
-        return Answer(await self._ask(make(ssn), context), ssn)
+            return Routed(await self._unrouted(make(""), request))
+        return Routed(await self.requests.ask(make(ssn), self._timeout(context)), ssn)
 
     async def Authorize(
         self, request: pos_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
@@ -255,7 +246,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         started = time.perf_counter()
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
-        answer = await self._swipe(request, context, lambda ssn: model.Authorize(
+        answer = await self._decided(request, request_id, context, lambda ssn: model.Authorize(
             request_id=request_id, at_ms=self.clock(), ssn=ssn, card_no=request.card_no,
             institution_id=t.institution_id, amount_fen=request.amount_fen,
             allow_partial=request.allow_partial, pin=PinOutcome.NOT_VERIFIED,
@@ -284,7 +275,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         started = time.perf_counter()
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
-        answer = await self._swipe(request, context, lambda ssn: model.BalanceInquiry(
+        answer = await self._decided(request, request_id, context, lambda ssn: model.BalanceInquiry(
             request_id, self.clock(), ssn, request.card_no, t.institution_id,
             terminal_id=t.terminal_id, pin_block=request.pin_block.hex()))  # fmt: skip
         reply = answer.reply
@@ -315,7 +306,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
         original = request_id_of(t.terminal_id, request.original_trace_number)
-        answer = await self._command(request, context, lambda ssn: model.Reverse(
+        answer = await self._decided(request, request_id, context, lambda ssn: model.Reverse(
             request_id, self.clock(), ssn, original, request.card_no,
             request.amount_fen))  # fmt: skip
         reply = answer.reply
@@ -340,7 +331,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         original = request_id_of(
             request.original_terminal_id or t.terminal_id, request.original_trace_number
         )
-        answer = await self._command(request, context, lambda ssn: model.Refund(
+        answer = await self._decided(request, request_id, context, lambda ssn: model.Refund(
             request_id, self.clock(), ssn, original, request.card_no,
             request.amount_fen))  # fmt: skip
         reply = answer.reply
@@ -356,23 +347,6 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
             state=state_of(answer.ssn, reply),
         )
         return await self._sent("Refund", t.terminal_id, out, started)
-
-    async def _command(
-        self,
-        request: pos_pb2.ReverseRequest | pos_pb2.RefundRequest,
-        context: grpc.aio.ServicerContext,
-        make: Callable[[str], model.Reverse | model.Refund],
-    ) -> Answer:
-        """Reverse and Refund: route by card or social security number, ask the worker."""
-        checked = await self._checked(request)
-        if checked is not None:
-            return checked
-        ssn = await self._person_of(request)
-        if not ssn:
-            t = request.terminal
-            return Answer(Reply(request_id_of(t.terminal_id, t.trace_number),
-                                ResultCode.CARD_UNKNOWN))  # fmt: skip
-        return Answer(await self._ask(make(ssn), context), ssn)
 
 
 def add_pos_service(servicer: PosGateway, server: grpc.aio.Server) -> None:
@@ -427,12 +401,12 @@ def run(
     settings = get_settings()
     policy = load_policy(settings)
 
-    def gateway(bus: CommandBus) -> PosGateway:  # inside the server's event loop
+    def gateway(requests: Requester, cards: CardIndex) -> PosGateway:  # in the server's loop
         if not hsm_address:
-            return PosGateway(bus, deadline_ms, policy)
+            return PosGateway(requests, cards, deadline_ms, policy)
         security = TerminalSecurity(HsmClient(hsm_address, pki_dir),
                                     settings.card_cryptogram_required)  # fmt: skip
-        return PosGateway(bus, deadline_ms, policy, security=security)
+        return PosGateway(requests, cards, deadline_ms, policy, security=security)
 
     asyncio.run(
         serve_commands(
@@ -441,7 +415,7 @@ def run(
             instance_id,
             f"{host}:{port}",
             pos_pb2.DESCRIPTOR.services_by_name["PosService"].full_name,
-            lambda bus, server: add_pos_service(gateway(bus), server),
+            lambda requests, cards, server: add_pos_service(gateway(requests, cards), server),
             pki_dir,
         )
     )

@@ -13,6 +13,9 @@ from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
 BUILD = Info("medclear_build", "The running medclear: version, Python and the process's role")
 READY = Gauge("medclear_ready", "1 once this process can serve (partitions assigned, caught up)")
+CARD_INDEX_FULL = Gauge(
+    "medclear_card_index_full", "1 once the card index holds its bound of cards and takes no more"
+)
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -87,7 +90,7 @@ HSM_RESULTS = Counter(
 )
 HSM_UNAVAILABLE = Counter(
     "medclear_worker_hsm_unavailable_total",
-    "PIN checks the worker had to retry because the HSM did not answer",
+    "PIN checks (worker or gateway) the HSM did not answer, each ask counted",
 )
 PRE_LOSS_EXPIRIES = Counter(
     "medclear_pre_loss_expiries_sent_total", "Expiry commands sent by the pre-loss timer"

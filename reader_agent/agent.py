@@ -19,10 +19,10 @@ Receipts (receipt.py) mask the card and the name.
 
 The swipe is recorded in the journal before it is sent with a deadline. A decision closes
 the journal entry. No decision (deadline passed, connection lost, the gateway's own
-TIMEOUT, or a reply without a valid MAC, which is no answer) leaves the outcome unknown:
-the agent sends a Reverse for that trace until one is answered, before the next swipe and
-with `medclear agent reversals`; an agent that crashes meanwhile does it when it starts
-again (the journal entry is still open).
+TIMEOUT or UNAVAILABLE, or a reply without a valid MAC, which is no answer) leaves the
+outcome unknown: the agent sends a Reverse for that trace until one is answered, before
+the next swipe and with `medclear agent reversals`; an agent that crashes meanwhile does
+it when it starts again (the journal entry is still open).
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ R = TypeVar("R", pos_pb2.BalanceInquiryReply, pos_pb2.RefundReply)
 DEADLINE_S = 5.0  # a swipe's whole round trip to the gateway
 REVERSAL_TRIES = 3  # per settlement attempt; the journal keeps it open after that
 REVERSAL_BACKOFF_S = (0.2, 0.5, 1.0)
+# A swipe answered so may still be decided (a worker that answered UNAVAILABLE because the
+# HSM was silent can crash and decide it again later): reversed, as after no answer.
+NO_DECISION = (ResultCode.TIMEOUT, ResultCode.UNAVAILABLE)
 # No answer the journal may close on: a reversal is sent again until one is answered.
 UNSETTLED = (
     ResultCode.TIMEOUT,
@@ -215,7 +218,7 @@ class Agent:
             if not self._genuine(reply):  # not the gateway's answer: as good as none
                 reply, result = None, ResultCode.MAC_INVALID
                 reversal = self._reverse(sent)
-            elif result == ResultCode.TIMEOUT:
+            elif result in NO_DECISION:
                 reversal = self._reverse(sent)
             else:
                 self.journal.done(trace)

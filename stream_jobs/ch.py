@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 from clickhouse_driver import Client
 
-from clearing import model, settlement, validate
+from clearing import model, reconciliation, validate
 from clearing.abnormal import Alert
 from clearing.calendar import EPOCH, shanghai_day
 from clearing.codes import InstitutionType, ResultCode, message_of
@@ -445,8 +445,8 @@ def present_event_ids(client: Client, event_ids: Sequence[str]) -> set[str]:
 # ---------------------------------------------------------------------------- institutions' files
 
 
-def insert_institution_files(client: Client, totals: Sequence[settlement.TotalsRow],
-                             details: Sequence[settlement.DetailLine], totals_source: str,
+def insert_institution_files(client: Client, totals: Sequence[reconciliation.TotalsRow],
+                             details: Sequence[reconciliation.DetailLine], totals_source: str,
                              details_source: str, imported_at_ms: int) -> None:  # fmt: skip
     """Store an institution's imported totals and detail lines (`institution_totals`,
     `institution_details`); a later import of the same day supersedes it (readers take the
@@ -468,7 +468,7 @@ def insert_institution_files(client: Client, totals: Sequence[settlement.TotalsR
 
 def institution_files(
     client: Client, day: int, institution: str | None
-) -> tuple[dict[str, settlement.Totals], list[settlement.DetailLine], set[str]]:
+) -> tuple[dict[str, reconciliation.Totals], list[reconciliation.DetailLine], set[str]]:
     """The latest import per institution of the day's totals and detail lines, and the
     institutions that sent detail lines."""
     params: dict[str, Any] = {"day": day_date(day)}
@@ -476,14 +476,14 @@ def institution_files(
     if institution is not None:
         where += " AND institution_id = %(institution)s"
         params["institution"] = institution
-    totals: dict[str, settlement.Totals] = {}
+    totals: dict[str, reconciliation.Totals] = {}
     for inst, count, total, account in client.execute(
         "SELECT institution_id, argMax(count, imported_at_ms), argMax(total_fen, imported_at_ms),"
         f" argMax(account_fen, imported_at_ms) FROM institution_totals WHERE {where}"
         " GROUP BY institution_id",
         params,
     ):
-        totals[str(inst)] = settlement.Totals(int(count), int(total), int(account))
+        totals[str(inst)] = reconciliation.Totals(int(count), int(total), int(account))
     rows = client.execute(
         "SELECT institution_id, request_id, kind, amount_fen, account_fen, line, imported_at_ms"
         f" FROM institution_details WHERE {where}",
@@ -492,8 +492,12 @@ def institution_files(
     latest: dict[str, int] = {}
     for row in rows:
         latest[row[0]] = max(latest.get(row[0], 0), int(row[6]))
-    lines = [settlement.DetailLine(str(inst), day, str(request_id), settlement.DetailKind(kind),
-                                   int(amount), int(account), int(line))
-             for inst, request_id, kind, amount, account, line, imported in rows
-             if int(imported) == latest[inst]]  # fmt: skip
+    kind_of = reconciliation.DetailKind
+    lines = [
+        reconciliation.DetailLine(
+            str(inst), day, str(request_id), kind_of(kind), int(amount), int(account), int(line)
+        )
+        for inst, request_id, kind, amount, account, line, imported in rows
+        if int(imported) == latest[inst]
+    ]
     return totals, lines, set(latest)

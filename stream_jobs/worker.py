@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from clearing import codec
-from clearing.batch import PinAnswer, Step, malformed, needs_pin, pin_card, step
+from clearing.batch import BatchStep, CheckedPin, malformed, needs_pin, pin_card, step
 from clearing.codes import InstitutionType, ResultCode
 from clearing.model import (
     Authorize,
@@ -38,7 +38,6 @@ from clearing.model import (
     Command,
     Event,
     Person,
-    PinOutcome,
     Policy,
     Refunded,
     Reply,
@@ -46,13 +45,14 @@ from clearing.model import (
     SwipeReversed,
 )
 from clearing.redact import Redaction, card_index_record, published
-from medclear.infra import topics
+from medclear.infra import replies, topics
 from medclear.infra.hsm_client import HsmClient
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import FETCH_WAIT_MS
+from medclear.infra.pin_check import PinCheck
 from medclear.infra.settings import Settings, pki_dir
 from medclear.infra.tokens import load_redaction
-from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE, HEADER_REPLY_TO, header
+from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE
 from medclear.streams.process import run_in_foreground
 from medclear.streams.runtime import Batch, Runtime
 from monitoring import metrics
@@ -64,51 +64,14 @@ APP_ID = jobs.WORKER_KAFKA.prefix
 PERSONS_TABLE = "persons"
 BATCH_MAX = 256  # commands decided together at most
 IN_FLIGHT_MAX = 2  # the next batch is decided while this one's acknowledgements are pending
-HSM_RETRY_BACKOFF_MIN_S = 0.1
-HSM_RETRY_BACKOFF_MAX_S = 5.0
-PIN_OUTCOME_OF = {ResultCode.OK: PinOutcome.CORRECT, ResultCode.PIN_WRONG: PinOutcome.WRONG}
 STEP_NAMES = {"decide": "decide", "outputs": "events", "state": "state", "replies": "reply"}
 PERSONS_DECODED_MAX = 10_000  # decoded persons kept, keyed by their stored bytes
-
-
-class PinChecker:
-    """Asks the HSM about a PIN block: against the card's verification value when the card
-    has one, else for the block's form only (an unknown card, or one with the initial PIN,
-    still gets PIN_BLOCK_INVALID first: precedence). Only the encrypted block and the PVV
-    cross. With the HSM away this partition waits: no decision without the PIN check."""
-
-    def __init__(self, hsm: HsmClient) -> None:
-        self._hsm = hsm
-
-    async def answer(self, command: Authorize | BalanceInquiry, pvv: str) -> PinAnswer:
-        if not command.pin_block:
-            return PinAnswer(PinOutcome.INVALID_BLOCK, pvv)
-        try:
-            block = bytes.fromhex(command.pin_block)
-        except ValueError:
-            return PinAnswer(PinOutcome.INVALID_BLOCK, pvv)
-        backoff_s = HSM_RETRY_BACKOFF_MIN_S
-        while True:
-            if pvv:
-                code = await self._hsm.verify_pin(command.terminal_id, block, command.card_no,
-                                                  bytes.fromhex(pvv))  # fmt: skip
-            else:
-                code = await self._hsm.check_pin_block(command.terminal_id, block,
-                                                       command.card_no)  # fmt: skip
-                if code == ResultCode.OK:
-                    return PinAnswer(PinOutcome.NOT_VERIFIED, pvv)  # well formed; no PIN to match
-            if code != ResultCode.UNAVAILABLE:
-                return PinAnswer(PIN_OUTCOME_OF.get(code, PinOutcome.INVALID_BLOCK), pvv)
-            metrics.HSM_UNAVAILABLE.inc()
-            log.warning("hsm unavailable; waiting", retry_in_s=backoff_s)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, HSM_RETRY_BACKOFF_MAX_S)
 
 
 class Worker:
     """The runtime's handler: a batch of command records → outputs, state, replies."""
 
-    def __init__(self, policy: Policy, redaction: Redaction, pins: PinChecker | None) -> None:
+    def __init__(self, policy: Policy, redaction: Redaction, pins: PinCheck | None) -> None:
         self.policy = policy
         self.redaction = redaction
         self.pins = pins
@@ -134,30 +97,39 @@ class Worker:
             self._decoded.popitem(last=False)
 
     def _reply(self, batch: Batch, record: Any, reply: Reply) -> None:
-        """To the asking gateway's reply topic, sealed under the person key (a reply may
-        carry a person's whole record: a lookup), with no key (no ssn) of its own."""
-        reply_to = header(record.headers, HEADER_REPLY_TO)
-        correlation = header(record.headers, HEADER_CORRELATION)
-        if reply_to and correlation:
-            sealed = self.redaction.person.seal_bytes(codec.encode(reply), correlation.hex())
-            batch.reply(reply_to.decode(), sealed, headers=[(HEADER_CORRELATION, correlation)])
+        """To the asking gateway's reply topic (medclear/infra/replies.py), with no key (no
+        ssn) of its own."""
+        address = replies.address_of(record)
+        if address is not None:
+            topic, correlation = address
+            batch.reply(topic, replies.sealed(reply, correlation, self.redaction.person),
+                        headers=[(HEADER_CORRELATION, correlation)])  # fmt: skip
 
     async def _answers(
-        self, persons: dict[bytes, Person | None], commands: list[tuple[bytes, Command]], first: int
-    ) -> dict[int, PinAnswer]:
-        """The HSM's answers for commands[first:] against `persons`, concurrently."""
+        self,
+        persons: dict[bytes, Person | None],
+        commands: list[tuple[bytes, Command]],
+        first: int,
+        stopping: asyncio.Event,
+    ) -> dict[int, CheckedPin]:
+        """The HSM's answers for commands[first:] against `persons`, concurrently: against
+        the card's PVV when it has one, else the block's form (an unknown card, or one with
+        the initial PIN, still gets PIN_BLOCK_INVALID first: precedence)."""
         if self.pins is None:
             return {}
         pins = self.pins
         asks: dict[int, Any] = {}
+        pvvs: dict[int, str] = {}
         for index in range(first, len(commands)):
             key, command = commands[index]
             person = persons.get(key)
             if isinstance(command, Authorize | BalanceInquiry) and needs_pin(person, command):
                 card = pin_card(person, command)
-                asks[index] = pins.answer(command, card.pvv if card is not None else "")
-        answers = await asyncio.gather(*asks.values())
-        return dict(zip(asks, answers, strict=True))
+                pvvs[index] = card.pvv if card is not None else ""
+                asks[index] = pins.of_hex(command.terminal_id, command.pin_block,
+                                          command.card_no, pvvs[index], stopping)  # fmt: skip
+        outcomes = await asyncio.gather(*asks.values())
+        return {i: CheckedPin(o, pvvs[i]) for i, o in zip(asks, outcomes, strict=True)}
 
     async def handle(self, batch: Batch) -> None:
         started = time.perf_counter()
@@ -186,8 +158,8 @@ class Worker:
             origin.append(record)
         first, decided = 0, []
         while first < len(commands):
-            answers = await self._answers(persons, commands, first)
-            result: Step = step(persons, commands, answers, self.policy, first)
+            answers = await self._answers(persons, commands, first, batch.runtime.stopping)
+            result: BatchStep = step(persons, commands, answers, self.policy, first)
             decided += result.decided
             persons.update(result.persons)
             for key, person in result.persons.items():
@@ -253,7 +225,7 @@ def observe_step(step_name: str, seconds: float) -> None:
 
 def create(settings: Settings, policy: Policy, kafka: KafkaAccess, index: int = 0) -> Runtime:
     redaction = load_redaction(settings)  # no card number, ssn, name or phone leaves in clear
-    pins = (PinChecker(HsmClient(settings.hsm_address, pki_dir(settings)))
+    pins = (PinCheck(HsmClient(settings.hsm_address, pki_dir(settings)))
             if settings.terminal_security else None)  # fmt: skip
     echo = settings.worker_mode == "echo"
     if echo:

@@ -20,7 +20,8 @@ from clearing.limits import SHANGHAI_UTC_OFFSET_MS
 from medclear import stack
 from medclear.cli import agent as agent_cli
 from medclear.cli import recon as cli_recon
-from medclear.cli.recon import import_, print_report, reconcile, render_html, summary
+from medclear.cli.recon import import_, reconcile
+from medclear.cli.recon_report import print_report, render_html, summary
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
 from medclear.infra.policy import load_institutions

@@ -1,8 +1,10 @@
 """A gRPC server in front of the command topic (the gateway, the card registry): the
-command bus started first, health and reflection served, READY set while serving."""
+asking end of the reply protocol and the card index started first, health and reflection
+served, READY set while serving."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,8 +12,11 @@ import grpc
 import structlog
 
 from clearing.redact import PERSON
-from medclear.infra.bus import CommandBus
+from medclear.infra import topics
+from medclear.infra.card_index import CardIndex
 from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.kafka_admin import wait_for_topics
+from medclear.infra.replies import Requester
 from medclear.infra.rpc import create_server, serve_until_stopped
 from medclear.infra.settings import get_settings
 from medclear.infra.tokens import load_card_tokens, load_sealer
@@ -24,26 +29,30 @@ async def serve_commands(
     instance_id: str,
     address: str,
     service_name: str,
-    register: Callable[[CommandBus, grpc.aio.Server], None],
+    register: Callable[[Requester, CardIndex, grpc.aio.Server], None],
     pki_dir: Path | None = None,
 ) -> None:
-    """Run a gRPC server whose servicer talks to the command bus, until terminated:
-    start the bus, serve with health and reflection, mark the process ready; at SIGTERM,
-    NOT_SERVING and not ready first, then stop the server (calls in flight may finish)
-    and the bus."""
+    """Run a gRPC server whose servicer asks the workers and reads the card index, until
+    terminated: start both (the process may start beside its broker: it waits for the
+    broker and the topics first), serve with health and reflection, mark the process
+    ready; at SIGTERM, NOT_SERVING and not ready first, then stop the server (calls in
+    flight may finish), the requester and the index."""
     settings = get_settings()
-    bus = CommandBus(kafka, instance_id, load_card_tokens(settings),
-                     load_sealer(settings, PERSON))  # fmt: skip
-    await bus.start()
+    person = load_sealer(settings, PERSON)
+    found = await wait_for_topics(kafka, [topics.COMMANDS.name, topics.CARD_INDEX.name])
+    requests = Requester(kafka, instance_id, person)
+    cards = CardIndex(kafka, load_card_tokens(settings), person)
+    await requests.start()
+    await cards.start(found[topics.CARD_INDEX.name])
     server, bound, health_servicer = await create_server(
-        address, lambda s: register(bus, s), [service_name], pki_dir
+        address, lambda s: register(requests, cards, s), [service_name], pki_dir
     )
     metrics.READY.set(1)
     structlog.get_logger(process=process).info(
-        f"{process} serving", port=bound, reply_topic=bus.reply_topic
+        f"{process} serving", port=bound, reply_topic=requests.reply_topic
     )
     try:
         await serve_until_stopped(server, health_servicer, lambda: metrics.READY.set(0))
     finally:
         metrics.READY.set(0)
-        await bus.stop()
+        await asyncio.gather(requests.stop(), cards.stop())

@@ -62,7 +62,7 @@ COMPACTED = {SETTLEMENTS.name, CARD_INDEX.name}
 REPLY_RETENTION_MS = 3_600_000  # a reply is read within seconds or never (the caller gave up)
 REPLY_SEGMENT_MS = 600_000  # … so the broker rolls and deletes them in small pieces
 # Headers of a command record: where the worker sends the reply, and the id the waiting
-# gateway or registry matches it by (medclear/infra/bus.py).
+# gateway or registry matches it by (medclear/infra/replies.py).
 HEADER_REPLY_TO = "reply-to"
 HEADER_CORRELATION = "correlation-id"
 # Header of an event record: the event's class name (codec.RECORD_TYPES), so a job skips

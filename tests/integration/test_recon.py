@@ -20,16 +20,18 @@ from typing import Any
 import grpc
 import openpyxl
 import pytest
+from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2_grpc
 
+from clearing import reconciliation
 from clearing import settlement as rules
 from clearing.calendar import shanghai_day
 from clearing.codes import ResultCode
 from clearing.money import format_yuan
 from medclear import stack
-from medclear.cli.recon import log_figures, read_settlements, reconcile, summary
+from medclear.cli.recon import log_figures, read_settlements, reconcile
+from medclear.cli.recon_report import summary
 from medclear.infra.exits import Exit
 from medclear.infra.settings import Settings
-from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2_grpc
 from stream_jobs import ch
 from tests.integration.running import running_stack
 from tests.integration.test_swipe_e2e import authorize, enrol
@@ -176,7 +178,7 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
 
     # settlement (Kafka state) and the ClickHouse log (sink) both catch up
     def settled() -> object:
-        totals = rules.settlement_totals(read_settlements(endpoints.kafka()), day)
+        totals = reconciliation.settlement_totals(read_settlements(endpoints.kafka()), day)
         got = {inst: t.account_fen for inst, t in totals.items()}
         return got == expected_net or got
 
@@ -205,7 +207,7 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
     # ... with three mismatches: a transaction the institution lacks, a changed amount,
     # and an extra line medclear never saw
     lines.remove(dropped)
-    lines[lines.index(changed)] = rules.DetailLine(
+    lines[lines.index(changed)] = reconciliation.DetailLine(
         changed.institution_id,
         day,
         changed.request_id,
@@ -213,7 +215,9 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
         changed.amount_fen + 1_00,
         changed.account_fen + 1_00,
     )
-    extra = rules.DetailLine(PHARMACY, day, "TR-P9:999", rules.DetailKind.SWIPE, 3_00, 3_00)
+    extra = reconciliation.DetailLine(
+        PHARMACY, day, "TR-P9:999", reconciliation.DetailKind.SWIPE, 3_00, 3_00
+    )
     lines.append(extra)
     totals_csv, details_csv = tmp_path / "totals.csv", tmp_path / "details.csv"
     totals_csv.write_text(_totals_csv(day, lines), encoding="utf-8")
@@ -225,12 +229,15 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
 
     report = reconcile(settings, day, None)
     status = {r.institution_id: r.status for r in report.rows}
-    assert status == {HOSPITAL: rules.Status.MATCHED, PHARMACY: rules.Status.MISMATCHED}
+    assert status == {
+        HOSPITAL: reconciliation.Status.MATCHED,
+        PHARMACY: reconciliation.Status.MISMATCHED,
+    }
     found = {(d.request_id, d.issue) for d in report.diffs}
     assert found == {
-        (dropped.request_id, rules.DetailIssue.MISSING_IN_FILE),
-        (changed.request_id, rules.DetailIssue.AMOUNT_DIFFERS),
-        (extra.request_id, rules.DetailIssue.MISSING_IN_MEDCLEAR),
+        (dropped.request_id, reconciliation.DetailIssue.MISSING_IN_FILE),
+        (changed.request_id, reconciliation.DetailIssue.AMOUNT_DIFFERS),
+        (extra.request_id, reconciliation.DetailIssue.MISSING_IN_MEDCLEAR),
     }, summary(report)
 
     html_path = tmp_path / "recon.html"
@@ -307,12 +314,12 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
     assert time.monotonic() - started < 120
 
 
-def _totals_csv(day: int, lines: list[rules.DetailLine]) -> str:
+def _totals_csv(day: int, lines: list[reconciliation.DetailLine]) -> str:
     """The institution's totals follow its own detail lines (injected changes included)."""
     out = ["institution_id,day,count,total_amount,account_amount"]
     for inst in sorted({x.institution_id for x in lines}):
         mine = [x for x in lines if x.institution_id == inst]
-        sign = {rules.DetailKind.SWIPE: 1, rules.DetailKind.REFUND: -1}
+        sign = {reconciliation.DetailKind.SWIPE: 1, reconciliation.DetailKind.REFUND: -1}
         total = sum(sign[x.kind] * x.amount_fen for x in mine)
         account = sum(sign[x.kind] * x.account_fen for x in mine)
         out.append(
@@ -321,7 +328,7 @@ def _totals_csv(day: int, lines: list[rules.DetailLine]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _details_csv(lines: list[rules.DetailLine]) -> str:
+def _details_csv(lines: list[reconciliation.DetailLine]) -> str:
     out = ["institution_id,day,request_id,kind,amount,account_amount"]
     out += [
         f"{x.institution_id},{rules.iso_day(x.day)},{x.request_id},{x.kind.value},"

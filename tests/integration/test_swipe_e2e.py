@@ -198,6 +198,25 @@ def test_declines_change_nothing(
     assert ResultCode(ok.result) == ResultCode.OK and ok.balance_after_fen == 0
 
 
+def test_a_reversal_or_a_refund_for_a_card_no_one_holds_finds_no_original(
+    pos: pos_pb2_grpc.PosServiceStub,
+) -> None:
+    """Decided by the core on no person, as a reversal of a swipe it never saw."""
+
+    def terminal(trace: int) -> common_pb2.TerminalContext:
+        return common_pb2.TerminalContext(terminal_id="T-IT-9", institution_id=PHARMACY,
+                                          trace_number=trace)  # fmt: skip
+
+    reverse = pos.Reverse(pos_pb2.ReverseRequest(terminal=terminal(2), card_no="ZZ0000001",
+                                                 original_trace_number=1), timeout=10)  # fmt: skip
+    refund = pos.Refund(pos_pb2.RefundRequest(terminal=terminal(3), card_no="ZZ0000001",
+                                              original_trace_number=1, amount_fen=1_00),
+                        timeout=10)  # fmt: skip
+    assert ResultCode(reverse.result) == ResultCode.ORIGINAL_NOT_FOUND, reverse.message
+    assert ResultCode(refund.result) == ResultCode.ORIGINAL_NOT_FOUND, refund.message
+    assert reverse.reversed_amount_fen == 0 and refund.refunded_amount_fen == 0
+
+
 def test_a_pre_loss_report_blocks_the_next_swipe_and_a_release_restores_it(
     registry: registry_pb2_grpc.CardRegistryServiceStub, pos: pos_pb2_grpc.PosServiceStub
 ) -> None:

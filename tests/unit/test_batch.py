@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from clearing.batch import PinAnswer, needs_pin, step
+from clearing.batch import CheckedPin, needs_pin, step
 from clearing.codes import ResultCode
 from clearing.model import Authorize, BalanceInquiry, CardCommand, PinOutcome
 from tests.unit.conftest import CARD, HOSPITAL, POLICY, SSN, T0_MS, make_person
@@ -35,7 +35,10 @@ def test_pin_answers_are_applied_and_a_repeat_needs_none() -> None:
     person = make_person()
     card = person.card(CARD)
     assert card is not None
-    answers = {0: PinAnswer(PinOutcome.CORRECT, card.pvv), 1: PinAnswer(PinOutcome.WRONG, card.pvv)}
+    answers = {
+        0: CheckedPin(PinOutcome.CORRECT, card.pvv),
+        1: CheckedPin(PinOutcome.WRONG, card.pvv),
+    }
     result = step({KEY: person}, [(KEY, authorize(1)), (KEY, authorize(2))], answers, SECURED)
     assert [d.reply.result for d in result.decided] == [ResultCode.OK, ResultCode.PIN_WRONG]
     after = result.persons[KEY]
@@ -49,9 +52,9 @@ def test_a_pin_changed_earlier_in_the_batch_stops_the_step_for_a_new_answer() ->
     assert card is not None
     change = CardCommand("W1:1", T0_MS, SSN, CARD, "change_pin", pvv=PVV_NEW)
     commands = [(KEY, change), (KEY, authorize(2))]
-    answers = {1: PinAnswer(PinOutcome.CORRECT, card.pvv)}  # asked before the change
+    answers = {1: CheckedPin(PinOutcome.CORRECT, card.pvv)}  # asked before the change
     first = step({KEY: person}, commands, answers, SECURED)
     assert first.recheck_from == 1 and [d.index for d in first.decided] == [0]
     persons = {KEY: first.persons[KEY]}
-    second = step(persons, commands, {1: PinAnswer(PinOutcome.WRONG, PVV_NEW)}, SECURED, first=1)
+    second = step(persons, commands, {1: CheckedPin(PinOutcome.WRONG, PVV_NEW)}, SECURED, first=1)
     assert [d.reply.result for d in second.decided] == [ResultCode.PIN_WRONG]

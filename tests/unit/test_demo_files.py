@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clearing import settlement
+from clearing import reconciliation
 from medclear.sim.demo import DemoStats, Sale, institution_files
 
 
@@ -32,8 +32,10 @@ def test_institution_files_parse_and_add_up(tmp_path: Path) -> None:
     assert len(files) == 2
     by_inst = {}
     for totals_path, detail_path in files:
-        totals, errors = settlement.parse_totals(totals_path.read_text(), str(totals_path))
-        details, detail_errors = settlement.parse_details(detail_path.read_text(), str(detail_path))
+        totals, errors = reconciliation.parse_totals(totals_path.read_text(), str(totals_path))
+        details, detail_errors = reconciliation.parse_details(
+            detail_path.read_text(), str(detail_path)
+        )
         assert errors == [] and detail_errors == []
         by_inst[totals[0].institution_id] = (totals[0], details)
     pharmacy, lines = by_inst["310101P00001"]

@@ -146,12 +146,9 @@ def test_any_set_of_faults_is_answered_with_the_lowest_code(
 def test_the_check_lists_are_in_result_code_order() -> None:
     for checks in (pos.SWIPE_CHECKS, pos.ENQUIRY_CHECKS):
         assert checks[0] is pos.SWIPE_CHECKS[0]  # malformed first, then the PIN block
+    assert len(pos.SWIPE_ORDER) == len(pos.SWIPE_CHECKS)
     with pytest.raises(AssertionError, match="out of result-code order"):
-        backwards = (
-            (ResultCode.CARD_UNKNOWN, pos.SWIPE_CHECKS[0]),
-            (ResultCode.PIN_BLOCK_INVALID, pos.SWIPE_CHECKS[1]),
-        )
-        pos._in_code_order(backwards)
+        pos.in_code_order((ResultCode.CARD_UNKNOWN, ResultCode.PIN_BLOCK_INVALID), "backwards")
 
 
 def test_a_card_unused_by_the_faults_keeps_its_defaults() -> None:

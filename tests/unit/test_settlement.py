@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clearing import reconciliation as r
 from clearing import settlement as s
 from clearing.calendar import HOUR_MS, day_start_ms, shanghai_day
 from clearing.codes import InstitutionType
@@ -146,7 +147,7 @@ def test_a_late_reversal_goes_into_an_adjustment_line_of_the_next_open_day() -> 
     d1 = state.day(D + 1)
     assert d1 is not None and d1.net_fen == -7_00 - 1_00 + 4_00
     # settlement's view of D now: the closed day plus the adjustments naming it
-    totals = s.settlement_totals(state.days, D)[INST]
+    totals = r.settlement_totals(state.days, D)[INST]
     assert (totals.count, totals.account_fen) == (2 - 1 + 1 + 1, 17_00 - 7_00 - 1_00 + 4_00)
 
 
@@ -288,11 +289,11 @@ def test_totals_file_is_validated_with_line_numbers() -> None:
         f"{OTHER},2026-11-19,1,1.00\n"
         f"{OTHER},2026-11-19,1,1.00,2.00\n"
     )
-    rows, errors = s.parse_totals(text, "f.csv")
-    assert [r.totals for r in rows] == [s.Totals(3, 40_00, 35_00)]
+    rows, errors = r.parse_totals(text, "f.csv")
+    assert [r.totals for r in rows] == [r.Totals(3, 40_00, 35_00)]
     assert [e.split(":")[1] for e in errors] == ["3", "4", "5", "6", "7", "8"]
     assert "again (first on line 2)" in errors[3] and "two decimals" in errors[2]
-    _rows, bad_header = s.parse_totals("inst,day\n", "g.csv")
+    _rows, bad_header = r.parse_totals("inst,day\n", "g.csv")
     assert bad_header and bad_header[0].startswith("g.csv:1: header")
 
 
@@ -305,42 +306,42 @@ def test_details_file_is_validated() -> None:
         f"{INST},2026-11-19,T1:3,payment,1.00,1.00\n"
         f"{INST},2026-11-19,F:1,refund,3.00,3.00\n"
     )
-    lines, errors = s.parse_details(text, "d.csv")
+    lines, errors = r.parse_details(text, "d.csv")
     assert [(x.request_id, x.kind, x.amount_fen, x.account_fen) for x in lines] == [
-        ("T1:1", s.DetailKind.SWIPE, 12_50, 10_00),
-        ("F:1", s.DetailKind.REFUND, 3_00, 3_00),
+        ("T1:1", r.DetailKind.SWIPE, 12_50, 10_00),
+        ("F:1", r.DetailKind.REFUND, 3_00, 3_00),
     ]
     assert [e.split(":")[1] for e in errors] == ["3", "4", "5"]
 
 
 def test_log_view_and_three_way_comparison_find_exactly_the_differences() -> None:
-    swipes = [s.LogSwipe(INST, f"T1:{n}", 10_00 + n, 10_00) for n in range(4)]
-    reversals = [s.LogReturn(INST, "T1:3", 10_00)]
-    refunds = [s.LogReturn(INST, "F:1", 2_00)]
-    totals, lines = s.log_view(D, swipes, reversals, refunds)
-    assert totals[INST] == s.Totals(3 + 1, (10_00 + 10_01 + 10_02) - 2_00, 30_00 - 2_00)
+    swipes = [r.LogSwipe(INST, f"T1:{n}", 10_00 + n, 10_00) for n in range(4)]
+    reversals = [r.LogReturn(INST, "T1:3", 10_00)]
+    refunds = [r.LogReturn(INST, "F:1", 2_00)]
+    totals, lines = r.log_view(D, swipes, reversals, refunds)
+    assert totals[INST] == r.Totals(3 + 1, (10_00 + 10_01 + 10_02) - 2_00, 30_00 - 2_00)
     assert {x.request_id for x in lines} == {"T1:0", "T1:1", "T1:2", "F:1"}
     file_lines = [x for x in lines if x.request_id != "T1:1"]  # missing at the institution
     file_lines = [
-        s.DetailLine(x.institution_id, x.day, x.request_id, x.kind, x.amount_fen + 1, x.account_fen)
+        r.DetailLine(x.institution_id, x.day, x.request_id, x.kind, x.amount_fen + 1, x.account_fen)
         if x.request_id == "T1:2"
         else x
         for x in file_lines
     ]
-    file_lines.append(s.DetailLine(INST, D, "T1:99", s.DetailKind.SWIPE, 5_00, 5_00))
-    diffs = s.compare_details(lines, file_lines, [INST])
+    file_lines.append(r.DetailLine(INST, D, "T1:99", r.DetailKind.SWIPE, 5_00, 5_00))
+    diffs = r.compare_details(lines, file_lines, [INST])
     assert [(d.request_id, d.issue) for d in diffs] == [
-        ("T1:1", s.DetailIssue.MISSING_IN_FILE),
-        ("T1:2", s.DetailIssue.AMOUNT_DIFFERS),
-        ("T1:99", s.DetailIssue.MISSING_IN_MEDCLEAR),
+        ("T1:1", r.DetailIssue.MISSING_IN_FILE),
+        ("T1:2", r.DetailIssue.AMOUNT_DIFFERS),
+        ("T1:99", r.DetailIssue.MISSING_IN_MEDCLEAR),
     ]
-    settled = {INST: s.Totals(4, None, 28_00)}
-    rows = s.compare_totals(settled, totals, {INST: totals[INST], OTHER: s.Totals(1, 1_00, 1_00)})
+    settled = {INST: r.Totals(4, None, 28_00)}
+    rows = r.compare_totals(settled, totals, {INST: totals[INST], OTHER: r.Totals(1, 1_00, 1_00)})
     assert [(r.institution_id, r.status) for r in rows] == [
-        (OTHER, s.Status.MISSING_IN_MEDCLEAR),
-        (INST, s.Status.MATCHED),
+        (OTHER, r.Status.MISSING_IN_MEDCLEAR),
+        (INST, r.Status.MATCHED),
     ]
-    wrong = s.compare_totals(settled, totals, {INST: s.Totals(4, 38_03, 27_00)})
-    assert wrong[0].status == s.Status.MISMATCHED and any("27" in n for n in wrong[0].notes)
-    absent = s.compare_totals(settled, totals, {})
-    assert absent[0].status == s.Status.MISSING_IN_FILE
+    wrong = r.compare_totals(settled, totals, {INST: r.Totals(4, 38_03, 27_00)})
+    assert wrong[0].status == r.Status.MISMATCHED and any("27" in n for n in wrong[0].notes)
+    absent = r.compare_totals(settled, totals, {})
+    assert absent[0].status == r.Status.MISSING_IN_FILE
