@@ -74,8 +74,9 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         # With an HSM, a new PIN arrives as a PIN block under the window's PIN key and the
         # HSM turns it into the card's verification value; without one (terminal security
         # off) the aggregate only records that the initial PIN was changed.
-        self.hsm = (HsmClient(hsm_address, pki_dir, HSM_WINDOW_CALL_TIMEOUT_S)
-                    if hsm_address else None)  # fmt: skip
+        self.hsm = (
+            HsmClient(hsm_address, pki_dir, HSM_WINDOW_CALL_TIMEOUT_S) if hsm_address else None
+        )
 
     async def _run(
         self,
@@ -102,8 +103,9 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         return self._answer(method, request_id, reply, ssn, detail)
 
     @staticmethod
-    def _answer(method: str, request_id: str, reply: Reply, ssn: str,
-                detail: str) -> registry_pb2.RegistryReply:  # fmt: skip
+    def _answer(
+        method: str, request_id: str, reply: Reply, ssn: str, detail: str
+    ) -> registry_pb2.RegistryReply:
         """The worker's decision (or a refusal made here) as the service's reply."""
         metrics.GATEWAY_RESULTS.labels(method, reply.result.name).inc()
         card = None
@@ -199,8 +201,9 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         if detail:
             return self._refused(request.window.request_id, ResultCode.MALFORMED_REQUEST, detail)
         if temporary and request.new_pin_block:
-            found = await self._pvv(request.window.window_id, request.new_pin_block,
-                                    request.card_no)  # fmt: skip
+            found = await self._pvv(
+                request.window.window_id, request.new_pin_block, request.card_no
+            )
             if isinstance(found, ResultCode):
                 return self._refused(request.window.request_id, found)
             pvv = found
@@ -305,10 +308,19 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
 
         def make(rid: str, at_ms: int, ssn: str, pvv: str = "") -> model.EnrolPerson:
             return model.EnrolPerson(
-                rid, at_ms, ssn, request.name, category, request.phone, request.region,
-                request.card_no, CardKind.SOCIAL_SECURITY, pvv, request.opening_balance_fen,
+                rid,
+                at_ms,
+                ssn,
+                request.name,
+                category,
+                request.phone,
+                request.region,
+                request.card_no,
+                CardKind.SOCIAL_SECURITY,
+                pvv,
+                request.opening_balance_fen,
                 request.source_id,
-            )  # fmt: skip
+            )
 
         command = make(request.window.request_id, self.clock(), request.ssn)
         code = core.new_person_enrolment(command)
@@ -334,8 +346,9 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         code, make, detail = self._enrolment(request)
         pvv = ""
         if code == ResultCode.OK:
-            found = await self._pvv(request.window.window_id, request.new_pin_block,
-                                    request.card_no)  # fmt: skip
+            found = await self._pvv(
+                request.window.window_id, request.new_pin_block, request.card_no
+            )
             code, pvv = (found, "") if isinstance(found, ResultCode) else (code, found)
         if code != ResultCode.OK:
             metrics.GATEWAY_RESULTS.labels(method, code.name).inc()
@@ -358,9 +371,13 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         started = time.perf_counter()
         persons = list(request.persons)
         if len(persons) > bounds.ENROL_BATCH_MAX:
-            await status.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               f"at most {bounds.ENROL_BATCH_MAX} persons in one call",
-                               status.Reason.FIELD_INVALID, bad_field="persons")  # fmt: skip
+            await status.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {bounds.ENROL_BATCH_MAX} persons in one call",
+                status.Reason.FIELD_INVALID,
+                bad_field="persons",
+            )
         replies: dict[int, registry_pb2.RegistryReply] = {}
         makes: dict[int, MakeEnrolment] = {}
         claimed: dict[str, str] = {}  # card number → the ssn of this batch that takes it
@@ -376,12 +393,15 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
                 makes[i] = checked
         pvvs = await self._batch_pvvs(method, persons, makes, replies)
         at_ms = self.clock()
-        asked = {i: make(persons[i].window.request_id, at_ms, persons[i].ssn, pvvs.get(i, ""))
-                 for i, make in makes.items()}  # fmt: skip
+        asked = {
+            i: make(persons[i].window.request_id, at_ms, persons[i].ssn, pvvs.get(i, ""))
+            for i, make in makes.items()
+        }
         decided = await asyncio.gather(*(self._ask(command) for command in asked.values()))
         for i, reply in zip(asked, decided, strict=True):
-            replies[i] = self._answer(method, persons[i].window.request_id, reply,
-                                      persons[i].ssn, "")  # fmt: skip
+            replies[i] = self._answer(
+                method, persons[i].window.request_id, reply, persons[i].ssn, ""
+            )
         metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
         return registry_pb2.EnrolPersonsReply(replies=[replies[i] for i in range(len(persons))])
 
@@ -400,9 +420,12 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         return self._refused(person.window.request_id, code, detail)
 
     async def _batch_pvvs(
-        self, method: str, persons: list[registry_pb2.EnrolPersonRequest],
-        makes: dict[int, MakeEnrolment], replies: dict[int, registry_pb2.RegistryReply],
-    ) -> dict[int, str]:  # fmt: skip
+        self,
+        method: str,
+        persons: list[registry_pb2.EnrolPersonRequest],
+        makes: dict[int, MakeEnrolment],
+        replies: dict[int, registry_pb2.RegistryReply],
+    ) -> dict[int, str]:
         """The verification values of the new PINs of the persons still in `makes`, one
         SetPins call per window; a person whose PIN the HSM refuses leaves `makes` for
         `replies`. Empty without an HSM (terminal security off)."""
@@ -527,17 +550,32 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
 
 def person_view(person: model.Person, reply: Reply) -> registry_pb2.PersonView:
     records = [
-        (s.at_ms, registry_pb2.Transaction(
-            request_id=s.request_id, card_no=s.card_no, institution_id=s.institution_id,
-            paid_from_account_fen=s.paid_from_account_fen, refunded_fen=s.refunded_fen,
-            reversed=s.reversed, at=shanghai_iso(s.at_ms), kind="consumption"))
+        (
+            s.at_ms,
+            registry_pb2.Transaction(
+                request_id=s.request_id,
+                card_no=s.card_no,
+                institution_id=s.institution_id,
+                paid_from_account_fen=s.paid_from_account_fen,
+                refunded_fen=s.refunded_fen,
+                reversed=s.reversed,
+                at=shanghai_iso(s.at_ms),
+                kind="consumption",
+            ),
+        )
         for s in person.swipes
     ] + [
-        (c.at_ms, registry_pb2.Transaction(
-            request_id=c.source_id, credited_fen=c.amount_fen, at=shanghai_iso(c.at_ms),
-            kind="allocation"))
+        (
+            c.at_ms,
+            registry_pb2.Transaction(
+                request_id=c.source_id,
+                credited_fen=c.amount_fen,
+                at=shanghai_iso(c.at_ms),
+                kind="allocation",
+            ),
+        )
         for c in person.credits
-    ]  # fmt: skip
+    ]
     records.sort(key=lambda r: r[0], reverse=True)  # newest first
     transactions = [t for _at, t in records[:RECENT_TRANSACTIONS_MAX]]
     cards = [

@@ -130,10 +130,19 @@ class Detector:
         card = event.card_ref or event.card_masked
 
         def alert(kind: AlertKind, detail: str) -> None:
-            alerts.append(Alert(f"{event.event_id}/{kind.value}", kind, event.at_ms,
-                                event.person_ref,
-                                event.card_ref, event.card_masked, event.institution_id,
-                                event.terminal_id, detail))  # fmt: skip
+            alerts.append(
+                Alert(
+                    f"{event.event_id}/{kind.value}",
+                    kind,
+                    event.at_ms,
+                    event.person_ref,
+                    event.card_ref,
+                    event.card_masked,
+                    event.institution_id,
+                    event.terminal_id,
+                    detail,
+                )
+            )
 
         if event.terminal_id:
             burst = self.terminals.add(event.terminal_id, event.at_ms, event.event_id)
@@ -150,14 +159,15 @@ class Detector:
                 if len(terminals) >= WRONG_PIN_TERMINALS_MIN and self.wrong_pins.first_alert(
                     card, event.at_ms
                 ):
-                    alert(AlertKind.WRONG_PINS_ACROSS_TERMINALS,
-                          f"wrong PINs at {len(terminals)} terminals")  # fmt: skip
+                    alert(
+                        AlertKind.WRONG_PINS_ACROSS_TERMINALS,
+                        f"wrong PINs at {len(terminals)} terminals",
+                    )
         elif card:
             window = self.payments.add(card, event.at_ms, event.institution_id)
             cities = {city_of(i) for _, i in window}
             if len(cities) > 1 and self.payments.first_alert(card, event.at_ms):
-                alert(AlertKind.DISTANT_INSTITUTIONS,
-                      "paid in cities " + ", ".join(sorted(cities)))  # fmt: skip
+                alert(AlertKind.DISTANT_INSTITUTIONS, "paid in cities " + ", ".join(sorted(cities)))
         return alerts
 
     def _remember(self, event_id: str) -> None:

@@ -36,19 +36,43 @@ from clearing.errors import ClearingError
 RECORD_TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
     for cls in (
-        model.RegisterPerson, model.IssueCard, model.CardCommand, model.CreditAccount,
-        model.Authorize, model.BalanceInquiry, model.Reverse, model.Refund,
-        model.ExpirePreLoss, model.ReplaceCard, model.SetPharmacyLimit, model.SetPhone,
-        model.CancelPerson, model.EnrolPerson, model.QueryPerson,
-        model.PersonRegistered, model.CardIssued, model.CardStateChanged, model.PinChanged,
-        model.AccountCredited, model.SwipeApproved, model.SwipeDeclined, model.SwipeReversed,
-        model.ReversalUnmatched, model.Refunded, model.PinTriesReset, model.PharmacyLimitSet,
+        model.RegisterPerson,
+        model.IssueCard,
+        model.CardCommand,
+        model.CreditAccount,
+        model.Authorize,
+        model.BalanceInquiry,
+        model.Reverse,
+        model.Refund,
+        model.ExpirePreLoss,
+        model.ReplaceCard,
+        model.SetPharmacyLimit,
+        model.SetPhone,
+        model.CancelPerson,
+        model.EnrolPerson,
+        model.QueryPerson,
+        model.PersonRegistered,
+        model.CardIssued,
+        model.CardStateChanged,
+        model.PinChanged,
+        model.AccountCredited,
+        model.SwipeApproved,
+        model.SwipeDeclined,
+        model.SwipeReversed,
+        model.ReversalUnmatched,
+        model.Refunded,
+        model.PinTriesReset,
+        model.PharmacyLimitSet,
         model.PhoneSet,
         model.PersonCancelled,
-        model.Reply, model.Person, model.Card, model.SwipeRecord, model.CreditRecord,
+        model.Reply,
+        model.Person,
+        model.Card,
+        model.SwipeRecord,
+        model.CreditRecord,
         abnormal.Alert,
     )
-}  # fmt: skip
+}
 
 TYPE_KEY = "@"  # the key of an encoded record that names its class
 
@@ -102,10 +126,13 @@ def _plan(cls: type[Any]) -> _Plan:
         hints = typing.get_type_hints(cls)
         fields = dataclasses.fields(cls)
         out = tuple(
-            (f.name, f.default is not dataclasses.MISSING and _is_empty(f.default),
-             _converter(hints[f.name], writing=True))
+            (
+                f.name,
+                f.default is not dataclasses.MISSING and _is_empty(f.default),
+                _converter(hints[f.name], writing=True),
+            )
             for f in fields
-        )  # fmt: skip
+        )
         plan = _PLANS[cls] = _Plan(
             out, {f.name: _converter(hints[f.name], writing=False) for f in fields}
         )

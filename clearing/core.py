@@ -140,8 +140,9 @@ def decide(person: Person | None, command: Command, policy: Policy) -> Decision:
         case QueryPerson():
             if person is None:
                 return unchanged(None, command.request_id, ResultCode.PERSON_UNKNOWN, command.at_ms)
-            return unchanged(person, command.request_id, ResultCode.OK, command.at_ms,
-                             snapshot=person)  # fmt: skip
+            return unchanged(
+                person, command.request_id, ResultCode.OK, command.at_ms, snapshot=person
+            )
         case RegisterPerson():
             return window.decide_register(person, command)
         case IssueCard():

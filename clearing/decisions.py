@@ -99,8 +99,9 @@ def with_events(
         if person is not None or (events and isinstance(events[0], PersonRegistered))
         else 0
     )
-    return Decision(tuple(events), reply(person, command.request_id, result, command.at_ms,
-                                         counted, **told))  # fmt: skip
+    return Decision(
+        tuple(events), reply(person, command.request_id, result, command.at_ms, counted, **told)
+    )
 
 
 def state_change(
@@ -112,5 +113,14 @@ def state_change(
     reason: str = "",
     deadline_ms: int = 0,
 ) -> Event:
-    return CardStateChanged(event_id(c, index), c.at_ms, c.ssn, card.card_no, op,
-                            card.state, new_state, reason, deadline_ms)  # fmt: skip
+    return CardStateChanged(
+        event_id(c, index),
+        c.at_ms,
+        c.ssn,
+        card.card_no,
+        op,
+        card.state,
+        new_state,
+        reason,
+        deadline_ms,
+    )

@@ -189,12 +189,17 @@ def _pin(p: Presented) -> Refusal | None:
     ):
         remaining = max(0, PIN_TRIES_MAX - p.card.pin_failures - 1)
         if remaining == 0:
-            return Refusal(ResultCode.PIN_TRIES_EXCEEDED,
-                           {"card_state": CardState.LOCKED, "pin_tries_remaining": 0},
-                           pin_wrong=True, lock=True)  # fmt: skip
-        return Refusal(ResultCode.PIN_WRONG,
-                       {"card_state": p.state, "pin_tries_remaining": remaining},
-                       pin_wrong=True)  # fmt: skip
+            return Refusal(
+                ResultCode.PIN_TRIES_EXCEEDED,
+                {"card_state": CardState.LOCKED, "pin_tries_remaining": 0},
+                pin_wrong=True,
+                lock=True,
+            )
+        return Refusal(
+            ResultCode.PIN_WRONG,
+            {"card_state": p.state, "pin_tries_remaining": remaining},
+            pin_wrong=True,
+        )
     return None
 
 
@@ -202,9 +207,12 @@ def _limit_told(p: Presented) -> Told:
     """What a swipe past its PIN check is told: the card, and its pharmacy swipes today."""
     assert p.person is not None and p.card is not None
     today = pharmacy_swipes_on(p.person, p.card.card_no, shanghai_day(p.command.at_ms))
-    return Told(card_state=p.state, pin_tries_remaining=PIN_TRIES_MAX,
-                pharmacy_swipes_today=today,
-                pharmacy_swipes_per_day=p.card.pharmacy_swipes_per_day)  # fmt: skip
+    return Told(
+        card_state=p.state,
+        pin_tries_remaining=PIN_TRIES_MAX,
+        pharmacy_swipes_today=today,
+        pharmacy_swipes_per_day=p.card.pharmacy_swipes_per_day,
+    )
 
 
 def _pharmacy_limit(p: Presented) -> Refusal | None:
@@ -247,7 +255,7 @@ SWIPE_LIST: tuple[tuple[ResultCode, Check], ...] = (
     (ResultCode.PIN_WRONG, _pin),
     (ResultCode.DAILY_PHARMACY_LIMIT_REACHED, _pharmacy_limit),
     (ResultCode.INSUFFICIENT_BALANCE, _balance),
-)  # fmt: skip
+)
 SWIPE_ORDER = in_code_order(tuple(code for code, _check in SWIPE_LIST), "the swipe's checks")
 SWIPE_CHECKS = tuple(check for _code, check in SWIPE_LIST)
 PAYMENT_ONLY: tuple[Check, ...] = (_colour, _pharmacy_limit, _balance)
@@ -263,8 +271,13 @@ def first_refusal(checks: tuple[Check, ...], presented: Presented) -> Refusal | 
 
 
 def _presented(person: Person | None, c: Authorize | BalanceInquiry, policy: Policy) -> Presented:
-    return Presented(c, person, person.card(c.card_no) if person else None,
-                     policy.institutions.get(c.institution_id), policy)  # fmt: skip
+    return Presented(
+        c,
+        person,
+        person.card(c.card_no) if person else None,
+        policy.institutions.get(c.institution_id),
+        policy,
+    )
 
 
 # ---------------------------------------------------------------------------- deciders
@@ -274,8 +287,9 @@ def decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> Dec
     p = _presented(person, c, policy)
     refusal = first_refusal(SWIPE_CHECKS, p)
     if refusal is not None and refusal.code in DECIDES_NOTHING:
-        return unchanged(person, c.request_id, refusal.code, c.at_ms, amount_fen=c.amount_fen,
-                         balance_fen=0)  # fmt: skip
+        return unchanged(
+            person, c.request_id, refusal.code, c.at_ms, amount_fen=c.amount_fen, balance_fen=0
+        )
     if refusal is not None:
         return _declined(p, refusal)
     assert person is not None and p.card is not None and p.institution is not None
@@ -286,15 +300,34 @@ def decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> Dec
     balance_after = person.balance_fen - paid
     day = shanghai_day(c.at_ms)
     event = SwipeApproved(
-        event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
-        p.institution.type, c.amount_fen, paid, c.amount_fen - paid, balance_after, day,
+        event_id(c, 0),
+        c.at_ms,
+        c.ssn,
+        c.request_id,
+        c.card_no,
+        c.institution_id,
+        p.institution.type,
+        c.amount_fen,
+        paid,
+        c.amount_fen - paid,
+        balance_after,
+        day,
         terminal_id=terminal_of(c),
-    )  # fmt: skip
+    )
     if p.institution.type == InstitutionType.PHARMACY:
         told["pharmacy_swipes_today"] += 1
-    return with_events(person, c, [event], result, amount_fen=c.amount_fen,
-                       paid_from_account_fen=paid, paid_in_cash_fen=c.amount_fen - paid,
-                       balance_fen=balance_after, card_no=c.card_no, **told)  # fmt: skip
+    return with_events(
+        person,
+        c,
+        [event],
+        result,
+        amount_fen=c.amount_fen,
+        paid_from_account_fen=paid,
+        paid_in_cash_fen=c.amount_fen - paid,
+        balance_fen=balance_after,
+        card_no=c.card_no,
+        **told,
+    )
 
 
 def _declined(p: Presented, refusal: Refusal) -> Decision:
@@ -302,11 +335,23 @@ def _declined(p: Presented, refusal: Refusal) -> Decision:
     SwipeDeclined event (the 3rd wrong PIN also locks the card)."""
     c = p.command
     amount_fen = c.amount_fen if isinstance(c, Authorize) else 0
-    events: list[Event] = [SwipeDeclined(
-        event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.card_no, c.institution_id,
-        amount_fen, refusal.code, refusal.pin_wrong, terminal_id=terminal_of(c),
-        pin_verified=c.pin == PinOutcome.CORRECT and refusal.code > ResultCode.PIN_TRIES_EXCEEDED,
-        inquiry=isinstance(c, BalanceInquiry))]  # fmt: skip
+    events: list[Event] = [
+        SwipeDeclined(
+            event_id(c, 0),
+            c.at_ms,
+            c.ssn,
+            c.request_id,
+            c.card_no,
+            c.institution_id,
+            amount_fen,
+            refusal.code,
+            refusal.pin_wrong,
+            terminal_id=terminal_of(c),
+            pin_verified=c.pin == PinOutcome.CORRECT
+            and refusal.code > ResultCode.PIN_TRIES_EXCEEDED,
+            inquiry=isinstance(c, BalanceInquiry),
+        )
+    ]
     if refusal.lock and p.card is not None:
         events.append(state_change(c, p.card, 1, "lock", CardState.LOCKED, "PIN tries exceeded"))
     told = refusal.told.copy()

@@ -174,17 +174,26 @@ def published(event: E, redaction: Redaction) -> E:
     }
     card_no: str = getattr(event, "card_no", "")
     if card_no:
-        changes.update(card_no="", card_ref=redaction.tokens.card_ref(card_no),
-                       card_masked=validate.mask_card(card_no))  # fmt: skip
+        changes.update(
+            card_no="",
+            card_ref=redaction.tokens.card_ref(card_no),
+            card_masked=validate.mask_card(card_no),
+        )
         replaces: str = getattr(event, "replaces_card_no", "")
         if replaces:
-            changes.update(replaces_card_no="",
-                           replaces_card_ref=redaction.tokens.card_ref(replaces))  # fmt: skip
+            changes.update(
+                replaces_card_no="", replaces_card_ref=redaction.tokens.card_ref(replaces)
+            )
     if isinstance(event, PersonRegistered):
-        changes.update(name="", phone="", name_masked=validate.mask_name(event.name),
-                       phone_masked=validate.mask_phone(event.phone),
-                       sealed=redaction.contact.seal({"name": event.name, "phone": event.phone},
-                                                     event.event_id))  # fmt: skip
+        changes.update(
+            name="",
+            phone="",
+            name_masked=validate.mask_name(event.name),
+            phone_masked=validate.mask_phone(event.phone),
+            sealed=redaction.contact.seal(
+                {"name": event.name, "phone": event.phone}, event.event_id
+            ),
+        )
     elif isinstance(event, PhoneSet):
         sealed = redaction.contact.seal({"phone": event.phone}, event.event_id)
         changes.update(phone="", phone_masked=validate.mask_phone(event.phone), sealed=sealed)

@@ -32,8 +32,11 @@ def decide_reverse(person: Person | None, c: Reverse) -> Decision:
     answered (ORIGINAL_NOT_FOUND / ORIGINAL_DECLINED), not an error. It returns what the
     swipe paid from the account and has not been refunded; the swipe stops counting
     towards the daily pharmacy limit."""
-    if (not validate.is_id(c.original_request_id) or not validate.is_card_no(c.card_no)
-            or c.amount_fen < 0):  # fmt: skip
+    if (
+        not validate.is_id(c.original_request_id)
+        or not validate.is_card_no(c.card_no)
+        or c.amount_fen < 0
+    ):
         return unchanged(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if person is None:
         return unchanged(person, c.request_id, ResultCode.ORIGINAL_NOT_FOUND, c.at_ms)
@@ -43,29 +46,45 @@ def decide_reverse(person: Person | None, c: Reverse) -> Decision:
         if original is not None and original.result == ResultCode.ALREADY_REVERSED:
             return unchanged(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
         if original is not None and not original.result.approved:
-            return unchanged(person, c.request_id, ResultCode.ORIGINAL_DECLINED, c.at_ms,
-                             card_no=c.card_no)  # fmt: skip
+            return unchanged(
+                person, c.request_id, ResultCode.ORIGINAL_DECLINED, c.at_ms, card_no=c.card_no
+            )
         # Never seen: remember it, so the original arriving late is refused, not approved.
-        unmatched = ReversalUnmatched(event_id(c, 0), c.at_ms, c.ssn,
-                                      c.request_id, c.original_request_id, c.card_no)  # fmt: skip
+        unmatched = ReversalUnmatched(
+            event_id(c, 0), c.at_ms, c.ssn, c.request_id, c.original_request_id, c.card_no
+        )
         return with_events(person, c, [unmatched], ResultCode.ORIGINAL_NOT_FOUND, card_no=c.card_no)
     if record.card_no != c.card_no or (c.amount_fen and c.amount_fen != record.amount_fen):
         return unchanged(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     if record.reversed:
-        return unchanged(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms,
-                         card_no=c.card_no)  # fmt: skip
+        return unchanged(
+            person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms, card_no=c.card_no
+        )
     returned = record.paid_from_account_fen - record.refunded_fen
     balance = person.balance_fen + returned
-    event = SwipeReversed(event_id(c, 0), c.at_ms, c.ssn, c.request_id,
-                          c.original_request_id, c.card_no, record.institution_id, returned,
-                          balance, record.day)  # fmt: skip
-    return with_events(person, c, [event], amount_fen=returned, balance_fen=balance,
-                   card_no=c.card_no)  # fmt: skip
+    event = SwipeReversed(
+        event_id(c, 0),
+        c.at_ms,
+        c.ssn,
+        c.request_id,
+        c.original_request_id,
+        c.card_no,
+        record.institution_id,
+        returned,
+        balance,
+        record.day,
+    )
+    return with_events(
+        person, c, [event], amount_fen=returned, balance_fen=balance, card_no=c.card_no
+    )
 
 
 def decide_refund(person: Person | None, c: Refund) -> Decision:
-    if (not validate.is_id(c.original_request_id) or not validate.is_card_no(c.card_no)
-            or not validate.is_amount_fen(c.amount_fen)):  # fmt: skip
+    if (
+        not validate.is_id(c.original_request_id)
+        or not validate.is_card_no(c.card_no)
+        or not validate.is_amount_fen(c.amount_fen)
+    ):
         return unchanged(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     record = person.swipe(c.original_request_id) if person else None
     if person is None or record is None:
@@ -76,12 +95,21 @@ def decide_refund(person: Person | None, c: Refund) -> Decision:
         return unchanged(person, c.request_id, ResultCode.ALREADY_REVERSED, c.at_ms)
     refundable = record.paid_from_account_fen - record.refunded_fen
     if c.amount_fen > refundable:
-        return unchanged(person, c.request_id, ResultCode.REFUND_EXCEEDS_PAID, c.at_ms,
-                         amount_fen=refundable)  # fmt: skip
+        return unchanged(
+            person, c.request_id, ResultCode.REFUND_EXCEEDS_PAID, c.at_ms, amount_fen=refundable
+        )
     balance = person.balance_fen + c.amount_fen
-    event = Refunded(event_id(c, 0), c.at_ms, c.ssn, c.request_id,
-                     c.original_request_id, c.card_no, record.institution_id, c.amount_fen,
-                     balance)  # fmt: skip
+    event = Refunded(
+        event_id(c, 0),
+        c.at_ms,
+        c.ssn,
+        c.request_id,
+        c.original_request_id,
+        c.card_no,
+        record.institution_id,
+        c.amount_fen,
+        balance,
+    )
     return with_events(
         person,
         c,

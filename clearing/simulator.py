@@ -76,8 +76,9 @@ def may_pay(person: Person, card_no: str, at_ms: int) -> bool:
 
 class SimulationFailure(ClearingError, AssertionError):
     def __init__(self, seed: int, step: int, message: str) -> None:
-        super().__init__(f"seed {seed}, step {step}: {message} "
-                         f"(replay: medclear simulate --seed {seed})")  # fmt: skip
+        super().__init__(
+            f"seed {seed}, step {step}: {message} (replay: medclear simulate --seed {seed})"
+        )
         self.seed = seed
         self.step = step
 
@@ -134,10 +135,12 @@ class Simulator:
         self.holders: list[_Holder] = []
         self.step = 0
         self.serial = 0
-        self.pharmacies = [i for i in policy.institutions.values()
-                           if i.type == InstitutionType.PHARMACY]  # fmt: skip
-        self.hospitals = [i for i in policy.institutions.values()
-                          if i.type != InstitutionType.PHARMACY]  # fmt: skip
+        self.pharmacies = [
+            i for i in policy.institutions.values() if i.type == InstitutionType.PHARMACY
+        ]
+        self.hospitals = [
+            i for i in policy.institutions.values() if i.type != InstitutionType.PHARMACY
+        ]
         self.terminals = max(1, len(policy.institutions)) * 3
         self._enrol(persons)
 
@@ -170,9 +173,14 @@ class Simulator:
                         or not may_pay(before, event.card_no, event.at_ms)
                     ):
                         raise self._fail(f"approved {event.request_id} on an invalid card")
-                    if event.institution_type == InstitutionType.PHARMACY and after and (
+                    if (
+                        event.institution_type == InstitutionType.PHARMACY
+                        and after
+                        and (
                             core.pharmacy_swipes_on(after, event.card_no, event.day)
-                            > card.pharmacy_swipes_per_day):  # fmt: skip
+                            > card.pharmacy_swipes_per_day
+                        )
+                    ):
                         raise self._fail(f"pharmacy limit broken by {event.request_id}")
                     holder.debited += event.paid_from_account_fen
                     holder.approved.append(event.request_id)
@@ -203,21 +211,33 @@ class Simulator:
             first17 = f"310101{born:%Y%m%d}{index % 1000:03d}"
             ssn = first17 + ssn_check_char(first17)
             roll = self.rng.random()
-            category = (InsuranceCategory.EMPLOYEE if roll < 0.8
-                        else InsuranceCategory.RESIDENT if roll < 0.95
-                        else InsuranceCategory.SPECIAL)  # fmt: skip
+            category = (
+                InsuranceCategory.EMPLOYEE
+                if roll < 0.8
+                else InsuranceCategory.RESIDENT
+                if roll < 0.95
+                else InsuranceCategory.SPECIAL
+            )
             holder = _Holder(ssn, [f"S{index:08d}"])
             self.holders.append(holder)
-            self.send(holder, RegisterPerson(self._id("W"), at, ssn, f"居民{index}", category,
-                                             "13800000000", "310101"))  # fmt: skip
-            self.send(holder, IssueCard(self._id("W"), at, ssn, holder.cards[0],
-                                        CardKind.SOCIAL_SECURITY))  # fmt: skip
+            self.send(
+                holder,
+                RegisterPerson(
+                    self._id("W"), at, ssn, f"居民{index}", category, "13800000000", "310101"
+                ),
+            )
+            self.send(
+                holder, IssueCard(self._id("W"), at, ssn, holder.cards[0], CardKind.SOCIAL_SECURITY)
+            )
             for op in ("activate", "change_pin"):
                 self.send(holder, CardCommand(self._id("W"), at, ssn, holder.cards[0], op))
             if category == InsuranceCategory.EMPLOYEE:
-                self.send(holder, CreditAccount(self._id("W"), at, ssn,
-                                                self.rng.randint(50_00, 3_000_00),
-                                                f"opening-{ssn}"))  # fmt: skip
+                self.send(
+                    holder,
+                    CreditAccount(
+                        self._id("W"), at, ssn, self.rng.randint(50_00, 3_000_00), f"opening-{ssn}"
+                    ),
+                )
 
     def _swipe(self, holder: _Holder, at: int) -> None:
         pharmacy = self.rng.random() < 0.6
@@ -230,9 +250,19 @@ class Simulator:
         request_id = self._id(terminal)
         if self.rng.random() < 0.003:  # the terminal timed out and reversed first
             self.send(holder, Reverse(self._id(terminal), at, holder.ssn, request_id, card))
-        self.send(holder, Authorize(request_id, at, holder.ssn, card,
-                                    institution.institution_id, amount,
-                                    self.rng.random() < 0.2, pin))  # fmt: skip
+        self.send(
+            holder,
+            Authorize(
+                request_id,
+                at,
+                holder.ssn,
+                card,
+                institution.institution_id,
+                amount,
+                self.rng.random() < 0.2,
+                pin,
+            ),
+        )
 
     def _after_sale(self, holder: _Holder, at: int) -> None:
         if not holder.approved:
@@ -244,8 +274,10 @@ class Simulator:
         if self.rng.random() < 0.5:
             self.send(holder, Reverse(self._id("R"), at, holder.ssn, original, card))
         else:
-            self.send(holder, Refund(self._id("F"), at, holder.ssn, original, card,
-                                     self.rng.randint(1, 100_00)))  # fmt: skip
+            self.send(
+                holder,
+                Refund(self._id("F"), at, holder.ssn, original, card, self.rng.randint(1, 100_00)),
+            )
 
     def _window(self, holder: _Holder, at: int) -> None:
         card = holder.cards[-1]
@@ -268,8 +300,10 @@ class Simulator:
             self.send(holder, CardCommand(self._id("W"), at, holder.ssn, card, "unlock"))
             self.send(holder, CardCommand(self._id("W"), at, holder.ssn, card, "change_pin"))
         elif roll < 0.9:
-            self.send(holder, SetPharmacyLimit(self._id("W"), at, holder.ssn, card,
-                                               self.rng.randint(1, 4)))  # fmt: skip
+            self.send(
+                holder,
+                SetPharmacyLimit(self._id("W"), at, holder.ssn, card, self.rng.randint(1, 4)),
+            )
         else:
             self.send(holder, CardCommand(self._id("W"), at, holder.ssn, card, "freeze"))
             self.send(holder, CardCommand(self._id("W"), at, holder.ssn, card, "unfreeze"))
@@ -281,9 +315,16 @@ class Simulator:
             person = self.state.get(holder.ssn)
             for card in person.cards if person else ():
                 if card.state == CardState.PRE_LOST and card.pre_loss_deadline_ms <= at:
-                    self.send(holder, ExpirePreLoss(
-                        f"expiry:{card.card_no}:{card.pre_loss_deadline_ms}", at, holder.ssn,
-                        "", card.pre_loss_deadline_ms))  # fmt: skip
+                    self.send(
+                        holder,
+                        ExpirePreLoss(
+                            f"expiry:{card.card_no}:{card.pre_loss_deadline_ms}",
+                            at,
+                            holder.ssn,
+                            "",
+                            card.pre_loss_deadline_ms,
+                        ),
+                    )
 
     def run(self) -> Summary:
         started = time.perf_counter()
@@ -292,8 +333,12 @@ class Simulator:
             opening = day_start_ms(day) + 8 * 60 * MINUTE_MS  # 08:00 Beijing
             if offset == 0 or (self.rng.random() < 0.04):  # a monthly allocation batch
                 for holder in self.holders:
-                    self.send(holder, CreditAccount(self._id("A"), opening, holder.ssn, 100_00,
-                                                    f"alloc-{day}-{holder.ssn}"))  # fmt: skip
+                    self.send(
+                        holder,
+                        CreditAccount(
+                            self._id("A"), opening, holder.ssn, 100_00, f"alloc-{day}-{holder.ssn}"
+                        ),
+                    )
             swipes = int(len(self.holders) * SWIPES_PER_PERSON_DAY)
             windows = max(1, int(len(self.holders) * WINDOW_OPS_PER_PERSON_DAY))
             plan = ["swipe"] * swipes + ["after_sale"] * (swipes // 20) + ["window"] * windows

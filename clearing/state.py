@@ -61,9 +61,15 @@ def apply(person: Person | None, event: Event) -> Person | None:
     if isinstance(event, PersonRegistered):
         if person is not None:
             raise InvariantError("PersonRegistered for an existing person")
-        return Person(ssn=event.ssn, name=event.name, category=event.category,
-                      phone=event.phone, region=event.region, created_at_ms=event.at_ms,
-                      version=1)  # fmt: skip
+        return Person(
+            ssn=event.ssn,
+            name=event.name,
+            category=event.category,
+            phone=event.phone,
+            region=event.region,
+            created_at_ms=event.at_ms,
+            version=1,
+        )
     if person is None:
         if isinstance(event, SwipeDeclined):  # a swipe of an unknown card: logged, no state
             return None
@@ -88,15 +94,23 @@ def _apply_card_event(person: Person, event: Event) -> Person | None:
     """A card's life and its PIN; None for an event of another kind."""
     match event:
         case CardIssued():
-            card = Card(event.card_no, event.kind, event.colour, event.state, event.at_ms,
-                        initial_pin=not event.pin_set, pvv=event.pvv,
-                        expires_at_ms=event.expires_at_ms)  # fmt: skip
+            card = Card(
+                event.card_no,
+                event.kind,
+                event.colour,
+                event.state,
+                event.at_ms,
+                initial_pin=not event.pin_set,
+                pvv=event.pvv,
+                expires_at_ms=event.expires_at_ms,
+            )
             return replace(person, cards=(*person.cards, card))
         case CardStateChanged():
             changes: dict[str, object] = {"state": event.new_state}
             if event.op == "report_pre_loss":
-                changes.update(pre_loss_deadline_ms=event.deadline_ms,
-                               state_before_pre_loss=event.old_state)  # fmt: skip
+                changes.update(
+                    pre_loss_deadline_ms=event.deadline_ms, state_before_pre_loss=event.old_state
+                )
             elif event.old_state == CardState.PRE_LOST:
                 changes.update(pre_loss_deadline_ms=0)
             if event.op == "unlock":  # back to the initial PIN, to be changed at a window
@@ -133,9 +147,16 @@ def _apply_money_event(person: Person, event: Event) -> Person | None:
                 person.balance_fen - event.paid_from_account_fen != event.balance_after_fen
             ):
                 raise InvariantError("swipe would break the balance")
-            record = SwipeRecord(event.request_id, event.card_no, event.institution_id,
-                                 event.institution_type, event.paid_from_account_fen,
-                                 event.day, event.at_ms, amount_fen=event.amount_fen)  # fmt: skip
+            record = SwipeRecord(
+                event.request_id,
+                event.card_no,
+                event.institution_id,
+                event.institution_type,
+                event.paid_from_account_fen,
+                event.day,
+                event.at_ms,
+                amount_fen=event.amount_fen,
+            )
             swipes = (*person.swipes, record)[-SWIPES_REMEMBERED_MAX:]
             person = replace(person, balance_fen=event.balance_after_fen, swipes=swipes)
             return _with_card(person, event.card_no, pin_failures=0)
@@ -143,16 +164,23 @@ def _apply_money_event(person: Person, event: Event) -> Person | None:
             person = _with_swipe(person, event.original_request_id, reversed=True)
             return replace(person, balance_fen=event.balance_after_fen)
         case ReversalUnmatched():
-            tombstone = Reply(event.original_request_id, ResultCode.ALREADY_REVERSED,
-                              version=person.version, at_ms=event.at_ms,
-                              card_no=event.card_no)  # fmt: skip
+            tombstone = Reply(
+                event.original_request_id,
+                ResultCode.ALREADY_REVERSED,
+                version=person.version,
+                at_ms=event.at_ms,
+                card_no=event.card_no,
+            )
             return remember(person, tombstone)
         case Refunded():
             refunded = person.swipe(event.original_request_id)
             if refunded is None:
                 raise InvariantError("refund of a swipe the person does not have")
-            person = _with_swipe(person, event.original_request_id,
-                                 refunded_fen=refunded.refunded_fen + event.amount_fen)  # fmt: skip
+            person = _with_swipe(
+                person,
+                event.original_request_id,
+                refunded_fen=refunded.refunded_fen + event.amount_fen,
+            )
             return replace(person, balance_fen=event.balance_after_fen)
     return None
 

@@ -99,11 +99,10 @@ CARD_TRANSITIONS: dict[str, tuple[frozenset[CardState], CardState]] = {
     "confirm_loss": (LIVE_STATES | {CardState.PRE_LOST}, CardState.LOST),
     "release": (frozenset({CardState.PRE_LOST}), CardState.ACTIVE),  # → state before
     "apply_replacement": (frozenset({CardState.PRE_LOST, CardState.LOST}), CardState.REPLACED),
-    "freeze": (frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED}),
-               CardState.FROZEN),
+    "freeze": (frozenset({CardState.ISSUED, CardState.ACTIVE, CardState.LOCKED}), CardState.FROZEN),
     "unfreeze": (frozenset({CardState.FROZEN}), CardState.ACTIVE),
     "unlock": (frozenset({CardState.LOCKED}), CardState.ACTIVE),
-}  # fmt: skip
+}
 CARD_REFUSALS: dict[tuple[str, CardState], ResultCode] = {
     ("release", CardState.LOST): ResultCode.RELEASE_AFTER_FORMAL_LOSS,
     ("release", CardState.REPLACED): ResultCode.RELEASE_AFTER_REPLACEMENT,
@@ -154,10 +153,21 @@ def _new_card_events(
     temporary = kind == CardKind.TEMPORARY
     state = CardState.ACTIVE if temporary else CardState.ISSUED
     expires = c.at_ms + TEMPORARY_CARD_VALIDITY_MS if temporary else 0
-    events: list[Event] = [CardIssued(
-        event_id(c, index), c.at_ms, c.ssn, card_no, kind,
-        COLOUR_OF_CATEGORY[person.category], state, expires, replaces,
-        pin_set=temporary, pvv=pvv if temporary else "")]  # fmt: skip
+    events: list[Event] = [
+        CardIssued(
+            event_id(c, index),
+            c.at_ms,
+            c.ssn,
+            card_no,
+            kind,
+            COLOUR_OF_CATEGORY[person.category],
+            state,
+            expires,
+            replaces,
+            pin_set=temporary,
+            pvv=pvv if temporary else "",
+        )
+    ]
     if kind == CardKind.SOCIAL_SECURITY:
         for card in person.cards:
             if card.kind == CardKind.TEMPORARY and card.state in SOCIAL_VALID_STATES:
@@ -191,11 +201,16 @@ def decide_issue(person: Person | None, c: IssueCard, policy: Policy) -> Decisio
         return refusal or unchanged(person, c.request_id, ResultCode.PERSON_UNKNOWN, c.at_ms)
     if person.card(c.card_no) is not None or len(person.cards) >= CARDS_PER_PERSON_MAX:
         return unchanged(person, c.request_id, ResultCode.CARD_EXISTS, c.at_ms)
-    social_valid = any(card.kind == CardKind.SOCIAL_SECURITY and card.state in
-                       SOCIAL_VALID_STATES for card in person.cards)  # fmt: skip
+    social_valid = any(
+        card.kind == CardKind.SOCIAL_SECURITY and card.state in SOCIAL_VALID_STATES
+        for card in person.cards
+    )
     if social_valid:  # one valid card at a time; the social security card wins
-        code = (ResultCode.TEMPORARY_CARD_WHILE_SOCIAL_VALID if c.kind == CardKind.TEMPORARY
-                else ResultCode.TRANSITION_NOT_ALLOWED)  # fmt: skip
+        code = (
+            ResultCode.TEMPORARY_CARD_WHILE_SOCIAL_VALID
+            if c.kind == CardKind.TEMPORARY
+            else ResultCode.TRANSITION_NOT_ALLOWED
+        )
         return unchanged(person, c.request_id, code, c.at_ms)
     if c.kind == CardKind.TEMPORARY and any(
         card.kind == CardKind.TEMPORARY and effective_state(card, c.at_ms) in LIVE_STATES
@@ -226,8 +241,9 @@ def decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decisi
     told = Told(card_no=card.card_no, card_state=state)
     if c.op == "change_pin":
         if state not in PIN_CHANGE_STATES:
-            return unchanged(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
-                             **told)  # fmt: skip
+            return unchanged(
+                person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms, **told
+            )
         pin_event = PinChanged(event_id(c, 0), c.at_ms, c.ssn, c.card_no, c.pvv)
         return with_events(person, c, [pin_event], **told)
     allowed_from, to_state = CARD_TRANSITIONS[c.op]
@@ -243,8 +259,7 @@ def decide_card(person: Person | None, c: CardCommand, policy: Policy) -> Decisi
         # the pre-loss has lapsed (no timer recorded it yet): a formal loss or another
         # report starts from the restored state, which the event records as its origin
         card = replace(card, state=state)
-    events: list[Event] = [state_change(c, card, 0, c.op, to_state, c.reason,
-                                         deadline)]  # fmt: skip
+    events: list[Event] = [state_change(c, card, 0, c.op, to_state, c.reason, deadline)]
     if c.op == "activate":  # activating a new card unfreezes the account (old cards go)
         for other in person.cards:
             if other.card_no != card.card_no and other.state == CardState.FROZEN:
@@ -284,19 +299,33 @@ def decide_expiry(person: Person | None, c: ExpirePreLoss) -> Decision:
         return unchanged(person, c.request_id, ResultCode.OK, c.at_ms)  # nothing left to lapse
     if person is None or card is None:
         return unchanged(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    if (card.state != CardState.PRE_LOST or card.pre_loss_deadline_ms != c.deadline_ms
-            or c.at_ms < c.deadline_ms):  # fmt: skip
-        return unchanged(person, c.request_id, ResultCode.OK, c.at_ms, card_no=card.card_no,
-                         card_state=card.state)  # fmt: skip
-    event = state_change(c, card, 0, "pre_loss_lapsed", card.state_before_pre_loss,
-                          "pre-loss lapsed")  # fmt: skip
-    return with_events(person, c, [event], card_no=card.card_no,
-                   card_state=card.state_before_pre_loss)  # fmt: skip
+    if (
+        card.state != CardState.PRE_LOST
+        or card.pre_loss_deadline_ms != c.deadline_ms
+        or c.at_ms < c.deadline_ms
+    ):
+        return unchanged(
+            person,
+            c.request_id,
+            ResultCode.OK,
+            c.at_ms,
+            card_no=card.card_no,
+            card_state=card.state,
+        )
+    event = state_change(
+        c, card, 0, "pre_loss_lapsed", card.state_before_pre_loss, "pre-loss lapsed"
+    )
+    return with_events(
+        person, c, [event], card_no=card.card_no, card_state=card.state_before_pre_loss
+    )
 
 
 def decide_replace(person: Person | None, c: ReplaceCard) -> Decision:
-    if (not validate.is_card_no(c.old_card_no) or not validate.is_card_no(c.new_card_no)
-            or c.mode not in ("replacement", "change")):  # fmt: skip
+    if (
+        not validate.is_card_no(c.old_card_no)
+        or not validate.is_card_no(c.new_card_no)
+        or c.mode not in ("replacement", "change")
+    ):
         return unchanged(person, c.request_id, ResultCode.MALFORMED_REQUEST, c.at_ms)
     old = person.card(c.old_card_no) if person else None
     if person is None or old is None:
@@ -308,15 +337,27 @@ def decide_replace(person: Person | None, c: ReplaceCard) -> Decision:
     state = effective_state(old, c.at_ms)
     allowed = {CardState.REPLACED} if c.mode == "replacement" else CHANGEABLE_STATES
     if state not in allowed or old.kind != CardKind.SOCIAL_SECURITY:
-        return unchanged(person, c.request_id, ResultCode.TRANSITION_NOT_ALLOWED, c.at_ms,
-                         card_no=old.card_no, card_state=state)  # fmt: skip
+        return unchanged(
+            person,
+            c.request_id,
+            ResultCode.TRANSITION_NOT_ALLOWED,
+            c.at_ms,
+            card_no=old.card_no,
+            card_state=state,
+        )
     reason = f"replaced by {validate.mask_card(c.new_card_no)}"
-    events: list[Event] = [state_change(c, old, 0, "cancel", CardState.CANCELLED,
-                                         reason)]  # fmt: skip
-    issued = _new_card_events(replace(person, cards=()), c, c.new_card_no,
-                              CardKind.SOCIAL_SECURITY, 1, replaces=old.card_no)  # fmt: skip
-    return with_events(person, c, events + issued, card_no=c.new_card_no,
-                   card_state=CardState.ISSUED)  # fmt: skip
+    events: list[Event] = [state_change(c, old, 0, "cancel", CardState.CANCELLED, reason)]
+    issued = _new_card_events(
+        replace(person, cards=()),
+        c,
+        c.new_card_no,
+        CardKind.SOCIAL_SECURITY,
+        1,
+        replaces=old.card_no,
+    )
+    return with_events(
+        person, c, events + issued, card_no=c.new_card_no, card_state=CardState.ISSUED
+    )
 
 
 def decide_credit(person: Person | None, c: CreditAccount) -> Decision:
@@ -344,10 +385,15 @@ def decide_limit(person: Person | None, c: SetPharmacyLimit) -> Decision:
     card = person.card(c.card_no) if person else None
     if person is None or card is None:
         return unchanged(person, c.request_id, ResultCode.CARD_UNKNOWN, c.at_ms)
-    event = PharmacyLimitSet(event_id(c, 0), c.at_ms, c.ssn, c.card_no,
-                             c.swipes_per_day)  # fmt: skip
-    return with_events(person, c, [event], card_no=c.card_no, card_state=card.state,
-                   pharmacy_swipes_per_day=c.swipes_per_day)  # fmt: skip
+    event = PharmacyLimitSet(event_id(c, 0), c.at_ms, c.ssn, c.card_no, c.swipes_per_day)
+    return with_events(
+        person,
+        c,
+        [event],
+        card_no=c.card_no,
+        card_state=card.state,
+        pharmacy_swipes_per_day=c.swipes_per_day,
+    )
 
 
 def decide_phone(person: Person | None, c: SetPhone) -> Decision:
@@ -368,12 +414,12 @@ def decide_cancel(person: Person | None, c: CancelPerson) -> Decision:
     events: list[Event] = [
         state_change(c, card, i, "cancel", CardState.CANCELLED, c.reason)
         for i, card in enumerate(
-            card for card in person.cards
+            card
+            for card in person.cards
             if card.state not in (CardState.CANCELLED, CardState.SUPERSEDED)
         )
-    ]  # fmt: skip
-    events.append(PersonCancelled(event_id(c, len(events)), c.at_ms, c.ssn,
-                                  c.reason))  # fmt: skip
+    ]
+    events.append(PersonCancelled(event_id(c, len(events)), c.at_ms, c.ssn, c.reason))
     return with_events(person, c, events)
 
 
@@ -390,10 +436,12 @@ def enrolment_fault(c: EnrolPerson) -> str | None:
         (c.kind != CardKind.SOCIAL_SECURITY, "kind: enrolment makes a social security card"),
         (not validate.is_pvv(c.pvv), "pin_verification_value"),
         (c.opening_balance_fen < 0, "opening_balance_fen: not below 0"),
-        (c.opening_balance_fen > 0 and not validate.is_amount_fen(c.opening_balance_fen),
-         "opening_balance_fen"),
+        (
+            c.opening_balance_fen > 0 and not validate.is_amount_fen(c.opening_balance_fen),
+            "opening_balance_fen",
+        ),
         (c.opening_balance_fen > 0 and not validate.is_id(c.source_id), "source_id"),
-    )  # fmt: skip
+    )
     return next((field for fault, field in faults if fault), None)
 
 
@@ -403,8 +451,12 @@ def new_person_enrolment(c: EnrolPerson) -> ResultCode:
     decide(None, c, policy).reply.result for every input (tests/unit/test_enrol.py): the
     malformed fields, then the opening credit's rule that only a blue card has an
     account (a new person's balance is the credit itself: never above BALANCE_FEN_MAX)."""
-    well_formed = (validate.is_id(c.request_id) and c.at_ms > 0 and validate.is_ssn(c.ssn)
-                   and enrolment_fault(c) is None)  # fmt: skip
+    well_formed = (
+        validate.is_id(c.request_id)
+        and c.at_ms > 0
+        and validate.is_ssn(c.ssn)
+        and enrolment_fault(c) is None
+    )
     if not well_formed:
         return ResultCode.MALFORMED_REQUEST
     if c.opening_balance_fen > 0 and COLOUR_OF_CATEGORY[c.category] != CardColour.BLUE:
@@ -421,8 +473,9 @@ def _enrolment_steps(c: EnrolPerson) -> list[Command]:
         CardCommand(c.request_id, c.at_ms, c.ssn, c.card_no, "change_pin", pvv=c.pvv),
     ]
     if c.opening_balance_fen > 0:
-        steps.append(CreditAccount(c.request_id, c.at_ms, c.ssn, c.opening_balance_fen,
-                                   c.source_id))  # fmt: skip
+        steps.append(
+            CreditAccount(c.request_id, c.at_ms, c.ssn, c.opening_balance_fen, c.source_id)
+        )
     return steps
 
 

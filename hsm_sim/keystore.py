@@ -45,8 +45,12 @@ KEY_VERSION_GRACE_MS = 30 * 24 * 3600 * 1000  # a replaced key version still ver
 KEYS_MAX = 100_000  # entries (all versions) in one store
 STORE_FORMAT = 1
 _LMK_CHECK = b"medclear-hsm-lmk-check"
-KEY_BYTES = {KeyAlgorithm.TDES: 16, KeyAlgorithm.AES_128: 16, KeyAlgorithm.AES_256: 32,
-             KeyAlgorithm.SM4: 16}  # fmt: skip
+KEY_BYTES = {
+    KeyAlgorithm.TDES: 16,
+    KeyAlgorithm.AES_128: 16,
+    KeyAlgorithm.AES_256: 32,
+    KeyAlgorithm.SM4: 16,
+}
 
 
 class KeyType(IntEnum):
@@ -151,12 +155,21 @@ class KeyStore:
             self._check_nonce = bytes.fromhex(data["lmk_check_nonce"])
             self._check = bytes.fromhex(data["lmk_check"])
             entries = [
-                _Entry(KeyInfo(e["key_id"], e["version"], KeyType(e["type"]),
-                               KeyAlgorithm(e["algorithm"]), e["kcv"], e["created_at_ms"],
-                               e["replaced_at_ms"]),
-                       bytes.fromhex(e["nonce"]), bytes.fromhex(e["wrapped"]))
+                _Entry(
+                    KeyInfo(
+                        e["key_id"],
+                        e["version"],
+                        KeyType(e["type"]),
+                        KeyAlgorithm(e["algorithm"]),
+                        e["kcv"],
+                        e["created_at_ms"],
+                        e["replaced_at_ms"],
+                    ),
+                    bytes.fromhex(e["nonce"]),
+                    bytes.fromhex(e["wrapped"]),
+                )
                 for e in data["keys"]
-            ]  # fmt: skip
+            ]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(
                 f"{self._path}: unreadable key store ({type(exc).__name__})"
@@ -174,14 +187,22 @@ class KeyStore:
             "lmk_check_nonce": self._check_nonce.hex(),
             "lmk_check": self._check.hex(),
             "keys": [
-                {"key_id": e.info.key_id, "version": e.info.version, "type": int(e.info.type),
-                 "algorithm": int(e.info.algorithm), "kcv": e.info.kcv,
-                 "created_at_ms": e.info.created_at_ms, "replaced_at_ms": e.info.replaced_at_ms,
-                 "nonce": e.nonce.hex(), "wrapped": e.wrapped.hex()}
-                for e in sorted(self._entries.values(),
-                                key=lambda e: (e.info.key_id, e.info.version))
+                {
+                    "key_id": e.info.key_id,
+                    "version": e.info.version,
+                    "type": int(e.info.type),
+                    "algorithm": int(e.info.algorithm),
+                    "kcv": e.info.kcv,
+                    "created_at_ms": e.info.created_at_ms,
+                    "replaced_at_ms": e.info.replaced_at_ms,
+                    "nonce": e.nonce.hex(),
+                    "wrapped": e.wrapped.hex(),
+                }
+                for e in sorted(
+                    self._entries.values(), key=lambda e: (e.info.key_id, e.info.version)
+                )
             ],
-        }  # fmt: skip
+        }
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -217,15 +238,17 @@ class KeyStore:
         version = 1
         if previous is not None:
             if (previous.type, previous.algorithm) != (key_type, algorithm):
-                raise KeyStoreError(f"{key_id} is a {previous.type.name}/"
-                                    f"{previous.algorithm.name} key")  # fmt: skip
+                raise KeyStoreError(
+                    f"{key_id} is a {previous.type.name}/{previous.algorithm.name} key"
+                )
             version = previous.version + 1
             old = self._entries[(key_id, previous.version)]
             self._entries[(key_id, previous.version)] = replace(
                 old, info=replace(previous, replaced_at_ms=now)
             )
-        return self._store(KeyInfo(key_id, version, key_type, algorithm, kcv(algorithm, key),
-                                   now), key)  # fmt: skip
+        return self._store(
+            KeyInfo(key_id, version, key_type, algorithm, kcv(algorithm, key), now), key
+        )
 
     def generate(self, key_id: str, key_type: KeyType, algorithm: KeyAlgorithm) -> KeyInfo:
         """A new random key (or the next version of `key_id`: rotation)."""
@@ -250,8 +273,9 @@ class KeyStore:
         if key_type is not None and info.type != key_type:
             raise KeyStoreError(f"{key_id} is a {info.type.name}, not a {key_type.name}")
         if not info.usable_at(self._clock_ms()):
-            raise KeyStoreError(f"{key_id} version {info.version} was replaced and its grace "
-                                "period is over")  # fmt: skip
+            raise KeyStoreError(
+                f"{key_id} version {info.version} was replaced and its grace period is over"
+            )
         entry = self._entries[(info.key_id, info.version)]
         try:
             return info, self._aead.decrypt(entry.nonce, entry.wrapped, _aad(info))
@@ -301,8 +325,7 @@ class KeyStore:
         return self.add(key_id, KeyType.KEY_ENCRYPTION_KEY, algorithm, key)
 
     def list_keys(self) -> list[KeyInfo]:
-        return sorted((e.info for e in self._entries.values()),
-                      key=lambda i: (i.key_id, i.version))  # fmt: skip
+        return sorted((e.info for e in self._entries.values()), key=lambda i: (i.key_id, i.version))
 
 
 def wrap_key(kek_algorithm: KeyAlgorithm, kek: bytes, key: bytes) -> bytes:

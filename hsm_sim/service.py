@@ -52,24 +52,39 @@ DATA_BYTES_MAX = 64 * 1024  # MAC / digest input per call
 
 
 def key_info_pb(info: KeyInfo) -> hsm_pb2.KeyInfo:
-    return hsm_pb2.KeyInfo(key_id=info.key_id, version=info.version, type=pb_enum(info.type),
-                           algorithm=pb_enum(info.algorithm), kcv=info.kcv,
-                           created_at=shanghai_iso(info.created_at_ms))  # fmt: skip
+    return hsm_pb2.KeyInfo(
+        key_id=info.key_id,
+        version=info.version,
+        type=pb_enum(info.type),
+        algorithm=pb_enum(info.algorithm),
+        kcv=info.kcv,
+        created_at=shanghai_iso(info.created_at_ms),
+    )
 
 
-async def _refuse(context: Ctx, exc: Exception, bad_field: str = "",
-                  key_id: str = "") -> NoReturn:  # fmt: skip
+async def _refuse(context: Ctx, exc: Exception, bad_field: str = "", key_id: str = "") -> NoReturn:
     """A request the HSM cannot serve: NOT_FOUND for an unknown key, INVALID_ARGUMENT for
     the rest (a key of the wrong type, a malformed field), with google.rpc.Status details
     naming the field and the key id (medclear/infra/status.py). Never carries key
     material."""
     metadata = {"key_id": key_id} if key_id else {}
     if isinstance(exc, KeyNotFound):
-        await status.abort(context, grpc.StatusCode.NOT_FOUND, str(exc),
-                           status.Reason.KEY_NOT_FOUND, metadata=metadata)  # fmt: skip
+        await status.abort(
+            context,
+            grpc.StatusCode.NOT_FOUND,
+            str(exc),
+            status.Reason.KEY_NOT_FOUND,
+            metadata=metadata,
+        )
     reason = status.Reason.FIELD_INVALID if bad_field else status.Reason.REQUEST_REFUSED
-    await status.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), reason,
-                       metadata=metadata, bad_field=bad_field)  # fmt: skip
+    await status.abort(
+        context,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        str(exc),
+        reason,
+        metadata=metadata,
+        bad_field=bad_field,
+    )
 
 
 def _decrypted(alg: KeyAlgorithm, key: bytes, block: bytes, fmt: int, pan: str) -> str | ResultCode:
@@ -143,15 +158,15 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         context: Ctx,
     ) -> hsm_pb2.HsmReply:
         started = time.perf_counter()
-        pin = await self._clear_pin(context, request.pin_key, request.pin_block,
-                                    request.format, request.pan)  # fmt: skip
+        pin = await self._clear_pin(
+            context, request.pin_key, request.pin_block, request.format, request.pan
+        )
         result = pin if isinstance(pin, ResultCode) else ResultCode.OK
         if not isinstance(pin, ResultCode):
             alg, pvk = await self._key(
                 context, request.verification_key, KeyType.PIN_VERIFICATION_KEY, "verification_key"
             )
-            if not crypto.verify_pin(alg, pvk, request.pan, pin,
-                                     request.pin_verification_value):  # fmt: skip
+            if not crypto.verify_pin(alg, pvk, request.pan, pin, request.pin_verification_value):
                 result = ResultCode.PIN_WRONG
         self._observe("VerifyPin", started, result)
         return hsm_pb2.HsmReply(result=result_pb(result))
@@ -164,8 +179,9 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         """OK when the block decrypts under the PIN key to a well-formed block for this PAN;
         PIN_BLOCK_INVALID otherwise. The PIN is checked against nothing and never leaves."""
         started = time.perf_counter()
-        pin = await self._clear_pin(context, request.pin_key, request.pin_block,
-                                    request.format, request.pan)  # fmt: skip
+        pin = await self._clear_pin(
+            context, request.pin_key, request.pin_block, request.format, request.pan
+        )
         result = pin if isinstance(pin, ResultCode) else ResultCode.OK
         self._observe("CheckPinBlock", started, result)
         return hsm_pb2.HsmReply(result=result_pb(result))
@@ -176,13 +192,15 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         context: Ctx,
     ) -> hsm_pb2.SetPinReply:
         started = time.perf_counter()
-        pin = await self._clear_pin(context, request.pin_key, request.pin_block,
-                                    request.format, request.pan)  # fmt: skip
+        pin = await self._clear_pin(
+            context, request.pin_key, request.pin_block, request.format, request.pan
+        )
         if isinstance(pin, ResultCode):
             self._observe("SetPin", started, pin)
             return hsm_pb2.SetPinReply(result=result_pb(pin))
-        alg, pvk = await self._key(context, request.verification_key,
-                                   KeyType.PIN_VERIFICATION_KEY, "verification_key")  # fmt: skip
+        alg, pvk = await self._key(
+            context, request.verification_key, KeyType.PIN_VERIFICATION_KEY, "verification_key"
+        )
         pvv = crypto.pin_verification_value(alg, pvk, request.pan, pin)
         self._observe("SetPin", started, ResultCode.OK)
         return hsm_pb2.SetPinReply(result=result_pb(ResultCode.OK), pin_verification_value=pvv)
@@ -193,9 +211,13 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         request's result, not an error of the call."""
         started = time.perf_counter()
         if len(request.requests) > bounds.SET_PINS_MAX:
-            await status.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               f"at most {bounds.SET_PINS_MAX} requests in one call",
-                               status.Reason.FIELD_INVALID, bad_field="requests")  # fmt: skip
+            await status.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {bounds.SET_PINS_MAX} requests in one call",
+                status.Reason.FIELD_INVALID,
+                bad_field="requests",
+            )
         keys: dict[tuple[str, int, KeyType], tuple[KeyAlgorithm, bytes] | ResultCode] = {}
         replies = [self._set_pin_item(item, keys) for item in request.requests]
         for reply in replies:
@@ -204,13 +226,16 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         return hsm_pb2.SetPinsReply(replies=replies)
 
     def _set_pin_item(
-        self, item: hsm_pb2.SetPinRequest,
+        self,
+        item: hsm_pb2.SetPinRequest,
         keys: dict[tuple[str, int, KeyType], tuple[KeyAlgorithm, bytes] | ResultCode],
-    ) -> hsm_pb2.SetPinReply:  # fmt: skip
+    ) -> hsm_pb2.SetPinReply:
         """One request of SetPins, as SetPin decides it; `keys` caches this call's keys."""
         found: list[tuple[KeyAlgorithm, bytes]] = []
-        for ref, key_type in ((item.pin_key, KeyType.TERMINAL_PIN_KEY),
-                              (item.verification_key, KeyType.PIN_VERIFICATION_KEY)):  # fmt: skip
+        for ref, key_type in (
+            (item.pin_key, KeyType.TERMINAL_PIN_KEY),
+            (item.verification_key, KeyType.PIN_VERIFICATION_KEY),
+        ):
             slot = (ref.key_id, ref.version, key_type)
             if slot not in keys:
                 try:
@@ -233,9 +258,13 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
 
     async def _mac_data(self, context: Ctx, data: bytes) -> None:
         if len(data) > DATA_BYTES_MAX:
-            await status.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               f"data longer than {DATA_BYTES_MAX} bytes",
-                               status.Reason.FIELD_INVALID, bad_field="data")  # fmt: skip
+            await status.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"data longer than {DATA_BYTES_MAX} bytes",
+                status.Reason.FIELD_INVALID,
+                bad_field="data",
+            )
 
     async def GenerateMac(
         self,
@@ -273,9 +302,15 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         )
         try:
             card_key = crypto.derive_card_key(alg, master, request.card_no)
-            ok = crypto.verify_card_cryptogram(alg, card_key, request.challenge,
-                                               request.amount_fen, request.terminal_id,
-                                               request.counter, request.cryptogram)  # fmt: skip
+            ok = crypto.verify_card_cryptogram(
+                alg,
+                card_key,
+                request.challenge,
+                request.amount_fen,
+                request.terminal_id,
+                request.counter,
+                request.cryptogram,
+            )
         except (CryptoError, ValueError):
             ok = False
         result = ResultCode.OK if ok else ResultCode.CRYPTOGRAM_INVALID
@@ -296,8 +331,9 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         context: Ctx,
     ) -> hsm_pb2.KeyInfo:
         try:
-            info = self.store.generate(request.key_id, KeyType(request.type),
-                                       KeyAlgorithm(request.algorithm))  # fmt: skip
+            info = self.store.generate(
+                request.key_id, KeyType(request.type), KeyAlgorithm(request.algorithm)
+            )
         except (KeyStoreError, ValueError) as exc:
             await _refuse(context, exc, key_id=request.key_id)
         log.info("key generated", key_id=info.key_id, version=info.version, kcv=info.kcv)
@@ -321,18 +357,27 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
         """Personalisation: the per-card key derived from the card master key, wrapped
         under a KEK for the personalisation machine. The master key never leaves."""
         try:
-            kek_info, kek = self.store.key(request.kek.key_id, request.kek.version,
-                                           KeyType.KEY_ENCRYPTION_KEY)  # fmt: skip
-            info, master = self.store.key(request.master_key.key_id, request.master_key.version,
-                                          KeyType.CARD_MASTER_KEY)  # fmt: skip
+            kek_info, kek = self.store.key(
+                request.kek.key_id, request.kek.version, KeyType.KEY_ENCRYPTION_KEY
+            )
+            info, master = self.store.key(
+                request.master_key.key_id, request.master_key.version, KeyType.CARD_MASTER_KEY
+            )
             card_key = crypto.derive_card_key(info.algorithm, master, request.card_no)
         except (KeyStoreError, ValueError) as exc:
             await _refuse(context, exc, key_id=request.master_key.key_id)
-        log.info("card key exported", master=info.key_id, version=info.version,
-                 kek=kek_info.key_id, card=mask_card(request.card_no))  # fmt: skip
-        return hsm_pb2.ExportKeyReply(wrapped=wrap_key(kek_info.algorithm, kek, card_key),
-                                      kcv=crypto.kcv(info.algorithm, card_key),
-                                      key=key_info_pb(info))  # fmt: skip
+        log.info(
+            "card key exported",
+            master=info.key_id,
+            version=info.version,
+            kek=kek_info.key_id,
+            card=mask_card(request.card_no),
+        )
+        return hsm_pb2.ExportKeyReply(
+            wrapped=wrap_key(kek_info.algorithm, kek, card_key),
+            kcv=crypto.kcv(info.algorithm, card_key),
+            key=key_info_pb(info),
+        )
 
     async def ImportKey(self, request: hsm_pb2.ImportKeyRequest, context: Ctx) -> hsm_pb2.KeyInfo:
         try:
@@ -378,8 +423,11 @@ class Hsm(hsm_pb2_grpc.HsmServiceServicer):
 async def serve(store: KeyStore, address: str, pki_dir: Path | None = None) -> None:
     hsm = Hsm(store)
     server, bound, health_servicer = await create_server(
-        address, lambda s: hsm_pb2_grpc.add_HsmServiceServicer_to_server(hsm, s),
-        [hsm_pb2.DESCRIPTOR.services_by_name["HsmService"].full_name], pki_dir)  # fmt: skip
+        address,
+        lambda s: hsm_pb2_grpc.add_HsmServiceServicer_to_server(hsm, s),
+        [hsm_pb2.DESCRIPTOR.services_by_name["HsmService"].full_name],
+        pki_dir,
+    )
     metrics.READY.set(1)
     log.info("hsm serving", port=bound, keys=len(store.list_keys()))
     try:

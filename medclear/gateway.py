@@ -121,8 +121,9 @@ class TerminalSecurity:
 
     async def admit(self, request: Any) -> ResultCode:
         """The request's MAC under its terminal's MAC key: OK, MAC_INVALID, TERMINAL_UNKNOWN."""
-        return await self.hsm.verify_mac(request.terminal.terminal_id, mac_input(request),
-                                         request.mac)  # fmt: skip
+        return await self.hsm.verify_mac(
+            request.terminal.terminal_id, mac_input(request), request.mac
+        )
 
     async def cryptogram(self, request: pos_pb2.AuthorizeRequest) -> ResultCode:
         if not request.card_cryptogram:
@@ -135,9 +136,13 @@ class TerminalSecurity:
         ):
             return ResultCode.CRYPTOGRAM_INVALID
         return await self.hsm.verify_cryptogram(
-            request.card_no, request.card_challenge, request.amount_fen,
-            request.terminal.terminal_id, request.card_counter, request.card_cryptogram,
-        )  # fmt: skip
+            request.card_no,
+            request.card_challenge,
+            request.amount_fen,
+            request.terminal.terminal_id,
+            request.card_counter,
+            request.card_cryptogram,
+        )
 
     async def ask(self, ask: ingress.Ask, request: Any) -> ResultCode | PinOutcome:
         """The HSM's answer to what an ingress check asks of `request`."""
@@ -149,8 +154,9 @@ class TerminalSecurity:
 
     async def pin_form(self, request: Any) -> PinOutcome:
         """The PIN block's form (the card has no PIN to verify it against here)."""
-        return await self.pins.outcome(request.terminal.terminal_id, request.pin_block,
-                                       request.card_no, "", self.stopping)  # fmt: skip
+        return await self.pins.outcome(
+            request.terminal.terminal_id, request.pin_block, request.card_no, "", self.stopping
+        )
 
     async def sign(self, terminal_id: str, reply: Any) -> None:
         """Set the reply's MAC under the terminal's MAC key (none for an unknown terminal:
@@ -246,11 +252,23 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         started = time.perf_counter()
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
-        answer = await self._decided(request, request_id, context, lambda ssn: model.Authorize(
-            request_id=request_id, at_ms=self.clock(), ssn=ssn, card_no=request.card_no,
-            institution_id=t.institution_id, amount_fen=request.amount_fen,
-            allow_partial=request.allow_partial, pin=PinOutcome.NOT_VERIFIED,
-            terminal_id=t.terminal_id, pin_block=request.pin_block.hex()))  # fmt: skip
+        answer = await self._decided(
+            request,
+            request_id,
+            context,
+            lambda ssn: model.Authorize(
+                request_id=request_id,
+                at_ms=self.clock(),
+                ssn=ssn,
+                card_no=request.card_no,
+                institution_id=t.institution_id,
+                amount_fen=request.amount_fen,
+                allow_partial=request.allow_partial,
+                pin=PinOutcome.NOT_VERIFIED,
+                terminal_id=t.terminal_id,
+                pin_block=request.pin_block.hex(),
+            ),
+        )
         reply = answer.reply
         out = pos_pb2.AuthorizeReply(
             result=result_pb(reply.result),
@@ -275,9 +293,20 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         started = time.perf_counter()
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
-        answer = await self._decided(request, request_id, context, lambda ssn: model.BalanceInquiry(
-            request_id, self.clock(), ssn, request.card_no, t.institution_id,
-            terminal_id=t.terminal_id, pin_block=request.pin_block.hex()))  # fmt: skip
+        answer = await self._decided(
+            request,
+            request_id,
+            context,
+            lambda ssn: model.BalanceInquiry(
+                request_id,
+                self.clock(),
+                ssn,
+                request.card_no,
+                t.institution_id,
+                terminal_id=t.terminal_id,
+                pin_block=request.pin_block.hex(),
+            ),
+        )
         reply = answer.reply
         out = pos_pb2.BalanceInquiryReply(
             result=result_pb(reply.result),
@@ -306,9 +335,14 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         t = request.terminal
         request_id = request_id_of(t.terminal_id, t.trace_number)
         original = request_id_of(t.terminal_id, request.original_trace_number)
-        answer = await self._decided(request, request_id, context, lambda ssn: model.Reverse(
-            request_id, self.clock(), ssn, original, request.card_no,
-            request.amount_fen))  # fmt: skip
+        answer = await self._decided(
+            request,
+            request_id,
+            context,
+            lambda ssn: model.Reverse(
+                request_id, self.clock(), ssn, original, request.card_no, request.amount_fen
+            ),
+        )
         reply = answer.reply
         out = pos_pb2.ReverseReply(
             result=result_pb(reply.result),
@@ -331,9 +365,14 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         original = request_id_of(
             request.original_terminal_id or t.terminal_id, request.original_trace_number
         )
-        answer = await self._decided(request, request_id, context, lambda ssn: model.Refund(
-            request_id, self.clock(), ssn, original, request.card_no,
-            request.amount_fen))  # fmt: skip
+        answer = await self._decided(
+            request,
+            request_id,
+            context,
+            lambda ssn: model.Refund(
+                request_id, self.clock(), ssn, original, request.card_no, request.amount_fen
+            ),
+        )
         reply = answer.reply
         approved = reply.result == ResultCode.OK
         out = pos_pb2.RefundReply(
@@ -362,8 +401,9 @@ def add_pos_service(servicer: PosGateway, server: grpc.aio.Server) -> None:
         )
         for method in service.methods
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name,
-                                                                          handlers),))  # fmt: skip
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
@@ -404,8 +444,9 @@ def run(
     def gateway(requests: Requester, cards: CardIndex) -> PosGateway:  # in the server's loop
         if not hsm_address:
             return PosGateway(requests, cards, deadline_ms, policy)
-        security = TerminalSecurity(HsmClient(hsm_address, pki_dir),
-                                    settings.card_cryptogram_required)  # fmt: skip
+        security = TerminalSecurity(
+            HsmClient(hsm_address, pki_dir), settings.card_cryptogram_required
+        )
         return PosGateway(requests, cards, deadline_ms, policy, security=security)
 
     asyncio.run(

@@ -176,8 +176,11 @@ class Agent:
                 started = time.perf_counter()
                 challenge = secrets.token_bytes(apdu.CHALLENGE_BYTES)
                 c = authenticate(transport, challenge, amount_fen, self.terminal.terminal_id)
-                fields = {"card_challenge": c.challenge, "card_counter": c.counter,
-                          "card_cryptogram": c.cryptogram}  # fmt: skip
+                fields = {
+                    "card_challenge": c.challenge,
+                    "card_counter": c.counter,
+                    "card_cryptogram": c.cryptogram,
+                }
                 seconds += time.perf_counter() - started
         finally:
             transport.close()
@@ -208,8 +211,9 @@ class Agent:
             reply = self.stub.Authorize(request, timeout=self.deadline_s)
         except grpc.RpcError as exc:
             code = _code_of(exc)
-            log.warning("no decision: reversing", trace=trace, card=mask_card(card.card_no),
-                        error=code.name)  # fmt: skip
+            log.warning(
+                "no decision: reversing", trace=trace, card=mask_card(card.card_no), error=code.name
+            )
             reversal = self._reverse(sent)
             result = code
         else:

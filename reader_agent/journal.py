@@ -101,8 +101,9 @@ class Journal:
         swipes, last_trace = legacy
         with self._transaction():
             for swipe in swipes.values():
-                self._db.execute("INSERT OR REPLACE INTO open_swipes VALUES (?, ?, ?, ?, ?)",
-                                 astuple(swipe))  # fmt: skip
+                self._db.execute(
+                    "INSERT OR REPLACE INTO open_swipes VALUES (?, ?, ?, ?, ?)", astuple(swipe)
+                )
             self._raise_high_water(last_trace)
 
     @contextlib.contextmanager
@@ -168,9 +169,13 @@ def _legacy_lines(path: Path) -> tuple[dict[int, OpenSwipe], int] | None:
             trace = int(entry.get("trace", 0))
             last_trace = max(last_trace, trace, int(entry.get("reversal_trace", 0)))
             if entry.get("op") == "sent":
-                swipes[trace] = OpenSwipe(trace, str(entry["card_no"]), str(entry["ssn"]),
-                                          int(entry["amount_fen"]),
-                                          int(entry["reversal_trace"]))  # fmt: skip
+                swipes[trace] = OpenSwipe(
+                    trace,
+                    str(entry["card_no"]),
+                    str(entry["ssn"]),
+                    int(entry["amount_fen"]),
+                    int(entry["reversal_trace"]),
+                )
             elif entry.get("op") in ("done", "reversed"):
                 swipes.pop(trace, None)
         except (ValueError, KeyError, TypeError, AttributeError):

@@ -95,8 +95,9 @@ class PrivatePcscd:
         if os.geteuid() != 0:
             argv = ["unshare", "-r", *argv]  # a user namespace makes the mount allowed
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)  # fmt: skip
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not (self.socket_path.exists() and self._vpcd_listening()):
             if self.process.poll() is not None:

@@ -44,15 +44,25 @@ class Watch:
             for alert in self.detector.observe(event):
                 batch.send(topics.ALERTS.name, codec.encode(alert), key=alert.person_ref.encode())
                 metrics.ABNORMAL_ALERTS.labels(alert.kind.value).inc()
-                log.info("abnormal transaction", kind=alert.kind.value, card=alert.card_masked,
-                         terminal=alert.terminal_id, institution=alert.institution_id)  # fmt: skip
+                log.info(
+                    "abnormal transaction",
+                    kind=alert.kind.value,
+                    card=alert.card_masked,
+                    terminal=alert.terminal_id,
+                    institution=alert.institution_id,
+                )
 
 
 def create(settings: Settings, kafka: KafkaAccess) -> Runtime:
-    return Runtime(job=APP_ID, member_id="abnormal-0", kafka=kafka,
-                   topic=topics.EVENTS.name, handler=Watch().handle,
-                   data_dir=settings.state_dir.resolve() / "data" / "abnormal-0",
-                   batch_max=BATCH_MAX)  # fmt: skip
+    return Runtime(
+        job=APP_ID,
+        member_id="abnormal-0",
+        kafka=kafka,
+        topic=topics.EVENTS.name,
+        handler=Watch().handle,
+        data_dir=settings.state_dir.resolve() / "data" / "abnormal-0",
+        batch_max=BATCH_MAX,
+    )
 
 
 async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:

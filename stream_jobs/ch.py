@@ -201,11 +201,27 @@ def sync_lookups(client: Client) -> None:
 # ---------------------------------------------------------------------------- the event row
 
 COLUMNS = (
-    "event_id", "event_type", "at", "at_ms", "day", "person_ref", "ssn_masked", "card_ref",
-    "card_masked", "request_id", "original_request_id", "institution_id", "institution_type",
-    "amount_fen", "paid_from_account_fen", "paid_in_cash_fen", "balance_after_fen", "result",
-    "original_day", "detail",
-)  # fmt: skip
+    "event_id",
+    "event_type",
+    "at",
+    "at_ms",
+    "day",
+    "person_ref",
+    "ssn_masked",
+    "card_ref",
+    "card_masked",
+    "request_id",
+    "original_request_id",
+    "institution_id",
+    "institution_type",
+    "amount_fen",
+    "paid_from_account_fen",
+    "paid_in_cash_fen",
+    "balance_after_fen",
+    "result",
+    "original_day",
+    "detail",
+)
 INSERT_SQL = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES"
 
 EVENT_TYPES: tuple[type[Any], ...] = typing.get_args(model.Event)
@@ -299,37 +315,72 @@ def event_row(event: model.Event, tokens: CardTokens) -> tuple[Any, ...]:
 
 
 ALERT_COLUMNS = (
-    "alert_id", "kind", "at", "at_ms", "day", "person_ref", "card_ref", "card_masked",
-    "institution_id", "terminal_id", "cardholder_facing", "detail",
-)  # fmt: skip
+    "alert_id",
+    "kind",
+    "at",
+    "at_ms",
+    "day",
+    "person_ref",
+    "card_ref",
+    "card_masked",
+    "institution_id",
+    "terminal_id",
+    "cardholder_facing",
+    "detail",
+)
 ALERTS_INSERT_SQL = f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) VALUES"
 SMS_OUTCOME_COLUMNS = (
-    "event_id", "outcome", "at", "at_ms", "day", "kind", "event_at_ms", "phone_masked",
-    "parts", "smsc_message_ids", "resent_uncertain", "status",
-)  # fmt: skip
+    "event_id",
+    "outcome",
+    "at",
+    "at_ms",
+    "day",
+    "kind",
+    "event_at_ms",
+    "phone_masked",
+    "parts",
+    "smsc_message_ids",
+    "resent_uncertain",
+    "status",
+)
 SMS_OUTCOMES_INSERT_SQL = f"INSERT INTO sms_outcomes ({', '.join(SMS_OUTCOME_COLUMNS)}) VALUES"
 
 
 def alert_row(alert: Alert, tokens: CardTokens) -> tuple[Any, ...]:
     """The `alerts` row of an abnormal-transaction alert, in ALERT_COLUMNS order."""
     return (
-        alert.alert_id, alert.kind.value, alert.at_ms // 1000, alert.at_ms,
-        day_date(shanghai_day(alert.at_ms)), alert.person_ref, alert.card_ref,
-        alert.card_masked, alert.institution_id, alert.terminal_id,
-        int(alert.cardholder_facing), alert.detail,
-    )  # fmt: skip
+        alert.alert_id,
+        alert.kind.value,
+        alert.at_ms // 1000,
+        alert.at_ms,
+        day_date(shanghai_day(alert.at_ms)),
+        alert.person_ref,
+        alert.card_ref,
+        alert.card_masked,
+        alert.institution_id,
+        alert.terminal_id,
+        int(alert.cardholder_facing),
+        alert.detail,
+    )
 
 
 def sms_outcome_row(body: dict[str, Any]) -> tuple[Any, ...]:
     """The `sms_outcomes` row of a medclear.sms-outcomes record (its JSON body)."""
     at_ms = int(body["at_ms"])
     return (
-        str(body["event_id"]), str(body["outcome"]), at_ms // 1000, at_ms,
-        day_date(shanghai_day(at_ms)), str(body.get("kind", "")),
-        int(body.get("event_at_ms", 0)), str(body.get("phone_masked", "")),
-        int(body.get("parts", 0)), ",".join(body.get("smsc_message_ids", ())),
-        int(bool(body.get("resent_uncertain", False))), str(body.get("status", "")),
-    )  # fmt: skip
+        str(body["event_id"]),
+        str(body["outcome"]),
+        at_ms // 1000,
+        at_ms,
+        day_date(shanghai_day(at_ms)),
+        str(body.get("kind", "")),
+        int(body.get("event_at_ms", 0)),
+        str(body.get("phone_masked", "")),
+        int(body.get("parts", 0)),
+        ",".join(body.get("smsc_message_ids", ())),
+        int(bool(body.get("resent_uncertain", False))),
+        str(body.get("status", "")),
+    )
 
 
 # ---------------------------------------------------------------------------- queries
@@ -417,10 +468,11 @@ def day_events(
     rows = client.execute(
         "SELECT event_id, event_type, at_ms, institution_id, request_id, original_request_id,"
         " card_masked, amount_fen, paid_from_account_fen FROM events FINAL"
-        " WHERE event_type IN ('SwipeApproved', 'SwipeReversed', 'Refunded') AND " + where
+        " WHERE event_type IN ('SwipeApproved', 'SwipeReversed', 'Refunded') AND "
+        + where
         + " ORDER BY at_ms, event_id",
         params,
-    )  # fmt: skip
+    )
     return [LoggedEvent(*row) for row in rows]
 
 
@@ -445,25 +497,53 @@ def present_event_ids(client: Client, event_ids: Sequence[str]) -> set[str]:
 # ---------------------------------------------------------------------------- institutions' files
 
 
-def insert_institution_files(client: Client, totals: Sequence[reconciliation.TotalsRow],
-                             details: Sequence[reconciliation.DetailLine], totals_source: str,
-                             details_source: str, imported_at_ms: int) -> None:  # fmt: skip
+def insert_institution_files(
+    client: Client,
+    totals: Sequence[reconciliation.TotalsRow],
+    details: Sequence[reconciliation.DetailLine],
+    totals_source: str,
+    details_source: str,
+    imported_at_ms: int,
+) -> None:
     """Store an institution's imported totals and detail lines (`institution_totals`,
     `institution_details`); a later import of the same day supersedes it (readers take the
     latest `imported_at_ms`)."""
     client.execute(
         "INSERT INTO institution_totals (institution_id, day, count, total_fen, account_fen,"
         " source_file, line, imported_at_ms) VALUES",
-        [(r.institution_id, day_date(r.day), r.totals.count, r.totals.amount_fen,
-          r.totals.account_fen, totals_source, r.line_no, imported_at_ms) for r in totals],
-    )  # fmt: skip
+        [
+            (
+                r.institution_id,
+                day_date(r.day),
+                r.totals.count,
+                r.totals.amount_fen,
+                r.totals.account_fen,
+                totals_source,
+                r.line_no,
+                imported_at_ms,
+            )
+            for r in totals
+        ],
+    )
     if details:
         client.execute(
             "INSERT INTO institution_details (institution_id, day, request_id, kind, amount_fen,"
             " account_fen, source_file, line, imported_at_ms) VALUES",
-            [(d.institution_id, day_date(d.day), d.request_id, d.kind.value, d.amount_fen,
-              d.account_fen, details_source, d.line_no, imported_at_ms) for d in details],
-        )  # fmt: skip
+            [
+                (
+                    d.institution_id,
+                    day_date(d.day),
+                    d.request_id,
+                    d.kind.value,
+                    d.amount_fen,
+                    d.account_fen,
+                    details_source,
+                    d.line_no,
+                    imported_at_ms,
+                )
+                for d in details
+            ],
+        )
 
 
 def institution_files(

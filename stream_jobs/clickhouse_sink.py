@@ -307,8 +307,13 @@ class ClickHouseSink:
             metrics.CLICKHOUSE_SINK_SKIPPED.labels(found).inc()
             if found == "undecodable":
                 metrics.UNDECODABLE.labels(tp.topic).inc()
-            log.warning("record skipped", reason=found, partition=tp.partition,
-                        offset=record.offset, size=len(record.value or b""))  # fmt: skip
+            log.warning(
+                "record skipped",
+                reason=found,
+                partition=tp.partition,
+                offset=record.offset,
+                size=len(record.value or b""),
+            )
         else:
             batch.rows.append(found)
         if batch.empty:
@@ -432,9 +437,12 @@ async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event)
         for feed in FEEDS
     ]
     primary, others = sinks[0], sinks[1:]
-    log.info("clickhouse sink starting", feeds=[s.topic for s in sinks],
-             batch_rows_max=primary.batch_rows_max,
-             batch_wait_ms=settings.clickhouse_sink_batch_wait_ms)  # fmt: skip
+    log.info(
+        "clickhouse sink starting",
+        feeds=[s.topic for s in sinks],
+        batch_rows_max=primary.batch_rows_max,
+        batch_wait_ms=settings.clickhouse_sink_batch_wait_ms,
+    )
 
     async def stop_all() -> None:
         await stopping.wait()

@@ -15,6 +15,7 @@ def run(settings: Settings, kafka: KafkaAccess, names: list[str]) -> None:
     """The named jobs (stream_jobs/jobs.py) until SIGTERM; one's failure ends them all. Each
     job talks to the broker as itself: its own principal and certificate, whatever process
     it shares."""
-    served: list[Served] = [functools.partial(server(name), settings, kafka.as_principal(name))
-                            for name in names]  # fmt: skip
+    served: list[Served] = [
+        functools.partial(server(name), settings, kafka.as_principal(name)) for name in names
+    ]
     run_until_signal(served)

@@ -55,20 +55,26 @@ class KafkaNeeds:
 
 
 KAFKA: dict[str, KafkaNeeds] = {
-    "pre-loss-timer": KafkaNeeds("medclear-pre-loss-timer", (topics.EVENTS.name,),
-                                 (topics.COMMANDS.name,)),
-    "clickhouse-sink": KafkaNeeds("medclear-clickhouse-sink", (
-        topics.EVENTS.name, topics.ALERTS.name, topics.SMS_OUTCOMES.name)),
+    "pre-loss-timer": KafkaNeeds(
+        "medclear-pre-loss-timer", (topics.EVENTS.name,), (topics.COMMANDS.name,)
+    ),
+    "clickhouse-sink": KafkaNeeds(
+        "medclear-clickhouse-sink",
+        (topics.EVENTS.name, topics.ALERTS.name, topics.SMS_OUTCOMES.name),
+    ),
     "sms": KafkaNeeds("medclear-sms", (topics.EVENTS.name,), (topics.SMS_OUTCOMES.name,)),
     "abnormal": KafkaNeeds("medclear-abnormal", (topics.EVENTS.name,), (topics.ALERTS.name,)),
-    "settlement": KafkaNeeds("medclear-settlement", (
-        topics.EVENTS.name, topics.SETTLEMENT_INPUT.name),
-        (topics.SETTLEMENT_INPUT.name, topics.SETTLEMENTS.name)),
-}  # fmt: skip
+    "settlement": KafkaNeeds(
+        "medclear-settlement",
+        (topics.EVENTS.name, topics.SETTLEMENT_INPUT.name),
+        (topics.SETTLEMENT_INPUT.name, topics.SETTLEMENTS.name),
+    ),
+}
 # The clearing worker (stream_jobs/worker.py, a process of its own): the commands in, the
 # events and the card index out, and a reply to whichever topic a command names.
-WORKER_KAFKA = KafkaNeeds("medclear-clearing", (topics.COMMANDS.name,),
-                          (topics.EVENTS.name, topics.CARD_INDEX.name))  # fmt: skip
+WORKER_KAFKA = KafkaNeeds(
+    "medclear-clearing", (topics.COMMANDS.name,), (topics.EVENTS.name, topics.CARD_INDEX.name)
+)
 
 ServeJob = Callable[[Settings, KafkaAccess, asyncio.Event], Coroutine[Any, Any, None]]
 

@@ -72,20 +72,28 @@ class Ticker:
         entries = [Pending(*json.loads(v)) for _k, v in self.runtime.store_items(TABLE)]
         now_ms = time.time_ns() // 1_000_000
         for command in due(entries, self.sent_at_ms, now_ms, lambda s: self.person.open(s)["ssn"]):
-            await producer.send_and_wait(topics.COMMANDS.name, codec.encode(command),
-                                         key=command.ssn.encode())  # fmt: skip
+            await producer.send_and_wait(
+                topics.COMMANDS.name, codec.encode(command), key=command.ssn.encode()
+            )
             self.sent_at_ms[command.request_id] = now_ms
             metrics.PRE_LOSS_EXPIRIES.inc()
         metrics.PRE_LOSSES_PENDING.set(len(entries))
 
 
 def create(settings: Settings, kafka: KafkaAccess) -> tuple[Runtime, Ticker]:
-    runtime = Runtime(job=APP_ID, member_id="pre-loss-timer-0", kafka=kafka,
-                      topic=topics.EVENTS.name, handler=follow,
-                      data_dir=settings.state_dir.resolve() / "data" / "pre-loss-timer-0",
-                      tables=[TABLE], batch_max=BATCH_MAX)  # fmt: skip
-    return runtime, Ticker(runtime, load_sealer(settings, PERSON),
-                           settings.pre_loss_timer_interval_s)  # fmt: skip
+    runtime = Runtime(
+        job=APP_ID,
+        member_id="pre-loss-timer-0",
+        kafka=kafka,
+        topic=topics.EVENTS.name,
+        handler=follow,
+        data_dir=settings.state_dir.resolve() / "data" / "pre-loss-timer-0",
+        tables=[TABLE],
+        batch_max=BATCH_MAX,
+    )
+    return runtime, Ticker(
+        runtime, load_sealer(settings, PERSON), settings.pre_loss_timer_interval_s
+    )
 
 
 async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:

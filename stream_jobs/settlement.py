@@ -60,8 +60,9 @@ async def route(batch: Batch) -> None:
     for record, event in decoded(batch.records, topics.EVENTS.name, rules.ENTRY_EVENTS):
         entry = rules.entry_of(event)
         if entry is not None:
-            batch.send(topics.SETTLEMENT_INPUT.name, record.value,
-                       key=entry.institution_id.encode())  # fmt: skip
+            batch.send(
+                topics.SETTLEMENT_INPUT.name, record.value, key=entry.institution_id.encode()
+            )
 
 
 class Settle:
@@ -92,12 +93,17 @@ class Settle:
 
     def _publish(self, batch: Batch, records: list[rules.DaySettlement]) -> None:
         for record in records:
-            batch.send(topics.SETTLEMENTS.name, rules.encode_record(record),
-                       key=record.key.encode())  # fmt: skip
+            batch.send(
+                topics.SETTLEMENTS.name, rules.encode_record(record), key=record.key.encode()
+            )
             if record.closed:
                 metrics.SETTLEMENT_DAYS_CLOSED.inc()
-                log.info("day closed", institution=record.institution_id,
-                         day=rules.iso_day(record.day), net_fen=record.net_fen)  # fmt: skip
+                log.info(
+                    "day closed",
+                    institution=record.institution_id,
+                    day=rules.iso_day(record.day),
+                    net_fen=record.net_fen,
+                )
 
     def _load(
         self, batch: Batch, partition: int, institution: str
@@ -130,8 +136,11 @@ class Settle:
                 self._publish(batch, records)
                 self._remember(batch, record.partition, state)
             late = bool(records) and records[-1].day != entry.day
-            outcome = "redelivered" if before is not None and before.seen(entry.event_id) else (
-                "late" if late else "applied")  # fmt: skip
+            outcome = (
+                "redelivered"
+                if before is not None and before.seen(entry.event_id)
+                else ("late" if late else "applied")
+            )
             metrics.SETTLEMENT_EVENTS.labels(entry.kind.value, outcome).inc()
 
     async def close_ticks(self, settle: Runtime, stopping: asyncio.Event) -> None:
@@ -145,9 +154,11 @@ class Settle:
             through = rules.closable_through(self.clock_ms(), self.cutoff_ms)
             for institution_id, day in list(self.earliest_open.items()):
                 if day <= through:
-                    await producer.send(topics.SETTLEMENT_INPUT.name,
-                                        TICK_PREFIX + institution_id.encode(),
-                                        key=institution_id.encode())  # fmt: skip
+                    await producer.send(
+                        topics.SETTLEMENT_INPUT.name,
+                        TICK_PREFIX + institution_id.encode(),
+                        key=institution_id.encode(),
+                    )
             metrics.SETTLEMENT_OPEN_INSTITUTIONS.set(len(self.earliest_open))
 
 
@@ -156,12 +167,25 @@ def create(
 ) -> tuple[Runtime, Runtime, Settle]:
     settle = Settle(settings.settlement_cutoff_s * 1000, clock_ms)
     data = settings.state_dir.resolve() / "data" / "settlement-0"
-    router = Runtime(job=ROUTE_ID, member_id="settlement-route-0", kafka=kafka,
-                     topic=topics.EVENTS.name, handler=route, data_dir=data / "route",
-                     batch_max=BATCH_MAX)  # fmt: skip
-    settler = Runtime(job=APP_ID, member_id="settlement-0", kafka=kafka,
-                      topic=topics.SETTLEMENT_INPUT.name, handler=settle.handle,
-                      data_dir=data, tables=[TABLE], batch_max=BATCH_MAX)  # fmt: skip
+    router = Runtime(
+        job=ROUTE_ID,
+        member_id="settlement-route-0",
+        kafka=kafka,
+        topic=topics.EVENTS.name,
+        handler=route,
+        data_dir=data / "route",
+        batch_max=BATCH_MAX,
+    )
+    settler = Runtime(
+        job=APP_ID,
+        member_id="settlement-0",
+        kafka=kafka,
+        topic=topics.SETTLEMENT_INPUT.name,
+        handler=settle.handle,
+        data_dir=data,
+        tables=[TABLE],
+        batch_max=BATCH_MAX,
+    )
 
     async def ready() -> None:
         settle.rebuild_index(settler)
@@ -173,6 +197,6 @@ def create(
 async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:
     router, settler, settle = create(settings, kafka)
     log.info("settlement starting", cutoff_s=settings.settlement_cutoff_s)
-    await serve_runtimes([router, settler],
-                         [lambda stopping: settle.close_ticks(settler, stopping)],
-                         stopping)  # fmt: skip
+    await serve_runtimes(
+        [router, settler], [lambda stopping: settle.close_ticks(settler, stopping)], stopping
+    )

@@ -191,8 +191,10 @@ class Job:
             key = event.person_ref.encode()
             if key not in rows:
                 stored = batch.get(TABLE, record.partition, key)
-                rows[key] = (record.partition, PersonSms.from_json(stored) if stored
-                             else PersonSms())  # fmt: skip
+                rows[key] = (
+                    record.partition,
+                    PersonSms.from_json(stored) if stored else PersonSms(),
+                )
             partition, row = rows[key]
             decision = sms_core.decide(row, event, self.context, seen_ms)
             if decision.state != row:
@@ -207,9 +209,15 @@ class Job:
             elif decision.kind is not None:
                 metrics.SMS_SUPPRESSED.labels(decision.outcome.value).inc()
                 if decision.outcome in (Outcome.RATE_LIMITED, Outcome.STALE, Outcome.NO_PHONE):
-                    suppressed.append(OutcomeRecord(event.event_id, decision.outcome.value,
-                                                    seen_ms, decision.kind.value,
-                                                    event.at_ms))  # fmt: skip
+                    suppressed.append(
+                        OutcomeRecord(
+                            event.event_id,
+                            decision.outcome.value,
+                            seen_ms,
+                            decision.kind.value,
+                            event.at_ms,
+                        )
+                    )
         self._outcomes(batch, suppressed)
         if not to_send:
             return
@@ -233,9 +241,15 @@ class Job:
         for receipt in receipts:
             metrics.SMS_RECEIPTS.labels(receipt.stat).inc()
             event_id = self.sender.event_of.get(receipt.smsc_message_id, "")
-            records.append(OutcomeRecord(event_id, "receipt", int(receipt.received_at * 1000),
-                                         smsc_message_ids=(receipt.smsc_message_id,),
-                                         status=receipt.stat))  # fmt: skip
+            records.append(
+                OutcomeRecord(
+                    event_id,
+                    "receipt",
+                    int(receipt.received_at * 1000),
+                    smsc_message_ids=(receipt.smsc_message_id,),
+                    status=receipt.stat,
+                )
+            )
         return records
 
     async def poll_receipts(self, stopping: asyncio.Event) -> None:
@@ -247,17 +261,25 @@ class Job:
                 continue
             records = self.receipt_records(await self.sender.poll())
             producer = runtime.producer
-            sent = [await producer.send(topics.SMS_OUTCOMES.name, r.to_json(),
-                                        key=r.event_id.encode()) for r in records]  # fmt: skip
+            sent = [
+                await producer.send(topics.SMS_OUTCOMES.name, r.to_json(), key=r.event_id.encode())
+                for r in records
+            ]
             await asyncio.gather(*sent)
 
 
 def create(settings: Settings, kafka: KafkaAccess, app_id: str = APP_ID) -> tuple[Runtime, Job]:
     job = Job(load_context(settings), Sender(settings))
-    runtime = Runtime(job=app_id, member_id=MEMBER_ID, kafka=kafka,
-                      topic=topics.EVENTS.name, handler=job.handle,
-                      data_dir=settings.state_dir.resolve() / "data" / MEMBER_ID, tables=[TABLE],
-                      batch_max=BATCH_MAX)  # fmt: skip
+    runtime = Runtime(
+        job=app_id,
+        member_id=MEMBER_ID,
+        kafka=kafka,
+        topic=topics.EVENTS.name,
+        handler=job.handle,
+        data_dir=settings.state_dir.resolve() / "data" / MEMBER_ID,
+        tables=[TABLE],
+        batch_max=BATCH_MAX,
+    )
     job.runtime = runtime
     return runtime, job
 
@@ -277,9 +299,18 @@ def outcome_of(submission: Submission, uncertain: bool) -> OutcomeRecord:
     if uncertain:
         metrics.SMS_RESENT_UNCERTAIN.inc()
         log.warning("sms in flight at a crash sent again", event_id=sms.message_id)
-    return OutcomeRecord(sms.message_id, outcome, answered_ms, sms.kind.value, sms.event_at_ms,
-                         sms.phone_masked, parts, submission.smsc_message_ids, uncertain,
-                         status)  # fmt: skip
+    return OutcomeRecord(
+        sms.message_id,
+        outcome,
+        answered_ms,
+        sms.kind.value,
+        sms.event_at_ms,
+        sms.phone_masked,
+        parts,
+        submission.smsc_message_ids,
+        uncertain,
+        status,
+    )
 
 
 async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event) -> None:
@@ -290,8 +321,11 @@ async def serve(settings: Settings, kafka: KafkaAccess, stopping: asyncio.Event)
         return
     await wait_for_topics(kafka, [topics.SMS_OUTCOMES.name])  # `up` creates it
     runtime, job = create(settings, kafka)
-    log.info("sms job starting", smsc=f"{settings.smsc_host}:{settings.smsc_port}",
-             in_flight_max=SMS_IN_FLIGHT_MAX)  # fmt: skip
+    log.info(
+        "sms job starting",
+        smsc=f"{settings.smsc_host}:{settings.smsc_port}",
+        in_flight_max=SMS_IN_FLIGHT_MAX,
+    )
     try:
         await serve_runtimes([runtime], [job.poll_receipts], stopping)
     finally:

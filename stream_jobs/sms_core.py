@@ -75,8 +75,17 @@ TEXT_CHARS_MAX = 670  # 10 UCS2 parts of 67 characters
 COUNTRY_CODE = "86"
 # the events `decide` reads: the phone book's and those `render` may write an SMS for; any
 # other leaves a person's SMS state as it was and sends nothing
-EVENTS_READ = (PersonRegistered, PhoneSet, PersonCancelled, SwipeApproved, SwipeReversed,
-               Refunded, CardStateChanged, CardIssued, SwipeDeclined)  # fmt: skip
+EVENTS_READ = (
+    PersonRegistered,
+    PhoneSet,
+    PersonCancelled,
+    SwipeApproved,
+    SwipeReversed,
+    Refunded,
+    CardStateChanged,
+    CardIssued,
+    SwipeDeclined,
+)
 MOBILE = re.compile(r"^1[3-9][0-9]{9}$")  # mainland China mobile number, 11 digits
 RECEIPT = re.compile(r"\bid:(?P<id>\S+).*?\bstat:(?P<stat>[A-Z]+)", re.DOTALL)
 
@@ -355,8 +364,15 @@ def decide(state: PersonSms | None, event: Event, context: Context, now_ms: int)
     if event_id in person.settled:
         return Decision(person, Outcome.DUPLICATE, kind=rendered.kind)
     phone = context.phone_of(person)
-    sms = Sms(event_id, event.person_ref or event.ssn, COUNTRY_CODE + phone, mask_phone(phone),
-              rendered.kind, rendered.text, event.at_ms)  # fmt: skip
+    sms = Sms(
+        event_id,
+        event.person_ref or event.ssn,
+        COUNTRY_CODE + phone,
+        mask_phone(phone),
+        rendered.kind,
+        rendered.text,
+        event.at_ms,
+    )
     if person.cancelled or not is_mobile(phone):
         return Decision(settle(person, event_id), Outcome.NO_PHONE, kind=rendered.kind)
     if event_id in person.in_flight:

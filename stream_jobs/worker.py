@@ -102,8 +102,11 @@ class Worker:
         address = replies.address_of(record)
         if address is not None:
             topic, correlation = address
-            batch.reply(topic, replies.sealed(reply, correlation, self.redaction.person),
-                        headers=[(HEADER_CORRELATION, correlation)])  # fmt: skip
+            batch.reply(
+                topic,
+                replies.sealed(reply, correlation, self.redaction.person),
+                headers=[(HEADER_CORRELATION, correlation)],
+            )
 
     async def _answers(
         self,
@@ -126,8 +129,9 @@ class Worker:
             if isinstance(command, Authorize | BalanceInquiry) and needs_pin(person, command):
                 card = pin_card(person, command)
                 pvvs[index] = card.pvv if card is not None else ""
-                asks[index] = pins.of_hex(command.terminal_id, command.pin_block,
-                                          command.card_no, pvvs[index], stopping)  # fmt: skip
+                asks[index] = pins.of_hex(
+                    command.terminal_id, command.pin_block, command.card_no, pvvs[index], stopping
+                )
         outcomes = await asyncio.gather(*asks.values())
         return {i: CheckedPin(o, pvvs[i]) for i, o in zip(asks, outcomes, strict=True)}
 
@@ -176,8 +180,12 @@ class Worker:
 
     def _publish(self, batch: Batch, event: Event) -> None:
         out = published(event, self.redaction)  # keyed by the person token: no ssn
-        batch.send(topics.EVENTS.name, codec.encode(out), key=out.person_ref.encode(),
-                   headers=((HEADER_EVENT_TYPE, type(out).__name__.encode()),))  # fmt: skip
+        batch.send(
+            topics.EVENTS.name,
+            codec.encode(out),
+            key=out.person_ref.encode(),
+            headers=((HEADER_EVENT_TYPE, type(out).__name__.encode()),),
+        )
         if isinstance(event, CardIssued):
             ref, owner = card_index_record(event.card_no, event.ssn, self.redaction)
             batch.send(topics.CARD_INDEX.name, owner, key=ref)
@@ -225,17 +233,28 @@ def observe_step(step_name: str, seconds: float) -> None:
 
 def create(settings: Settings, policy: Policy, kafka: KafkaAccess, index: int = 0) -> Runtime:
     redaction = load_redaction(settings)  # no card number, ssn, name or phone leaves in clear
-    pins = (PinCheck(HsmClient(settings.hsm_address, pki_dir(settings)))
-            if settings.terminal_security else None)  # fmt: skip
+    pins = (
+        PinCheck(HsmClient(settings.hsm_address, pki_dir(settings)))
+        if settings.terminal_security
+        else None
+    )
     echo = settings.worker_mode == "echo"
     if echo:
         log.warning("echo mode: commands are answered OK without being decided (benchmark)")
     handler = (Echo if echo else Worker)(policy, redaction, pins)
-    return Runtime(job=APP_ID, member_id=f"worker-{index}", kafka=kafka,
-                   topic=topics.COMMANDS.name, handler=handler.handle,
-                   data_dir=data_dir(settings, index), tables=[] if echo else [PERSONS_TABLE],
-                   batch_max=BATCH_MAX, in_flight_max=IN_FLIGHT_MAX, observe_step=observe_step,
-                   fetch_wait_ms=FETCH_WAIT_MS)  # fmt: skip
+    return Runtime(
+        job=APP_ID,
+        member_id=f"worker-{index}",
+        kafka=kafka,
+        topic=topics.COMMANDS.name,
+        handler=handler.handle,
+        data_dir=data_dir(settings, index),
+        tables=[] if echo else [PERSONS_TABLE],
+        batch_max=BATCH_MAX,
+        in_flight_max=IN_FLIGHT_MAX,
+        observe_step=observe_step,
+        fetch_wait_ms=FETCH_WAIT_MS,
+    )
 
 
 def data_dir(settings: Settings, index: int) -> Path:
@@ -258,7 +277,12 @@ def zero_swipe_series(policy: Policy) -> None:
 
 def run(settings: Settings, policy: Policy, kafka: KafkaAccess, index: int) -> None:
     """Run one worker in the foreground until SIGTERM."""
-    log.info("worker starting", index=index, bootstrap=kafka.bootstrap,
-             principal=kafka.principal, partitions=settings.command_partitions)  # fmt: skip
+    log.info(
+        "worker starting",
+        index=index,
+        bootstrap=kafka.bootstrap,
+        principal=kafka.principal,
+        partitions=settings.command_partitions,
+    )
     zero_swipe_series(policy)
     run_in_foreground([create(settings, policy, kafka, index)])

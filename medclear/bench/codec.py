@@ -35,16 +35,34 @@ def city_records(persons: int, swipes_each: int, seed: int, policy: Policy) -> l
     institutions = sorted(policy.institutions)
     records: list[Any] = []
     for i, r in enumerate(residents(persons, seed)):
-        enrol = EnrolPerson(f"bench-enrol-{i}", START_MS, r.ssn, r.name, r.category, r.phone,
-                            "", r.card_no, CardKind.SOCIAL_SECURITY, BENCH_PVV,
-                            r.opening_balance_fen, f"opening-{i}")  # fmt: skip
+        enrol = EnrolPerson(
+            f"bench-enrol-{i}",
+            START_MS,
+            r.ssn,
+            r.name,
+            r.category,
+            r.phone,
+            "",
+            r.card_no,
+            CardKind.SOCIAL_SECURITY,
+            BENCH_PVV,
+            r.opening_balance_fen,
+            f"opening-{i}",
+        )
         person: Person | None = None
         commands: list[Any] = [enrol]
         for k in range(swipes_each):
-            commands.append(Authorize(
-                f"TB{k:02d}:{i:06d}", START_MS + (k + 1) * SWIPE_SPACING_MS, r.ssn, r.card_no,
-                institutions[(i + k) % len(institutions)], 12_50 + 100 * k,
-                pin=PinOutcome.CORRECT))  # fmt: skip
+            commands.append(
+                Authorize(
+                    f"TB{k:02d}:{i:06d}",
+                    START_MS + (k + 1) * SWIPE_SPACING_MS,
+                    r.ssn,
+                    r.card_no,
+                    institutions[(i + k) % len(institutions)],
+                    12_50 + 100 * k,
+                    pin=PinOutcome.CORRECT,
+                )
+            )
         for command in commands:
             person, decision = core.handle(person, command, policy)
             records.extend((command, decision.reply, *decision.events))
@@ -110,6 +128,12 @@ def command(
     for column in ("record", "count", "bytes", "encode µs", "decode µs", "of which JSON µs"):
         table.add_column(column, justify="left" if column == "record" else "right")
     for name, f in sorted(result.items(), key=lambda item: (item[0] == "all", item[0])):
-        table.add_row(name, f"{f['records']:,}", f"{f['bytes']:.0f}", f"{f['encode_us']:.1f}",
-                      f"{f['decode_us']:.1f}", f"{f['json_parse_us']:.1f}")  # fmt: skip
+        table.add_row(
+            name,
+            f"{f['records']:,}",
+            f"{f['bytes']:.0f}",
+            f"{f['encode_us']:.1f}",
+            f"{f['decode_us']:.1f}",
+            f"{f['json_parse_us']:.1f}",
+        )
     Console().print(table)

@@ -36,6 +36,7 @@ from medclear.drills.cli import FreshOpt, SecurityOpt
 from medclear.drills.hostile import (
     FuzzCase,
     FuzzTarget,
+    Snapshot,
     fuzz_problem,
     fuzz_victim,
     gateway_healthy,
@@ -105,13 +106,23 @@ def run(a: StackAccess, requests: int) -> FuzzBench:
 
     senders = [threading.Thread(target=send, args=(t,), daemon=True) for t in targets]
     started = time.monotonic()
-    columns = (TextColumn("hostile requests"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("{task.fields[rate]}"))  # fmt: skip
+    columns = (
+        TextColumn("hostile requests"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("fuzz", total=requests, rate="")
 
-        @hsettings(max_examples=requests, deadline=None, database=None,
-                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+        @hsettings(
+            max_examples=requests,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(fuzz_cases(victim.card_no, victim.ssn))
         def generate(case: FuzzCase) -> None:
             cases.put(case)
@@ -134,7 +145,20 @@ def run(a: StackAccess, requests: int) -> FuzzBench:
     result.seconds = time.monotonic() - started
     for target in targets:
         result.answers.update(target.results)
-    after, pids_after = snapshot(a, victim.ssn), _pids(a)
+    _check_after(a, victim.ssn, before, pids_before, result)
+    return result
+
+
+def _check_after(
+    a: StackAccess,
+    ssn: str,
+    before: Snapshot,
+    pids_before: dict[str, int | None],
+    result: FuzzBench,
+) -> None:
+    """What the run changed that it must not: the victim's state, a process (restarted
+    or gone), the gateway's health."""
+    after, pids_after = snapshot(a, ssn), _pids(a)
     if before != after:
         result.state_changes.append(f"{before} → {after}")
     for name, pid in pids_before.items():
@@ -142,7 +166,6 @@ def run(a: StackAccess, requests: int) -> FuzzBench:
             result.crashes.append(f"{name}: pid {pid} → {pids_after.get(name)}")
     if not gateway_healthy(a):
         result.crashes.append("the gateway is not healthy after the run")
-    return result
 
 
 def table(result: FuzzBench) -> Table:
@@ -187,8 +210,11 @@ def command(
         raise typer.Exit(code=1) from exc
     console.print(table(result))
     console.print(answers_table(result))
-    for problem in [*result.crashes, *result.state_changes,
-                    *(f"{n} × {p}" for p, n in result.unclear.items())]:  # fmt: skip
+    for problem in [
+        *result.crashes,
+        *result.state_changes,
+        *(f"{n} × {p}" for p, n in result.unclear.items()),
+    ]:
         console.print(f"[red]{problem}[/]")
     if not result.passed:
         raise typer.Exit(code=Exit.CHECK_FAILED)

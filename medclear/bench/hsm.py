@@ -41,8 +41,13 @@ class _Keys:
 
     def pin_block(self) -> bytes:
         return crypto.encrypt_pin_block(
-            PinBlockFormat.ISO_4, BENCH_PIN, BENCH_PAN, KEY_ALGORITHM, self.clear["tpk"],
-            secrets.token_bytes)  # fmt: skip
+            PinBlockFormat.ISO_4,
+            BENCH_PIN,
+            BENCH_PAN,
+            KEY_ALGORITHM,
+            self.clear["tpk"],
+            secrets.token_bytes,
+        )
 
 
 async def _ceremony(hsm: hsm_pb2_grpc.HsmServiceStub) -> _Keys:
@@ -50,40 +55,69 @@ async def _ceremony(hsm: hsm_pb2_grpc.HsmServiceStub) -> _Keys:
     are made in the HSM and loaded by the 'terminal' from under the KEK."""
     keys = _Keys()
     parts = [secrets.token_bytes(KEK_COMPONENT_BYTES) for _ in range(2)]
-    await hsm.FormKey(hsm_pb2.FormKeyRequest(
-        key_id=keys.ref("kek").key_id, algorithm=pb_enum(KEK_ALGORITHM), components=parts,
-        component_kcvs=[crypto.kcv(KEK_ALGORITHM, p) for p in parts]))  # fmt: skip
+    await hsm.FormKey(
+        hsm_pb2.FormKeyRequest(
+            key_id=keys.ref("kek").key_id,
+            algorithm=pb_enum(KEK_ALGORITHM),
+            components=parts,
+            component_kcvs=[crypto.kcv(KEK_ALGORITHM, p) for p in parts],
+        )
+    )
     kek = bytes(a ^ b for a, b in zip(*parts, strict=True))
-    for name, key_type in (("tpk", KeyType.TERMINAL_PIN_KEY), ("tak", KeyType.TERMINAL_MAC_KEY),
-                           ("pvk", KeyType.PIN_VERIFICATION_KEY)):  # fmt: skip
-        await hsm.GenerateKey(hsm_pb2.GenerateKeyRequest(
-            key_id=keys.ref(name).key_id, type=pb_enum(key_type),
-            algorithm=pb_enum(KEY_ALGORITHM)))  # fmt: skip
+    for name, key_type in (
+        ("tpk", KeyType.TERMINAL_PIN_KEY),
+        ("tak", KeyType.TERMINAL_MAC_KEY),
+        ("pvk", KeyType.PIN_VERIFICATION_KEY),
+    ):
+        await hsm.GenerateKey(
+            hsm_pb2.GenerateKeyRequest(
+                key_id=keys.ref(name).key_id,
+                type=pb_enum(key_type),
+                algorithm=pb_enum(KEY_ALGORITHM),
+            )
+        )
         if name != "pvk":
-            out = await hsm.ExportKey(hsm_pb2.ExportKeyRequest(key=keys.ref(name),
-                                                               kek=keys.ref("kek")))  # fmt: skip
+            out = await hsm.ExportKey(
+                hsm_pb2.ExportKeyRequest(key=keys.ref(name), kek=keys.ref("kek"))
+            )
             keys.clear[name] = unwrap_key(KEK_ALGORITHM, kek, out.wrapped)
     return keys
 
 
-async def _requests(checker: hsm_pb2_grpc.HsmServiceStub, keys: _Keys,
-                    count: int) -> dict[str, list[Any]]:  # fmt: skip
+async def _requests(
+    checker: hsm_pb2_grpc.HsmServiceStub, keys: _Keys, count: int
+) -> dict[str, list[Any]]:
     """`count` VerifyPin requests (each its own PIN block) and MAC checks."""
-    pvv = (await checker.SetPin(hsm_pb2.SetPinRequest(
-        pin_key=keys.ref("tpk"), verification_key=keys.ref("pvk"), pin_block=keys.pin_block(),
-        format=pb_enum(PinBlockFormat.ISO_4), pan=BENCH_PAN))).pin_verification_value  # fmt: skip
-    pins = [hsm_pb2.VerifyPinRequest(
-                pin_key=keys.ref("tpk"), verification_key=keys.ref("pvk"),
-                pin_block=keys.pin_block(), format=pb_enum(PinBlockFormat.ISO_4), pan=BENCH_PAN,
-                pin_verification_value=pvv)
-            for _ in range(count)]  # fmt: skip
+    pvv = (
+        await checker.SetPin(
+            hsm_pb2.SetPinRequest(
+                pin_key=keys.ref("tpk"),
+                verification_key=keys.ref("pvk"),
+                pin_block=keys.pin_block(),
+                format=pb_enum(PinBlockFormat.ISO_4),
+                pan=BENCH_PAN,
+            )
+        )
+    ).pin_verification_value
+    pins = [
+        hsm_pb2.VerifyPinRequest(
+            pin_key=keys.ref("tpk"),
+            verification_key=keys.ref("pvk"),
+            pin_block=keys.pin_block(),
+            format=pb_enum(PinBlockFormat.ISO_4),
+            pan=BENCH_PAN,
+            pin_verification_value=pvv,
+        )
+        for _ in range(count)
+    ]
     mac = crypto.generate_mac(KEY_ALGORITHM, keys.clear["tak"], MAC_DATA)
     mac_request = hsm_pb2.MacRequest(key=keys.ref("tak"), data=MAC_DATA, mac=mac)
     return {"VerifyPin": pins, "VerifyMac": [mac_request] * count}
 
 
-async def _timed(method: Callable[..., Awaitable[Any]], requests: list[Any],
-                 concurrency: int) -> LatencyStats:  # fmt: skip
+async def _timed(
+    method: Callable[..., Awaitable[Any]], requests: list[Any], concurrency: int
+) -> LatencyStats:
     stats = LatencyStats()
 
     async def one(request: Any) -> None:
@@ -96,14 +130,19 @@ async def _timed(method: Callable[..., Awaitable[Any]], requests: list[Any],
     return stats
 
 
-async def run(address: str, count: int, concurrency: int,
-              pki: Path | None) -> dict[str, LatencyStats]:  # fmt: skip
+async def run(
+    address: str, count: int, concurrency: int, pki: Path | None
+) -> dict[str, LatencyStats]:
     """VerifyPin and VerifyMac, `count` calls each at `concurrency` in flight: key
     administration as the operator, the checks as medclear's services."""
-    async with aio_channel(address, Role.OPERATOR, pki) as channel, \
-            aio_channel(address, Role.SERVICE, pki) as service_channel:  # fmt: skip
+    async with (
+        aio_channel(address, Role.OPERATOR, pki) as channel,
+        aio_channel(address, Role.SERVICE, pki) as service_channel,
+    ):
         checker = hsm_pb2_grpc.HsmServiceStub(service_channel)
         keys = await _ceremony(hsm_pb2_grpc.HsmServiceStub(channel))
         requests = await _requests(checker, keys, count)
-        return {label: await _timed(getattr(checker, label), batch, concurrency)
-                for label, batch in requests.items()}  # fmt: skip
+        return {
+            label: await _timed(getattr(checker, label), batch, concurrency)
+            for label, batch in requests.items()
+        }

@@ -83,5 +83,7 @@ def describe_machine() -> str:
     except (OSError, ValueError, IndexError):
         pass
     load = os.getloadavg()[0]
-    return (f"{os.cpu_count()} vCPU {cpu}{memory}, Python {platform.python_version()}, "
-            f"load average {load:.1f} at the start")  # fmt: skip
+    return (
+        f"{os.cpu_count()} vCPU {cpu}{memory}, Python {platform.python_version()}, "
+        f"load average {load:.1f} at the start"
+    )

@@ -84,8 +84,9 @@ def _measure(settings: Settings, persons: int, batch: int, concurrency: int) -> 
         before = cpu_use.snapshot(processes)
         figures.seed_s = load.seed_city(persons, SEED, concurrency, settings, batch=batch)
         figures.behind = asyncio.run(wait_caught_up(endpoints.kafka(), STAGES))
-        figures.cpu_ms_per_person = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes),
-                                                        persons)  # fmt: skip
+        figures.cpu_ms_per_person = cpu_use.per_unit_ms(
+            before, cpu_use.snapshot(processes), persons
+        )
         figures.broker_disk_bytes = tree_bytes(settings.state_dir / "data" / "kafka")
         figures.broker_rss_bytes, figures.broker_rss_peak_bytes = _broker_rss(processes)
     except BaseException:  # failed before the measured stop: stop the stack anyway
@@ -109,17 +110,27 @@ def _print(f: SeedFigures) -> None:
         table.add_column(column, justify="left" if column == "what" else "right")
     scaled = f.seed_s * 100_000 / f.persons
     table.add_row("stack ready (up)", f"{f.up_s:.1f} s", "", "")
-    table.add_row("seeding", f"{f.seed_s:.1f} s ({f.rate:,.0f} persons/s)",
-                  f"100,000 in ≤ {SEEDING_TARGET_S:g} s (here: {scaled:.0f} s)",
-                  "yes" if scaled <= SEEDING_TARGET_S else "no")  # fmt: skip
+    table.add_row(
+        "seeding",
+        f"{f.seed_s:.1f} s ({f.rate:,.0f} persons/s)",
+        f"100,000 in ≤ {SEEDING_TARGET_S:g} s (here: {scaled:.0f} s)",
+        "yes" if scaled <= SEEDING_TARGET_S else "no",
+    )
     table.add_row("broker's data on disk", human(f.broker_disk_bytes), "", "")
     rss_met = f.broker_rss_peak_bytes <= BROKER_RSS_TARGET_BYTES
-    table.add_row("broker's memory (RSS)", f"idle {human(f.broker_rss_idle_bytes)}, seeded "
-                  f"{human(f.broker_rss_bytes)} (peak {human(f.broker_rss_peak_bytes)})",
-                  f"≤ {human(BROKER_RSS_TARGET_BYTES)}", "yes" if rss_met else "no")  # fmt: skip
-    table.add_row("down", f"{f.down_s:.1f} s, killed: {', '.join(f.killed) or 'nothing'}",
-                  f"≤ {DOWN_TARGET_S:g} s, nothing killed",
-                  "yes" if f.down_s <= DOWN_TARGET_S and not f.killed else "no")  # fmt: skip
+    table.add_row(
+        "broker's memory (RSS)",
+        f"idle {human(f.broker_rss_idle_bytes)}, seeded "
+        f"{human(f.broker_rss_bytes)} (peak {human(f.broker_rss_peak_bytes)})",
+        f"≤ {human(BROKER_RSS_TARGET_BYTES)}",
+        "yes" if rss_met else "no",
+    )
+    table.add_row(
+        "down",
+        f"{f.down_s:.1f} s, killed: {', '.join(f.killed) or 'nothing'}",
+        f"≤ {DOWN_TARGET_S:g} s, nothing killed",
+        "yes" if f.down_s <= DOWN_TARGET_S and not f.killed else "no",
+    )
     Console().print(table)
     cpu = Table(title="CPU per enrolled person, by process")
     cpu.add_column("process")

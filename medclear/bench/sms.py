@@ -55,15 +55,29 @@ def phone_of(n: int) -> str:
 
 def person(n: int, at_ms: int, phone: str | None = None) -> PersonRegistered:
     number = phone_of(n) if phone is None else phone
-    return PersonRegistered(f"bench-reg-{n}#0", at_ms, ssn_of(n), "测试",
-                            InsuranceCategory.EMPLOYEE, number, "310101")  # fmt: skip
+    return PersonRegistered(
+        f"bench-reg-{n}#0", at_ms, ssn_of(n), "测试", InsuranceCategory.EMPLOYEE, number, "310101"
+    )
 
 
 def swipe(n: int, who: int, at_ms: int, institution: str = PHARMACY) -> SwipeApproved:
     request = f"bench-T1:{n:08d}"
-    return SwipeApproved(f"{request}#0", at_ms, ssn_of(who), request, "", institution,
-                         InstitutionType.PHARMACY, 3520, 3520, 0, 1_000_000 - n, 0,
-                         card_ref="ct_bench", card_masked=f"*****{who % 10_000:04d}")  # fmt: skip
+    return SwipeApproved(
+        f"{request}#0",
+        at_ms,
+        ssn_of(who),
+        request,
+        "",
+        institution,
+        InstitutionType.PHARMACY,
+        3520,
+        3520,
+        0,
+        1_000_000 - n,
+        0,
+        card_ref="ct_bench",
+        card_masked=f"*****{who % 10_000:04d}",
+    )
 
 
 def now_ms() -> int:
@@ -190,9 +204,12 @@ async def publish(kafka: KafkaAccess, events: Sequence[Event]) -> None:
     await producer.start()
     try:
         for start in range(0, len(events), PRODUCE_CHUNK):
-            sends = [await producer.send(topics.EVENTS.name, key=e.person_ref.encode(),
-                                         value=codec.encode(e))
-                     for e in events[start : start + PRODUCE_CHUNK]]  # fmt: skip
+            sends = [
+                await producer.send(
+                    topics.EVENTS.name, key=e.person_ref.encode(), value=codec.encode(e)
+                )
+                for e in events[start : start + PRODUCE_CHUNK]
+            ]
             await asyncio.gather(*sends)
     finally:
         await producer.stop()
@@ -213,9 +230,11 @@ async def publish_at_rate(
             if delay > 0:
                 await asyncio.sleep(delay)
             stamped = published(replace(event, at_ms=now_ms()), redaction)
-            pending.append(await producer.send(topics.EVENTS.name,
-                                               key=stamped.person_ref.encode(),
-                                               value=codec.encode(stamped)))  # fmt: skip
+            pending.append(
+                await producer.send(
+                    topics.EVENTS.name, key=stamped.person_ref.encode(), value=codec.encode(stamped)
+                )
+            )
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
@@ -258,8 +277,7 @@ def bench(rate: float, seconds: float, persons: int, base: Path) -> dict[str, An
                 break
             time.sleep(0.5)
         ids = {e.event_id for e in events}
-        latencies = sorted(r["at_ms"] - r["event_at_ms"] for r in submitted
-                           if r["event_id"] in ids)  # fmt: skip
+        latencies = sorted(r["at_ms"] - r["event_at_ms"] for r in submitted if r["event_id"] in ids)
         pairs = [(m["destination"], m["text"]) for m in messages]
         return {
             "rate_per_s": rate,

@@ -290,9 +290,11 @@ def _cold_then_warm_restart(settings: Settings, state_dir: Path, run: Run) -> No
     once more keeping them (warm); the worker's memory, CPU and disk meanwhile."""
     t0 = time.monotonic()
     status = stack.restart_component(  # a cold rebuild: no local files
-        settings, "worker-0", console,
+        settings,
+        "worker-0",
+        console,
         while_stopped=lambda: shutil.rmtree(worker.data_dir(settings, 0), ignore_errors=True),
-    )  # fmt: skip
+    )
     run.recovery_s = status.ready_s if status.ready_s is not None else time.monotonic() - t0
     run.worker_rss, run.worker_peak = proc_memory(status.pid)
     run.recovery_cpu_s = proc_cpu_s(status.pid)
@@ -370,8 +372,9 @@ def run_direct(base: Settings, persons: int, swipes: int, state_root: Path) -> R
         run.worker_rss, run.worker_peak = proc_memory(status.pid)
         run.recovery_cpu_s = proc_cpu_s(status.pid)
         sample = _sample(persons, swipes, city.seed)
-        asyncio.run(index_cards(endpoints.kafka(), sample, load_redaction(settings),
-                                topics.CARD_INDEX.name))  # fmt: skip
+        asyncio.run(
+            index_cards(endpoints.kafka(), sample, load_redaction(settings), topics.CARD_INDEX.name)
+        )
         gateway = stack.restart_component(settings, "gateway", console)
         run.gateway_ready_s = gateway.ready_s or 0.0
         _swipes(settings, sample, run)
@@ -511,8 +514,16 @@ def command(
     if direct:
         runs = [run_direct(base, persons, swipes, state_root)]
     else:
-        runs = [run_store(base, STORE, persons, swipes,
-                          None if compression == "none" else compression, state_root)]  # fmt: skip
+        runs = [
+            run_store(
+                base,
+                STORE,
+                persons,
+                swipes,
+                None if compression == "none" else compression,
+                state_root,
+            )
+        ]
     table = Table(title="medclear bench state")  # one column a run: the rows fit a terminal
     table.add_column("")
     for r in runs:

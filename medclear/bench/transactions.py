@@ -40,16 +40,20 @@ TOPICS = ("bench.events", "bench.changelog", "bench.replies")
 GROUP = "bench-transactions"
 
 
-async def _batch_idempotent(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer,
-                            records: int, offset: int) -> None:  # fmt: skip
-    sent = [await producer.send(TOPICS[i % len(TOPICS)], b"x" * 300, key=b"%d" % i, partition=0)
-            for i in range(records)]  # fmt: skip
+async def _batch_idempotent(
+    producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, records: int, offset: int
+) -> None:
+    sent = [
+        await producer.send(TOPICS[i % len(TOPICS)], b"x" * 300, key=b"%d" % i, partition=0)
+        for i in range(records)
+    ]
     await asyncio.gather(*sent)
     await consumer.commit({TopicPartition(TOPICS[0], 0): offset})
 
 
-async def _batch_transactional(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer,
-                               records: int, offset: int) -> None:  # fmt: skip
+async def _batch_transactional(
+    producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, records: int, offset: int
+) -> None:
     async with producer.transaction():
         for i in range(records):
             await producer.send(TOPICS[i % len(TOPICS)], b"x" * 300, key=b"%d" % i, partition=0)
@@ -59,13 +63,21 @@ async def _batch_transactional(producer: AIOKafkaProducer, consumer: AIOKafkaCon
 Step = Callable[[AIOKafkaProducer, AIOKafkaConsumer, int, int], Awaitable[None]]
 
 
-async def _measure(kafka: KafkaAccess, step: Step, transactional: bool, batches: int,
-                   records: int) -> list[float]:  # fmt: skip
+async def _measure(
+    kafka: KafkaAccess, step: Step, transactional: bool, batches: int, records: int
+) -> list[float]:
     options = {"transactional_id": f"bench-{uuid.uuid4().hex[:8]}"} if transactional else {}
-    producer = AIOKafkaProducer(**kafka.options(), acks="all", enable_idempotence=True,
-                                linger_ms=0, compression_type=COMPRESSION, **options)  # fmt: skip
-    consumer = AIOKafkaConsumer(TOPICS[0], **kafka.options(), group_id=GROUP,
-                                enable_auto_commit=False)  # fmt: skip
+    producer = AIOKafkaProducer(
+        **kafka.options(),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=0,
+        compression_type=COMPRESSION,
+        **options,
+    )
+    consumer = AIOKafkaConsumer(
+        TOPICS[0], **kafka.options(), group_id=GROUP, enable_auto_commit=False
+    )
     await producer.start()
     await consumer.start()
     try:
@@ -83,8 +95,10 @@ async def _measure(kafka: KafkaAccess, step: Step, transactional: bool, batches:
 async def _both(kafka: KafkaAccess, batches: int, records: int) -> dict[str, list[float]]:
     await ensure_topics(kafka, dict.fromkeys(TOPICS, 1))
     out = {}
-    for name, step, transactional in (("idempotent, then commit", _batch_idempotent, False),
-                                      ("transaction", _batch_transactional, True)):  # fmt: skip
+    for name, step, transactional in (
+        ("idempotent, then commit", _batch_idempotent, False),
+        ("transaction", _batch_transactional, True),
+    ):
         await _measure(kafka, step, transactional, max(1, batches // 10), records)  # warm up
         out[name] = await _measure(kafka, step, transactional, batches, records)
     return out
@@ -107,14 +121,19 @@ def command(
                 figures = asyncio.run(_both(cluster.access, batches, records))
         finally:
             cluster.stop()
-    table = Table(title=f"a batch of {records} records + its offset commit, {brokers} "
-                  f"broker(s), TLS, acks=all ({batches} batches)")  # fmt: skip
+    table = Table(
+        title=f"a batch of {records} records + its offset commit, {brokers} "
+        f"broker(s), TLS, acks=all ({batches} batches)"
+    )
     for column in ("way", "p50 ms", "p99 ms", "mean ms", "batches/s"):
         table.add_column(column, justify="right" if column != "way" else "left")
     for name, taken in figures.items():
         ordered = sorted(taken)
-        table.add_row(name, f"{statistics.median(ordered):.2f}",
-                      f"{ordered[min(len(ordered) - 1, round(0.99 * len(ordered)))]:.2f}",
-                      f"{statistics.fmean(ordered):.2f}",
-                      f"{1000 / statistics.fmean(ordered):,.0f}")  # fmt: skip
+        table.add_row(
+            name,
+            f"{statistics.median(ordered):.2f}",
+            f"{ordered[min(len(ordered) - 1, round(0.99 * len(ordered)))]:.2f}",
+            f"{statistics.fmean(ordered):.2f}",
+            f"{1000 / statistics.fmean(ordered):,.0f}",
+        )
     console.print(table)

@@ -136,8 +136,10 @@ def ssn_of_city_card(card_no: str, persons: int, seed: int) -> str:
     for r in city.residents(persons, seed):
         if r.card_no == card_no:
             return r.ssn
-    raise fail(f"card {mask_card(card_no)} is not in the seeded city ({persons} persons, "
-                f"seed {seed}); pass --ssn")  # fmt: skip
+    raise fail(
+        f"card {mask_card(card_no)} is not in the seeded city ({persons} persons, "
+        f"seed {seed}); pass --ssn"
+    )
 
 
 # ---------------------------------------------------------------------------- emulator
@@ -217,9 +219,13 @@ def make_agent(
 
 
 def agent_swipe(
-    reader: str, amount_fen: int, institution: str, terminal: str, pin: str = "",
+    reader: str,
+    amount_fen: int,
+    institution: str,
+    terminal: str,
+    pin: str = "",
     partial: bool = False,
-) -> None:  # fmt: skip
+) -> None:
     """One swipe through the agent with the card in `reader` (also `pos swipe --reader`)."""
     access = stack_access()
     pinpad: PinPad = ScriptedPinPad([pin]) if pin else ConsolePinPad()
@@ -295,9 +301,11 @@ def refund_cmd(
             raise fail(str(exc)) from exc
     code = ResultCode(reply.result)
     style = "green" if code == ResultCode.OK else "red"
-    console.print(f"[{style}]refund {code.name} ({int(code)})[/] {reply.message}: "
-                  f"{format_yuan(reply.refunded_amount_fen)} to {mask_card(card.card_no)}, "
-                  f"balance {format_yuan(reply.balance_after_fen)}")  # fmt: skip
+    console.print(
+        f"[{style}]refund {code.name} ({int(code)})[/] {reply.message}: "
+        f"{format_yuan(reply.refunded_amount_fen)} to {mask_card(card.card_no)}, "
+        f"balance {format_yuan(reply.balance_after_fen)}"
+    )
     if code != ResultCode.OK:
         raise typer.Exit(code=Exit.DECLINED)
 
@@ -375,8 +383,9 @@ def run_agent_traffic(
     PIN pad, cryptogram, Authorize. Cards are personalised once (kept in <state>/cards)."""
     residents = {r.card_no: r for r in city.residents(persons, seed)}
     institutions = list(load_institutions(access.settings.institutions_file).values())
-    plan = traffic.plan_swipes(list(residents.values()), institutions, count, seed,
-                               time.time_ns() // 1000)  # fmt: skip
+    plan = traffic.plan_swipes(
+        list(residents.values()), institutions, count, seed, time.time_ns() // 1000
+    )
     keyring = keyring_for(access, traffic.terminal_ids(plan))
     images: dict[str, CardImage] = {}
     for s in plan:
@@ -402,7 +411,12 @@ def run_agent_traffic(
                     inst = s.institution
                     agent = agents.get(s.terminal_id) or Agent(
                         Terminal(s.terminal_id, inst.institution_id, inst.type),
-                        reader, ScriptedPinPad([]), journal, stub, keyring)  # fmt: skip
+                        reader,
+                        ScriptedPinPad([]),
+                        journal,
+                        stub,
+                        keyring,
+                    )
                     agents[s.terminal_id] = agent
                     agent.pinpad = ScriptedPinPad([s.pin])
                     result = agent.swipe(s.amount_fen)
@@ -440,8 +454,15 @@ def _progress(label: str, total: int) -> Iterator[Callable[[], None]]:
 
 def agent_stats_table(title: str, stats: AgentStats) -> Table:
     table = Table(title=title)
-    for column in ("swipes", "rate /s", "p50 ms", "p99 ms", "card read p50 ms",
-                   "card read p99 ms", "card read share"):  # fmt: skip
+    for column in (
+        "swipes",
+        "rate /s",
+        "p50 ms",
+        "p99 ms",
+        "card read p50 ms",
+        "card read p99 ms",
+        "card read share",
+    ):
         table.add_column(column, justify="right")
     n = len(stats.total_ms)
     table.add_row(

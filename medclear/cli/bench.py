@@ -97,16 +97,17 @@ def _cpu_table(cpu_ms: dict[str, dict[str, float]]) -> Table:
     table = _by_process_table("CPU ms per swipe, by process (user + system)", cpu_ms, 2)
     cores = os.cpu_count() or 1
     totals = [sum(figures.values()) for figures in cpu_ms.values()]
-    table.add_row(f"swipes/s its {cores} cores allow",
-                  *(f"{cores * 1000 / t:,.0f}" if t else "—" for t in totals))  # fmt: skip
+    table.add_row(
+        f"swipes/s its {cores} cores allow",
+        *(f"{cores * 1000 / t:,.0f}" if t else "—" for t in totals),
+    )
     return table
 
 
 IDLE_SETTLE_S = 2.0  # after READY, before the idle measurement: start-up work ends
 
 
-def _idle_cpu(settings: Settings, seconds: float,
-              out: Console | None = None) -> dict[str, float]:  # fmt: skip
+def _idle_cpu(settings: Settings, seconds: float, out: Console | None = None) -> dict[str, float]:
     """Each process's CPU over `seconds` of an idle stack, in % of one core (progress on
     `out`, stdout by default)."""
     time.sleep(IDLE_SETTLE_S)
@@ -136,16 +137,23 @@ def bench_idle(
     of one core (issue 18's target: the whole idle stack at most 30 % of one core)."""
     idle = _idle_cpu(get_settings(), seconds, Console(stderr=True) if as_json else None)
     if as_json:
-        print(json.dumps({"seconds": seconds, "percent_of_one_core": idle,
-                          "whole_stack": sum(idle.values())}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "seconds": seconds,
+                    "percent_of_one_core": idle,
+                    "whole_stack": sum(idle.values()),
+                },
+                indent=2,
+            )
+        )
         return
     console.print(_idle_table({"idle": idle}, seconds))
     console.print(f"whole stack: {sum(idle.values()):.1f} % of one core")
 
 
 SEED = 2026  # the seeded city's seed in `bench run`
-RUN_COLUMNS = ("terminal security", "in flight", "rate /s", "p50 ms", "p95 ms", "p99 ms",
-               "max ms")  # fmt: skip
+RUN_COLUMNS = ("terminal security", "in flight", "rate /s", "p50 ms", "p95 ms", "p99 ms", "max ms")
 
 
 @dataclass
@@ -161,8 +169,9 @@ class _RunFigures:
     idle: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _swipe_level(settings: Settings, secure: bool, level: int, persons: int, swipes: int,
-                 figures: _RunFigures) -> None:  # fmt: skip
+def _swipe_level(
+    settings: Settings, secure: bool, level: int, persons: int, swipes: int, figures: _RunFigures
+) -> None:
     """`swipes` swipes at `level` in flight on the running stack: a row of the table, and
     each process's CPU ms per swipe."""
     processes = [(c.name, c.pid) for c in stack.status(settings)]
@@ -172,23 +181,46 @@ def _swipe_level(settings: Settings, secure: bool, level: int, persons: int, swi
     figures.cpu_ms[column] = cpu_use.per_unit_ms(before, cpu_use.snapshot(processes), swipes)
     if level == 1:
         figures.sequential[secure] = stats
-    figures.table.add_row("on (MAC + PIN via HSM)" if secure else "off", str(level),
-                          f"{stats.rate_per_s:,.0f}", f"{stats.percentile(0.5):.2f}",
-                          f"{stats.percentile(0.95):.2f}", f"{stats.percentile(0.99):.2f}",
-                          f"{max(stats.latencies_ms, default=0):.2f}")  # fmt: skip
+    figures.table.add_row(
+        "on (MAC + PIN via HSM)" if secure else "off",
+        str(level),
+        f"{stats.rate_per_s:,.0f}",
+        f"{stats.percentile(0.5):.2f}",
+        f"{stats.percentile(0.95):.2f}",
+        f"{stats.percentile(0.99):.2f}",
+        f"{max(stats.latencies_ms, default=0):.2f}",
+    )
 
 
-def _run_stack(secure: bool, persons: int, swipes: int, concurrency: str, idle_seconds: float,
-               figures: _RunFigures) -> None:  # fmt: skip
+def _run_stack(
+    secure: bool,
+    persons: int,
+    swipes: int,
+    concurrency: str,
+    idle_seconds: float,
+    figures: _RunFigures,
+) -> None:
     """One terminal-security setting: start the stack (timed to ready), measure it idle,
     seed, swipe at each concurrency level, then stop the stack and wipe it."""
     with own_state_dir(get_settings(), "run") as settings:
-        _run_one_stack(settings.model_copy(update={"terminal_security": secure}), persons,
-                       swipes, concurrency, idle_seconds, figures)  # fmt: skip
+        _run_one_stack(
+            settings.model_copy(update={"terminal_security": secure}),
+            persons,
+            swipes,
+            concurrency,
+            idle_seconds,
+            figures,
+        )
 
 
-def _run_one_stack(settings: Settings, persons: int, swipes: int, concurrency: str,
-                   idle_seconds: float, figures: _RunFigures) -> None:  # fmt: skip
+def _run_one_stack(
+    settings: Settings,
+    persons: int,
+    swipes: int,
+    concurrency: str,
+    idle_seconds: float,
+    figures: _RunFigures,
+) -> None:
     secure = settings.terminal_security
     started = time.perf_counter()
     stack.up(settings, console)
@@ -273,8 +305,12 @@ def time_command(args: list[str], runs: int) -> float:
     taken = []
     for _ in range(runs):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "medclear", *args], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "medclear", *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         taken.append(time.perf_counter() - started)
     return statistics.median(taken)
 
@@ -288,13 +324,20 @@ def bench_startup(
     table = Table(title=f"CLI start-up, median of {runs} runs (fresh interpreter, --help)")
     for column in ("command line", "seconds", "target", "met"):
         table.add_column(column, justify="left" if column == "command line" else "right")
-    lines = [(["--help"], HELP_TARGET_S)] + [([name, "--help"], COMMAND_TARGET_S)
-                                             for name in COMMANDS]  # fmt: skip
+    lines = [(["--help"], HELP_TARGET_S)] + [
+        ([name, "--help"], COMMAND_TARGET_S) for name in COMMANDS
+    ]
     figures = []
     for args, target in lines:
         seconds = time_command(args, runs)
-        figures.append({"command": "medclear " + " ".join(args), "seconds": round(seconds, 3),
-                        "target_s": target, "met": seconds <= target})  # fmt: skip
+        figures.append(
+            {
+                "command": "medclear " + " ".join(args),
+                "seconds": round(seconds, 3),
+                "target_s": target,
+                "met": seconds <= target,
+            }
+        )
         met = "[green]yes[/]" if seconds <= target else "[red]no[/]"
         table.add_row("medclear " + " ".join(args), f"{seconds:.2f}", f"≤ {target:g}", met)
     if as_json:

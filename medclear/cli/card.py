@@ -187,8 +187,10 @@ def issue(
     temporary card (active at once, with the PIN given here); colour from the category."""
     kind = CardKind.TEMPORARY if temporary else CardKind.SOCIAL_SECURITY
     if pin and not temporary:
-        raise fail("a social security card is issued with the initial PIN: give --pin to "
-                   "`medclear card change-pin` after `activate`")  # fmt: skip
+        raise fail(
+            "a social security card is issued with the initial PIN: give --pin to "
+            "`medclear card change-pin` after `activate`"
+        )
     block = _new_pin_block(window, card, pin) if temporary else b""
     _show(
         "IssueCard",

@@ -49,7 +49,7 @@ def seed_cmd(
     issue, activate, change the initial PIN, credit, decided as one), so it is decided
     and logged like any window operation; they are sent in EnrolPersons batches (--batch).
     Seeding the same city twice changes nothing.
-    """  # fmt: skip
+    """
     try:
         elapsed = load.seed_city(persons, seed, concurrency, batch=batch)
     except SeedError as exc:

@@ -39,8 +39,9 @@ RECON_SETTLE_S = 30.0  # the demo's reconciliation is retried this long while th
 RECON_RETRY_S = 2.0  # settlement job and the ClickHouse sink catch up with the last events
 
 
-def _demo_traffic(settings: Settings, persons: int, minutes: float,
-                  concurrency: int) -> demo.DemoStats:  # fmt: skip
+def _demo_traffic(
+    settings: Settings, persons: int, minutes: float, concurrency: int
+) -> demo.DemoStats:
     """The demo's day at the counters (medclear/sim/demo.py), then its summary and 对账."""
     endpoints = stack.load_endpoints(settings)
     residents = city.residents(persons, 2026)
@@ -51,34 +52,63 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float,
     with Live(demo.panel(stats, minutes), console=console, refresh_per_second=2) as live:
         try:
             asyncio.run(
-                demo.run(endpoints.gateway, endpoints.registry, endpoints.prometheus, residents,
-                         institutions, minutes, concurrency, keyring, client_pki_dir(settings),
-                         live, stats)
-            )  # fmt: skip
+                demo.run(
+                    endpoints.gateway,
+                    endpoints.registry,
+                    endpoints.prometheus,
+                    residents,
+                    institutions,
+                    minutes,
+                    concurrency,
+                    keyring,
+                    client_pki_dir(settings),
+                    live,
+                    stats,
+                )
+            )
         except SeedError as exc:
             raise fail(f"enrolling the city: {exc}") from exc
     pool = stats.pool
     if pool is not None:
         path = load.seed_cards_file(settings)
         load.write_private(path, city.cards_csv(pool.members))
-        console.print(f"enrolled {pool.enrolled:,} of {pool.total:,} persons while the counters "
-                      f"served; their cards and PINs: {path} (the rest: `medclear seed "
-                      f"--persons {pool.total}`, which skips those enrolled)")  # fmt: skip
-    table = Table(title="the demo day")
-    for column in ("swipes", "approved", "p50 ms", "p99 ms", "reversals", "refunds",
-                   "loss reports", "releases", "limit reached", "SMS sent", "alerts"):  # fmt: skip
-        table.add_column(column, justify="right")
-    approved = sum(stats.results[c.name] for c in demo.APPROVED)
+        console.print(
+            f"enrolled {pool.enrolled:,} of {pool.total:,} persons while the counters "
+            f"served; their cards and PINs: {path} (the rest: `medclear seed "
+            f"--persons {pool.total}`, which skips those enrolled)"
+        )
+    console.print(_day_table(stats, endpoints.prometheus))
+    _reconcile_the_day(settings, stats)
+    return stats
+
+
+def _day_table(stats: demo.DemoStats, prometheus: str) -> Table:
+    """The demo day in one row, once the jobs have caught up (SMS sent, alerts)."""
     time.sleep(JOBS_CATCH_UP_S)
-    stats.sms_sent = demo.prometheus_sum(endpoints.prometheus, "medclear_sms_sent_total")
-    stats.alerts = demo.prometheus_sum(endpoints.prometheus, "medclear_abnormal_alerts_total")
-    table.add_row(f"{sum(stats.results.values()):,}", f"{approved:,}",
-                  f"{stats.percentile(0.5):.1f}", f"{stats.percentile(0.99):.1f}",
-                  f"{stats.ops['reverse']:,}", f"{stats.ops['refund']:,}",
-                  f"{stats.ops['loss_report']:,}", f"{stats.ops['release']:,}",
-                  "yes" if stats.ops["limit_reached"] else "no", f"{stats.sms_sent:,.0f}",
-                  f"{stats.alerts:,.0f}")  # fmt: skip
-    console.print(table)
+    stats.sms_sent = demo.prometheus_sum(prometheus, "medclear_sms_sent_total")
+    stats.alerts = demo.prometheus_sum(prometheus, "medclear_abnormal_alerts_total")
+    cells = {
+        "swipes": f"{sum(stats.results.values()):,}",
+        "approved": f"{sum(stats.results[c.name] for c in demo.APPROVED):,}",
+        "p50 ms": f"{stats.percentile(0.5):.1f}",
+        "p99 ms": f"{stats.percentile(0.99):.1f}",
+        "reversals": f"{stats.ops['reverse']:,}",
+        "refunds": f"{stats.ops['refund']:,}",
+        "loss reports": f"{stats.ops['loss_report']:,}",
+        "releases": f"{stats.ops['release']:,}",
+        "limit reached": "yes" if stats.ops["limit_reached"] else "no",
+        "SMS sent": f"{stats.sms_sent:,.0f}",
+        "alerts": f"{stats.alerts:,.0f}",
+    }
+    table = Table(title="the demo day")
+    for column in cells:
+        table.add_column(column, justify="right")
+    table.add_row(*cells.values())
+    return table
+
+
+def _reconcile_the_day(settings: Settings, stats: demo.DemoStats) -> None:
+    """The institutions' own files imported, then 对账 of today, printed and written."""
     files = demo.institution_files(stats, settings.state_dir / "reports" / "institution-files")
 
     with cli_recon.console.capture():  # one line here instead of a table per institution
@@ -98,7 +128,6 @@ def _demo_traffic(settings: Settings, persons: int, minutes: float,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")
     console.print(f"reconciliation: {summary(report)} — report {path}")
-    return stats
 
 
 @demo_app.command("demo")
@@ -143,9 +172,14 @@ def demo_cmd(
         else:
             stats = _demo_traffic(settings, persons, minutes, concurrency)
             first = stats.first_answer_at
-            console.print(f"stack ready in {ready_s:.1f} s; the first swipe answered "
-                          + (f"{first - started:.1f} s after `medclear demo` started"
-                             if first is not None else "never"))  # fmt: skip
+            console.print(
+                f"stack ready in {ready_s:.1f} s; the first swipe answered "
+                + (
+                    f"{first - started:.1f} s after `medclear demo` started"
+                    if first is not None
+                    else "never"
+                )
+            )
     finally:
         if not stop:
             endpoints = stack.load_endpoints(settings)

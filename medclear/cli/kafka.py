@@ -45,15 +45,24 @@ def _cluster(principal: str) -> KafkaAccess:
 
 @kafka_app.command("acls")
 def acls_cmd(
-    apply: Annotated[bool, typer.Option(
-        "--apply", help="create them on the cluster (as the operator, who must be allowed "
-        "to alter ACLs: a super user)")] = False,
-    user_format: Annotated[str, typer.Option(
-        help="how a principal's name becomes the broker's: {principal} is worker, sms, …; "
-        "for a cluster whose mapping rules keep the whole DN, e.g. 'User:CN=medclear-"
-        "{principal},OU=payments'")] = acls.DEFAULT_USER_FORMAT,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply",
+            help="create them on the cluster (as the operator, who must be allowed "
+            "to alter ACLs: a super user)",
+        ),
+    ] = False,
+    user_format: Annotated[
+        str,
+        typer.Option(
+            help="how a principal's name becomes the broker's: {principal} is worker, sms, …; "
+            "for a cluster whose mapping rules keep the whole DN, e.g. 'User:CN=medclear-"
+            "{principal},OU=payments'"
+        ),
+    ] = acls.DEFAULT_USER_FORMAT,
     as_json: Annotated[bool, typer.Option("--json", help="one object per ACL")] = False,
-) -> None:  # fmt: skip
+) -> None:
     """The ACLs medclear's principals need, each only what it uses: a table (or --json),
     or --apply them to the cluster MEDCLEAR_KAFKA_BOOTSTRAP names (else the running
     stack's; `medclear up` applies them to its own). The operator and the brokers are
@@ -61,17 +70,29 @@ def acls_cmd(
     false). docs/RUNBOOK.md, "An existing Kafka cluster"."""
     rules = acls.rules()
     if as_json:
-        print(json.dumps([{"principal": user_format.format(principal=r.principal),
-                           "resource": r.resource, "name": r.name,
-                           "pattern": "prefixed" if r.prefixed else "literal",
-                           "operation": r.operation} for r in rules], indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                [
+                    {
+                        "principal": user_format.format(principal=r.principal),
+                        "resource": r.resource,
+                        "name": r.name,
+                        "pattern": "prefixed" if r.prefixed else "literal",
+                        "operation": r.operation,
+                    }
+                    for r in rules
+                ],
+                indent=2,
+            )
+        )
     else:
         table = Table(title=f"ACLs of medclear's principals ({len(rules)})")
         for column in ("principal", "resource", "name (* = prefix)", "operations"):
             table.add_column(column)
         for (principal, resource, pattern), ops in acls.grouped(rules).items():
-            table.add_row(user_format.format(principal=principal), resource, pattern,
-                          ", ".join(sorted(ops)))  # fmt: skip
+            table.add_row(
+                user_format.format(principal=principal), resource, pattern, ", ".join(sorted(ops))
+            )
         console.print(table)
     if apply:
         kafka = _cluster(kafka_access.OPERATOR)
@@ -79,8 +100,10 @@ def acls_cmd(
             count = acls.apply(kafka, rules, user_format)
         except (StackError, KafkaAccessError) as exc:
             raise fail(str(exc)) from exc
-        console.print(f"[green]✓[/] {count} ACLs created on {kafka.bootstrap} (those there "
-                      "already are unchanged)")  # fmt: skip
+        console.print(
+            f"[green]✓[/] {count} ACLs created on {kafka.bootstrap} (those there "
+            "already are unchanged)"
+        )
 
 
 @kafka_app.command("client")
@@ -96,9 +119,16 @@ def client_cmd(
     args = ["-b", kafka.bootstrap]
     files = kafka.files()
     if files:
-        args += ["-X", "security.protocol=ssl", "-X", f"ssl.ca.location={files['ca']}",
-                 "-X", f"ssl.certificate.location={files['certificate']}",
-                 "-X", f"ssl.key.location={files['key']}"]  # fmt: skip
+        args += [
+            "-X",
+            "security.protocol=ssl",
+            "-X",
+            f"ssl.ca.location={files['ca']}",
+            "-X",
+            f"ssl.certificate.location={files['certificate']}",
+            "-X",
+            f"ssl.key.location={files['key']}",
+        ]
     print(shlex.join(args))
 
 

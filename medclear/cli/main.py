@@ -41,53 +41,126 @@ COUNTERS = "At the counters and windows"
 OPERATIONS = "Operations and analysis"
 
 COMMANDS: dict[str, Entry] = {
-    "up": Entry("medclear.cli.stack:stack_app", "Start the whole local stack on 127.0.0.1 "
-                "and wait until every part is ready.", "up", STACK),
-    "status": Entry("medclear.cli.stack:stack_app", "Show every component of the local stack, "
-                    "its address and whether it is healthy.", "status", STACK),
-    "down": Entry("medclear.cli.stack:stack_app", "Stop everything `medclear up` started (by "
-                  "recorded PID).", "down", STACK),
-    "restart": Entry("medclear.cli.stack:stack_app", "Stop one component of the running stack "
-                     "and start it again (same ports, data and log), waiting until it is "
-                     "ready.", "restart", STACK),
-    "serve": Entry("medclear.cli.serve:serve_app", "Run one medclear process in the foreground "
-                   "(used by `up`).", None, STACK),
-    "demo": Entry("medclear.cli.demo:demo_app", "The main job: start the whole stack, seed a "
-                  "city, run a few minutes of a day at its counters — swipes (some with a wrong "
-                  "PIN), reversals, refunds, loss reports with a thief trying the card, "
-                  "releases, pre-losses lapsing, a pharmacy limit reached — with a live panel, "
-                  "then a summary and the reconciliation of the day.", "demo", CITY),
-    "seed": Entry("medclear.cli.city:city_app", "Create a synthetic city through the card "
-                  "registry: persons, cards, opening balances.", "seed", CITY),
-    "simulate": Entry("medclear.cli.city:city_app", "Run the pure clearing core against a "
-                      "simulated city: many terminals, cards and window operations, a simulated "
-                      "clock across midnights and holidays (from 2026-09-28, through National "
-                      "Day), redelivered commands and early reversals.", "simulate", CITY),
-    "pos": Entry("medclear.cli.pos:pos_app", "Act as a POS terminal at a designated "
-                 "institution (swipe, balance, reverse, refund).", None, COUNTERS),
-    "card": Entry("medclear.cli.card:card_app", "Service-window operations on a person's cards "
-                  "(loss reports, replacement, …).", None, COUNTERS),
-    "agent": Entry("medclear.cli.agent:agent_app", "The POS reader agent: the card through "
-                   "PC/SC, the PIN on the pad, then medclear.", None, COUNTERS),
-    "card-emulator": Entry("medclear.cli.agent:emulator_app", "A virtual 社保卡 in a vpcd reader "
-                           "of pcscd, personalised from the issuance data.", None, COUNTERS),
-    "recon": Entry("medclear.cli.recon:recon_app", "Reconciliation (对账) per designated "
-                   "institution per Beijing day: medclear's settlement (topic "
-                   "medclear.settlements), the ClickHouse event log and the institution's "
-                   "file.", None, OPERATIONS),
-    "hsm": Entry("medclear.cli.hsm:hsm_app", "Keys of the HSM (加密机): list, generate, rotate, "
-                 "provision terminals.", None, OPERATIONS),
-    "kafka": Entry("medclear.cli.kafka:kafka_app", "The broker: the ACLs of medclear's "
-                   "principals (print, or apply to an existing cluster), a third-party "
-                   "client's settings for a principal, the embedded broker's class archive.",
-                   None, OPERATIONS),
-    "bench": Entry("medclear.cli.bench:bench_app", "Measure the running stack (prints figures, "
-                   "asserts nothing).", None, OPERATIONS),
-    "drill": Entry("medclear.drills.cli:drill_app", "Fault drills under steady POS traffic: "
-                   "kill or stop one part of the stack, repair it, then check conservation, "
-                   "state, ClickHouse (exactly once), SMS (no doubles) and print the time to "
-                   "recover.", None, OPERATIONS),
-}  # fmt: skip
+    "up": Entry(
+        "medclear.cli.stack:stack_app",
+        "Start the whole local stack on 127.0.0.1 and wait until every part is ready.",
+        "up",
+        STACK,
+    ),
+    "status": Entry(
+        "medclear.cli.stack:stack_app",
+        "Show every component of the local stack, its address and whether it is healthy.",
+        "status",
+        STACK,
+    ),
+    "down": Entry(
+        "medclear.cli.stack:stack_app",
+        "Stop everything `medclear up` started (by recorded PID).",
+        "down",
+        STACK,
+    ),
+    "restart": Entry(
+        "medclear.cli.stack:stack_app",
+        "Stop one component of the running stack "
+        "and start it again (same ports, data and log), waiting until it is "
+        "ready.",
+        "restart",
+        STACK,
+    ),
+    "serve": Entry(
+        "medclear.cli.serve:serve_app",
+        "Run one medclear process in the foreground (used by `up`).",
+        None,
+        STACK,
+    ),
+    "demo": Entry(
+        "medclear.cli.demo:demo_app",
+        "The main job: start the whole stack, seed a "
+        "city, run a few minutes of a day at its counters — swipes (some with a wrong "
+        "PIN), reversals, refunds, loss reports with a thief trying the card, "
+        "releases, pre-losses lapsing, a pharmacy limit reached — with a live panel, "
+        "then a summary and the reconciliation of the day.",
+        "demo",
+        CITY,
+    ),
+    "seed": Entry(
+        "medclear.cli.city:city_app",
+        "Create a synthetic city through the card registry: persons, cards, opening balances.",
+        "seed",
+        CITY,
+    ),
+    "simulate": Entry(
+        "medclear.cli.city:city_app",
+        "Run the pure clearing core against a "
+        "simulated city: many terminals, cards and window operations, a simulated "
+        "clock across midnights and holidays (from 2026-09-28, through National "
+        "Day), redelivered commands and early reversals.",
+        "simulate",
+        CITY,
+    ),
+    "pos": Entry(
+        "medclear.cli.pos:pos_app",
+        "Act as a POS terminal at a designated institution (swipe, balance, reverse, refund).",
+        None,
+        COUNTERS,
+    ),
+    "card": Entry(
+        "medclear.cli.card:card_app",
+        "Service-window operations on a person's cards (loss reports, replacement, …).",
+        None,
+        COUNTERS,
+    ),
+    "agent": Entry(
+        "medclear.cli.agent:agent_app",
+        "The POS reader agent: the card through PC/SC, the PIN on the pad, then medclear.",
+        None,
+        COUNTERS,
+    ),
+    "card-emulator": Entry(
+        "medclear.cli.agent:emulator_app",
+        "A virtual 社保卡 in a vpcd reader of pcscd, personalised from the issuance data.",
+        None,
+        COUNTERS,
+    ),
+    "recon": Entry(
+        "medclear.cli.recon:recon_app",
+        "Reconciliation (对账) per designated "
+        "institution per Beijing day: medclear's settlement (topic "
+        "medclear.settlements), the ClickHouse event log and the institution's "
+        "file.",
+        None,
+        OPERATIONS,
+    ),
+    "hsm": Entry(
+        "medclear.cli.hsm:hsm_app",
+        "Keys of the HSM (加密机): list, generate, rotate, provision terminals.",
+        None,
+        OPERATIONS,
+    ),
+    "kafka": Entry(
+        "medclear.cli.kafka:kafka_app",
+        "The broker: the ACLs of medclear's "
+        "principals (print, or apply to an existing cluster), a third-party "
+        "client's settings for a principal, the embedded broker's class archive.",
+        None,
+        OPERATIONS,
+    ),
+    "bench": Entry(
+        "medclear.cli.bench:bench_app",
+        "Measure the running stack (prints figures, asserts nothing).",
+        None,
+        OPERATIONS,
+    ),
+    "drill": Entry(
+        "medclear.drills.cli:drill_app",
+        "Fault drills under steady POS traffic: "
+        "kill or stop one part of the stack, repair it, then check conservation, "
+        "state, ClickHouse (exactly once), SMS (no doubles) and print the time to "
+        "recover.",
+        None,
+        OPERATIONS,
+    ),
+}
 
 
 def first_sentence(text: str) -> str:
@@ -109,8 +182,11 @@ def unwrapped(text: str | None) -> str | None:
         lines = paragraph.split("\n")
         joined = lines[0]
         for line in lines[1:]:
-            own_line = line[:1].isspace() or line.startswith(("- ", "* ")) or (
-                line.split(". ", 1)[0].isdigit())  # fmt: skip
+            own_line = (
+                line[:1].isspace()
+                or line.startswith(("- ", "* "))
+                or (line.split(". ", 1)[0].isdigit())
+            )
             joined += ("\n" if own_line else " ") + (line if own_line else line.strip())
         paragraphs.append(joined)
     return "\n\n".join(paragraphs)

@@ -88,8 +88,10 @@ def exchange(method: str, request: Any, pin: str | None = None, gateway: str = "
     except grpc.RpcError as exc:
         raise fail(f"gateway {address}: {status.describe(exc)}") from exc
     if keyring is not None and not keyring.reply_is_genuine(terminal, reply):
-        raise fail(f"the reply to {reply.request_id or method} carries no valid MAC: it is not "
-                   "the gateway's answer; for a swipe, reverse it")  # fmt: skip
+        raise fail(
+            f"the reply to {reply.request_id or method} carries no valid MAC: it is not "
+            "the gateway's answer; for a swipe, reverse it"
+        )
     return reply
 
 
@@ -129,8 +131,12 @@ def pos_reverse(
         card_no=card,
     )
     reply = exchange("Reverse", request, gateway=gateway)
-    _result("reverse", reply, f"returned {format_yuan(reply.reversed_amount_fen)}, "
-            f"balance {format_yuan(reply.balance_after_fen)}")  # fmt: skip
+    _result(
+        "reverse",
+        reply,
+        f"returned {format_yuan(reply.reversed_amount_fen)}, "
+        f"balance {format_yuan(reply.balance_after_fen)}",
+    )
 
 
 @pos_app.command("refund")
@@ -153,9 +159,13 @@ def pos_refund(
         amount_fen=_amount(amount),
     )
     reply = exchange("Refund", request, gateway=gateway)
-    _result("refund", reply, f"refunded {format_yuan(reply.refunded_amount_fen)}, "
-            f"refundable left {format_yuan(reply.refundable_left_fen)}, "
-            f"balance {format_yuan(reply.balance_after_fen)}")  # fmt: skip
+    _result(
+        "refund",
+        reply,
+        f"refunded {format_yuan(reply.refunded_amount_fen)}, "
+        f"refundable left {format_yuan(reply.refundable_left_fen)}, "
+        f"balance {format_yuan(reply.balance_after_fen)}",
+    )
 
 
 @pos_app.command("balance")
@@ -168,8 +178,9 @@ def pos_balance(
 ) -> None:
     """Balance enquiry (余额查询) at a hospital or pharmacy terminal: needs the PIN (a
     wrong one counts towards the lock, as at a swipe); counts no swipe."""
-    request = pos_pb2.BalanceInquiryRequest(terminal=_terminal(terminal, institution, 0),
-                                            card_no=card)  # fmt: skip
+    request = pos_pb2.BalanceInquiryRequest(
+        terminal=_terminal(terminal, institution, 0), card_no=card
+    )
     reply = exchange("BalanceInquiry", request, pin=pin, gateway=gateway)
     code = ResultCode(reply.result)
     if code != ResultCode.OK:
@@ -204,9 +215,13 @@ def pos_swipe(
         return agent_swipe(reader, amount_fen, institution, terminal, pin, partial)
     if not card:
         raise fail("give --card, or --reader to read the card")
-    request = pos_pb2.AuthorizeRequest(terminal=_terminal(terminal, institution, trace),
-                                       card_no=card, ssn=ssn, amount_fen=amount_fen,
-                                       allow_partial=partial)  # fmt: skip
+    request = pos_pb2.AuthorizeRequest(
+        terminal=_terminal(terminal, institution, trace),
+        card_no=card,
+        ssn=ssn,
+        amount_fen=amount_fen,
+        allow_partial=partial,
+    )
     started = time.perf_counter()
     reply: pos_pb2.AuthorizeReply = exchange("Authorize", request, pin=pin, gateway=gateway)
     elapsed_ms = (time.perf_counter() - started) * 1000

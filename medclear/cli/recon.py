@@ -127,8 +127,10 @@ def await_jobs(kafka: KafkaAccess, stages: tuple[tuple[str, str], ...]) -> None:
         except Exception as exc:
             raise fail(f"reading the jobs' offsets: {type(exc).__name__}: {exc}") from exc
     for group, lag in behind.items():
-        err.print(f"[yellow]{group} is {lag:,} records behind; what it has not counted "
-                  "yet shows as a difference[/]")  # fmt: skip
+        err.print(
+            f"[yellow]{group} is {lag:,} records behind; what it has not counted "
+            "yet shows as a difference[/]"
+        )
 
 
 def read_settlements(kafka: KafkaAccess) -> list[rules.DaySettlement]:
@@ -264,13 +266,23 @@ def import_(
         for message in errors:
             err.print(f"[red]{escape(message)}[/]")
         raise fail(f"{len(errors)} error(s); nothing imported")
-    ch.insert_institution_files(_clickhouse(get_settings()), totals, details, str(file),
-                                str(detail), time.time_ns() // 1_000_000)  # fmt: skip
+    ch.insert_institution_files(
+        _clickhouse(get_settings()),
+        totals,
+        details,
+        str(file),
+        str(detail),
+        time.time_ns() // 1_000_000,
+    )
     console.print(_imported_table(file, detail, totals, details))
 
 
-def _imported_table(file: Path, detail: Path | None, totals: list[reconciliation.TotalsRow],
-                    details: list[reconciliation.DetailLine]) -> Table:  # fmt: skip
+def _imported_table(
+    file: Path,
+    detail: Path | None,
+    totals: list[reconciliation.TotalsRow],
+    details: list[reconciliation.DetailLine],
+) -> Table:
     table = Table(title=f"imported {file.name}" + (f" and {detail.name}" if detail else ""))
     for column in ("institution", "day", "count", "total ¥", "account ¥", "detail lines"):
         table.add_column(column, justify="left" if column in ("institution", "day") else "right")
@@ -322,18 +334,26 @@ ReportOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the comparison as JSON (fen)")]
 XlsxOpt = Annotated[
     Path | None,
-    typer.Option("--xlsx", help="also write the comparison as an Excel workbook (yuan)",
-                 dir_okay=False),
-]  # fmt: skip
+    typer.Option(
+        "--xlsx", help="also write the comparison as an Excel workbook (yuan)", dir_okay=False
+    ),
+]
 CsvOpt = Annotated[
     Path | None,
-    typer.Option("--csv", help="also write institutions.csv and details.csv (yuan) here",
-                 file_okay=False),
-]  # fmt: skip
+    typer.Option(
+        "--csv", help="also write institutions.csv and details.csv (yuan) here", file_okay=False
+    ),
+]
 
 
-def _run(date: str, institution: str | None, report_path: Path | None, as_json: bool = False,
-         csv_dir: Path | None = None, xlsx: Path | None = None) -> None:  # fmt: skip
+def _run(
+    date: str,
+    institution: str | None,
+    report_path: Path | None,
+    as_json: bool = False,
+    csv_dir: Path | None = None,
+    xlsx: Path | None = None,
+) -> None:
     try:
         day = rules.day_number(date)
     except ValueError as exc:
@@ -347,10 +367,19 @@ def _run(date: str, institution: str | None, report_path: Path | None, as_json: 
     if xlsx is not None:
         written.append(write_xlsx(report, xlsx))
     if as_json:  # stdout is the JSON alone; what was written goes to stderr
-        print(json.dumps({"day": date, "differences": report.differences,
-                          "institutions": institution_records(report),
-                          "details": detail_records(report), "report": str(path)},
-                         ensure_ascii=False, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "day": date,
+                    "differences": report.differences,
+                    "institutions": institution_records(report),
+                    "details": detail_records(report),
+                    "report": str(path),
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
         for file in written:
             err.print(f"wrote {file}")
     else:

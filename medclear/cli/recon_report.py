@@ -97,8 +97,14 @@ def summary(report: Report) -> str:
 
 def _diff_fields(d: reconciliation.DetailDiff) -> tuple[str, ...]:
     """A detail difference as the report's columns (terminal and HTML alike)."""
-    return (d.institution_id, d.request_id, d.kind.value, d.issue.value,
-            _line_money(d.medclear), _line_money(d.institution))  # fmt: skip
+    return (
+        d.institution_id,
+        d.request_id,
+        d.kind.value,
+        d.issue.value,
+        _line_money(d.medclear),
+        _line_money(d.institution),
+    )
 
 
 def _line_money(line: reconciliation.DetailLine | None) -> str:
@@ -109,18 +115,31 @@ def _line_money(line: reconciliation.DetailLine | None) -> str:
 
 def _totals_fields(prefix: str, totals: reconciliation.Totals | None) -> dict[str, int | None]:
     if totals is None:
-        return {f"{prefix}_count": None, f"{prefix}_amount_fen": None,
-                f"{prefix}_account_fen": None}  # fmt: skip
-    return {f"{prefix}_count": totals.count, f"{prefix}_amount_fen": totals.amount_fen,
-            f"{prefix}_account_fen": totals.account_fen}  # fmt: skip
+        return {
+            f"{prefix}_count": None,
+            f"{prefix}_amount_fen": None,
+            f"{prefix}_account_fen": None,
+        }
+    return {
+        f"{prefix}_count": totals.count,
+        f"{prefix}_amount_fen": totals.amount_fen,
+        f"{prefix}_account_fen": totals.account_fen,
+    }
 
 
 def institution_records(report: Report) -> list[dict[str, Any]]:
     """One record per institution: its status and the three views' figures (fen)."""
-    return [{"institution_id": r.institution_id, "status": r.status.value,
-             **_totals_fields("settlement", r.settlement), **_totals_fields("log", r.log),
-             **_totals_fields("file", r.file), "notes": list(r.notes)}
-            for r in report.rows]  # fmt: skip
+    return [
+        {
+            "institution_id": r.institution_id,
+            "status": r.status.value,
+            **_totals_fields("settlement", r.settlement),
+            **_totals_fields("log", r.log),
+            **_totals_fields("file", r.file),
+            "notes": list(r.notes),
+        }
+        for r in report.rows
+    ]
 
 
 def detail_records(report: Report) -> list[dict[str, Any]]:
@@ -129,14 +148,20 @@ def detail_records(report: Report) -> list[dict[str, Any]]:
     def fen(line: reconciliation.DetailLine | None, what: str) -> int | None:
         return getattr(line, what) if line is not None else None
 
-    return [{"institution_id": d.institution_id, "request_id": d.request_id,
-             "kind": d.kind.value, "issue": d.issue.value,
-             "medclear_amount_fen": fen(d.medclear, "amount_fen"),
-             "medclear_account_fen": fen(d.medclear, "account_fen"),
-             "institution_amount_fen": fen(d.institution, "amount_fen"),
-             "institution_account_fen": fen(d.institution, "account_fen"),
-             "institution_line": d.institution.line_no if d.institution is not None else None}
-            for d in report.diffs]  # fmt: skip
+    return [
+        {
+            "institution_id": d.institution_id,
+            "request_id": d.request_id,
+            "kind": d.kind.value,
+            "issue": d.issue.value,
+            "medclear_amount_fen": fen(d.medclear, "amount_fen"),
+            "medclear_account_fen": fen(d.medclear, "account_fen"),
+            "institution_amount_fen": fen(d.institution, "amount_fen"),
+            "institution_account_fen": fen(d.institution, "account_fen"),
+            "institution_line": d.institution.line_no if d.institution is not None else None,
+        }
+        for d in report.diffs
+    ]
 
 
 def _as_yuan(record: dict[str, Any]) -> dict[str, Any]:
@@ -175,8 +200,10 @@ def write_xlsx(report: Report, path: Path) -> Path:
     from openpyxl import Workbook
 
     book = Workbook()
-    sheets = (("institutions", institution_records(report), INSTITUTION_COLUMNS),
-              ("details", detail_records(report), DETAIL_COLUMNS))  # fmt: skip
+    sheets = (
+        ("institutions", institution_records(report), INSTITUTION_COLUMNS),
+        ("details", detail_records(report), DETAIL_COLUMNS),
+    )
     for index, (title, records, columns) in enumerate(sheets):
         sheet = book.active if index == 0 else book.create_sheet()
         assert sheet is not None
@@ -211,15 +238,33 @@ def _yuan_name(column: str) -> str:
     return column.removesuffix("_fen") + "_yuan" if column.endswith("_fen") else column
 
 
-INSTITUTION_COLUMNS = ("institution_id", "status", "settlement_count", "settlement_amount_fen",
-                       "settlement_account_fen", "log_count", "log_amount_fen",
-                       "log_account_fen", "file_count", "file_amount_fen", "file_account_fen",
-                       "notes")  # fmt: skip
+INSTITUTION_COLUMNS = (
+    "institution_id",
+    "status",
+    "settlement_count",
+    "settlement_amount_fen",
+    "settlement_account_fen",
+    "log_count",
+    "log_amount_fen",
+    "log_account_fen",
+    "file_count",
+    "file_amount_fen",
+    "file_account_fen",
+    "notes",
+)
 
 
-DETAIL_COLUMNS = ("institution_id", "request_id", "kind", "issue", "medclear_amount_fen",
-                  "medclear_account_fen", "institution_amount_fen", "institution_account_fen",
-                  "institution_line")  # fmt: skip
+DETAIL_COLUMNS = (
+    "institution_id",
+    "request_id",
+    "kind",
+    "issue",
+    "medclear_amount_fen",
+    "medclear_account_fen",
+    "institution_amount_fen",
+    "institution_account_fen",
+    "institution_line",
+)
 
 
 CSS = """

@@ -60,15 +60,18 @@ def _prepare(name: str, metrics_port: int) -> Settings:
         if settings.kafka_bootstrap:  # ClickHouse only for the roles that write to it
             return settings
         raise fail(f"{exc} (or set MEDCLEAR_KAFKA_BOOTSTRAP and MEDCLEAR_CLICKHOUSE_URL)") from exc
-    update: dict[str, object] = {"clickhouse_url": settings.clickhouse_url
-                                 or endpoints.clickhouse_url}  # fmt: skip
+    update: dict[str, object] = {
+        "clickhouse_url": settings.clickhouse_url or endpoints.clickhouse_url
+    }
     if not settings.kafka_bootstrap:  # the broker of the running stack, as it is secured
-        update |= {"kafka_bootstrap": endpoints.kafka_bootstrap,
-                   "kafka_replication": endpoints.kafka_replication,
-                   "kafka_security": KafkaSecurity.SSL if endpoints.kafka_ssl_dir
-                   else KafkaSecurity.PLAINTEXT,
-                   "kafka_ssl_dir": Path(endpoints.kafka_ssl_dir) if endpoints.kafka_ssl_dir
-                   else None}  # fmt: skip
+        update |= {
+            "kafka_bootstrap": endpoints.kafka_bootstrap,
+            "kafka_replication": endpoints.kafka_replication,
+            "kafka_security": KafkaSecurity.SSL
+            if endpoints.kafka_ssl_dir
+            else KafkaSecurity.PLAINTEXT,
+            "kafka_ssl_dir": Path(endpoints.kafka_ssl_dir) if endpoints.kafka_ssl_dir else None,
+        }
     return settings.model_copy(update=update)
 
 
@@ -91,8 +94,15 @@ def _command_server(role: str, port: int, metrics_port: int, instance: str) -> N
     terminal security is on, mutual TLS when there is a PKI."""
     settings = _prepare(role, metrics_port)
     hsm = settings.hsm_address if settings.terminal_security else ""
-    _role(role).run(_kafka(settings, role), settings.host, port, settings.decision_deadline_ms,
-                    instance, hsm, pki_dir(settings))  # fmt: skip
+    _role(role).run(
+        _kafka(settings, role),
+        settings.host,
+        port,
+        settings.decision_deadline_ms,
+        instance,
+        hsm,
+        pki_dir(settings),
+    )
 
 
 @serve_app.command("gateway")

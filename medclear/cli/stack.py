@@ -20,10 +20,16 @@ console = Console()
 
 @stack_app.command()
 def up(
-    brokers: Annotated[int | None, typer.Option(
-        min=1, max=5, help="Apache Kafka nodes (default 1, MEDCLEAR_KAFKA_BROKERS); with 3, "
-        "every topic has 3 replicas and min.insync.replicas 2")] = None,
-) -> None:  # fmt: skip
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=5,
+            help="Apache Kafka nodes (default 1, MEDCLEAR_KAFKA_BROKERS); with 3, "
+            "every topic has 3 replicas and min.insync.replicas 2",
+        ),
+    ] = None,
+) -> None:
     """Start the whole local stack on 127.0.0.1 and wait until every part is ready.
 
     Starts Apache Kafka (KRaft; TLS on every listener, a certificate per process from the

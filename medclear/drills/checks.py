@@ -117,8 +117,11 @@ async def _replayed(a: StackAccess, swipes: Sequence[SwipeRecord]) -> tuple[set[
             reply = await stub.Authorize(s.request, timeout=RPC_TIMEOUT_S)
             if not reply.replayed and ResultCode(reply.result) not in UNDECIDED:
                 decided_again += 1
-            elif (reply.replayed and ResultCode(reply.result) in APPROVED
-                    and reply.paid_from_account_fen == s.paid_from_account_fen):  # fmt: skip
+            elif (
+                reply.replayed
+                and ResultCode(reply.result) in APPROVED
+                and reply.paid_from_account_fen == s.paid_from_account_fen
+            ):
                 out.add(s.request_id)
     return out, decided_again
 

@@ -61,11 +61,22 @@ def _finish(results: Sequence[DrillResult]) -> None:
         raise typer.Exit(code=Exit.CHECK_FAILED)
 
 
-def _drills(names: Sequence[str], fresh: bool, security: bool, rate: float, persons: int,
-            times: int = 2, seconds: float = 10.0, freeze: bool = False,
-            ch_seconds: float | None = None, brokers: int = 1) -> None:  # fmt: skip
-    specs = [spec(n, times, ch_seconds if n == "clickhouse-outage" and ch_seconds else seconds,
-                  freeze) for n in names]  # fmt: skip
+def _drills(
+    names: Sequence[str],
+    fresh: bool,
+    security: bool,
+    rate: float,
+    persons: int,
+    times: int = 2,
+    seconds: float = 10.0,
+    freeze: bool = False,
+    ch_seconds: float | None = None,
+    brokers: int = 1,
+) -> None:
+    specs = [
+        spec(n, times, ch_seconds if n == "clickhouse-outage" and ch_seconds else seconds, freeze)
+        for n in names
+    ]
     try:
         with target_stack(fresh, security, console, brokers) as a:
             results = run_specs(a, specs, rate, persons, console)
@@ -78,9 +89,11 @@ def _drills(names: Sequence[str], fresh: bool, security: bool, rate: float, pers
 @drill_app.command("worker-kill")
 def worker_kill_cmd(
     times: Annotated[int, typer.Option(min=1, max=50, help="kills, one after another")] = 3,
-    fresh: FreshOpt = False, security: SecurityOpt = True,
-    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    rate: RateOpt = RATE_PER_S_DEFAULT,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """kill -9 a clearing worker (PID from stack.json) and restart it, --times over."""
     _drills(["worker-kill"], fresh, security, rate, persons, times=times)
 
@@ -88,9 +101,11 @@ def worker_kill_cmd(
 @drill_app.command("kill-loop")
 def kill_loop_cmd(
     times: Annotated[int, typer.Option(min=1, max=100, help="rounds: each component once")] = 20,
-    fresh: FreshOpt = False, security: SecurityOpt = True,
-    rate: RateOpt = 20.0, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    rate: RateOpt = 20.0,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """The loop benchmark (make bench): kill -9 the clearing worker, the sms job and the
     settlement job in turn under traffic, --times rounds, restarting each; then the drill's
     checks: no approval lost, no debit doubled, no SMS doubled, conservation."""
@@ -99,9 +114,12 @@ def kill_loop_cmd(
 
 @drill_app.command("broker-restart")
 def broker_restart_cmd(
-    fresh: FreshOpt = False, security: SecurityOpt = True, brokers: BrokersOpt = 1,
-    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    brokers: BrokersOpt = 1,
+    rate: RateOpt = RATE_PER_S_DEFAULT,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """Restart a broker under traffic: the leader of the busiest commands partition is
     stopped as `medclear down` stops it (SIGTERM: a controlled shutdown), then started."""
     _drills(["broker-restart"], fresh, security, rate, persons, brokers=brokers)
@@ -109,9 +127,12 @@ def broker_restart_cmd(
 
 @drill_app.command("broker-kill")
 def broker_kill_cmd(
-    fresh: FreshOpt = False, security: SecurityOpt = True, brokers: BrokersOpt = 3,
-    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    brokers: BrokersOpt = 3,
+    rate: RateOpt = RATE_PER_S_DEFAULT,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """kill -9 the broker leading the busiest commands partition under traffic, then start
     it again. Reports, beside the drill's checks (nothing lost, no debit doubled,
     conservation), the time to the first approved swipe after the kill and the p99 of
@@ -124,34 +145,39 @@ def broker_outage_cmd(
     seconds: Annotated[float, typer.Option(min=1, help="how long the broker stays down")] = (
         BROKER_OUTAGE_S
     ),
-    fresh: FreshOpt = False, security: SecurityOpt = True, brokers: BrokersOpt = 3,
-    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    brokers: BrokersOpt = 3,
+    rate: RateOpt = RATE_PER_S_DEFAULT,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """kill -9 the broker leading the busiest commands partition and keep it down for
     --seconds while the traffic goes on (the cluster serves with two of three), then start
     it again: it catches up from the others. Meant for --fresh --brokers 3."""
-    _drills(["broker-outage"], fresh, security, rate, persons, seconds=seconds,
-            brokers=brokers)  # fmt: skip
+    _drills(["broker-outage"], fresh, security, rate, persons, seconds=seconds, brokers=brokers)
 
 
 @drill_app.command("clickhouse-outage")
 def clickhouse_outage_cmd(
     seconds: Annotated[float, typer.Option(min=1, help="how long ClickHouse is down")] = 120.0,
     freeze: Annotated[bool, typer.Option(help="SIGSTOP/SIGCONT instead of stop/start")] = False,
-    fresh: FreshOpt = False, security: SecurityOpt = True,
-    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    rate: RateOpt = RATE_PER_S_DEFAULT,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """Stop ClickHouse for --seconds under traffic, then start it again."""
-    _drills(["clickhouse-outage"], fresh, security, rate, persons, seconds=seconds,
-            freeze=freeze)  # fmt: skip
+    _drills(["clickhouse-outage"], fresh, security, rate, persons, seconds=seconds, freeze=freeze)
 
 
 @drill_app.command("smsc-outage")
 def smsc_outage_cmd(
     seconds: Annotated[float, typer.Option(min=1, help="how long the SMSC is down")] = 20.0,
-    fresh: FreshOpt = False, security: SecurityOpt = True,
-    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    rate: RateOpt = RATE_PER_S_DEFAULT,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """Stop the SMSC for --seconds under traffic, then start it again."""
     _drills(["smsc-outage"], fresh, security, rate, persons, seconds=seconds)
 
@@ -160,9 +186,11 @@ def smsc_outage_cmd(
 def hsm_outage_cmd(
     seconds: Annotated[float, typer.Option(min=1, help="how long the HSM is down")] = 20.0,
     freeze: Annotated[bool, typer.Option(help="SIGSTOP/SIGCONT instead of stop/start")] = False,
-    fresh: FreshOpt = False, security: SecurityOpt = True,
-    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    rate: RateOpt = RATE_PER_S_DEFAULT,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """Stop (or freeze) the HSM for --seconds under traffic (needs terminal security)."""
     _drills(["hsm-outage"], fresh, security, rate, persons, seconds=seconds, freeze=freeze)
 
@@ -172,19 +200,30 @@ def all_cmd(
     times: Annotated[int, typer.Option(min=1, max=50, help="worker kills")] = 3,
     seconds: Annotated[float, typer.Option(min=1, help="SMSC and HSM outages")] = 20.0,
     clickhouse_seconds: Annotated[float, typer.Option(min=1, help="ClickHouse outage")] = 120.0,
-    fresh: FreshOpt = False, security: SecurityOpt = True,
-    rate: RateOpt = RATE_PER_S_DEFAULT, persons: PersonsOpt = PERSONS_MIN,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+    rate: RateOpt = RATE_PER_S_DEFAULT,
+    persons: PersonsOpt = PERSONS_MIN,
+) -> None:
     """Every drill, one after another, on one stack; one table at the end."""
-    _drills(DRILLS, fresh, security, rate, persons, times=times, seconds=seconds,
-            ch_seconds=clickhouse_seconds)  # fmt: skip
+    _drills(
+        DRILLS,
+        fresh,
+        security,
+        rate,
+        persons,
+        times=times,
+        seconds=seconds,
+        ch_seconds=clickhouse_seconds,
+    )
 
 
 @drill_app.command("fuzz")
 def fuzz_cmd(
     examples: Annotated[int, typer.Option(min=1, max=1_000_000, help="requests")] = 2000,
-    fresh: FreshOpt = False, security: SecurityOpt = True,
-) -> None:  # fmt: skip
+    fresh: FreshOpt = False,
+    security: SecurityOpt = True,
+) -> None:
     """Malformed and hostile requests (hypothesis) against the gateway: no crash, a clear
     result code for every one, a seeded person's state and the approvals unchanged."""
     # local: hypothesis, a development dependency, loads only when fuzzing: `medclear`

@@ -139,8 +139,9 @@ def busiest_commands_leader(a: StackAccess) -> tuple[str, int]:
     ends = {
         tp.partition: end for tp, end in run_sync(end_offsets(kafka, topics.COMMANDS.name)).items()
     }
-    busiest = max(described["partitions"],
-                  key=lambda p: (ends.get(p["partition"], 0), -p["partition"]))  # fmt: skip
+    busiest = max(
+        described["partitions"], key=lambda p: (ends.get(p["partition"], 0), -p["partition"])
+    )
     if busiest["leader"] < 0:
         raise DrillError(f"{topics.COMMANDS.name}[{busiest['partition']}] has no leader")
     return f"broker-{busiest['leader']}", busiest["partition"]
@@ -160,8 +161,10 @@ def broker(kill: bool, down_s: float = 0.0) -> Fault:
             stop_component(a, name)
         marks.injected.append(time.monotonic())
         how = "kill -9" if kill else "stopped (SIGTERM)"
-        log(f"{name} {how}: it led {topics.COMMANDS.name}[{partition}], the busiest; "
-            f"down for {down_s:g} s")  # fmt: skip
+        log(
+            f"{name} {how}: it led {topics.COMMANDS.name}[{partition}], the busiest; "
+            f"down for {down_s:g} s"
+        )
         time.sleep(max(0.0, marks.injected[-1] + down_s - time.monotonic()))
         restart(a, name)
         marks.repaired.append(time.monotonic())

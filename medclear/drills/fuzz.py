@@ -155,8 +155,9 @@ def run_fuzz(a: StackAccess, examples: int, out: Console) -> bool:
     started = time.monotonic()
     failure = ""
 
-    @hsettings(max_examples=examples, deadline=None, database=None,
-               suppress_health_check=list(HealthCheck))  # fmt: skip
+    @hsettings(
+        max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(fuzz_cases(victim.card_no, victim.ssn))
     def fuzz(case: FuzzCase) -> None:
         target.check(case)

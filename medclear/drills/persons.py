@@ -58,9 +58,16 @@ def drill_persons(count: int, base: int) -> list[Resident]:
     for n in range(base, base + count):
         pin = f"{(n * 7919) % 10**6:06d}"
         out.append(
-            Resident(drill_ssn(n), "演练", InsuranceCategory.EMPLOYEE, f"19{n:09d}",
-                     f"D{n:08d}", OPENING_BALANCE_FEN, pin)
-        )  # fmt: skip
+            Resident(
+                drill_ssn(n),
+                "演练",
+                InsuranceCategory.EMPLOYEE,
+                f"19{n:09d}",
+                f"D{n:08d}",
+                OPENING_BALANCE_FEN,
+                pin,
+            )
+        )
     return out
 
 
@@ -71,8 +78,11 @@ def persons_needed(rate_per_s: float, traffic_s: float, minimum: int = PERSONS_M
 
 def drill_terminals(settings: Settings) -> list[tuple[str, Institution]]:
     """Drill terminals at hospitals (no daily pharmacy limit to decline swipes)."""
-    hospitals = [i for i in load_institutions(settings.institutions_file).values()
-                 if i.type == InstitutionType.HOSPITAL and i.designated]  # fmt: skip
+    hospitals = [
+        i
+        for i in load_institutions(settings.institutions_file).values()
+        if i.type == InstitutionType.HOSPITAL and i.designated
+    ]
     if not hospitals:
         raise DrillError("no designated hospital in the institutions file")
     return [(f"TDRILL{n}", hospitals[n % len(hospitals)]) for n in range(DRILL_TERMINALS)]
@@ -85,8 +95,9 @@ async def seed_and_read(
     requests are idempotent); their balances before any swipe."""
     for attempt in range(SEED_ATTEMPTS):
         try:
-            await sim_traffic.seed(a.endpoints.registry, persons, concurrency, lambda _r: None,
-                                   a.keyring, a.pki_dir)  # fmt: skip
+            await sim_traffic.seed(
+                a.endpoints.registry, persons, concurrency, lambda _r: None, a.keyring, a.pki_dir
+            )
             break
         except (sim_traffic.SeedError, grpc.aio.AioRpcError) as exc:
             undecided = any(code.name in str(exc) for code in UNDECIDED)

@@ -84,8 +84,10 @@ def verdicts(r: DrillResult) -> list[str]:
     if r.verified_in_state != r.approved:
         out.append(f"{r.approved - r.verified_in_state} approved swipes not found in state")
     if r.in_clickhouse_once != r.approved:
-        out.append(f"{r.approved - r.in_clickhouse_once} approved swipes not exactly once in "
-                   "ClickHouse (events FINAL)")  # fmt: skip
+        out.append(
+            f"{r.approved - r.in_clickhouse_once} approved swipes not exactly once in "
+            "ClickHouse (events FINAL)"
+        )
     if r.sms is not None and r.sms.doubled > r.sms_doubles_allowed:
         out.append(f"{r.sms.doubled} SMS doubled")
     if r.sms is not None and r.sms.missing:
@@ -121,12 +123,19 @@ def _fault_p99(r: DrillResult) -> str:
 def results_table(results: Sequence[DrillResult]) -> Table:
     table = Table(title="fault drills", title_justify="left")
     for column, justify in (
-        ("drill", "left"), ("fault", "left"), ("repaired after", "right"),
-        ("recovered after", "right"), ("drained after", "right"), ("p99 in fault", "right"),
+        ("drill", "left"),
+        ("fault", "left"),
+        ("repaired after", "right"),
+        ("recovered after", "right"),
+        ("drained after", "right"),
+        ("p99 in fault", "right"),
         ("approved", "right"),
-        ("in state", "right"), ("ClickHouse once", "right"), ("SMS doubled", "right"),
-        ("conservation", "center"), ("verdict", "left"),
-    ):  # fmt: skip
+        ("in state", "right"),
+        ("ClickHouse once", "right"),
+        ("SMS doubled", "right"),
+        ("conservation", "center"),
+        ("verdict", "left"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for r in results:
         if r.skipped:

@@ -73,8 +73,9 @@ def run_drill(
     out.rule(f"drill {name}: {description}")
     count = persons_needed(rate_per_s, fault_s + WARMUP_S + 3 * AFTER_RECOVERY_S + 15, persons)
     people, terminals, before = _seed(a, count, log)
-    traffic = SteadyTraffic(a.endpoints.gateway, a.pki_dir, a.keyring, people, terminals,
-                            rate_per_s)  # fmt: skip
+    traffic = SteadyTraffic(
+        a.endpoints.gateway, a.pki_dir, a.keyring, people, terminals, rate_per_s
+    )
     marks = _fault_under_traffic(a, fault, traffic, result, log)
     swipes = traffic.snapshot()
     _count_traffic(result, traffic, marks, swipes)
@@ -106,8 +107,11 @@ def _seed(
     people = drill_persons(count, base)
     terminals = drill_terminals(a.settings)
     if a.keyring is not None:
-        asyncio.run(a.keyring.provision(a.endpoints.hsm, [SEED_WINDOW, *(t for t, _ in terminals)],
-                                        a.pki_dir))  # fmt: skip
+        asyncio.run(
+            a.keyring.provision(
+                a.endpoints.hsm, [SEED_WINDOW, *(t for t, _ in terminals)], a.pki_dir
+            )
+        )
     before = asyncio.run(seed_and_read(a, people))
     log(f"seeded {count} persons (cards D{base:08d}…), {len(terminals)} hospital terminals")
     return people, terminals, before
@@ -143,8 +147,12 @@ def _count_traffic(
         first = traffic.first_approval_after(at)
         if first is not None:
             result.recovery_s.append(first - at)
-    windows = [(at, max(repaired, at + recovered)) for at, repaired, recovered
-               in zip(marks.injected, marks.repaired, result.recovery_s, strict=False)]  # fmt: skip
+    windows = [
+        (at, max(repaired, at + recovered))
+        for at, repaired, recovered in zip(
+            marks.injected, marks.repaired, result.recovery_s, strict=False
+        )
+    ]
     result.fault_sent, result.fault_retried, result.fault_latencies_ms = during_faults(
         windows, [(s.first_sent, s.answered_at, s.attempts) for s in swipes]
     )
@@ -177,8 +185,10 @@ def _check(
     )
     _check_state(a, result, before, swipes)
     if result.clickhouse_duplicate_rows:
-        result.notes.append(f"{result.clickhouse_duplicate_rows} duplicate physical rows in "
-                            "ClickHouse, not yet merged (FINAL counts each once)")  # fmt: skip
+        result.notes.append(
+            f"{result.clickhouse_duplicate_rows} duplicate physical rows in "
+            "ClickHouse, not yet merged (FINAL counts each once)"
+        )
     if sms:
         _check_sms(a, result, approved)
     result.conservation_ok, result.conservation_difference_fen = conservation(a)
@@ -197,11 +207,14 @@ def _check_state(
     result.verified_in_state = state.verified
     result.problems += [f"balance {m}" for m in state.balance_mismatches[:5]]
     if state.unknown_in_state:
-        result.problems.append(f"{state.unknown_in_state} swipes in state not approved to "
-                               "the client")  # fmt: skip
+        result.problems.append(
+            f"{state.unknown_in_state} swipes in state not approved to the client"
+        )
     if state.decided_again:
-        result.problems.append(f"{state.decided_again} approved swipes forgotten by the stack "
-                               "(the replay check decided them again)")  # fmt: skip
+        result.problems.append(
+            f"{state.decided_again} approved swipes forgotten by the stack "
+            "(the replay check decided them again)"
+        )
 
 
 def _check_sms(a: StackAccess, result: DrillResult, approved: Sequence[SwipeRecord]) -> None:
@@ -209,10 +222,12 @@ def _check_sms(a: StackAccess, result: DrillResult, approved: Sequence[SwipeReco
     keys = [sms_key(s.phone, s.paid_from_account_fen, s.balance_after_fen) for s in approved]
     result.sms = count_sms(read_jsonl(a.smsc_messages_file()), keys)
     if result.sms.doubled:
-        result.notes.append(f"{result.sms.doubled} SMS doubled (allowed here: "
-                            f"{result.sms_doubles_allowed}); {sms_resent_uncertain(a)} "
-                            "resent after a restart found them in flight, each flagged "
-                            "resent_uncertain")  # fmt: skip
+        result.notes.append(
+            f"{result.sms.doubled} SMS doubled (allowed here: "
+            f"{result.sms_doubles_allowed}); {sms_resent_uncertain(a)} "
+            "resent after a restart found them in flight, each flagged "
+            "resent_uncertain"
+        )
 
 
 @dataclass(frozen=True)
@@ -226,33 +241,68 @@ class DrillSpec:
 
 def spec(name: str, times: int = 2, seconds: float = 10.0, freeze: bool = False) -> DrillSpec:
     if name == "worker-kill":
-        return DrillSpec(name, f"kill -9 a clearing worker, restart it ({times}×)",
-                         worker_kill(times), times * 15.0, "worker-0")  # fmt: skip
+        return DrillSpec(
+            name,
+            f"kill -9 a clearing worker, restart it ({times}×)",
+            worker_kill(times),
+            times * 15.0,
+            "worker-0",
+        )
     if name == "kill-loop":
         jobs = " and ".join(KILL_LOOP_JOBS)
-        return DrillSpec(name, f"kill -9 worker-0 and the process of the {jobs} jobs in turn, "
-                         f"{times}× each", kill_loop(times),
-                         times * (1 + len(KILL_LOOP_JOBS)) * 6.0, "worker-0")  # fmt: skip
+        return DrillSpec(
+            name,
+            f"kill -9 worker-0 and the process of the {jobs} jobs in turn, {times}× each",
+            kill_loop(times),
+            times * (1 + len(KILL_LOOP_JOBS)) * 6.0,
+            "worker-0",
+        )
     if name == "broker-restart":
-        return DrillSpec(name, "the busiest commands partition's leader stopped (SIGTERM), "
-                         "then started", broker(kill=False), 15.0, "broker-0")  # fmt: skip
+        return DrillSpec(
+            name,
+            "the busiest commands partition's leader stopped (SIGTERM), then started",
+            broker(kill=False),
+            15.0,
+            "broker-0",
+        )
     if name == "broker-kill":
-        return DrillSpec(name, "kill -9 the busiest commands partition's leader, then start "
-                         "it", broker(kill=True), 15.0, "broker-0")  # fmt: skip
+        return DrillSpec(
+            name,
+            "kill -9 the busiest commands partition's leader, then start it",
+            broker(kill=True),
+            15.0,
+            "broker-0",
+        )
     if name == "broker-outage":
-        return DrillSpec(name, f"kill -9 the busiest commands partition's leader, keep it "
-                         f"down {seconds:g} s, then start it", broker(kill=True, down_s=seconds),
-                         seconds + 15.0, "broker-0")  # fmt: skip
+        return DrillSpec(
+            name,
+            f"kill -9 the busiest commands partition's leader, keep it "
+            f"down {seconds:g} s, then start it",
+            broker(kill=True, down_s=seconds),
+            seconds + 15.0,
+            "broker-0",
+        )
     if name in ("clickhouse-outage", "smsc-outage", "hsm-outage"):
         component = name.removesuffix("-outage")
         how = "SIGSTOP/SIGCONT" if freeze else "stopped, then started"
-        return DrillSpec(name, f"{component} {how} after {seconds:g} s",
-                         outage(component, seconds, freeze), seconds + 10, component)  # fmt: skip
+        return DrillSpec(
+            name,
+            f"{component} {how} after {seconds:g} s",
+            outage(component, seconds, freeze),
+            seconds + 10,
+            component,
+        )
     raise ValueError(f"unknown drill {name!r}")
 
 
-DRILLS = ("worker-kill", "broker-restart", "broker-kill", "clickhouse-outage", "smsc-outage",
-          "hsm-outage")  # fmt: skip
+DRILLS = (
+    "worker-kill",
+    "broker-restart",
+    "broker-kill",
+    "clickhouse-outage",
+    "smsc-outage",
+    "hsm-outage",
+)
 BROKER_OUTAGE_S = 60.0  # drill broker-outage: how long one broker stays down
 
 
@@ -262,20 +312,27 @@ def run_specs(
     results = []
     for s in specs:
         if s.name == "hsm-outage" and not a.endpoints.terminal_security:
-            results.append(DrillResult(s.name, s.description, skipped="terminal security off: "
-                                       "the HSM is not on the swipe path"))  # fmt: skip
+            results.append(
+                DrillResult(
+                    s.name,
+                    s.description,
+                    skipped="terminal security off: the HSM is not on the swipe path",
+                )
+            )
             continue
         if s.needs and not a.has(s.needs):
             results.append(DrillResult(s.name, s.description, skipped=f"no {s.needs}"))
             continue
-        results.append(run_drill(a, s.name, s.description, s.fault, s.fault_s, rate_per_s,
-                                 persons, out))  # fmt: skip
+        results.append(
+            run_drill(a, s.name, s.description, s.fault, s.fault_s, rate_per_s, persons, out)
+        )
     return results
 
 
 @contextlib.contextmanager
-def target_stack(fresh: bool, security: bool, out: Console,
-                 brokers: int = 1) -> Iterator[StackAccess]:  # fmt: skip
+def target_stack(
+    fresh: bool, security: bool, out: Console, brokers: int = 1
+) -> Iterator[StackAccess]:
     """The running stack, or with `fresh` one of its own in a temporary state directory
     (with `brokers` Apache Kafka nodes; stopped and wiped afterwards)."""
     settings = get_settings()

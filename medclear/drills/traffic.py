@@ -122,8 +122,11 @@ class SteadyTraffic:
 
     def first_approval_after(self, at: float) -> float | None:
         """When the first swipe sent (last attempt) at or after `at` was approved."""
-        times = [s.answered_at for s in self.snapshot()
-                 if s.approved and s.answered_at is not None and s.last_sent >= at]  # fmt: skip
+        times = [
+            s.answered_at
+            for s in self.snapshot()
+            if s.approved and s.answered_at is not None and s.last_sent >= at
+        ]
         return min(times) if times else None
 
     def _request(self, i: int) -> tuple[pos_pb2.AuthorizeRequest, Resident]:
@@ -177,8 +180,14 @@ class SteadyTraffic:
         self, stub: pos_pb2_grpc.PosServiceStub, request: pos_pb2.AuthorizeRequest, p: Resident
     ) -> None:
         t = request.terminal
-        record = SwipeRecord(f"{t.terminal_id}:{t.trace_number}", p.ssn, p.phone,
-                             request.amount_fen, time.monotonic(), request=request)  # fmt: skip
+        record = SwipeRecord(
+            f"{t.terminal_id}:{t.trace_number}",
+            p.ssn,
+            p.phone,
+            request.amount_fen,
+            time.monotonic(),
+            request=request,
+        )
         with self._lock:
             self.swipes.append(record)
         pause_s = RETRY_PAUSE_S

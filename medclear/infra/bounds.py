@@ -99,32 +99,54 @@ def oversized(message: Any, prefix: str = "") -> str | None:
 FormCheck = tuple[str, Callable[[Any], bool], str]  # field, well formed?, what it must be
 
 _TERMINAL: list[FormCheck] = [
-    ("terminal.terminal_id", lambda r: validate.is_id(r.terminal.terminal_id),
-     "an id of 1-64 letters, digits or . _ : / -"),
+    (
+        "terminal.terminal_id",
+        lambda r: validate.is_id(r.terminal.terminal_id),
+        "an id of 1-64 letters, digits or . _ : / -",
+    ),
     ("terminal.trace_number", lambda r: r.terminal.trace_number > 0, "above 0"),
-    ("terminal.institution_id", lambda r: validate.is_id(r.terminal.institution_id),
-     "an institution id"),
-]  # fmt: skip
+    (
+        "terminal.institution_id",
+        lambda r: validate.is_id(r.terminal.institution_id),
+        "an institution id",
+    ),
+]
 _CARD: list[FormCheck] = [
     ("card_no", lambda r: validate.is_card_no(r.card_no), "9 capital letters or digits"),
-    ("ssn", lambda r: not r.ssn or validate.is_ssn(r.ssn),
-     "empty, or 18 characters with a valid check character"),
-]  # fmt: skip
-_AMOUNT: FormCheck = ("amount_fen", lambda r: validate.is_amount_fen(r.amount_fen),
-                      "1 to 10,000,000 fen")  # fmt: skip
-_ORIGINAL: FormCheck = ("original_trace_number", lambda r: r.original_trace_number > 0,
-                        "above 0")  # fmt: skip
+    (
+        "ssn",
+        lambda r: not r.ssn or validate.is_ssn(r.ssn),
+        "empty, or 18 characters with a valid check character",
+    ),
+]
+_AMOUNT: FormCheck = (
+    "amount_fen",
+    lambda r: validate.is_amount_fen(r.amount_fen),
+    "1 to 10,000,000 fen",
+)
+_ORIGINAL: FormCheck = ("original_trace_number", lambda r: r.original_trace_number > 0, "above 0")
 
 POS_FORMS: dict[str, list[FormCheck]] = {
     "AuthorizeRequest": [*_TERMINAL, *_CARD, _AMOUNT],
     "BalanceInquiryRequest": [*_TERMINAL, *_CARD],
-    "ReverseRequest": [*_TERMINAL, *_CARD, _ORIGINAL,
-                       ("amount_fen", lambda r: r.amount_fen >= 0, "0 (not checked) or above")],
-    "RefundRequest": [*_TERMINAL, *_CARD, _ORIGINAL, _AMOUNT,
-                      ("original_terminal_id",
-                       lambda r: not r.original_terminal_id
-                       or validate.is_id(r.original_terminal_id), "empty, or a terminal id")],
-}  # fmt: skip
+    "ReverseRequest": [
+        *_TERMINAL,
+        *_CARD,
+        _ORIGINAL,
+        ("amount_fen", lambda r: r.amount_fen >= 0, "0 (not checked) or above"),
+    ],
+    "RefundRequest": [
+        *_TERMINAL,
+        *_CARD,
+        _ORIGINAL,
+        _AMOUNT,
+        (
+            "original_terminal_id",
+            lambda r: not r.original_terminal_id or validate.is_id(r.original_terminal_id),
+            "empty, or a terminal id",
+        ),
+    ],
+}
 
 
 def pos_problem(request: Any) -> str | None:

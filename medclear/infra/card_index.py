@@ -120,8 +120,9 @@ class CardIndex:
         reader = self._reader
         assert reader is not None
         while True:  # the broker holds the fetch until a card is indexed
-            fetched = await reader.getmany(timeout_ms=INDEX_POLL_WAIT_MS,
-                                           max_records=INDEX_RECORDS_PER_POLL_MAX)  # fmt: skip
+            fetched = await reader.getmany(
+                timeout_ms=INDEX_POLL_WAIT_MS, max_records=INDEX_RECORDS_PER_POLL_MAX
+            )
             for records in fetched.values():
                 for record in records:
                     if record.key and record.value:
@@ -138,8 +139,10 @@ class CardIndex:
         ref = key.decode()
         if ref not in self._owners and len(self._owners) >= self.entries_max:
             if not self.full:
-                log.error("the card index is full: new cards are not indexed",
-                          entries_max=self.entries_max)  # fmt: skip
+                log.error(
+                    "the card index is full: new cards are not indexed",
+                    entries_max=self.entries_max,
+                )
             self.full = True
             metrics.CARD_INDEX_FULL.set(1)
             return

@@ -98,13 +98,17 @@ class HsmClient:
 
     async def verify_mac(self, terminal_id: str, data: bytes, mac: bytes) -> ResultCode:
         """OK, MAC_INVALID, or what an error means (TERMINAL_UNKNOWN: no MAC key)."""
-        reply = await self._call("VerifyMac", hsm_pb2.MacRequest(
-            key=hsm_pb2.KeyRef(key_id=tak_id(terminal_id)), data=data, mac=mac))  # fmt: skip
+        reply = await self._call(
+            "VerifyMac",
+            hsm_pb2.MacRequest(key=hsm_pb2.KeyRef(key_id=tak_id(terminal_id)), data=data, mac=mac),
+        )
         return reply if isinstance(reply, ResultCode) else ResultCode(reply.result)
 
     async def generate_mac(self, terminal_id: str, data: bytes) -> tuple[ResultCode, bytes]:
-        reply = await self._call("GenerateMac", hsm_pb2.MacRequest(
-            key=hsm_pb2.KeyRef(key_id=tak_id(terminal_id)), data=data))  # fmt: skip
+        reply = await self._call(
+            "GenerateMac",
+            hsm_pb2.MacRequest(key=hsm_pb2.KeyRef(key_id=tak_id(terminal_id)), data=data),
+        )
         if isinstance(reply, ResultCode):
             return reply, b""
         return ResultCode(reply.result), bytes(reply.mac)
@@ -113,28 +117,46 @@ class HsmClient:
         self, terminal_id: str, pin_block: bytes, card_no: str, pvv: bytes
     ) -> ResultCode:
         """OK, PIN_WRONG, PIN_BLOCK_INVALID, or what an error means."""
-        reply = await self._call("VerifyPin", hsm_pb2.VerifyPinRequest(
-            pin_key=hsm_pb2.KeyRef(key_id=tpk_id(terminal_id)),
-            verification_key=hsm_pb2.KeyRef(key_id=PVK_ID), pin_block=pin_block,
-            format=pb_enum(PIN_BLOCK_FORMAT), pan=card_no,
-            pin_verification_value=pvv))  # fmt: skip
+        reply = await self._call(
+            "VerifyPin",
+            hsm_pb2.VerifyPinRequest(
+                pin_key=hsm_pb2.KeyRef(key_id=tpk_id(terminal_id)),
+                verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
+                pin_block=pin_block,
+                format=pb_enum(PIN_BLOCK_FORMAT),
+                pan=card_no,
+                pin_verification_value=pvv,
+            ),
+        )
         return reply if isinstance(reply, ResultCode) else ResultCode(reply.result)
 
     async def check_pin_block(self, terminal_id: str, pin_block: bytes, card_no: str) -> ResultCode:
         """OK when the block is well formed for this card; PIN_BLOCK_INVALID otherwise."""
-        reply = await self._call("CheckPinBlock", hsm_pb2.CheckPinBlockRequest(
-            pin_key=hsm_pb2.KeyRef(key_id=tpk_id(terminal_id)), pin_block=pin_block,
-            format=pb_enum(PIN_BLOCK_FORMAT), pan=card_no))  # fmt: skip
+        reply = await self._call(
+            "CheckPinBlock",
+            hsm_pb2.CheckPinBlockRequest(
+                pin_key=hsm_pb2.KeyRef(key_id=tpk_id(terminal_id)),
+                pin_block=pin_block,
+                format=pb_enum(PIN_BLOCK_FORMAT),
+                pan=card_no,
+            ),
+        )
         return reply if isinstance(reply, ResultCode) else ResultCode(reply.result)
 
     async def set_pin(
         self, window_id: str, pin_block: bytes, card_no: str
     ) -> tuple[ResultCode, str]:
         """A new PIN (a block under the window's PIN key) as its verification value, hex."""
-        reply = await self._call("SetPin", hsm_pb2.SetPinRequest(
-            pin_key=hsm_pb2.KeyRef(key_id=tpk_id(window_id)),
-            verification_key=hsm_pb2.KeyRef(key_id=PVK_ID), pin_block=pin_block,
-            format=pb_enum(PIN_BLOCK_FORMAT), pan=card_no))  # fmt: skip
+        reply = await self._call(
+            "SetPin",
+            hsm_pb2.SetPinRequest(
+                pin_key=hsm_pb2.KeyRef(key_id=tpk_id(window_id)),
+                verification_key=hsm_pb2.KeyRef(key_id=PVK_ID),
+                pin_block=pin_block,
+                format=pb_enum(PIN_BLOCK_FORMAT),
+                pan=card_no,
+            ),
+        )
         if isinstance(reply, ResultCode):
             return reply, ""
         return ResultCode(reply.result), bytes(reply.pin_verification_value).hex()
@@ -150,15 +172,27 @@ class HsmClient:
         results: list[tuple[ResultCode, str]] = []
         for start in range(0, len(blocks), bounds.SET_PINS_MAX):
             chunk = blocks[start : start + bounds.SET_PINS_MAX]
-            reply = await self._call("SetPins", hsm_pb2.SetPinsRequest(requests=[
-                hsm_pb2.SetPinRequest(pin_key=key, verification_key=pvk, pin_block=block,
-                                      format=pb_enum(PIN_BLOCK_FORMAT), pan=card_no)
-                for block, card_no in chunk]))  # fmt: skip
+            reply = await self._call(
+                "SetPins",
+                hsm_pb2.SetPinsRequest(
+                    requests=[
+                        hsm_pb2.SetPinRequest(
+                            pin_key=key,
+                            verification_key=pvk,
+                            pin_block=block,
+                            format=pb_enum(PIN_BLOCK_FORMAT),
+                            pan=card_no,
+                        )
+                        for block, card_no in chunk
+                    ]
+                ),
+            )
             if isinstance(reply, ResultCode):
                 results += [(reply, "")] * len(chunk)
                 continue
-            results += [(ResultCode(r.result), bytes(r.pin_verification_value).hex())
-                        for r in reply.replies]  # fmt: skip
+            results += [
+                (ResultCode(r.result), bytes(r.pin_verification_value).hex()) for r in reply.replies
+            ]
         return results
 
     async def verify_cryptogram(
@@ -171,10 +205,18 @@ class HsmClient:
         cryptogram: bytes,
     ) -> ResultCode:
         """OK or CRYPTOGRAM_INVALID; no card master key means no genuine card either."""
-        reply = await self._call("VerifyCardCryptogram", hsm_pb2.CryptogramRequest(
-            master_key=hsm_pb2.KeyRef(key_id=CMK_ID), card_no=card_no, challenge=challenge,
-            amount_fen=amount_fen, terminal_id=terminal_id, counter=counter,
-            cryptogram=cryptogram))  # fmt: skip
+        reply = await self._call(
+            "VerifyCardCryptogram",
+            hsm_pb2.CryptogramRequest(
+                master_key=hsm_pb2.KeyRef(key_id=CMK_ID),
+                card_no=card_no,
+                challenge=challenge,
+                amount_fen=amount_fen,
+                terminal_id=terminal_id,
+                counter=counter,
+                cryptogram=cryptogram,
+            ),
+        )
         if reply in (ResultCode.TERMINAL_UNKNOWN, ResultCode.MALFORMED_REQUEST):
             return ResultCode.CRYPTOGRAM_INVALID
         return reply if isinstance(reply, ResultCode) else ResultCode(reply.result)

@@ -64,16 +64,21 @@ class KafkaAccess:
         """Keyword arguments for any aiokafka client."""
         if self.ssl_dir is None:
             return {"bootstrap_servers": self.bootstrap}
-        return {"bootstrap_servers": self.bootstrap, "security_protocol": "SSL",
-                "ssl_context": ssl_context(self.ssl_dir, self.principal)}  # fmt: skip
+        return {
+            "bootstrap_servers": self.bootstrap,
+            "security_protocol": "SSL",
+            "ssl_context": ssl_context(self.ssl_dir, self.principal),
+        }
 
     def files(self) -> dict[str, str]:
         """The CA, certificate and key paths (for a third-party client such as kcat)."""
         if self.ssl_dir is None:
             return {}
-        return {"ca": str(self.ssl_dir / CA_FILE),
-                "certificate": str(self.ssl_dir / f"{self.principal}.pem"),
-                "key": str(self.ssl_dir / f"{self.principal}.key")}  # fmt: skip
+        return {
+            "ca": str(self.ssl_dir / CA_FILE),
+            "certificate": str(self.ssl_dir / f"{self.principal}.pem"),
+            "key": str(self.ssl_dir / f"{self.principal}.key"),
+        }
 
 
 @lru_cache(maxsize=64)

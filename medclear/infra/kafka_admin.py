@@ -55,8 +55,13 @@ def new_producer(kafka: KafkaAccess) -> AIOKafkaProducer:
     all in-sync replicas (min.insync.replicas 2 on a cluster), no linger (a decision's
     outputs leave at once; records that pile up behind a request in flight are batched
     anyway), lz4. No transactions: docs/ARCHITECTURE.md, decision 12."""
-    return AIOKafkaProducer(**kafka.options(), acks="all", linger_ms=0, enable_idempotence=True,
-                            compression_type=COMPRESSION)  # fmt: skip
+    return AIOKafkaProducer(
+        **kafka.options(),
+        acks="all",
+        linger_ms=0,
+        enable_idempotence=True,
+        compression_type=COMPRESSION,
+    )
 
 
 class TopicError(MedclearError):
@@ -159,8 +164,10 @@ async def wait_for_topics(
         if not missing:
             return found
         if time.monotonic() >= deadline:
-            raise TopicError(f"{kafka.principal}: after {timeout_s:g} s still no "
-                             f"{', '.join(missing)} on {kafka.bootstrap}")  # fmt: skip
+            raise TopicError(
+                f"{kafka.principal}: after {timeout_s:g} s still no "
+                f"{', '.join(missing)} on {kafka.bootstrap}"
+            )
         await asyncio.sleep(BROKER_WAIT_POLL_S)
 
 
@@ -169,10 +176,14 @@ async def _partitions(kafka: KafkaAccess, names: Sequence[str]) -> dict[str, lis
     admin = new_admin(kafka)
     try:
         await admin.start()
-        return {found["topic"]: [TopicPartition(found["topic"], p["partition"]) for p in
-                                 sorted(found["partitions"], key=lambda p: p["partition"])]
-                for found in await admin.describe_topics(list(names))
-                if found["error_code"] == ERROR_NONE}  # fmt: skip
+        return {
+            found["topic"]: [
+                TopicPartition(found["topic"], p["partition"])
+                for p in sorted(found["partitions"], key=lambda p: p["partition"])
+            ]
+            for found in await admin.describe_topics(list(names))
+            if found["error_code"] == ERROR_NONE
+        }
     finally:
         await admin.close()
 
@@ -191,9 +202,12 @@ def new_reader(kafka: KafkaAccess, fetch_wait_ms: int = FETCH_WAIT_MS) -> AIOKaf
     that also asks for offsets or metadata waits up to that long for each answer."""
     # earliest: should a background reset of a new assignment win over a seek (an aiokafka
     # race, medclear/streams/changelog.py), the reader reads too much, never too little
-    return AIOKafkaConsumer(**kafka.options(), enable_auto_commit=False,
-                            auto_offset_reset="earliest",
-                            fetch_max_wait_ms=fetch_wait_ms)  # fmt: skip
+    return AIOKafkaConsumer(
+        **kafka.options(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_wait_ms,
+    )
 
 
 async def read_topic(
@@ -225,8 +239,9 @@ async def read_topic(
         await consumer.stop()
 
 
-async def group_lag(admin: AIOKafkaAdminClient, group: str, ends: Mapping[TopicPartition, int]
-                    ) -> int:  # fmt: skip
+async def group_lag(
+    admin: AIOKafkaAdminClient, group: str, ends: Mapping[TopicPartition, int]
+) -> int:
     """Records before `ends` that `group` has not committed (a partition it never committed
     counts from offset 0)."""
     committed = await admin.list_consumer_group_offsets(group, partitions=list(ends))
@@ -250,8 +265,9 @@ async def end_offsets(kafka: KafkaAccess, topic: str) -> dict[TopicPartition, in
         await consumer.stop()
 
 
-async def wait_caught_up(kafka: KafkaAccess, stages: Sequence[tuple[str, str]],
-                         timeout_s: float = CATCH_UP_WAIT_S) -> dict[str, int]:  # fmt: skip
+async def wait_caught_up(
+    kafka: KafkaAccess, stages: Sequence[tuple[str, str]], timeout_s: float = CATCH_UP_WAIT_S
+) -> dict[str, int]:
     """For each (consumer group, topic) in order: take the topic's end offsets, then wait
     until the group has committed up to them. In order, because a stage's topic is fed by
     the stage before it. Returns the records each group still lacked when `timeout_s` ran

@@ -39,8 +39,9 @@ class PinCheck:
         self._hsm = hsm
         self._patience_s = patience_s
 
-    async def outcome(self, terminal_id: str, pin_block: bytes, card_no: str, pvv: str,
-                      stopping: asyncio.Event) -> PinOutcome:  # fmt: skip
+    async def outcome(
+        self, terminal_id: str, pin_block: bytes, card_no: str, pvv: str, stopping: asyncio.Event
+    ) -> PinOutcome:
         """Against `pvv` (hex) when the card has one: CORRECT or WRONG; without one the
         form only: NOT_VERIFIED (well formed). A malformed block, or one the HSM refuses,
         is INVALID_BLOCK; no answer in time, or none before `stopping` (the process's stop
@@ -51,8 +52,9 @@ class PinCheck:
         pause_s = PIN_CHECK_BACKOFF_MIN_S
         while True:
             if pvv:
-                code = await self._hsm.verify_pin(terminal_id, pin_block, card_no,
-                                                  bytes.fromhex(pvv))  # fmt: skip
+                code = await self._hsm.verify_pin(
+                    terminal_id, pin_block, card_no, bytes.fromhex(pvv)
+                )
             else:
                 code = await self._hsm.check_pin_block(terminal_id, pin_block, card_no)
                 if code == ResultCode.OK:
@@ -68,8 +70,9 @@ class PinCheck:
                 await asyncio.wait_for(stopping.wait(), pause_s)
             pause_s = min(2 * pause_s, PIN_CHECK_BACKOFF_MAX_S)
 
-    async def of_hex(self, terminal_id: str, pin_block_hex: str, card_no: str, pvv: str,
-                     stopping: asyncio.Event) -> PinOutcome:  # fmt: skip
+    async def of_hex(
+        self, terminal_id: str, pin_block_hex: str, card_no: str, pvv: str, stopping: asyncio.Event
+    ) -> PinOutcome:
         """`outcome` of a block carried in a command (hex)."""
         try:
             block = bytes.fromhex(pin_block_hex)

@@ -59,13 +59,27 @@ ROLES_OF_SERVICE: dict[str, frozenset[Role]] = {
 }
 ROLES_OF_METHOD: dict[str, frozenset[Role]] = {
     "/medclear.v1.CardRegistryService/GetPerson": frozenset(
-        {Role.WINDOW, Role.ANALYST, Role.OPERATOR}),
-    **{f"/medclear.v1.HsmService/{m}": frozenset({Role.SERVICE}) for m in (
-        "VerifyPin", "CheckPinBlock", "TranslatePin", "SetPin", "SetPins", "GenerateMac",
-        "VerifyMac", "VerifyCardCryptogram", "Digest")},
-    **{f"/medclear.v1.HsmService/{m}": frozenset({Role.OPERATOR}) for m in (
-        "GenerateKey", "ListKeys", "ExportKey", "ImportKey", "FormKey", "ExportCardKey")},
-}  # fmt: skip
+        {Role.WINDOW, Role.ANALYST, Role.OPERATOR}
+    ),
+    **{
+        f"/medclear.v1.HsmService/{m}": frozenset({Role.SERVICE})
+        for m in (
+            "VerifyPin",
+            "CheckPinBlock",
+            "TranslatePin",
+            "SetPin",
+            "SetPins",
+            "GenerateMac",
+            "VerifyMac",
+            "VerifyCardCryptogram",
+            "Digest",
+        )
+    },
+    **{
+        f"/medclear.v1.HsmService/{m}": frozenset({Role.OPERATOR})
+        for m in ("GenerateKey", "ListKeys", "ExportKey", "ImportKey", "FormKey", "ExportCardKey")
+    },
+}
 
 
 def roles_for(method: str) -> frozenset[Role]:
@@ -87,8 +101,9 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())  # fmt: skip
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert(
@@ -113,9 +128,12 @@ def _cert(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)  # fmt: skip
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -164,8 +182,7 @@ def ensure_kafka_pki(directory: Path, principals: list[str]) -> Path:
     _load_ca(directory)
     _write(kafka / "ca.pem", (directory / "ca.pem").read_bytes())
     _issue(kafka, BROKER, CN_PREFIX + BROKER, directory, server=True)
-    keystore = (kafka / f"{BROKER}.key").read_bytes() + (
-        kafka / f"{BROKER}.pem").read_bytes()  # fmt: skip
+    keystore = (kafka / f"{BROKER}.key").read_bytes() + (kafka / f"{BROKER}.pem").read_bytes()
     _write(kafka / f"{BROKER}.keystore.pem", keystore, private=True)
     for principal in principals:
         _issue(kafka, principal, CN_PREFIX + principal, directory)
@@ -213,13 +230,17 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             role = caller_role(context)
             if role is None or role not in allowed:
                 who = role.value if role else "a caller without a medclear role"
-                await status.abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                                   f"{who} may not call {details.method}",
-                                   status.Reason.ROLE_NOT_ALLOWED,
-                                   metadata={"method": details.method,
-                                             "role": role.value if role else ""})  # fmt: skip
+                await status.abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{who} may not call {details.method}",
+                    status.Reason.ROLE_NOT_ALLOWED,
+                    metadata={"method": details.method, "role": role.value if role else ""},
+                )
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            checked, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)  # fmt: skip
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -86,8 +86,13 @@ class LineProgress:
 def progress_bar(console: Console) -> Iterator[Progress | LineProgress]:
     """A rich bar on a terminal, LineProgress otherwise; the final state printed at the end."""
     if console.is_terminal:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("{task.fields[info]}"))  # fmt: skip
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
         with Progress(*columns, console=console) as progress:
             yield progress
         return

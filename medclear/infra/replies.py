@@ -148,8 +148,9 @@ class Requester:
             if not self._pending:
                 await self._sleep_until_asked()
                 continue
-            fetched = await replies.getmany(timeout_ms=POLL_WAIT_MS,
-                                            max_records=REPLIES_PER_POLL_MAX)  # fmt: skip
+            fetched = await replies.getmany(
+                timeout_ms=POLL_WAIT_MS, max_records=REPLIES_PER_POLL_MAX
+            )
             for records in fetched.values():
                 for record in records:
                     self._resolve(record)

@@ -72,8 +72,11 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = (server.add_secure_port(address, pki.server_credentials(pki_dir)) if pki_dir
-            else server.add_insecure_port(address))  # fmt: skip
+    port = (
+        server.add_secure_port(address, pki.server_credentials(pki_dir))
+        if pki_dir
+        else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()
@@ -111,8 +114,11 @@ def pb_enum(value: IntEnum) -> Any:
     return int(value)
 
 
-async def serve_until_stopped(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                              on_stopping: Callable[[], None]) -> None:  # fmt: skip
+async def serve_until_stopped(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    on_stopping: Callable[[], None],
+) -> None:
     """Serve until SIGTERM or SIGINT (or the server ends). A graceful stop then goes in
     order: every service NOT_SERVING on the health service (a balancer or a client
     watching health moves away), `on_stopping` (the process's READY to 0), a short

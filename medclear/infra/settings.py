@@ -145,8 +145,13 @@ def get_settings() -> Settings:
 
 # Never in a child's environment: `up` writes each into a file
 # (medclear.stack.secrets.write_secrets).
-SECRET_FIELDS = ("hsm_lmk", "card_token_key", "contact_data_key", "person_data_key",
-                 "smsc_password")  # fmt: skip
+SECRET_FIELDS = (
+    "hsm_lmk",
+    "card_token_key",
+    "contact_data_key",
+    "person_data_key",
+    "smsc_password",
+)
 SMSC_PASSWORD_DEFAULT = "medclear"  # the loopback SMSC's
 
 

@@ -39,25 +39,36 @@ class Reason(StrEnum):
     # that exists already, components that do not form a key)
 
 
-def error_status(code: grpc.StatusCode, message: str, reason: Reason, *,
-                 metadata: dict[str, str] | None = None, bad_field: str = "",
-                 ) -> grpc.Status:  # fmt: skip
+def error_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: Reason,
+    *,
+    metadata: dict[str, str] | None = None,
+    bad_field: str = "",
+) -> grpc.Status:
     """The status of a call that cannot be answered, with its details."""
-    info = error_details_pb2.ErrorInfo(reason=reason.value, domain=DOMAIN,
-                                       metadata=metadata or {})  # fmt: skip
+    info = error_details_pb2.ErrorInfo(reason=reason.value, domain=DOMAIN, metadata=metadata or {})
     details = [_packed(info)]
     if bad_field:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=bad_field,
-                                                                description=message)  # fmt: skip
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=bad_field, description=message
+        )
         details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
     number: int = code.value[0]  # grpc.StatusCode's number is google.rpc.Code's
     status = status_pb2.Status(code=number, message=message, details=details)
     return rpc_status.to_status(status)
 
 
-async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
-                reason: Reason, *, metadata: dict[str, str] | None = None,
-                bad_field: str = "") -> NoReturn:  # fmt: skip
+async def abort(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    reason: Reason,
+    *,
+    metadata: dict[str, str] | None = None,
+    bad_field: str = "",
+) -> NoReturn:
     """End the call with that status and its details."""
     status = error_status(code, message, reason, metadata=metadata, bad_field=bad_field)
     await context.abort_with_status(status)

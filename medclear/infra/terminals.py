@@ -55,8 +55,7 @@ class Keyring:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.keys: dict[str, dict[str, str]] = (
-            json.loads(path.read_text()) if path.exists() else {})  # fmt: skip
+        self.keys: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.exists() else {}
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +82,9 @@ class Keyring:
 
     def pin_block(self, terminal_id: str, pin: str, card_no: str) -> bytes:
         tpk = bytes.fromhex(self.keys[terminal_id]["tpk"])
-        return crypto.encrypt_pin_block(PIN_BLOCK_FORMAT, pin, card_no, TERMINAL_KEY_ALGORITHM,
-                                        tpk, secrets.token_bytes)  # fmt: skip
+        return crypto.encrypt_pin_block(
+            PIN_BLOCK_FORMAT, pin, card_no, TERMINAL_KEY_ALGORITHM, tpk, secrets.token_bytes
+        )
 
     async def provision(
         self, hsm_address: str, terminal_ids: list[str], pki_dir: Path | None = None
@@ -97,10 +97,13 @@ class Keyring:
             hsm = hsm_pb2_grpc.HsmServiceStub(channel)
             kek = await self._fleet_kek(hsm)
             for terminal in new:
-                exported = await provision_terminal_keys(hsm, terminal, FLEET_KEK,
-                                                         TERMINAL_KEY_ALGORITHM)  # fmt: skip
-                entry = {name: unwrap_key(KeyAlgorithm.AES_256, kek, out.wrapped).hex()
-                         for name, out in exported.items()}  # fmt: skip
+                exported = await provision_terminal_keys(
+                    hsm, terminal, FLEET_KEK, TERMINAL_KEY_ALGORITHM
+                )
+                entry = {
+                    name: unwrap_key(KeyAlgorithm.AES_256, kek, out.wrapped).hex()
+                    for name, out in exported.items()
+                }
                 self.keys[terminal] = entry
         self._save()
         return new

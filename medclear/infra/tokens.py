@@ -100,5 +100,6 @@ def load_sealer(settings: Settings, purpose: str) -> Sealer:
 
 def load_redaction(settings: Settings) -> Redaction:
     """Every key of published data: the clearing worker's, which seals."""
-    return Redaction(load_card_tokens(settings), load_sealer(settings, CONTACT),
-                     load_sealer(settings, PERSON))  # fmt: skip
+    return Redaction(
+        load_card_tokens(settings), load_sealer(settings, CONTACT), load_sealer(settings, PERSON)
+    )

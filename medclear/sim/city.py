@@ -82,8 +82,16 @@ def residents(count: int, seed: int = 2026) -> list[Resident]:
     return result
 
 
-CARDS_CSV_COLUMNS = ("card_no", "colour", "category", "pin", "opening_balance_yuan", "ssn",
-                     "name", "phone")  # fmt: skip
+CARDS_CSV_COLUMNS = (
+    "card_no",
+    "colour",
+    "category",
+    "pin",
+    "opening_balance_yuan",
+    "ssn",
+    "name",
+    "phone",
+)
 
 
 def cards_csv(residents: list[Resident]) -> str:
@@ -94,6 +102,16 @@ def cards_csv(residents: list[Resident]) -> str:
     writer.writerow(CARDS_CSV_COLUMNS)
     for r in residents:
         yuan = f"{r.opening_balance_fen // 100}.{r.opening_balance_fen % 100:02d}"
-        writer.writerow((r.card_no, COLOUR_OF_CATEGORY[r.category].name, r.category.name,
-                         r.pin, yuan, r.ssn, r.name, r.phone))  # fmt: skip
+        writer.writerow(
+            (
+                r.card_no,
+                COLOUR_OF_CATEGORY[r.category].name,
+                r.category.name,
+                r.pin,
+                yuan,
+                r.ssn,
+                r.name,
+                r.phone,
+            )
+        )
     return out.getvalue()

@@ -145,8 +145,10 @@ def line(stats: DemoStats) -> str:
     approved = sum(stats.results[c.name] for c in APPROVED)
     pool = stats.pool
     enrolled = f"; enrolled {pool.enrolled:,}/{pool.total:,}" if pool is not None else ""
-    return (f"demo: {swipes:,} swipes ({approved:,} approved), {rate:,.0f}/s, p99 {p99:,.1f} ms, "
-            f"SMS {stats.sms_sent:,.0f}, alerts {stats.alerts:,.0f}{enrolled}")  # fmt: skip
+    return (
+        f"demo: {swipes:,} swipes ({approved:,} approved), {rate:,.0f}/s, p99 {p99:,.1f} ms, "
+        f"SMS {stats.sms_sent:,.0f}, alerts {stats.alerts:,.0f}{enrolled}"
+    )
 
 
 def show(live: Live, stats: DemoStats, minutes: float) -> None:
@@ -196,8 +198,10 @@ def panel(stats: DemoStats, minutes: float) -> Group:
     )
     pool = stats.pool
     if pool is not None and pool.enrolled < pool.total:
-        head.caption = (f"enrolling the city meanwhile: {pool.enrolled:,} of {pool.total:,} "
-                        "persons; the counters serve those enrolled")  # fmt: skip
+        head.caption = (
+            f"enrolling the city meanwhile: {pool.enrolled:,} of {pool.total:,} "
+            "persons; the counters serve those enrolled"
+        )
     codes = Table(title="declines by code")
     codes.add_column("result")
     codes.add_column("swipes", justify="right")
@@ -237,10 +241,17 @@ class _Day:
     and then a reversal or a refund), a service window taking loss reports, the regular
     customer who reaches the pharmacy limit, and the live panel."""
 
-    def __init__(self, pos: pos_pb2_grpc.PosServiceStub,
-                 window: registry_pb2_grpc.CardRegistryServiceStub, pool: CityPool,
-                 institutions: list[Institution], keyring: Keyring | None, stats: DemoStats,
-                 deadline: float, seed: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pos: pos_pb2_grpc.PosServiceStub,
+        window: registry_pb2_grpc.CardRegistryServiceStub,
+        pool: CityPool,
+        institutions: list[Institution],
+        keyring: Keyring | None,
+        stats: DemoStats,
+        deadline: float,
+        seed: int,
+    ) -> None:
         self.pos, self.window, self.keyring, self.stats = pos, window, keyring, stats
         self.deadline = deadline
         self.rng = random.Random(seed)
@@ -266,16 +277,26 @@ class _Day:
         s = Swipe(r.card_no, inst, terminal, trace, amount, pin)
         started = time.perf_counter()
         try:
-            reply = await self.pos.Authorize(authorize_request(s, self.keyring),
-                                             timeout=CALL_TIMEOUT_S)  # fmt: skip
+            reply = await self.pos.Authorize(
+                authorize_request(s, self.keyring), timeout=CALL_TIMEOUT_S
+            )
             code = ResultCode(reply.result)
         except Exception:  # the deadline passed: a real POS would reverse
             self.stats.swipe_done((time.perf_counter() - started) * 1000, "RPC_ERROR")
             return "RPC_ERROR"
         self.stats.swipe_done((time.perf_counter() - started) * 1000, code.name)
         if code in APPROVED:
-            self.stats.sales.append(Sale(terminal, trace, r.card_no, inst.institution_id, amount,
-                                         reply.paid_from_account_fen, self.today))  # fmt: skip
+            self.stats.sales.append(
+                Sale(
+                    terminal,
+                    trace,
+                    r.card_no,
+                    inst.institution_id,
+                    amount,
+                    reply.paid_from_account_fen,
+                    self.today,
+                )
+            )
         return code.name
 
     async def after_sale(self, kind: str) -> None:
@@ -287,21 +308,30 @@ class _Day:
             return
         sale = self.rng.choice(stands)
         terminal = sale.terminal_id
-        context = common_pb2.TerminalContext(terminal_id=terminal,
-                                              institution_id=sale.institution_id,
-                                              trace_number=self.traces.take(terminal))  # fmt: skip
+        context = common_pb2.TerminalContext(
+            terminal_id=terminal,
+            institution_id=sale.institution_id,
+            trace_number=self.traces.take(terminal),
+        )
         if kind == "reverse":
             reversal = pos_pb2.ReverseRequest(
-                terminal=context, original_trace_number=sale.trace, card_no=sale.card_no,
-                amount_fen=sale.amount_fen)  # fmt: skip
+                terminal=context,
+                original_trace_number=sale.trace,
+                card_no=sale.card_no,
+                amount_fen=sale.amount_fen,
+            )
             reply = await self.pos.Reverse(self.sign(terminal, reversal), timeout=CALL_TIMEOUT_S)
             sale.reversed = ResultCode(reply.result) == ResultCode.OK
         else:
             if not sale.account_fen:
                 return
             part = max(1, sale.account_fen // 2)
-            refund = pos_pb2.RefundRequest(terminal=context, original_trace_number=sale.trace,
-                                           card_no=sale.card_no, amount_fen=part)  # fmt: skip
+            refund = pos_pb2.RefundRequest(
+                terminal=context,
+                original_trace_number=sale.trace,
+                card_no=sale.card_no,
+                amount_fen=part,
+            )
             answer = await self.pos.Refund(self.sign(terminal, refund), timeout=CALL_TIMEOUT_S)
             if ResultCode(answer.result) == ResultCode.OK:
                 sale.refunded_fen, sale.refund_trace = part, context.trace_number
@@ -320,12 +350,14 @@ class _Day:
             else:
                 wrong = rng.random() < WRONG_PIN_RATE
                 pin = f"{(int(r.pin) + 1) % 10**6:06d}" if wrong else r.pin
-                await self.swipe(r, rng.choice(self.institutions),
-                                 rng.randint(SWIPE_MIN_FEN, SWIPE_MAX_FEN), pin)  # fmt: skip
+                await self.swipe(
+                    r, rng.choice(self.institutions), rng.randint(SWIPE_MIN_FEN, SWIPE_MAX_FEN), pin
+                )
 
     def _window(self, tag: str, card_no: str) -> registry_pb2.CardRequest:
-        context = common_pb2.WindowContext(window_id="DEMO-W1", operator_id="demo",
-                                           request_id=f"demo-{tag}-{time.time_ns()}")  # fmt: skip
+        context = common_pb2.WindowContext(
+            window_id="DEMO-W1", operator_id="demo", request_id=f"demo-{tag}-{time.time_ns()}"
+        )
         return registry_pb2.CardRequest(window=context, card_no=card_no)
 
     async def losses(self) -> None:
@@ -336,8 +368,9 @@ class _Day:
             await asyncio.sleep(LOSS_EVERY_S)
             district = self.district if self.district and rng.random() < 0.5 else None
             victim = rng.choice(district or self.payers)
-            report = await self.window.ReportPreLoss(self._window("loss", victim.card_no),
-                                                     timeout=CALL_TIMEOUT_S)  # fmt: skip
+            report = await self.window.ReportPreLoss(
+                self._window("loss", victim.card_no), timeout=CALL_TIMEOUT_S
+            )
             if ResultCode(report.result) != ResultCode.OK:
                 continue
             self.stats.ops["loss_report"] += 1
@@ -345,8 +378,9 @@ class _Day:
                 await self.swipe(victim, inst, rng.randint(THIEF_MIN_FEN, THIEF_MAX_FEN), "000000")
             if victim not in self.district and rng.random() < RELEASE_SHARE:
                 await asyncio.sleep(RELEASE_AFTER_S)
-                await self.window.ReleaseLoss(self._window("release", victim.card_no),
-                                              timeout=CALL_TIMEOUT_S)  # fmt: skip
+                await self.window.ReleaseLoss(
+                    self._window("release", victim.card_no), timeout=CALL_TIMEOUT_S
+                )
                 self.stats.ops["release"] += 1
 
     async def regular(self) -> None:
@@ -382,11 +416,18 @@ async def run(
     pool = stats.pool = CityPool(len(residents))
     index = {r.ssn: i for i, r in enumerate(residents)}
     enrolling = asyncio.create_task(
-        traffic.seed(registry, residents, ENROL_CONCURRENCY,
-                     lambda r: pool.add(index[r.ssn], r), keyring, pki_dir,
-                     lambda i: DEMO_DISTRICT if i % DISTRICT_EVERY == DISTRICT_INDEX
-                     else traffic.DEFAULT_REGION)
-    )  # fmt: skip
+        traffic.seed(
+            registry,
+            residents,
+            ENROL_CONCURRENCY,
+            lambda r: pool.add(index[r.ssn], r),
+            keyring,
+            pki_dir,
+            lambda i: (
+                DEMO_DISTRICT if i % DISTRICT_EVERY == DISTRICT_INDEX else traffic.DEFAULT_REGION
+            ),
+        )
+    )
     while len(pool.payers) < min(OPEN_AFTER_PAYERS, len(residents)) and not enrolling.done():
         show(live, stats, minutes)
         await asyncio.sleep(PANEL_REFRESH_S)
@@ -395,9 +436,21 @@ async def run(
     stats.started = time.perf_counter()
     deadline = stats.started + minutes * 60
     try:
-        await _open_counters(gateway, registry, prometheus, pool, institutions, minutes,
-                             concurrency, keyring, pki_dir, live, stats, deadline,
-                             seed)  # fmt: skip
+        await _open_counters(
+            gateway,
+            registry,
+            prometheus,
+            pool,
+            institutions,
+            minutes,
+            concurrency,
+            keyring,
+            pki_dir,
+            live,
+            stats,
+            deadline,
+            seed,
+        )
     finally:
         enrolling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -405,10 +458,21 @@ async def run(
     live.update(panel(stats, minutes))
 
 
-async def _open_counters(gateway: str, registry: str, prometheus: str, pool: CityPool,
-                         institutions: list[Institution], minutes: float, concurrency: int,
-                         keyring: Keyring | None, pki_dir: Path | None, live: Live,
-                         stats: DemoStats, deadline: float, seed: int) -> None:  # fmt: skip
+async def _open_counters(
+    gateway: str,
+    registry: str,
+    prometheus: str,
+    pool: CityPool,
+    institutions: list[Institution],
+    minutes: float,
+    concurrency: int,
+    keyring: Keyring | None,
+    pki_dir: Path | None,
+    live: Live,
+    stats: DemoStats,
+    deadline: float,
+    seed: int,
+) -> None:
     async def display() -> None:
         while time.perf_counter() < deadline:
             stats.sms_sent = prometheus_sum(prometheus, "medclear_sms_sent_total")
@@ -420,11 +484,19 @@ async def _open_counters(gateway: str, registry: str, prometheus: str, pool: Cit
         aio_channel(gateway, Role.TERMINAL, pki_dir) as pos_channel,
         aio_channel(registry, Role.WINDOW, pki_dir) as window_channel,
     ):
-        day = _Day(pos_pb2_grpc.PosServiceStub(pos_channel),
-                   registry_pb2_grpc.CardRegistryServiceStub(window_channel), pool,
-                   institutions, keyring, stats, deadline, seed)  # fmt: skip
-        await asyncio.gather(*(day.counter() for _ in range(concurrency)), day.losses(),
-                             day.regular(), display())  # fmt: skip
+        day = _Day(
+            pos_pb2_grpc.PosServiceStub(pos_channel),
+            registry_pb2_grpc.CardRegistryServiceStub(window_channel),
+            pool,
+            institutions,
+            keyring,
+            stats,
+            deadline,
+            seed,
+        )
+        await asyncio.gather(
+            *(day.counter() for _ in range(concurrency)), day.losses(), day.regular(), display()
+        )
 
 
 def institution_files(stats: DemoStats, directory: Path) -> list[tuple[Path, Path]]:

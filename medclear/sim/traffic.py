@@ -80,8 +80,9 @@ def _window(request_id: str) -> common_pb2.WindowContext:
     )
 
 
-def _enrol_request(r: Resident, keyring: Keyring | None,
-                   region: str) -> registry_pb2.EnrolPersonRequest:  # fmt: skip
+def _enrol_request(
+    r: Resident, keyring: Keyring | None, region: str
+) -> registry_pb2.EnrolPersonRequest:
     """One resident's EnrolPerson: register, issue and activate the social security card,
     set the PIN (a PIN block under the seeding window's PIN key when terminal security is
     on), credit the opening balance (employees)."""
@@ -103,8 +104,9 @@ def _enrol_request(r: Resident, keyring: Keyring | None,
     return request
 
 
-async def _settled(stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident,
-                   code: ResultCode) -> None:  # fmt: skip
+async def _settled(
+    stub: registry_pb2_grpc.CardRegistryServiceStub, r: Resident, code: ResultCode
+) -> None:
     """An enrolment's final answer: OK, or PERSON_EXISTS for a resident enrolled before;
     anything else is a SeedError."""
     if code == ResultCode.PERSON_EXISTS and await _enrolled_before(stub, r):

@@ -93,25 +93,31 @@ def _front(principal: str, instance_prefix: str) -> list[Acl]:
     """A gRPC front of the command topic: it writes commands, follows the card index, and
     creates and reads its own reply topic."""
     replies = topics.REPLY_PREFIX + instance_prefix
-    return [*_topic(principal, topics.COMMANDS.name, "write"),
-            *_topic(principal, topics.CARD_INDEX.name, "read"),
-            *_topic(principal, replies, "create", "read", prefixed=True)]  # fmt: skip
+    return [
+        *_topic(principal, topics.COMMANDS.name, "write"),
+        *_topic(principal, topics.CARD_INDEX.name, "read"),
+        *_topic(principal, replies, "create", "read", prefixed=True),
+    ]
 
 
 def rules() -> list[Acl]:
     """Every ACL medclear's principals need, sorted."""
-    acls = [*_front(GATEWAY, topics.GATEWAY_INSTANCE_PREFIX),
-            *_front(REGISTRY, topics.REGISTRY_INSTANCE_PREFIX)]  # fmt: skip
+    acls = [
+        *_front(GATEWAY, topics.GATEWAY_INSTANCE_PREFIX),
+        *_front(REGISTRY, topics.REGISTRY_INSTANCE_PREFIX),
+    ]
     acls += _owns(WORKER, WORKER_KAFKA)
     acls += _topic(WORKER, topics.REPLY_PREFIX, "write", prefixed=True)  # whoever asked
     for job, needs in KAFKA.items():
         acls += _owns(job, needs)
     # recon: the settlements and the events, and how far the jobs that count them are
-    acls += [*_topic(RECON, topics.EVENTS.name, "read"),
-             *_topic(RECON, topics.SETTLEMENTS.name, "read"),
-             *_topic(RECON, topics.SETTLEMENT_INPUT.name, "describe"),
-             _group(RECON, KAFKA["settlement"].prefix, "describe"),
-             _group(RECON, KAFKA["clickhouse-sink"].prefix, "describe")]  # fmt: skip
+    acls += [
+        *_topic(RECON, topics.EVENTS.name, "read"),
+        *_topic(RECON, topics.SETTLEMENTS.name, "read"),
+        *_topic(RECON, topics.SETTLEMENT_INPUT.name, "describe"),
+        _group(RECON, KAFKA["settlement"].prefix, "describe"),
+        _group(RECON, KAFKA["clickhouse-sink"].prefix, "describe"),
+    ]
     # an analyst: the events, read with a consumer group of its own
     acls += [*_topic(ANALYST, topics.EVENTS.name, "read"), _group(ANALYST, ANALYST_GROUP)]
     return sorted(set(acls))
@@ -137,20 +143,23 @@ def admin_config(kafka: KafkaAccess) -> dict[str, str | int | float | bool]:
     config: dict[str, str | int | float | bool] = {"bootstrap.servers": kafka.bootstrap}
     files = kafka.files()
     if files:
-        config |= {"security.protocol": "SSL", "ssl.ca.location": files["ca"],
-                   "ssl.certificate.location": files["certificate"],
-                   "ssl.key.location": files["key"]}  # fmt: skip
+        config |= {
+            "security.protocol": "SSL",
+            "ssl.ca.location": files["ca"],
+            "ssl.certificate.location": files["certificate"],
+            "ssl.key.location": files["key"],
+        }
     return config
 
 
-def apply(kafka: KafkaAccess, acls: Sequence[Acl],
-          user_format: str = DEFAULT_USER_FORMAT) -> int:  # fmt: skip
+def apply(kafka: KafkaAccess, acls: Sequence[Acl], user_format: str = DEFAULT_USER_FORMAT) -> int:
     """Create the ACLs on the cluster as `kafka`'s principal (one that may alter the
     cluster's ACLs: the operator); creating one that exists changes nothing. Returns how
     many were asked for."""
     admin = AdminClient(admin_config(kafka))
-    futures = admin.create_acls([_binding(acl, user_format) for acl in acls],
-                                request_timeout=APPLY_TIMEOUT_S)  # fmt: skip
+    futures = admin.create_acls(
+        [_binding(acl, user_format) for acl in acls], request_timeout=APPLY_TIMEOUT_S
+    )
     failed = []
     for binding, future in futures.items():
         try:

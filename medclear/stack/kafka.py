@@ -236,18 +236,38 @@ def format_storage(config: Path, log_dir: Path, the_cluster: str, log: Path) -> 
         return
     # a short-lived JVM: the class archive, and the quick compiler only
     sharing = [f"-XX:SharedArchiveFile={CLASS_ARCHIVE}"] if CLASS_ARCHIVE.exists() else []
-    argv = [JAVA, *sharing, "-XX:TieredStopAtLevel=1", "-Xmx256m",
-            f"-Dlog4j2.configurationFile={config.parent / 'log4j2.properties'}",
-            "-cp", f"{KAFKA_LIB}/*", STORAGE_TOOL, "format", "--cluster-id", the_cluster,
-            "--config", str(config)]  # fmt: skip
+    argv = [
+        JAVA,
+        *sharing,
+        "-XX:TieredStopAtLevel=1",
+        "-Xmx256m",
+        f"-Dlog4j2.configurationFile={config.parent / 'log4j2.properties'}",
+        "-cp",
+        f"{KAFKA_LIB}/*",
+        STORAGE_TOOL,
+        "format",
+        "--cluster-id",
+        the_cluster,
+        "--config",
+        str(config),
+    ]
     with open(log, "ab") as out:
         out.write(f"=== formatting storage: {' '.join(argv)}\n".encode())
         out.flush()
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=FORMAT_TIMEOUT_S, check=False)  # fmt: skip
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=FORMAT_TIMEOUT_S,
+            check=False,
+        )
     if done.returncode != 0:
-        raise StackError(f"formatting the storage of {config.parent.name} failed "
-                         f"(exit {done.returncode})", "broker", _tail(log))  # fmt: skip
+        raise StackError(
+            f"formatting the storage of {config.parent.name} failed (exit {done.returncode})",
+            "broker",
+            _tail(log),
+        )
 
 
 def _tail(log: Path) -> str:
@@ -257,8 +277,15 @@ def _tail(log: Path) -> str:
         return ""
 
 
-def start_node(node: Node, nodes: list[Node], base: Path, ssl_dir: Path | None, heap_mb: int,
-               log: Path, archive_to: Path | None = None) -> Process:  # fmt: skip
+def start_node(
+    node: Node,
+    nodes: list[Node],
+    base: Path,
+    ssl_dir: Path | None,
+    heap_mb: int,
+    log: Path,
+    archive_to: Path | None = None,
+) -> Process:
     """Write the node's configuration, format its storage if new, start it."""
     problem = installed()
     if problem is not None:
@@ -269,18 +296,22 @@ def start_node(node: Node, nodes: list[Node], base: Path, ssl_dir: Path | None, 
     config.write_text(node_config(node, nodes, home, ssl_dir))
     (home / "log4j2.properties").write_text(LOG4J2)
     format_storage(config, home / "log", cluster_id(base), log)
-    return Process(name=node.name, argv=java_argv(config, heap_mb, archive_to),
-                   log=log.resolve(), cwd=home).start()  # fmt: skip
+    return Process(
+        name=node.name, argv=java_argv(config, heap_mb, archive_to), log=log.resolve(), cwd=home
+    ).start()
 
 
-def start_nodes(nodes: list[Node], base: Path, ssl_dir: Path | None, heap_mb: int,
-                logs: Path) -> list[Process]:  # fmt: skip
+def start_nodes(
+    nodes: list[Node], base: Path, ssl_dir: Path | None, heap_mb: int, logs: Path
+) -> list[Process]:
     """Start every node of the cluster at once (each formats its storage first if new: a
     JVM each, run side by side). Whatever started is stopped if one fails."""
     cluster_id(base)  # made here, once, before the nodes ask for it side by side
     with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-        futures = [pool.submit(start_node, node, nodes, base, ssl_dir, heap_mb,
-                               logs / f"{node.name}.log") for node in nodes]  # fmt: skip
+        futures = [
+            pool.submit(start_node, node, nodes, base, ssl_dir, heap_mb, logs / f"{node.name}.log")
+            for node in nodes
+        ]
     started = [f.result() for f in futures if f.exception() is None]
     failed = [f.exception() for f in futures if f.exception() is not None]
     if failed:
@@ -322,8 +353,9 @@ class Cluster:
     def start_node(self, node_id: int, timeout_s: float = READY_TIMEOUT_S) -> Process:
         """One node again (after `stop_node`), on its ports and storage."""
         node = self.nodes[node_id]
-        proc = start_node(node, self.nodes, self.base, self.ssl_dir, self.heap_mb,
-                          self.base / f"{node.name}.log")  # fmt: skip
+        proc = start_node(
+            node, self.nodes, self.base, self.ssl_dir, self.heap_mb, self.base / f"{node.name}.log"
+        )
         self.procs[node_id] = proc
         wait_kafka_ready(replace(self.access, bootstrap=node.bootstrap), timeout_s, proc=proc)
         return proc
@@ -353,8 +385,15 @@ def build_class_archive(timeout_s: float = READY_TIMEOUT_S) -> Path:
         ssl_dir = ensure_kafka_pki(base / "pki", [OPERATOR])
         node = plan(1)[0]
         written = base / "kafka.jsa"
-        proc = start_node(node, [node], base, ssl_dir, KAFKA_HEAP_MB_DEFAULT,
-                          base / "node.log", archive_to=written)  # fmt: skip
+        proc = start_node(
+            node,
+            [node],
+            base,
+            ssl_dir,
+            KAFKA_HEAP_MB_DEFAULT,
+            base / "node.log",
+            archive_to=written,
+        )
         try:
             wait_kafka_ready(KafkaAccess(node.bootstrap, OPERATOR, ssl_dir), timeout_s, proc=proc)
         finally:

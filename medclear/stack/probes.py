@@ -180,15 +180,20 @@ def wait_until(
         delay = min(delay * 1.5, 0.25)
 
 
-def wait_kafka_ready(kafka: KafkaAccess, timeout_s: float, *, proc: Process | None = None,
-                     brokers_min: int = 1) -> None:  # fmt: skip
+def wait_kafka_ready(
+    kafka: KafkaAccess, timeout_s: float, *, proc: Process | None = None, brokers_min: int = 1
+) -> None:
     """Wait until a real metadata round trip (aiokafka) succeeds against the servers of
     `kafka` and lists at least `brokers_min` brokers.
 
     With `proc`, fail at once (with its log tail) if that process exits meanwhile.
     """
-    wait_until(f"kafka at {kafka.bootstrap}",
-               lambda: kafka_probe(kafka, brokers_min=brokers_min), timeout_s, proc)  # fmt: skip
+    wait_until(
+        f"kafka at {kafka.bootstrap}",
+        lambda: kafka_probe(kafka, brokers_min=brokers_min),
+        timeout_s,
+        proc,
+    )
 
 
 def wait_http_ok(

@@ -189,8 +189,9 @@ def component_status(comp: Component) -> ComponentStatus:
             detail = "process not running"
         if comp.gave_up:
             detail += f"; not restarted again after {comp.restarts} restarts"
-        return ComponentStatus(comp.name, pid, comp.address, False, detail, log, comp.ready_s,
-                               comp.restarts)  # fmt: skip
+        return ComponentStatus(
+            comp.name, pid, comp.address, False, detail, log, comp.ready_s, comp.restarts
+        )
     problem = comp.probe.check()
     return ComponentStatus(
         comp.name,

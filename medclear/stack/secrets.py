@@ -52,8 +52,10 @@ def write_secrets(settings: Settings, state_dir: Path) -> None:
 def write_secret_file(path: Path, value: str, setting: str) -> None:
     if path.exists():
         if path.read_text().strip() != value.strip():
-            raise StackError(f"{setting} differs from the one in {path}, which the data "
-                             "of this state directory was made under; use that file")  # fmt: skip
+            raise StackError(
+                f"{setting} differs from the one in {path}, which the data "
+                "of this state directory was made under; use that file"
+            )
         return
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -61,8 +63,9 @@ def write_secret_file(path: Path, value: str, setting: str) -> None:
         f.write(value.strip() + "\n")
 
 
-def child_env(settings: Settings, state_dir: Path, kafka: KafkaAccess,
-              ch_url: str) -> dict[str, str]:  # fmt: skip
+def child_env(
+    settings: Settings, state_dir: Path, kafka: KafkaAccess, ch_url: str
+) -> dict[str, str]:
     """The environment of medclear's own processes: this `up`'s settings, as MEDCLEAR_*,
     without any secret (each is in a file only the process that needs it reads), and how
     they reach the broker (each picks its own principal's certificate in the directory)."""

@@ -83,15 +83,32 @@ class Smsc:
 
 
 def smsc_argv(
-    port: int, out: Path, host: str = "127.0.0.1", system_id: str = DEFAULT_SYSTEM_ID,
-    password: str = DEFAULT_PASSWORD, receipt_delay_ms: int = 50,
-) -> list[str]:  # fmt: skip
+    port: int,
+    out: Path,
+    host: str = "127.0.0.1",
+    system_id: str = DEFAULT_SYSTEM_ID,
+    password: str = DEFAULT_PASSWORD,
+    receipt_delay_ms: int = 50,
+) -> list[str]:
     node = shutil.which("node")
     if node is None:
         raise StackError("node is not on PATH: the loopback SMSC needs Node.js", "smsc")
-    return [node, str(SERVER_JS), "--host", host, "--port", str(port), "--system-id", system_id,
-            "--password", password, "--out", str(out),
-            "--receipt-delay-ms", str(receipt_delay_ms)]  # fmt: skip
+    return [
+        node,
+        str(SERVER_JS),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--system-id",
+        system_id,
+        "--password",
+        password,
+        "--out",
+        str(out),
+        "--receipt-delay-ms",
+        str(receipt_delay_ms),
+    ]
 
 
 def start_smsc(

@@ -189,8 +189,10 @@ def _stop_one(comp: Component, console: Console | None) -> str:
             console.print(f"  [red]x[/] {escape(str(exc))}")
         return "failed"
     if console is not None and proc.killed:
-        console.print(f"  [yellow]![/] {comp.name} (pid {proc.pid}) did not stop within "
-                      f"{STOP_TIMEOUT_S:g} s of SIGTERM: killed (see its log)")  # fmt: skip
+        console.print(
+            f"  [yellow]![/] {comp.name} (pid {proc.pid}) did not stop within "
+            f"{STOP_TIMEOUT_S:g} s of SIGTERM: killed (see its log)"
+        )
     elif console is not None:
         console.print(
             f"  [green]✓[/] stopped {comp.name} (pid {proc.pid}) in {time.monotonic() - t0:.1f} s"
@@ -276,9 +278,16 @@ class _Starter:
         if settings.embedded_kafka:
             return self._kafka_cluster()
         kafka = kafka_access.from_settings(settings, kafka_access.OPERATOR)
-        comps = [self.track(Component("broker", "kafka:external", kafka.bootstrap,
-                                      Probe("kafka", kafka.bootstrap,
-                                            ssl_dir=str(kafka.ssl_dir or ""))))]  # fmt: skip
+        comps = [
+            self.track(
+                Component(
+                    "broker",
+                    "kafka:external",
+                    kafka.bootstrap,
+                    Probe("kafka", kafka.bootstrap, ssl_dir=str(kafka.ssl_dir or "")),
+                )
+            )
+        ]
         return kafka, comps
 
     def broker_ready(self, kafka: KafkaAccess, comps: list[Component]) -> None:
@@ -302,17 +311,29 @@ class _Starter:
         base = self.data / "kafka"
         how = "TLS, ACLs" if ssl_dir is not None else "PLAINTEXT"
         with self.console.status(f"starting Apache Kafka: {len(nodes)} KRaft node(s), {how} …"):
-            procs = kafka_nodes.start_nodes(nodes, base, ssl_dir, settings.kafka_heap_mb,
-                                            self.logs)  # fmt: skip
-        comps = [self.track(Component(
-            node.name, "kafka:apache", node.bootstrap,
-            Probe("kafka", node.bootstrap, ssl_dir=str(ssl_dir or "")), proc,
-            str(base / node.name), {"kafka": node.client_port, "internal": node.internal_port,
-                                    "controller": node.controller_port}))
-            for node, proc in zip(nodes, procs, strict=True)]  # fmt: skip
+            procs = kafka_nodes.start_nodes(nodes, base, ssl_dir, settings.kafka_heap_mb, self.logs)
+        comps = [
+            self.track(
+                Component(
+                    node.name,
+                    "kafka:apache",
+                    node.bootstrap,
+                    Probe("kafka", node.bootstrap, ssl_dir=str(ssl_dir or "")),
+                    proc,
+                    str(base / node.name),
+                    {
+                        "kafka": node.client_port,
+                        "internal": node.internal_port,
+                        "controller": node.controller_port,
+                    },
+                )
+            )
+            for node, proc in zip(nodes, procs, strict=True)
+        ]
         replication = kafka_access.replication(settings)
-        return KafkaAccess(kafka_nodes.bootstrap_of(nodes), kafka_access.OPERATOR, ssl_dir,
-                           replication), comps  # fmt: skip
+        return KafkaAccess(
+            kafka_nodes.bootstrap_of(nodes), kafka_access.OPERATOR, ssl_dir, replication
+        ), comps
 
     def _topics(self, kafka: KafkaAccess, comps: list[Component]) -> None:
         """medclear's topics, and on the embedded cluster with TLS every principal's ACLs."""
@@ -322,8 +343,11 @@ class _Starter:
                 create_topics(kafka, wanted)
             except Exception as exc:
                 tail = comps[0].proc.log_tail() if comps[0].proc is not None else ""
-                raise StackError(f"broker: creating topics failed: {type(exc).__name__}: {exc}",
-                                 comps[0].name, tail) from exc  # fmt: skip
+                raise StackError(
+                    f"broker: creating topics failed: {type(exc).__name__}: {exc}",
+                    comps[0].name,
+                    tail,
+                ) from exc
         run_sync(prepare_groups(kafka, WORKER_KAFKA.prefix))
         listed = ", ".join(f"{name} ({count})" for name, count in wanted.items())
         self.console.print(f"  [green]✓[/] topics {listed} (replication {kafka.replication})")
@@ -331,8 +355,10 @@ class _Starter:
             with self.console.status("granting each principal its ACLs …"):
                 count = acls.apply(kafka, acls.rules())
                 acls.wait_effective(kafka)
-            self.console.print(f"  [green]✓[/] {count} ACLs: each process only its own topics "
-                               "(`medclear kafka acls`)")  # fmt: skip
+            self.console.print(
+                f"  [green]✓[/] {count} ACLs: each process only its own topics "
+                "(`medclear kafka acls`)"
+            )
 
     def clickhouse(self) -> tuple[str, str]:
         """ClickHouse (embedded, or the one the settings name) and medclear's database;
@@ -343,17 +369,26 @@ class _Starter:
             ch_url = f"clickhouse://{HOST}:{tcp_port}/{database}"
             ch_http = f"http://{HOST}:{http_port}"
             with self.console.status("starting clickhouse …"):
-                proc = start_clickhouse(data / "clickhouse", tcp_port, http_port,
-                                        self.logs / "clickhouse.log")  # fmt: skip
-            clickhouse = self.track(Component(
-                "clickhouse", "clickhouse", f"{HOST}:{tcp_port} (http {http_port})",
-                Probe("http", f"{ch_http}/ping", "Ok."), proc, str(data / "clickhouse"),
-                {"tcp": tcp_port, "http": http_port}))  # fmt: skip
+                proc = start_clickhouse(
+                    data / "clickhouse", tcp_port, http_port, self.logs / "clickhouse.log"
+                )
+            clickhouse = self.track(
+                Component(
+                    "clickhouse",
+                    "clickhouse",
+                    f"{HOST}:{tcp_port} (http {http_port})",
+                    Probe("http", f"{ch_http}/ping", "Ok."),
+                    proc,
+                    str(data / "clickhouse"),
+                    {"tcp": tcp_port, "http": http_port},
+                )
+            )
         else:
             ch_url, ch_http = settings.clickhouse_url, ""
             netloc = urllib.parse.urlsplit(ch_url).netloc.rpartition("@")[2]
-            clickhouse = self.track(Component("clickhouse", "clickhouse:external", netloc,
-                                               Probe("clickhouse", ch_url)))  # fmt: skip
+            clickhouse = self.track(
+                Component("clickhouse", "clickhouse:external", netloc, Probe("clickhouse", ch_url))
+            )
         self.wait(clickhouse)
         with self.console.status(f"creating database {database} …"):
             try:
@@ -362,8 +397,9 @@ class _Starter:
                 raise
             except Exception as exc:
                 tail = clickhouse.proc.log_tail() if clickhouse.proc is not None else ""
-                raise StackError(f"clickhouse: CREATE DATABASE {database} failed: {exc}",
-                                 "clickhouse", tail) from exc  # fmt: skip
+                raise StackError(
+                    f"clickhouse: CREATE DATABASE {database} failed: {exc}", "clickhouse", tail
+                ) from exc
         self.console.print(f"  [green]✓[/] database {database}")
         self.state.save()
         return ch_url, ch_http
@@ -412,13 +448,27 @@ class _Starter:
         with self.console.status("starting the SMSC (npm smpp server) …"):
             ensure_installed()
             (data / "smsc").mkdir(parents=True, exist_ok=True)
-            argv = smsc_argv(port, (data / "smsc" / "messages.jsonl").resolve(), HOST,
-                             settings.smsc_system_id, smsc_password(settings))  # fmt: skip
-            proc = Process(name="smsc", argv=argv, log=(self.logs / "smsc.log").resolve(),
-                           cwd=SMSC_DIR).start()  # fmt: skip
-        smsc = self.track(Component("smsc", "smsc", f"{HOST}:{port}",
-                                     Probe("tcp", f"{HOST}:{port}"), proc, str(data / "smsc"),
-                                     {"smpp": port}))  # fmt: skip
+            argv = smsc_argv(
+                port,
+                (data / "smsc" / "messages.jsonl").resolve(),
+                HOST,
+                settings.smsc_system_id,
+                smsc_password(settings),
+            )
+            proc = Process(
+                name="smsc", argv=argv, log=(self.logs / "smsc.log").resolve(), cwd=SMSC_DIR
+            ).start()
+        smsc = self.track(
+            Component(
+                "smsc",
+                "smsc",
+                f"{HOST}:{port}",
+                Probe("tcp", f"{HOST}:{port}"),
+                proc,
+                str(data / "smsc"),
+                {"smpp": port},
+            )
+        )
         self.wait(smsc)
         self.env.update(_smsc_env(self.state.components))
 
@@ -435,11 +485,14 @@ class _Starter:
         gateway_port = settings.gateway_port or free_port()
         registry_port = settings.registry_port or free_port()
         with self.console.status("starting workers, gateway, registry and stream jobs …"):
-            started = [self.serve(f"worker-{i}", "worker", i, None)
-                       for i in range(settings.workers)]  # fmt: skip
-            started += [self.serve("gateway", "gateway", None, gateway_port),
-                        self.serve("registry", "registry", None, registry_port),
-                        *(self.serve(name, name, None, None) for name in jobs)]  # fmt: skip
+            started = [
+                self.serve(f"worker-{i}", "worker", i, None) for i in range(settings.workers)
+            ]
+            started += [
+                self.serve("gateway", "gateway", None, gateway_port),
+                self.serve("registry", "registry", None, registry_port),
+                *(self.serve(name, name, None, None) for name in jobs),
+            ]
             if settings.restart_on_exit:
                 started.append(self.serve(WATCH_ROLE, WATCH_ROLE, None, None))
         self.state.save()
@@ -487,14 +540,21 @@ class _Starter:
         prom_url = self.prometheus()
         state = self.state
         state.endpoints = Endpoints(
-            kafka_bootstrap=kafka.bootstrap, clickhouse_url=ch_url, clickhouse_http=ch_http,
-            gateway=f"{HOST}:{gateway_port}", registry=f"{HOST}:{registry_port}",
-            prometheus=prom_url, hsm=hsm, terminal_security=self.settings.terminal_security,
-            tls=self.settings.tls, kafka_ssl_dir=str(kafka.ssl_dir or ""),
+            kafka_bootstrap=kafka.bootstrap,
+            clickhouse_url=ch_url,
+            clickhouse_http=ch_http,
+            gateway=f"{HOST}:{gateway_port}",
+            registry=f"{HOST}:{registry_port}",
+            prometheus=prom_url,
+            hsm=hsm,
+            terminal_security=self.settings.terminal_security,
+            tls=self.settings.tls,
+            kafka_ssl_dir=str(kafka.ssl_dir or ""),
             kafka_replication=kafka.replication,
-        )  # fmt: skip
-        state.settings_env = {k: v for k, v in self.env.items()
-                              if k.startswith("MEDCLEAR_") and k not in SECRET_ENV}  # fmt: skip
+        )
+        state.settings_env = {
+            k: v for k, v in self.env.items() if k.startswith("MEDCLEAR_") and k not in SECRET_ENV
+        }
         state.complete = True
         state.ready_s = time.monotonic() - t_start
         state.save()
@@ -514,9 +574,18 @@ def _up(settings: Settings, console: Console, state_dir: Path) -> Endpoints:
         if not failed:
             state.path.unlink(missing_ok=True)
         raise
-    rows = [ComponentStatus(c.name, c.proc.pid if c.proc is not None else None, c.address, True,
-                            "ready", str(c.proc.log) if c.proc is not None else "", c.ready_s)
-            for c in state.components]  # fmt: skip
+    rows = [
+        ComponentStatus(
+            c.name,
+            c.proc.pid if c.proc is not None else None,
+            c.address,
+            True,
+            "ready",
+            str(c.proc.log) if c.proc is not None else "",
+            c.ready_s,
+        )
+        for c in state.components
+    ]
     table = status_table(rows)
     table.caption = f"ready in {state.ready_s:.1f} s · state in {_relative(str(state_dir))}"
     console.print(table)
@@ -593,8 +662,9 @@ def restart_component(
         if while_stopped is not None:
             while_stopped()
         if comp.kind in MEDCLEAR_ROLES:
-            own_env = child_env(settings, state_dir, state.endpoints.kafka(),
-                                state.endpoints.clickhouse_url)  # fmt: skip
+            own_env = child_env(
+                settings, state_dir, state.endpoints.kafka(), state.endpoints.clickhouse_url
+            )
             own_env["MEDCLEAR_HSM_ADDRESS"] = state.endpoints.hsm
             own_env.update(_smsc_env(state.components))
             # What `up` ran with (TLS, terminal security, partitions, …), not the caller's.
@@ -665,8 +735,11 @@ def exited(settings: Settings) -> list[str]:
     state = State.load(state_dir_of(settings) / STATE_FILE)
     if state is None or not state.complete:
         return []
-    return [c.name for c in state.components
-            if c.proc is not None and c.kind != WATCH_ROLE and not c.proc.alive()]  # fmt: skip
+    return [
+        c.name
+        for c in state.components
+        if c.proc is not None and c.kind != WATCH_ROLE and not c.proc.alive()
+    ]
 
 
 def mark_gave_up(settings: Settings, name: str) -> None:

@@ -64,8 +64,11 @@ class Watcher:
             if policy.seen_down(now):
                 self.restart(name, policy, now)
             elif policy.gave_up and not was_given_up:
-                log.error("component keeps exiting; not restarted again", component=name,
-                          restarts=len(policy.restarts))  # fmt: skip
+                log.error(
+                    "component keeps exiting; not restarted again",
+                    component=name,
+                    restarts=len(policy.restarts),
+                )
                 metrics.COMPONENT_GAVE_UP.labels(name).set(1)
                 mark_gave_up(self.settings, name)
 

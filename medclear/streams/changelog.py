@@ -68,8 +68,13 @@ async def _restore(
         # (the embedded one does not; noida-db, the emulator before it, did after a kill
         # -9). Keep the store, write on from the broker's end.
         metrics.STREAM_CHANGELOG_BEHIND_STORE.labels(tp.topic).inc(store.next_offset - end)
-        log.warning("changelog shorter than the store: keeping the store", topic=tp.topic,
-                    partition=tp.partition, store_offset=store.next_offset, end=end)  # fmt: skip
+        log.warning(
+            "changelog shorter than the store: keeping the store",
+            topic=tp.topic,
+            partition=tp.partition,
+            store_offset=store.next_offset,
+            end=end,
+        )
         store.apply({}, end)
         return 0
     if start >= end:
@@ -78,8 +83,9 @@ async def _restore(
     consumer.seek(tp, start)
     applied, position, last_progress = 0, start, time.monotonic()
     while position < end:
-        fetched = await consumer.getmany(tp, timeout_ms=RESTORE_POLL_MS,
-                                         max_records=RESTORE_CHUNK_RECORDS)  # fmt: skip
+        fetched = await consumer.getmany(
+            tp, timeout_ms=RESTORE_POLL_MS, max_records=RESTORE_CHUNK_RECORDS
+        )
         records = fetched.get(tp, [])
         if not records:
             if time.monotonic() - last_progress > RESTORE_STALL_S_MAX:

@@ -33,8 +33,10 @@ def dump_tasks() -> None:
             if frame is None:
                 print(f"    awaiting {awaited!r}"[:300], file=sys.stderr)
                 break
-            print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
+                file=sys.stderr,
+            )
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
     sys.stderr.flush()
 

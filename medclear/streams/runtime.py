@@ -120,13 +120,20 @@ class Batch:
         self.changes.setdefault((table, partition), {})[key] = value
         self.runtime.overlay(table, partition)[key] = _Slot(value, self.number)
 
-    def send(self, topic: str, value: bytes | None, key: bytes | None = None,
-             headers: Headers = (), partition: int | None = None) -> None:  # fmt: skip
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Headers = (),
+        partition: int | None = None,
+    ) -> None:
         """An output: on the broker before this batch's state is written."""
         self.outputs.append(Produce(topic, value, key, headers, partition))
 
-    def reply(self, topic: str, value: bytes | None, key: bytes | None = None,
-              headers: Headers = ()) -> None:  # fmt: skip
+    def reply(
+        self, topic: str, value: bytes | None, key: bytes | None = None, headers: Headers = ()
+    ) -> None:
         """A reply: sent once this batch's state is written."""
         self.replies.append(Produce(topic, value, key, headers))
 
@@ -269,9 +276,14 @@ class Runtime:
         async with self._lock:
             await self._drain()
         # at once: a consumer's stop waits for the fetch the broker is holding for it
-        await asyncio.gather(*(client.stop() for client in (
-            self.consumer, self._restorer, self.producer, self.reply_producer)
-            if client is not None), return_exceptions=True)  # fmt: skip
+        await asyncio.gather(
+            *(
+                client.stop()
+                for client in (self.consumer, self._restorer, self.producer, self.reply_producer)
+                if client is not None
+            ),
+            return_exceptions=True,
+        )
         for store in self.stores.values():
             store.close()
         self.stores.clear()
@@ -289,8 +301,9 @@ class Runtime:
                 handled = False
                 async with self._lock:
                     if self._ready:  # the broker holds the fetch until records come
-                        fetched = await consumer.getmany(timeout_ms=POLL_WAIT_MS,
-                                                         max_records=self.batch_max)  # fmt: skip
+                        fetched = await consumer.getmany(
+                            timeout_ms=POLL_WAIT_MS, max_records=self.batch_max
+                        )
                         if fetched:
                             await self._handle(fetched)
                             handled = True
@@ -332,9 +345,15 @@ class Runtime:
         """Give the batch's outputs to the producer now, in batch order."""
         assert self.producer is not None
         for out in batch.outputs:
-            batch.sent.append(await self.producer.send(out.topic, out.value, key=out.key,
-                                                       headers=list(out.headers),
-                                                       partition=out.partition))  # fmt: skip
+            batch.sent.append(
+                await self.producer.send(
+                    out.topic,
+                    out.value,
+                    key=out.key,
+                    headers=list(out.headers),
+                    partition=out.partition,
+                )
+            )
         batch.outputs.clear()
 
     async def _settle_oldest(self) -> None:
@@ -355,8 +374,11 @@ class Runtime:
                 self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
-        log.critical("a batch could not be completed; exiting without committing it",
-                     job=self.job, error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        log.critical(
+            "a batch could not be completed; exiting without committing it",
+            job=self.job,
+            error=f"{type(exc).__name__}: {exc}",
+        )
         sys.stderr.flush()
         os._exit(EXIT_STREAM_FAILED)
 
@@ -381,8 +403,9 @@ class Runtime:
         t1 = time.perf_counter()
         assert self.reply_producer is not None
         for r in batch.replies:
-            sent = await self.reply_producer.send(r.topic, r.value, key=r.key,
-                                                  headers=list(r.headers))  # fmt: skip
+            sent = await self.reply_producer.send(
+                r.topic, r.value, key=r.key, headers=list(r.headers)
+            )
             self._unacked.append(sent)
         batch.replies.clear()
         self._observe("state", t1 - t0)
@@ -466,8 +489,11 @@ class Runtime:
                 for table in self.tables:
                     await self._open_and_restore(table, tp.partition)
             self._ready = bool(assigned)
-            log.info("partitions assigned", job=self.job,
-                     partitions=sorted(tp.partition for tp in assigned))  # fmt: skip
+            log.info(
+                "partitions assigned",
+                job=self.job,
+                partitions=sorted(tp.partition for tp in assigned),
+            )
         if self._ready and self.on_ready is not None:
             await self.on_ready()
         set_ready(self, self._ready)
@@ -492,8 +518,14 @@ class Runtime:
         applied = await restore(self._restorer, tp, store, chunk)
         remaining.set(0)
         if applied:
-            log.info("restored", job=self.job, table=table, partition=partition,
-                     records=applied, seconds=round(time.monotonic() - started, 2))  # fmt: skip
+            log.info(
+                "restored",
+                job=self.job,
+                table=table,
+                partition=partition,
+                records=applied,
+                seconds=round(time.monotonic() - started, 2),
+            )
 
     async def _export_lag(self, stopping: asyncio.Event) -> None:
         """`medclear_consumer_lag_records`: the broker's high-water mark minus the position

@@ -44,9 +44,14 @@ async def all_records(kafka: KafkaAccess, only: str | None = None) -> list[tuple
 
 def access_argument(kafka: KafkaAccess) -> str:
     """The access as one command-line argument (JSON)."""
-    return json.dumps({"bootstrap": kafka.bootstrap, "principal": kafka.principal,
-                       "ssl_dir": str(kafka.ssl_dir) if kafka.ssl_dir else None,
-                       "replication": kafka.replication})  # fmt: skip
+    return json.dumps(
+        {
+            "bootstrap": kafka.bootstrap,
+            "principal": kafka.principal,
+            "ssl_dir": str(kafka.ssl_dir) if kafka.ssl_dir else None,
+            "replication": kafka.replication,
+        }
+    )
 
 
 def access_from(argument: str) -> KafkaAccess:

@@ -44,12 +44,25 @@ def ledger(prefix: str) -> object:
     return handle
 
 
-def runtime(kafka: KafkaAccess, prefix: str, data_dir: Path, member: str, in_flight: int = 2,
-            batch_max: int = 64) -> Runtime:  # fmt: skip
-    return Runtime(job=f"{prefix}-ledger", member_id=member, kafka=kafka,
-                   topic=f"{prefix}.in", handler=ledger(prefix),  # type: ignore[arg-type]
-                   data_dir=data_dir, tables=[TABLE], in_flight_max=in_flight,
-                   batch_max=batch_max)  # fmt: skip
+def runtime(
+    kafka: KafkaAccess,
+    prefix: str,
+    data_dir: Path,
+    member: str,
+    in_flight: int = 2,
+    batch_max: int = 64,
+) -> Runtime:
+    return Runtime(
+        job=f"{prefix}-ledger",
+        member_id=member,
+        kafka=kafka,
+        topic=f"{prefix}.in",
+        handler=ledger(prefix),  # type: ignore[arg-type]
+        data_dir=data_dir,
+        tables=[TABLE],
+        in_flight_max=in_flight,
+        batch_max=batch_max,
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -14,8 +14,11 @@ def test_bench_seed_prints_its_figures_and_leaves_nothing_behind() -> None:
     before = set(Path(tempfile.gettempdir()).glob("medclear-bench-seed-*"))
     done = subprocess.run(
         [sys.executable, "-m", "medclear", "bench", "seed", "--persons", "300", "--json"],
-        capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout)
     assert figures["persons"] == 300 and figures["persons_per_s"] > 0

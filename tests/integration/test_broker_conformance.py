@@ -264,8 +264,7 @@ def test_d2_writes_acknowledged_while_the_broker_stops_survive(
     acknowledged: list[bytes] = []
 
     async def write_until_gone() -> None:
-        producer = AIOKafkaProducer(**kafka.options(), acks="all",
-                                    request_timeout_ms=2000)  # fmt: skip
+        producer = AIOKafkaProducer(**kafka.options(), acks="all", request_timeout_ms=2000)
         await producer.start()
 
         async def writer(w: int) -> None:

@@ -108,20 +108,35 @@ def enrol(registry: registry_pb2_grpc.CardRegistryServiceStub, index: int) -> tu
     ssn = make_ssn(random.Random(index), 700_000 + index)
     card = f"CH{index:07d}"
     steps = [
-        (registry.RegisterPerson, registry_pb2.RegisterPersonRequest(
-            window=_window(), ssn=ssn, name="测试", phone="13900001234", region="310101",
-            category=int(InsuranceCategory.EMPLOYEE),  # type: ignore[arg-type]
-        )),
-        (registry.IssueCard, registry_pb2.IssueCardRequest(
-            window=_window(), ssn=ssn, card_no=card,
-            kind=int(CardKind.SOCIAL_SECURITY),  # type: ignore[arg-type]
-        )),
+        (
+            registry.RegisterPerson,
+            registry_pb2.RegisterPersonRequest(
+                window=_window(),
+                ssn=ssn,
+                name="测试",
+                phone="13900001234",
+                region="310101",
+                category=int(InsuranceCategory.EMPLOYEE),  # type: ignore[arg-type]
+            ),
+        ),
+        (
+            registry.IssueCard,
+            registry_pb2.IssueCardRequest(
+                window=_window(),
+                ssn=ssn,
+                card_no=card,
+                kind=int(CardKind.SOCIAL_SECURITY),  # type: ignore[arg-type]
+            ),
+        ),
         (registry.ActivateCard, registry_pb2.CardRequest(window=_window(), card_no=card)),
         (registry.ChangePin, registry_pb2.ChangePinRequest(window=_window(), card_no=card)),
-        (registry.CreditAccount, registry_pb2.CreditRequest(
-            window=_window(), ssn=ssn, amount_fen=1_000_00, source_id=f"alloc-{index}"
-        )),
-    ]  # fmt: skip
+        (
+            registry.CreditAccount,
+            registry_pb2.CreditRequest(
+                window=_window(), ssn=ssn, amount_fen=1_000_00, source_id=f"alloc-{index}"
+            ),
+        ),
+    ]
     results = [_decided(method, request) for method, request in steps]
     assert results == [ResultCode.OK] * len(steps)
     return ssn, card
@@ -233,9 +248,17 @@ def test_swipes_through_the_gateway_become_rows_without_clear_identifiers(
     )
     by_id = {r[12]: r for r in rows if r[12].startswith("T-CH-A:")}
     kinds = [r[1] for r in rows]
-    for kind in ("PersonRegistered", "CardIssued", "CardStateChanged", "PinChanged",
-                 "AccountCredited", "SwipeApproved", "SwipeDeclined", "SwipeReversed",
-                 "Refunded"):  # fmt: skip
+    for kind in (
+        "PersonRegistered",
+        "CardIssued",
+        "CardStateChanged",
+        "PinChanged",
+        "AccountCredited",
+        "SwipeApproved",
+        "SwipeDeclined",
+        "SwipeReversed",
+        "Refunded",
+    ):
         assert kind in kinds
     assert by_id["T-CH-A:1"][1:6] == ("SwipeApproved", ResultCode.OK, 35_20, 35_20, PHARMACY)
     assert by_id["T-CH-A:3"][1:3] == ("SwipeDeclined", ResultCode.INSUFFICIENT_BALANCE)
@@ -429,7 +452,7 @@ def test_migrations_are_idempotent_and_any_new_file_is_applied(
             " ANY LEFT JOIN (SELECT code AS result, name FROM result_codes FINAL) USING result)"
             " ANY LEFT JOIN (SELECT type AS institution_type, name AS type_name"
             " FROM institution_types FINAL) USING institution_type"
-        )  # fmt: skip
+        )
         assert named == [(35.2, "OK", "pharmacy")]
         for migration in ch.migrations():  # every statement is idempotent on its own
             for statement in migration.statements():
@@ -517,9 +540,19 @@ def _sample_row() -> tuple[object, ...]:
     tokens = CardTokens(b"s" * 32)
     redaction = Redaction(tokens, Sealer(CONTACT, b"c" * 32), Sealer(PERSON, b"p" * 32))
     event = model.SwipeApproved(
-        "T9:1#0", 1_795_000_000_000, "11010519491231002X", "T9:1", "A00000009", PHARMACY,
-        InstitutionType.PHARMACY, 35_20, 35_20, 0, 64_80, shanghai_day(1_795_000_000_000),
-    )  # fmt: skip
+        "T9:1#0",
+        1_795_000_000_000,
+        "11010519491231002X",
+        "T9:1",
+        "A00000009",
+        PHARMACY,
+        InstitutionType.PHARMACY,
+        35_20,
+        35_20,
+        0,
+        64_80,
+        shanghai_day(1_795_000_000_000),
+    )
     return ch.event_row(published(event, redaction), tokens)
 
 
@@ -539,12 +572,23 @@ def test_alerts_reach_clickhouse_once_with_masked_cards_only(
     person = load_card_tokens(settings).person_ref(ssn)
 
     def rows() -> list[tuple[object, ...]]:
-        return list(client.execute(
-            "SELECT kind, card_ref, card_masked, terminal_id, cardholder_facing FROM alerts FINAL"
-            " WHERE person_ref = %(p)s", {"p": person}))  # fmt: skip
+        return list(
+            client.execute(
+                "SELECT kind, card_ref, card_masked, terminal_id, cardholder_facing"
+                " FROM alerts FINAL WHERE person_ref = %(p)s",
+                {"p": person},
+            )
+        )
 
     wait_for("the alert in ClickHouse", lambda: len(rows()) > 0, 30)
-    assert rows() == [("blocked_card_used", load_card_tokens(settings).card_ref(card),
-                       "*****" + card[-4:], "T-CH-ALERT", 1)]  # fmt: skip
+    assert rows() == [
+        (
+            "blocked_card_used",
+            load_card_tokens(settings).card_ref(card),
+            "*****" + card[-4:],
+            "T-CH-ALERT",
+            1,
+        )
+    ]
     dump = client.execute("SELECT * FROM alerts FINAL")
     assert card not in repr(dump) and ssn not in repr(dump)

@@ -25,8 +25,15 @@ from tests.integration.running import running_stack
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "console"
-PAGES = ("medclear", "medclear-swipes", "medclear-cards", "medclear-sms", "medclear-sink",
-         "medclear-settlement", "medclear-stack")  # fmt: skip
+PAGES = (
+    "medclear",
+    "medclear-swipes",
+    "medclear-cards",
+    "medclear-sms",
+    "medclear-sink",
+    "medclear-settlement",
+    "medclear-stack",
+)
 PERSONS, SEED = 120, 2026
 INSTITUTION, TERMINAL = "310101H00001", "T2"
 SCRAPES_S = 12.0  # two scrapes (every 5 s) after the traffic, so every rate has two points
@@ -37,12 +44,25 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not insta
 
 def chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={user_data}", "--window-size=1400,1500",
-         "--virtual-time-budget=10000", *args],
-        capture_output=True, text=True, timeout=90, check=True,
-    )  # fmt: skip
+        [
+            CHROMIUM or "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={user_data}",
+            "--window-size=1400,1500",
+            "--virtual-time-budget=10000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
 
 
 def panels(dom: str) -> dict[str, str]:
@@ -65,8 +85,14 @@ def problems_of(name: str, markup: str) -> list[str]:
 
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medclear", *args], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "medclear", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
 
 
 def make_traffic(settings: Settings) -> None:
@@ -76,15 +102,34 @@ def make_traffic(settings: Settings) -> None:
     blue = [r for r in city.residents(PERSONS, SEED) if r.opening_balance_fen > 0]
     lost, locked = blue[0], blue[1]
     assert run_cli(env, "card", "report-loss", "--card", lost.card_no).returncode == 0
-    swipe = ("pos", "swipe", "--amount", "1.00", "--institution", INSTITUTION,
-             "--terminal", TERMINAL)  # fmt: skip
+    swipe = (
+        "pos",
+        "swipe",
+        "--amount",
+        "1.00",
+        "--institution",
+        INSTITUTION,
+        "--terminal",
+        TERMINAL,
+    )
     refused = run_cli(env, *swipe, "--card", lost.card_no, "--pin", lost.pin)
     assert refused.returncode == 3 and "CARD_PRE_LOST" in refused.stdout, refused.stdout
     wrong = f"{(int(locked.pin) + 1) % 10**6:06d}"
     for _ in range(3):
         run_cli(env, *swipe, "--card", locked.card_no, "--pin", wrong)
-    swiped = run_cli(env, "bench", "swipes", "--count", "400", "--concurrency", "4",
-                     "--persons", str(PERSONS), "--seed", str(SEED))  # fmt: skip
+    swiped = run_cli(
+        env,
+        "bench",
+        "swipes",
+        "--count",
+        "400",
+        "--concurrency",
+        "4",
+        "--persons",
+        str(PERSONS),
+        "--seed",
+        str(SEED),
+    )
     assert swiped.returncode == 0, swiped.stdout[-2000:] + swiped.stderr[-2000:]
 
 
@@ -129,10 +174,14 @@ def test_every_console_page_renders_with_data_in_every_panel(tmp_path: Path) -> 
 
 
 def test_the_panel_check_sees_an_empty_graph_and_a_missing_value() -> None:
-    dom = ('<div data-panel="a"><div class="mc-graph"><div class="prom_graph_error">No'
-           ' timeseries returned</div></div></div><div data-panel="b"><div class="mc-value">-'
-           '</div></div><div data-panel="c"><div class="mc-graph"><svg><path d="M0"/></svg>'
-           '</div></div><div data-panel="d"><div class="mc-value">7</div></div>')  # fmt: skip
+    dom = (
+        '<div data-panel="a"><div class="mc-graph"><div class="prom_graph_error">No'
+        ' timeseries returned</div></div></div><div data-panel="b"><div class="mc-value">-'
+        '</div></div><div data-panel="c"><div class="mc-graph"><svg><path d="M0"/></svg>'
+        '</div></div><div data-panel="d"><div class="mc-value">7</div></div>'
+    )
     found = panels(dom)
     assert [p for n, m in found.items() for p in problems_of(n, m)] == [
-        "a: the graph drew nothing", "b: no value"]  # fmt: skip
+        "a: the graph drew nothing",
+        "b: no value",
+    ]

@@ -17,10 +17,25 @@ FIRST_SWIPE_S_MAX = 90.0  # issue 18: swipes flowing within 90 s of the stack be
 def test_the_demo_serves_while_it_enrols_and_reconciles_its_day(tmp_path: Path) -> None:
     env = {**os.environ, "MEDCLEAR_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"}
     done = subprocess.run(
-        [sys.executable, "-m", "medclear", "demo", "--persons", "3000", "--minutes", "0.3",
-         "--concurrency", "8", "--stop"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "medclear",
+            "demo",
+            "--persons",
+            "3000",
+            "--minutes",
+            "0.3",
+            "--concurrency",
+            "8",
+            "--stop",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = done.stdout
     assert done.returncode == 0, out[-4000:] + done.stderr[-4000:]
     progress = [ln for ln in out.splitlines() if ln.startswith("demo: ")]

@@ -74,9 +74,19 @@ def test_sms_are_matched_by_phone_amount_and_balance() -> None:
 
 
 def test_a_failed_check_is_a_problem() -> None:
-    ok = DrillResult("x", "y", injected=1, recovery_s=[1.0], drained_s=2.0, sent=3,
-                     approved=2, verified_in_state=2, in_clickhouse_once=2,
-                     sms=SmsCount(2, 2, 0, 0), conservation_ok=True)  # fmt: skip
+    ok = DrillResult(
+        "x",
+        "y",
+        injected=1,
+        recovery_s=[1.0],
+        drained_s=2.0,
+        sent=3,
+        approved=2,
+        verified_in_state=2,
+        in_clickhouse_once=2,
+        sms=SmsCount(2, 2, 0, 0),
+        conservation_ok=True,
+    )
     assert verdicts(ok) == []
     ok.in_clickhouse_once, ok.sms = 1, SmsCount(2, 2, 1, 0)
     assert len(verdicts(ok)) == 2

@@ -55,16 +55,23 @@ def test_hostile_requests_get_clear_codes_and_change_nothing(
     fuzz = FuzzTarget(a)
     wide = "Ｓ" * 100_000
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(fuzz_cases(victim.card_no, victim.ssn))
     @example(FuzzCase("Authorize", raw=b"\xff\xff\xff\xff"))
     @example(FuzzCase("Refund", raw=b"\x0a\x05\x12\x03\xff\xfe\xfd"))  # bad UTF-8
-    @example(FuzzCase("Authorize", (("card_no", victim.card_no),
-                                    ("amount_fen", -(2**63))), mac="signed"))  # fmt: skip
-    @example(FuzzCase("Authorize", (("amount_fen", 1_00), ("card_no", victim.card_no)),
-                      (("institution_id", "310101H00001"), ("terminal_id", "TFUZZ1"),
-                       ("trace_number", 1)), mac="none"))  # fmt: skip
+    @example(
+        FuzzCase("Authorize", (("card_no", victim.card_no), ("amount_fen", -(2**63))), mac="signed")
+    )
+    @example(
+        FuzzCase(
+            "Authorize",
+            (("amount_fen", 1_00), ("card_no", victim.card_no)),
+            (("institution_id", "310101H00001"), ("terminal_id", "TFUZZ1"), ("trace_number", 1)),
+            mac="none",
+        )
+    )
     @example(FuzzCase("Reverse", (("card_no", wide), ("ssn", wide)), mac="signed"))
     @example(FuzzCase("BalanceInquiry"))
     def hostile(case: FuzzCase) -> None:

@@ -186,8 +186,11 @@ def test_keys_are_listed_without_material_and_wrong_keys_are_refused(
     )
     assert [name for name, _why in wrong.fields] == ["key"], wrong
     with pytest.raises(grpc.RpcError) as too_long:
-        stub.GenerateMac(hsm_pb2.MacRequest(key=hsm_pb2.KeyRef(key_id="tak-T1"),
-                                            data=b"x" * (DATA_BYTES_MAX + 1)))  # fmt: skip
+        stub.GenerateMac(
+            hsm_pb2.MacRequest(
+                key=hsm_pb2.KeyRef(key_id="tak-T1"), data=b"x" * (DATA_BYTES_MAX + 1)
+            )
+        )
     long_data = status.details_of(too_long.value)
     assert long_data is not None and long_data.reason == "FIELD_INVALID"
     assert long_data.fields == ((("data", f"data longer than {DATA_BYTES_MAX} bytes"),))

@@ -56,9 +56,14 @@ def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.Endpoi
     )
     with running_stack(settings) as endpoints:
         env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir)}
-        seeded = subprocess.run([sys.executable, "-m", "medclear", "seed", "--persons",
-                                 str(SEEDED)], env=env, capture_output=True, text=True,
-                                timeout=180, check=False)  # fmt: skip
+        seeded = subprocess.run(
+            [sys.executable, "-m", "medclear", "seed", "--persons", str(SEEDED)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
         assert seeded.returncode == 0, seeded.stdout[-2000:] + seeded.stderr[-2000:]
         yield endpoints
 
@@ -83,8 +88,9 @@ def read_or_refused(kafka: KafkaAccess, topic: str) -> int | str:
     refused, or nothing read of what the partition holds."""
 
     async def read() -> int | str:
-        consumer = AIOKafkaConsumer(**kafka.options(), enable_auto_commit=False,
-                                    request_timeout_ms=10_000)  # fmt: skip
+        consumer = AIOKafkaConsumer(
+            **kafka.options(), enable_auto_commit=False, request_timeout_ms=10_000
+        )
         try:
             await asyncio.wait_for(consumer.start(), 15)
         except (KafkaError, OSError, TimeoutError):
@@ -129,16 +135,26 @@ def write_or_refused(kafka: KafkaAccess, topic: str) -> str:
 
 
 def kcat(args: list[str], *command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["kcat", *args, *command], capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        ["kcat", *args, *command], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def kcat_tls(kafka: KafkaAccess, cert: Path | None = None, key: Path | None = None) -> list[str]:
     """kcat's options for the broker: the CA, and a client certificate if given."""
     assert kafka.ssl_dir is not None
-    args = ["-b", kafka.bootstrap, "-X", "security.protocol=ssl",
-            "-X", f"ssl.ca.location={kafka.ssl_dir / 'ca.pem'}",
-            "-X", "socket.timeout.ms=5000", "-X", "message.timeout.ms=8000"]  # fmt: skip
+    args = [
+        "-b",
+        kafka.bootstrap,
+        "-X",
+        "security.protocol=ssl",
+        "-X",
+        f"ssl.ca.location={kafka.ssl_dir / 'ca.pem'}",
+        "-X",
+        "socket.timeout.ms=5000",
+        "-X",
+        "message.timeout.ms=8000",
+    ]
     if cert is not None and key is not None:
         args += ["-X", f"ssl.certificate.location={cert}", "-X", f"ssl.key.location={key}"]
     return args
@@ -173,41 +189,57 @@ def test_a_client_without_a_certificate_reads_and_writes_nothing(
     anonymous = kcat_tls(kafka)  # TLS, the CA, no client certificate
     done = kcat_reads(anonymous, topics.EVENTS.name)
     assert done.returncode != 0 and not done.stdout, done.stderr[-500:]
-    produced = subprocess.run(["kcat", *anonymous, "-P", "-t", topics.COMMANDS.name],
-                              input="intruder\n", capture_output=True, text=True, timeout=60,
-                              check=False)  # fmt: skip
+    produced = subprocess.run(
+        ["kcat", *anonymous, "-P", "-t", topics.COMMANDS.name],
+        input="intruder\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert produced.returncode != 0, produced.stderr[-500:]
     # and nothing was written by those attempts
     assert read_or_refused(kafka, topics.COMMANDS.name) == commands_before
 
 
-def test_a_certificate_of_another_ca_is_refused(endpoints: stack.Endpoints,
-                                                tmp_path: Path) -> None:  # fmt: skip
+def test_a_certificate_of_another_ca_is_refused(endpoints: stack.Endpoints, tmp_path: Path) -> None:
     """A certificate that claims to be the analyst, signed by a CA of its own."""
     kafka = endpoints.kafka()
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "medclear-analyst")])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     forged = tmp_path / "forged"
     forged.mkdir()
     (forged / "ca.pem").write_bytes((kafka.ssl_dir / "ca.pem").read_bytes())  # type: ignore[operator]
     (forged / "analyst.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (forged / "analyst.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))  # fmt: skip
+    (forged / "analyst.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     impostor = KafkaAccess(kafka.bootstrap, "analyst", forged)
     assert read_or_refused(impostor, topics.EVENTS.name) == REFUSED
-    done = kcat_reads(kcat_tls(kafka, forged / "analyst.pem", forged / "analyst.key"),
-                      topics.EVENTS.name)  # fmt: skip
+    done = kcat_reads(
+        kcat_tls(kafka, forged / "analyst.pem", forged / "analyst.key"), topics.EVENTS.name
+    )
     assert done.returncode != 0 and not done.stdout, done.stderr[-500:]
 
 
-def test_a_terminals_certificate_is_refused_on_the_broker(endpoints: stack.Endpoints,
-                                                          tmp_path: Path) -> None:  # fmt: skip
+def test_a_terminals_certificate_is_refused_on_the_broker(
+    endpoints: stack.Endpoints, tmp_path: Path
+) -> None:
     """A POS terminal's certificate is of the stack's CA (it calls the gateway), but the
     broker grants its principal nothing."""
     kafka = endpoints.kafka()
@@ -219,7 +251,8 @@ def test_a_terminals_certificate_is_refused_on_the_broker(endpoints: stack.Endpo
     ensure_pki(grpc_pki)  # the stack runs without gRPC TLS here: the role certificates
     for suffix in ("pem", "key"):
         (terminal_dir / f"terminal.{suffix}").write_bytes(
-            (grpc_pki / f"{Role.TERMINAL.value}.{suffix}").read_bytes())  # fmt: skip
+            (grpc_pki / f"{Role.TERMINAL.value}.{suffix}").read_bytes()
+        )
     terminal = KafkaAccess(kafka.bootstrap, "terminal", terminal_dir)
     for topic in (topics.EVENTS.name, topics.COMMANDS.name, topics.CARD_INDEX.name):
         assert read_or_refused(terminal, topic) == REFUSED, topic
@@ -253,8 +286,9 @@ def test_the_analyst_reads_the_events_and_nothing_else(endpoints: stack.Endpoint
 
 def test_each_process_may_do_only_what_it_needs(endpoints: stack.Endpoints) -> None:
     kafka = endpoints.kafka()
-    gateway, worker, sink = (kafka.as_principal(p) for p in ("gateway", "worker",
-                                                              "clickhouse-sink"))  # fmt: skip
+    gateway, worker, sink = (
+        kafka.as_principal(p) for p in ("gateway", "worker", "clickhouse-sink")
+    )
     assert read_or_refused(gateway, topics.COMMANDS.name) == REFUSED  # writes them only
     assert read_or_refused(worker, topics.COMMANDS.name) != REFUSED
     assert read_or_refused(worker, topics.EVENTS.name) == REFUSED  # writes them only
@@ -266,21 +300,37 @@ def test_each_process_may_do_only_what_it_needs(endpoints: stack.Endpoints) -> N
 
 def test_the_acls_command_prints_and_applies_them(endpoints: stack.Endpoints) -> None:
     env = {**os.environ}
-    printed = subprocess.run([sys.executable, "-m", "medclear", "kafka", "acls", "--json"],
-                             env=env, capture_output=True, text=True, timeout=60,
-                             check=False)  # fmt: skip
+    printed = subprocess.run(
+        [sys.executable, "-m", "medclear", "kafka", "acls", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert printed.returncode == 0, printed.stderr
     assert '"principal": "User:medclear-analyst"' in printed.stdout
-    again = subprocess.run([sys.executable, "-m", "medclear", "kafka", "acls", "--apply"],
-                           env=env, capture_output=True, text=True, timeout=60,
-                           check=False)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "medclear", "kafka", "acls", "--apply"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert again.returncode == 0 and f"{len(acls.rules())} ACLs created" in again.stdout, (
         again.stdout[-1000:] + again.stderr[-1000:]
     )
-    client = subprocess.run([sys.executable, "-m", "medclear", "kafka", "client", "analyst"],
-                            env=env, capture_output=True, text=True, timeout=60,
-                            check=False)  # fmt: skip
+    client = subprocess.run(
+        [sys.executable, "-m", "medclear", "kafka", "client", "analyst"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert client.returncode == 0 and "analyst.pem" in client.stdout
-    done = kcat(client.stdout.split(), "-C", "-t", topics.EVENTS.name, "-o", "beginning",
-                "-e", "-q")  # fmt: skip
+    done = kcat(
+        client.stdout.split(), "-C", "-t", topics.EVENTS.name, "-o", "beginning", "-e", "-q"
+    )
     assert done.returncode == 0 and done.stdout, done.stderr[-500:]

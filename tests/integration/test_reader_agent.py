@@ -46,10 +46,17 @@ TERMINAL = "AGT1"
 WRONG_PIN = "999999"
 _rng = random.Random(55)
 RESIDENTS = [
-    Resident(make_ssn(_rng, 900 + i), name, InsuranceCategory.EMPLOYEE, "13900000000",
-             f"RDR00000{i}", 500_00, f"{246800 + i:06d}")
+    Resident(
+        make_ssn(_rng, 900 + i),
+        name,
+        InsuranceCategory.EMPLOYEE,
+        "13900000000",
+        f"RDR00000{i}",
+        500_00,
+        f"{246800 + i:06d}",
+    )
     for i, name in enumerate(("王小明", "李芳", "张伟", "陈静"))
-]  # fmt: skip
+]
 PAYER, LOSER, CLONED, CRASHER = RESIDENTS
 
 
@@ -77,8 +84,12 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("agent")
-    settings = Settings(state_dir=base / ".medclear", command_partitions=2, event_partitions=2,
-                        terminal_security=True)  # fmt: skip
+    settings = Settings(
+        state_dir=base / ".medclear",
+        command_partitions=2,
+        event_partitions=2,
+        terminal_security=True,
+    )
     console = Console(stderr=True)
     try:
         endpoints = stack.up(settings, console)
@@ -86,8 +97,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         keyring = Keyring(settings.state_dir / "terminals" / "keyring.json")
         asyncio.run(keyring.provision(endpoints.hsm, [traffic.SEED_WINDOW, TERMINAL], pki))
         asyncio.run(traffic.seed(endpoints.registry, RESIDENTS, 4, lambda _r: None, keyring, pki))
-        access = StackAccess(settings, endpoints.gateway, endpoints.registry, endpoints.hsm,
-                             pki, True)  # fmt: skip
+        access = StackAccess(
+            settings, endpoints.gateway, endpoints.registry, endpoints.hsm, pki, True
+        )
         perso = Personaliser(access.hsm, access.registry, pki, access.cards_dir)
         images = {r.card_no: asyncio.run(perso.personalise(r.ssn, r.card_no)) for r in RESIDENTS}
         yield World(access, keyring, images, base / "journals")
@@ -171,8 +183,10 @@ def test_a_swipe_reads_the_card_verifies_it_and_prints_a_receipt(
     world: World, pcscd: PrivatePcscd
 ) -> None:
     before = balance_of(world, PAYER)
-    with card_in_reader(pcscd, world.images[PAYER.card_no]), \
-            agent_for(world, pcscd, [PAYER.pin]) as agent:  # fmt: skip
+    with (
+        card_in_reader(pcscd, world.images[PAYER.card_no]),
+        agent_for(world, pcscd, [PAYER.pin]) as agent,
+    ):
         result = agent.swipe(12_50)
         receipt = agent.console.export_text() if agent.console else ""
     assert result.result == ResultCode.OK, result.reply
@@ -186,8 +200,10 @@ def test_a_swipe_reads_the_card_verifies_it_and_prints_a_receipt(
 
 
 def test_a_wrong_pin_is_declined_with_the_tries_left(world: World, pcscd: PrivatePcscd) -> None:
-    with card_in_reader(pcscd, world.images[PAYER.card_no]), \
-            agent_for(world, pcscd, [WRONG_PIN, PAYER.pin]) as agent:  # fmt: skip
+    with (
+        card_in_reader(pcscd, world.images[PAYER.card_no]),
+        agent_for(world, pcscd, [WRONG_PIN, PAYER.pin]) as agent,
+    ):
         wrong = agent.swipe(1_00)
         right = agent.swipe(1_00)  # resets the count of consecutive wrong PINs
     assert wrong.result == ResultCode.PIN_WRONG
@@ -204,8 +220,10 @@ def test_a_card_reported_lost_is_declined(world: World, pcscd: PrivatePcscd) -> 
             registry_pb2.CardRequest(window=window, card_no=LOSER.card_no)
         )
     assert ResultCode(reply.result) == ResultCode.OK
-    with card_in_reader(pcscd, world.images[LOSER.card_no]), \
-            agent_for(world, pcscd, [LOSER.pin]) as agent:  # fmt: skip
+    with (
+        card_in_reader(pcscd, world.images[LOSER.card_no]),
+        agent_for(world, pcscd, [LOSER.pin]) as agent,
+    ):
         result = agent.swipe(5_00)
     assert result.result == ResultCode.CARD_PRE_LOST
     assert balance_of(world, LOSER) == LOSER.opening_balance_fen
@@ -215,8 +233,10 @@ def test_a_card_pulled_out_mid_read_is_a_clear_error_and_nothing_is_sent(
     world: World, pcscd: PrivatePcscd
 ) -> None:
     image = world.images[PAYER.card_no]
-    with card_in_reader(pcscd, image, pull_after_apdus=5), \
-            agent_for(world, pcscd, [PAYER.pin], journal="pulled") as agent:  # fmt: skip
+    with (
+        card_in_reader(pcscd, image, pull_after_apdus=5),
+        agent_for(world, pcscd, [PAYER.pin], journal="pulled") as agent,
+    ):
         with pytest.raises(CardRemoved, match="card removed during the read"):
             agent.swipe(3_00)
         assert not agent.journal.open and agent.journal.last_trace == 0
@@ -269,14 +289,20 @@ def test_reader_events_report_insertion_and_removal(world: World, pcscd: Private
 @pytest.mark.skipif(shutil.which("opensc-tool") is None, reason="opensc not installed")
 def test_opensc_tool_selects_ssse_and_reads_ef05(world: World, pcscd: PrivatePcscd) -> None:
     """A third-party PC/SC client speaks to the virtual card: the standard, not our agent."""
-    commands = [apdu.select_aid().hex(), apdu.select_ef(apdu.EF05).hex(),
-                apdu.read_record(apdu.TAG_CARD_NO).hex(), "00B2990000", "80A4040000"]  # fmt: skip
+    commands = [
+        apdu.select_aid().hex(),
+        apdu.select_ef(apdu.EF05).hex(),
+        apdu.read_record(apdu.TAG_CARD_NO).hex(),
+        "00B2990000",
+        "80A4040000",
+    ]
     argv = ["opensc-tool", "--reader", pcscd.readers[0]]
     for c in commands:
         argv += ["--send-apdu", c]
     with card_in_reader(pcscd, world.images[PAYER.card_no]):
-        out = subprocess.run(argv, env=pcscd.env(), capture_output=True, text=True, timeout=30,
-                             check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            argv, env=pcscd.env(), capture_output=True, text=True, timeout=30, check=True
+        ).stdout
     received = [line for line in out.splitlines() if line.startswith("Received")]
     assert received[:3] == ["Received (SW1=0x90, SW2=0x00)"] * 2 + [
         "Received (SW1=0x90, SW2=0x00):"

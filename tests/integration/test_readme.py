@@ -16,8 +16,13 @@ import pytest
 
 from medclear.infra.exits import Exit
 
-pytestmark = [pytest.mark.stack, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.smsc,
-              pytest.mark.timeout(900)]  # fmt: skip
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.kafka,
+    pytest.mark.clickhouse,
+    pytest.mark.smsc,
+    pytest.mark.timeout(900),
+]
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SKIPPED = ("make ", ". .venv/bin/activate")  # the whole-job commands and the venv: done
@@ -70,9 +75,16 @@ def test_every_shell_example_of_the_readme_works_as_printed(tmp_path: Path) -> N
     log = tmp_path / "readme.log"
     try:
         with log.open("w") as out:
-            done = subprocess.run(["bash", "-c", script_of(commands)], cwd=tmp_path, env=env,
-                                  stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=840, check=False)  # fmt: skip
+            done = subprocess.run(
+                ["bash", "-c", script_of(commands)],
+                cwd=tmp_path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=840,
+                check=False,
+            )
         text = log.read_text(errors="replace")
         assert done.returncode == 0, text[-6000:]
         assert "OK (1)" in text and "CARD_PRE_LOST (32)" in text
@@ -81,6 +93,12 @@ def test_every_shell_example_of_the_readme_works_as_printed(tmp_path: Path) -> N
         assert oct(cards.stat().st_mode & 0o777) == "0o600"
         assert "pin" in cards.read_text().splitlines()[0]
     finally:
-        subprocess.run(["bash", "-c", "medclear down --wipe"], cwd=tmp_path, env=env,
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=300,
-                       check=False)  # fmt: skip
+        subprocess.run(
+            ["bash", "-c", "medclear down --wipe"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )

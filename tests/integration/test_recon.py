@@ -250,13 +250,25 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
     check_report_in_chromium(html_path, flows, tmp_path)
 
     # the same comparison for a script (--json, fen) and for a spreadsheet (--csv, yuan)
-    as_json = medclear(settings, "recon", "--date", rules.iso_day(day), "--json",
-                       "--csv", str(tmp_path / "csv"), "--xlsx", str(tmp_path / "recon.xlsx"),
-                       "--report", str(html_path))  # fmt: skip
+    as_json = medclear(
+        settings,
+        "recon",
+        "--date",
+        rules.iso_day(day),
+        "--json",
+        "--csv",
+        str(tmp_path / "csv"),
+        "--xlsx",
+        str(tmp_path / "recon.xlsx"),
+        "--report",
+        str(html_path),
+    )
     assert as_json.returncode == Exit.DIFFERENCES, as_json.stderr
     data = json.loads(as_json.stdout)
     assert {i["institution_id"]: i["status"] for i in data["institutions"]} == {
-        HOSPITAL: "matched", PHARMACY: "mismatched"}  # fmt: skip
+        HOSPITAL: "matched",
+        PHARMACY: "mismatched",
+    }
     by_id = {d["request_id"]: d for d in data["details"]}
     assert by_id[changed.request_id]["institution_amount_fen"] == changed.amount_fen + 1_00
     assert by_id[changed.request_id]["medclear_amount_fen"] == changed.amount_fen
@@ -264,7 +276,8 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
     with (tmp_path / "csv" / "details.csv").open(encoding="utf-8-sig", newline="") as f:
         rows = {r["request_id"]: r for r in csv.DictReader(f)}
     assert rows[changed.request_id]["institution_amount_yuan"] == format_yuan(
-        changed.amount_fen + 1_00)  # fmt: skip
+        changed.amount_fen + 1_00
+    )
     with (tmp_path / "csv" / "institutions.csv").open(encoding="utf-8-sig", newline="") as f:
         assert {r["institution_id"] for r in csv.DictReader(f)} == {HOSPITAL, PHARMACY}
     book = openpyxl.load_workbook(tmp_path / "recon.xlsx")
@@ -303,8 +316,9 @@ def test_recon_finds_exactly_the_injected_mismatches_and_money_is_conserved(
 
     # a check right after a swipe waits for settlement to count it (it raced before)
     with grpc.insecure_channel(endpoints.gateway) as channel:
-        late = authorize(pos_pb2_grpc.PosServiceStub(channel), people[0][1], 3_50, 8,
-                         HOSPITAL, "TR-H1")  # fmt: skip
+        late = authorize(
+            pos_pb2_grpc.PosServiceStub(channel), people[0][1], 3_50, 8, HOSPITAL, "TR-H1"
+        )
         assert ResultCode(late.result) == ResultCode.OK, late.message
     check = medclear(settings, "recon", "check")
     assert check.returncode == 0 and "money is conserved" in check.stdout, (
@@ -345,12 +359,25 @@ def check_report_in_chromium(page: Path, flows: dict[str, Any], tmp_path: Path) 
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("chromium not installed")
-    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
-               "--window-size=1200,1400"]  # fmt: skip
-    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True,
-                         text=True, timeout=90, check=True).stdout  # fmt: skip
+    browser = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--window-size=1200,1400",
+    ]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    ).stdout
     bars = re.findall(r'<rect[^>]*width="(\d+)"[^>]*><title>(\w+) ¥(-?[\d.]+)</title>', dom)
     assert len(bars) == 4 * len(flows), dom[:2000]
     shown = {(kind, amount) for _w, kind, amount in bars}
@@ -361,5 +388,10 @@ def check_report_in_chromium(page: Path, flows: dict[str, Any], tmp_path: Path) 
     assert abs(float(widest[2])) == max(abs(float(b[2])) for b in bars)
     artifacts = REPO / "test-artifacts" / "recon"
     artifacts.mkdir(parents=True, exist_ok=True)
-    subprocess.run([*browser, f"--screenshot={artifacts / 'recon-report.png'}", page.as_uri()],
-                   capture_output=True, text=True, timeout=90, check=True)  # fmt: skip
+    subprocess.run(
+        [*browser, f"--screenshot={artifacts / 'recon-report.png'}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )

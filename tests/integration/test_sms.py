@@ -119,8 +119,9 @@ def test_smsc_stopped_and_restarted_loses_and_doubles_nothing(rig: SmsRig) -> No
     messages = rig.wait_messages(count, timeout_s=60)
     time.sleep(1.0)
     messages = rig.messages()
-    assert sorted(m["destination"] for m in messages) == sorted("86" + phone_of(n)
-                                                                for n in range(count))  # fmt: skip
+    assert sorted(m["destination"] for m in messages) == sorted(
+        "86" + phone_of(n) for n in range(count)
+    )
     assert max(by_destination(messages).values()) == 1
 
 

@@ -368,8 +368,18 @@ def test_up_status_down(state_dir: Path, fake_serve: Path, console: Console) -> 
         jobs = stack.selected_jobs(settings)
         smsc = ["smsc"] if "sms" in jobs and settings.sms_enabled else []
         hosts = [JOBS_IN_ONE] if settings.jobs_in_one_process else jobs
-        expected = ["broker-0", "clickhouse", "hsm", *smsc, "worker-0", "worker-1", "gateway",
-                    "registry", *hosts, "prometheus"]  # fmt: skip
+        expected = [
+            "broker-0",
+            "clickhouse",
+            "hsm",
+            *smsc,
+            "worker-0",
+            "worker-1",
+            "gateway",
+            "registry",
+            *hosts,
+            "prometheus",
+        ]
         assert [r.name for r in rows] == expected
         assert all(r.healthy for r in rows), [(r.name, r.detail) for r in rows]
         record = json.loads((state_dir / "stack.json").read_text())
@@ -504,8 +514,14 @@ def test_the_watcher_restarts_a_component_that_exits_and_not_while_paused(
 ) -> None:
     """kill -9 of the stream jobs' process: the watcher starts it again (one restart, shown
     by `status` and counted in its metrics); while the drills' pause file exists, nothing."""
-    settings = Settings(state_dir=tmp_path / "state", startup_timeout_s=60, jobs="abnormal",
-                        restart_on_exit=True, tls=False, terminal_security=False)  # fmt: skip
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        startup_timeout_s=60,
+        jobs="abnormal",
+        restart_on_exit=True,
+        tls=False,
+        terminal_security=False,
+    )
     console = Console(stderr=True)
     try:
         stack.up(settings, console)
@@ -523,15 +539,24 @@ def test_the_watcher_restarts_a_component_that_exits_and_not_while_paused(
         assert _wait_for(restarted, 30)
         row = next(r for r in stack.status(settings) if r.name == JOBS_IN_ONE)
         assert row.restarts == 1
-        watch = next(c for c in json.loads((settings.state_dir / "stack.json").read_text())
-                     ["components"] if c["name"] == "watch")  # fmt: skip
+        watch = next(
+            c
+            for c in json.loads((settings.state_dir / "stack.json").read_text())["components"]
+            if c["name"] == "watch"
+        )
         url = f"http://127.0.0.1:{watch['ports']['metrics']}/metrics"
         with urllib.request.urlopen(url, timeout=5) as answer:
             text = answer.read().decode()
         assert 'medclear_component_restarts_total{component="jobs"} 1.0' in text
         env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir)}
-        shown = subprocess.run([sys.executable, "-m", "medclear", "status", "--json"], env=env,
-                               capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        shown = subprocess.run(
+            [sys.executable, "-m", "medclear", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         rows = {r["name"]: r for r in json.loads(shown.stdout)}
         assert rows[JOBS_IN_ONE]["restarts"] == 1 and rows[JOBS_IN_ONE]["healthy"]
     finally:
@@ -541,17 +566,27 @@ def test_the_watcher_restarts_a_component_that_exits_and_not_while_paused(
 def test_a_graceful_stop_says_not_serving_before_the_server_goes(tmp_path: Path) -> None:
     """SIGTERM to the gateway: a client watching its health sees NOT_SERVING first (so a
     balancer moves traffic away), then the process exits cleanly."""
-    settings = Settings(state_dir=tmp_path / "state", startup_timeout_s=60, jobs="abnormal",
-                        tls=False, terminal_security=False)  # fmt: skip
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        startup_timeout_s=60,
+        jobs="abnormal",
+        tls=False,
+        terminal_security=False,
+    )
     console = Console(stderr=True)
     try:
         endpoints = stack.up(settings, console)
         gateway = _pid_of(settings, "gateway")
         assert gateway is not None
         env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir)}
-        idle = subprocess.run([sys.executable, "-m", "medclear", "bench", "idle", "--seconds",
-                               "5", "--json"], env=env, capture_output=True, text=True,
-                              timeout=60, check=True)  # fmt: skip
+        idle = subprocess.run(
+            [sys.executable, "-m", "medclear", "bench", "idle", "--seconds", "5", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         figures = json.loads(idle.stdout)  # the JSON alone on stdout, progress on stderr
         assert {"gateway", "worker-0", "broker-0"} <= set(figures["percent_of_one_core"])
         assert figures["whole_stack"] == sum(figures["percent_of_one_core"].values())

@@ -36,9 +36,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def make_topics(kafka: KafkaAccess) -> str:
     prefix = f"st-{uuid.uuid4().hex[:8]}"
-    asyncio.run(ensure_topics(kafka, {f"{prefix}.in": PARTITIONS,
-                                                 f"{prefix}.out": PARTITIONS,
-                                                 f"{prefix}.replies": 1}))  # fmt: skip
+    asyncio.run(
+        ensure_topics(
+            kafka, {f"{prefix}.in": PARTITIONS, f"{prefix}.out": PARTITIONS, f"{prefix}.replies": 1}
+        )
+    )
     return prefix
 
 
@@ -47,8 +49,10 @@ def produce(kafka: KafkaAccess, prefix: str, amounts: list[tuple[bytes, int]]) -
         producer = AIOKafkaProducer(**kafka.options(), acks="all")
         await producer.start()
         try:
-            futures = [await producer.send(f"{prefix}.in", str(n).encode(), key=account)
-                       for account, n in amounts]  # fmt: skip
+            futures = [
+                await producer.send(f"{prefix}.in", str(n).encode(), key=account)
+                for account, n in amounts
+            ]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
@@ -64,8 +68,9 @@ def committed_behind(kafka: KafkaAccess, prefix: str) -> int:
     """Input records not yet committed by the ledger's group."""
 
     async def behind() -> int:
-        consumer = AIOKafkaConsumer(**kafka.options(), group_id=f"{prefix}-ledger",
-                                    enable_auto_commit=False)  # fmt: skip
+        consumer = AIOKafkaConsumer(
+            **kafka.options(), group_id=f"{prefix}-ledger", enable_auto_commit=False
+        )
         await consumer.start()
         try:
             tps = [TopicPartition(f"{prefix}.in", p) for p in range(PARTITIONS)]
@@ -107,8 +112,9 @@ def check_exact(kafka: KafkaAccess, prefix: str, sent: list[tuple[bytes, int]]) 
     assert {a: f[2] for a, f in final.items()} == dict(sums)  # type: ignore[misc]
 
 
-def run_until_caught_up(runtimes: list[stream_job.Runtime], kafka: KafkaAccess, prefix: str,
-                        timeout_s: float = 90) -> None:  # fmt: skip
+def run_until_caught_up(
+    runtimes: list[stream_job.Runtime], kafka: KafkaAccess, prefix: str, timeout_s: float = 90
+) -> None:
     async def go() -> None:
         stopping = asyncio.Event()
         tasks = [asyncio.create_task(rt.run(stopping)) for rt in runtimes]
@@ -136,14 +142,12 @@ def test_a_ledger_is_exact_and_a_restart_with_its_disk_reads_only_the_tail(
     prefix, rng = make_topics(kafka), random.Random(1)
     sent = random_amounts(rng, 400)
     produce(kafka, prefix, sent)
-    run_until_caught_up([stream_job.runtime(kafka, prefix, tmp_path, "m1")],
-                        kafka, prefix)  # fmt: skip
+    run_until_caught_up([stream_job.runtime(kafka, prefix, tmp_path, "m1")], kafka, prefix)
     check_exact(kafka, prefix, sent)
     assert restored(prefix) == 0  # a new store, an empty changelog
     more = random_amounts(rng, 100)
     produce(kafka, prefix, more)
-    run_until_caught_up([stream_job.runtime(kafka, prefix, tmp_path, "m1")],
-                        kafka, prefix)  # fmt: skip
+    run_until_caught_up([stream_job.runtime(kafka, prefix, tmp_path, "m1")], kafka, prefix)
     assert restored(prefix) == 0  # the store had everything: no changelog record read
     check_exact(kafka, prefix, sent + more)
     replies = asyncio.run(all_records(kafka, f"{prefix}.replies"))
@@ -156,16 +160,14 @@ def test_a_cold_start_rebuilds_every_store_from_the_changelog(
     prefix, rng = make_topics(kafka), random.Random(2)
     sent = random_amounts(rng, 300)
     produce(kafka, prefix, sent)
-    run_until_caught_up([stream_job.runtime(kafka, prefix, tmp_path, "m1")],
-                        kafka, prefix)  # fmt: skip
+    run_until_caught_up([stream_job.runtime(kafka, prefix, tmp_path, "m1")], kafka, prefix)
     changelog = asyncio.run(
         all_records(kafka, changelog_topic(f"{prefix}-ledger", stream_job.TABLE))
     )
     shutil.rmtree(tmp_path / stream_job.TABLE)  # a new machine: no local files
     more = random_amounts(rng, 60)
     produce(kafka, prefix, more)
-    run_until_caught_up([stream_job.runtime(kafka, prefix, tmp_path, "m1")],
-                        kafka, prefix)  # fmt: skip
+    run_until_caught_up([stream_job.runtime(kafka, prefix, tmp_path, "m1")], kafka, prefix)
     assert restored(prefix) == len(changelog)  # every changelog record, once
     check_exact(kafka, prefix, sent + more)  # balances carried on, not restarted
 
@@ -186,8 +188,7 @@ def test_a_rebalance_hands_partitions_over_without_a_change(
         stopping = asyncio.Event()
         one = asyncio.create_task(first.run(stopping))
         await asyncio.sleep(1.5)  # m1 is handling; then produce more while m2 joins
-        extra = asyncio.create_task(asyncio.to_thread(produce, kafka, prefix,
-                                                      more))  # fmt: skip
+        extra = asyncio.create_task(asyncio.to_thread(produce, kafka, prefix, more))
         two = asyncio.create_task(second.run(stopping))
         await extra
         deadline = time.monotonic() + 90
@@ -217,8 +218,15 @@ def test_kill_9_at_any_moment_loses_nothing_and_applies_nothing_twice(
 ) -> None:
     prefix, rng = make_topics(kafka), random.Random(4)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "tests.integration.stream_job", access_argument(kafka), prefix,
-            str(tmp_path / "data"), "k1"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.integration.stream_job",
+        access_argument(kafka),
+        prefix,
+        str(tmp_path / "data"),
+        "k1",
+    ]
     sent: list[tuple[bytes, int]] = []
 
     def start() -> stack.Process:

@@ -204,14 +204,20 @@ def test_a_reversal_or_a_refund_for_a_card_no_one_holds_finds_no_original(
     """Decided by the core on no person, as a reversal of a swipe it never saw."""
 
     def terminal(trace: int) -> common_pb2.TerminalContext:
-        return common_pb2.TerminalContext(terminal_id="T-IT-9", institution_id=PHARMACY,
-                                          trace_number=trace)  # fmt: skip
+        return common_pb2.TerminalContext(
+            terminal_id="T-IT-9", institution_id=PHARMACY, trace_number=trace
+        )
 
-    reverse = pos.Reverse(pos_pb2.ReverseRequest(terminal=terminal(2), card_no="ZZ0000001",
-                                                 original_trace_number=1), timeout=10)  # fmt: skip
-    refund = pos.Refund(pos_pb2.RefundRequest(terminal=terminal(3), card_no="ZZ0000001",
-                                              original_trace_number=1, amount_fen=1_00),
-                        timeout=10)  # fmt: skip
+    reverse = pos.Reverse(
+        pos_pb2.ReverseRequest(terminal=terminal(2), card_no="ZZ0000001", original_trace_number=1),
+        timeout=10,
+    )
+    refund = pos.Refund(
+        pos_pb2.RefundRequest(
+            terminal=terminal(3), card_no="ZZ0000001", original_trace_number=1, amount_fen=1_00
+        ),
+        timeout=10,
+    )
     assert ResultCode(reverse.result) == ResultCode.ORIGINAL_NOT_FOUND, reverse.message
     assert ResultCode(refund.result) == ResultCode.ORIGINAL_NOT_FOUND, refund.message
     assert reverse.reversed_amount_fen == 0 and refund.refunded_amount_fen == 0
@@ -614,8 +620,10 @@ def test_topics_keep_what_they_hold_for_as_long_as_it_is_needed(
 
     admin = AdminClient(acls.admin_config(endpoints.kafka()))
     found = admin.describe_configs([ConfigResource("topic", name) for name in wanted])
-    got = {resource.name: {key: entry.value for key, entry in future.result(timeout=30).items()}
-           for resource, future in found.items()}  # fmt: skip
+    got = {
+        resource.name: {key: entry.value for key, entry in future.result(timeout=30).items()}
+        for resource, future in found.items()
+    }
     for name, config in wanted.items():
         assert {k: got[name].get(k) for k in config} == config, name
 
@@ -627,10 +635,24 @@ def test_a_benchmark_leaves_the_running_stack_alone(
     MEDCLEAR_STATE_DIR), it used to take this stack as its own and wipe it at the end."""
     ssn, card = enrol(registry, 61, 10_00)
     env = {**os.environ, "MEDCLEAR_STATE_DIR": str(settings.state_dir)}
-    argv = [sys.executable, "-m", "medclear", "bench", "run", "--persons", "30", "--swipes",
-            "30", "--concurrency", "1", "--security", "off", "--idle-seconds", "0"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240,
-                          check=False)  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "medclear",
+        "bench",
+        "run",
+        "--persons",
+        "30",
+        "--swipes",
+        "30",
+        "--concurrency",
+        "1",
+        "--security",
+        "off",
+        "--idle-seconds",
+        "0",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (settings.state_dir / "stack.json").exists()
     found = registry.GetPerson(registry_pb2.GetPersonRequest(card_no=card), timeout=10)

@@ -91,11 +91,17 @@ def enrol_request(
 ) -> registry_pb2.EnrolPersonRequest:
     """An employee's enrolment at window WIN1 with PIN, `fields` changed."""
     request = registry_pb2.EnrolPersonRequest(
-        window=window(tag), ssn=ssn, name=name, phone="13700000041",
-        category=int(InsuranceCategory.EMPLOYEE), region="310101", card_no=card,
-        new_pin_block=keyring.pin_block("WIN1", PIN, card), opening_balance_fen=balance_fen,
+        window=window(tag),
+        ssn=ssn,
+        name=name,
+        phone="13700000041",
+        category=int(InsuranceCategory.EMPLOYEE),
+        region="310101",
+        card_no=card,
+        new_pin_block=keyring.pin_block("WIN1", PIN, card),
+        opening_balance_fen=balance_fen,
         source_id=f"{source}-{ssn}",
-    )  # fmt: skip
+    )
     for field, value in fields.items():
         setattr(request, field, value)
     return request
@@ -321,21 +327,29 @@ def test_enrol_persons_decides_each_person_alone_in_one_call(
 
     def person(i: int, **fields: object) -> registry_pb2.EnrolPersonRequest:
         who, card = people[i]
-        return enrol_request(keyring, f"batch{i}", who, card, "批量办卡", 50_00, "sec-batch",
-                             **fields)  # fmt: skip
+        return enrol_request(
+            keyring, f"batch{i}", who, card, "批量办卡", 50_00, "sec-batch", **fields
+        )
 
-    batch = registry_pb2.EnrolPersonsRequest(persons=[
-        person(0), person(1), person(2, phone="12345"),
-        person(3, card_no=people[0][1]),  # the card person 0 takes in this batch
-        person(4, new_pin_block=b"\x5a" * 16),  # no block under WIN1's PIN key
-    ])  # fmt: skip
+    batch = registry_pb2.EnrolPersonsRequest(
+        persons=[
+            person(0),
+            person(1),
+            person(2, phone="12345"),
+            person(3, card_no=people[0][1]),  # the card person 0 takes in this batch
+            person(4, new_pin_block=b"\x5a" * 16),  # no block under WIN1's PIN key
+        ]
+    )
     with channel_to(endpoints.registry, Role.WINDOW) as channel:
         reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
         replies = reg.EnrolPersons(batch, timeout=15).replies
         assert [ResultCode(r.result) for r in replies] == [
-            ResultCode.OK, ResultCode.OK, ResultCode.MALFORMED_REQUEST,
-            ResultCode.CARD_EXISTS, ResultCode.PIN_BLOCK_INVALID,
-        ], [r.message for r in replies]  # fmt: skip
+            ResultCode.OK,
+            ResultCode.OK,
+            ResultCode.MALFORMED_REQUEST,
+            ResultCode.CARD_EXISTS,
+            ResultCode.PIN_BLOCK_INVALID,
+        ], [r.message for r in replies]
         assert [r.request_id for r in replies] == [p.window.request_id for p in batch.persons]
         assert "phone" in replies[2].message
         assert replies[0].balance_fen == 50_00 and replies[0].state.version == 5
@@ -387,13 +401,18 @@ def test_no_log_or_record_downstream_holds_a_pin_card_number_ssn_name_or_phone(
         replies = [
             reg.RegisterPerson(
                 registry_pb2.RegisterPersonRequest(
-                    window=window("r2"), ssn=ssn, name=names[0], phone=phones[0],
+                    window=window("r2"),
+                    ssn=ssn,
+                    name=names[0],
+                    phone=phones[0],
                     category=int(InsuranceCategory.EMPLOYEE),
                 )
             ),  # type: ignore[arg-type]
             reg.IssueCard(
                 registry_pb2.IssueCardRequest(
-                    window=window("i2"), ssn=ssn, card_no=lost,
+                    window=window("i2"),
+                    ssn=ssn,
+                    card_no=lost,
                     kind=int(CardKind.SOCIAL_SECURITY),
                 )
             ),  # type: ignore[arg-type]
@@ -406,9 +425,10 @@ def test_no_log_or_record_downstream_holds_a_pin_card_number_ssn_name_or_phone(
                     window=window("n2"), ssn=ssn, old_card_no=lost, new_card_no=replacement
                 )
             ),
-            reg.SetPhone(registry_pb2.SetPhoneRequest(window=window("f2"), ssn=ssn,
-                                                      phone="13700000002")),
-        ]  # fmt: skip
+            reg.SetPhone(
+                registry_pb2.SetPhoneRequest(window=window("f2"), ssn=ssn, phone="13700000002")
+            ),
+        ]
         view = reg.GetPerson(registry_pb2.GetPersonRequest(ssn=ssn))  # a whole record replied
     assert [ResultCode(r.result) for r in replies] == [ResultCode.OK] * 8
     assert view.name == names[0]
@@ -490,14 +510,26 @@ def test_roles_are_checked_at_every_grpc_boundary(
     )
     keyring.sign("POS1", request)
     attempts = [
-        (endpoints.registry, Role.TERMINAL, lambda ch: registry_pb2_grpc.CardRegistryServiceStub(
-            ch).ReportPreLoss(registry_pb2.CardRequest(window=window("evil"), card_no=card),
-                              timeout=10)),
-        (endpoints.hsm, Role.TERMINAL, lambda ch: hsm_pb2_grpc.HsmServiceStub(ch).ListKeys(
-            hsm_pb2.ListKeysRequest(), timeout=10)),
-        (endpoints.gateway, Role.WINDOW, lambda ch: pos_pb2_grpc.PosServiceStub(ch).Authorize(
-            request, timeout=10)),
-    ]  # fmt: skip
+        (
+            endpoints.registry,
+            Role.TERMINAL,
+            lambda ch: registry_pb2_grpc.CardRegistryServiceStub(ch).ReportPreLoss(
+                registry_pb2.CardRequest(window=window("evil"), card_no=card), timeout=10
+            ),
+        ),
+        (
+            endpoints.hsm,
+            Role.TERMINAL,
+            lambda ch: hsm_pb2_grpc.HsmServiceStub(ch).ListKeys(
+                hsm_pb2.ListKeysRequest(), timeout=10
+            ),
+        ),
+        (
+            endpoints.gateway,
+            Role.WINDOW,
+            lambda ch: pos_pb2_grpc.PosServiceStub(ch).Authorize(request, timeout=10),
+        ),
+    ]
     refused: list[grpc.RpcError] = []
     for address, role, call in attempts:
         with channel_to(address, role) as channel, pytest.raises(grpc.RpcError) as exc:
@@ -510,9 +542,10 @@ def test_roles_are_checked_at_every_grpc_boundary(
         assert found is not None and found.reason == "ROLE_NOT_ALLOWED", found
         assert set(found.metadata) == {"method", "role"} and found.domain == status.DOMAIN
     assert status.details_of(refused[0]) == status.ErrorDetails(
-        "ROLE_NOT_ALLOWED", status.DOMAIN,
+        "ROLE_NOT_ALLOWED",
+        status.DOMAIN,
         {"method": "/medclear.v1.CardRegistryService/ReportPreLoss", "role": "terminal"},
-    )  # fmt: skip
+    )
     assert "terminal may not call /medclear.v1.CardRegistryService/ReportPreLoss" in (
         refused[0].details() or ""
     )  # type: ignore[attr-defined]
@@ -559,17 +592,33 @@ def test_every_dashboard_query_returns_data(secured: tuple[stack.Endpoints, Keyr
     assert first.result == result_pb(ResultCode.OK)
     with channel_to(endpoints.gateway, Role.TERMINAL) as channel:
         pos = pos_pb2_grpc.PosServiceStub(channel)
-        reverse = pos.Reverse(signed(pos_pb2.ReverseRequest(
-            terminal=common_pb2.TerminalContext(terminal_id="POS1", institution_id=HOSPITAL,
-                                                trace_number=next(_traces)),
-            original_trace_number=first_trace, card_no=card_no, amount_fen=2_00,
-        )), timeout=15)  # type: ignore[arg-type]  # fmt: skip
+        reverse = pos.Reverse(
+            signed(
+                pos_pb2.ReverseRequest(
+                    terminal=common_pb2.TerminalContext(
+                        terminal_id="POS1", institution_id=HOSPITAL, trace_number=next(_traces)
+                    ),
+                    original_trace_number=first_trace,
+                    card_no=card_no,
+                    amount_fen=2_00,
+                )
+            ),
+            timeout=15,
+        )  # type: ignore[arg-type]
         second = swipe(secured, card_no, PIN, amount_fen=3_00, trace=second_trace)
-        refund = pos.Refund(signed(pos_pb2.RefundRequest(
-            terminal=common_pb2.TerminalContext(terminal_id="POS1", institution_id=HOSPITAL,
-                                                trace_number=next(_traces)),
-            original_trace_number=second_trace, card_no=card_no, amount_fen=1_00,
-        )), timeout=15)  # type: ignore[arg-type]  # fmt: skip
+        refund = pos.Refund(
+            signed(
+                pos_pb2.RefundRequest(
+                    terminal=common_pb2.TerminalContext(
+                        terminal_id="POS1", institution_id=HOSPITAL, trace_number=next(_traces)
+                    ),
+                    original_trace_number=second_trace,
+                    card_no=card_no,
+                    amount_fen=1_00,
+                )
+            ),
+            timeout=15,
+        )  # type: ignore[arg-type]
     assert [ResultCode(r.result) for r in (reverse, second, refund)] == [ResultCode.OK] * 3
     assert swipe(secured, card_no, WRONG).result == result_pb(ResultCode.PIN_WRONG)
     with channel_to(endpoints.registry, Role.WINDOW) as channel:
@@ -625,14 +674,37 @@ def test_an_oversized_field_is_malformed_and_named_not_an_unknown_terminal(
     huge = "9" * 1_000_000
     channel, pos = pos_stub(endpoints)
     with channel:
-        authorize = pos.Authorize(keyring.sign("POS1", pos_pb2.AuthorizeRequest(
-            terminal=terminal_context(), card_no=huge, amount_fen=1_00,
-            pin_block=keyring.pin_block("POS1", PIN, card))), timeout=15)  # fmt: skip
-        balance = pos.BalanceInquiry(keyring.sign("POS1", pos_pb2.BalanceInquiryRequest(
-            terminal=terminal_context(), card_no=card, ssn=huge)), timeout=15)  # fmt: skip
-        blocks = pos.Authorize(keyring.sign("POS1", pos_pb2.AuthorizeRequest(
-            terminal=terminal_context(), card_no=card, amount_fen=1_00,
-            pin_block=b"\1" * 70_000)), timeout=15)  # fmt: skip
+        authorize = pos.Authorize(
+            keyring.sign(
+                "POS1",
+                pos_pb2.AuthorizeRequest(
+                    terminal=terminal_context(),
+                    card_no=huge,
+                    amount_fen=1_00,
+                    pin_block=keyring.pin_block("POS1", PIN, card),
+                ),
+            ),
+            timeout=15,
+        )
+        balance = pos.BalanceInquiry(
+            keyring.sign(
+                "POS1",
+                pos_pb2.BalanceInquiryRequest(terminal=terminal_context(), card_no=card, ssn=huge),
+            ),
+            timeout=15,
+        )
+        blocks = pos.Authorize(
+            keyring.sign(
+                "POS1",
+                pos_pb2.AuthorizeRequest(
+                    terminal=terminal_context(),
+                    card_no=card,
+                    amount_fen=1_00,
+                    pin_block=b"\1" * 70_000,
+                ),
+            ),
+            timeout=15,
+        )
     assert ResultCode(authorize.result) == ResultCode.MALFORMED_REQUEST
     assert "card_no is longer than 9 characters" in authorize.message
     assert ResultCode(balance.result) == ResultCode.MALFORMED_REQUEST and "ssn" in balance.message
@@ -642,9 +714,15 @@ def test_an_oversized_field_is_malformed_and_named_not_an_unknown_terminal(
         assert keyring.reply_is_genuine("POS1", reply)
     with channel_to(endpoints.registry, Role.WINDOW) as channel:
         reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
-        name = reg.RegisterPerson(registry_pb2.RegisterPersonRequest(
-            window=window("huge"), ssn=make_ssn(random.Random(90), 990), name="名" * 100_000,
-            category=int(InsuranceCategory.EMPLOYEE)), timeout=15)  # type: ignore[arg-type]  # fmt: skip
+        name = reg.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                window=window("huge"),
+                ssn=make_ssn(random.Random(90), 990),
+                name="名" * 100_000,
+                category=int(InsuranceCategory.EMPLOYEE),
+            ),
+            timeout=15,
+        )  # type: ignore[arg-type]
         pin = reg.ChangePin(
             registry_pb2.ChangePinRequest(
                 window=window("huge"), card_no=card, new_pin_block=b"\2" * 100_000
@@ -668,11 +746,11 @@ def test_an_empty_terminal_id_is_the_same_code_at_every_pos_call(
     requests = {
         "Authorize": pos_pb2.AuthorizeRequest(terminal=context, card_no=card, amount_fen=1_00),
         "BalanceInquiry": pos_pb2.BalanceInquiryRequest(terminal=context, card_no=card),
-        "Reverse": pos_pb2.ReverseRequest(terminal=context, card_no=card,
-                                          original_trace_number=1),
-        "Refund": pos_pb2.RefundRequest(terminal=context, card_no=card, original_trace_number=1,
-                                        amount_fen=1_00),
-    }  # fmt: skip
+        "Reverse": pos_pb2.ReverseRequest(terminal=context, card_no=card, original_trace_number=1),
+        "Refund": pos_pb2.RefundRequest(
+            terminal=context, card_no=card, original_trace_number=1, amount_fen=1_00
+        ),
+    }
     channel, pos = pos_stub(endpoints)
     with channel:
         replies = {name: getattr(pos, name)(r, timeout=15) for name, r in requests.items()}
@@ -690,14 +768,29 @@ def test_a_temporary_card_pays_right_after_it_is_made(
     ssn, temp = make_ssn(random.Random(60), 860), "TMP000060"
     with channel_to(endpoints.registry, Role.WINDOW) as channel:
         reg = registry_pb2_grpc.CardRegistryServiceStub(channel)
-        registered = reg.RegisterPerson(registry_pb2.RegisterPersonRequest(
-            window=window("t-r"), ssn=ssn, name="临时", phone="13700000060",
-            category=int(InsuranceCategory.EMPLOYEE)))  # type: ignore[arg-type]  # fmt: skip
-        without_pin = reg.IssueCard(registry_pb2.IssueCardRequest(
-            window=window("t-0"), ssn=ssn, card_no=temp, kind=int(CardKind.TEMPORARY)))  # type: ignore[arg-type]  # fmt: skip
-        issued = reg.IssueCard(registry_pb2.IssueCardRequest(
-            window=window("t-i"), ssn=ssn, card_no=temp, kind=int(CardKind.TEMPORARY),
-            new_pin_block=keyring.pin_block("WIN1", PIN, temp)))  # type: ignore[arg-type]  # fmt: skip
+        registered = reg.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                window=window("t-r"),
+                ssn=ssn,
+                name="临时",
+                phone="13700000060",
+                category=int(InsuranceCategory.EMPLOYEE),
+            )
+        )  # type: ignore[arg-type]
+        without_pin = reg.IssueCard(
+            registry_pb2.IssueCardRequest(
+                window=window("t-0"), ssn=ssn, card_no=temp, kind=int(CardKind.TEMPORARY)
+            )
+        )  # type: ignore[arg-type]
+        issued = reg.IssueCard(
+            registry_pb2.IssueCardRequest(
+                window=window("t-i"),
+                ssn=ssn,
+                card_no=temp,
+                kind=int(CardKind.TEMPORARY),
+                new_pin_block=keyring.pin_block("WIN1", PIN, temp),
+            )
+        )  # type: ignore[arg-type]
         credited = reg.CreditAccount(
             registry_pb2.CreditRequest(
                 window=window("t-c"), ssn=ssn, amount_fen=30_00, source_id="sec-temp-60"
@@ -727,16 +820,27 @@ def test_a_malformed_pin_block_is_refused_before_the_card_colour_and_the_institu
     with channel_to(endpoints.registry, Role.WINDOW) as channel:
         enrolled = registry_pb2_grpc.CardRegistryServiceStub(channel).EnrolPerson(
             registry_pb2.EnrolPersonRequest(
-                window=window("g"), ssn=ssn, name="居民", phone="13700000061",
-                category=int(InsuranceCategory.RESIDENT), region="310101", card_no=green,
-                new_pin_block=keyring.pin_block("WIN1", PIN, green)), timeout=15)  # type: ignore[arg-type]  # fmt: skip
+                window=window("g"),
+                ssn=ssn,
+                name="居民",
+                phone="13700000061",
+                category=int(InsuranceCategory.RESIDENT),
+                region="310101",
+                card_no=green,
+                new_pin_block=keyring.pin_block("WIN1", PIN, green),
+            ),
+            timeout=15,
+        )  # type: ignore[arg-type]
     assert ResultCode(enrolled.result) == ResultCode.OK, enrolled.message
     garbage = b"\x5a" * 16  # the right length, but no block under POS1's PIN key
 
     def attempt(card_no: str, pin_block: bytes, institution: str = HOSPITAL) -> ResultCode:
-        request = pos_pb2.AuthorizeRequest(terminal=terminal_context(institution=institution),
-                                           card_no=card_no, amount_fen=1_00,
-                                           pin_block=pin_block)  # fmt: skip
+        request = pos_pb2.AuthorizeRequest(
+            terminal=terminal_context(institution=institution),
+            card_no=card_no,
+            amount_fen=1_00,
+            pin_block=pin_block,
+        )
         channel, pos = pos_stub(endpoints)
         with channel:
             reply = pos.Authorize(keyring.sign("POS1", request), timeout=15)
@@ -751,8 +855,10 @@ def test_a_malformed_pin_block_is_refused_before_the_card_colour_and_the_institu
     stranger = "ZZZ000061"
     assert attempt(stranger, keyring.pin_block("POS1", PIN, stranger)) == ResultCode.CARD_UNKNOWN
     assert attempt(stranger, garbage) == ResultCode.PIN_BLOCK_INVALID
-    assert attempt(stranger, keyring.pin_block("POS1", PIN, stranger),
-                   "NOWHERE001") == ResultCode.INSTITUTION_UNKNOWN  # fmt: skip
+    assert (
+        attempt(stranger, keyring.pin_block("POS1", PIN, stranger), "NOWHERE001")
+        == ResultCode.INSTITUTION_UNKNOWN
+    )
 
 
 def test_a_balance_is_told_only_for_the_right_pin_and_wrong_ones_lock(
@@ -764,8 +870,10 @@ def test_a_balance_is_told_only_for_the_right_pin_and_wrong_ones_lock(
 
     def enquire(pin: str | None) -> pos_pb2.BalanceInquiryReply:
         request = pos_pb2.BalanceInquiryRequest(
-            terminal=terminal_context(), card_no=card_no,
-            pin_block=keyring.pin_block("POS1", pin, card_no) if pin else b"")  # fmt: skip
+            terminal=terminal_context(),
+            card_no=card_no,
+            pin_block=keyring.pin_block("POS1", pin, card_no) if pin else b"",
+        )
         channel, pos = pos_stub(endpoints)
         with channel:
             reply: pos_pb2.BalanceInquiryReply = pos.BalanceInquiry(
@@ -778,9 +886,12 @@ def test_a_balance_is_told_only_for_the_right_pin_and_wrong_ones_lock(
     assert ResultCode(right.result) == ResultCode.OK and right.balance_fen == 100_00
     replies = [enquire(WRONG), enquire(None), enquire(WRONG), enquire(WRONG), enquire(PIN)]
     assert [ResultCode(r.result) for r in replies] == [
-        ResultCode.PIN_WRONG, ResultCode.PIN_BLOCK_INVALID, ResultCode.PIN_WRONG,
-        ResultCode.PIN_TRIES_EXCEEDED, ResultCode.CARD_LOCKED,
-    ]  # fmt: skip
+        ResultCode.PIN_WRONG,
+        ResultCode.PIN_BLOCK_INVALID,
+        ResultCode.PIN_WRONG,
+        ResultCode.PIN_TRIES_EXCEEDED,
+        ResultCode.CARD_LOCKED,
+    ]
     assert all(r.balance_fen == 0 for r in replies)
     assert ResultCode(swipe(secured, card_no, PIN).result) == ResultCode.CARD_LOCKED
 
@@ -801,15 +912,41 @@ def test_every_pos_reply_carries_the_gateways_mac(
     ]
     channel, pos = pos_stub(endpoints)
     with channel:
-        replies.append(pos.Refund(keyring.sign("POS1", pos_pb2.RefundRequest(
-            terminal=terminal_context(), original_trace_number=trace, card_no=card,
-            amount_fen=50)), timeout=15))  # fmt: skip
-        replies.append(pos.Reverse(keyring.sign("POS1", pos_pb2.ReverseRequest(
-            terminal=terminal_context(), original_trace_number=trace, card_no=card)),
-            timeout=15))  # fmt: skip
+        replies.append(
+            pos.Refund(
+                keyring.sign(
+                    "POS1",
+                    pos_pb2.RefundRequest(
+                        terminal=terminal_context(),
+                        original_trace_number=trace,
+                        card_no=card,
+                        amount_fen=50,
+                    ),
+                ),
+                timeout=15,
+            )
+        )
+        replies.append(
+            pos.Reverse(
+                keyring.sign(
+                    "POS1",
+                    pos_pb2.ReverseRequest(
+                        terminal=terminal_context(), original_trace_number=trace, card_no=card
+                    ),
+                ),
+                timeout=15,
+            )
+        )
     codes = [ResultCode(r.result) for r in replies]  # type: ignore[attr-defined]
-    assert codes == [ResultCode.OK, ResultCode.OK, ResultCode.PIN_WRONG, ResultCode.MAC_INVALID,
-                     ResultCode.CARD_UNKNOWN, ResultCode.OK, ResultCode.OK]  # fmt: skip
+    assert codes == [
+        ResultCode.OK,
+        ResultCode.OK,
+        ResultCode.PIN_WRONG,
+        ResultCode.MAC_INVALID,
+        ResultCode.CARD_UNKNOWN,
+        ResultCode.OK,
+        ResultCode.OK,
+    ]
     for reply in replies:
         assert keyring.reply_is_genuine("POS1", reply), reply
         changed = type(reply)()  # type: ignore[operator]
@@ -860,11 +997,29 @@ def test_the_cli_asks_for_a_pin_only_where_it_can_and_says_so_in_a_script(
     medclear = str(Path(sys.executable).parent / "medclear")
     for argv in (
         [medclear, "card", "change-pin", "--card", card],
-        [medclear, "pos", "swipe", "--card", card, "--amount", "1.00",
-         "--institution", HOSPITAL, "--terminal", "POS1"],
-    ):  # fmt: skip
-        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=60, check=False)  # fmt: skip
+        [
+            medclear,
+            "pos",
+            "swipe",
+            "--card",
+            card,
+            "--amount",
+            "1.00",
+            "--institution",
+            HOSPITAL,
+            "--terminal",
+            "POS1",
+        ],
+    ):
+        done = subprocess.run(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         output = done.stdout + done.stderr
         assert done.returncode == 1, output
         assert "give it with --pin" in output and "Traceback" not in output, output

@@ -22,20 +22,47 @@ CARD_REF = "ct_aaaaaaaaaaaaaaaaaaaaaaaa"
 BEIJING = "110105P00001"  # another city than Shanghai's 3101…
 
 
-def approved(at_ms: int, institution: str = PHARMACY, terminal: str = "T1",
-             card: str = CARD_REF) -> SwipeApproved:  # fmt: skip
+def approved(
+    at_ms: int, institution: str = PHARMACY, terminal: str = "T1", card: str = CARD_REF
+) -> SwipeApproved:
     rid = f"{terminal}:{next(_n)}"
-    return SwipeApproved(f"{rid}#0", at_ms, SSN, rid, "", institution,
-                         InstitutionType.PHARMACY, 1_00, 1_00, 0, 5_00, 0, terminal_id=terminal,
-                         card_ref=card, card_masked="*****0001")  # fmt: skip
+    return SwipeApproved(
+        f"{rid}#0",
+        at_ms,
+        SSN,
+        rid,
+        "",
+        institution,
+        InstitutionType.PHARMACY,
+        1_00,
+        1_00,
+        0,
+        5_00,
+        0,
+        terminal_id=terminal,
+        card_ref=card,
+        card_masked="*****0001",
+    )
 
 
-def declined(at_ms: int, result: ResultCode, terminal: str = "T1", pin_wrong: bool = False
-             ) -> SwipeDeclined:  # fmt: skip
+def declined(
+    at_ms: int, result: ResultCode, terminal: str = "T1", pin_wrong: bool = False
+) -> SwipeDeclined:
     rid = f"{terminal}:{next(_n)}"
-    return SwipeDeclined(f"{rid}#0", at_ms, SSN, rid, "", PHARMACY, 1_00, result, pin_wrong,
-                         terminal_id=terminal, card_ref=CARD_REF,
-                         card_masked="*****0001")  # fmt: skip
+    return SwipeDeclined(
+        f"{rid}#0",
+        at_ms,
+        SSN,
+        rid,
+        "",
+        PHARMACY,
+        1_00,
+        result,
+        pin_wrong,
+        terminal_id=terminal,
+        card_ref=CARD_REF,
+        card_masked="*****0001",
+    )
 
 
 def kinds(detector: Detector, *events: object) -> list[AlertKind]:
@@ -82,8 +109,10 @@ def test_paying_in_two_cities_within_minutes() -> None:
 
 def test_a_terminal_burst_is_flagged_once_and_not_for_the_cardholder() -> None:
     d = Detector()
-    events = [approved(T0_MS + i * 100, terminal="T9", card=f"ct_{i:024d}")
-              for i in range(TERMINAL_BURST_SWIPES_MAX + 10)]  # fmt: skip
+    events = [
+        approved(T0_MS + i * 100, terminal="T9", card=f"ct_{i:024d}")
+        for i in range(TERMINAL_BURST_SWIPES_MAX + 10)
+    ]
     alerts = [a for e in events for a in d.observe(e)]
     assert [a.kind for a in alerts] == [AlertKind.TERMINAL_BURST]
     assert not alerts[0].cardholder_facing

@@ -22,16 +22,22 @@ needs_promtool = pytest.mark.skipif(
 
 @needs_promtool
 def test_rules_are_valid() -> None:
-    done = subprocess.run([PROMTOOL or "", "check", "rules", str(RULES)], capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [PROMTOOL or "", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 @needs_promtool
 def test_rule_unit_tests_pass() -> None:
     tests = ROOT / "monitoring" / "tests" / "alerts_test.yml"
-    done = subprocess.run([PROMTOOL or "", "test", "rules", str(tests)], capture_output=True,
-                          text=True, timeout=60, cwd=tests.parent)  # fmt: skip
+    done = subprocess.run(
+        [PROMTOOL or "", "test", "rules", str(tests)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tests.parent,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

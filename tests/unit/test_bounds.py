@@ -34,8 +34,9 @@ def test_an_oversized_field_is_named_whatever_it_is() -> None:
     assert bounds.pos_problem(request) == "card_no is longer than 9 characters"
     request = pos_pb2.AuthorizeRequest(terminal=terminal(huge), card_no="A00000001")
     assert bounds.pos_problem(request) == "terminal.terminal_id is longer than 64 characters"
-    request = pos_pb2.BalanceInquiryRequest(terminal=terminal(), card_no="A00000001",
-                                            pin_block=b"\0" * 70_000)  # fmt: skip
+    request = pos_pb2.BalanceInquiryRequest(
+        terminal=terminal(), card_no="A00000001", pin_block=b"\0" * 70_000
+    )
     assert bounds.pos_problem(request) == "pin_block is longer than 16 bytes"
     window = registry_pb2.SetPhoneRequest(phone="1" * 12)
     assert bounds.oversized(window) == "phone is longer than 11 characters"
@@ -61,6 +62,6 @@ def test_an_empty_terminal_id_is_the_same_problem_for_every_pos_call(request_typ
 def test_a_well_formed_swipe_has_no_problem() -> None:
     request = pos_pb2.AuthorizeRequest(terminal=terminal(), card_no="A00000001", amount_fen=1_00)
     assert bounds.pos_problem(request) is None
-    assert bounds.pos_problem(pos_pb2.AuthorizeRequest(terminal=terminal(), card_no="A00000001",
-                                                       amount_fen=0)) == (
-        "amount_fen must be 1 to 10,000,000 fen")  # fmt: skip
+    assert bounds.pos_problem(
+        pos_pb2.AuthorizeRequest(terminal=terminal(), card_no="A00000001", amount_fen=0)
+    ) == ("amount_fen must be 1 to 10,000,000 fen")

@@ -36,37 +36,93 @@ REDACTION = Redaction(TOKENS, Sealer(CONTACT, b"c" * 32), Sealer(PERSON, b"p" * 
 def all_events() -> list[model.Event]:
     common: dict[str, Any] = {"at_ms": AT_MS, "ssn": SSN}
     events: list[model.Event] = [
-        model.PersonRegistered("r:1#0", name=NAME, category=InsuranceCategory.EMPLOYEE,
-                               phone=PHONE, region="310101", **common),
-        model.CardIssued("r:2#0", card_no=NEW_CARD, kind=CardKind.SOCIAL_SECURITY,
-                         colour=CardColour.BLUE, state=CardState.ISSUED,
-                         replaces_card_no=CARD, **common),
-        model.CardStateChanged("r:3#0", card_no=CARD, op="report_pre_loss",
-                               old_state=CardState.ACTIVE, new_state=CardState.PRE_LOST,
-                               reason="lost on the bus", deadline_ms=AT_MS + 1000, **common),
+        model.PersonRegistered(
+            "r:1#0",
+            name=NAME,
+            category=InsuranceCategory.EMPLOYEE,
+            phone=PHONE,
+            region="310101",
+            **common,
+        ),
+        model.CardIssued(
+            "r:2#0",
+            card_no=NEW_CARD,
+            kind=CardKind.SOCIAL_SECURITY,
+            colour=CardColour.BLUE,
+            state=CardState.ISSUED,
+            replaces_card_no=CARD,
+            **common,
+        ),
+        model.CardStateChanged(
+            "r:3#0",
+            card_no=CARD,
+            op="report_pre_loss",
+            old_state=CardState.ACTIVE,
+            new_state=CardState.PRE_LOST,
+            reason="lost on the bus",
+            deadline_ms=AT_MS + 1000,
+            **common,
+        ),
         model.PinChanged("r:4#0", card_no=CARD, pvv="00ff00ff00ff00ff", **common),
-        model.AccountCredited("r:5#0", amount_fen=100_00, source_id="alloc-2026-11",
-                              balance_after_fen=150_00, **common),
-        model.SwipeApproved("T1:6#0", request_id="T1:6", card_no=CARD, institution_id="P1",
-                            institution_type=InstitutionType.PHARMACY, amount_fen=35_20,
-                            paid_from_account_fen=30_00, paid_in_cash_fen=5_20,
-                            balance_after_fen=0, day=20_411, **common),
-        model.SwipeDeclined("T1:7#0", request_id="T1:7", card_no=CARD, institution_id="P1",
-                            amount_fen=10_00, result=ResultCode.PIN_WRONG, pin_wrong=True,
-                            **common),
-        model.SwipeReversed("T1:8#0", request_id="T1:8", original_request_id="T1:6",
-                            card_no=CARD, institution_id="P1", amount_fen=30_00,
-                            balance_after_fen=30_00, original_day=20_410, **common),
-        model.ReversalUnmatched("T1:9#0", request_id="T1:9", original_request_id="T1:99",
-                                card_no=CARD, **common),
-        model.Refunded("T1:10#0", request_id="T1:10", original_request_id="T1:6",
-                       card_no=CARD, institution_id="P1", amount_fen=5_00,
-                       balance_after_fen=35_00, **common),
+        model.AccountCredited(
+            "r:5#0",
+            amount_fen=100_00,
+            source_id="alloc-2026-11",
+            balance_after_fen=150_00,
+            **common,
+        ),
+        model.SwipeApproved(
+            "T1:6#0",
+            request_id="T1:6",
+            card_no=CARD,
+            institution_id="P1",
+            institution_type=InstitutionType.PHARMACY,
+            amount_fen=35_20,
+            paid_from_account_fen=30_00,
+            paid_in_cash_fen=5_20,
+            balance_after_fen=0,
+            day=20_411,
+            **common,
+        ),
+        model.SwipeDeclined(
+            "T1:7#0",
+            request_id="T1:7",
+            card_no=CARD,
+            institution_id="P1",
+            amount_fen=10_00,
+            result=ResultCode.PIN_WRONG,
+            pin_wrong=True,
+            **common,
+        ),
+        model.SwipeReversed(
+            "T1:8#0",
+            request_id="T1:8",
+            original_request_id="T1:6",
+            card_no=CARD,
+            institution_id="P1",
+            amount_fen=30_00,
+            balance_after_fen=30_00,
+            original_day=20_410,
+            **common,
+        ),
+        model.ReversalUnmatched(
+            "T1:9#0", request_id="T1:9", original_request_id="T1:99", card_no=CARD, **common
+        ),
+        model.Refunded(
+            "T1:10#0",
+            request_id="T1:10",
+            original_request_id="T1:6",
+            card_no=CARD,
+            institution_id="P1",
+            amount_fen=5_00,
+            balance_after_fen=35_00,
+            **common,
+        ),
         model.PinTriesReset("r:14#0", card_no=CARD, **common),
         model.PharmacyLimitSet("r:11#0", card_no=CARD, swipes_per_day=3, **common),
         model.PhoneSet("r:12#0", phone=PHONE, **common),
         model.PersonCancelled("r:13#0", reason="deceased", **common),
-    ]  # fmt: skip
+    ]
     return events
 
 
@@ -102,8 +158,10 @@ def test_a_row_holds_no_clear_identifier(event: model.Event, as_published: bool)
 
 
 def test_money_day_and_result_columns() -> None:
-    rows = {r[0]: dict(zip(ch.COLUMNS, r, strict=True)) for r in
-            (ch.event_row(published(e, REDACTION), TOKENS) for e in all_events())}  # fmt: skip
+    rows = {
+        r[0]: dict(zip(ch.COLUMNS, r, strict=True))
+        for r in (ch.event_row(published(e, REDACTION), TOKENS) for e in all_events())
+    }
     approved = rows["T1:6#0"]
     assert (approved["amount_fen"], approved["paid_from_account_fen"]) == (35_20, 30_00)
     assert approved["paid_in_cash_fen"] == 5_20 and approved["institution_type"] == 3

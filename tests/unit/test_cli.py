@@ -39,14 +39,25 @@ def test_help_and_version_load_no_client_library() -> None:
         "        assert exc.code == 0, (args, exc.code)\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
 
 
 def test_an_unknown_command_is_a_usage_error_naming_it() -> None:
-    done = subprocess.run([sys.executable, "-m", "medclear", "swipe-it"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "medclear", "swipe-it"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "No such command 'swipe-it'" in done.stderr
 

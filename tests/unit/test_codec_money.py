@@ -49,10 +49,15 @@ def _reference_plain(value: object) -> object:
             item = getattr(value, field.name)
             default = field.default
             empty_default = default is not dataclasses.MISSING and (
-                default is None or (isinstance(default, Enum) and default.value == 0)
-                or (type(default) in (int, str, bool, tuple) and not default))  # fmt: skip
-            empty_item = item is None or (isinstance(item, Enum) and item.value == 0) or (
-                type(item) in (int, str, bool, tuple) and not item)  # fmt: skip
+                default is None
+                or (isinstance(default, Enum) and default.value == 0)
+                or (type(default) in (int, str, bool, tuple) and not default)
+            )
+            empty_item = (
+                item is None
+                or (isinstance(item, Enum) and item.value == 0)
+                or (type(item) in (int, str, bool, tuple) and not item)
+            )
             if not (empty_default and empty_item):
                 plain[field.name] = _reference_plain(item)
         return plain
@@ -63,11 +68,30 @@ def _reference_plain(value: object) -> object:
 
 def test_the_planned_codec_writes_the_reference_format_for_a_simulated_city() -> None:
     records = simulated_records(seed=11, persons=60, days=3)
-    records.append(Alert("e1/blocked", AlertKind.BLOCKED_CARD_USED, 1, "pt_1", "ct_1",
-                         "S0****01", "310101P00001", "T1", "挂失卡刷卡"))  # fmt: skip
+    records.append(
+        Alert(
+            "e1/blocked",
+            AlertKind.BLOCKED_CARD_USED,
+            1,
+            "pt_1",
+            "ct_1",
+            "S0****01",
+            "310101P00001",
+            "T1",
+            "挂失卡刷卡",
+        )
+    )
     kinds = {type(r).__name__ for r in records}
-    assert kinds >= {"Person", "Reply", "Authorize", "SwipeApproved", "SwipeDeclined",
-                     "CardStateChanged", "AccountCredited", "Alert"}  # fmt: skip
+    assert kinds >= {
+        "Person",
+        "Reply",
+        "Authorize",
+        "SwipeApproved",
+        "SwipeDeclined",
+        "CardStateChanged",
+        "AccountCredited",
+        "Alert",
+    }
     for record in records:
         expected = {**_reference_plain(record), "@": type(record).__name__}  # type: ignore[dict-item]
         raw = codec.encode(record)

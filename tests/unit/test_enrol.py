@@ -43,9 +43,20 @@ def enrol(
     balance_fen: int = 250_00,
     **changes: object,
 ) -> EnrolPerson:
-    command = EnrolPerson(request_id or rid(), T0_MS, SSN, "张三", category, "13800000000",
-                          "310101", CARD, CardKind.SOCIAL_SECURITY, PVV, balance_fen,
-                          "opening-1")  # fmt: skip
+    command = EnrolPerson(
+        request_id or rid(),
+        T0_MS,
+        SSN,
+        "张三",
+        category,
+        "13800000000",
+        "310101",
+        CARD,
+        CardKind.SOCIAL_SECURITY,
+        PVV,
+        balance_fen,
+        "opening-1",
+    )
     return replace(command, **changes)  # type: ignore[arg-type]
 
 
@@ -82,14 +93,23 @@ def at_once(c: Command, person: Person | None = None) -> tuple[Person | None, De
 @pytest.mark.parametrize(
     ("category", "balance_fen", "kinds"),
     [
-        (InsuranceCategory.EMPLOYEE, 250_00,
-         [PersonRegistered, CardIssued, CardStateChanged, PinChanged, AccountCredited]),
-        (InsuranceCategory.EMPLOYEE, 0,
-         [PersonRegistered, CardIssued, CardStateChanged, PinChanged]),
-        (InsuranceCategory.RESIDENT, 0,
-         [PersonRegistered, CardIssued, CardStateChanged, PinChanged]),
+        (
+            InsuranceCategory.EMPLOYEE,
+            250_00,
+            [PersonRegistered, CardIssued, CardStateChanged, PinChanged, AccountCredited],
+        ),
+        (
+            InsuranceCategory.EMPLOYEE,
+            0,
+            [PersonRegistered, CardIssued, CardStateChanged, PinChanged],
+        ),
+        (
+            InsuranceCategory.RESIDENT,
+            0,
+            [PersonRegistered, CardIssued, CardStateChanged, PinChanged],
+        ),
     ],
-)  # fmt: skip
+)
 def test_one_command_leaves_the_person_the_five_commands_leave(
     category: InsuranceCategory, balance_fen: int, kinds: list[type]
 ) -> None:
@@ -147,8 +167,10 @@ def test_a_repeat_is_answered_with_the_original_reply_and_changes_nothing() -> N
         ({"name": " 张三"}, ResultCode.MALFORMED_REQUEST),
         ({"phone": "12345"}, ResultCode.MALFORMED_REQUEST),
         ({"region": "x" * 33}, ResultCode.MALFORMED_REQUEST),
-        ({"category": InsuranceCategory.INSURANCE_CATEGORY_UNSPECIFIED},
-         ResultCode.MALFORMED_REQUEST),
+        (
+            {"category": InsuranceCategory.INSURANCE_CATEGORY_UNSPECIFIED},
+            ResultCode.MALFORMED_REQUEST,
+        ),
         # refused after the person would have been registered: still nothing at all
         ({"card_no": "a0000001"}, ResultCode.MALFORMED_REQUEST),
         ({"card_no": ""}, ResultCode.MALFORMED_REQUEST),
@@ -158,7 +180,7 @@ def test_a_repeat_is_answered_with_the_original_reply_and_changes_nothing() -> N
         ({"source_id": ""}, ResultCode.MALFORMED_REQUEST),
         ({"category": InsuranceCategory.RESIDENT}, ResultCode.COLOUR_NOT_ALLOWED),
     ],
-)  # fmt: skip
+)
 def test_invalid_enrolments_are_refused_with_nothing_made(
     changes: dict[str, object], code: ResultCode
 ) -> None:
@@ -200,24 +222,39 @@ def test_the_command_survives_the_codec() -> None:
 valid = st.builds(
     lambda name, category, phone, card_no, balance, source: replace(
         enrol(balance_fen=balance if category == InsuranceCategory.EMPLOYEE else 0),
-        name=name, category=category, phone=phone, card_no=card_no, source_id=source),
+        name=name,
+        category=category,
+        phone=phone,
+        card_no=card_no,
+        source_id=source,
+    ),
     st.sampled_from(["张三", "李四光", "赵"]),
-    st.sampled_from([InsuranceCategory.EMPLOYEE, InsuranceCategory.RESIDENT,
-                     InsuranceCategory.SPECIAL]),
+    st.sampled_from(
+        [InsuranceCategory.EMPLOYEE, InsuranceCategory.RESIDENT, InsuranceCategory.SPECIAL]
+    ),
     st.sampled_from(["13800000000", "", "19912345678"]),
     st.sampled_from([CARD, "B00000002"]),
     st.one_of(st.just(0), st.integers(min_value=1, max_value=AMOUNT_FEN_MAX)),
     st.sampled_from(["opening-1", "alloc/2026:1"]),
-)  # fmt: skip
+)
 SPOILS: list[dict[str, object]] = [
-    {"name": ""}, {"name": " 王"}, {"name": "X" * 31}, {"phone": "12345"},
-    {"card_no": "a0000001"}, {"card_no": "A000000012"}, {"region": "r" * 33},
+    {"name": ""},
+    {"name": " 王"},
+    {"name": "X" * 31},
+    {"phone": "12345"},
+    {"card_no": "a0000001"},
+    {"card_no": "A000000012"},
+    {"region": "r" * 33},
     {"category": InsuranceCategory.INSURANCE_CATEGORY_UNSPECIFIED},
-    {"category": InsuranceCategory.RESIDENT}, {"category": InsuranceCategory.SPECIAL},
+    {"category": InsuranceCategory.RESIDENT},
+    {"category": InsuranceCategory.SPECIAL},
     {"kind": CardKind.CARD_KIND_UNSPECIFIED},
-    {"opening_balance_fen": -1}, {"opening_balance_fen": AMOUNT_FEN_MAX + 1},
-    {"opening_balance_fen": 1}, {"source_id": ""}, {"source_id": "bad id"},
-]  # fmt: skip
+    {"opening_balance_fen": -1},
+    {"opening_balance_fen": AMOUNT_FEN_MAX + 1},
+    {"opening_balance_fen": 1},
+    {"source_id": ""},
+    {"source_id": "bad id"},
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -266,13 +303,20 @@ NOT_SSNS = ["", "31010119900101001", "X" * 18]
 
 
 @settings(max_examples=400, deadline=None)
-@given(valid, st.lists(st.sampled_from(SPOILS), max_size=2),
-       st.sampled_from([None, *NOT_IDS]), st.sampled_from([None, *NOT_SSNS]),
-       st.sampled_from([None, 0, -5]))  # fmt: skip
+@given(
+    valid,
+    st.lists(st.sampled_from(SPOILS), max_size=2),
+    st.sampled_from([None, *NOT_IDS]),
+    st.sampled_from([None, *NOT_SSNS]),
+    st.sampled_from([None, 0, -5]),
+)
 def test_the_registry_check_answers_as_deciding_a_new_person_would(
-    command: EnrolPerson, spoils: list[dict[str, object]], request_id: str | None,
-    ssn: str | None, at_ms: int | None,
-) -> None:  # fmt: skip
+    command: EnrolPerson,
+    spoils: list[dict[str, object]],
+    request_id: str | None,
+    ssn: str | None,
+    at_ms: int | None,
+) -> None:
     """The registry checks an enrolment with `new_person_enrolment` instead of deciding it:
     the answer must be the one the deciders give a person not yet registered, under any
     policy (the registry holds none)."""

@@ -28,12 +28,15 @@ EVENT_TYPES = typing.get_args(Event)
 def events() -> list[Event]:
     """Every event of a small simulated city over a few days, then of one person's whole
     history (refund, limit, loss, replacement, new phone, cancellation)."""
-    seen: list[Event] = [r for r in simulated_records(seed=5, persons=80, days=3)
-                         if isinstance(r, EVENT_TYPES)]  # fmt: skip
+    seen: list[Event] = [
+        r for r in simulated_records(seed=5, persons=80, days=3) if isinstance(r, EVENT_TYPES)
+    ]
     seen.extend(_lifecycle())
     person: Person | None = make_person()
-    for command in (SetPhone(rid(), T0_MS, SSN, "13900000001"),
-                    CancelPerson(rid(), T0_MS, SSN, "deceased")):  # fmt: skip
+    for command in (
+        SetPhone(rid(), T0_MS, SSN, "13900000001"),
+        CancelPerson(rid(), T0_MS, SSN, "deceased"),
+    ):
         person, decision = core.handle(person, command, POLICY)
         assert decision.reply.result == ResultCode.OK
         seen.extend(decision.events)

@@ -41,12 +41,29 @@ from hsm_sim.crypto import (
 )
 
 H = bytes.fromhex
-TDES, AES128, AES256, SM4 = (KeyAlgorithm.TDES, KeyAlgorithm.AES_128, KeyAlgorithm.AES_256,
-                             KeyAlgorithm.SM4)  # fmt: skip
-ISO0, ISO1, ISO3, ISO4 = (PinBlockFormat.ISO_0, PinBlockFormat.ISO_1, PinBlockFormat.ISO_3,
-                          PinBlockFormat.ISO_4)  # fmt: skip
-ALLOWED = [(TDES, ISO0), (TDES, ISO1), (TDES, ISO3), (SM4, ISO0), (SM4, ISO1), (SM4, ISO3),
-           (SM4, ISO4), (AES128, ISO4), (AES256, ISO4)]  # fmt: skip
+TDES, AES128, AES256, SM4 = (
+    KeyAlgorithm.TDES,
+    KeyAlgorithm.AES_128,
+    KeyAlgorithm.AES_256,
+    KeyAlgorithm.SM4,
+)
+ISO0, ISO1, ISO3, ISO4 = (
+    PinBlockFormat.ISO_0,
+    PinBlockFormat.ISO_1,
+    PinBlockFormat.ISO_3,
+    PinBlockFormat.ISO_4,
+)
+ALLOWED = [
+    (TDES, ISO0),
+    (TDES, ISO1),
+    (TDES, ISO3),
+    (SM4, ISO0),
+    (SM4, ISO1),
+    (SM4, ISO3),
+    (SM4, ISO4),
+    (AES128, ISO4),
+    (AES256, ISO4),
+]
 KEY_BYTES = {TDES: 16, AES128: 16, AES256: 32, SM4: 16}
 CARD = "S26000001"
 
@@ -151,9 +168,11 @@ def test_sm3_gbt_32905_examples() -> None:
 # --- MACs ----------------------------------------------------------------------------------
 
 CMAC_M = H(
-    "6BC1BEE22E409F96E93D7E117393172A" "AE2D8A571E03AC9C9EB76FAC45AF8E51"
-    "30C81C46A35CE411E5FBC1191A0A52EF" "F69F2445DF4F9B17AD2B417BE66C3710"
-)  # fmt: skip
+    "6BC1BEE22E409F96E93D7E117393172A"
+    "AE2D8A571E03AC9C9EB76FAC45AF8E51"
+    "30C81C46A35CE411E5FBC1191A0A52EF"
+    "F69F2445DF4F9B17AD2B417BE66C3710"
+)
 
 
 @pytest.mark.parametrize(
@@ -167,18 +186,38 @@ CMAC_M = H(
         (AES128, "2B7E151628AED2A6ABF7158809CF4F3C", 40, "DFA66747DE9AE63030CA32611497C827"),
         (AES128, "2B7E151628AED2A6ABF7158809CF4F3C", 64, "51F0BEBF7E3B9D92FC49741779363CFE"),
         # NIST SP 800-38B Appendix D.3 and CSRC examples, AES-256.
-        (AES256, "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4", 0,
-         "028962F61B7BF89EFC6B551F4667D983"),
-        (AES256, "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4", 16,
-         "28A7023F452E8F82BD4BF28D8C37C35C"),
-        (AES256, "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4", 20,
-         "156727DC0878944A023C1FE03BAD6D93"),
-        (AES256, "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4", 40,
-         "AAF3D8F1DE5640C232F5B169B9C911E6"),
-        (AES256, "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4", 64,
-         "E1992190549F6ED5696A2C056C315410"),
+        (
+            AES256,
+            "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4",
+            0,
+            "028962F61B7BF89EFC6B551F4667D983",
+        ),
+        (
+            AES256,
+            "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4",
+            16,
+            "28A7023F452E8F82BD4BF28D8C37C35C",
+        ),
+        (
+            AES256,
+            "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4",
+            20,
+            "156727DC0878944A023C1FE03BAD6D93",
+        ),
+        (
+            AES256,
+            "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4",
+            40,
+            "AAF3D8F1DE5640C232F5B169B9C911E6",
+        ),
+        (
+            AES256,
+            "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30914DFF4",
+            64,
+            "E1992190549F6ED5696A2C056C315410",
+        ),
     ],
-)  # fmt: skip
+)
 def test_aes_cmac_nist_sp800_38b(alg: KeyAlgorithm, key: str, mlen: int, tag: str) -> None:
     assert generate_mac(alg, H(key), CMAC_M[:mlen]) == H(tag)
     assert verify_mac(alg, H(key), CMAC_M[:mlen], H(tag))
@@ -222,12 +261,10 @@ def test_iso9797_1_mac_algorithm_3_core(key: str, data: bytes, mac: str) -> None
     [
         # ICAO Doc 9303 Part 11, Appendix D.3: MAC algorithm 3 with padding method 2,
         # K_MAC = 7962D9ECE03D1ACD4C76089DCE131543; M_IFD over E_IFD and M_IC over E_IC.
-        ("72C29C2371CC9BDB65B779B8E8D37B29ECC154AA56A8799FAE2F498F76ED92F2",
-         "5F1448EEA8AD90A7"),
-        ("46B9342A41396CD7386BF5803104D7CEDC122B9132139BAF2EEDC94EE178534F",
-         "2F2D235D074D7449"),
+        ("72C29C2371CC9BDB65B779B8E8D37B29ECC154AA56A8799FAE2F498F76ED92F2", "5F1448EEA8AD90A7"),
+        ("46B9342A41396CD7386BF5803104D7CEDC122B9132139BAF2EEDC94EE178534F", "2F2D235D074D7449"),
     ],
-)  # fmt: skip
+)
 def test_tdes_generate_mac_icao_9303_padding_method_2(data: str, mac: str) -> None:
     key = H("7962D9ECE03D1ACD4C76089DCE131543")
     assert generate_mac(TDES, key, H(data)) == H(mac)
@@ -330,8 +367,16 @@ def test_card_pan_mapping() -> None:
     assert pan_digits("4111111111111111") == "4111111111111111"  # numeric PANs pass through
 
 
-BAD_PANS = ["s26000001", "S2600000", "S260000010", "S26-00001", "12345678901", "",
-            "1234567890123456789X", "４１１１１１１１１１１１"]  # fmt: skip
+BAD_PANS = [
+    "s26000001",
+    "S2600000",
+    "S260000010",
+    "S26-00001",
+    "12345678901",
+    "",
+    "1234567890123456789X",
+    "４１１１１１１１１１１１",
+]
 
 
 @pytest.mark.parametrize("bad", BAD_PANS)
@@ -616,8 +661,10 @@ def test_error_bad_padding(alg: KeyAlgorithm, fmt: PinBlockFormat) -> None:
     assert _reason(fmt, ecb_encrypt(alg, key, H(enciphered)), CARD, alg, key) == "padding"
     if n == 32:  # widened SM4 block: fill outside the PAN area must be valid too
         field = CONTROL[fmt] + "41234" + "FFFF0" + "F" * 21
-        assert _reason(fmt, ecb_encrypt(alg, key, H(_mask(field, pan_field))), CARD, alg,
-                       key) == "padding"  # fmt: skip
+        assert (
+            _reason(fmt, ecb_encrypt(alg, key, H(_mask(field, pan_field))), CARD, alg, key)
+            == "padding"
+        )
 
 
 @pytest.mark.parametrize("alg", [AES128, AES256, SM4])
@@ -675,9 +722,8 @@ def test_format_1_ignores_the_pan() -> None:
 
 @pytest.mark.parametrize(
     ("alg", "fmt"),
-    [(TDES, ISO4), (AES128, ISO0), (AES128, ISO1), (AES128, ISO3), (AES256, ISO0),
-     (AES256, ISO3)],
-)  # fmt: skip
+    [(TDES, ISO4), (AES128, ISO0), (AES128, ISO1), (AES128, ISO3), (AES256, ISO0), (AES256, ISO3)],
+)
 def test_unsupported_pairs(alg: KeyAlgorithm, fmt: PinBlockFormat) -> None:
     key = key_for(alg)
     with pytest.raises(PinBlockError) as exc:
@@ -779,8 +825,15 @@ def test_card_cryptogram(alg: KeyAlgorithm) -> None:
     args = (H("0102030405060708"), 12_34, "310101P00001-T01", 7)
     cryptogram = card_cryptogram(alg, card_key, *args)
     assert len(cryptogram) == 8
-    data = (b"MCAC\x01" + b"\x08" + args[0] + (1234).to_bytes(8, "big") + b"\x10"
-            + b"310101P00001-T01" + (7).to_bytes(4, "big"))  # fmt: skip
+    data = (
+        b"MCAC\x01"
+        + b"\x08"
+        + args[0]
+        + (1234).to_bytes(8, "big")
+        + b"\x10"
+        + b"310101P00001-T01"
+        + (7).to_bytes(4, "big")
+    )
     assert cryptogram == generate_mac(alg, card_key, data)[:8]
     assert verify_card_cryptogram(alg, card_key, *args, cryptogram)
     for changed in (

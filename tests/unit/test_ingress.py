@@ -88,7 +88,9 @@ def test_a_clean_swipe_asks_the_mac_and_the_cryptogram_only() -> None:
     unsecured = Arrival(None, secured=False, swipe=True)
     assert admit(unsecured, {}) == (None, [])
     assert admit(replace(unsecured, form_problem="amount_fen"), {}) == (
-        ResultCode.MALFORMED_REQUEST, [])  # fmt: skip
+        ResultCode.MALFORMED_REQUEST,
+        [],
+    )
 
 
 def test_each_fault_alone() -> None:
@@ -140,12 +142,14 @@ def swipe(**changes: object) -> Authorize:
 def test_a_card_no_one_holds_is_decided_by_the_persons_list_on_no_person() -> None:
     assert ingress.decide_unrouted(swipe(), POLICY).result == ResultCode.CARD_UNKNOWN
     assert ingress.decide_unrouted(swipe(institution_id="NOWHERE1"), POLICY).result == (
-        ResultCode.INSTITUTION_UNKNOWN)  # fmt: skip
-    assert ingress.decide_unrouted(swipe(pin=PinOutcome.INVALID_BLOCK,
-                                         institution_id="NOWHERE1"), POLICY).result == (
-        ResultCode.PIN_BLOCK_INVALID)  # fmt: skip
+        ResultCode.INSTITUTION_UNKNOWN
+    )
+    assert ingress.decide_unrouted(
+        swipe(pin=PinOutcome.INVALID_BLOCK, institution_id="NOWHERE1"), POLICY
+    ).result == (ResultCode.PIN_BLOCK_INVALID)
     assert ingress.decide_unrouted(swipe(card_no="x"), POLICY).result == (
-        ResultCode.MALFORMED_REQUEST)  # fmt: skip
+        ResultCode.MALFORMED_REQUEST
+    )
     enquiry = BalanceInquiry("T1:10", T0_MS, "", "Z99999999", HOSPITAL)
     assert ingress.decide_unrouted(enquiry, POLICY).result == ResultCode.CARD_UNKNOWN
 
@@ -158,7 +162,8 @@ def test_an_unrouted_reversal_or_refund_finds_no_original() -> None:
         assert reply.result == ResultCode.ORIGINAL_NOT_FOUND, type(command).__name__
         assert reply.version == 0 and reply.balance_fen == 0
     assert ingress.decide_unrouted(replace(reverse, original_request_id=""), POLICY).result == (
-        ResultCode.MALFORMED_REQUEST)  # fmt: skip
+        ResultCode.MALFORMED_REQUEST
+    )
     credit = CreditAccount("W1:1", T0_MS, "", 1_00, "src")
     assert ingress.decide_unrouted(credit, POLICY).result == ResultCode.CARD_UNKNOWN
 

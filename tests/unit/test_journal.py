@@ -74,12 +74,24 @@ def test_the_journal_is_owner_readable_only_and_closed_swipes_leave_it(tmp_path:
 def test_a_journal_in_the_earlier_line_format_is_carried_over(tmp_path: Path) -> None:
     path = tmp_path / "T1.journal"
     lines = [
-        {"op": "sent", "trace": 7, "card_no": CARD_NO, "ssn": SSN, "amount_fen": 100,
-         "reversal_trace": 8},
-        {"op": "sent", "trace": 9, "card_no": CARD_NO, "ssn": SSN, "amount_fen": 200,
-         "reversal_trace": 10},
+        {
+            "op": "sent",
+            "trace": 7,
+            "card_no": CARD_NO,
+            "ssn": SSN,
+            "amount_fen": 100,
+            "reversal_trace": 8,
+        },
+        {
+            "op": "sent",
+            "trace": 9,
+            "card_no": CARD_NO,
+            "ssn": SSN,
+            "amount_fen": 200,
+            "reversal_trace": 10,
+        },
         {"op": "done", "trace": 9},
-    ]  # fmt: skip
+    ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"op": "sent", "tr')
     journal = Journal(path)
     assert list(journal.open) == [7] and journal.open[7].reversal_trace == 8

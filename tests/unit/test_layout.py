@@ -13,8 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("clearing", "stream_jobs", "card_registry", "hsm_sim", "reader_agent", "monitoring",
-            "medclear")  # fmt: skip
+PACKAGES = (
+    "clearing",
+    "stream_jobs",
+    "card_registry",
+    "hsm_sim",
+    "reader_agent",
+    "monitoring",
+    "medclear",
+)
 GENERATED = ("medclear/v1/",)
 PURE_LIBRARIES = frozenset({"cryptography", "chinese_calendar", "orjson"})  # pinned, no I/O
 KAFKA_CLIENTS = ("aiokafka", "kafka", "faust")
@@ -46,8 +53,10 @@ def imported(path: Path, known: set[str]) -> Iterator[str]:
 def graph() -> dict[str, set[str]]:
     found = modules()
     known = set(found)
-    return {name: {m for m in imported(path, known) if m in known and m != name}
-            for name, path in found.items()}  # fmt: skip
+    return {
+        name: {m for m in imported(path, known) if m in known and m != name}
+        for name, path in found.items()
+    }
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -115,10 +124,18 @@ def test_the_hsm_and_the_reader_agent_load_no_kafka_client() -> None:
         "for name in sys.argv[1:]: importlib.import_module(name)\n"
         f"print(sorted({{m for m in sys.modules if m.split('.')[0] in {KAFKA_CLIENTS!r}}}))\n"
     )
-    for process in (["medclear.cli.serve", "hsm_sim.service", "hsm_sim.keystore"],
-                    ["medclear.cli.agent", "reader_agent.agent"]):  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", probe, *process], cwd=REPO,
-                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    for process in (
+        ["medclear.cli.serve", "hsm_sim.service", "hsm_sim.keystore"],
+        ["medclear.cli.agent", "reader_agent.agent"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *process],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         assert done.stdout.strip() == "[]", (process, done.stdout, done.stderr[-2000:])
 
 
@@ -161,8 +178,10 @@ def test_the_size_check_sees_a_long_function_and_a_long_file(tmp_path: Path) -> 
     (tmp_path / "ok.py").write_text(f"def short():\n{body[: body.rindex(chr(10))]}\n")
     (tmp_path / "long.py").write_text(f"def long():\n{body}\n" + "y = 1\n" * FILE_LINES_MAX)
     assert over_limits(tmp_path / "ok.py") == []
-    assert over_limits(tmp_path / "long.py") == [f"long.py: {FILE_LINES_MAX + 71} lines",
-                                                 "long.py:1 long: 71 lines"]  # fmt: skip
+    assert over_limits(tmp_path / "long.py") == [
+        f"long.py: {FILE_LINES_MAX + 71} lines",
+        "long.py:1 long: 71 lines",
+    ]
 
 
 def test_every_error_a_package_defines_derives_from_its_root() -> None:
@@ -177,7 +196,11 @@ def test_every_error_a_package_defines_derives_from_its_root() -> None:
         root_module, root_name = ROOT_ERRORS[package].split(":")
         root = getattr(importlib.import_module(root_module), root_name)
         for value in vars(module).values():
-            if (isinstance(value, type) and issubclass(value, BaseException)
-                    and value.__module__ == name and not issubclass(value, root)):  # fmt: skip
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__ == name
+                and not issubclass(value, root)
+            ):
                 strays.append(f"{name}.{value.__name__}")
     assert strays == []

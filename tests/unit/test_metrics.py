@@ -34,8 +34,11 @@ def test_the_per_institution_series_have_two_outcomes_not_every_result_code() ->
 
 def test_every_swipe_series_exists_at_zero_before_the_first_swipe() -> None:
     zero_swipe_series(Policy())
-    samples = {(s.labels["result"], s.labels["institution_type"]): s.value
-               for family in metrics.SWIPES.collect() for s in family.samples
-               if s.name == "medclear_swipes_total"}  # fmt: skip
+    samples = {
+        (s.labels["result"], s.labels["institution_type"]): s.value
+        for family in metrics.SWIPES.collect()
+        for s in family.samples
+        if s.name == "medclear_swipes_total"
+    }
     assert samples[("CARD_LOST", "pharmacy")] == 0.0
     assert samples[("PIN_TRIES_EXCEEDED", "unknown")] == 0.0

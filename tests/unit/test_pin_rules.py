@@ -118,8 +118,9 @@ def test_a_temporary_card_pays_right_after_it_is_made() -> None:
     card = person.card(TEMP)
     assert card is not None and card.state == CardState.ACTIVE
     assert not card.initial_pin and card.pvv == PVV
-    _, paid = core.handle(person, swipe(card_no=TEMP, institution=PHARMACY,
-                                        pin=PinOutcome.CORRECT), SECURED)  # fmt: skip
+    _, paid = core.handle(
+        person, swipe(card_no=TEMP, institution=PHARMACY, pin=PinOutcome.CORRECT), SECURED
+    )
     assert paid.reply.result == ResultCode.OK
 
 

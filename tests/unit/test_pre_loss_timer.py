@@ -14,9 +14,17 @@ PERSON_KEY = Sealer(PERSON, b"p" * 32)
 
 def changed(new: CardState, deadline_ms: int = 0) -> CardStateChanged:
     event = CardStateChanged(
-        "e#0", 1, SSN, "", "report_pre_loss", CardState.ACTIVE, new, "", deadline_ms,
+        "e#0",
+        1,
+        SSN,
+        "",
+        "report_pre_loss",
+        CardState.ACTIVE,
+        new,
+        "",
+        deadline_ms,
         card_ref=REF,
-    )  # fmt: skip
+    )
     keys = Redaction(CardTokens(b"t" * 32), Sealer(CONTACT, b"c" * 32), PERSON_KEY)
     return published(event, keys)
 

@@ -40,7 +40,9 @@ GROUPS: dict[str, dict[ResultCode, Fault]] = {
         ResultCode.PIN_BLOCK_INVALID: lambda p, r: (p, replace(r, pin=PinOutcome.INVALID_BLOCK)),
         ResultCode.PIN_WRONG: lambda p, r: (p, replace(r, pin=PinOutcome.WRONG)),
         ResultCode.PIN_TRIES_EXCEEDED: lambda p, r: (
-            _card(p, pin_failures=2), replace(r, pin=PinOutcome.WRONG)),
+            _card(p, pin_failures=2),
+            replace(r, pin=PinOutcome.WRONG),
+        ),
     },
     "institution": {
         ResultCode.INSTITUTION_UNKNOWN: lambda p, r: (p, replace(r, institution_id="NOWHERE1")),
@@ -50,13 +52,17 @@ GROUPS: dict[str, dict[ResultCode, Fault]] = {
         ResultCode.CARD_UNKNOWN: lambda p, r: (p, replace(r, card_no="Z99999999")),
         ResultCode.CARD_NOT_ACTIVATED: _state(CardState.ISSUED),
         ResultCode.CARD_PRE_LOST: lambda p, r: (
-            _card(p, state=CardState.PRE_LOST, pre_loss_deadline_ms=T0_MS + 3_600_000), r),
+            _card(p, state=CardState.PRE_LOST, pre_loss_deadline_ms=T0_MS + 3_600_000),
+            r,
+        ),
         ResultCode.CARD_LOST: _state(CardState.LOST),
         ResultCode.CARD_LOCKED: _state(CardState.LOCKED),
         ResultCode.CARD_FROZEN: _state(CardState.FROZEN),
         ResultCode.CARD_CANCELLED: lambda p, r: (replace(p, cancelled=True), r),
         ResultCode.CARD_EXPIRED: lambda p, r: (
-            _card(p, kind=CardKind.TEMPORARY, expires_at_ms=T0_MS - 1), r),
+            _card(p, kind=CardKind.TEMPORARY, expires_at_ms=T0_MS - 1),
+            r,
+        ),
         ResultCode.CARD_SUPERSEDED: _state(CardState.SUPERSEDED),
     },
     "colour": {ResultCode.COLOUR_NOT_ALLOWED: lambda p, r: (_card(p, colour=CardColour.GREEN), r)},
@@ -65,12 +71,14 @@ GROUPS: dict[str, dict[ResultCode, Fault]] = {
     },
     "pharmacy limit": {  # at a pharmacy, a card allowed no pharmacy swipe today
         ResultCode.DAILY_PHARMACY_LIMIT_REACHED: lambda p, r: (
-            _card(p, pharmacy_swipes_per_day=0), replace(r, institution_id=PHARMACY)),
+            _card(p, pharmacy_swipes_per_day=0),
+            replace(r, institution_id=PHARMACY),
+        ),
     },
     "balance": {
         ResultCode.INSUFFICIENT_BALANCE: lambda p, r: (p, replace(r, amount_fen=500_00)),  # type: ignore[arg-type]
     },
-}  # fmt: skip
+}
 SWIPE_ONLY = {"colour", "pharmacy limit", "balance"}  # a balance enquiry pays nothing
 
 
@@ -133,8 +141,11 @@ def fault_sets(draw: st.DrawFn, kind: type[Request]) -> list[tuple[str, ResultCo
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from([Authorize, BalanceInquiry]).flatmap(
-    lambda kind: st.tuples(st.just(kind), fault_sets(kind))))  # fmt: skip
+@given(
+    st.sampled_from([Authorize, BalanceInquiry]).flatmap(
+        lambda kind: st.tuples(st.just(kind), fault_sets(kind))
+    )
+)
 def test_any_set_of_faults_is_answered_with_the_lowest_code(
     case: tuple[type[Request], list[tuple[str, ResultCode]]],
 ) -> None:

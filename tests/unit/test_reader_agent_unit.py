@@ -77,9 +77,16 @@ def agent(
     tmp_path: Path, gateway: Gateway, pins: list[str] | None = None, keyring: Keyring | None = None
 ) -> Agent:
     terminal = Terminal("T1", "310101H00001", InstitutionType.HOSPITAL)
-    return Agent(terminal, InProcess(), ScriptedPinPad(pins or ["123456"]),
-                 Journal(tmp_path / "j.journal"), gateway, keyring,
-                 console=Console(record=True, width=100), sleep=lambda _s: None)  # fmt: skip
+    return Agent(
+        terminal,
+        InProcess(),
+        ScriptedPinPad(pins or ["123456"]),
+        Journal(tmp_path / "j.journal"),
+        gateway,
+        keyring,
+        console=Console(record=True, width=100),
+        sleep=lambda _s: None,
+    )
 
 
 def test_a_reply_without_the_gateways_mac_is_no_answer_and_the_swipe_is_reversed(
@@ -87,8 +94,11 @@ def test_a_reply_without_the_gateways_mac_is_no_answer_and_the_swipe_is_reversed
 ) -> None:
     keyring = Keyring(tmp_path / "keyring.json")
     keyring.keys["T1"] = {"tpk": "11" * 16, "tak": "22" * 16}  # as provisioning leaves them
-    approved = pos_pb2.AuthorizeReply(result=int(ResultCode.OK), request_id="T1:1",  # type: ignore[arg-type]
-                                      paid_from_account_fen=12_50)  # fmt: skip
+    approved = pos_pb2.AuthorizeReply(
+        result=int(ResultCode.OK),
+        request_id="T1:1",  # type: ignore[arg-type]
+        paid_from_account_fen=12_50,
+    )
     for forged in (b"", b"\0" * 16):  # no MAC at all; a MAC that is not the TAK's
         reply = pos_pb2.AuthorizeReply()
         reply.CopyFrom(approved)
@@ -113,16 +123,20 @@ def test_a_reply_without_the_gateways_mac_is_no_answer_and_the_swipe_is_reversed
 def test_an_approved_swipe_carries_the_chip_data_and_closes_its_journal_entry(
     tmp_path: Path,
 ) -> None:
-    ok = pos_pb2.AuthorizeReply(result=int(ResultCode.OK), paid_from_account_fen=12_50,  # type: ignore[arg-type]
-                                balance_after_fen=87_50)  # fmt: skip
+    ok = pos_pb2.AuthorizeReply(
+        result=int(ResultCode.OK),
+        paid_from_account_fen=12_50,  # type: ignore[arg-type]
+        balance_after_fen=87_50,
+    )
     gateway = Gateway(ok)
     a = agent(tmp_path, gateway)
     result = a.swipe(12_50)
     (request,) = gateway.requests
     assert (request.card_no, request.ssn, request.amount_fen) == (CARD_NO, SSN, 12_50)
     assert request.card_counter == 1 and len(request.card_cryptogram) == 8
-    assert crypto.verify_card_cryptogram(KeyAlgorithm.SM4, KEY, request.card_challenge, 12_50,
-                                         "T1", 1, request.card_cryptogram)  # fmt: skip
+    assert crypto.verify_card_cryptogram(
+        KeyAlgorithm.SM4, KEY, request.card_challenge, 12_50, "T1", 1, request.card_cryptogram
+    )
     assert result.result == ResultCode.OK and not a.journal.open and result.reversal is None
     text = a.console.export_text() if a.console else ""
     assert "*****0001" in text and CARD_NO not in text and "87.50" in text and "交易成功" in text
@@ -177,8 +191,18 @@ def test_a_terminal_with_too_many_open_reversals_stops(
 
 
 def test_receipt_masks_and_speaks_both_languages() -> None:
-    receipt = Receipt("310101P00001", "T1", 7, CARD_NO, "王小明", 30_00, 20_00, 10_00, 0,
-                      ResultCode.PARTIALLY_APPROVED)  # fmt: skip
+    receipt = Receipt(
+        "310101P00001",
+        "T1",
+        7,
+        CARD_NO,
+        "王小明",
+        30_00,
+        20_00,
+        10_00,
+        0,
+        ResultCode.PARTIALLY_APPROVED,
+    )
     console = Console(record=True, width=100)
     console.print(render(receipt))
     text = console.export_text()

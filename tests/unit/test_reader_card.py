@@ -61,10 +61,12 @@ def test_cryptograms_verify_under_the_derived_key_and_count_up() -> None:
     first = authenticate(transport, b"12345678", 12_50, "T1")
     second = authenticate(transport, b"12345678", 12_50, "T1")
     assert (first.counter, second.counter) == (1, 2) and first.cryptogram != second.cryptogram
-    assert crypto.verify_card_cryptogram(KeyAlgorithm.SM4, key, b"12345678", 12_50, "T1",
-                                         first.counter, first.cryptogram)  # fmt: skip
-    assert not crypto.verify_card_cryptogram(KeyAlgorithm.SM4, key, b"12345678", 12_51, "T1",
-                                             first.counter, first.cryptogram)  # fmt: skip
+    assert crypto.verify_card_cryptogram(
+        KeyAlgorithm.SM4, key, b"12345678", 12_50, "T1", first.counter, first.cryptogram
+    )
+    assert not crypto.verify_card_cryptogram(
+        KeyAlgorithm.SM4, key, b"12345678", 12_51, "T1", first.counter, first.cryptogram
+    )
 
 
 def test_a_clone_reads_the_same_but_cannot_make_a_valid_cryptogram() -> None:
@@ -72,8 +74,9 @@ def test_a_clone_reads_the_same_but_cannot_make_a_valid_cryptogram() -> None:
     assert read_card(clone) == read_card(InProcess(SsseApplet(image())))
     c = authenticate(clone, b"abcdefgh", 1_00, "T1")
     key = crypto.derive_card_key(KeyAlgorithm.SM4, MASTER, CARD_NO)
-    assert not crypto.verify_card_cryptogram(KeyAlgorithm.SM4, key, b"abcdefgh", 1_00, "T1",
-                                             c.counter, c.cryptogram)  # fmt: skip
+    assert not crypto.verify_card_cryptogram(
+        KeyAlgorithm.SM4, key, b"abcdefgh", 1_00, "T1", c.counter, c.cryptogram
+    )
 
 
 @pytest.mark.parametrize(
@@ -147,8 +150,11 @@ def test_every_non_9000_answer_is_a_clear_error() -> None:
         read_card(
             Scripted({apdu.select_aid(): b"\x90\x00", apdu.select_ef(apdu.EF05): b"\x90\x00"})
         )
-    malformed = {apdu.select_aid(): b"\x90\x00", apdu.select_ef(apdu.EF05): b"\x90\x00",
-                 apdu.read_record(apdu.TAG_CARD_ID): b"\x01\x02ab\x90\x00"}  # fmt: skip
+    malformed = {
+        apdu.select_aid(): b"\x90\x00",
+        apdu.select_ef(apdu.EF05): b"\x90\x00",
+        apdu.read_record(apdu.TAG_CARD_ID): b"\x01\x02ab\x90\x00",
+    }
     with pytest.raises(CardError, match="malformed record"):
         read_card(Scripted(malformed))
     assert apdu.describe_sw(0x6C0B) == "6C0B wrong Le: the card has 11 bytes"

@@ -67,8 +67,16 @@ def _lifecycle() -> list[Event]:
 def test_no_published_event_carries_a_card_number() -> None:
     events = _lifecycle()
     kinds = {type(e).__name__ for e in events}
-    assert {"SwipeApproved", "SwipeDeclined", "SwipeReversed", "ReversalUnmatched", "Refunded",
-            "PharmacyLimitSet", "CardStateChanged", "CardIssued"} <= kinds  # fmt: skip
+    assert {
+        "SwipeApproved",
+        "SwipeDeclined",
+        "SwipeReversed",
+        "ReversalUnmatched",
+        "Refunded",
+        "PharmacyLimitSet",
+        "CardStateChanged",
+        "CardIssued",
+    } <= kinds
     assert any(CARD.encode() in codec.encode(e) for e in events)  # the core's own events do
     for event in events:
         raw = codec.encode(published(event, REDACTION))
@@ -108,9 +116,11 @@ def test_no_published_event_carries_the_ssn_a_name_or_a_phone() -> None:
     from clearing.model import PersonRegistered, PhoneSet, RegisterPerson, SetPhone
 
     events = _lifecycle()
-    person, first = core.handle(None, RegisterPerson(rid(), T0_MS, SSN, "欧阳娜娜",
-                                                     InsuranceCategory.EMPLOYEE,
-                                                     "13912345678"), POLICY)  # fmt: skip
+    person, first = core.handle(
+        None,
+        RegisterPerson(rid(), T0_MS, SSN, "欧阳娜娜", InsuranceCategory.EMPLOYEE, "13912345678"),
+        POLICY,
+    )
     _, second = core.handle(person, SetPhone(rid(), T0_MS, SSN, "13787654321"), POLICY)
     events += [*first.events, *second.events]
     for event in events:
@@ -124,11 +134,11 @@ def test_no_published_event_carries_the_ssn_a_name_or_a_phone() -> None:
     registered = published(first.events[0], REDACTION)
     assert isinstance(registered, PersonRegistered)
     assert (registered.name_masked, registered.phone_masked) == ("欧***", "139****5678")
-    assert REDACTION.contact.open(registered.sealed) == {"name": "欧阳娜娜",
-                                                         "phone": "13912345678"}  # fmt: skip
+    assert REDACTION.contact.open(registered.sealed) == {"name": "欧阳娜娜", "phone": "13912345678"}
     phone = published(second.events[0], REDACTION)
     assert isinstance(phone, PhoneSet) and REDACTION.contact.open(phone.sealed) == {
-        "phone": "13787654321"}  # fmt: skip
+        "phone": "13787654321"
+    }
 
 
 def test_sealed_values_open_only_under_their_key_and_unchanged() -> None:

@@ -20,7 +20,11 @@ def test_the_same_seed_replays_the_same_run() -> None:
     b = Simulator(POLICY, seed=11, persons=150, days=9).run()
     c = Simulator(POLICY, seed=12, persons=150, days=9).run()
     assert (a.decisions, a.results, a.approved_fen, a.redeliveries) == (
-        b.decisions, b.results, b.approved_fen, b.redeliveries)  # fmt: skip
+        b.decisions,
+        b.results,
+        b.approved_fen,
+        b.redeliveries,
+    )
     assert (a.results, a.approved_fen) != (c.results, c.approved_fen)
     assert a.results["OK"] > 0 and a.results["CARD_PRE_LOST"] > 0  # it exercises the domain
 

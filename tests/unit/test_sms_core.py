@@ -47,8 +47,9 @@ from stream_jobs.sms_core import (
 )
 
 SSN = "11010519491231002X"
-REDACTION = Redaction(CardTokens(b"t" * 32), Sealer(redact.CONTACT, b"c" * 32),
-                      Sealer(redact.PERSON, b"p" * 32))  # fmt: skip
+REDACTION = Redaction(
+    CardTokens(b"t" * 32), Sealer(redact.CONTACT, b"c" * 32), Sealer(redact.PERSON, b"p" * 32)
+)
 PHONE = "13812345678"
 PHARMACY = "310101P00002"
 UTC = dt.UTC
@@ -77,20 +78,53 @@ PERSON = with_phone(PHONE)
 
 
 def approved(n: int = 1, at_ms: int = T0, account: int = 3520, cash: int = 0) -> SwipeApproved:
-    return SwipeApproved(f"T1:{n:06d}#0", at_ms, SSN, f"T1:{n:06d}", "", PHARMACY,
-                         InstitutionType.PHARMACY, account + cash, account, cash, 123456,
-                         20_000, card_ref="ct_x", card_masked="*****5678")  # fmt: skip
+    return SwipeApproved(
+        f"T1:{n:06d}#0",
+        at_ms,
+        SSN,
+        f"T1:{n:06d}",
+        "",
+        PHARMACY,
+        InstitutionType.PHARMACY,
+        account + cash,
+        account,
+        cash,
+        123456,
+        20_000,
+        card_ref="ct_x",
+        card_masked="*****5678",
+    )
 
 
 def declined(n: int, at_ms: int, result: ResultCode = ResultCode.CARD_LOST) -> SwipeDeclined:
-    return SwipeDeclined(f"T9:{n:06d}#0", at_ms, SSN, f"T9:{n:06d}", "", PHARMACY, 8800,
-                         result, card_ref="ct_x", card_masked="*****5678")  # fmt: skip
+    return SwipeDeclined(
+        f"T9:{n:06d}#0",
+        at_ms,
+        SSN,
+        f"T9:{n:06d}",
+        "",
+        PHARMACY,
+        8800,
+        result,
+        card_ref="ct_x",
+        card_masked="*****5678",
+    )
 
 
 def state_change(op: str, at_ms: int = T0, deadline_ms: int = 0) -> CardStateChanged:
-    return CardStateChanged(f"W1:{op}#0", at_ms, SSN, "", op, CardState.ACTIVE,
-                            CardState.PRE_LOST, "", deadline_ms, card_ref="ct_x",
-                            card_masked="*****5678")  # fmt: skip
+    return CardStateChanged(
+        f"W1:{op}#0",
+        at_ms,
+        SSN,
+        "",
+        op,
+        CardState.ACTIVE,
+        CardState.PRE_LOST,
+        "",
+        deadline_ms,
+        card_ref="ct_x",
+        card_masked="*****5678",
+    )
 
 
 def send(event: Event, state: PersonSms = PERSON, now_ms: int = T0) -> sms_core.Decision:
@@ -124,10 +158,33 @@ def test_consumption_with_cash_names_both_parts() -> None:
 
 def test_reversal_and_refund_texts() -> None:
     at = beijing_ms(2026, 1, 5, 9, 7)
-    reversal = SwipeReversed("T1:2#0", at, SSN, "T1:2", "T1:1", "", PHARMACY, 3520, 126976,
-                             20_000, card_ref="ct_x", card_masked="*****5678")  # fmt: skip
-    refund = Refunded("T1:3#0", at, SSN, "T1:3", "T1:1", "", "310101H00001", 100, 127076,
-                      card_ref="ct_x", card_masked="*****5678")  # fmt: skip
+    reversal = SwipeReversed(
+        "T1:2#0",
+        at,
+        SSN,
+        "T1:2",
+        "T1:1",
+        "",
+        PHARMACY,
+        3520,
+        126976,
+        20_000,
+        card_ref="ct_x",
+        card_masked="*****5678",
+    )
+    refund = Refunded(
+        "T1:3#0",
+        at,
+        SSN,
+        "T1:3",
+        "T1:1",
+        "",
+        "310101H00001",
+        100,
+        127076,
+        card_ref="ct_x",
+        card_masked="*****5678",
+    )
     assert send(reversal, now_ms=at).sms.text == (  # type: ignore[union-attr]
         "【医保】您尾号5678的社保卡于1月5日09:07在老百姓大药房第1分店的一笔消费已冲正，"
         "35.20元已退回医保个人账户，余额1269.76元。"
@@ -167,9 +224,18 @@ def test_card_status_texts() -> None:
 
 
 def test_replacement_card_issued() -> None:
-    new = CardIssued("W1:r#1", T0, SSN, "", CardKind.SOCIAL_SECURITY, CardColour.BLUE,
-                     CardState.ISSUED, card_ref="ct_new", card_masked="*****4321",
-                     replaces_card_ref="ct_x")  # fmt: skip
+    new = CardIssued(
+        "W1:r#1",
+        T0,
+        SSN,
+        "",
+        CardKind.SOCIAL_SECURITY,
+        CardColour.BLUE,
+        CardState.ISSUED,
+        card_ref="ct_new",
+        card_masked="*****4321",
+        replaces_card_ref="ct_x",
+    )
     assert send(new).sms.text == (  # type: ignore[union-attr]
         "【医保】您的新社保卡（尾号4321）已于11月22日10:31制发，原卡已注销。新卡启用后即可使用。"
     )
@@ -184,8 +250,11 @@ def test_refused_swipes_alert_only_for_cardholder_facing_codes() -> None:
         "【医保】您尾号5678的社保卡（已挂失）于11月22日10:31在老百姓大药房第1分店"
         "有一笔88.00元的交易被拒绝。如有疑问请致电12393。"
     )
-    for code in (ResultCode.PIN_WRONG, ResultCode.INSUFFICIENT_BALANCE,
-                 ResultCode.DAILY_PHARMACY_LIMIT_REACHED):  # fmt: skip
+    for code in (
+        ResultCode.PIN_WRONG,
+        ResultCode.INSUFFICIENT_BALANCE,
+        ResultCode.DAILY_PHARMACY_LIMIT_REACHED,
+    ):
         assert send(declined(2, T0, code)).outcome == Outcome.NOT_NOTIFIABLE, code
 
 
@@ -207,8 +276,16 @@ def test_text_shows_only_the_last_four_of_the_card() -> None:
 def test_outcome_record_has_no_phone_or_ssn_in_clear() -> None:
     sms = send(approved()).sms
     assert sms is not None
-    record = sms_core.OutcomeRecord(sms.message_id, "submitted", T0, sms.kind.value,
-                                    sms.event_at_ms, sms.phone_masked, 1, ("m-1",))  # fmt: skip
+    record = sms_core.OutcomeRecord(
+        sms.message_id,
+        "submitted",
+        T0,
+        sms.kind.value,
+        sms.event_at_ms,
+        sms.phone_masked,
+        1,
+        ("m-1",),
+    )
     raw = record.to_json().decode()
     assert PHONE not in raw and SSN not in raw and "138****5678" in raw
 
@@ -348,13 +425,18 @@ def test_rate_decisions_follow_event_time_not_arrival() -> None:
     ("text", "message"),
     [
         ("[swipe]\napproved='x'", "lacks"),
-        ("[swipe]\napproved='{cardd}'\napproved_with_cash='x'\nreversed='x'\nrefunded='x'",
-         "bad placeholder"),
-        ("[swipe]\napproved='x'\napproved_with_cash='x'\nreversed='x'\nrefunded='x'\n"
-         "[decline]\nCARD_STOLEN='x'", "ResultCode"),
+        (
+            "[swipe]\napproved='{cardd}'\napproved_with_cash='x'\nreversed='x'\nrefunded='x'",
+            "bad placeholder",
+        ),
+        (
+            "[swipe]\napproved='x'\napproved_with_cash='x'\nreversed='x'\nrefunded='x'\n"
+            "[decline]\nCARD_STOLEN='x'",
+            "ResultCode",
+        ),
         ("signature = [", "not TOML"),
     ],
-)  # fmt: skip
+)
 def test_bad_templates_are_refused_at_load(text: str, message: str) -> None:
     with pytest.raises(TemplateError, match=message):
         sms_core.parse_templates(text)

@@ -45,8 +45,17 @@ MACHINE_POLICY = Policy(
     institutions=POLICY.institutions,
     pre_loss_lifetimes={"": PreLossLifetime(24, LifetimeUnit.HOURS)},
 )
-OPS = ["report_pre_loss", "confirm_loss", "release", "apply_replacement", "freeze",
-       "unfreeze", "unlock", "change_pin", "activate"]  # fmt: skip
+OPS = [
+    "report_pre_loss",
+    "confirm_loss",
+    "release",
+    "apply_replacement",
+    "freeze",
+    "unfreeze",
+    "unlock",
+    "change_pin",
+    "activate",
+]
 
 
 class PersonMachine(RuleBasedStateMachine):

@@ -26,13 +26,21 @@ class _Failed:
 
 
 def test_error_info_and_the_bad_field_round_trip() -> None:
-    st = status.error_status(grpc.StatusCode.INVALID_ARGUMENT, "data longer than 8 bytes",
-                             status.Reason.FIELD_INVALID, metadata={"key_id": "tak-T1"},
-                             bad_field="data")  # fmt: skip
+    st = status.error_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "data longer than 8 bytes",
+        status.Reason.FIELD_INVALID,
+        metadata={"key_id": "tak-T1"},
+        bad_field="data",
+    )
     assert st.code == grpc.StatusCode.INVALID_ARGUMENT and st.details.startswith("data")
     found = status.details_of(_Failed(st))
-    assert found == status.ErrorDetails("FIELD_INVALID", status.DOMAIN, {"key_id": "tak-T1"},
-                                        (("data", "data longer than 8 bytes"),))  # fmt: skip
+    assert found == status.ErrorDetails(
+        "FIELD_INVALID",
+        status.DOMAIN,
+        {"key_id": "tak-T1"},
+        (("data", "data longer than 8 bytes"),),
+    )
     assert status.describe(_Failed(st)) == (
         "INVALID_ARGUMENT data longer than 8 bytes "
         "(FIELD_INVALID; key_id=tak-T1; field data: data longer than 8 bytes)"
@@ -40,8 +48,9 @@ def test_error_info_and_the_bad_field_round_trip() -> None:
 
 
 def test_without_a_field_there_is_no_bad_request_and_without_details_none() -> None:
-    st = status.error_status(grpc.StatusCode.PERMISSION_DENIED, "terminal may not call X",
-                             status.Reason.ROLE_NOT_ALLOWED)  # fmt: skip
+    st = status.error_status(
+        grpc.StatusCode.PERMISSION_DENIED, "terminal may not call X", status.Reason.ROLE_NOT_ALLOWED
+    )
     found = status.details_of(_Failed(st))
     assert found is not None and found.fields == () and found.reason == "ROLE_NOT_ALLOWED"
     bare = grpc.Status()  # a deadline or a transport failure carries no details
