@@ -68,7 +68,9 @@ class Arrival:
         """This arrival with the HSM's answer to `ask`."""
         if ask is Ask.PIN_FORM:
             return replace(self, pin_form=PinOutcome(answer))
-        return replace(self, **{ask.value: ResultCode(answer)})
+        if ask is Ask.MAC:
+            return replace(self, mac=ResultCode(answer))
+        return replace(self, cryptogram=ResultCode(answer))
 
 
 @dataclass(frozen=True, slots=True)

@@ -316,18 +316,16 @@ def decide_authorize(person: Person | None, c: Authorize, policy: Policy) -> Dec
     )
     if p.institution.type == InstitutionType.PHARMACY:
         told["pharmacy_swipes_today"] += 1
-    return with_events(
-        person,
-        c,
-        [event],
-        result,
-        amount_fen=c.amount_fen,
-        paid_from_account_fen=paid,
-        paid_in_cash_fen=c.amount_fen - paid,
-        balance_fen=balance_after,
-        card_no=c.card_no,
-        **told,
+    told.update(
+        Told(
+            amount_fen=c.amount_fen,
+            paid_from_account_fen=paid,
+            paid_in_cash_fen=c.amount_fen - paid,
+            balance_fen=balance_after,
+            card_no=c.card_no,
+        )
     )
+    return with_events(person, c, [event], result, **told)
 
 
 def _declined(p: Presented, refusal: Refusal) -> Decision:

@@ -23,8 +23,9 @@ from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_sealer
+from medclear.streams.batch import Batch
 from medclear.streams.process import serve_runtimes
-from medclear.streams.runtime import Batch, Runtime
+from medclear.streams.runtime import Runtime
 from monitoring import metrics
 from stream_jobs import jobs
 from stream_jobs.events import decoded

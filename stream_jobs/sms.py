@@ -75,8 +75,9 @@ from medclear.infra.kafka_admin import wait_for_topics
 from medclear.infra.policy import load_institutions
 from medclear.infra.settings import Settings, smsc_password
 from medclear.infra.tokens import load_sealer
+from medclear.streams.batch import Batch
 from medclear.streams.process import serve_runtimes
-from medclear.streams.runtime import Batch, Runtime, set_ready
+from medclear.streams.runtime import Runtime, set_ready
 from monitoring import metrics
 from stream_jobs import jobs, sms_core
 from stream_jobs.errors import StreamJobError

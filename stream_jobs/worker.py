@@ -53,8 +53,9 @@ from medclear.infra.pin_check import PinCheck
 from medclear.infra.settings import Settings, pki_dir
 from medclear.infra.tokens import load_redaction
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE
+from medclear.streams.batch import Batch
 from medclear.streams.process import run_in_foreground
-from medclear.streams.runtime import Batch, Runtime
+from medclear.streams.runtime import Runtime
 from monitoring import metrics
 from stream_jobs import jobs
 

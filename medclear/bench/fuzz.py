@@ -26,7 +26,14 @@ from typing import Annotated
 import grpc
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from medclear import stack
@@ -75,6 +82,16 @@ SENDERS = 8  # threads sending at once (each its own channel): generation is the
 QUEUE_CASES_MAX = 2_000  # generated cases waiting for a sender at most
 
 
+def _progress_columns() -> tuple[ProgressColumn, ...]:
+    return (
+        TextColumn("hostile requests"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
+    )
+
+
 def run(a: StackAccess, requests: int) -> FuzzBench:
     """Send `requests` hostile requests and count what came back. Hypothesis generates
     them (generation only: no shrinking, no replay) on this thread; SENDERS threads send
@@ -106,14 +123,7 @@ def run(a: StackAccess, requests: int) -> FuzzBench:
 
     senders = [threading.Thread(target=send, args=(t,), daemon=True) for t in targets]
     started = time.monotonic()
-    columns = (
-        TextColumn("hostile requests"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[rate]}"),
-    )
-    with Progress(*columns, console=console) as progress:
+    with Progress(*_progress_columns(), console=console) as progress:
         task = progress.add_task("fuzz", total=requests, rate="")
 
         @hsettings(

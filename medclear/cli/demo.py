@@ -19,8 +19,8 @@ from clearing import settlement
 from clearing.limits import SHANGHAI_UTC_OFFSET_MS
 from medclear import stack
 from medclear.cli import agent as agent_cli
-from medclear.cli import recon as cli_recon
 from medclear.cli.recon import import_, reconcile
+from medclear.cli.recon_report import console as recon_console
 from medclear.cli.recon_report import print_report, render_html, summary
 from medclear.cli.support import fail
 from medclear.cli.tables import result_codes_table
@@ -111,7 +111,7 @@ def _reconcile_the_day(settings: Settings, stats: demo.DemoStats) -> None:
     """The institutions' own files imported, then 对账 of today, printed and written."""
     files = demo.institution_files(stats, settings.state_dir / "reports" / "institution-files")
 
-    with cli_recon.console.capture():  # one line here instead of a table per institution
+    with recon_console.capture():  # one line here instead of a table per institution
         for totals, detail in files:
             import_(totals, detail)
     console.print(f"imported the institutions' own files ({len(files)}): what their POS saw")

@@ -20,7 +20,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from medclear.errors import MedclearError
-from medclear.streams.store import PartitionStore
+from medclear.streams.batch import Store
 from monitoring import metrics
 
 log = structlog.get_logger()
@@ -37,7 +37,7 @@ class RestoreError(MedclearError):
 async def restore(
     consumer: AIOKafkaConsumer,
     tp: TopicPartition,
-    store: PartitionStore,
+    store: Store,
     on_chunk: Callable[[int], None] = lambda _n: None,
 ) -> int:
     """Apply changelog partition `tp` from the store's next offset to the end; returns the
@@ -52,7 +52,7 @@ async def restore(
 async def _restore(
     consumer: AIOKafkaConsumer,
     tp: TopicPartition,
-    store: PartitionStore,
+    store: Store,
     on_chunk: Callable[[int], None],
 ) -> int:
     # The offsets first, then assign and seek with no await between: aiokafka resets a

@@ -14,8 +14,14 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import structlog
+
+from medclear.streams.batch import StreamFailed
 from medclear.streams.runtime import Runtime
 
+log = structlog.get_logger()
+
+EXIT_STREAM_FAILED = 75  # EX_TEMPFAIL: restart me (a batch could not be completed)
 Periodic = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 Served = Periodic  # a job: runs until the event is set, then finishes and commits
 
@@ -59,7 +65,8 @@ async def serve_runtimes(
 def run_until_signal(jobs: Sequence[Served]) -> None:
     """Serve jobs in one event loop until SIGTERM or SIGINT. A job that fails stops the
     others gracefully (they commit what is done), then its error ends the process, so
-    whoever runs it (the stack's watcher) starts all of them again."""
+    whoever runs it (the stack's watcher) starts all of them again: a runtime's
+    StreamFailed with EXIT_STREAM_FAILED, anything else as Python ends on an error."""
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -76,7 +83,15 @@ def run_until_signal(jobs: Sequence[Served]) -> None:
         for task in served:
             task.result()  # the first failure, if any, raised here
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except StreamFailed as exc:  # nothing after the failed batch was committed
+        log.critical(
+            "a stream job failed; exiting to be restarted",
+            error=str(exc),
+            exit_status=EXIT_STREAM_FAILED,
+        )
+        sys.exit(EXIT_STREAM_FAILED)
 
 
 def run_in_foreground(runtimes: Sequence[Runtime], tasks: Sequence[Periodic] = ()) -> None:

@@ -22,9 +22,17 @@ effects between steps (the sms job) runs unpipelined and calls `await batch.flus
 Rebalances: on revocation the batches in flight are finished (outputs, state, replies,
 commit) before the partitions go, under the same lock the poll loop holds while it
 decides; on assignment each new partition's stores are restored from their changelogs
-before any of its records is handled. A failure to finish a batch (the broker gave up an
-acknowledgement) ends the process with EXIT_STREAM_FAILED: nothing after it may be
-committed, and a restart reads from the last commit.
+before any of its records is handled.
+
+Every batch carries the stage its completion has reached (medclear/streams/batch.py:
+decided → outputs acknowledged → state written → replies acknowledged → committable), and
+each step asserts the stage before it. A batch that cannot be completed (the broker gave
+up an acknowledgement) fails every batch after it: `run` raises StreamFailed, nothing is
+committed any more, and the host (medclear/streams/process.py) ends the process with
+EXIT_STREAM_FAILED; a restart reads from the last commit. The producers and the stores
+are given by factories (`producer_factory`, `store_factory`), so a test can run the
+runtime on its own and crash it between any two stages
+(tests/unit/test_runtime_stages.py).
 
 Membership is static: a member joins its group with `group.instance.id` = its member id
 (`worker-N` for the clearing workers), so a member restarted after a crash or a kill -9
@@ -40,18 +48,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
 import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from medclear.infra.kafka_access import KafkaAccess
@@ -64,86 +69,29 @@ from medclear.infra.kafka_admin import (
     wait_for_topics,
 )
 from medclear.infra.topics import changelog_topic
+from medclear.streams.batch import (
+    Batch,
+    Handler,
+    Producer,
+    Slot,
+    Stage,
+    StageHook,
+    StepObserver,
+    Store,
+    StreamFailed,
+)
 from medclear.streams.changelog import restore
 from medclear.streams.store import PartitionStore
 from monitoring import metrics
 
 log = structlog.get_logger()
 
-EXIT_STREAM_FAILED = 75  # EX_TEMPFAIL: restart me (a batch could not be completed)
 BATCH_RECORDS_MAX = 256  # input records decided together at most
 LAG_INTERVAL_S = 2.0
 COMMIT_INTERVAL_S = 1.0  # finished offsets are committed at most this often
 RESTORE_FETCH_WAIT_MS = 10
 NOT_READY_SLEEP_S = 0.01  # the poll loop while the partitions are being restored
-Headers = Sequence[tuple[str, bytes]]
-Handler = Callable[["Batch"], Awaitable[None]]
-StepObserver = Callable[[str, float], None]
-
-
-@dataclass(frozen=True)
-class Produce:
-    topic: str
-    value: bytes | None
-    key: bytes | None = None
-    headers: Headers = ()
-    partition: int | None = None
-
-
-@dataclass
-class _Slot:
-    """A state write not yet in the store: readable by later batches meanwhile."""
-
-    value: bytes | None
-    batch: int
-
-
-@dataclass
-class Batch:
-    """One batch of input records and what handling them asks for."""
-
-    runtime: Runtime
-    number: int
-    records: list[Any]
-    outputs: list[Produce] = field(default_factory=list)
-    replies: list[Produce] = field(default_factory=list)
-    changes: dict[tuple[str, int], dict[bytes, bytes | None]] = field(default_factory=dict)
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset per tp
-    sent: list[asyncio.Future[Any]] = field(default_factory=list)
-
-    def get(self, table: str, partition: int, key: bytes) -> bytes | None:
-        """The value as of this batch: its own writes, then earlier batches' not yet
-        stored, then the store."""
-        return self.runtime.read(table, partition, key)
-
-    def put(self, table: str, partition: int, key: bytes, value: bytes | None) -> None:
-        self.changes.setdefault((table, partition), {})[key] = value
-        self.runtime.overlay(table, partition)[key] = _Slot(value, self.number)
-
-    def send(
-        self,
-        topic: str,
-        value: bytes | None,
-        key: bytes | None = None,
-        headers: Headers = (),
-        partition: int | None = None,
-    ) -> None:
-        """An output: on the broker before this batch's state is written."""
-        self.outputs.append(Produce(topic, value, key, headers, partition))
-
-    def reply(
-        self, topic: str, value: bytes | None, key: bytes | None = None, headers: Headers = ()
-    ) -> None:
-        """A reply: sent once this batch's state is written."""
-        self.replies.append(Produce(topic, value, key, headers))
-
-    async def flush(self) -> None:
-        """Make everything this batch asked for so far durable now, in order (outputs,
-        state, replies); only for a runtime that does not pipeline."""
-        if self.runtime.in_flight_max != 1:
-            raise RuntimeError("flush() inside a batch needs in_flight_max == 1")
-        await self.runtime.hand_over(self)
-        await self.runtime.finish(self, commit=False)
+STOP_AFTER_FAILURE_S = 10.0  # after a failure, the clients get this long to stop
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -183,6 +131,9 @@ class Runtime:
         fetch_wait_ms: int = DOWNSTREAM_FETCH_WAIT_MS,
         observe_step: StepObserver | None = None,
         on_ready: Callable[[], Awaitable[None]] | None = None,
+        producer_factory: Callable[[KafkaAccess], Producer] = new_producer,
+        store_factory: Callable[[Path], Store] = PartitionStore,
+        on_stage: StageHook | None = None,
     ) -> None:
         if in_flight_max < 1 or batch_max < 1:
             raise ValueError("in_flight_max and batch_max are at least 1")
@@ -194,25 +145,29 @@ class Runtime:
         self.fetch_wait_ms = fetch_wait_ms
         self.observe_step = observe_step
         self.on_ready = on_ready
-        self.stores: dict[tuple[str, int], PartitionStore] = {}
-        self._overlay: dict[tuple[str, int], dict[bytes, _Slot]] = {}
+        self.producer_factory, self.store_factory = producer_factory, store_factory
+        self.on_stage = on_stage
+        self.stores: dict[tuple[str, int], Store] = {}
+        self._overlay: dict[tuple[str, int], dict[bytes, Slot]] = {}
         self._lock = asyncio.Lock()
+        self._committing = asyncio.Lock()
         self._completions: deque[asyncio.Task[None]] = deque()
-        self._to_commit: dict[TopicPartition, int] = {}  # finished, not yet committed
-        self._unacked: list[asyncio.Future[Any]] = []  # replies handed over, not acknowledged
+        self._replying: deque[Batch] = deque()  # state written, replies not yet acknowledged
+        self._to_commit: dict[TopicPartition, int] = {}  # committable, not yet committed
         self._committed_at = 0.0
         self._batches = 0
         self._ready = False
+        self.failure: StreamFailed | None = None  # set once: nothing is committed after it
         self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
-        self.reply_producer: AIOKafkaProducer | None = None  # see start()
+        self.producer: Producer | None = None
+        self.reply_producer: Producer | None = None  # see start()
         self._restorer: AIOKafkaConsumer | None = None
         self.stopping = asyncio.Event()  # set when the process is asked to stop
         set_ready(self, False)
 
     # ------------------------------------------------------------------ state
 
-    def overlay(self, table: str, partition: int) -> dict[bytes, _Slot]:
+    def overlay(self, table: str, partition: int) -> dict[bytes, Slot]:
         return self._overlay.setdefault((table, partition), {})
 
     def read(self, table: str, partition: int, key: bytes) -> bytes | None:
@@ -221,14 +176,19 @@ class Runtime:
             return slot.value
         store = self.stores.get((table, partition))
         if store is None:
-            raise RuntimeError(f"{self.job}: table {table} partition {partition} is not ours")
+            raise KeyError(f"{self.job}: table {table} partition {partition} is not ours")
         return store.get(key)
 
     def store_items(self, table: str) -> Iterable[tuple[bytes, bytes]]:
-        """Every stored key and value of a table, over the partitions assigned now."""
+        """Every (key, value) of a table over the assigned partitions (stored values only)."""
         for (name, _partition), store in list(self.stores.items()):
             if name == table:
                 yield from store.items()
+
+    def reached(self, batch: Batch) -> None:
+        """A batch entered a stage (Batch.advance): the test hook, if any, sees it."""
+        if self.on_stage is not None:
+            self.on_stage(batch)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -236,13 +196,13 @@ class Runtime:
         # waits for the broker and the topic if they are not there yet (a restart while
         # the broker fails over)
         inputs = (await wait_for_topics(self.kafka, [self.topic]))[self.topic]
-        self.producer = new_producer(self.kafka)
+        self.producer = self.producer_factory(self.kafka)
         await self.producer.start()
         # Replies have a producer of their own: a producer keeps one request in flight per
         # broker, so on a shared one a batch's replies would wait behind the next batch's
         # events and changelog. The changelog topics are known to the producer before the
         # first batch (_ensure_changelogs), so no output waits for their metadata.
-        self.reply_producer = new_producer(self.kafka)
+        self.reply_producer = self.producer_factory(self.kafka)
         await self.reply_producer.start()
         # reads a changelog to its end, with ListOffsets between the partitions: short
         # fetch waits, so a held fetch does not delay them (kafka_admin.new_reader)
@@ -272,58 +232,77 @@ class Runtime:
             await self.producer.partitions_for(topic)
 
     async def stop(self) -> None:
-        """Finish what is in flight, commit, leave (static members stay in the group)."""
-        async with self._lock:
-            await self._drain()
+        """Finish what is in flight, commit, leave (static members stay in the group).
+        After a failure nothing is finished or committed: the clients stop, within
+        STOP_AFTER_FAILURE_S."""
+        if self.failure is None:
+            async with self._lock:
+                with contextlib.suppress(StreamFailed):  # recorded in self.failure
+                    await self._drain()
+        clients = [
+            c
+            for c in (self.consumer, self._restorer, self.producer, self.reply_producer)
+            if c is not None
+        ]
         # at once: a consumer's stop waits for the fetch the broker is holding for it
-        await asyncio.gather(
-            *(
-                client.stop()
-                for client in (self.consumer, self._restorer, self.producer, self.reply_producer)
-                if client is not None
-            ),
-            return_exceptions=True,
-        )
+        stopped = asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        if self.failure is None:
+            await stopped
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped, STOP_AFTER_FAILURE_S)
         for store in self.stores.values():
             store.close()
         self.stores.clear()
         set_ready(self, False)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Poll, decide, hand over, until `stopping` is set; then stop cleanly."""
+        """Poll, decide, hand over, until `stopping` is set; then stop cleanly. Raises
+        StreamFailed when a batch could not be completed."""
         self.stopping = stopping  # a handler that waits on the outside world watches it
         await self.start()
-        consumer = self.consumer
-        assert consumer is not None
         lag = asyncio.create_task(self._export_lag(stopping))
         try:
             while not stopping.is_set():
-                handled = False
-                async with self._lock:
-                    if self._ready:  # the broker holds the fetch until records come
-                        fetched = await consumer.getmany(
-                            timeout_ms=POLL_WAIT_MS, max_records=self.batch_max
-                        )
-                        if fetched:
-                            await self._handle(fetched)
-                            handled = True
-                if not handled:
-                    if self._to_commit and time.monotonic() - self._committed_at >= (
-                        COMMIT_INTERVAL_S
-                    ):
-                        async with self._lock:
-                            await self._drain()  # idle: what is finished gets committed
-                    if not self._ready:  # partitions being restored, or none assigned
-                        await asyncio.sleep(NOT_READY_SLEEP_S)
+                if not await self._poll_once():
+                    await self._idle()
+                if self.failure is not None:  # found by a rebalance or a completion
+                    raise self.failure
         finally:
             lag.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lag
             await self.stop()
+        if self.failure is not None:  # the last batches failed while stopping
+            raise self.failure
+
+    async def _poll_once(self) -> bool:
+        """Fetch (the broker holds the fetch until records come) and handle one batch;
+        False when there was nothing to handle."""
+        consumer = self.consumer
+        assert consumer is not None
+        async with self._lock:
+            if not self._ready:
+                return False
+            fetched = await consumer.getmany(timeout_ms=POLL_WAIT_MS, max_records=self.batch_max)
+            if not fetched:
+                return False
+            await self._handle(fetched)
+            return True
+
+    async def _idle(self) -> None:
+        pending = self._to_commit or self._replying or self._completions
+        if pending and time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
+            async with self._lock:
+                await self._drain()  # idle: what is finished gets committed
+        if not self._ready:  # partitions being restored, or none assigned
+            await asyncio.sleep(NOT_READY_SLEEP_S)
 
     # ------------------------------------------------------------------ batches
 
     async def _handle(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        """Decide a batch, hand its outputs over, and queue its completion; completions
+        run in batch order, at most in_flight_max of them at once."""
         records = [r for tp in sorted(fetched, key=lambda t: t.partition) for r in fetched[tp]]
         self._batches += 1
         batch = Batch(self, self._batches, records)
@@ -333,7 +312,8 @@ class Runtime:
         started = time.perf_counter()
         await self.handler(batch)
         self._observe("decide", time.perf_counter() - started)
-        await self.hand_over(batch)
+        await self._hand_over(batch)
+        batch.advance(Stage.DECIDED)
         previous = self._completions[-1] if self._completions else None
         self._completions.append(asyncio.create_task(self._complete(batch, previous)))
         while len(self._completions) >= self.in_flight_max or (
@@ -341,7 +321,7 @@ class Runtime:
         ):
             await self._settle_oldest()
 
-    async def hand_over(self, batch: Batch) -> None:
+    async def _hand_over(self, batch: Batch) -> None:
         """Give the batch's outputs to the producer now, in batch order."""
         assert self.producer is not None
         for out in batch.outputs:
@@ -361,65 +341,93 @@ class Runtime:
         try:
             await task
         except Exception as exc:
-            self._fail(exc)
+            raise self._failed(exc) from exc
 
     async def _drain(self) -> None:
-        """Every batch in flight finished, and committed."""
+        """Every batch in flight completed, and committed."""
         while self._completions:
             await self._settle_oldest()
-        if self._to_commit or self._unacked:
+        if self._to_commit or self._replying:
             try:
                 await self._commit()
             except Exception as exc:
-                self._fail(exc)
+                raise self._failed(exc) from exc
 
-    def _fail(self, exc: BaseException) -> None:
-        log.critical(
-            "a batch could not be completed; exiting without committing it",
-            job=self.job,
-            error=f"{type(exc).__name__}: {exc}",
-        )
-        sys.stderr.flush()
-        os._exit(EXIT_STREAM_FAILED)
+    def _failed(self, exc: BaseException) -> StreamFailed:
+        """Record the first failure (nothing is committed after it) and return it."""
+        if self.failure is None:
+            log.critical(
+                "a batch could not be completed; nothing after it is committed",
+                job=self.job,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            failure = exc if isinstance(exc, StreamFailed) else StreamFailed(f"{self.job}: {exc}")
+            self.failure = failure
+        return self.failure
 
     async def _complete(self, batch: Batch, previous: asyncio.Task[None] | None) -> None:
+        """Outputs acknowledged; then, once the batch before is complete (its failure is
+        this batch's too: nothing after a failed batch is written), the state and the
+        replies."""
         started = time.perf_counter()
-        await asyncio.gather(*batch.sent)  # the outputs are on the broker
-        batch.sent.clear()
-        self._observe("outputs", time.perf_counter() - started)
-        if previous is not None:
-            with contextlib.suppress(Exception):  # its failure ends the process elsewhere
-                await previous
-        await self.finish(batch, commit=True)
-
-    async def finish(self, batch: Batch, commit: bool) -> None:
-        """State (changelog, then store), replies, and the commit of the batch. Replies
-        are handed to the producer here; their acknowledgements are awaited before the
-        next commit (at most every COMMIT_INTERVAL_S), not before the next batch's state."""
         await asyncio.gather(*batch.sent)
         batch.sent.clear()
+        batch.advance(Stage.OUTPUTS_ACKED)
+        self._observe("outputs", time.perf_counter() - started)
+        if previous is not None:
+            await previous
         t0 = time.perf_counter()
         await self._write_state(batch)
-        t1 = time.perf_counter()
+        batch.advance(Stage.STATE_WRITTEN)
+        self._observe("state", time.perf_counter() - t0)
+        batch.reply_acks += await self._send_replies(batch)
+        self._replying.append(batch)
+        if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
+            await self._commit()
+
+    async def _send_replies(self, batch: Batch) -> list[asyncio.Future[Any]]:
+        """Hand the batch's replies to the reply producer; their acknowledgements are
+        awaited before the next commit (at most every COMMIT_INTERVAL_S), not before the
+        next batch's state."""
         assert self.reply_producer is not None
-        for r in batch.replies:
-            sent = await self.reply_producer.send(
-                r.topic, r.value, key=r.key, headers=list(r.headers)
-            )
-            self._unacked.append(sent)
+        acks = [
+            await self.reply_producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
+            for r in batch.replies
+        ]
         batch.replies.clear()
-        self._observe("state", t1 - t0)
-        if commit:
-            for tp, offset in batch.offsets.items():
-                self._to_commit[tp] = max(offset, self._to_commit.get(tp, 0))
-            if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
-                await self._commit()
+        return acks
+
+    async def flush(self, batch: Batch) -> None:
+        """Batch.flush: outputs, state and replies asked for so far, durable now (only
+        for a runtime that does not pipeline); the batch's stage does not move."""
+        if self.in_flight_max != 1:
+            raise RuntimeError("flush() inside a batch needs in_flight_max == 1")
+        await self._hand_over(batch)
+        await asyncio.gather(*batch.sent)
+        batch.sent.clear()
+        await self._write_state(batch)
+        await asyncio.gather(*await self._send_replies(batch))
 
     async def _commit(self) -> None:
-        """Everything finished so far: replies acknowledged, then the offsets committed."""
+        """Every batch whose state is written: its replies acknowledged, then its offsets
+        committed with the others'. One commit at a time (a completion and the poll loop
+        may both ask): a batch's offsets are never committed before its replies are
+        acknowledged, nor before the batches ahead of it."""
+        async with self._committing:
+            await self._commit_locked()
+
+    async def _commit_locked(self) -> None:
+        if self.failure is not None:
+            raise self.failure
         t0 = time.perf_counter()
-        unacked, self._unacked = self._unacked, []
-        await asyncio.gather(*unacked)
+        while self._replying:
+            batch = self._replying.popleft()
+            await asyncio.gather(*batch.reply_acks)
+            batch.reply_acks.clear()
+            batch.advance(Stage.REPLIES_ACKED)
+            batch.advance(Stage.COMMITTABLE)
+            for tp, offset in batch.offsets.items():
+                self._to_commit[tp] = max(offset, self._to_commit.get(tp, 0))
         t1 = time.perf_counter()
         self._observe("replies", t1 - t0)
         assert self.consumer is not None
@@ -436,6 +444,8 @@ class Runtime:
         self._observe("commit", time.perf_counter() - t1)
 
     async def _write_state(self, batch: Batch) -> None:
+        """The batch's changes: on the changelog (acknowledged), then in the store with the
+        changelog offset after them."""
         if not batch.changes:
             return
         assert self.producer is not None
@@ -474,7 +484,10 @@ class Runtime:
         async with self._lock:
             self._ready = False
             set_ready(self, False)
-            await self._drain()  # every batch in flight finished and committed
+            # every batch in flight completed and committed; a failure is kept in
+            # self.failure for the poll loop to raise (not raised into aiokafka)
+            with contextlib.suppress(StreamFailed):
+                await self._drain()
             for tp in revoked:
                 for table in self.tables:
                     store = self.stores.pop((table, tp.partition), None)
@@ -501,7 +514,7 @@ class Runtime:
     async def _open_and_restore(self, table: str, partition: int) -> None:
         if (table, partition) in self.stores:
             return
-        store = PartitionStore(self.data_dir / table / str(partition))
+        store = self.store_factory(self.data_dir / table / str(partition))
         self.stores[(table, partition)] = store
         assert self._restorer is not None
         tp = TopicPartition(changelog_topic(self.job, table), partition)

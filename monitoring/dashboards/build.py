@@ -10,6 +10,7 @@ every query returns data from the Prometheus of a running test stack.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,8 @@ def panel(
 
 
 def dashboard(
-    uid: str, title: str, panels: list[dict[str, Any]], variables: list[dict[str, Any]] = ()
-) -> dict[str, Any]:  # type: ignore[assignment]
+    uid: str, title: str, panels: list[dict[str, Any]], variables: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
     x = y = 0
     for i, p in enumerate(panels):
         p["id"] = i + 1
