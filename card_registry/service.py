@@ -15,7 +15,6 @@ from typing import Any, TypeAlias
 
 import grpc
 import structlog
-from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 from clearing import core, model, validate
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
@@ -37,6 +36,7 @@ from medclear.infra.rpc import (
     system_clock_ms,
 )
 from medclear.infra.serving import serve_commands
+from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from monitoring import metrics
 
 log = structlog.get_logger(process="registry")

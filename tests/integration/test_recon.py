@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 import openpyxl
 import pytest
-from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2_grpc
 
 from clearing import reconciliation
 from clearing import settlement as rules
@@ -32,6 +31,7 @@ from medclear.cli.recon import log_figures, read_settlements, reconcile
 from medclear.cli.recon_report import summary
 from medclear.infra.exits import Exit
 from medclear.infra.settings import Settings
+from medclear.v1 import common_pb2, pos_pb2, pos_pb2_grpc, registry_pb2_grpc
 from stream_jobs import ch
 from tests.integration.running import running_stack
 from tests.integration.test_swipe_e2e import authorize, enrol

@@ -4,9 +4,9 @@ named bound, and a request over one, or of the wrong form, is named by its field
 from __future__ import annotations
 
 import pytest
-from medclear.v1 import common_pb2, pos_pb2, registry_pb2
 
 from medclear.infra import bounds
+from medclear.v1 import common_pb2, pos_pb2, registry_pb2
 
 SERVICES = [
     pos_pb2.DESCRIPTOR.services_by_name["PosService"],

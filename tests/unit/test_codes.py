@@ -5,9 +5,9 @@ from __future__ import annotations
 from enum import IntEnum
 
 import pytest
-from medclear.v1 import common_pb2
 
 from clearing import codes
+from medclear.v1 import common_pb2
 
 PAIRS = [
     (codes.ResultCode, common_pb2.ResultCode),

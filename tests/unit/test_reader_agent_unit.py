@@ -8,13 +8,13 @@ from typing import Any
 
 import grpc
 import pytest
-from medclear.v1 import pos_pb2
 from rich.console import Console
 
 from clearing.codes import InstitutionType, ResultCode
 from hsm_sim import crypto
 from hsm_sim.crypto import KeyAlgorithm
 from medclear.infra.terminals import Keyring
+from medclear.v1 import pos_pb2
 from reader_agent import journal as journal_module
 from reader_agent.agent import Agent, Terminal
 from reader_agent.card import SsseApplet
