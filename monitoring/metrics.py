@@ -103,7 +103,7 @@ UNDECODABLE = Counter(
 )
 STREAM_BATCH_RECORDS = Histogram(
     "medclear_stream_batch_records",
-    "Input records a stream job handled together in one batch (medclear/streams)",
+    "Input records a stream job handled together in one batch (stream_runtime)",
     ["stream_job"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
 )

@@ -64,9 +64,9 @@ from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import DOWNSTREAM_FETCH_WAIT_MS, POLL_WAIT_MS, wait_for_topics
 from medclear.infra.settings import Settings
 from medclear.infra.tokens import load_card_tokens
-from medclear.streams.runtime import set_ready
 from monitoring import metrics
 from stream_jobs import ch, jobs
+from stream_runtime.runtime import set_ready
 
 log = structlog.get_logger(process="clickhouse-sink")
 

@@ -1,5 +1,5 @@
 """Serving stream jobs in this process: one (`medclear serve <job>`) or several in one
-event loop (`medclear serve jobs`), until SIGTERM (medclear/streams/process.py)."""
+event loop (`medclear serve jobs`), until SIGTERM (stream_runtime/process.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import functools
 
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
-from medclear.streams.process import Served, run_until_signal
 from stream_jobs.jobs import server
+from stream_runtime.process import Served, run_until_signal
 
 
 def run(settings: Settings, kafka: KafkaAccess, names: list[str]) -> None:

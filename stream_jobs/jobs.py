@@ -1,7 +1,7 @@
 """The stream jobs `medclear up` starts: name → "module:function".
 
 Each function is `serve(settings, kafka, stopping)`, a coroutine that runs the job (its
-stream runtimes, medclear/streams) until `stopping` is set, then finishes what is in flight
+stream runtimes, stream_runtime) until `stopping` is set, then finishes what is in flight
 and commits. `medclear serve <name>` runs one job as a process; `medclear serve jobs` runs
 the chosen ones (MEDCLEAR_JOBS, default all) in one process and one event loop, which is
 how `medclear up` starts them unless MEDCLEAR_JOBS_IN_ONE_PROCESS=false (one process per

@@ -33,12 +33,12 @@ from clearing import settlement as rules
 from medclear.infra import topics
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.settings import Settings
-from medclear.streams.batch import Batch
-from medclear.streams.process import serve_runtimes
-from medclear.streams.runtime import Runtime
 from monitoring import metrics
 from stream_jobs import jobs
 from stream_jobs.events import decoded
+from stream_runtime.batch import Batch
+from stream_runtime.process import serve_runtimes
+from stream_runtime.runtime import Runtime
 
 log = structlog.get_logger(process="settlement")
 APP_ID = jobs.KAFKA["settlement"].prefix

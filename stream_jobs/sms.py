@@ -75,15 +75,15 @@ from medclear.infra.kafka_admin import wait_for_topics
 from medclear.infra.policy import load_institutions
 from medclear.infra.settings import Settings, smsc_password
 from medclear.infra.tokens import load_sealer
-from medclear.streams.batch import Batch
-from medclear.streams.process import serve_runtimes
-from medclear.streams.runtime import Runtime, set_ready
 from monitoring import metrics
 from stream_jobs import jobs, sms_core
 from stream_jobs.errors import StreamJobError
 from stream_jobs.events import decoded
 from stream_jobs.sms_core import Context, Outcome, OutcomeRecord, PersonSms
 from stream_jobs.sms_smpp import Receipt, SmppLink, SmscUnavailable, Submission
+from stream_runtime.batch import Batch
+from stream_runtime.process import serve_runtimes
+from stream_runtime.runtime import Runtime, set_ready
 
 log = structlog.get_logger(process="sms")
 APP_ID = jobs.KAFKA["sms"].prefix

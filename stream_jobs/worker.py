@@ -53,11 +53,11 @@ from medclear.infra.pin_check import PinCheck
 from medclear.infra.settings import Settings, pki_dir
 from medclear.infra.tokens import load_redaction
 from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE
-from medclear.streams.batch import Batch
-from medclear.streams.process import run_in_foreground
-from medclear.streams.runtime import Runtime
 from monitoring import metrics
 from stream_jobs import jobs
+from stream_runtime.batch import Batch
+from stream_runtime.process import run_in_foreground
+from stream_runtime.runtime import Runtime
 
 log = structlog.get_logger(process="worker")
 

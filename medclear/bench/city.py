@@ -55,8 +55,8 @@ from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.kafka_admin import partitions_of
 from medclear.infra.settings import Settings
 from medclear.sim.city import GIVEN, REGION_CODE, SURNAMES, category_of
-from medclear.streams.store import PartitionStore
 from stream_jobs import worker
+from stream_runtime.store import PartitionStore
 
 SEED = 2026
 CHANGELOG_TOPIC = "medclear-clearing-persons-changelog"  # streams.changelog.changelog_topic
@@ -316,7 +316,7 @@ def seed_store(
     settings: Settings, city: City, persons: int, on_progress: Callable[[int], None]
 ) -> LoadResult:
     """Write `persons` straight into worker-0's stores (the worker stopped): one RocksDB
-    per partition in the runtime's layout (medclear/streams/store.py), as a restore from
+    per partition in the runtime's layout (stream_runtime/store.py), as a restore from
     the changelog would have left them; nothing goes to the broker, and the stored
     changelog offset stays 0 (the broker's changelog is empty). A worker that keeps its
     disk, at 2.9 M persons, without the minutes of loading it through the broker first.

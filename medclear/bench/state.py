@@ -178,7 +178,7 @@ COLUMNS = (
     "date",
 )
 TARGET_PERSONS = 2_900_000
-STORE = "rocksdb"  # the stream runtime keeps every table in RocksDB (medclear/streams)
+STORE = "rocksdb"  # the stream runtime keeps every table in RocksDB (stream_runtime)
 DIRECT_LABEL = "(seeded into the store)"
 IDLE_WORKER_RSS = 150 * 1024**2  # a worker with an empty table (measured: 130–160 MiB)
 WORKER_START_S = 3.0  # process start to READY with an empty table (docs/PERFORMANCE.md)

@@ -6,7 +6,7 @@ replies, then commits its input offsets. Measured per batch, the same records ei
 
 - idempotent: every record handed to an idempotent producer (acks=all), all the
   acknowledgements awaited, then the offsets committed by the consumer group (what the
-  runtime does: medclear/streams/runtime.py);
+  runtime does: stream_runtime/runtime.py);
 - transactional: begin, the same records, the offsets sent to the transaction, commit
   (one atomic write; readers with isolation read_committed see it only after the commit
   markers are written).

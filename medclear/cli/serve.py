@@ -28,7 +28,7 @@ from stream_jobs.errors import StreamJobError
 
 ROLE_MODULES = {
     "worker": "stream_jobs.worker",
-    "gateway": "medclear.gateway",
+    "gateway": "pos_gateway.service",
     "registry": "card_registry.service",
     "hsm": "hsm_sim.service",
     "watch": "medclear.stack.watch",

@@ -201,7 +201,7 @@ def new_reader(kafka: KafkaAccess, fetch_wait_ms: int = FETCH_WAIT_MS) -> AIOKaf
     connection meanwhile (a broker serves a connection's requests one at a time): a reader
     that also asks for offsets or metadata waits up to that long for each answer."""
     # earliest: should a background reset of a new assignment win over a seek (an aiokafka
-    # race, medclear/streams/changelog.py), the reader reads too much, never too little
+    # race, stream_runtime/changelog.py), the reader reads too much, never too little
     return AIOKafkaConsumer(
         **kafka.options(),
         enable_auto_commit=False,

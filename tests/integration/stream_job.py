@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from medclear.infra.kafka_access import KafkaAccess
-from medclear.streams.batch import Batch
-from medclear.streams.runtime import Runtime
+from stream_runtime.batch import Batch
+from stream_runtime.runtime import Runtime
 from tests.integration.kafka_read import access_from
 
 TABLE = "balances"

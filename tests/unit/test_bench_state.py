@@ -22,8 +22,8 @@ from medclear.bench.city import (
 )
 from medclear.infra.policy import load_policy
 from medclear.infra.settings import Settings
-from medclear.streams.store import PartitionStore
 from stream_jobs import worker
+from stream_runtime.store import PartitionStore
 
 
 def test_holders_are_valid_and_unique() -> None:

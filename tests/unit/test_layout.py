@@ -15,6 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = (
     "clearing",
+    "pos_gateway",
+    "stream_runtime",
     "stream_jobs",
     "card_registry",
     "hsm_sim",
@@ -116,6 +118,35 @@ def test_the_pure_core_imports_only_itself_the_standard_library_and_pure_librari
     assert outside == {}
 
 
+# The serving path and the tools (docs/ARCHITECTURE.md, "Layout"): a newcomer reads the
+# first without the second.
+SERVING = (
+    "clearing",
+    "pos_gateway",
+    "card_registry",
+    "stream_runtime",
+    "stream_jobs",
+    "hsm_sim",
+    "reader_agent",
+    "monitoring",
+    "medclear.infra",
+    "medclear.errors",
+)
+TOOLS = ("medclear.cli", "medclear.stack", "medclear.sim", "medclear.drills", "medclear.bench")
+
+
+def test_the_serving_path_imports_none_of_the_tools() -> None:
+    known = set(modules())
+    found = [
+        f"{name} imports {target}"
+        for name, path in modules().items()
+        if name.startswith(SERVING)
+        for target in imported(path, known)
+        if target.startswith(TOOLS)
+    ]
+    assert found == []
+
+
 def test_the_hsm_and_the_reader_agent_load_no_kafka_client() -> None:
     """What `medclear up` runs as the HSM (medclear.cli.serve + hsm_sim.service) and what
     a POS PC runs as the agent (`python -m medclear.cli.agent`), in a fresh interpreter."""
@@ -147,6 +178,8 @@ ROOT_ERRORS = {
     "hsm_sim": "hsm_sim.errors:HsmError",
     "reader_agent": "reader_agent.errors:ReaderAgentError",
     "medclear": "medclear.errors:MedclearError",
+    "pos_gateway": "medclear.errors:MedclearError",  # the serving packages share the root
+    "stream_runtime": "medclear.errors:MedclearError",
 }
 
 

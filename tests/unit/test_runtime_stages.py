@@ -23,8 +23,8 @@ from aiokafka import TopicPartition
 
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.topics import changelog_topic
-from medclear.streams.batch import Batch, Stage, StageError, StreamFailed
-from medclear.streams.runtime import Runtime
+from stream_runtime.batch import Batch, Stage, StageError, StreamFailed
+from stream_runtime.runtime import Runtime
 
 JOB, TABLE, INPUT = "counter", "counts", "input"
 TP = TopicPartition(INPUT, 0)

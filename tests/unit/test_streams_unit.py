@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medclear.streams.store import OFFSET_KEY, PartitionStore, StoreError
+from stream_runtime.store import OFFSET_KEY, PartitionStore, StoreError
 
 
 def test_a_store_keeps_its_values_and_changelog_offset_together(tmp_path: Path) -> None:

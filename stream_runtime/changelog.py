@@ -20,8 +20,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from medclear.errors import MedclearError
-from medclear.streams.batch import Store
 from monitoring import metrics
+from stream_runtime.batch import Store
 
 log = structlog.get_logger()
 

@@ -50,7 +50,7 @@ class StageError(MedclearError, AssertionError):
 class StreamFailed(MedclearError):
     """A batch could not be completed (the broker gave up an acknowledgement, the store
     failed). Nothing after it may be committed: the process exits and a restart reads
-    from the last commit (medclear/streams/process.py decides the exit)."""
+    from the last commit (stream_runtime/process.py decides the exit)."""
 
 
 class Producer(Protocol):
@@ -98,7 +98,7 @@ class Store(Protocol):
 
 
 class Owner(Protocol):
-    """What a batch asks of the runtime it belongs to (medclear.streams.runtime.Runtime)."""
+    """What a batch asks of the runtime it belongs to (stream_runtime.runtime.Runtime)."""
 
     stopping: asyncio.Event  # set when the process is asked to stop
 

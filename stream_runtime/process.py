@@ -16,8 +16,8 @@ from typing import Any
 
 import structlog
 
-from medclear.streams.batch import StreamFailed
-from medclear.streams.runtime import Runtime
+from stream_runtime.batch import StreamFailed
+from stream_runtime.runtime import Runtime
 
 log = structlog.get_logger()
 

@@ -24,11 +24,11 @@ commit) before the partitions go, under the same lock the poll loop holds while 
 decides; on assignment each new partition's stores are restored from their changelogs
 before any of its records is handled.
 
-Every batch carries the stage its completion has reached (medclear/streams/batch.py:
+Every batch carries the stage its completion has reached (stream_runtime/batch.py:
 decided → outputs acknowledged → state written → replies acknowledged → committable), and
 each step asserts the stage before it. A batch that cannot be completed (the broker gave
 up an acknowledgement) fails every batch after it: `run` raises StreamFailed, nothing is
-committed any more, and the host (medclear/streams/process.py) ends the process with
+committed any more, and the host (stream_runtime/process.py) ends the process with
 EXIT_STREAM_FAILED; a restart reads from the last commit. The producers and the stores
 are given by factories (`producer_factory`, `store_factory`), so a test can run the
 runtime on its own and crash it between any two stages
@@ -69,7 +69,8 @@ from medclear.infra.kafka_admin import (
     wait_for_topics,
 )
 from medclear.infra.topics import changelog_topic
-from medclear.streams.batch import (
+from monitoring import metrics
+from stream_runtime.batch import (
     Batch,
     Handler,
     Producer,
@@ -80,9 +81,8 @@ from medclear.streams.batch import (
     Store,
     StreamFailed,
 )
-from medclear.streams.changelog import restore
-from medclear.streams.store import PartitionStore
-from monitoring import metrics
+from stream_runtime.changelog import restore
+from stream_runtime.store import PartitionStore
 
 log = structlog.get_logger()
 
