@@ -13,7 +13,7 @@ Commands are decided in order; a person's second command sees what the first lef
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from clearing import core
 from clearing.codes import ResultCode
@@ -27,6 +27,7 @@ from clearing.model import (
     PinOutcome,
     Policy,
     Reply,
+    checked,
 )
 
 
@@ -100,7 +101,7 @@ def step(
             if (card.pvv if card is not None else "") != answer.pvv:
                 result.recheck_from = index  # the PIN changed earlier in this batch
                 return result
-            command = replace(command, pin=answer.outcome)
+            command = checked(command, answer.outcome)
         new_person, decision = core.handle(person, command, policy)
         if new_person is not person:
             current[key] = new_person

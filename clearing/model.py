@@ -7,7 +7,7 @@ request id, so a redelivered command can never make a second, different event.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from clearing.codes import (
@@ -252,6 +252,13 @@ class BalanceInquiry:
     pin: PinOutcome = PinOutcome.NOT_VERIFIED
     terminal_id: str = ""  # whose PIN key encrypted pin_block
     pin_block: str = ""  # hex, ISO 9564 under the terminal's PIN key; checked via the HSM
+
+
+def checked(command: Authorize | BalanceInquiry, pin: PinOutcome) -> Authorize | BalanceInquiry:
+    """A swipe or an enquiry with the PIN check's outcome, as the core decides it (the
+    worker's check against the card; the gateway's of the block's form for a card no one
+    holds). Before it, `pin` is NOT_VERIFIED: what a command carries on the topic."""
+    return replace(command, pin=pin)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from medclear.v1 import pos_pb2
-
 from clearing import ingress, validate
 from clearing.codes import ResultCode
 from clearing.model import PinOutcome
@@ -50,6 +48,7 @@ from medclear.infra.pin_check import PinCheck
 from medclear.infra.rpc import (
     mac_input,
 )
+from medclear.v1 import pos_pb2
 
 
 class TerminalSecurity:

@@ -23,14 +23,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 from google.protobuf.message import DecodeError, Message
-from medclear.v1 import pos_pb2, pos_pb2_grpc
 
 from clearing import ingress, model
 from clearing.codes import ResultCode
@@ -51,6 +50,7 @@ from medclear.infra.rpc import (
 )
 from medclear.infra.serving import serve_commands
 from medclear.infra.settings import get_settings
+from medclear.v1 import pos_pb2, pos_pb2_grpc
 from monitoring import metrics
 from pos_gateway.security import TerminalSecurity
 
@@ -121,7 +121,7 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         if self.security is not None and isinstance(
             command, model.Authorize | model.BalanceInquiry
         ):
-            command = replace(command, pin=await self.security.pin_form(request))
+            command = model.checked(command, await self.security.pin_form(request))
         return ingress.decide_unrouted(command, self.policy)
 
     async def _decided(
