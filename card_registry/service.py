@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 import grpc
 import structlog
 
-from clearing import core, model, validate
+from clearing import core, ingress, model, validate
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
 from clearing.limits import PVV_BYTES
 from clearing.model import Command, Reply
@@ -25,6 +25,7 @@ from medclear.infra import bounds, status
 from medclear.infra.card_index import CardIndex, CardIndexFull
 from medclear.infra.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
 from medclear.infra.kafka_access import KafkaAccess
+from medclear.infra.policy import load_policy
 from medclear.infra.replies import Requester
 from medclear.infra.rpc import (
     Clock,
@@ -36,6 +37,7 @@ from medclear.infra.rpc import (
     system_clock_ms,
 )
 from medclear.infra.serving import serve_commands
+from medclear.infra.settings import get_settings
 from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from monitoring import metrics
 
@@ -66,9 +68,11 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         clock: Clock = system_clock_ms,
         hsm_address: str = "",
         pki_dir: Path | None = None,
+        policy: model.Policy | None = None,
     ):
         self.requests = requests
         self.cards = cards
+        self.policy = policy if policy is not None else model.Policy()
         self.deadline_s = deadline_ms / 1000
         self.clock = clock
         # With an HSM, a new PIN arrives as a PIN block under the window's PIN key and the
@@ -97,6 +101,8 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         if not detail:
             if not ssn:
                 ssn, reply = await self._owner(request_id, card_no)
+                if not ssn and reply.result == ResultCode.CARD_UNKNOWN:  # no one's card
+                    reply = ingress.decide_unrouted(make(request_id, self.clock(), ""), self.policy)
             if ssn:
                 reply = await self._ask(make(request_id, self.clock(), ssn))
         metrics.GATEWAY_SECONDS.labels(method).observe(time.perf_counter() - started)
@@ -620,6 +626,7 @@ def run(
 ) -> None:
     """Serve CardRegistryService on host:port until terminated (PINs set through the HSM
     when an HSM address is given; mutual TLS and roles with a PKI)."""
+    policy = load_policy(get_settings())
     asyncio.run(
         serve_commands(
             "registry",
@@ -630,7 +637,12 @@ def run(
             lambda requests, cards, server: (
                 registry_pb2_grpc.add_CardRegistryServiceServicer_to_server(
                     CardRegistry(
-                        requests, cards, deadline_ms, hsm_address=hsm_address, pki_dir=pki_dir
+                        requests,
+                        cards,
+                        deadline_ms,
+                        hsm_address=hsm_address,
+                        pki_dir=pki_dir,
+                        policy=policy,
                     ),
                     server,
                 )

@@ -148,10 +148,11 @@ def verdict(arrival: Arrival) -> Verdict:
 
 
 def decide_unrouted(command: Command, policy: Policy) -> Reply:
-    """A POS command for a card the card index does not know, decided by the core on no
-    person: a swipe or an enquiry by the person's list (its PIN block, the institution,
-    then CARD_UNKNOWN), a reversal or a refund as for a swipe never seen
-    (ORIGINAL_NOT_FOUND). Nothing is recorded: there is no person to record it on."""
+    """A command for a card the card index does not know (the gateway's, the card
+    registry's), decided by the core on no person: a swipe or an enquiry by the person's
+    list (its PIN block, the institution, then CARD_UNKNOWN), a reversal or a refund as
+    for a swipe never seen (ORIGINAL_NOT_FOUND), a window operation CARD_UNKNOWN. Nothing
+    is recorded: there is no person to record it on."""
     match command:
         case Authorize():
             return pos.decide_authorize(None, command, policy).reply

@@ -223,6 +223,16 @@ def test_a_reversal_or_a_refund_for_a_card_no_one_holds_finds_no_original(
     assert reverse.reversed_amount_fen == 0 and refund.refunded_amount_fen == 0
 
 
+def test_a_window_operation_on_a_card_no_one_holds_is_card_unknown(
+    registry: registry_pb2_grpc.CardRegistryServiceStub,
+) -> None:
+    """The registry's unrouted commands are the core's to decide too."""
+    request = registry_pb2.CardRequest(window=window("nobody"), card_no="ZZ0000002")
+    for call in (registry.ReportPreLoss, registry.Freeze, registry.ConfirmLoss):
+        reply = call(request, timeout=10)
+        assert ResultCode(reply.result) == ResultCode.CARD_UNKNOWN, reply.message
+
+
 def test_a_pre_loss_report_blocks_the_next_swipe_and_a_release_restores_it(
     registry: registry_pb2_grpc.CardRegistryServiceStub, pos: pos_pb2_grpc.PosServiceStub
 ) -> None:
