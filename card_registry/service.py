@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
-import structlog
 
 from clearing import core, ingress, model, validate
 from clearing.codes import CardKind, CardState, InsuranceCategory, ResultCode
@@ -22,7 +21,7 @@ from clearing.limits import PVV_BYTES
 from clearing.model import Command, Reply
 from clearing.validate import mask_phone
 from medclear.infra import bounds, status
-from medclear.infra.card_index import CardIndex, CardIndexFull
+from medclear.infra.card_index import CardIndex
 from medclear.infra.hsm_client import HSM_WINDOW_CALL_TIMEOUT_S, HsmClient
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.policy import load_policy
@@ -40,8 +39,6 @@ from medclear.infra.serving import serve_commands
 from medclear.infra.settings import get_settings
 from medclear.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from monitoring import metrics
-
-log = structlog.get_logger(process="registry")
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 RECENT_TRANSACTIONS_MAX = 20  # shown by GetPerson, newest first
@@ -100,8 +97,9 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
             detail = "give the ssn or the card number"
         if not detail:
             if not ssn:
-                ssn, reply = await self._owner(request_id, card_no)
-                if not ssn and reply.result == ResultCode.CARD_UNKNOWN:  # no one's card
+                ssn, found = await self.cards.owner_of(card_no)
+                reply = Reply(request_id, found)  # UNAVAILABLE: a full index lacks it
+                if found == ResultCode.CARD_UNKNOWN:  # no one's card: the core decides
                     reply = ingress.decide_unrouted(make(request_id, self.clock(), ""), self.policy)
             if ssn:
                 reply = await self._ask(make(request_id, self.clock(), ssn))
@@ -132,16 +130,6 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
 
     async def _ask(self, command: Command) -> Reply:
         return await self.requests.ask(command, self.deadline_s)
-
-    async def _owner(self, request_id: str, card_no: str) -> tuple[str, Reply]:
-        """The ssn of a card's owner ("" if none) and the reply if there is none: the card
-        unknown, or UNAVAILABLE when a full card index does not hold it."""
-        try:
-            owner = await self.cards.resolve(card_no) or ""
-        except CardIndexFull as exc:
-            log.error("card not indexed", error=str(exc))
-            return "", Reply(request_id, ResultCode.UNAVAILABLE)
-        return owner, Reply(request_id, ResultCode.CARD_UNKNOWN)
 
     def _card_op(
         self, method: str, op: str
@@ -542,8 +530,9 @@ class CardRegistry(registry_pb2_grpc.CardRegistryServiceServicer):
         ssn = request.ssn
         refused = ResultCode.CARD_UNKNOWN if request.card_no else ResultCode.MALFORMED_REQUEST
         if not ssn and request.card_no:
-            ssn, reply = await self._owner("", request.card_no)
-            refused = reply.result
+            ssn, found = await self.cards.owner_of(request.card_no)
+            if found == ResultCode.UNAVAILABLE:  # a full index lacks it: not known unknown
+                refused = found
         if not ssn or not validate.is_ssn(ssn):
             return registry_pb2.PersonView(result=result_pb(refused))
         request_id = request.window.request_id or f"query-{self.clock()}"

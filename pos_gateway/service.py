@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import structlog
 from google.protobuf.message import DecodeError, Message
 
 from clearing import ingress, model
 from clearing.codes import ResultCode
 from clearing.model import PinOutcome, Policy, Reply
 from medclear.infra import bounds, status
-from medclear.infra.card_index import CardIndex, CardIndexFull
+from medclear.infra.card_index import CardIndex
 from medclear.infra.hsm_client import HsmClient
 from medclear.infra.kafka_access import KafkaAccess
 from medclear.infra.policy import load_policy
@@ -54,7 +53,6 @@ from medclear.v1 import pos_pb2, pos_pb2_grpc
 from monitoring import metrics
 from pos_gateway.security import TerminalSecurity
 
-log = structlog.get_logger(process="gateway")
 R = TypeVar("R", bound=Message)
 
 
@@ -110,10 +108,12 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
             assert self.security is not None  # only a secured arrival asks the HSM
             arrival = arrival.told(said, await self.security.ask(said, request))
 
-    async def _person_of(self, request: Any) -> str:
+    async def _person_of(self, request: Any) -> tuple[str, ResultCode]:
         """The social security number a request is routed by: its own, or the card
-        index's for its card ("" for a card the index does not know; CardIndexFull)."""
-        return str(request.ssn or await self.cards.resolve(request.card_no) or "")
+        index's for its card (CardIndex.owner_of)."""
+        if request.ssn:
+            return str(request.ssn), ResultCode.OK
+        return await self.cards.owner_of(request.card_no)
 
     async def _unrouted(self, command: model.Command, request: Any) -> Reply:
         """A card the index does not know: decided by the core on no person, with the PIN
@@ -138,11 +138,9 @@ class PosGateway(pos_pb2_grpc.PosServiceServicer):
         )
         if refused is not None:
             return refused
-        try:
-            ssn = await self._person_of(request)
-        except CardIndexFull as exc:
-            log.error("card not indexed", error=str(exc))
-            return Routed(Reply(request_id, ResultCode.UNAVAILABLE))
+        ssn, found = await self._person_of(request)
+        if found == ResultCode.UNAVAILABLE:
+            return Routed(Reply(request_id, found))
         if not ssn:
             return Routed(await self._unrouted(make(""), request))
         return Routed(await self.requests.ask(make(ssn), self._timeout(context)), ssn)

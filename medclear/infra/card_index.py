@@ -8,7 +8,7 @@ before it serves, and keeps following it.
 
 Bounded: at most CARD_INDEX_ENTRIES_MAX cards. A full index takes no new card; a card it
 does not hold is then not known to be unknown, so `resolve` raises CardIndexFull (the
-servers answer UNAVAILABLE, never CARD_UNKNOWN for a card that may exist), the gauge
+servers answer UNAVAILABLE: `owner_of`, never CARD_UNKNOWN for a card that may exist), the gauge
 `medclear_card_index_full` is 1 and the process logs it. Raise the bound, or run the
 index beside a store of its own, before a deployment's cards approach it.
 """
@@ -22,6 +22,7 @@ import time
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from clearing.codes import ResultCode
 from clearing.redact import CardTokens, Sealer, SealError, card_index_owner
 from medclear.errors import MedclearError
 from medclear.infra import topics
@@ -96,6 +97,16 @@ class CardIndex:
         if ssn is None and self.full:
             raise CardIndexFull(f"the card index holds {len(self._owners):,} cards, its bound")
         return ssn
+
+    async def owner_of(self, card_no: str) -> tuple[str, ResultCode]:
+        """`resolve` as the fronts answer it: (ssn, OK), ("", CARD_UNKNOWN) for no one's
+        card, or ("", UNAVAILABLE) when a full index does not hold it (logged here)."""
+        try:
+            ssn = await self.resolve(card_no)
+        except CardIndexFull as exc:
+            log.error("card not indexed", error=str(exc))
+            return "", ResultCode.UNAVAILABLE
+        return (ssn, ResultCode.OK) if ssn else ("", ResultCode.CARD_UNKNOWN)
 
     def owner_now(self, card_no: str) -> str | None:
         """The person the index holds for a card now, without waiting for it to catch up

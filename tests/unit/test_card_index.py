@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from clearing.codes import ResultCode
 from clearing.redact import CONTACT, PERSON, CardTokens, Redaction, Sealer, card_index_record
 from medclear.infra.card_index import CardIndex, CardIndexFull
 from medclear.infra.kafka_access import KafkaAccess
@@ -36,6 +37,8 @@ def test_a_full_index_keeps_what_it_holds_and_refuses_to_guess() -> None:
     assert asyncio.run(cards.resolve("A00000002")) == "110105194912310038"
     with pytest.raises(CardIndexFull):
         asyncio.run(cards.resolve("A00000003"))
+    assert asyncio.run(cards.owner_of("A00000003")) == ("", ResultCode.UNAVAILABLE)
+    assert asyncio.run(cards.owner_of("A00000002")) == ("110105194912310038", ResultCode.OK)
 
 
 def test_a_record_sealed_under_another_key_is_not_indexed() -> None:
