@@ -52,7 +52,7 @@ from medclear.infra.kafka_admin import FETCH_WAIT_MS
 from medclear.infra.pin_check import PinCheck
 from medclear.infra.settings import Settings, pki_dir
 from medclear.infra.tokens import load_redaction
-from medclear.infra.topics import HEADER_CORRELATION, HEADER_EVENT_TYPE
+from medclear.infra.topics import HEADER_EVENT_TYPE
 from monitoring import metrics
 from stream_jobs import jobs
 from stream_runtime.batch import Batch
@@ -100,14 +100,10 @@ class Worker:
     def _reply(self, batch: Batch, record: Any, reply: Reply) -> None:
         """To the asking gateway's reply topic (medclear/infra/replies.py), with no key (no
         ssn) of its own."""
-        address = replies.address_of(record)
-        if address is not None:
-            topic, correlation = address
-            batch.reply(
-                topic,
-                replies.sealed(reply, correlation, self.redaction.person),
-                headers=[(HEADER_CORRELATION, correlation)],
-            )
+        answer = replies.reply_record(record, reply, self.redaction.person)
+        if answer is not None:
+            topic, value, headers = answer
+            batch.reply(topic, value, headers=headers)
 
     async def _answers(
         self,

@@ -7,9 +7,10 @@ security number, so it lands on the partition of the worker that owns the person
 (docs/ARCHITECTURE.md, decision 1). One task reads the reply topic and resolves the
 waiting call; with no call in flight it fetches nothing.
 
-Answering (the clearing worker): `address_of` reads where a command's reply goes, `sealed`
-seals the reply under the person data key (a reply may carry a person's whole record),
-with no key of its own; `opened` is the asker's side of it.
+Answering (the clearing worker): `reply_record` is the record that answers a command: to
+the topic the command named, sealed under the person data key (a reply may carry a
+person's whole record), with the command's correlation id and no key of its own; `opened`
+is the asker's side of it.
 
 Nobody reads a reply twice (a restarted process starts at the topic's end), so a reply
 topic keeps its records for an hour only (medclear.infra.topics.config).
@@ -48,18 +49,19 @@ REPLIES_PER_POLL_MAX = 1_000
 IDLE_REPLY_WAKE_S = 1.0  # with no request in flight, the reply loop looks anyway this often
 
 
-def address_of(record: Any) -> tuple[str, bytes] | None:
-    """The reply topic and correlation id a command record asks its reply to go to."""
+Headers = list[tuple[str, bytes]]
+
+
+def reply_record(record: Any, reply: Reply, person: Sealer) -> tuple[str, bytes, Headers] | None:
+    """The record that answers a command record: (its reply topic, the reply sealed under
+    the person data key, the correlation header); None when the command named no reply
+    topic."""
     reply_to = header(record.headers, HEADER_REPLY_TO)
     correlation = header(record.headers, HEADER_CORRELATION)
     if not (reply_to and correlation):
         return None
-    return reply_to.decode(), correlation
-
-
-def sealed(reply: Reply, correlation: bytes, person: Sealer) -> bytes:
-    """A reply as it goes on its reply topic: sealed under the person data key."""
-    return person.seal_bytes(codec.encode(reply), correlation.hex())
+    sealed = person.seal_bytes(codec.encode(reply), correlation.hex())
+    return reply_to.decode(), sealed, [(HEADER_CORRELATION, correlation)]
 
 
 def opened(value: bytes, person: Sealer) -> Reply:
